@@ -1,0 +1,1 @@
+"""Quantization algorithms: pure functions over numpy arrays, no graph objects, no I/O."""

@@ -1,0 +1,76 @@
+"""Scale / zero-point arithmetic shared by every algorithm.
+
+Weights are symmetric with a narrow code range [-(2^(b-1)-1), 2^(b-1)-1] so that zero is exact
+and the range is the same on both sides. Activations are affine (asymmetric) uint or symmetric
+int; either way the float zero maps exactly onto an integer code.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def weight_qmax(bits: int) -> int:
+    """Largest code magnitude of a symmetric `bits`-bit weight code."""
+    if bits < 2 or bits > 8:
+        raise ValueError(f"weight bits must be 2..8, got {bits}")
+    return 2 ** (bits - 1) - 1
+
+
+def act_qrange(bits: int, signed: bool) -> tuple[int, int]:
+    """Code range of an activation of `bits` bits (uint when unsigned)."""
+    if signed:
+        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    return 0, 2**bits - 1
+
+
+def quantize(x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | int,
+             qmin: int, qmax: int) -> np.ndarray:
+    """Codes of x: clip(round(x / scale) + zp, qmin, qmax), as int32. Rounds half to even."""
+    q = np.rint(x / scale) + zero_point
+    return np.clip(q, qmin, qmax).astype(np.int32)
+
+
+def dequantize(q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | int = 0) -> np.ndarray:
+    return ((q.astype(np.float64) - zero_point) * scale).astype(np.float64)
+
+
+def fake_quant(x: np.ndarray, scale, zero_point, qmin: int, qmax: int) -> np.ndarray:
+    return dequantize(quantize(x, scale, zero_point, qmin, qmax), scale, zero_point)
+
+
+def channel_scales(w: np.ndarray, bits: int, ratio: np.ndarray | float = 1.0) -> np.ndarray:
+    """Per-row symmetric scales of w [O, K] with clipping value ratio * max|w_o|. -> [O]."""
+    amax = np.abs(w).max(axis=1) * ratio
+    scale = amax / weight_qmax(bits)
+    return np.where(scale > 0, scale, 1.0).astype(np.float64)
+
+
+def act_params(lo: float, hi: float, bits: int, signed: bool) -> tuple[float, int]:
+    """(scale, zero_point) covering [lo, hi] (widened to contain 0) with `bits` codes.
+
+    signed=True gives a symmetric int code (zero point 0); otherwise affine uint.
+    """
+    lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
+    qmin, qmax = act_qrange(bits, signed)
+    if signed:
+        amax = max(-lo, hi)
+        scale = amax / qmax if amax > 0 else 1.0
+        return float(scale), 0
+    if hi - lo <= 0:
+        return 1.0, 0
+    scale = (hi - lo) / (qmax - qmin)
+    zp = int(np.clip(np.rint(qmin - lo / scale), qmin, qmax))
+    return float(scale), zp
+
+
+def sqnr_db(ref: np.ndarray, approx: np.ndarray) -> float:
+    """Signal-to-quantization-noise ratio, 10 log10(|ref|^2 / |ref - approx|^2)."""
+    ref = np.asarray(ref, dtype=np.float64)
+    noise = float(np.sum((ref - np.asarray(approx, dtype=np.float64)) ** 2))
+    signal = float(np.sum(ref**2))
+    if noise == 0.0:
+        return float("inf")
+    if signal == 0.0:
+        return float("-inf")
+    return 10.0 * np.log10(signal / noise)

@@ -1,0 +1,62 @@
+"""Error-compensating rounding (the OBQ/GPTQ family), in numpy.
+
+Columns of W [O, K] are rounded one at a time; the error of each rounded column is spread over
+the columns not yet rounded through the inverse of H = sum x x^T, which minimises the increase
+of the layer's output error tr(E H E^T) at each step. Columns are taken in decreasing order of
+diag(H) ("act order"), in blocks so most work is matrix-matrix.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .qmath import weight_qmax
+
+
+def _inverse_cholesky(h: np.ndarray, damp: float) -> np.ndarray:
+    """Upper Cholesky factor U of (H + damp*mean(diag H)*I)^-1, so that Hinv = U^T U."""
+    k = h.shape[0]
+    mean_diag = float(np.mean(np.diag(h))) or 1.0
+    for attempt in range(6):
+        hd = h + (damp * 10**attempt) * mean_diag * np.eye(k)
+        try:
+            lower = np.linalg.cholesky(hd)
+            inv_lower = np.linalg.solve(lower, np.eye(k))      # L^-1
+            hinv = inv_lower.T @ inv_lower                     # (L L^T)^-1
+            return np.linalg.cholesky(hinv).T
+        except np.linalg.LinAlgError:
+            continue
+    raise np.linalg.LinAlgError("input statistics are too ill-conditioned for second-order rounding")
+
+
+def gptq_round(w: np.ndarray, scales: np.ndarray, bits: int, h: np.ndarray,
+               damp: float = 0.01, block: int = 128, act_order: bool = True) -> np.ndarray:
+    """Codes [O, K] (int32) for W [O, K] with fixed per-row `scales` [O] and H [K, K]."""
+    w = w.astype(np.float64).copy()
+    h = h.astype(np.float64).copy()
+    o, k = w.shape
+    dead = np.diag(h) <= 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    perm = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(k)
+    w, h = w[:, perm], h[np.ix_(perm, perm)]
+    u = _inverse_cholesky(h, damp)
+    qm = weight_qmax(bits)
+    s = scales.astype(np.float64)[:, None]
+    codes = np.zeros((o, k), dtype=np.int32)
+    for i1 in range(0, k, block):
+        i2 = min(i1 + block, k)
+        wb = w[:, i1:i2].copy()
+        errs = np.zeros_like(wb)
+        ub = u[i1:i2, i1:i2]
+        for j in range(i2 - i1):
+            col = wb[:, j]
+            q = np.clip(np.rint(col / s[:, 0]), -qm, qm)
+            codes[:, i1 + j] = q
+            err = (col - q * s[:, 0]) / ub[j, j]
+            wb[:, j:] -= np.outer(err, ub[j, j:])
+            errs[:, j] = err
+        w[:, i2:] -= errs @ u[i1:i2, i2:]
+    out = np.empty_like(codes)
+    out[:, perm] = codes
+    return out

@@ -1,0 +1,94 @@
+"""Per-channel weight quantizers. Every method maps W [O, K] (+ optional input statistics) to
+integer codes [O, K] and scales [O]; the rewriter turns them into initializers.
+
+`rtn`  round-to-nearest with min-max scales.
+`mse`  per-channel clipping chosen from a grid to minimise the weight MSE.
+`gptq` clipping chosen on the layer's own objective tr(E H E^T), then second-order rounding
+       (see rounding.py). Needs H; without it the layer falls back to `mse`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from .qmath import channel_scales, quantize, weight_qmax
+from .rounding import gptq_round
+
+CLIP_GRID = np.linspace(0.30, 1.0, 36)
+
+
+@dataclass(frozen=True)
+class WeightQuant:
+    codes: np.ndarray   # [O, K] int32
+    scales: np.ndarray  # [O] float64
+    method: str         # the method actually used (after any fallback)
+
+
+def _codes(w: np.ndarray, scales: np.ndarray, bits: int) -> np.ndarray:
+    qm = weight_qmax(bits)
+    return quantize(w, scales[:, None], 0, -qm, qm)
+
+
+def rtn(w: np.ndarray, bits: int, hessian: np.ndarray | None = None) -> WeightQuant:
+    s = channel_scales(w, bits)
+    return WeightQuant(_codes(w, s, bits), s, "rtn")
+
+
+def _grid_search(w: np.ndarray, bits: int, loss: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """Per-row best clip ratio from CLIP_GRID under `loss(err [O,K]) -> [O]`. -> scales [O]."""
+    best_loss = np.full(w.shape[0], np.inf)
+    best = channel_scales(w, bits)
+    for r in CLIP_GRID:
+        s = channel_scales(w, bits, r)
+        err = w - _codes(w, s, bits) * s[:, None]
+        l = loss(err)
+        better = l < best_loss
+        best_loss = np.where(better, l, best_loss)
+        best = np.where(better, s, best)
+    return best
+
+
+def mse(w: np.ndarray, bits: int, hessian: np.ndarray | None = None) -> WeightQuant:
+    s = _grid_search(w, bits, lambda e: np.einsum("ok,ok->o", e, e))
+    return WeightQuant(_codes(w, s, bits), s, "mse")
+
+
+def hessian_scales(w: np.ndarray, bits: int, hessian: np.ndarray) -> np.ndarray:
+    """Scales minimising each row's tr(e H e^T). w [O, K], hessian [K, K]."""
+    h = hessian.astype(np.float64)
+    return _grid_search(w, bits, lambda e: np.einsum("ok,ok->o", e @ h, e))
+
+
+def gptq(w: np.ndarray, bits: int, hessian: np.ndarray | None = None) -> WeightQuant:
+    if hessian is None:
+        q = mse(w, bits)
+        return WeightQuant(q.codes, q.scales, "mse (no input statistics)")
+    s = hessian_scales(w, bits, hessian)
+    codes = gptq_round(w, s, bits, hessian)
+    return WeightQuant(codes, s, "gptq")
+
+
+WEIGHT_METHODS: dict[str, Callable[..., WeightQuant]] = {"rtn": rtn, "mse": mse, "gptq": gptq}
+
+
+def quantize_weight(method: str, w: np.ndarray, bits: int, hessians: np.ndarray | None,
+                    groups: int = 1) -> WeightQuant:
+    """Apply `method` to W [O, K]; grouped layers pass hessians [G, K, K] and are done per group."""
+    fn = WEIGHT_METHODS[method]
+    if hessians is None:
+        return fn(w, bits, None)
+    rows = w.shape[0] // groups
+    parts = [fn(w[g * rows:(g + 1) * rows], bits, hessians[g]) for g in range(groups)]
+    return WeightQuant(np.concatenate([p.codes for p in parts]),
+                       np.concatenate([p.scales for p in parts]), parts[0].method)
+
+
+def weighted_error(w: np.ndarray, w_hat: np.ndarray, hessians: np.ndarray, groups: int = 1) -> float:
+    """sum_g tr(E_g H_g E_g^T) for E = w - w_hat, grouped like quantize_weight."""
+    e = (w - w_hat).astype(np.float64)
+    rows = w.shape[0] // groups
+    return float(sum(np.einsum("ok,ok->", e[g * rows:(g + 1) * rows] @ hessians[g],
+                               e[g * rows:(g + 1) * rows]) for g in range(groups)))

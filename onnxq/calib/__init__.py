@@ -1,0 +1,1 @@
+"""Calibration: feeds from user data, one streamed onnxruntime pass, statistics reducers."""

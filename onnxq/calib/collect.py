@@ -1,0 +1,101 @@
+"""One streamed onnxruntime pass over an augmented graph: every activation that feeds a
+quantized layer becomes a graph output, and each sample's values go straight into the
+reducers (histograms, input second moments); nothing is kept per sample."""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from ..errors import CalibrationError
+from ..graph.io import serialized
+from ..types import ActStats, LayerStats, Stats, Target
+from .collectors import RangeHistogram, SecondMoment, im2col_rows
+from .data import Feed
+
+Progress = Callable[[int, int], None]
+
+
+def session(model: onnx.ModelProto | bytes | str, threads: int = 2) -> ort.InferenceSession:
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    src = serialized(model) if isinstance(model, onnx.ModelProto) else model
+    return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
+
+
+def augmented(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    have = {o.name for o in m.graph.output}
+    for n in names:
+        if n not in have:
+            m.graph.output.append(onnx.helper.make_empty_tensor_value_info(n))
+    return m
+
+
+def layer_rows(x: np.ndarray, t: Target, rows: int, rng: np.random.Generator) -> np.ndarray:
+    """Sampled input rows of layer t from its activation x. -> [S, G, K]."""
+    if t.op == "Conv":
+        return im2col_rows(x, t.geo, rows, rng)
+    k = t.shape[1] if t.layout == "rows" else t.shape[0]
+    weight_left = t.op == "MatMul" and t.layout == "rows"       # Y = W @ X reads X's columns
+    flat = (np.swapaxes(x, -1, -2) if weight_left else x).reshape(-1, k)
+    if flat.shape[0] > rows:
+        flat = flat[np.sort(rng.choice(flat.shape[0], size=rows, replace=False))]
+    return flat[:, None, :]
+
+
+def wants_hessian(t: Target) -> bool:
+    return t.act is not None and t.op in ("Conv", "Gemm", "MatMul")
+
+
+def collect(model: onnx.ModelProto, targets: Sequence[Target], loaders: Sequence[Callable[[], Feed]],
+            *, hessians: bool, rows_per_sample: int, seed: int,
+            progress: Progress | None = None) -> Stats:
+    """Range statistics of every target's activation and, with `hessians`, H and E[x] per layer."""
+    acts = sorted({t.act for t in targets if t.act})
+    if not acts:
+        return Stats(samples=len(loaders))
+    sess = session(augmented(model, acts))
+    hist = {a: RangeHistogram() for a in acts}
+    moments = {t.node: SecondMoment(t.groups if t.op == "Conv" else 1,
+                                    _k(t)) for t in targets if hessians and wants_hessian(t)}
+    by_act: dict[str, list[Target]] = {}
+    for t in targets:
+        if t.node in moments:
+            by_act.setdefault(t.act, []).append(t)
+    rng = np.random.default_rng(seed)
+    for i, load in enumerate(loaders):
+        feed = load()
+        try:
+            values = sess.run(acts, feed)
+        except Exception as e:
+            raise CalibrationError(f"calibration sample {i} failed in onnxruntime: "
+                                   f"{str(e).splitlines()[0][:200]}") from None
+        for name, v in zip(acts, values):
+            if v.dtype.kind != "f":
+                continue
+            hist[name].update(v)
+            for t in by_act.get(name, ()):
+                moments[t.node].update(layer_rows(v, t, rows_per_sample, rng))
+        if progress:
+            progress(i + 1, len(loaders))
+    st = Stats(samples=len(loaders))
+    for a, h in hist.items():
+        if h.counts.sum():
+            st.acts[a] = ActStats(h.counts, h.edges, h.observed)
+    for node, m in moments.items():
+        if m.n:
+            st.layers[node] = LayerStats(m.hessian, m.mean, m.n)
+    return st
+
+
+def _k(t: Target) -> int:
+    if t.op == "Conv":
+        return int(np.prod(t.shape[1:]))
+    return t.shape[1] if t.layout == "rows" else t.shape[0]

@@ -1,0 +1,100 @@
+"""Streaming reducers: each takes one array at a time and keeps a fixed-size summary, so memory
+does not grow with the number of calibration samples."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..types import ConvGeometry
+
+
+class RangeHistogram:
+    """Min/max plus a histogram over a symmetric interval [-R, R] that doubles when a value falls
+    outside it; doubling merges bin pairs, which is exact (no re-binning error)."""
+
+    def __init__(self, bins: int = 4096) -> None:
+        assert bins % 4 == 0
+        self.bins = bins
+        self.radius = 0.0
+        self.counts = np.zeros(bins, dtype=np.int64)
+        self.lo, self.hi = np.inf, -np.inf
+
+    def update(self, x: np.ndarray) -> None:
+        x = np.asarray(x, dtype=np.float32).ravel()
+        if x.size == 0:
+            return
+        lo, hi = float(x.min()), float(x.max())
+        self.lo, self.hi = min(self.lo, lo), max(self.hi, hi)
+        need = max(-lo, hi)
+        if need <= 0:
+            need = 1e-8
+        if self.radius == 0.0:
+            self.radius = float(2.0 ** np.ceil(np.log2(need)))
+        while need > self.radius:
+            merged = self.counts.reshape(-1, 2).sum(axis=1)
+            self.counts = np.zeros_like(self.counts)
+            q = self.bins // 4
+            self.counts[q:q + merged.size] = merged
+            self.radius *= 2.0
+        idx = np.floor((x + self.radius) / (2 * self.radius) * self.bins).astype(np.int64)
+        self.counts += np.bincount(np.clip(idx, 0, self.bins - 1), minlength=self.bins)
+
+    @property
+    def edges(self) -> np.ndarray:
+        return np.linspace(-self.radius, self.radius, self.bins + 1)
+
+    @property
+    def observed(self) -> tuple[float, float]:
+        return (float(self.lo), float(self.hi)) if self.hi >= self.lo else (0.0, 0.0)
+
+
+def im2col_rows(x: np.ndarray, geo: ConvGeometry, rows: int, rng: np.random.Generator) -> np.ndarray:
+    """Sample up to `rows` im2col patches of x [N, C, *spatial] for a conv. -> [S, G, C/G*prod(k)].
+
+    Works for 1-D and 2-D convs; padding is explicit (auto_pad resolved from x's shape).
+    """
+    nd = len(geo.kernel)
+    pads = geo.resolve_pads(x.shape[2:])
+    width = [(0, 0), (0, 0)] + [(pads[i], pads[i + nd]) for i in range(nd)]
+    xp = np.pad(x, width)
+    span = [(k - 1) * d + 1 for k, d in zip(geo.kernel, geo.dilations)]
+    win = np.lib.stride_tricks.sliding_window_view(xp, span, axis=tuple(range(2, 2 + nd)))
+    sl = (slice(None), slice(None)) + tuple(slice(None, None, s) for s in geo.strides) \
+        + tuple(slice(None, None, d) for d in geo.dilations)
+    win = win[sl]                                     # [N, C, *out, *k]
+    out_shape = win.shape[2:2 + nd]
+    total = x.shape[0] * int(np.prod(out_shape))
+    take = min(rows, total)
+    flat = np.sort(rng.choice(total, size=take, replace=False)) if take < total else np.arange(total)
+    idx = np.unravel_index(flat, (x.shape[0],) + tuple(out_shape))
+    if nd == 1:
+        patches = win[idx[0], :, idx[1]]
+    else:
+        patches = win[idx[0], :, idx[1], idx[2]]   # [S, C, *k]
+    g = geo.group
+    return patches.reshape(take, g, -1)
+
+
+class SecondMoment:
+    """Accumulates H = sum x x^T [G, K, K] and sum x [G, K] (float64) over sampled input rows."""
+
+    def __init__(self, groups: int, k: int) -> None:
+        self.h = np.zeros((groups, k, k), dtype=np.float64)
+        self.s = np.zeros((groups, k), dtype=np.float64)
+        self.n = 0
+
+    def update(self, rows: np.ndarray) -> None:
+        """rows [S, G, K]."""
+        r = rows.astype(np.float64)
+        self.h += np.einsum("sgk,sgl->gkl", r, r) if r.shape[1] > 1 else (r[:, 0].T @ r[:, 0])[None]
+        self.s += r.sum(axis=0)
+        self.n += r.shape[0]
+
+    @property
+    def mean(self) -> np.ndarray:
+        return self.s / max(self.n, 1)
+
+    @property
+    def hessian(self) -> np.ndarray:
+        """E[x x^T], normalised per row so layers are comparable."""
+        return self.h / max(self.n, 1)

@@ -1,0 +1,90 @@
+"""The one typed configuration of a conversion, validated once."""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .algos.ranges import RANGE_METHODS
+from .algos.weights import WEIGHT_METHODS
+from .errors import ConfigError
+
+WEIGHT_BITS = (2, 3, 4, 8)
+ACT_BITS = (4, 8, 16, 32)
+
+
+@dataclass(frozen=True)
+class ConvertConfig:
+    """What to quantize and how.
+
+    bits: weight bits (2, 3, 4 or 8); act_bits: activation bits (32 = weight-only).
+    weight_method / act_method: names from WEIGHT_METHODS / RANGE_METHODS; None = default
+    (gptq at <= 4 bits, mse at 8; activations: percentile).
+    depthwise_bits: depthwise convs keep this many bits (9 weights a channel: the error of a
+    4-bit depthwise conv dominates the network's while its size is negligible).
+    exclude: node-name patterns (fnmatch) left in float. bits_overrides: (pattern, bits) pairs.
+    """
+
+    bits: int = 4
+    act_bits: int = 8
+    weight_method: str | None = None
+    act_method: str | None = None
+    act_symmetric: bool = False
+    calib_size: int = 256
+    holdout: int | None = None
+    seed: int = 0
+    depthwise_bits: int = 8
+    bias_correction: bool = True
+    rows_per_sample: int = 512
+    exclude: tuple[str, ...] = ()
+    bits_overrides: tuple[tuple[str, int], ...] = field(default_factory=tuple)
+    verify: bool = True
+
+    def __post_init__(self) -> None:
+        if self.bits not in WEIGHT_BITS:
+            raise ConfigError(f"--bits must be one of {WEIGHT_BITS}, got {self.bits}")
+        if self.act_bits not in ACT_BITS:
+            raise ConfigError(f"--act-bits must be one of {ACT_BITS}, got {self.act_bits}")
+        if self.weight_method is not None and self.weight_method not in WEIGHT_METHODS:
+            raise ConfigError(f"unknown weight method '{self.weight_method}'; "
+                              f"known: {', '.join(WEIGHT_METHODS)}")
+        if self.act_method is not None and self.act_method not in RANGE_METHODS:
+            raise ConfigError(f"unknown activation method '{self.act_method}'; "
+                              f"known: {', '.join(RANGE_METHODS)}")
+        if self.calib_size < 1:
+            raise ConfigError("--calib-size must be at least 1")
+        if self.depthwise_bits not in WEIGHT_BITS:
+            raise ConfigError(f"depthwise bits must be one of {WEIGHT_BITS}")
+        for _, b in self.bits_overrides:
+            if b not in WEIGHT_BITS:
+                raise ConfigError(f"bit override must be one of {WEIGHT_BITS}, got {b}")
+
+    @property
+    def weight_method_name(self) -> str:
+        return self.weight_method or ("gptq" if self.bits <= 4 else "mse")
+
+    @property
+    def act_method_name(self) -> str:
+        return self.act_method or "percentile"
+
+    @property
+    def quantize_acts(self) -> bool:
+        return self.act_bits < 32
+
+    def excluded(self, node: str) -> bool:
+        return any(fnmatch.fnmatchcase(node, p) for p in self.exclude)
+
+    def bits_for(self, node: str, depthwise: bool) -> tuple[int, str]:
+        """Weight bits of a node and why, when it differs from --bits."""
+        for pattern, b in self.bits_overrides:
+            if fnmatch.fnmatchcase(node, pattern):
+                return b, f"override {pattern}"
+        if depthwise and self.depthwise_bits > self.bits:
+            return self.depthwise_bits, f"depthwise conv kept at {self.depthwise_bits} bits"
+        return self.bits, ""
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["weight_method"], d["act_method"] = self.weight_method_name, self.act_method_name
+        return d

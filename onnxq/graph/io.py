@@ -1,0 +1,130 @@
+"""The one place that loads and saves models: validation, external data, atomic writes."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+from google.protobuf.message import DecodeError
+
+from ..errors import InputModelError, OutputError
+
+MIN_OPSET = 11
+EXTERNAL_THRESHOLD = 1_800_000_000  # bytes; above this the output keeps weights in a side file
+
+
+def opset_of(model: onnx.ModelProto) -> int:
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return int(imp.version)
+    return 0
+
+
+def load_model(path: str | os.PathLike) -> onnx.ModelProto:
+    """Load and sanity-check an FP32 model (external data included). Raises InputModelError."""
+    p = Path(path)
+    if not p.exists():
+        raise InputModelError(f"input model not found: {p}")
+    if p.is_dir():
+        raise InputModelError(f"input model is a folder, not an .onnx file: {p}")
+    if p.stat().st_size == 0:
+        raise InputModelError(f"input model is an empty file: {p}")
+    try:
+        model = onnx.load(str(p), load_external_data=False)
+    except (DecodeError, RuntimeError, ValueError, OSError) as e:
+        raise InputModelError(f"{p} is not a readable ONNX model (protobuf parse failed: "
+                              f"{str(e).splitlines()[0][:120]})") from None
+    if not model.graph.node or not model.opset_import:
+        raise InputModelError(f"{p} is not an ONNX model (no graph nodes or opset found); "
+                              "is it truncated or a different file type?")
+    try:
+        onnx.load_external_data_for_model(model, str(p.parent))
+    except (OSError, ValueError) as e:
+        raise InputModelError(f"external data of {p} could not be read: {e}") from None
+    opset = opset_of(model)
+    if opset < MIN_OPSET:
+        raise InputModelError(f"{p} uses opset {opset}; onnxq needs opset {MIN_OPSET} or newer "
+                              "(upgrade it with onnx.version_converter first)")
+    return model
+
+
+def check_model(model: onnx.ModelProto) -> None:
+    """onnx.checker on the model (through a file when it is too large for one protobuf)."""
+    if model.ByteSize() < EXTERNAL_THRESHOLD:
+        onnx.checker.check_model(model)
+        return
+    with tempfile.TemporaryDirectory() as d:
+        f = os.path.join(d, "m.onnx")
+        onnx.save_model(model, f, save_as_external_data=True, location="m.onnx.data")
+        onnx.checker.check_model(f)
+
+
+def serialized(model: onnx.ModelProto) -> bytes | str:
+    """Bytes for onnxruntime, or a temporary path for models over the protobuf limit."""
+    if model.ByteSize() < EXTERNAL_THRESHOLD:
+        return model.SerializeToString()
+    d = tempfile.mkdtemp(prefix="onnxq-")
+    f = os.path.join(d, "m.onnx")
+    onnx.save_model(model, f, save_as_external_data=True, location="m.onnx.data")
+    return f
+
+
+def check_output_path(out: str | os.PathLike, src: str | os.PathLike | None) -> Path:
+    o = Path(out)
+    if src is not None and o.resolve() == Path(src).resolve():
+        raise OutputError(f"output path equals the input ({o}); the input is never overwritten — "
+                          "choose another -o")
+    parent = o.parent if str(o.parent) else Path(".")
+    if not parent.is_dir():
+        raise OutputError(f"output folder does not exist: {parent}")
+    if not os.access(parent, os.W_OK):
+        raise OutputError(f"output folder is not writable: {parent}")
+    if o.is_dir():
+        raise OutputError(f"output path is a folder: {o}")
+    return o
+
+
+def save_model(model: onnx.ModelProto, out: str | os.PathLike) -> None:
+    """Write atomically: a temporary file in the same folder, then rename."""
+    o = Path(out)
+    large = model.ByteSize() >= EXTERNAL_THRESHOLD
+    fd, tmp = tempfile.mkstemp(prefix=f".{o.name}.", suffix=".tmp", dir=str(o.parent or "."))
+    os.close(fd)
+    try:
+        if large:
+            data_name = o.name + ".data"
+            tmp_data = o.parent / data_name
+            onnx.save_model(model, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=data_name)
+            os.chmod(tmp_data, 0o644)
+        else:
+            with open(tmp, "wb") as f:
+                f.write(model.SerializeToString(deterministic=True))
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, o)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise OutputError(f"could not write {o}: {e.strerror or e}") from None
+
+
+def input_specs(model: onnx.ModelProto):
+    """The model's real inputs (initializers excluded) as InputSpec."""
+    from ..calib.data import InputSpec
+
+    inits = {t.name for t in model.graph.initializer}
+    specs = []
+    for i in model.graph.input:
+        if i.name in inits:
+            continue
+        tt = i.type.tensor_type
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type) if tt.elem_type else None
+        if dtype is None:
+            raise InputModelError(f"model input '{i.name}' is not a tensor; not supported")
+        shape = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
+                      for d in tt.shape.dim)
+        specs.append(InputSpec(i.name, np.dtype(dtype), shape))
+    return specs

@@ -1,0 +1,142 @@
+"""Normalise a loaded model before planning: unique node names, Constant nodes turned into
+initializers, BatchNormalization folded into the Conv before it. Works on a copy."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from .walk import attr, graphs, used_names
+
+log = logging.getLogger(__name__)
+
+
+def name_nodes(model: onnx.ModelProto) -> None:
+    seen: set[str] = set()
+    for path, g in graphs(model):
+        for i, node in enumerate(g.node):
+            base = node.name or f"{node.op_type}_{i}"
+            name, k = base, 1
+            while name in seen:
+                name, k = f"{base}_{k}", k + 1
+            node.name = name
+            seen.add(name)
+
+
+def constant_value(node: onnx.NodeProto) -> np.ndarray | None:
+    for a in node.attribute:
+        if a.name == "value" and a.type == onnx.AttributeProto.TENSOR:
+            return numpy_helper.to_array(a.t)
+        if a.name == "value_float":
+            return np.array(a.f, dtype=np.float32)
+        if a.name == "value_floats":
+            return np.array(list(a.floats), dtype=np.float32)
+        if a.name == "value_int":
+            return np.array(a.i, dtype=np.int64)
+        if a.name == "value_ints":
+            return np.array(list(a.ints), dtype=np.int64)
+    return None
+
+
+def constants_to_initializers(model: onnx.ModelProto) -> int:
+    """Move Constant nodes' tensors into their graph's initializers. Returns how many moved."""
+    moved = 0
+    for _, g in graphs(model):
+        keep = []
+        for node in g.node:
+            value = constant_value(node) if node.op_type == "Constant" else None
+            if value is None:
+                keep.append(node)
+                continue
+            g.initializer.append(numpy_helper.from_array(value, node.output[0]))
+            moved += 1
+        if len(keep) != len(g.node):
+            del g.node[:]
+            g.node.extend(keep)
+    return moved
+
+
+def _inits(g: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
+    return {t.name: t for t in g.initializer}
+
+
+def _replace_init(g: onnx.GraphProto, name: str, value: np.ndarray) -> None:
+    for i, t in enumerate(g.initializer):
+        if t.name == name:
+            g.initializer[i].CopyFrom(numpy_helper.from_array(value.astype(np.float32), name))
+            return
+    g.initializer.append(numpy_helper.from_array(value.astype(np.float32), name))
+
+
+def fold_batchnorm(model: onnx.ModelProto) -> int:
+    """Fold Conv -> BatchNormalization (inference form, constant parameters) into the Conv.
+
+    The Conv's weight and bias get new initializer names so that shared weights stay intact.
+    Returns the number of folds.
+    """
+    folded = 0
+    for _, g in graphs(model):
+        inits = _inits(g)
+        consumers: dict[str, int] = {}
+        for node in g.node:
+            for i in node.input:
+                consumers[i] = consumers.get(i, 0) + 1
+        outputs = {o.name for o in g.output}
+        producer = {o: n for n in g.node for o in n.output}
+        drop: set[int] = set()
+        for bn_i, bn in enumerate(g.node):
+            if bn.op_type != "BatchNormalization" or len([o for o in bn.output if o]) != 1:
+                continue
+            conv = producer.get(bn.input[0])
+            if conv is None or conv.op_type != "Conv" or conv.input[1] not in inits:
+                continue
+            if consumers.get(conv.output[0], 0) != 1 or conv.output[0] in outputs:
+                continue
+            if not all(n in inits for n in bn.input[1:5]):
+                continue
+            gamma, beta, mean, var = (numpy_helper.to_array(inits[n]).astype(np.float64)
+                                      for n in bn.input[1:5])
+            eps = float(attr(bn, "epsilon", 1e-5))
+            w = numpy_helper.to_array(inits[conv.input[1]]).astype(np.float64)
+            if w.dtype.kind != "f" or w.shape[0] != gamma.shape[0]:
+                continue
+            k = gamma / np.sqrt(var + eps)
+            b = (numpy_helper.to_array(inits[conv.input[2]]).astype(np.float64)
+                 if len(conv.input) > 2 and conv.input[2] in inits else np.zeros_like(mean))
+            w_name, b_name = conv.name + "/folded_weight", conv.name + "/folded_bias"
+            _replace_init(g, w_name, w * k.reshape(-1, *([1] * (w.ndim - 1))))
+            _replace_init(g, b_name, (b - mean) * k + beta)
+            inputs = [conv.input[0], w_name, b_name]
+            del conv.input[:]
+            conv.input.extend(inputs)
+            conv.output[0] = bn.output[0]
+            drop.add(bn_i)
+            folded += 1
+        if drop:
+            keep = [n for i, n in enumerate(g.node) if i not in drop]
+            del g.node[:]
+            g.node.extend(keep)
+    prune_initializers(model)
+    return folded
+
+
+def prune_initializers(model: onnx.ModelProto) -> None:
+    """Drop initializers no node (in the graph or its subgraphs) reads any more."""
+    for _, g in graphs(model):
+        used = used_names(g) | {i.name for i in g.input}
+        keep = [t for t in g.initializer if t.name in used]
+        if len(keep) != len(g.initializer):
+            del g.initializer[:]
+            g.initializer.extend(keep)
+
+
+def prepare(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, int]]:
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    name_nodes(m)
+    moved = constants_to_initializers(m)
+    folded = fold_batchnorm(m)
+    return m, {"constants_moved": moved, "batchnorm_folded": folded}

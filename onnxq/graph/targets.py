@@ -1,0 +1,115 @@
+"""Which nodes are quantizable, and why the others are not."""
+
+from __future__ import annotations
+
+import onnx
+from onnx import numpy_helper
+
+from ..config import ConvertConfig
+from ..types import ConvGeometry, Skipped, Target
+from .walk import attr, graphs
+
+WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+def _float_inputs(model: onnx.ModelProto) -> dict[str, int]:
+    """elem_type of every main-graph tensor that shape inference can type."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    except Exception:  # shape inference is best effort; unknown types are treated as float
+        inferred = model
+    g = inferred.graph
+    return {v.name: v.type.tensor_type.elem_type
+            for v in list(g.value_info) + list(g.input) + list(g.output)}
+
+
+def _geometry(node: onnx.NodeProto, w_shape: tuple[int, ...]) -> ConvGeometry:
+    nd = len(w_shape) - 2
+    auto_pad = attr(node, "auto_pad", b"NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    return ConvGeometry(
+        kernel=tuple(attr(node, "kernel_shape", None) or w_shape[2:]),
+        strides=tuple(attr(node, "strides", None) or (1,) * nd),
+        dilations=tuple(attr(node, "dilations", None) or (1,) * nd),
+        pads=tuple(attr(node, "pads", None) or (0,) * (2 * nd)),
+        auto_pad=auto_pad or "NOTSET",
+        group=int(attr(node, "group", 1)),
+    )
+
+
+def _classify(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto], graph: str,
+              sub: bool) -> Target | str:
+    """A Target, or the reason the node is left in float."""
+    op = node.op_type
+    ins = list(node.input)
+    act_i, w_i, layout = 0, 1, ""
+    if op in ("Conv", "ConvTranspose"):
+        layout = "conv" if op == "Conv" else "convT"
+    elif op == "Gemm":
+        if attr(node, "transA", 0):
+            return "Gemm with transA=1 is not supported"
+        layout = "rows" if attr(node, "transB", 0) else "cols"
+    elif op == "MatMul":
+        if len(ins) > 1 and ins[1] in inits:
+            layout = "cols"
+        elif ins[0] in inits:
+            act_i, w_i, layout = 1, 0, "rows"
+        else:
+            return "both inputs are activations (no constant weight)"
+    if len(ins) <= w_i or ins[w_i] not in inits:
+        return "weight is not a constant initializer"
+    w = inits[ins[w_i]]
+    if w.data_type != onnx.TensorProto.FLOAT:
+        return f"weight type is {onnx.TensorProto.DataType.Name(w.data_type)}, not FLOAT"
+    shape = tuple(int(d) for d in w.dims)
+    if op in ("Conv", "ConvTranspose") and len(shape) not in (3, 4):
+        return f"{len(shape) - 2}-D convolution is not supported"
+    if op in ("Gemm", "MatMul") and len(shape) != 2:
+        return f"weight has rank {len(shape)}; only 2-D MatMul weights are quantized"
+    if min(shape) == 0:
+        return "empty weight"
+    geo = _geometry(node, shape) if layout in ("conv", "convT") else None
+    bias = ins[2] if len(ins) > 2 and ins[2] and ins[2] in inits else None
+    if op == "Gemm" and float(attr(node, "beta", 1.0)) != 1.0:
+        bias = None
+    act = None if sub or ins[act_i] in inits else ins[act_i]
+    return Target(node=node.name, op=op, graph=graph, weight=ins[w_i], act=act, bias=bias,
+                  layout=layout, shape=shape, groups=geo.group if geo else 1, geo=geo)
+
+
+def find_targets(model: onnx.ModelProto, cfg: ConvertConfig) -> tuple[list[Target], list[Skipped]]:
+    """Quantizable nodes of the main graph and of every subgraph, plus the skipped ones."""
+    types = _float_inputs(model)
+    targets: list[Target] = []
+    skipped: list[Skipped] = []
+    scopes: dict[str, dict[str, onnx.TensorProto]] = {}
+    for path, g in graphs(model):
+        inits: dict[str, onnx.TensorProto] = {}
+        for p in sorted((p for p in scopes if path.startswith(p)), key=len):
+            inits.update(scopes[p])          # outer-scope initializers are visible inside
+        inits.update({t.name: t for t in g.initializer})
+        scopes[path] = inits
+        for node in g.node:
+            if node.op_type not in WEIGHT_OPS:
+                continue
+            if cfg.excluded(node.name):
+                skipped.append(Skipped(node.name, node.op_type, "excluded by --exclude"))
+                continue
+            t = _classify(node, inits, path, sub=bool(path))
+            if isinstance(t, str):
+                skipped.append(Skipped(node.name, node.op_type, t))
+                continue
+            if t.act is not None and types.get(t.act, onnx.TensorProto.FLOAT) != onnx.TensorProto.FLOAT:
+                t = Target(**{**t.__dict__, "act": None})
+            targets.append(t)
+    return targets, skipped
+
+
+def initializer_array(model: onnx.ModelProto, graph: str, name: str):
+    """The value of `name` as seen from the graph at path `graph` (innermost scope first)."""
+    for path, g in sorted(graphs(model), key=lambda pg: -len(pg[0])):
+        if graph.startswith(path):
+            for init in g.initializer:
+                if init.name == name:
+                    return numpy_helper.to_array(init)
+    raise KeyError(name)

@@ -1,0 +1,47 @@
+"""Walking a model's main graph and every control-flow subgraph (If / Loop / Scan bodies)."""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import onnx
+
+
+def graphs(model: onnx.ModelProto) -> Iterator[tuple[str, onnx.GraphProto]]:
+    """(path, graph) for the main graph ("") and every nested subgraph, parents first."""
+    stack: list[tuple[str, onnx.GraphProto]] = [("", model.graph)]
+    while stack:
+        path, g = stack.pop(0)
+        yield path, g
+        for node in g.node:
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    stack.append((f"{path}{node.name}/{attr.name}/", attr.g))
+                elif attr.type == onnx.AttributeProto.GRAPHS:
+                    for i, sub in enumerate(attr.graphs):
+                        stack.append((f"{path}{node.name}/{attr.name}[{i}]/", sub))
+
+
+def graph_by_path(model: onnx.ModelProto) -> dict[str, onnx.GraphProto]:
+    return dict(graphs(model))
+
+
+def used_names(g: onnx.GraphProto) -> set[str]:
+    """Every tensor name read inside g, its subgraphs included (outer-scope references)."""
+    names: set[str] = {o.name for o in g.output}
+    for node in g.node:
+        names.update(i for i in node.input if i)
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                names |= used_names(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for sub in attr.graphs:
+                    names |= used_names(sub)
+    return names
+
+
+def attr(node: onnx.NodeProto, name: str, default=None):
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default

@@ -1,0 +1,39 @@
+"""Weight layouts: every target's weight is viewed as a matrix W [O, K] (one row per output
+channel, K = what one output reads); `axis` is the output-channel axis of the stored tensor.
+
+conv     W [O, C/g, *k]      -> [O, C/g*prod(k)]        axis 0
+convT    W [C, O/g, *k]      -> [O/g, C*prod(k)]        axis 1
+rows     W [O, K] (Gemm transB=1, MatMul weight on the left)   axis 0
+cols     W [K, O] (Gemm transB=0, MatMul weight on the right)  axis 1
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+AXIS = {"conv": 0, "convT": 1, "rows": 0, "cols": 1}
+
+
+def to_matrix(w: np.ndarray, layout: str) -> np.ndarray:
+    if layout == "conv":
+        return w.reshape(w.shape[0], -1)
+    if layout == "convT":
+        return np.moveaxis(w, 1, 0).reshape(w.shape[1], -1)
+    if layout == "rows":
+        return w
+    if layout == "cols":
+        return w.T
+    raise ValueError(layout)
+
+
+def from_matrix(m: np.ndarray, layout: str, shape: tuple[int, ...]) -> np.ndarray:
+    if layout == "conv":
+        return m.reshape(shape)
+    if layout == "convT":
+        moved = (shape[1], shape[0]) + tuple(shape[2:])
+        return np.moveaxis(m.reshape(moved), 0, 1)
+    if layout == "rows":
+        return m.reshape(shape)
+    if layout == "cols":
+        return m.T.reshape(shape)
+    raise ValueError(layout)

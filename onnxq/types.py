@@ -1,0 +1,181 @@
+"""Plain data passed between the stages: targets, statistics, plans, reports."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    kernel: tuple[int, ...]
+    strides: tuple[int, ...]
+    dilations: tuple[int, ...]
+    pads: tuple[int, ...]       # begin..., end...
+    auto_pad: str               # NOTSET, SAME_UPPER, SAME_LOWER, VALID
+    group: int
+
+    def resolve_pads(self, spatial: tuple[int, ...]) -> tuple[int, ...]:
+        nd = len(self.kernel)
+        if self.auto_pad in ("NOTSET", ""):
+            return self.pads if self.pads else (0,) * (2 * nd)
+        if self.auto_pad == "VALID":
+            return (0,) * (2 * nd)
+        begin, end = [], []
+        for i in range(nd):
+            out = -(-spatial[i] // self.strides[i])
+            span = (self.kernel[i] - 1) * self.dilations[i] + 1
+            total = max(0, (out - 1) * self.strides[i] + span - spatial[i])
+            small, large = total // 2, total - total // 2
+            begin.append(small if self.auto_pad == "SAME_UPPER" else large)
+            end.append(large if self.auto_pad == "SAME_UPPER" else small)
+        return tuple(begin + end)
+
+
+@dataclass(frozen=True)
+class Target:
+    """A node with a constant weight that can be quantized."""
+
+    node: str                 # node name (made unique when the model has none)
+    op: str                   # Conv, ConvTranspose, Gemm, MatMul
+    graph: str                # "" for the main graph, else the path of the subgraph
+    weight: str               # weight initializer name
+    act: str | None           # activation input tensor name
+    bias: str | None          # bias initializer name, if any
+    layout: str               # see layout.py
+    shape: tuple[int, ...]    # weight shape
+    groups: int = 1
+    geo: ConvGeometry | None = None
+
+    @property
+    def depthwise(self) -> bool:
+        return self.op == "Conv" and self.groups > 1 and self.shape[1] == 1
+
+    @property
+    def params(self) -> int:
+        return int(np.prod(self.shape))
+
+
+@dataclass(frozen=True)
+class Skipped:
+    node: str
+    op: str
+    reason: str
+
+
+@dataclass
+class ActStats:
+    """Range statistics of one activation tensor."""
+
+    counts: np.ndarray
+    edges: np.ndarray
+    observed: tuple[float, float]
+
+
+@dataclass
+class LayerStats:
+    """Input statistics of one layer: H = E[x x^T] per group [G, K, K], mean E[x] [G, K]."""
+
+    hessian: np.ndarray
+    mean: np.ndarray
+    rows: int
+
+
+@dataclass
+class Stats:
+    acts: dict[str, ActStats] = field(default_factory=dict)
+    layers: dict[str, LayerStats] = field(default_factory=dict)
+    samples: int = 0
+
+    def save(self, path: str) -> None:
+        arrays: dict[str, np.ndarray] = {"__samples": np.array(self.samples)}
+        for i, (k, a) in enumerate(sorted(self.acts.items())):
+            arrays[f"a{i}/name"] = np.array(k)
+            arrays[f"a{i}/counts"], arrays[f"a{i}/edges"] = a.counts, a.edges
+            arrays[f"a{i}/observed"] = np.array(a.observed)
+        for i, (k, s) in enumerate(sorted(self.layers.items())):
+            arrays[f"l{i}/name"] = np.array(k)
+            arrays[f"l{i}/hessian"], arrays[f"l{i}/mean"] = s.hessian, s.mean
+            arrays[f"l{i}/rows"] = np.array(s.rows)
+        np.savez_compressed(path, **arrays)
+
+    @classmethod
+    def load(cls, path: str) -> "Stats":
+        z = np.load(path, allow_pickle=False)
+        st = cls(samples=int(z["__samples"]))
+        keys = set(z.files)
+        i = 0
+        while f"a{i}/name" in keys:
+            st.acts[str(z[f"a{i}/name"])] = ActStats(z[f"a{i}/counts"], z[f"a{i}/edges"],
+                                                    tuple(float(v) for v in z[f"a{i}/observed"]))
+            i += 1
+        i = 0
+        while f"l{i}/name" in keys:
+            st.layers[str(z[f"l{i}/name"])] = LayerStats(z[f"l{i}/hessian"], z[f"l{i}/mean"],
+                                                        int(z[f"l{i}/rows"]))
+            i += 1
+        return st
+
+
+@dataclass(frozen=True)
+class ActQuant:
+    scale: float
+    zero_point: int
+    bits: int
+    signed: bool
+    lo: float
+    hi: float
+    method: str
+
+
+@dataclass
+class Branch:
+    """Low-rank residual: output += B(A(x)). a [r, K] and b [O, r] in matrix form."""
+
+    a: np.ndarray
+    b: np.ndarray
+
+
+@dataclass
+class LayerPlan:
+    target: Target
+    bits: int
+    method: str
+    codes: np.ndarray            # weight codes in the original weight layout (int32)
+    scales: np.ndarray           # [channels along axis]
+    axis: int
+    bias: np.ndarray | None      # corrected bias (float32) or None to keep the original
+    sqnr_db: float | None = None  # layer output SQNR estimate from H (None without H)
+    sqnr_rtn_db: float | None = None
+    note: str = ""
+    branch: Branch | None = None
+
+
+@dataclass
+class Plan:
+    layers: list[LayerPlan] = field(default_factory=list)
+    acts: dict[str, ActQuant] = field(default_factory=dict)
+
+
+@dataclass
+class Report:
+    model: str = ""
+    config: dict[str, Any] = field(default_factory=dict)
+    quantized: list[dict[str, Any]] = field(default_factory=list)
+    skipped: list[dict[str, Any]] = field(default_factory=list)
+    activations: list[dict[str, Any]] = field(default_factory=list)
+    size_before: int = 0
+    size_after: int = 0
+    params: int = 0
+    calib_samples: int = 0
+    holdout_samples: int = 0
+    seconds: dict[str, float] = field(default_factory=dict)
+    fidelity: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    opset_before: int = 0
+    opset_after: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
