@@ -73,4 +73,4 @@ def sqnr_db(ref: np.ndarray, approx: np.ndarray) -> float:
         return float("inf")
     if signal == 0.0:
         return float("-inf")
-    return 10.0 * np.log10(signal / noise)
+    return float(10.0 * np.log10(signal / noise))

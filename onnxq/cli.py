@@ -1,0 +1,304 @@
+"""Command line: thin wrappers over the Python API. Every failure is one line on stderr."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections import Counter
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from . import __version__
+from .algos.ranges import RANGE_METHODS
+from .algos.weights import WEIGHT_METHODS
+from .calib.data import PRESETS, Preprocess
+from .config import ConvertConfig
+from .errors import ConfigError, OnnxqError, VerificationError
+
+err = Console(stderr=True, highlight=False)
+out = Console(highlight=False)
+
+
+def _floats(text: str | None, what: str) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise ConfigError(f"{what} takes comma-separated numbers, got '{text}'") from None
+
+
+def _preprocess(preset, size, mean, std, layout, channel_order) -> Preprocess | None:
+    if preset is None and not any((size, mean, std, layout, channel_order)):
+        return None
+    if preset is not None and preset not in PRESETS:
+        raise ConfigError(f"unknown --preprocess '{preset}'; known: {', '.join(PRESETS)}")
+    base = PRESETS[preset or "imagenet"]
+    kw = {}
+    if size:
+        hw = _floats(size.replace("x", ","), "--size")
+        kw["size"] = (int(hw[0]), int(hw[-1]))
+    if mean:
+        kw["mean"] = _floats(mean, "--mean")
+    if std:
+        kw["std"] = _floats(std, "--std")
+    if layout:
+        kw["layout"] = layout.upper()
+    if channel_order:
+        kw["channel_order"] = channel_order.upper()
+    return Preprocess(**{**base.__dict__, **kw})
+
+
+def _progress(quiet: bool):
+    if quiet or not err.is_terminal:
+        return None, None
+    bar = Progress(TextColumn("{task.description:<10}"), BarColumn(), MofNCompleteColumn(),
+                   TimeElapsedColumn(), console=err, transient=True)
+    tasks: dict[str, int] = {}
+
+    def cb(stage: str, done: int, total: int) -> None:
+        if stage not in tasks:
+            tasks[stage] = bar.add_task(stage, total=total)
+        bar.update(tasks[stage], completed=done)
+    return bar, cb
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.2f} MB"
+
+
+def print_summary(report) -> None:
+    r = report
+    by_bits = Counter(q["bits"] for q in r.quantized)
+    out.print(f"[bold]onnxq[/] {r.model}")
+    out.print("  quantized: " + (", ".join(f"{n} layers at {b} bits" for b, n in sorted(by_bits.items()))
+                                or "nothing"))
+    reasons = Counter((s["op"], s["reason"]) for s in r.skipped)
+    for (op, why), n in sorted(reasons.items()):
+        out.print(f"  left in float: {n} {op} — {why}")
+    notes = Counter(q["note"] for q in r.quantized if q["note"])
+    for why, n in sorted(notes.items()):
+        out.print(f"  note: {n} layers — {why}")
+    weight_only = sum(1 for q in r.quantized if q["activation"].startswith("float ("))
+    if weight_only:
+        out.print(f"  weight-only: {weight_only} layers (activation left in float; see report)")
+    out.print(f"  size: {_mb(r.size_before)} -> {_mb(r.size_after)} "
+              f"({r.size_before / max(r.size_after, 1):.1f}x smaller)")
+    out.print(f"  time: {r.seconds.get('total', 0):.1f} s (calibration {r.seconds.get('calibrate', 0):.1f} s "
+              f"on {r.calib_samples} samples)")
+    f = r.fidelity
+    if f:
+        parts = [f"cosine {f['cosine']:.4f}" if "cosine" in f else "",
+                 f"SQNR {f['sqnr_db']:.1f} dB" if "sqnr_db" in f else "",
+                 f"top-1 agreement {f['top1_agreement']:.3f}" if "top1_agreement" in f else ""]
+        out.print(f"  fidelity on {f.get('samples', 0)} held-out samples: "
+                  + ", ".join(p for p in parts if p))
+    for w in r.warnings:
+        err.print(f"[yellow]warning:[/] {w}")
+
+
+def print_layers(report) -> None:
+    t = Table(title="layers", show_lines=False)
+    for c in ("node", "op", "bits", "method", "SQNR dB", "RTN dB", "activation"):
+        t.add_column(c)
+    for q in report.quantized:
+        t.add_row(q["node"], q["op"], str(q["bits"]), q["method"],
+                  "" if q["sqnr_db"] is None else f"{q['sqnr_db']:.1f}",
+                  "" if q["sqnr_rtn_db"] is None else f"{q['sqnr_rtn_db']:.1f}", q["activation"])
+    out.print(t)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="onnxq")
+@click.option("--debug", is_flag=True, help="Show tracebacks and debug logs.")
+@click.pass_context
+def cli(ctx, debug):
+    """Quantize FP32 ONNX models to INT8/INT4 QDQ models that keep their answers.
+
+    \b
+    Typical use:
+      onnxq convert model.onnx -o model.q.onnx --bits 4 --calib calib/
+      onnxq eval model.onnx model.q.onnx --data held_out/
+    """
+    ctx.obj = {"debug": debug}
+    logging.basicConfig(level=logging.DEBUG if debug else logging.ERROR, format="%(message)s")
+
+
+def _preprocess_options(f):
+    for opt in reversed([
+        click.option("--preprocess", "preset", metavar="NAME",
+                     help=f"Image preprocessing preset for image folders: {', '.join(PRESETS)}."),
+        click.option("--size", help="Image size HxW, e.g. 224x224."),
+        click.option("--mean", help="Per-channel mean, e.g. 0.485,0.456,0.406 (after /255)."),
+        click.option("--std", help="Per-channel std, e.g. 0.229,0.224,0.225."),
+        click.option("--layout", help="NCHW (default) or NHWC."),
+        click.option("--channel-order", help="RGB (default) or BGR."),
+    ]):
+        f = opt(f)
+    return f
+
+
+@cli.command()
+@click.argument("model", type=click.Path(dir_okay=True, path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path),
+              help="Output model (default: MODEL with suffix .q.onnx). Written atomically.")
+@click.option("--bits", type=int, default=4, show_default=True, help="Weight bits: 2, 3, 4 or 8.")
+@click.option("--act-bits", type=int, default=8, show_default=True,
+              help="Activation bits: 4, 8, 16, or 32 for weight-only (activations stay float).")
+@click.option("--calib", type=click.Path(path_type=Path),
+              help="Calibration data: folder of per-sample .npz, one .npz with a leading sample "
+                   "axis, or an image folder (with --preprocess). Without it: random data.")
+@click.option("--calib-size", type=int, default=256, show_default=True, help="Most samples used.")
+@click.option("--holdout-data", type=click.Path(path_type=Path),
+              help="Separate samples for the fidelity check (default: the last few calibration samples).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--weight-method", metavar="NAME",
+              help=f"{' | '.join(WEIGHT_METHODS)} (default: gptq at <=4 bits, mse at 8).")
+@click.option("--act-method", metavar="NAME",
+              help=f"{' | '.join(RANGE_METHODS)} (default: percentile).")
+@click.option("--act-symmetric", is_flag=True, help="Symmetric int activations instead of uint.")
+@click.option("--depthwise-bits", type=int, default=8, show_default=True,
+              help="Bits of depthwise convs (tiny, and the most sensitive to rounding).")
+@click.option("--exclude", multiple=True, metavar="PATTERN", help="Leave matching nodes in float (repeatable).")
+@click.option("--no-bias-correction", is_flag=True, help="Do not correct the output mean shift.")
+@click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write the full report as JSON.")
+@click.option("--save-stats", type=click.Path(path_type=Path), help="Save calibration statistics (.npz).")
+@click.option("--load-stats", type=click.Path(path_type=Path), help="Reuse saved statistics instead of calibrating.")
+@click.option("--min-agreement", type=float, help="Fail (exit 3, nothing written) below this top-1 agreement.")
+@click.option("--min-cosine", type=float, help="Fail (exit 3, nothing written) below this output cosine.")
+@click.option("--layers", "show_layers", is_flag=True, help="Print a per-layer table.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars or summary.")
+@_preprocess_options
+def convert(model, output, bits, act_bits, calib, calib_size, holdout_data, seed, weight_method,
+            act_method, act_symmetric, depthwise_bits, exclude, no_bias_correction, report_path,
+            save_stats, load_stats, min_agreement, min_cosine, show_layers, quiet, preset, size,
+            mean, std, layout, channel_order):
+    """Quantize MODEL and write a QDQ ONNX model."""
+    from . import api
+    from .graph.io import check_output_path
+
+    cfg = ConvertConfig(bits=bits, act_bits=act_bits, weight_method=weight_method,
+                        act_method=act_method, act_symmetric=act_symmetric, calib_size=calib_size,
+                        seed=seed, depthwise_bits=depthwise_bits, exclude=tuple(exclude),
+                        bias_correction=not no_bias_correction)
+    pre = _preprocess(preset, size, mean, std, layout, channel_order)
+    output = output or model.with_suffix(".q.onnx")
+    check_output_path(output, model)
+    if report_path:
+        check_output_path(report_path, model)
+    bar, cb = _progress(quiet)
+    if bar:
+        bar.start()
+    try:
+        qmodel, report = api.convert(model, cfg, calib, preprocess=pre, holdout=holdout_data,
+                                     stats=str(load_stats) if load_stats else None,
+                                     save_stats=str(save_stats) if save_stats else None, progress=cb)
+    finally:
+        if bar:
+            bar.stop()
+    f = report.fidelity
+    if min_agreement is not None and f.get("top1_agreement", 1.0) < min_agreement:
+        raise VerificationError(f"top-1 agreement {f.get('top1_agreement'):.4f} is below "
+                                f"--min-agreement {min_agreement}; nothing written")
+    if min_cosine is not None and f.get("cosine", 1.0) < min_cosine:
+        raise VerificationError(f"output cosine {f.get('cosine'):.4f} is below --min-cosine "
+                                f"{min_cosine}; nothing written")
+    api.save(qmodel, output, model)
+    if report_path:
+        _write_json(report_path, report.to_dict())
+    if not quiet:
+        print_summary(report)
+        if show_layers:
+            print_layers(report)
+        out.print(f"  wrote {output}")
+
+
+def _write_json(path: Path, data) -> None:
+    import os
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(dir=str(path.parent or "."), suffix=".tmp")
+    with os.fdopen(fd, "w") as fh:
+        json.dump(data, fh, indent=2, default=_jsonable)
+    os.replace(tmp, path)
+
+
+def _jsonable(x):
+    import numpy as np
+
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    return str(x)
+
+
+@cli.command("eval")
+@click.argument("reference", type=click.Path(path_type=Path))
+@click.argument("candidate", type=click.Path(path_type=Path))
+@click.option("--data", type=click.Path(path_type=Path), required=True,
+              help="Feeds: folder of .npz, one stacked .npz, or images with --preprocess.")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Also write the figures as JSON.")
+@click.option("--runs", type=int, default=30, show_default=True, help="Timed runs for the latency figure.")
+@_preprocess_options
+def eval_cmd(reference, candidate, data, json_path, runs, preset, size, mean, std, layout, channel_order):
+    """Fidelity of CANDIDATE against REFERENCE on the given feeds, sizes, latency."""
+    from .calib.data import open_source
+    from .graph.io import input_specs, load_model
+    from .verify import fidelity, latency_ms
+
+    ref = load_model(reference)
+    cand = load_model(candidate)
+    loaders = open_source(data, input_specs(ref), _preprocess(preset, size, mean, std, layout, channel_order))
+    fid = fidelity(ref, cand, loaders)
+    first = loaders[0]()
+    res = {"reference": str(reference), "candidate": str(candidate), "fidelity": fid,
+           "size_reference": reference.stat().st_size, "size_candidate": candidate.stat().st_size,
+           "latency_ms_reference": latency_ms(ref, first, runs),
+           "latency_ms_candidate": latency_ms(cand, first, runs)}
+    t = Table(title=f"{candidate.name} vs {reference.name} on {fid['samples']} samples")
+    t.add_column("output")
+    for c in ("cosine", "SQNR dB", "top-1 agree", "KL"):
+        t.add_column(c, justify="right")
+    for name, m in fid["outputs"].items():
+        t.add_row(name, f"{m['cosine']:.5f}", f"{m['sqnr_db']:.2f}",
+                  f"{m['top1_agreement']:.4f}" if "top1_agreement" in m else "",
+                  f"{m['kl']:.5f}" if "kl" in m else "")
+    out.print(t)
+    out.print(f"size: {_mb(res['size_reference'])} -> {_mb(res['size_candidate'])}; latency at batch 1 "
+              f"(2 threads): {res['latency_ms_reference']:.2f} ms -> {res['latency_ms_candidate']:.2f} ms")
+    if json_path:
+        _write_json(json_path, res)
+
+
+def main() -> None:
+    debug = "--debug" in sys.argv
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        err.print("onnxq: interrupted")
+        sys.exit(130)
+    except click.ClickException as e:
+        err.print(f"onnxq: error: {e.format_message()}")
+        sys.exit(e.exit_code)
+    except OnnxqError as e:
+        err.print(f"onnxq: error: {e}", soft_wrap=True)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        err.print("onnxq: interrupted")
+        sys.exit(130)
+    except Exception as e:  # the last line of defence: one line, not a traceback
+        if debug:
+            raise
+        err.print(f"onnxq: internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+                  "(rerun with --debug for the traceback and report it)", soft_wrap=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

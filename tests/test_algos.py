@@ -1,0 +1,68 @@
+"""The weight algorithms are tested on their own objective."""
+
+import numpy as np
+import pytest
+
+from onnxq.algos.qmath import channel_scales, weight_qmax
+from onnxq.algos.rounding import gptq_round
+from onnxq.algos.weights import hessian_scales, mse, quantize_weight, rtn, weighted_error
+
+
+def correlated_inputs(rng, n, k):
+    mix = rng.standard_normal((k, k)) / np.sqrt(k)
+    x = rng.standard_normal((n, k)) @ (np.eye(k) + 2 * mix)
+    return x.T @ x / n                      # [K, K]
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("seed", range(4))
+def test_gptq_never_loses_to_rtn_with_same_scales(bits, seed):
+    rng = np.random.default_rng(seed)
+    o, k = 24, 48
+    w = rng.standard_normal((o, k))
+    h = correlated_inputs(rng, 512, k)
+    s = hessian_scales(w, bits, h)
+    qm = weight_qmax(bits)
+    near = np.clip(np.rint(w / s[:, None]), -qm, qm) * s[:, None]
+    codes = gptq_round(w, s, bits, h)
+    assert np.abs(codes).max() <= qm
+    e_gptq = weighted_error(w, codes * s[:, None], h[None])
+    e_rtn = weighted_error(w, near, h[None])
+    assert e_gptq <= e_rtn * 1.0001
+
+
+def test_gptq_handles_dead_inputs_and_singular_h():
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((8, 16))
+    x = rng.standard_normal((4, 16))
+    x[:, 3] = 0.0                            # an input channel that never fires
+    h = x.T @ x                              # rank 4: singular
+    codes = gptq_round(w, channel_scales(w, 4), 4, h)
+    assert codes.shape == w.shape and codes[:, 3].tolist() == [0] * 8
+
+
+def test_mse_clipping_beats_minmax_on_weight_error():
+    rng = np.random.default_rng(1)
+    w = rng.laplace(size=(32, 256))          # heavy tails: min-max wastes codes
+    a, b = rtn(w, 4), mse(w, 4)
+    err = lambda q: np.sum((w - q.codes * q.scales[:, None]) ** 2)  # noqa: E731
+    assert err(b) < 0.8 * err(a)
+
+
+def test_hessian_clipping_beats_plain_mse_on_layer_objective():
+    rng = np.random.default_rng(2)
+    w = rng.standard_normal((16, 32))
+    h = correlated_inputs(rng, 256, 32)
+    plain, aware = mse(w, 3), quantize_weight("gptq", w, 3, h[None])
+    e = lambda q: weighted_error(w, q.codes * q.scales[:, None], h[None])  # noqa: E731
+    assert e(aware) < e(plain)
+
+
+def test_grouped_quantization_uses_each_groups_statistics():
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((8, 9))
+    hs = np.stack([correlated_inputs(rng, 64, 9) for _ in range(4)])
+    q = quantize_weight("gptq", w, 4, hs, groups=4)
+    assert q.codes.shape == (8, 9) and q.scales.shape == (8,)
+    alone = quantize_weight("gptq", w[2:4], 4, hs[1:2], groups=1)
+    assert np.array_equal(q.codes[2:4], alone.codes)
