@@ -1,0 +1,121 @@
+"""The command line on good and bad input: bad input gets one line and a non-zero exit."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper
+
+from builders import conv_zoo, make_model, vi
+
+
+def onnxq(*args, cwd=None):
+    r = subprocess.run([sys.executable, "-m", "onnxq.cli", *map(str, args)], capture_output=True,
+                       text=True, cwd=cwd, timeout=300)
+    return r.returncode, r.stdout, r.stderr
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    onnx.save(conv_zoo(np.random.default_rng(0)), d / "zoo.onnx")
+    cal = d / "calib"
+    cal.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(12):
+        np.savez(cal / f"s{i:02d}.npz", x=rng.standard_normal((1, 3, 12, 12)).astype(np.float32))
+    return d
+
+
+def one_line_error(code, out, err):
+    assert code != 0
+    lines = [l for l in err.strip().splitlines() if l.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("onnxq: error:")
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def test_convert_writes_model_report_and_summary(work):
+    out, rep = work / "zoo.q.onnx", work / "zoo.json"
+    code, stdout, err = onnxq("convert", work / "zoo.onnx", "-o", out, "--bits", 4,
+                              "--calib", work / "calib", "--report", rep, "--layers")
+    assert code == 0, err
+    assert "quantized: " in stdout and "fidelity on" in stdout and "size:" in stdout
+    data = json.loads(rep.read_text())
+    assert len(data["quantized"]) == 8 and data["fidelity"]["cosine"] > 0.99
+    onnx.checker.check_model(onnx.load(out))
+    code, stdout, err = onnxq("eval", work / "zoo.onnx", out, "--data", work / "calib", "--runs", 3,
+                              "--json", work / "eval.json")
+    assert code == 0, err
+    ev = json.loads((work / "eval.json").read_text())
+    assert ev["fidelity"]["samples"] == 12 and ev["latency_ms_candidate"] > 0
+
+
+def test_same_input_and_seed_give_same_bytes(work):
+    a, b = work / "a.onnx", work / "b.onnx"
+    for o in (a, b):
+        assert onnxq("convert", work / "zoo.onnx", "-o", o, "--calib", work / "calib", "-q")[0] == 0
+    assert a.read_bytes() == b.read_bytes()
+
+
+def test_min_agreement_failure_writes_nothing(work):
+    out = work / "never.onnx"
+    code, _, err = onnxq("convert", work / "zoo.onnx", "-o", out, "--calib", work / "calib",
+                         "--bits", 2, "--min-cosine", 0.99999999)
+    assert code == 3 and "below --min-cosine" in err and not out.exists()
+
+
+def _bad_calib(work, name, **arrays):
+    d = work / name
+    d.mkdir(exist_ok=True)
+    np.savez(d / "s0.npz", **arrays)
+    return d
+
+
+def bad_cases(work):
+    x = np.zeros((1, 3, 12, 12), np.float32)
+    (work / "text.onnx").write_text("this is not a model\n")
+    (work / "trunc.onnx").write_bytes((work / "zoo.onnx").read_bytes()[:3000])
+    old = make_model([helper.make_node("Relu", ["x"], ["y"])], [vi("x", [1])], [vi("y", [1])], {}, opset=10)
+    onnx.save(old, work / "old.onnx")
+    (work / "empty").mkdir(exist_ok=True)
+    nan = x.copy()
+    nan[0, 0, 0, 0] = np.nan
+    zoo, cal = work / "zoo.onnx", work / "calib"
+    return {
+        "missing file": (["convert", work / "nope.onnx"], "not found"),
+        "not onnx": (["convert", work / "text.onnx"], "not"),
+        "truncated": (["convert", work / "trunc.onnx"], "ONNX"),
+        "opset 10": (["convert", work / "old.onnx"], "opset 10"),
+        "wrong input name": (["convert", zoo, "--calib", _bad_calib(work, "n", y=x)], "missing model input"),
+        "wrong rank": (["convert", zoo, "--calib", _bad_calib(work, "r", x=x[0])], "rank"),
+        "wrong dtype": (["convert", zoo, "--calib", _bad_calib(work, "d", x=x.astype(np.int32))], "dtype"),
+        "nan": (["convert", zoo, "--calib", _bad_calib(work, "nan", x=nan)], "NaN"),
+        "empty folder": (["convert", zoo, "--calib", work / "empty"], "holds no"),
+        "output folder missing": (["convert", zoo, "--calib", cal, "-o", work / "no" / "x.onnx"], "does not exist"),
+        "output under a file": (["convert", zoo, "--calib", cal, "-o", zoo / "x.onnx"], "does not exist"),
+        "output is input": (["convert", zoo, "--calib", cal, "-o", zoo], "equals the input"),
+        "unknown method": (["convert", zoo, "--weight-method", "magic"], "known: rtn, mse, gptq"),
+        "bad bits": (["convert", zoo, "--bits", "5"], "--bits"),
+    }
+
+
+CASES = ["missing file", "not onnx", "truncated", "opset 10", "wrong input name", "wrong rank",
+         "wrong dtype", "nan", "empty folder", "output folder missing", "output under a file", "output is input", "unknown method",
+         "bad bits"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_one_line_nonzero_nothing_written(work, case):
+    args, expect = bad_cases(work)[case]
+    before = {p: p.stat().st_mtime_ns for p in work.rglob("*") if p.is_file()}
+    code, _, err = onnxq(*args)
+    line = one_line_error(code, _, err)
+    assert expect in line
+    after = {p: p.stat().st_mtime_ns for p in work.rglob("*") if p.is_file()}
+    assert after == before                     # nothing written, input untouched

@@ -1,0 +1,137 @@
+"""End-to-end conversion of graphs that hold every structure the converter must handle."""
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import onnxq
+from onnxq.graph.io import opset_of
+from builders import conv_zoo, make_model, vi
+
+
+def feeds(n=24, seed=1):
+    rng = np.random.default_rng(seed)
+    return [{"x": rng.standard_normal((2, 3, 12, 12)).astype(np.float32)} for _ in range(n)]
+
+
+def run(m, feed):
+    return ort.InferenceSession(m.SerializeToString()).run(None, feed)[0]
+
+
+def init_types(m):
+    return {t.name: t.data_type for t in m.graph.initializer}
+
+
+@pytest.mark.parametrize("opset", [11, 13, 17, 21])
+@pytest.mark.parametrize("bits", [8, 4])
+def test_zoo_converts_runs_and_stays_close(opset, bits):
+    m = conv_zoo(np.random.default_rng(0), opset=opset)
+    before = m.SerializeToString()
+    q, rep = onnxq.convert(m, onnxq.ConvertConfig(bits=bits), calib=feeds())
+    assert m.SerializeToString() == before                       # input untouched
+    onnx.checker.check_model(q)
+    ops = [n.op_type for n in q.graph.node]
+    assert "BatchNormalization" not in ops and "Constant" not in ops
+    assert len(rep.quantized) == 8 and rep.skipped == []          # every weight layer
+    # one weight DQ per layer, one Q+DQ pair per quantized activation, int32 bias DQs
+    assert ops.count("QuantizeLinear") == len(rep.activations) == 8
+    w4 = [t for t in q.graph.initializer if t.name.endswith("/weight_q")]
+    assert len(w4) == 8
+    if bits == 4:
+        assert opset_of(q) == 21
+        assert {t.data_type for t in w4} == {TensorProto.INT4, TensorProto.INT8}  # depthwise at 8
+        dw = next(t for t in w4 if t.data_type == TensorProto.INT8)
+        assert dw.name.startswith("Conv_5")
+    else:
+        assert opset_of(q) == max(opset, 13)
+        assert {t.data_type for t in w4} == {TensorProto.INT8}
+    assert all(t.data_type == TensorProto.INT32 for t in q.graph.initializer if t.name.endswith("/bias_q"))
+    x = feeds(1, seed=99)[0]
+    ref, out = run(m, x), run(q, x)
+    cos = float(np.sum(ref * out) / np.linalg.norm(ref) / np.linalg.norm(out))
+    assert cos > (0.999 if bits == 8 else 0.99)
+    assert rep.fidelity["cosine"] > (0.999 if bits == 8 else 0.99)
+
+
+def test_int4_weights_are_a_quarter_of_float_size():
+    m = conv_zoo(np.random.default_rng(0))
+    q, rep = onnxq.convert(m, onnxq.ConvertConfig(bits=4, act_bits=32), calib=feeds(8))
+    w = next(t for t in q.graph.initializer if t.name == "Conv_7/weight_q")   # 32x4x3x3
+    assert len(w.raw_data) == 32 * 4 * 9 // 2
+    assert "QuantizeLinear" not in [n.op_type for n in q.graph.node]      # weight-only
+
+
+def test_same_seed_same_bytes_and_other_seed_may_differ():
+    m = conv_zoo(np.random.default_rng(0))
+    a, _ = onnxq.convert(m, onnxq.ConvertConfig(bits=4, seed=3), calib=feeds())
+    b, _ = onnxq.convert(m, onnxq.ConvertConfig(bits=4, seed=3), calib=feeds())
+    assert a.SerializeToString(deterministic=True) == b.SerializeToString(deterministic=True)
+
+
+@pytest.mark.parametrize("method", ["rtn", "mse", "gptq"])
+def test_each_weight_method_by_name(method):
+    m = conv_zoo(np.random.default_rng(0))
+    q, rep = onnxq.convert(m, onnxq.ConvertConfig(bits=4, weight_method=method), calib=feeds(12))
+    used = {l["method"] for l in rep.quantized if l["bits"] == 4 and l["op"] != "ConvTranspose"}
+    assert used == {method}
+
+
+def test_gptq_layers_beat_rtn_estimate():
+    m = conv_zoo(np.random.default_rng(0))
+    _, rep = onnxq.convert(m, onnxq.ConvertConfig(bits=4), calib=feeds())
+    for layer in rep.quantized:
+        if layer["method"] == "gptq":
+            assert layer["sqnr_db"] >= layer["sqnr_rtn_db"] - 1e-6
+
+
+def detector_head():
+    """Boxes in 0..320 and class scores in 0..1 concatenated into one output, as YOLOv8 does."""
+    rng = np.random.default_rng(5)
+    inits = {"wb": (rng.standard_normal((4, 8, 1, 1)) * 0.5).astype(np.float32),
+             "ws": (rng.standard_normal((3, 8, 1, 1)) * 0.5).astype(np.float32),
+             "k": np.array(160.0, np.float32), "shape": np.array([1, -1, 64], np.int64)}
+    nodes = [
+        helper.make_node("Conv", ["x", "wb"], ["b"]),
+        helper.make_node("Sigmoid", ["b"], ["bs"]),
+        helper.make_node("Mul", ["bs", "k"], ["boxes"]),          # pixel coordinates 0..160+
+        helper.make_node("Conv", ["x", "ws"], ["s"]),
+        helper.make_node("Sigmoid", ["s"], ["scores"]),          # 0..1
+        helper.make_node("Concat", ["boxes", "scores"], ["cat"], axis=1),
+        helper.make_node("Reshape", ["cat", "shape"], ["y"]),
+    ]
+    return make_model(nodes, [vi("x", [1, 8, 8, 8])], [vi("y", [1, 7, 64])], inits)
+
+
+def test_detector_head_keeps_small_scores_alive():
+    m = detector_head()
+    rng = np.random.default_rng(6)
+    cal = [{"x": rng.standard_normal((1, 8, 8, 8)).astype(np.float32)} for _ in range(16)]
+    q, _ = onnxq.convert(m, onnxq.ConvertConfig(bits=8), calib=cal)
+    ref, out = run(m, cal[0]), run(q, cal[0])
+    scores_ref, scores_q = ref[0, 4:], out[0, 4:]
+    assert np.abs(scores_q - scores_ref).max() < 0.02            # not rounded to zero
+    assert np.all(scores_q[scores_ref > 0.55] > 0.5)              # confident detections survive
+    consumers = {i for n in q.graph.node if n.op_type == "Concat" for i in n.input}
+    producers = {n.output[0]: n.op_type for n in q.graph.node}
+    assert all(producers[c] != "DequantizeLinear" for c in consumers)
+
+
+def test_subgraph_weights_are_quantized_weight_only():
+    rng = np.random.default_rng(7)
+    w = (rng.standard_normal((4, 4)) * 0.5).astype(np.float32)
+
+    def branch(name):
+        return helper.make_graph([helper.make_node("MatMul", ["x", f"w_{name}"], [f"o_{name}"])], name, [],
+                                 [vi(f"o_{name}", [1, 4])], [numpy_helper.from_array(w, f"w_{name}")])
+
+    m = make_model([helper.make_node("If", ["c"], ["y"], then_branch=branch("t"), else_branch=branch("e"))],
+                   [vi("x", [1, 4]), vi("c", [], TensorProto.BOOL)], [vi("y", [1, 4])], {}, opset=16)
+    cal = [{"x": rng.standard_normal((1, 4)).astype(np.float32), "c": np.array(True)} for _ in range(4)]
+    q, rep = onnxq.convert(m, onnxq.ConvertConfig(bits=8), calib=cal)
+    assert len(rep.quantized) == 2 and all(l["graph"] != "main" for l in rep.quantized)
+    sub = q.graph.node[-1].attribute[0].g
+    assert "DequantizeLinear" in [n.op_type for n in sub.node]
+    f = {"x": cal[0]["x"], "c": np.array(False)}
+    assert np.allclose(run(m, f), run(q, f), atol=0.05)
