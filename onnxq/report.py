@@ -25,12 +25,13 @@ def build_report(name: str, cfg: ConvertConfig, plan: Plan, targets: list[Target
     for lp in plan.layers:
         t = lp.target
         act = plan.acts.get(t.act) if t.act else None
-        if t.graph:
-            act_note = "float (inside a control-flow subgraph: weight-only)"
+        if t.act is None and t.graph:
+            act_note = "float (inside a Loop/Scan body, which calibration cannot observe: weight-only)"
         elif t.act is None:
             act_note = "float (activation type unknown or not float32)"
         elif act is None:
-            act_note = "float" if not cfg.quantize_acts else "float (no calibration values)"
+            act_note = ("float" if not cfg.quantize_acts
+                        else "float (never reached by the calibration data: weight-only)")
         else:
             act_note = f"{'int' if act.signed else 'uint'}{act.bits} [{act.lo:.4g}, {act.hi:.4g}]"
         r.quantized.append({

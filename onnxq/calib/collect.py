@@ -11,6 +11,7 @@ import onnx
 import onnxruntime as ort
 
 from ..errors import CalibrationError
+from ..graph.inline import inline_ifs, main_graph_names, open_ifs
 from ..graph.io import serialized
 from ..types import ActStats, LayerStats, Stats, Target
 from .collectors import RangeHistogram, SecondMoment, im2col_rows
@@ -38,6 +39,36 @@ def augmented(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
     return m
 
 
+class Router:
+    """Per sample, the model with the If branches that sample takes inlined (graph/inline.py),
+    as an onnxruntime session returning the wanted activations present in it."""
+
+    def __init__(self, model: onnx.ModelProto, wanted: Sequence[str]) -> None:
+        self.model, self.wanted = model, list(wanted)
+        self.cache: dict[tuple, tuple] = {}
+
+    def _entry(self, choose: dict[str, bool]):
+        key = tuple(sorted(choose.items()))
+        if key not in self.cache:
+            m = inline_ifs(self.model, choose) if choose else self.model
+            ifs = [n for n in open_ifs(m)]
+            present = main_graph_names(m)
+            acts = [a for a in self.wanted if a in present]
+            conds = [n.input[0] for n in ifs]
+            outs = list(dict.fromkeys(conds + acts))
+            self.cache[key] = (session(augmented(m, outs)), [n.name for n in ifs], conds, acts, outs)
+        return self.cache[key]
+
+    def run(self, feed: Feed) -> dict[str, np.ndarray]:
+        choose: dict[str, bool] = {}
+        while True:
+            sess, if_names, conds, acts, outs = self._entry(choose)
+            values = dict(zip(outs, sess.run(outs, feed)))
+            if not if_names:
+                return {a: values[a] for a in acts}
+            choose.update({n: bool(np.asarray(values[c]).reshape(-1)[0]) for n, c in zip(if_names, conds)})
+
+
 def layer_rows(x: np.ndarray, t: Target, rows: int, rng: np.random.Generator) -> np.ndarray:
     """Sampled input rows of layer t from its activation x. -> [S, G, K]."""
     if t.op == "Conv":
@@ -61,7 +92,7 @@ def collect(model: onnx.ModelProto, targets: Sequence[Target], loaders: Sequence
     acts = sorted({t.act for t in targets if t.act})
     if not acts:
         return Stats(samples=len(loaders))
-    sess = session(augmented(model, acts))
+    router = Router(model, acts)
     hist = {a: RangeHistogram() for a in acts}
     moments = {t.node: SecondMoment(t.groups if t.op == "Conv" else 1,
                                     _k(t)) for t in targets if hessians and wants_hessian(t)}
@@ -73,11 +104,11 @@ def collect(model: onnx.ModelProto, targets: Sequence[Target], loaders: Sequence
     for i, load in enumerate(loaders):
         feed = load()
         try:
-            values = sess.run(acts, feed)
+            values = router.run(feed)
         except Exception as e:
             raise CalibrationError(f"calibration sample {i} failed in onnxruntime: "
                                    f"{str(e).splitlines()[0][:200]}") from None
-        for name, v in zip(acts, values):
+        for name, v in values.items():
             if v.dtype.kind != "f":
                 continue
             hist[name].update(v)

@@ -80,13 +80,13 @@ def _weight_nodes(g: onnx.GraphProto, lp: LayerPlan, bias_scale_x: float | None)
     return nodes
 
 
-def _act_nodes(g: onnx.GraphProto, name: str, a: ActQuant) -> list[onnx.NodeProto]:
+def _act_nodes(g: onnx.GraphProto, act: str, base: str, a: ActQuant) -> list[onnx.NodeProto]:
     dt = act_container(a)
-    s = _init(g, f"{name}/act_scale", np.array(a.scale, dtype=np.float32))
-    z = _init(g, f"{name}/act_zero", np.array(a.zero_point).astype(dt))
-    return [helper.make_node("QuantizeLinear", [name, s, z], [f"{name}/q"], name=f"{name}/quantize"),
-            helper.make_node("DequantizeLinear", [f"{name}/q", s, z], [f"{name}/dq"],
-                             name=f"{name}/dequantize")]
+    s = _init(g, f"{base}/act_scale", np.array(a.scale, dtype=np.float32))
+    z = _init(g, f"{base}/act_zero", np.array(a.zero_point).astype(dt))
+    return [helper.make_node("QuantizeLinear", [act, s, z], [f"{base}/q"], name=f"{base}/quantize"),
+            helper.make_node("DequantizeLinear", [f"{base}/q", s, z], [f"{base}/dq"],
+                             name=f"{base}/dequantize")]
 
 
 def apply_plan(model: onnx.ModelProto, plan: Plan) -> onnx.ModelProto:
@@ -101,20 +101,27 @@ def apply_plan(model: onnx.ModelProto, plan: Plan) -> onnx.ModelProto:
         a = plan.acts.get(t.act) if t.act else None
         new = _weight_nodes(g, lp, a.scale if a else None)
         before.setdefault(t.graph, {}).setdefault(t.node, []).extend(new)
-    main = graphs[""]
-    act_readers = {lp.target.node: lp.target.act for lp in plan.layers
-                   if lp.target.act in plan.acts and not lp.target.graph}
-    act_done: set[str] = set()
-    for node in main.node:
-        act = act_readers.get(node.name)
-        if act is None:
-            continue
-        if act not in act_done:
-            before.setdefault("", {}).setdefault(node.name, [])[:0] = _act_nodes(main, act, plan.acts[act])
-            act_done.add(act)
-        for i, inp in enumerate(node.input):
-            if inp == act:
-                node.input[i] = f"{act}/dq"
+    readers: dict[str, dict[str, str]] = {}          # graph -> node -> activation it reads
+    for lp in plan.layers:
+        if lp.target.act in plan.acts:
+            readers.setdefault(lp.target.graph, {})[lp.target.node] = lp.target.act
+    for path, by_node in readers.items():
+        g = graphs[path]
+        done: dict[str, str] = {}
+        for node in g.node:
+            act = by_node.get(node.name)
+            if act is None:
+                continue
+            if act not in done:
+                # inside a subgraph the pair's names carry the reader's name: sibling branches
+                # may read the same outer tensor
+                base = act if not path else f"{act}/{node.name}"
+                before.setdefault(path, {}).setdefault(node.name, [])[:0] = \
+                    _act_nodes(g, act, base, plan.acts[act])
+                done[act] = f"{base}/dq"
+            for i, inp in enumerate(node.input):
+                if inp == act:
+                    node.input[i] = done[act]
     for path, extra in before.items():
         g = graphs[path]
         order = []

@@ -37,8 +37,7 @@ def _geometry(node: onnx.NodeProto, w_shape: tuple[int, ...]) -> ConvGeometry:
     )
 
 
-def _classify(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto], graph: str,
-              sub: bool) -> Target | str:
+def _classify(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto], graph: str) -> Target | str:
     """A Target, or the reason the node is left in float."""
     op = node.op_type
     ins = list(node.input)
@@ -72,7 +71,9 @@ def _classify(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto], graph: s
     bias = ins[2] if len(ins) > 2 and ins[2] and ins[2] in inits else None
     if op == "Gemm" and float(attr(node, "beta", 1.0)) != 1.0:
         bias = None
-    act = None if sub or ins[act_i] in inits else ins[act_i]
+    # activations inside Loop/Scan bodies cannot be observed; If branches are (graph/inline.py)
+    in_loop = "/body/" in graph or "/scan" in graph.lower()
+    act = None if in_loop or ins[act_i] in inits else ins[act_i]
     return Target(node=node.name, op=op, graph=graph, weight=ins[w_i], act=act, bias=bias,
                   layout=layout, shape=shape, groups=geo.group if geo else 1, geo=geo)
 
@@ -95,7 +96,7 @@ def find_targets(model: onnx.ModelProto, cfg: ConvertConfig) -> tuple[list[Targe
             if cfg.excluded(node.name):
                 skipped.append(Skipped(node.name, node.op_type, "excluded by --exclude"))
                 continue
-            t = _classify(node, inits, path, sub=bool(path))
+            t = _classify(node, inits, path)
             if isinstance(t, str):
                 skipped.append(Skipped(node.name, node.op_type, t))
                 continue
