@@ -40,6 +40,10 @@ class ConvertConfig:
     exclude: tuple[str, ...] = ()
     bits_overrides: tuple[tuple[str, int], ...] = field(default_factory=tuple)
     verify: bool = True
+    rank_budget: float = 0.0
+    adapter_init: str = "whitened"
+    adapter_bits: int = 8
+    max_rank: int = 64
 
     def __post_init__(self) -> None:
         if self.bits not in WEIGHT_BITS:
@@ -56,6 +60,12 @@ class ConvertConfig:
             raise ConfigError("--calib-size must be at least 1")
         if self.depthwise_bits not in WEIGHT_BITS:
             raise ConfigError(f"depthwise bits must be one of {WEIGHT_BITS}")
+        if not 0.0 <= self.rank_budget <= 1.0:
+            raise ConfigError(f"--rank-budget is a fraction of the parameters (0..1), got {self.rank_budget}")
+        if self.adapter_init not in ("whitened", "svd"):
+            raise ConfigError(f"unknown --adapter-init '{self.adapter_init}'; known: whitened, svd")
+        if self.adapter_bits not in (8, 32):
+            raise ConfigError(f"--adapter-bits must be 8 or 32, got {self.adapter_bits}")
         for _, b in self.bits_overrides:
             if b not in WEIGHT_BITS:
                 raise ConfigError(f"bit override must be one of {WEIGHT_BITS}, got {b}")

@@ -10,6 +10,7 @@ import numpy as np
 from .algos.qmath import act_params, sqnr_db
 from .algos.ranges import RANGE_METHODS
 from .algos.weights import quantize_weight, rtn, weighted_error
+from .branches import plan_branches
 from .config import ConvertConfig
 from .layout import AXIS, from_matrix, to_matrix
 from .types import ActQuant, ActStats, LayerPlan, LayerStats, Plan, Target
@@ -49,14 +50,21 @@ def plan_layer(t: Target, w: np.ndarray, bias: np.ndarray | None, ls: LayerStats
         plan.sqnr_rtn_db = _weighted_sqnr(wm, r.codes * r.scales[:, None], h, groups)
     else:
         plan.sqnr_db = sqnr_db(wm, w_hat)
-    if cfg.bias_correction and ls is not None and t.op in ("Conv", "Gemm"):
-        rows = wm.shape[0] // groups
-        mean = np.repeat(ls.mean, rows, axis=0)                 # [O, K]: E[x] of each row's group
-        shift = np.einsum("ok,ok->o", w_hat - wm, mean)          # E[y_q - y] per channel
-        b = bias.astype(np.float64) if bias is not None else np.zeros(wm.shape[0])
-        if b.shape == shift.shape:
-            plan.bias = (b - shift).astype(np.float32)
+    plan.bias = corrected_bias(t, wm, w_hat, bias, ls, cfg)
     return plan
+
+
+def corrected_bias(t: Target, wm: np.ndarray, w_eff: np.ndarray, bias: np.ndarray | None,
+                   ls: LayerStats | None, cfg: ConvertConfig) -> np.ndarray | None:
+    """Bias that cancels the mean output shift E[(w_eff - W) x] per channel, or None."""
+    if not cfg.bias_correction or ls is None or t.op not in ("Conv", "Gemm"):
+        return None
+    groups = t.groups if t.op == "Conv" else 1
+    rows = wm.shape[0] // groups
+    mean = np.repeat(ls.mean, rows, axis=0)                 # [O, K]: E[x] of each row's group
+    shift = np.einsum("ok,ok->o", w_eff - wm, mean)
+    b = bias.astype(np.float64) if bias is not None else np.zeros(wm.shape[0])
+    return (b - shift).astype(np.float32) if b.shape == shift.shape else None
 
 
 def plan_acts(acts: Mapping[str, ActStats], cfg: ConvertConfig) -> dict[str, ActQuant]:
@@ -82,4 +90,20 @@ def make_plan(targets: Sequence[Target], weights: Mapping[str, np.ndarray],
                                       stats_layers.get(t.node), cfg))
         if progress:
             progress(i + 1, len(targets))
+    if cfg.rank_budget > 0:
+        total = sum(t.params for t in targets)
+        plan.branch_summary = plan_branches(plan.layers, weights, stats_layers, cfg, total)
+        for lp in plan.layers:
+            if lp.branch is not None:
+                _account_branch(lp, weights[lp.target.node], biases.get(lp.target.node),
+                                stats_layers[lp.target.node], cfg)
     return plan
+
+
+def _account_branch(lp: LayerPlan, w: np.ndarray, bias, ls: LayerStats, cfg: ConvertConfig) -> None:
+    """Bias correction and SQNR estimate for the effective weight Q(W) + B·A."""
+    t = lp.target
+    wm = to_matrix(w, t.layout).astype(np.float64)
+    w_eff = to_matrix(lp.codes, t.layout) * lp.scales[:, None] + lp.branch.b @ lp.branch.a
+    lp.bias = corrected_bias(t, wm, w_eff, bias, ls, cfg)
+    lp.sqnr_branch_db = _weighted_sqnr(wm, w_eff, ls.hessian, 1)

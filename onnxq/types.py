@@ -132,10 +132,22 @@ class ActQuant:
 
 @dataclass
 class Branch:
-    """Low-rank residual: output += B(A(x)). a [r, K] and b [O, r] in matrix form."""
+    """Low-rank residual: output += B(A(x)), in matrix form a [r, K], b [O, r].
 
-    a: np.ndarray
+    With bits < 32 the factors are stored as per-row symmetric codes (a = a_codes * a_scales)
+    and the middle activation A(x) gets a QDQ pair with `mid`.
+    """
+
+    rank: int
+    bits: int
+    a: np.ndarray                 # float factors (exactly the dequantized codes when bits < 32)
     b: np.ndarray
+    a_codes: np.ndarray | None = None
+    a_scales: np.ndarray | None = None
+    b_codes: np.ndarray | None = None
+    b_scales: np.ndarray | None = None
+    mid: "ActQuant | None" = None
+    init: str = "whitened"
 
 
 @dataclass
@@ -151,12 +163,14 @@ class LayerPlan:
     sqnr_rtn_db: float | None = None
     note: str = ""
     branch: Branch | None = None
+    sqnr_branch_db: float | None = None   # with the low-rank branch added
 
 
 @dataclass
 class Plan:
     layers: list[LayerPlan] = field(default_factory=list)
     acts: dict[str, ActQuant] = field(default_factory=dict)
+    branch_summary: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

@@ -122,16 +122,76 @@ def apply_plan(model: onnx.ModelProto, plan: Plan) -> onnx.ModelProto:
             for i, inp in enumerate(node.input):
                 if inp == act:
                     node.input[i] = done[act]
-    for path, extra in before.items():
+    after: dict[str, dict[str, list[onnx.NodeProto]]] = {}
+    for lp in plan.layers:
+        if lp.branch is not None:
+            g = graphs[lp.target.graph]
+            after.setdefault(lp.target.graph, {})[lp.target.node] = _branch_nodes(g, lp)
+    for path in set(before) | set(after):
         g = graphs[path]
         order = []
         for node in g.node:
-            order.extend(extra.get(node.name, ()))
+            order.extend(before.get(path, {}).get(node.name, ()))
             order.append(node)
+            order.extend(after.get(path, {}).get(node.name, ()))
         del g.node[:]
         g.node.extend(order)
     prune_initializers(m)
     return m
+
+
+def _factor(g: onnx.GraphProto, name: str, value: np.ndarray, codes, scales, axis: int,
+            shape: tuple[int, ...]) -> tuple[str, list[onnx.NodeProto]]:
+    """A branch factor as a float initializer, or int8 codes behind a per-channel DQ."""
+    if codes is None:
+        return _init(g, name, value.reshape(shape).astype(np.float32)), []
+    q = _init(g, f"{name}_q", codes.reshape(shape).astype(np.int8))
+    s = _init(g, f"{name}_scale", scales.astype(np.float32))
+    z = _init(g, f"{name}_zero", np.zeros(scales.shape, np.int8))
+    return f"{name}_dq", [helper.make_node("DequantizeLinear", [q, s, z], [f"{name}_dq"],
+                                           name=f"{name}_dequantize", axis=axis)]
+
+
+def _branch_nodes(g: onnx.GraphProto, lp: LayerPlan) -> list[onnx.NodeProto]:
+    """y = main(x) + B(A(x)): renames the layer's output and returns the branch nodes."""
+    t, br = lp.target, lp.branch
+    node = next(n for n in g.node if n.name == t.node)
+    pre = f"{t.node}/residual"
+    y = node.output[0]
+    node.output[0] = f"{pre}/main_out"
+    act_index = 1 if (t.op == "MatMul" and t.layout == "rows") else 0
+    x = node.input[act_index]
+    nodes: list[onnx.NodeProto] = []
+    r = br.rank
+    o = br.b.shape[0]
+    if t.op == "Conv":
+        k = tuple(t.geo.kernel)
+        a_shape, b_shape = (r, t.shape[1]) + k, (o, r) + (1,) * len(k)
+        a_name, n1 = _factor(g, f"{pre}/A_weight", br.a, br.a_codes, br.a_scales, 0, a_shape)
+        b_name, n2 = _factor(g, f"{pre}/B_weight", br.b, br.b_codes, br.b_scales, 0, b_shape)
+        conv_attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute
+                      if a.name in ("strides", "pads", "dilations", "auto_pad", "kernel_shape")}
+        first = helper.make_node("Conv", [x, a_name], [f"{pre}/A_out"], name=f"{pre}/A", **conv_attrs)
+        second = lambda m: helper.make_node("Conv", [m, b_name], [f"{pre}/B_out"], name=f"{pre}/B")  # noqa: E731
+    elif t.layout == "rows" and t.op == "MatMul":          # Y = W @ X: B @ (A @ X)
+        a_name, n1 = _factor(g, f"{pre}/A_weight", br.a, br.a_codes, br.a_scales, 0, br.a.shape)
+        b_name, n2 = _factor(g, f"{pre}/B_weight", br.b, br.b_codes, br.b_scales, 0, br.b.shape)
+        first = helper.make_node("MatMul", [a_name, x], [f"{pre}/A_out"], name=f"{pre}/A")
+        second = lambda m: helper.make_node("MatMul", [b_name, m], [f"{pre}/B_out"], name=f"{pre}/B")  # noqa: E731
+    else:                                                  # Y = X @ W^T: (X @ A^T) @ B^T
+        a_name, n1 = _factor(g, f"{pre}/A_weight", br.a.T, None if br.a_codes is None else br.a_codes.T,
+                             br.a_scales, 1, br.a.T.shape)
+        b_name, n2 = _factor(g, f"{pre}/B_weight", br.b.T, None if br.b_codes is None else br.b_codes.T,
+                             br.b_scales, 1, br.b.T.shape)
+        first = helper.make_node("MatMul", [x, a_name], [f"{pre}/A_out"], name=f"{pre}/A")
+        second = lambda m: helper.make_node("MatMul", [m, b_name], [f"{pre}/B_out"], name=f"{pre}/B")  # noqa: E731
+    nodes += n1 + n2 + [first]
+    mid = f"{pre}/A_out"
+    if br.mid is not None:
+        nodes += _act_nodes(g, mid, f"{pre}/mid", br.mid)
+        mid = f"{pre}/mid/dq"
+    nodes += [second(mid), helper.make_node("Add", [f"{pre}/main_out", f"{pre}/B_out"], [y], name=f"{pre}/add")]
+    return nodes
 
 
 def upgrade_opset(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
