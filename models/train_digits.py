@@ -12,7 +12,8 @@ Writes, next to this script:
                          quantizer has to handle them; single file, no external data.
   digits_calib/          32 per-sample calibration feeds sample_000.npz ... (key `input`,
                          [1,1,8,8] float32), taken from the TRAINING split.
-  digits_eval.npz        held-out split: `input` [M,1,8,8] float32 and `labels` [M] int64.
+  digits_eval.npz        held-out split: `input` [M,1,8,8] float32 (a feed file onnxq reads).
+  digits_eval_labels.npy its labels [M] int64.
 
 The graph exercises: plain, depthwise, pointwise and grouped/strided Conv, unfolded
 BatchNormalization, Relu, a residual Add, GlobalAveragePool, Flatten and Gemm.
@@ -185,7 +186,8 @@ def main() -> int:
         old.unlink()
     for i in range(N_CALIB):
         save_npz(calib / f"sample_{i:03d}.npz", input=x_tr[i:i + 1])
-    save_npz(HERE / "digits_eval.npz", input=x_te, labels=y_te)
+    save_npz(HERE / "digits_eval.npz", input=x_te)
+    np.save(HERE / "digits_eval_labels.npy", y_te)
     print(f"wrote {onnx_path.name}, {N_CALIB} files in {calib.name}/, digits_eval.npz")
 
     if acc_torch < 0.95 or acc_ort < 0.95:

@@ -21,7 +21,7 @@ from .config import ConvertConfig
 from .errors import ConfigError, OnnxqError, VerificationError
 
 err = Console(stderr=True, highlight=False)
-out = Console(highlight=False)
+out = Console(highlight=False, soft_wrap=True)
 
 
 def _floats(text: str | None, what: str) -> tuple[float, ...] | None:
@@ -244,9 +244,12 @@ def _jsonable(x):
 @click.option("--data", type=click.Path(path_type=Path), required=True,
               help="Feeds: folder of .npz, one stacked .npz, or images with --preprocess.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Also write the figures as JSON.")
+@click.option("--labels", type=click.Path(path_type=Path),
+              help="Ground-truth class per sample (.npy of ints) for a top-1 accuracy of both models.")
 @click.option("--runs", type=int, default=30, show_default=True, help="Timed runs for the latency figure.")
 @_preprocess_options
-def eval_cmd(reference, candidate, data, json_path, runs, preset, size, mean, std, layout, channel_order):
+def eval_cmd(reference, candidate, data, json_path, labels, runs, preset, size, mean, std, layout,
+             channel_order):
     """Fidelity of CANDIDATE against REFERENCE on the given feeds, sizes, latency."""
     from .calib.data import open_source
     from .graph.io import input_specs, load_model
@@ -255,7 +258,8 @@ def eval_cmd(reference, candidate, data, json_path, runs, preset, size, mean, st
     ref = load_model(reference)
     cand = load_model(candidate)
     loaders = open_source(data, input_specs(ref), _preprocess(preset, size, mean, std, layout, channel_order))
-    fid = fidelity(ref, cand, loaders)
+    truth = _load_labels(labels, len(loaders)) if labels else None
+    fid = fidelity(ref, cand, loaders, labels=truth)
     first = loaders[0]()
     res = {"reference": str(reference), "candidate": str(candidate), "fidelity": fid,
            "size_reference": reference.stat().st_size, "size_candidate": candidate.stat().st_size,
@@ -272,8 +276,23 @@ def eval_cmd(reference, candidate, data, json_path, runs, preset, size, mean, st
     out.print(t)
     out.print(f"size: {_mb(res['size_reference'])} -> {_mb(res['size_candidate'])}; latency at batch 1 "
               f"(2 threads): {res['latency_ms_reference']:.2f} ms -> {res['latency_ms_candidate']:.2f} ms")
+    if "accuracy_reference" in fid:
+        out.print(f"top-1 accuracy against --labels: {fid['accuracy_reference']:.4f} (reference) -> "
+                  f"{fid['accuracy_candidate']:.4f} (candidate)")
     if json_path:
         _write_json(json_path, res)
+
+
+def _load_labels(path: Path, n: int):
+    import numpy as np
+
+    try:
+        y = np.load(path, allow_pickle=False).reshape(-1)
+    except Exception as e:
+        raise ConfigError(f"--labels {path}: not a readable .npy file ({e})") from None
+    if y.shape[0] != n or y.dtype.kind not in "iu":
+        raise ConfigError(f"--labels {path}: need {n} integer labels, got {y.shape[0]} of {y.dtype}")
+    return y
 
 
 def main() -> None:

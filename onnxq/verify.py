@@ -45,7 +45,7 @@ def compare_outputs(ref: Sequence[np.ndarray], out: Sequence[np.ndarray]) -> dic
 
 
 def fidelity(ref_model: onnx.ModelProto | bytes | str, cand_model: onnx.ModelProto | bytes | str,
-             loaders: Sequence[Callable[[], dict]]) -> dict:
+             loaders: Sequence[Callable[[], dict]], labels: np.ndarray | None = None) -> dict:
     """Per-output metrics plus a summary (worst cosine, first classifier output's agreement)."""
     ref_s, cand_s = session(ref_model), session(cand_model)
     names = [o.name for o in ref_s.get_outputs()]
@@ -65,6 +65,13 @@ def fidelity(ref_model: onnx.ModelProto | bytes | str, cand_model: onnx.ModelPro
     per = {n: compare_outputs(ref_out[n], cand_out[n]) for n in names
            if all(a.dtype.kind == "f" for a in ref_out[n])}
     summary: dict = {"samples": len(loaders), "outputs": per}
+    cls_out = next((n for n in per if "top1_agreement" in per[n]), None)
+    if labels is not None and cls_out is not None:
+        pred_r = np.concatenate([a.reshape(-1, a.shape[-1]).argmax(-1) for a in ref_out[cls_out]])
+        pred_c = np.concatenate([a.reshape(-1, a.shape[-1]).argmax(-1) for a in cand_out[cls_out]])
+        if pred_r.shape == labels.shape:
+            summary["accuracy_reference"] = float(np.mean(pred_r == labels))
+            summary["accuracy_candidate"] = float(np.mean(pred_c == labels))
     if per:
         summary["cosine"] = min(v["cosine"] for v in per.values())
         summary["sqnr_db"] = min(v["sqnr_db"] for v in per.values())
