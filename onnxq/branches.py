@@ -10,7 +10,7 @@ import numpy as np
 
 from .algos.lowrank import allocate, factors, spectrum
 from .algos.qmath import act_params
-from .algos.weights import mse
+from .algos.weights import mse, regularized_hessian
 from .config import ConvertConfig
 from .layout import to_matrix
 from .types import ActQuant, Branch, LayerPlan, LayerStats
@@ -54,29 +54,31 @@ def plan_branches(layers: list[LayerPlan], weights: Mapping[str, np.ndarray],
                   stats: Mapping[str, LayerStats], cfg: ConvertConfig, total_params: int) -> dict:
     """Adds `branch` to the chosen layers in place; returns a summary for the report."""
     budget = int(np.floor(cfg.rank_budget * total_params))
-    cand, spectra, gains, costs = [], [], [], []
+    cand, spectra, gains, costs, hs = [], [], [], [], []
     skipped: dict[str, int] = {}
     for lp in layers:
         why = eligible(lp, stats.get(lp.target.node))
         if why:
             skipped[why] = skipped.get(why, 0) + 1
             continue
-        t, h = lp.target, stats[lp.target.node].hessian[0]
+        ls = stats[lp.target.node]
+        t, h = lp.target, regularized_hessian(ls.hessian, ls.rows)[0]
         wm = to_matrix(weights[t.node], t.layout).astype(np.float64)
         w_hat = to_matrix(lp.codes, t.layout) * lp.scales[:, None]
         sp = spectrum(wm - w_hat, h, cfg.max_rank, cfg.adapter_init)
         signal = float(np.einsum("ok,kl,ol->", wm, h, wm)) or 1.0
         cand.append(lp)
+        hs.append(h)
         spectra.append(sp)
         gains.append(sp.gains() / signal)          # relative output-error reduction per rank
         costs.append(wm.shape[0] + wm.shape[1])    # parameters of one rank: a column of B, a row of A
     ranks = allocate(gains, costs, budget) if budget > 0 else [0] * len(cand)
     used = 0
-    for lp, sp, r, c in zip(cand, spectra, ranks, costs):
+    for lp, sp, r, c, h in zip(cand, spectra, ranks, costs, hs):
         if r == 0:
             continue
         a, b = factors(sp, r)
-        lp.branch = build_branch(a, b, stats[lp.target.node].hessian[0], cfg, cfg.adapter_init)
+        lp.branch = build_branch(a, b, h, cfg, cfg.adapter_init)
         used += r * c
     return {"budget_params": budget, "used_params": used, "layers_with_branch": sum(r > 0 for r in ranks),
             "ineligible": skipped}

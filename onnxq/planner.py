@@ -9,7 +9,7 @@ import numpy as np
 
 from .algos.qmath import act_params, sqnr_db
 from .algos.ranges import RANGE_METHODS
-from .algos.weights import quantize_weight, rtn, weighted_error
+from .algos.weights import quantize_weight, regularized_hessian, rtn, weighted_error
 from .branches import plan_branches
 from .config import ConvertConfig
 from .layout import AXIS, from_matrix, to_matrix
@@ -38,7 +38,7 @@ def plan_layer(t: Target, w: np.ndarray, bias: np.ndarray | None, ls: LayerStats
     method = layer_method(cfg, bits)
     wm = to_matrix(w, t.layout).astype(np.float64)               # [O, K]
     groups = t.groups if t.op == "Conv" else 1
-    h = ls.hessian if ls is not None else None
+    h = regularized_hessian(ls.hessian, ls.rows) if ls is not None else None
     wq = quantize_weight(method, wm, bits, h, groups)
     w_hat = wq.codes * wq.scales[:, None]
     plan = LayerPlan(target=t, bits=bits, method=wq.method,
@@ -106,4 +106,4 @@ def _account_branch(lp: LayerPlan, w: np.ndarray, bias, ls: LayerStats, cfg: Con
     wm = to_matrix(w, t.layout).astype(np.float64)
     w_eff = to_matrix(lp.codes, t.layout) * lp.scales[:, None] + lp.branch.b @ lp.branch.a
     lp.bias = corrected_bias(t, wm, w_eff, bias, ls, cfg)
-    lp.sqnr_branch_db = _weighted_sqnr(wm, w_eff, ls.hessian, 1)
+    lp.sqnr_branch_db = _weighted_sqnr(wm, w_eff, regularized_hessian(ls.hessian, ls.rows), 1)

@@ -86,6 +86,22 @@ def quantize_weight(method: str, w: np.ndarray, bits: int, hessians: np.ndarray 
                        np.concatenate([p.scales for p in parts]), parts[0].method)
 
 
+def regularized_hessian(h: np.ndarray, rows: int) -> np.ndarray:
+    """Shrink H [G, K, K] toward its diagonal by K / (K + rows).
+
+    With few input rows (a conv over a short sequence, a small calibration set) H is
+    rank-deficient, and second-order rounding would push error into directions the calibration
+    data never excited but held-out data does. Shrinkage keeps those directions costed.
+    """
+    k = h.shape[-1]
+    alpha = k / (k + max(rows, 1))
+    diag = np.einsum("gkk->gk", h)
+    out = (1.0 - alpha) * h
+    idx = np.arange(k)
+    out[:, idx, idx] += alpha * diag
+    return out
+
+
 def weighted_error(w: np.ndarray, w_hat: np.ndarray, hessians: np.ndarray, groups: int = 1) -> float:
     """sum_g tr(E_g H_g E_g^T) for E = w - w_hat, grouped like quantize_weight."""
     e = (w - w_hat).astype(np.float64)
