@@ -11,7 +11,7 @@ from realdata import silero_path, silero_stream, speech_like
 @pytest.fixture(scope="module")
 def calib():
     _, feeds = silero_stream(str(silero_path()), speech_like(12.0, seed=0))
-    return feeds[::2]
+    return feeds
 
 
 @pytest.mark.parametrize("bits", [8, 4])
