@@ -37,7 +37,6 @@ read write print scan copy paste save load send receive check verify update dele
 Hello World Welcome Thank You Please Note Warning Error Total Subtotal Tax Discount Name
 London Paris Berlin Tokyo Boston Sydney Toronto Madrid Vienna Dublin Oslo Rome Cairo
 """.split()
-_PUNCT = [",", ".", ":", ";", "!", "?", "-", "/", "(", ")", "%", "$", "#", "&", "+", "=", "@", "*"]
 
 
 # ----------------------------------------------------------------------------- text and fonts
@@ -67,7 +66,9 @@ def _token(rng: np.random.Generator) -> str:
         return str(rng.choice(_WORDS)) + str(rng.choice([",", ".", ":", ";", "!", "?"]))
     if r < 0.95:
         return f"({rng.choice(_WORDS)})"
-    return str(rng.choice(_PUNCT))
+    k = rng.integers(0, 4)  # punctuation inside a token: a lone ',' is ambiguous even to a reader
+    return (f"${rng.integers(1, 500)}.{rng.integers(0, 100):02d}", f"#{rng.integers(1, 999)}",
+            f"+{rng.integers(1, 99)}", f"{rng.choice(_WORDS)}-{rng.choice(_WORDS)}")[k]
 
 
 def random_text(rng: np.random.Generator, min_tokens: int = 1, max_tokens: int = 5) -> str:
@@ -180,7 +181,7 @@ def det_page(rng: np.random.Generator, side: int = 480, font_path: str | None = 
         if y + size * 1.3 > side:
             break
         d.text((x, y), text, font=font, fill=int(rng.integers(0, 90)))
-        y += int(size * rng.uniform(1.4, 2.6))
+        y += int(size * rng.uniform(1.3, 2.2))
     return _degrade(img, rng)
 
 

@@ -22,6 +22,7 @@ from .graph.rewrite import apply_plan, upgrade_opset
 from .graph.targets import find_targets, initializer_array
 from .planner import make_plan
 from .report import build_report
+from .sequential import sequential_layers
 from .types import Report, Stats
 from .verify import fidelity
 
@@ -98,7 +99,12 @@ def convert(model: str | os.PathLike | onnx.ModelProto, config: ConvertConfig | 
     weights = {t.node: initializer_array(prepared, t.graph, t.weight) for t in targets}
     biases = {t.node: initializer_array(prepared, t.graph, t.bias) for t in targets if t.bias}
     cb = (lambda d, n: progress("quantize", d, n)) if progress else None
-    plan = make_plan(targets, weights, biases, stats.layers, stats.acts, cfg, progress=cb)
+    layers, layer_stats, means = None, stats.layers, {}
+    if cfg.sequential and cfg.stages > 1 and any(t.act for t in targets):
+        layers, layer_stats = sequential_layers(prepared, targets, cal, stats, weights, biases, cfg, progress)
+        means = {k: v.mean for k, v in stats.layers.items()}
+    plan = make_plan(targets, weights, biases, layer_stats, stats.acts, cfg, progress=cb,
+                     layers=layers, float_means=means)
     qmodel = apply_plan(prepared, plan)
     qmodel.producer_name, qmodel.producer_version = "onnxq", _version()
     secs["quantize"] = time.perf_counter() - t2

@@ -40,6 +40,8 @@ class ConvertConfig:
     exclude: tuple[str, ...] = ()
     bits_overrides: tuple[tuple[str, int], ...] = field(default_factory=tuple)
     verify: bool = True
+    sequential: bool = True
+    stages: int = 4
     rank_budget: float = 0.0
     adapter_init: str = "whitened"
     adapter_bits: int = 8

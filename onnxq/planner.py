@@ -33,7 +33,9 @@ def _weighted_sqnr(wm, w_hat, h, groups) -> float:
 
 
 def plan_layer(t: Target, w: np.ndarray, bias: np.ndarray | None, ls: LayerStats | None,
-               cfg: ConvertConfig) -> LayerPlan:
+               cfg: ConvertConfig, float_mean: np.ndarray | None = None) -> LayerPlan:
+    """Quantize one layer. `ls` holds the statistics of the input the layer will receive;
+    `float_mean` is E[x] in the FP32 model when that differs (sequential mode)."""
     bits, note = cfg.bits_for(t.node, t.depthwise)
     method = layer_method(cfg, bits)
     wm = to_matrix(w, t.layout).astype(np.float64)               # [O, K]
@@ -50,19 +52,22 @@ def plan_layer(t: Target, w: np.ndarray, bias: np.ndarray | None, ls: LayerStats
         plan.sqnr_rtn_db = _weighted_sqnr(wm, r.codes * r.scales[:, None], h, groups)
     else:
         plan.sqnr_db = sqnr_db(wm, w_hat)
-    plan.bias = corrected_bias(t, wm, w_hat, bias, ls, cfg)
+    plan.bias = corrected_bias(t, wm, w_hat, bias, ls, cfg, float_mean)
     return plan
 
 
 def corrected_bias(t: Target, wm: np.ndarray, w_eff: np.ndarray, bias: np.ndarray | None,
-                   ls: LayerStats | None, cfg: ConvertConfig) -> np.ndarray | None:
-    """Bias that cancels the mean output shift E[(w_eff - W) x] per channel, or None."""
+                   ls: LayerStats | None, cfg: ConvertConfig,
+                   float_mean: np.ndarray | None = None) -> np.ndarray | None:
+    """Bias that cancels the mean output shift E[w_eff x~] - E[W x] per channel, or None
+    (x~ the input the quantized layer receives, x the FP32 one; the same in one-pass mode)."""
     if not cfg.bias_correction or ls is None or t.op not in ("Conv", "Gemm"):
         return None
     groups = t.groups if t.op == "Conv" else 1
     rows = wm.shape[0] // groups
-    mean = np.repeat(ls.mean, rows, axis=0)                 # [O, K]: E[x] of each row's group
-    shift = np.einsum("ok,ok->o", w_eff - wm, mean)
+    mean_q = np.repeat(ls.mean, rows, axis=0)               # [O, K]: E[x~] of each row's group
+    mean_f = np.repeat(float_mean if float_mean is not None else ls.mean, rows, axis=0)
+    shift = np.einsum("ok,ok->o", w_eff, mean_q) - np.einsum("ok,ok->o", wm, mean_f)
     b = bias.astype(np.float64) if bias is not None else np.zeros(wm.shape[0])
     return (b - shift).astype(np.float32) if b.shape == shift.shape else None
 
@@ -83,27 +88,34 @@ def plan_acts(acts: Mapping[str, ActStats], cfg: ConvertConfig) -> dict[str, Act
 def make_plan(targets: Sequence[Target], weights: Mapping[str, np.ndarray],
               biases: Mapping[str, np.ndarray | None], stats_layers: Mapping[str, LayerStats],
               acts: Mapping[str, ActStats], cfg: ConvertConfig,
-              progress: Progress | None = None) -> Plan:
+              progress: Progress | None = None, layers: list[LayerPlan] | None = None,
+              float_means: Mapping[str, np.ndarray] | None = None) -> Plan:
+    """The whole plan; `layers` may hold layers already planned (sequential mode)."""
+    float_means = float_means or {}
     plan = Plan(acts=plan_acts(acts, cfg))
-    for i, t in enumerate(targets):
-        plan.layers.append(plan_layer(t, weights[t.node], biases.get(t.node),
-                                      stats_layers.get(t.node), cfg))
-        if progress:
-            progress(i + 1, len(targets))
+    if layers is not None:
+        plan.layers = list(layers)
+    else:
+        for i, t in enumerate(targets):
+            plan.layers.append(plan_layer(t, weights[t.node], biases.get(t.node),
+                                          stats_layers.get(t.node), cfg))
+            if progress:
+                progress(i + 1, len(targets))
     if cfg.rank_budget > 0:
         total = sum(t.params for t in targets)
         plan.branch_summary = plan_branches(plan.layers, weights, stats_layers, cfg, total)
         for lp in plan.layers:
             if lp.branch is not None:
                 _account_branch(lp, weights[lp.target.node], biases.get(lp.target.node),
-                                stats_layers[lp.target.node], cfg)
+                                stats_layers[lp.target.node], cfg, float_means.get(lp.target.node))
     return plan
 
 
-def _account_branch(lp: LayerPlan, w: np.ndarray, bias, ls: LayerStats, cfg: ConvertConfig) -> None:
+def _account_branch(lp: LayerPlan, w: np.ndarray, bias, ls: LayerStats, cfg: ConvertConfig,
+                    float_mean: np.ndarray | None) -> None:
     """Bias correction and SQNR estimate for the effective weight Q(W) + B·A."""
     t = lp.target
     wm = to_matrix(w, t.layout).astype(np.float64)
     w_eff = to_matrix(lp.codes, t.layout) * lp.scales[:, None] + lp.branch.b @ lp.branch.a
-    lp.bias = corrected_bias(t, wm, w_eff, bias, ls, cfg)
+    lp.bias = corrected_bias(t, wm, w_eff, bias, ls, cfg, float_mean)
     lp.sqnr_branch_db = _weighted_sqnr(wm, w_eff, regularized_hessian(ls.hessian, ls.rows), 1)
