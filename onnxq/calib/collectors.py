@@ -85,10 +85,11 @@ class SecondMoment:
 
     def update(self, rows: np.ndarray) -> None:
         """rows [S, G, K]."""
-        r = rows.astype(np.float64)
-        self.h += np.einsum("sgk,sgl->gkl", r, r) if r.shape[1] > 1 else (r[:, 0].T @ r[:, 0])[None]
-        self.s += r.sum(axis=0)
-        self.n += r.shape[0]
+        r = np.ascontiguousarray(rows.transpose(1, 0, 2), dtype=np.float32)   # [G, S, K]
+        # one sample's rows are few: a float32 product is exact enough, the running sum is float64
+        self.h += np.matmul(r.transpose(0, 2, 1), r)
+        self.s += r.sum(axis=1, dtype=np.float64)
+        self.n += r.shape[1]
 
     @property
     def mean(self) -> np.ndarray:
