@@ -99,12 +99,11 @@ def convert(model: str | os.PathLike | onnx.ModelProto, config: ConvertConfig | 
     weights = {t.node: initializer_array(prepared, t.graph, t.weight) for t in targets}
     biases = {t.node: initializer_array(prepared, t.graph, t.bias) for t in targets if t.bias}
     cb = (lambda d, n: progress("quantize", d, n)) if progress else None
-    layers, layer_stats, means = None, stats.layers, {}
-    if cfg.sequential and cfg.stages > 1 and any(t.act for t in targets):
-        layers, layer_stats = sequential_layers(prepared, targets, cal, stats, weights, biases, cfg, progress)
-        means = {k: v.mean for k, v in stats.layers.items()}
+    layers, layer_stats = None, stats.layers
+    if cfg.sequential_on and any(t.act for t in targets):
+        layers = sequential_layers(prepared, targets, cal, stats, weights, biases, cfg, progress)
     plan = make_plan(targets, weights, biases, layer_stats, stats.acts, cfg, progress=cb,
-                     layers=layers, float_means=means)
+                     layers=layers)
     qmodel = apply_plan(prepared, plan)
     qmodel.producer_name, qmodel.producer_version = "onnxq", _version()
     secs["quantize"] = time.perf_counter() - t2

@@ -40,7 +40,7 @@ class ConvertConfig:
     exclude: tuple[str, ...] = ()
     bits_overrides: tuple[tuple[str, int], ...] = field(default_factory=tuple)
     verify: bool = True
-    sequential: bool = True
+    sequential: bool | None = None        # None: on when any layer uses gptq (<= 4 bits)
     stages: int = 4
     rank_budget: float = 0.0
     adapter_init: str = "whitened"
@@ -79,6 +79,12 @@ class ConvertConfig:
     @property
     def act_method_name(self) -> str:
         return self.act_method or "percentile"
+
+    @property
+    def sequential_on(self) -> bool:
+        if self.sequential is not None:
+            return self.sequential and self.stages > 1
+        return self.weight_method_name == "gptq" and self.stages > 1
 
     @property
     def quantize_acts(self) -> bool:

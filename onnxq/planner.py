@@ -13,7 +13,7 @@ from .algos.weights import quantize_weight, regularized_hessian, rtn, weighted_e
 from .branches import plan_branches
 from .config import ConvertConfig
 from .layout import AXIS, from_matrix, to_matrix
-from .types import ActQuant, ActStats, LayerPlan, LayerStats, Plan, Target
+from .types import ActQuant, ActStats, LayerPlan, LayerStats, PairedStats, Plan, Target
 
 Progress = Callable[[int, int], None]
 
@@ -53,6 +53,39 @@ def plan_layer(t: Target, w: np.ndarray, bias: np.ndarray | None, ls: LayerStats
     else:
         plan.sqnr_db = sqnr_db(wm, w_hat)
     plan.bias = corrected_bias(t, wm, w_hat, bias, ls, cfg, float_mean)
+    return plan
+
+
+def plan_compensated(t: Target, w: np.ndarray, bias: np.ndarray | None, ps: PairedStats,
+                     cfg: ConvertConfig) -> LayerPlan:
+    """Quantize a layer so that its output on the input it really receives, x^, matches the FP32
+    layer on the FP32 input x: V = W C Hq^-1 (least squares, C = E[x x^T], Hq = E[x^ x^T]) is
+    the best float weight for x^, then V is rounded on Hq; the bias takes the mean difference."""
+    bits, note = cfg.bits_for(t.node, t.depthwise)
+    method = layer_method(cfg, bits)
+    wm = to_matrix(w, t.layout).astype(np.float64)               # [O, K]
+    groups = t.groups if t.op == "Conv" else 1
+    rows = wm.shape[0] // groups
+    hq = regularized_hessian(ps.quant.hessian, ps.quant.rows)
+    cross = regularized_hessian(ps.cross, ps.quant.rows)       # same shrinkage: x^ = x gives V = W
+    k = hq.shape[-1]
+    ridge = 1e-4 * np.maximum(np.einsum("gkk->g", hq) / k, 1e-12)   # dead inputs: V's column is 0
+    v = np.concatenate([np.linalg.solve(hq[g] + ridge[g] * np.eye(k),
+                                        cross[g].T @ wm[g * rows:(g + 1) * rows].T).T
+                        for g in range(groups)])
+    wq = quantize_weight(method, v, bits, hq, groups)
+    w_hat = wq.codes * wq.scales[:, None]
+    plan = LayerPlan(target=t, bits=bits, method=f"{wq.method}+compensated",
+                     codes=from_matrix(wq.codes, t.layout, t.shape).astype(np.int32),
+                     scales=wq.scales, axis=AXIS[t.layout], bias=None, note=note)
+    plan.sqnr_db = _weighted_sqnr(v, w_hat, hq, groups)
+    if cfg.bias_correction and t.op in ("Conv", "Gemm"):
+        mq = np.repeat(ps.quant.mean, rows, axis=0)
+        mf = np.repeat(ps.fp_mean, rows, axis=0)
+        shift = np.einsum("ok,ok->o", w_hat, mq) - np.einsum("ok,ok->o", wm, mf)
+        b = bias.astype(np.float64) if bias is not None else np.zeros(wm.shape[0])
+        if b.shape == shift.shape:
+            plan.bias = (b - shift).astype(np.float32)
     return plan
 
 

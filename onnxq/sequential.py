@@ -1,7 +1,10 @@
-"""Sequential mode: layers are quantized stage by stage in graph order, and each stage's input
-statistics come from the model whose earlier stages are already quantized, so every layer's
-rounding corrects the error it actually receives. A few passes over groups of layers, not one
-pass per layer."""
+"""Sequential mode: layers are quantized stage by stage in graph order. After each stage, the
+partly quantized model and the FP32 model run side by side on the calibration data, and the
+first layers of the next stage (those with no unquantized target upstream inside their stage)
+are solved to map the input they really receive back onto the FP32 output (planner.
+plan_compensated). Other layers use the FP32 statistics: once the stage's first layers have
+absorbed the upstream error, their inputs are close to FP32 again, and compensating the same
+error twice would overshoot. A few passes over groups of layers, not one pass per layer."""
 
 from __future__ import annotations
 
@@ -10,12 +13,13 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import onnx
 
-from .calib.collect import collect
+from .calib.collect import collect_paired
 from .calib.data import Feed
 from .config import ConvertConfig
 from .graph.rewrite import apply_plan
-from .planner import plan_acts, plan_layer
-from .types import LayerPlan, LayerStats, Plan, Stats, Target
+from .graph.targets import target_ancestors
+from .planner import plan_acts, plan_compensated, plan_layer
+from .types import LayerPlan, Plan, Stats, Target
 
 Progress = Callable[[str, int, int], None]
 
@@ -36,25 +40,24 @@ def stages(targets: Sequence[Target], n: int) -> list[list[Target]]:
 def sequential_layers(prepared: onnx.ModelProto, targets: Sequence[Target],
                       loaders: Sequence[Callable[[], Feed]], stats: Stats,
                       weights: Mapping[str, np.ndarray], biases: Mapping[str, np.ndarray],
-                      cfg: ConvertConfig, progress: Progress | None = None
-                      ) -> tuple[list[LayerPlan], dict[str, LayerStats]]:
-    """Planned layers and the statistics each was planned with."""
+                      cfg: ConvertConfig, progress: Progress | None = None) -> list[LayerPlan]:
     acts = plan_acts(stats.acts, cfg)
-    used: dict[str, LayerStats] = {}
+    ancestors = target_ancestors(prepared, targets)
     done: list[LayerPlan] = []
     groups = stages(targets, cfg.stages)
     for s, chunk in enumerate(groups):
-        layer_stats = stats.layers
+        names = {t.node for t in chunk}
+        paired = {}
         if s > 0:
+            first = [t for t in chunk if t.node in ancestors and not (ancestors[t.node] & names)]
             partial = apply_plan(prepared, Plan(layers=done, acts=acts))
-            layer_stats = collect(partial, chunk, loaders, hessians=True, ranges=False,
-                                  rows_per_sample=cfg.rows_per_sample, seed=cfg.seed).layers
+            paired = collect_paired(prepared, partial, first, loaders, acts,
+                                    rows_per_sample=cfg.rows_per_sample, seed=cfg.seed + s)
         for t in chunk:
-            ls = layer_stats.get(t.node)
-            fm = stats.layers[t.node].mean if t.node in stats.layers else None
-            done.append(plan_layer(t, weights[t.node], biases.get(t.node), ls, cfg, fm))
-            if ls is not None:
-                used[t.node] = ls
+            if t.node in paired:
+                done.append(plan_compensated(t, weights[t.node], biases.get(t.node), paired[t.node], cfg))
+            else:
+                done.append(plan_layer(t, weights[t.node], biases.get(t.node), stats.layers.get(t.node), cfg))
         if progress:
             progress("sequential", s + 1, len(groups))
-    return done, used
+    return done

@@ -84,6 +84,17 @@ class LayerStats:
 
 
 @dataclass
+class PairedStats:
+    """Statistics for input-error compensation (sequential mode): the quantized model's input
+    x^ (hessian = E[x^ x^T], mean = E[x^]) against the FP32 input x (cross = E[x x^T],
+    fp_mean = E[x]). [G, K, K] / [G, K]."""
+
+    quant: LayerStats
+    cross: np.ndarray
+    fp_mean: np.ndarray
+
+
+@dataclass
 class Stats:
     acts: dict[str, ActStats] = field(default_factory=dict)
     layers: dict[str, LayerStats] = field(default_factory=dict)

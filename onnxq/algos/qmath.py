@@ -36,7 +36,9 @@ def dequantize(q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | int = 
 
 
 def fake_quant(x: np.ndarray, scale, zero_point, qmin: int, qmax: int) -> np.ndarray:
-    return dequantize(quantize(x, scale, zero_point, qmin, qmax), scale, zero_point)
+    """dequantize(quantize(x)) computed in float32 for activations."""
+    q = np.clip(np.rint(x / np.float32(scale)) + zero_point, qmin, qmax)
+    return ((q - zero_point) * np.float32(scale)).astype(np.float32)
 
 
 def channel_scales(w: np.ndarray, bits: int, ratio: np.ndarray | float = 1.0) -> np.ndarray:

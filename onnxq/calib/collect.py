@@ -13,8 +13,9 @@ import onnxruntime as ort
 from ..errors import CalibrationError
 from ..graph.inline import inline_ifs, main_graph_names, open_ifs
 from ..graph.io import serialized
-from ..types import ActStats, LayerStats, Stats, Target
-from .collectors import RangeHistogram, SecondMoment, im2col_rows
+from ..algos.qmath import act_qrange, fake_quant
+from ..types import ActQuant, ActStats, LayerStats, PairedStats, Stats, Target
+from .collectors import CrossMoment, RangeHistogram, SecondMoment, im2col_rows
 from .data import Feed
 
 Progress = Callable[[int, int], None]
@@ -131,3 +132,37 @@ def _k(t: Target) -> int:
     if t.op == "Conv":
         return int(np.prod(t.shape[1:]))
     return t.shape[1] if t.layout == "rows" else t.shape[0]
+
+
+def collect_paired(reference: onnx.ModelProto, partial: onnx.ModelProto, targets: Sequence[Target],
+                   loaders: Sequence[Callable[[], Feed]], acts: dict[str, ActQuant], *,
+                   rows_per_sample: int, seed: int) -> dict[str, PairedStats]:
+    """Run the FP32 and the partly quantized model on the same samples and pair each target's
+    input rows: x from FP32, x^ = the partial model's input after this layer's own activation
+    QDQ (applied here in numpy). Main-graph targets only."""
+    targets = [t for t in targets if t.act and not t.graph]
+    wanted = sorted({t.act for t in targets})
+    if not targets:
+        return {}
+    ref, part = Router(reference, wanted), Router(partial, wanted)
+    moments = {t.node: CrossMoment(t.groups if t.op == "Conv" else 1, _k(t)) for t in targets}
+    rng = np.random.default_rng(seed)
+    for load in loaders:
+        feed = load()
+        xf, xq = ref.run(feed), part.run(feed)
+        for t in targets:
+            a, b = xf.get(t.act), xq.get(t.act)
+            if a is None or b is None or a.shape != b.shape or a.dtype.kind != "f":
+                continue
+            q = acts.get(t.act)
+            if q is not None:
+                lo, hi = act_qrange(q.bits, q.signed)
+                b = fake_quant(b, q.scale, q.zero_point, lo, hi).astype(np.float32)
+            pick = int(rng.integers(2**31))           # the same positions in both
+            moments[t.node].update(layer_rows(a, t, rows_per_sample, np.random.default_rng(pick)),
+                                   layer_rows(b, t, rows_per_sample, np.random.default_rng(pick)))
+    out = {}
+    for node, m in moments.items():
+        if m.n:
+            out[node] = PairedStats(LayerStats(m.hq.hessian, m.hq.mean, m.n), m.c / m.n, m.s_fp / m.n)
+    return out

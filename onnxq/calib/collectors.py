@@ -99,3 +99,25 @@ class SecondMoment:
     def hessian(self) -> np.ndarray:
         """E[x x^T], normalised per row so layers are comparable."""
         return self.h / max(self.n, 1)
+
+
+class CrossMoment:
+    """Paired rows of the FP32 input x and the input x^ the quantized model feeds the same layer
+    (same sample, same positions): C = E[x x^T], Hq = E[x^ x^T], and both means. [G, K, K]."""
+
+    def __init__(self, groups: int, k: int) -> None:
+        self.c = np.zeros((groups, k, k), dtype=np.float64)
+        self.hq = SecondMoment(groups, k)
+        self.s_fp = np.zeros((groups, k), dtype=np.float64)
+
+    def update(self, rows_fp: np.ndarray, rows_q: np.ndarray) -> None:
+        """rows_fp, rows_q: [S, G, K] taken at the same positions."""
+        f = np.ascontiguousarray(rows_fp.transpose(1, 0, 2), dtype=np.float32)
+        q = np.ascontiguousarray(rows_q.transpose(1, 0, 2), dtype=np.float32)
+        self.c += np.matmul(f.transpose(0, 2, 1), q)
+        self.s_fp += f.sum(axis=1, dtype=np.float64)
+        self.hq.update(rows_q)
+
+    @property
+    def n(self) -> int:
+        return self.hq.n

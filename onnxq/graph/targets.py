@@ -114,3 +114,20 @@ def initializer_array(model: onnx.ModelProto, graph: str, name: str):
                 if init.name == name:
                     return numpy_helper.to_array(init)
     raise KeyError(name)
+
+
+def target_ancestors(model: onnx.ModelProto, targets) -> dict[str, set[str]]:
+    """For each main-graph target, the targets upstream of it (through any path)."""
+    names = {t.node for t in targets if not t.graph}
+    producer_anc: dict[str, set[str]] = {}           # tensor -> targets it depends on
+    out: dict[str, set[str]] = {}
+    for node in model.graph.node:
+        anc: set[str] = set()
+        for i in node.input:
+            anc |= producer_anc.get(i, set())
+        if node.name in names:
+            out[node.name] = anc
+            anc = anc | {node.name}
+        for o in node.output:
+            producer_anc[o] = anc
+    return out
