@@ -140,7 +140,7 @@ def collect_paired(reference: onnx.ModelProto, partial: onnx.ModelProto, targets
     """Run the FP32 and the partly quantized model on the same samples and pair each target's
     input rows: x from FP32, x^ = the partial model's input after this layer's own activation
     QDQ (applied here in numpy). Main-graph targets only."""
-    targets = [t for t in targets if t.act and not t.graph]
+    targets = [t for t in targets if wants_hessian(t) and not t.graph]
     wanted = sorted({t.act for t in targets})
     if not targets:
         return {}
