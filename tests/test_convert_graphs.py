@@ -74,13 +74,13 @@ def test_same_seed_same_bytes_and_other_seed_may_differ():
 def test_each_weight_method_by_name(method):
     m = conv_zoo(np.random.default_rng(0))
     q, rep = onnxq.convert(m, onnxq.ConvertConfig(bits=4, weight_method=method), calib=feeds(12))
-    used = {l["method"] for l in rep.quantized if l["bits"] == 4 and l["op"] != "ConvTranspose"}
+    used = {l["method"].split("+")[0] for l in rep.quantized if l["bits"] == 4 and l["op"] != "ConvTranspose"}
     assert used == {method}
 
 
 def test_gptq_layers_beat_rtn_estimate():
     m = conv_zoo(np.random.default_rng(0))
-    _, rep = onnxq.convert(m, onnxq.ConvertConfig(bits=4), calib=feeds())
+    _, rep = onnxq.convert(m, onnxq.ConvertConfig(bits=4, sequential=False), calib=feeds())
     for layer in rep.quantized:
         if layer["method"] == "gptq":
             assert layer["sqnr_db"] >= layer["sqnr_rtn_db"] - 1e-6
@@ -135,3 +135,12 @@ def test_subgraph_weights_are_quantized_weight_only():
     assert "DequantizeLinear" in [n.op_type for n in sub.node]
     f = {"x": cal[0]["x"], "c": np.array(False)}
     assert np.allclose(run(m, f), run(q, f), atol=0.05)
+
+
+def test_sequential_compensates_stage_first_layers_and_stays_close():
+    m = conv_zoo(np.random.default_rng(0))
+    q, rep = onnxq.convert(m, onnxq.ConvertConfig(bits=4, stages=4), calib=feeds())
+    methods = [l["method"] for l in rep.quantized]
+    assert any(x.endswith("+compensated") for x in methods)
+    assert not methods[0].endswith("+compensated")            # stage 0 has no quantized upstream
+    assert rep.fidelity["cosine"] > 0.99
