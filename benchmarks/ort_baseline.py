@@ -17,6 +17,7 @@ histogram collector stacks the per-sample arrays), so give those same-shape feed
 
 from __future__ import annotations
 
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -62,13 +63,18 @@ def _pre_process(src: Path, dst: Path) -> str:
     fails on all three PP-OCR models ("Incomplete symbolic shape inference"); auto_merge fixes rec
     and det, cls needs the symbolic pass skipped (ONNX shape inference + optimisation still run)."""
     last: Exception | None = None
-    for name, kw in (("symbolic", {}), ("symbolic+auto_merge", {"auto_merge": True}),
-                     ("onnx-shapes-only", {"skip_symbolic_shape": True})):
-        try:
-            quant_pre_process(str(src), str(dst), **kw)
-            return name
-        except Exception as e:  # noqa: BLE001 - ORT raises bare Exception here
-            last = e
+    cwd = os.getcwd()
+    os.chdir(dst.parent)  # a failed symbolic pass leaves sym_shape_infer_temp.onnx in the cwd
+    try:
+        for name, kw in (("symbolic", {}), ("symbolic+auto_merge", {"auto_merge": True}),
+                         ("onnx-shapes-only", {"skip_symbolic_shape": True})):
+            try:
+                quant_pre_process(str(Path(src).resolve()), str(dst.resolve()), **kw)
+                return name
+            except Exception as e:  # noqa: BLE001 - ORT raises bare Exception here
+                last = e
+    finally:
+        os.chdir(cwd)
     raise RuntimeError(f"quant_pre_process failed: {last}")
 
 

@@ -6,7 +6,7 @@ import fnmatch
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .algos.ranges import RANGE_METHODS
+from .algos.ranges import RANGE_METHODS, parse_method
 from .algos.weights import WEIGHT_METHODS
 from .errors import ConfigError
 
@@ -55,9 +55,13 @@ class ConvertConfig:
         if self.weight_method is not None and self.weight_method not in WEIGHT_METHODS:
             raise ConfigError(f"unknown weight method '{self.weight_method}'; "
                               f"known: {', '.join(WEIGHT_METHODS)}")
-        if self.act_method is not None and self.act_method not in RANGE_METHODS:
-            raise ConfigError(f"unknown activation method '{self.act_method}'; "
-                              f"known: {', '.join(RANGE_METHODS)}")
+        if self.act_method is not None:
+            try:
+                parse_method(self.act_method)
+            except ValueError:
+                raise ConfigError(f"unknown activation method '{self.act_method}'; known: "
+                                  f"{', '.join(RANGE_METHODS)} (percentile:PCT, lp:P and "
+                                  "interval:EPS take a parameter)") from None
         if self.calib_size < 1:
             raise ConfigError("--calib-size must be at least 1")
         if self.depthwise_bits not in WEIGHT_BITS:

@@ -8,7 +8,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from .algos.qmath import act_params, sqnr_db
-from .algos.ranges import RANGE_METHODS
+from .algos.ranges import RANGE_METHODS, parse_method
 from .algos.weights import quantize_weight, regularized_hessian, rtn, weighted_error
 from .branches import plan_branches
 from .config import ConvertConfig
@@ -109,10 +109,11 @@ def plan_acts(acts: Mapping[str, ActStats], cfg: ConvertConfig) -> dict[str, Act
     out: dict[str, ActQuant] = {}
     if not cfg.quantize_acts:
         return out
-    fn = RANGE_METHODS[cfg.act_method_name]
+    method, params = parse_method(cfg.act_method_name)
+    fn = RANGE_METHODS[method]
     for name, st in sorted(acts.items()):
         signed = cfg.act_symmetric or cfg.act_bits == 16
-        lo, hi = fn(st.counts, st.edges, cfg.act_bits, signed, observed=st.observed)
+        lo, hi = fn(st.counts, st.edges, cfg.act_bits, signed, observed=st.observed, **params)
         scale, zp = act_params(lo, hi, cfg.act_bits, signed)
         out[name] = ActQuant(scale, zp, cfg.act_bits, signed, lo, hi, cfg.act_method_name)
     return out

@@ -70,8 +70,77 @@ def mse(counts, edges, bits, signed, *, observed=None) -> tuple[float, float]:
     return lp(counts, edges, bits, signed, observed=observed, p=2.0)
 
 
+def _magnitudes(counts, edges) -> tuple[np.ndarray, np.ndarray]:
+    """Histogram of |x| on [0, R] from a histogram symmetric around 0 (even bin count)."""
+    half = counts.size // 2
+    mag = counts[half:] + counts[:half][::-1]
+    return mag, edges[half:]
+
+
+def _clip_to(t: float, observed, counts, edges) -> tuple[float, float]:
+    lo, hi = observed if observed is not None else _span(counts, edges)
+    return max(lo, -t), min(hi, t)
+
+
+def interval(counts, edges, bits, signed, *, observed=None, eps: float = 0.01) -> tuple[float, float]:
+    """The large-magnitude interval rule in closed form: the smallest t whose tail mass
+    P(|x| > t) is at most eps / (2^bits - 1) (the fixed point the per-step widen/narrow rule
+    converges to), so the rare large values that carry signal keep a small error."""
+    mag, e = _magnitudes(counts, edges)
+    total = mag.sum()
+    if total == 0:
+        return 0.0, 0.0
+    tail = (total - np.cumsum(mag)) / total          # P(|x| > e[i+1])
+    i = int(np.argmax(tail <= eps / (2**bits - 1)))
+    return _clip_to(float(e[i + 1]), observed, counts, edges)
+
+
+def entropy(counts, edges, bits, signed, *, observed=None, candidates: int = 128) -> tuple[float, float]:
+    """Threshold minimising KL(P || Q) between the |x| histogram clipped at t (tail folded into
+    the last bin) and its 2^(bits-1)-level quantization, as calibrators of TensorRT's kind do."""
+    mag, e = _magnitudes(counts, edges)
+    nz = np.nonzero(mag)[0]
+    if nz.size == 0:
+        return 0.0, 0.0
+    last = int(nz[-1]) + 1
+    lo0, hi0 = observed if observed is not None else _span(counts, edges)
+    one_sided = lo0 >= -0.05 * hi0 or hi0 <= -0.05 * lo0
+    levels = 2**bits if (one_sided and not signed) else 2 ** (bits - 1)
+    best_t, best_kl = float(e[last]), np.inf
+    for stop in np.unique(np.linspace(max(levels, last // 16), last, candidates).astype(int)):
+        sliced = mag[:stop].astype(np.float64)
+        p = sliced.copy()
+        p[-1] += mag[stop:].sum()                    # the reference keeps the clipped mass
+        q = np.zeros(stop)                           # the candidate is quantized without it
+        for g in np.array_split(np.arange(stop), min(levels, stop)):
+            used = sliced[g] > 0
+            if used.any():
+                q[g[used]] = sliced[g].sum() / used.sum()
+        m = p > 0
+        kl = float(np.sum(p[m] / p.sum() * np.log((p[m] / p.sum()) / (q[m] / q.sum() + 1e-30))))
+        if kl < best_kl:
+            best_kl, best_t = kl, float(e[stop])
+    return _clip_to(best_t, observed, counts, edges)
+
+
 RANGE_METHODS: dict[str, Callable[..., tuple[float, float]]] = {
     "minmax": minmax,
     "percentile": percentile,
     "mse": mse,
+    "lp": lp,
+    "entropy": entropy,
+    "interval": interval,
 }
+PARAMETER = {"percentile": "pct", "lp": "p", "interval": "eps"}
+
+
+def parse_method(spec: str) -> tuple[str, dict]:
+    """'percentile:99.9' -> ('percentile', {'pct': 99.9}). Raises ValueError."""
+    name, _, arg = spec.partition(":")
+    if name not in RANGE_METHODS:
+        raise ValueError(name)
+    if not arg:
+        return name, {}
+    if name not in PARAMETER:
+        raise ValueError(f"{name} takes no parameter")
+    return name, {PARAMETER[name]: float(arg)}
