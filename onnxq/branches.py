@@ -10,18 +10,18 @@ import numpy as np
 
 from .algos.lowrank import allocate, factors, spectrum
 from .algos.qmath import act_params
-from .algos.weights import mse, regularized_hessian
+from .algos.weights import mse
 from .config import ConvertConfig
 from .layout import to_matrix
-from .types import ActQuant, Branch, LayerPlan, LayerStats
+from .types import ActQuant, Branch, LayerPlan
 
 MID_CLIP_SIGMAS = 4.0   # the middle activation's range, in its own standard deviations
 
 
-def eligible(lp: LayerPlan, ls: LayerStats | None) -> str:
+def eligible(lp: LayerPlan) -> str:
     """'' when the layer can take a branch, else the reason it cannot."""
     t = lp.target
-    if ls is None:
+    if lp.fit_hessian is None:
         return "no input statistics"
     if lp.bits >= 8:
         return "8-bit layer"
@@ -51,19 +51,19 @@ def build_branch(a: np.ndarray, b: np.ndarray, h: np.ndarray, cfg: ConvertConfig
 
 
 def plan_branches(layers: list[LayerPlan], weights: Mapping[str, np.ndarray],
-                  stats: Mapping[str, LayerStats], cfg: ConvertConfig, total_params: int) -> dict:
+                  cfg: ConvertConfig, total_params: int) -> dict:
     """Adds `branch` to the chosen layers in place; returns a summary for the report."""
     budget = int(np.floor(cfg.rank_budget * total_params))
     cand, spectra, gains, costs, hs = [], [], [], [], []
     skipped: dict[str, int] = {}
     for lp in layers:
-        why = eligible(lp, stats.get(lp.target.node))
+        why = eligible(lp)
         if why:
             skipped[why] = skipped.get(why, 0) + 1
             continue
-        ls = stats[lp.target.node]
-        t, h = lp.target, regularized_hessian(ls.hessian, ls.rows)[0]
-        wm = to_matrix(weights[t.node], t.layout).astype(np.float64)
+        t, h = lp.target, lp.fit_hessian[0]
+        wm = (lp.fit_target if lp.fit_target is not None
+              else to_matrix(weights[t.node], t.layout).astype(np.float64))
         w_hat = to_matrix(lp.codes, t.layout) * lp.scales[:, None]
         sp = spectrum(wm - w_hat, h, cfg.max_rank, cfg.adapter_init)
         signal = float(np.einsum("ok,kl,ol->", wm, h, wm)) or 1.0

@@ -21,7 +21,7 @@ from .config import ConvertConfig
 from .errors import ConfigError, OnnxqError, VerificationError
 
 err = Console(stderr=True, highlight=False)
-out = Console(highlight=False, soft_wrap=True)
+out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 140)
 
 
 def _floats(text: str | None, what: str) -> tuple[float, ...] | None:
@@ -84,6 +84,11 @@ def print_summary(report) -> None:
     notes = Counter(q["note"] for q in r.quantized if q["note"])
     for why, n in sorted(notes.items()):
         out.print(f"  note: {n} layers — {why}")
+    b = r.branches
+    if b.get("layers_with_branch"):
+        out.print(f"  low-rank branches: {b['layers_with_branch']} layers, {b['used_params']} extra "
+                  f"parameters ({b['used_params'] / max(r.params, 1):.2%} of the weights; budget "
+                  f"{b['budget_params']})")
     weight_only = sum(1 for q in r.quantized if q["activation"].startswith("float ("))
     if weight_only:
         out.print(f"  weight-only: {weight_only} layers (activation left in float; see report)")
@@ -104,12 +109,12 @@ def print_summary(report) -> None:
 
 def print_layers(report) -> None:
     t = Table(title="layers", show_lines=False)
-    for c in ("node", "op", "bits", "method", "SQNR dB", "RTN dB", "activation"):
+    for c in ("node", "op", "bits", "method", "SQNR dB", "RTN dB", "rank", "+branch dB", "activation"):
         t.add_column(c)
+    f = lambda v: "" if v is None else f"{v:.1f}"  # noqa: E731
     for q in report.quantized:
-        t.add_row(q["node"], q["op"], str(q["bits"]), q["method"],
-                  "" if q["sqnr_db"] is None else f"{q['sqnr_db']:.1f}",
-                  "" if q["sqnr_rtn_db"] is None else f"{q['sqnr_rtn_db']:.1f}", q["activation"])
+        t.add_row(q["node"], q["op"], str(q["bits"]), q["method"], f(q["sqnr_db"]), f(q["sqnr_rtn_db"]),
+                  str(q["branch_rank"] or ""), f(q["sqnr_with_branch_db"]), q["activation"])
     out.print(t)
 
 
@@ -166,6 +171,17 @@ def _preprocess_options(f):
               help="Bits of depthwise convs (tiny, and the most sensitive to rounding).")
 @click.option("--exclude", multiple=True, metavar="PATTERN", help="Leave matching nodes in float (repeatable).")
 @click.option("--no-bias-correction", is_flag=True, help="Do not correct the output mean shift.")
+@click.option("--sequential/--no-sequential", default=None,
+              help="Quantize stage by stage, compensating the error earlier stages leave "
+                   "(default: on when gptq is used).")
+@click.option("--stages", type=int, default=4, show_default=True, help="Stages of sequential mode.")
+@click.option("--rank-budget", type=float, default=0.0, show_default=True,
+              help="Low-rank residual branches: extra parameters as a fraction of the weights (0 = none).")
+@click.option("--adapter-init", default="whitened", show_default=True,
+              help="Branch factors: whitened (minimise the layer output error) or svd (weight error).")
+@click.option("--adapter-bits", type=int, default=8, show_default=True, help="Branch weight bits: 8 or 32.")
+@click.option("--bits-override", multiple=True, metavar="PATTERN=BITS",
+              help="Per-layer weight bits by node-name pattern, e.g. 'conv1*=8' (repeatable).")
 @click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write the full report as JSON.")
 @click.option("--save-stats", type=click.Path(path_type=Path), help="Save calibration statistics (.npz).")
 @click.option("--load-stats", type=click.Path(path_type=Path), help="Reuse saved statistics instead of calibrating.")
@@ -175,7 +191,8 @@ def _preprocess_options(f):
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars or summary.")
 @_preprocess_options
 def convert(model, output, bits, act_bits, calib, calib_size, holdout_data, seed, weight_method,
-            act_method, act_symmetric, depthwise_bits, exclude, no_bias_correction, report_path,
+            act_method, act_symmetric, depthwise_bits, exclude, no_bias_correction, sequential, stages,
+            rank_budget, adapter_init, adapter_bits, bits_override, report_path,
             save_stats, load_stats, min_agreement, min_cosine, show_layers, quiet, preset, size,
             mean, std, layout, channel_order):
     """Quantize MODEL and write a QDQ ONNX model."""
@@ -185,7 +202,9 @@ def convert(model, output, bits, act_bits, calib, calib_size, holdout_data, seed
     cfg = ConvertConfig(bits=bits, act_bits=act_bits, weight_method=weight_method,
                         act_method=act_method, act_symmetric=act_symmetric, calib_size=calib_size,
                         seed=seed, depthwise_bits=depthwise_bits, exclude=tuple(exclude),
-                        bias_correction=not no_bias_correction)
+                        bias_correction=not no_bias_correction, sequential=sequential, stages=stages,
+                        rank_budget=rank_budget, adapter_init=adapter_init, adapter_bits=adapter_bits,
+                        bits_overrides=_overrides(bits_override))
     pre = _preprocess(preset, size, mean, std, layout, channel_order)
     output = output or model.with_suffix(".q.onnx")
     check_output_path(output, model)
@@ -216,6 +235,16 @@ def convert(model, output, bits, act_bits, calib, calib_size, holdout_data, seed
         if show_layers:
             print_layers(report)
         out.print(f"  wrote {output}")
+
+
+def _overrides(items) -> tuple[tuple[str, int], ...]:
+    out = []
+    for item in items:
+        pattern, _, bits = item.rpartition("=")
+        if not pattern or not bits.isdigit():
+            raise ConfigError(f"--bits-override takes PATTERN=BITS, got '{item}'")
+        out.append((pattern, int(bits)))
+    return tuple(out)
 
 
 def _write_json(path: Path, data) -> None:

@@ -47,6 +47,7 @@ def plan_layer(t: Target, w: np.ndarray, bias: np.ndarray | None, ls: LayerStats
                      codes=from_matrix(wq.codes, t.layout, t.shape).astype(np.int32),
                      scales=wq.scales, axis=AXIS[t.layout], bias=None, note=note)
     if h is not None:
+        plan.fit_hessian, plan.input_mean = h, ls.mean
         plan.sqnr_db = _weighted_sqnr(wm, w_hat, h, groups)
         r = rtn(wm, bits)
         plan.sqnr_rtn_db = _weighted_sqnr(wm, r.codes * r.scales[:, None], h, groups)
@@ -79,6 +80,7 @@ def plan_compensated(t: Target, w: np.ndarray, bias: np.ndarray | None, ps: Pair
                      codes=from_matrix(wq.codes, t.layout, t.shape).astype(np.int32),
                      scales=wq.scales, axis=AXIS[t.layout], bias=None, note=note)
     plan.sqnr_db = _weighted_sqnr(v, w_hat, hq, groups)
+    plan.fit_target, plan.fit_hessian, plan.input_mean = v, hq, ps.quant.mean
     if cfg.bias_correction and t.op in ("Conv", "Gemm"):
         mq = np.repeat(ps.quant.mean, rows, axis=0)
         mf = np.repeat(ps.fp_mean, rows, axis=0)
@@ -122,10 +124,8 @@ def plan_acts(acts: Mapping[str, ActStats], cfg: ConvertConfig) -> dict[str, Act
 def make_plan(targets: Sequence[Target], weights: Mapping[str, np.ndarray],
               biases: Mapping[str, np.ndarray | None], stats_layers: Mapping[str, LayerStats],
               acts: Mapping[str, ActStats], cfg: ConvertConfig,
-              progress: Progress | None = None, layers: list[LayerPlan] | None = None,
-              float_means: Mapping[str, np.ndarray] | None = None) -> Plan:
+              progress: Progress | None = None, layers: list[LayerPlan] | None = None) -> Plan:
     """The whole plan; `layers` may hold layers already planned (sequential mode)."""
-    float_means = float_means or {}
     plan = Plan(acts=plan_acts(acts, cfg))
     if layers is not None:
         plan.layers = list(layers)
@@ -137,19 +137,19 @@ def make_plan(targets: Sequence[Target], weights: Mapping[str, np.ndarray],
                 progress(i + 1, len(targets))
     if cfg.rank_budget > 0:
         total = sum(t.params for t in targets)
-        plan.branch_summary = plan_branches(plan.layers, weights, stats_layers, cfg, total)
+        plan.branch_summary = plan_branches(plan.layers, weights, cfg, total)
         for lp in plan.layers:
             if lp.branch is not None:
-                _account_branch(lp, weights[lp.target.node], biases.get(lp.target.node),
-                                stats_layers[lp.target.node], cfg, float_means.get(lp.target.node))
+                _account_branch(lp, weights[lp.target.node])
     return plan
 
 
-def _account_branch(lp: LayerPlan, w: np.ndarray, bias, ls: LayerStats, cfg: ConvertConfig,
-                    float_mean: np.ndarray | None) -> None:
-    """Bias correction and SQNR estimate for the effective weight Q(W) + B·A."""
-    t = lp.target
-    wm = to_matrix(w, t.layout).astype(np.float64)
-    w_eff = to_matrix(lp.codes, t.layout) * lp.scales[:, None] + lp.branch.b @ lp.branch.a
-    lp.bias = corrected_bias(t, wm, w_eff, bias, ls, cfg, float_mean)
-    lp.sqnr_branch_db = _weighted_sqnr(wm, w_eff, regularized_hessian(ls.hessian, ls.rows), 1)
+def _account_branch(lp: LayerPlan, w: np.ndarray) -> None:
+    """Bias and SQNR estimate once the branch adds B·A to the effective weight: the bias drops
+    the branch's mean contribution B·A·E[x]."""
+    t, br = lp.target, lp.branch
+    target = lp.fit_target if lp.fit_target is not None else to_matrix(w, t.layout).astype(np.float64)
+    w_eff = to_matrix(lp.codes, t.layout) * lp.scales[:, None] + br.b @ br.a
+    if lp.bias is not None and lp.input_mean is not None:
+        lp.bias = (lp.bias.astype(np.float64) - br.b @ (br.a @ lp.input_mean[0])).astype(np.float32)
+    lp.sqnr_branch_db = _weighted_sqnr(target, w_eff, lp.fit_hessian, 1)

@@ -39,6 +39,9 @@ def build_report(name: str, cfg: ConvertConfig, plan: Plan, targets: list[Target
             "method": lp.method, "params": t.params, "groups": t.groups,
             "sqnr_db": _num(lp.sqnr_db), "sqnr_rtn_db": _num(lp.sqnr_rtn_db),
             "bias_corrected": lp.bias is not None, "activation": act_note, "note": lp.note,
+            "branch_rank": lp.branch.rank if lp.branch else 0,
+            "branch_params": (lp.branch.a.size + lp.branch.b.size) if lp.branch else 0,
+            "sqnr_with_branch_db": _num(lp.sqnr_branch_db),
         })
     r.skipped = [{"node": s.node, "op": s.op, "reason": s.reason} for s in skipped]
     for a_name, a in sorted(plan.acts.items()):
@@ -55,4 +58,5 @@ def build_report(name: str, cfg: ConvertConfig, plan: Plan, targets: list[Target
     r.warnings = list(warnings)
     r.opset_before, r.opset_after = src_opset, opset_of(qmodel)
     r.config["prepare"] = prep
+    r.branches = dict(plan.branch_summary)
     return r

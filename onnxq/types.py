@@ -175,6 +175,11 @@ class LayerPlan:
     note: str = ""
     branch: Branch | None = None
     sqnr_branch_db: float | None = None   # with the low-rank branch added
+    # what the rounding was fitted to, for the branch planner: target matrix [O, K] (None: the
+    # FP32 weight), the regularized input second moment [G, K, K] and the input mean [G, K]
+    fit_target: np.ndarray | None = None
+    fit_hessian: np.ndarray | None = None
+    input_mean: np.ndarray | None = None
 
 
 @dataclass
@@ -201,6 +206,7 @@ class Report:
     warnings: list[str] = field(default_factory=list)
     opset_before: int = 0
     opset_after: int = 0
+    branches: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

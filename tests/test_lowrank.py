@@ -1,0 +1,118 @@
+"""Low-rank residual branches: the math on its objective, the allocation, and emitted graphs."""
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import helper, numpy_helper
+
+import onnxq
+from onnxq.algos.lowrank import allocate, factors, spectrum
+from builders import conv_zoo, make_model, vi
+
+
+def hweighted(e, h):
+    return float(np.einsum("ok,kl,ol->", e, h, e))
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("rank", [1, 2, 4, 8])
+def test_whitened_factors_never_lose_to_plain_svd_on_output_error(seed, rank):
+    rng = np.random.default_rng(seed)
+    o, k = 32, 40
+    x = rng.standard_normal((400, k)) @ (np.eye(k) + rng.standard_normal((k, k)) / 3)
+    h = x.T @ x / 400
+    resid = rng.standard_normal((o, k)) * 0.1
+    aw, bw = factors(spectrum(resid, h, 16, "whitened", damp=0.0), rank)
+    ap, bp = factors(spectrum(resid, h, 16, "svd", damp=0.0), rank)
+    ew, ep = hweighted(resid - bw @ aw, h), hweighted(resid - bp @ ap, h)
+    assert ew <= ep * (1 + 1e-9)
+
+
+def test_whitened_gain_is_exactly_the_squared_singular_value():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((300, 12))
+    h = x.T @ x / 300
+    resid = rng.standard_normal((8, 12))
+    sp = spectrum(resid, h, 8, "whitened", damp=0.0)
+    before = hweighted(resid, h)
+    for r in range(1, 5):
+        a, b = factors(sp, r)
+        assert hweighted(resid - b @ a, h) == pytest.approx(before - sp.gains()[:r].sum(), rel=1e-6)
+        mid = a @ h @ a.T                        # middle activation: unit variance, uncorrelated
+        assert np.allclose(mid, np.eye(r), atol=1e-6)
+
+
+def test_error_falls_as_rank_grows():
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((200, 20))
+    h = x.T @ x / 200
+    resid = rng.standard_normal((16, 20))
+    sp = spectrum(resid, h, 16, "whitened")
+    errs = [hweighted(resid - np.matmul(*factors(sp, r)[::-1]), h) for r in range(0, 9)]
+    assert all(a >= b for a, b in zip(errs, errs[1:]))
+
+
+@pytest.mark.parametrize("budget", [0, 7, 100, 1000, 10**6])
+def test_allocation_respects_the_budget_exactly(budget):
+    rng = np.random.default_rng(3)
+    gains = [np.sort(rng.random(10))[::-1] for _ in range(6)]
+    costs = [int(c) for c in rng.integers(5, 60, 6)]
+    ranks = allocate(gains, costs, budget)
+    spent = sum(r * c for r, c in zip(ranks, costs))
+    assert spent <= budget
+    assert all(0 <= r <= 10 for r in ranks)
+    # nothing affordable left unchosen: every layer's next rank would overflow or is exhausted
+    assert all(r == 10 or spent + c > budget for r, c in zip(ranks, costs)) or budget >= 10**6
+
+
+def feeds(n=24):
+    rng = np.random.default_rng(1)
+    return [{"x": rng.standard_normal((2, 3, 12, 12)).astype(np.float32)} for _ in range(n)]
+
+
+def test_budget_zero_emits_no_branch():
+    q, rep = onnxq.convert(conv_zoo(np.random.default_rng(0)), onnxq.ConvertConfig(bits=4), calib=feeds())
+    assert not any("/residual/" in n.name for n in q.graph.node)
+    assert all(l["branch_rank"] == 0 for l in rep.quantized)
+
+
+def test_int8_branches_are_named_valid_and_within_budget():
+    m = conv_zoo(np.random.default_rng(0))
+    q, rep = onnxq.convert(m, onnxq.ConvertConfig(bits=3, rank_budget=0.1), calib=feeds())
+    onnx.checker.check_model(q)
+    names = {n.name for n in q.graph.node}
+    with_branch = [l for l in rep.quantized if l["branch_rank"]]
+    assert with_branch
+    for l in with_branch:
+        assert {f"{l['node']}/residual/{p}" for p in ("A", "B", "add")} <= names
+        assert l["sqnr_with_branch_db"] > l["sqnr_db"]
+    inits = {t.name: t for t in q.graph.initializer}
+    assert all(inits[n].data_type == onnx.TensorProto.INT8 for n in inits if "/residual/" in n and n.endswith("_q"))
+    assert rep.branches["used_params"] <= rep.branches["budget_params"]
+    assert sum(l["branch_params"] for l in rep.quantized) == rep.branches["used_params"]
+    assert rep.fidelity["cosine"] > 0.98
+
+
+def test_float_branch_block_equals_conv_with_corrected_weight():
+    """QConv(x) + B(A(x)) == Conv(x, Q(W) + B·A) when nothing else is quantized."""
+    rng = np.random.default_rng(4)
+    w = (rng.standard_normal((8, 4, 3, 3)) * 0.3).astype(np.float32)
+    m = make_model([helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1], strides=[2, 2])],
+                   [vi("x", [1, 4, 9, 9])], [vi("y", [1, 8, 5, 5])], {"w": w})
+    cal = [{"x": rng.standard_normal((1, 4, 9, 9)).astype(np.float32)} for _ in range(16)]
+    cfg = onnxq.ConvertConfig(bits=3, act_bits=32, rank_budget=0.5, adapter_bits=32, bias_correction=False)
+    q, rep = onnxq.convert(m, cfg, calib=cal)
+    assert rep.quantized[0]["branch_rank"] > 0
+    inits = {t.name: numpy_helper.to_array(t) for t in q.graph.initializer}
+    node = rep.quantized[0]["node"]
+    wq = inits[f"{node}/weight_q"].astype(np.float32) * inits[f"{node}/weight_scale"][:, None, None, None]
+    a = inits[f"{node}/residual/A_weight"].reshape(inits[f"{node}/residual/A_weight"].shape[0], -1)
+    b = inits[f"{node}/residual/B_weight"][:, :, 0, 0]
+    merged = (wq.reshape(8, -1) + b @ a).reshape(w.shape).astype(np.float32)
+    ref = make_model([helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1], strides=[2, 2])],
+                     [vi("x", [1, 4, 9, 9])], [vi("y", [1, 8, 5, 5])], {"w": merged})
+    x = cal[0]
+    got = ort.InferenceSession(q.SerializeToString()).run(None, x)[0]
+    want = ort.InferenceSession(ref.SerializeToString()).run(None, x)[0]
+    assert np.allclose(got, want, atol=1e-4)
