@@ -19,6 +19,7 @@ from .errors import InputModelError, VerificationError
 from .graph.io import check_model, check_output_path, input_specs, load_model, opset_of, save_model
 from .graph.prepare import prepare
 from .graph.rewrite import apply_plan, upgrade_opset
+from .graph.tidy import tidy
 from .graph.targets import find_targets, initializer_array
 from .planner import make_plan
 from .report import build_report
@@ -104,7 +105,7 @@ def convert(model: str | os.PathLike | onnx.ModelProto, config: ConvertConfig | 
         layers = sequential_layers(prepared, targets, cal, stats, weights, biases, cfg, progress)
     plan = make_plan(targets, weights, biases, layer_stats, stats.acts, cfg, progress=cb,
                      layers=layers)
-    qmodel = apply_plan(prepared, plan)
+    qmodel = tidy(apply_plan(prepared, plan))
     qmodel.producer_name, qmodel.producer_version = "onnxq", _version()
     secs["quantize"] = time.perf_counter() - t2
 
