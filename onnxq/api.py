@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -23,6 +24,7 @@ from .graph.tidy import tidy
 from .graph.targets import find_targets, initializer_array
 from .planner import make_plan
 from .report import build_report
+from .mixed import choose_bits
 from .sequential import sequential_layers
 from .types import Report, Stats
 from .verify import fidelity
@@ -33,7 +35,8 @@ RANDOM_SAMPLES = 16
 
 
 def _needed_opset(cfg: ConvertConfig) -> int:
-    low = cfg.bits <= 4 or any(b <= 4 for _, b in cfg.bits_overrides) or cfg.act_bits in (4, 16)
+    low = (cfg.bits <= 4 or any(b <= 4 for _, b in cfg.bits_overrides) or cfg.act_bits in (4, 16)
+           or (cfg.mixed and min(cfg.bit_choices) <= 4))
     return 21 if low else 13
 
 
@@ -101,6 +104,12 @@ def convert(model: str | os.PathLike | onnx.ModelProto, config: ConvertConfig | 
     biases = {t.node: initializer_array(prepared, t.graph, t.bias) for t in targets if t.bias}
     cb = (lambda d, n: progress("quantize", d, n)) if progress else None
     layers, layer_stats = None, stats.layers
+    mixed_info: dict = {}
+    if cfg.mixed:
+        overrides, mixed_info = choose_bits(prepared, targets, weights, biases, stats.layers, cal, cfg,
+                                            progress)
+        cfg = dataclasses.replace(cfg, bits_overrides=overrides + cfg.bits_overrides,
+                                  depthwise_bits=min(cfg.bit_choices))
     if cfg.sequential_on and any(t.act for t in targets):
         layers = sequential_layers(prepared, targets, cal, stats, weights, biases, cfg, progress)
     plan = make_plan(targets, weights, biases, layer_stats, stats.acts, cfg, progress=cb,
@@ -122,6 +131,7 @@ def convert(model: str | os.PathLike | onnx.ModelProto, config: ConvertConfig | 
     secs["total"] = time.perf_counter() - t0
     report = build_report(name, cfg, plan, targets, skipped, stats, source, qmodel, fid, secs,
                           warnings, prep_info, src_opset, len(cal), len(held))
+    report.mixed = mixed_info
     return qmodel, report
 
 

@@ -84,6 +84,13 @@ def print_summary(report) -> None:
     notes = Counter(q["note"] for q in r.quantized if q["note"])
     for why, n in sorted(notes.items()):
         out.print(f"  note: {n} layers — {why}")
+    mx = r.mixed
+    if mx:
+        chosen = Counter(mx["layers"].values())
+        out.print(f"  mixed precision ({mx['allocator']}): average {mx['avg_bits']:.2f} bits; "
+                  + ", ".join(f"{n} layers at {b}" for b, n in sorted(chosen.items(), reverse=True))
+                  + f"; output divergence predicted {mx['predicted_divergence']:.4g}, measured "
+                  f"{mx['measured_divergence']:.4g}")
     b = r.branches
     if b.get("layers_with_branch"):
         out.print(f"  low-rank branches: {b['layers_with_branch']} layers, {b['used_params']} extra "
@@ -180,6 +187,10 @@ def _preprocess_options(f):
 @click.option("--adapter-init", default="whitened", show_default=True,
               help="Branch factors: whitened (minimise the layer output error) or svd (weight error).")
 @click.option("--adapter-bits", type=int, default=8, show_default=True, help="Branch weight bits: 8 or 32.")
+@click.option("--avg-bits", type=float,
+              help="Mixed precision: choose each layer's bits so the parameter-weighted average is at most this.")
+@click.option("--max-size", help="Mixed precision: quantized weights at most this big, e.g. 2.5MB or 800KB.")
+@click.option("--bit-choices", default="8,4,3,2", show_default=True, help="Candidate bits for mixed precision.")
 @click.option("--bits-override", multiple=True, metavar="PATTERN=BITS",
               help="Per-layer weight bits by node-name pattern, e.g. 'conv1*=8' (repeatable).")
 @click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write the full report as JSON.")
@@ -192,7 +203,8 @@ def _preprocess_options(f):
 @_preprocess_options
 def convert(model, output, bits, act_bits, calib, calib_size, holdout_data, seed, weight_method,
             act_method, act_symmetric, depthwise_bits, exclude, no_bias_correction, sequential, stages,
-            rank_budget, adapter_init, adapter_bits, bits_override, report_path,
+            rank_budget, adapter_init, adapter_bits, avg_bits, max_size, bit_choices, bits_override,
+            report_path,
             save_stats, load_stats, min_agreement, min_cosine, show_layers, quiet, preset, size,
             mean, std, layout, channel_order):
     """Quantize MODEL and write a QDQ ONNX model."""
@@ -204,7 +216,8 @@ def convert(model, output, bits, act_bits, calib, calib_size, holdout_data, seed
                         seed=seed, depthwise_bits=depthwise_bits, exclude=tuple(exclude),
                         bias_correction=not no_bias_correction, sequential=sequential, stages=stages,
                         rank_budget=rank_budget, adapter_init=adapter_init, adapter_bits=adapter_bits,
-                        bits_overrides=_overrides(bits_override))
+                        bits_overrides=_overrides(bits_override), avg_bits=avg_bits,
+                        max_size=_size(max_size), bit_choices=tuple(int(b) for b in _floats(bit_choices, "--bit-choices")))
     pre = _preprocess(preset, size, mean, std, layout, channel_order)
     output = output or model.with_suffix(".q.onnx")
     check_output_path(output, model)
@@ -235,6 +248,20 @@ def convert(model, output, bits, act_bits, calib, calib_size, holdout_data, seed
         if show_layers:
             print_layers(report)
         out.print(f"  wrote {output}")
+
+
+def _size(text: str | None) -> int | None:
+    if text is None:
+        return None
+    units = {"GB": 10**9, "MB": 10**6, "KB": 10**3, "B": 1}
+    t = text.strip().upper()
+    for u, mult in units.items():
+        if t.endswith(u):
+            try:
+                return int(float(t[: -len(u)]) * mult)
+            except ValueError:
+                break
+    raise ConfigError(f"--max-size takes a size like 2.5MB or 800KB, got '{text}'")
 
 
 def _overrides(items) -> tuple[tuple[str, int], ...]:

@@ -46,6 +46,9 @@ class ConvertConfig:
     adapter_init: str = "whitened"
     adapter_bits: int = 8
     max_rank: int = 64
+    avg_bits: float | None = None          # mixed precision: parameter-weighted average weight bits
+    max_size: int | None = None            # mixed precision: bytes of quantized weights at most
+    bit_choices: tuple[int, ...] = (8, 4, 3, 2)
 
     def __post_init__(self) -> None:
         if self.bits not in WEIGHT_BITS:
@@ -72,6 +75,12 @@ class ConvertConfig:
             raise ConfigError(f"unknown --adapter-init '{self.adapter_init}'; known: whitened, svd")
         if self.adapter_bits not in (8, 32):
             raise ConfigError(f"--adapter-bits must be 8 or 32, got {self.adapter_bits}")
+        if self.avg_bits is not None and not 2 <= self.avg_bits <= 8:
+            raise ConfigError(f"--avg-bits must lie in 2..8, got {self.avg_bits}")
+        if self.max_size is not None and self.max_size <= 0:
+            raise ConfigError("--max-size must be positive")
+        if not self.bit_choices or any(b not in WEIGHT_BITS for b in self.bit_choices):
+            raise ConfigError(f"--bit-choices must come from {WEIGHT_BITS}, got {self.bit_choices}")
         for _, b in self.bits_overrides:
             if b not in WEIGHT_BITS:
                 raise ConfigError(f"bit override must be one of {WEIGHT_BITS}, got {b}")
@@ -83,6 +92,18 @@ class ConvertConfig:
     @property
     def act_method_name(self) -> str:
         return self.act_method or "percentile"
+
+    @property
+    def mixed(self) -> bool:
+        return self.avg_bits is not None or self.max_size is not None
+
+    def size_budget_bits(self, params: int) -> float:
+        """Bits the quantized weights may take: from --avg-bits (branch parameters counted at the
+        same average) or --max-size."""
+        if self.avg_bits is not None:
+            branch = self.rank_budget * params
+            return self.avg_bits * (params + branch) - self.adapter_bits * branch
+        return float(self.max_size) * 8
 
     @property
     def sequential_on(self) -> bool:
@@ -101,7 +122,7 @@ class ConvertConfig:
         """Weight bits of a node and why, when it differs from --bits."""
         for pattern, b in self.bits_overrides:
             if fnmatch.fnmatchcase(node, pattern):
-                return b, f"override {pattern}"
+                return b, "bits chosen by mixed precision" if self.mixed else f"override {pattern}"
         if depthwise and self.depthwise_bits > self.bits:
             return self.depthwise_bits, f"depthwise conv kept at {self.depthwise_bits} bits"
         return self.bits, ""

@@ -212,3 +212,20 @@ def upgrade_opset(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
     if target >= 21:
         out.ir_version = max(out.ir_version, 10)
     return out
+
+
+def weights_as_inputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    """A copy whose main-graph initializers `names` are graph inputs instead (same name, type
+    and shape), so one onnxruntime session can try many weight variants."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    wanted = set(names)
+    keep = []
+    for t in m.graph.initializer:
+        if t.name in wanted:
+            m.graph.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+        else:
+            keep.append(t)
+    del m.graph.initializer[:]
+    m.graph.initializer.extend(keep)
+    return m

@@ -1,0 +1,86 @@
+"""Mixed precision: measure what each bit-width costs each layer, then allocate bits under a
+size budget (algos/mixed.py). Costs are measured through onnxruntime with one session whose
+weights are graph inputs, so every (layer, bits) trial is a feed, not a rebuilt model."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+import onnx
+
+from .algos.mixed import allocate, predicted_cost
+from .calib.collect import session
+from .calib.data import Feed
+from .config import ConvertConfig
+from .graph.rewrite import weights_as_inputs
+from .layout import from_matrix, to_matrix
+from .planner import plan_layer
+from .types import LayerStats, Target
+
+Progress = Callable[[str, int, int], None]
+TRIAL_SAMPLES = 8
+
+
+def divergence(ref: Sequence[np.ndarray], out: Sequence[np.ndarray]) -> float:
+    """KL for classifier-like outputs, relative MSE otherwise; summed over outputs."""
+    total = 0.0
+    for r, o in zip(ref, out):
+        r, o = r.astype(np.float64), o.astype(np.float64)
+        if r.ndim in (2, 3) and r.shape[-1] >= 2:
+            p = np.exp(r - r.max(-1, keepdims=True)) if not (r.min() >= 0 and np.allclose(r.sum(-1), 1, atol=1e-3)) else r
+            q = np.exp(o - o.max(-1, keepdims=True)) if not (o.min() >= 0 and np.allclose(o.sum(-1), 1, atol=1e-3)) else o
+            p, q = p / p.sum(-1, keepdims=True), q / q.sum(-1, keepdims=True)
+            total += float(np.mean(np.sum(p * (np.log(p + 1e-12) - np.log(q + 1e-12)), axis=-1)))
+        else:
+            total += float(np.mean((r - o) ** 2) / max(np.mean(r**2), 1e-12))
+    return total
+
+
+def _escape(name: str) -> str:
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
+
+
+def choose_bits(prepared: onnx.ModelProto, targets: Sequence[Target], weights: Mapping[str, np.ndarray],
+                biases: Mapping[str, np.ndarray], layer_stats: Mapping[str, LayerStats],
+                loaders: Sequence[Callable[[], Feed]], cfg: ConvertConfig,
+                progress: Progress | None = None) -> tuple[tuple[tuple[str, int], ...], dict]:
+    """Per-layer bits as exact-name overrides, and what the allocation predicted."""
+    choices = sorted(cfg.bit_choices, reverse=True)
+    main = [t for t in targets if not t.graph]
+    sess_model = weights_as_inputs(prepared, [t.weight for t in main])
+    sess = session(sess_model)
+    names = [o.name for o in sess.get_outputs()]
+    feeds = [load() for load in loaders[:TRIAL_SAMPLES]]
+    base_w = {t.weight: weights[t.node] for t in main}
+    ref = [sess.run(names, {**f, **base_w}) for f in feeds]
+    costs = np.zeros((len(main), len(choices)))
+    sizes = np.zeros((len(main), len(choices)))
+    deq: dict[tuple[str, int], np.ndarray] = {}
+    for li, t in enumerate(main):
+        for ci, b in enumerate(choices):
+            c = dataclasses.replace(cfg, bits=b, depthwise_bits=min(cfg.bit_choices), bits_overrides=())
+            lp = plan_layer(t, weights[t.node], biases.get(t.node), layer_stats.get(t.node), c)
+            w_hat = from_matrix(to_matrix(lp.codes, t.layout) * lp.scales[:, None], t.layout, t.shape)
+            deq[(t.node, b)] = w_hat.astype(np.float32)
+            # --avg-bits counts weight bits; --max-size counts bytes, per-channel scales included
+            sizes[li, ci] = t.params * b + (lp.scales.size * 32 if cfg.avg_bits is None else 0)
+            trial = {**base_w, t.weight: deq[(t.node, b)]}
+            costs[li, ci] = np.mean([divergence(r, sess.run(names, {**f, **trial})) for f, r in zip(feeds, ref)])
+        if progress:
+            progress("bit costs", li + 1, len(main))
+    costs = np.maximum(costs - costs[:, :1], 0.0)          # the cost of a choice beyond the widest
+    budget = cfg.size_budget_bits(sum(t.params for t in main))
+    choice, how = allocate(costs, sizes, budget, rng=np.random.default_rng(cfg.seed))
+    chosen = [(t, choices[c]) for t, c in zip(main, choice)]
+    final = {**base_w, **{t.weight: deq[(t.node, b)] for t, b in chosen}}
+    measured = np.mean([divergence(r, sess.run(names, {**f, **final})) for f, r in zip(feeds, ref)])
+    total_params = sum(t.params for t in main)
+    info = {"allocator": how, "budget_bits": budget,
+            "used_bits": float(sum(sizes[i, c] for i, c in enumerate(choice))),
+            "avg_bits": float(sum(t.params * b for t, b in chosen) / max(total_params, 1)),
+            "predicted_divergence": predicted_cost(costs, choice), "measured_divergence": float(measured),
+            "layers": {t.node: b for t, b in chosen},
+            "costs": {t.node: dict(zip(map(str, choices), map(float, costs[i]))) for i, t in enumerate(main)}}
+    return tuple((_escape(t.node), b) for t, b in chosen), info

@@ -1,0 +1,71 @@
+"""Mixed precision: the allocators on their objective, and the end-to-end budget."""
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from onnx import helper
+
+import onnxq
+from onnxq.algos.mixed import allocate, anneal, greedy
+from builders import make_model, vi
+
+BITS = np.array([8, 4, 3, 2])
+
+
+def problem(seed, layers=20):
+    rng = np.random.default_rng(seed)
+    params = rng.integers(100, 5000, layers)
+    sizes = params[:, None] * BITS[None]
+    costs = rng.lognormal(0, 1.5, layers)[:, None] * np.array([0, 1, 4, 16])[None]
+    return params, sizes.astype(float), costs
+
+
+@pytest.mark.parametrize("avg", [2.0, 2.5, 3.0, 3.5, 4.0, 6.0, 8.0])
+@pytest.mark.parametrize("method", ["greedy", "anneal", "best"])
+def test_allocation_respects_the_budget(avg, method):
+    params, sizes, costs = problem(0)
+    choice, _ = allocate(costs, sizes, avg * params.sum(), method=method)
+    assert sizes[np.arange(len(choice)), choice].sum() <= avg * params.sum() + 1e-6
+
+
+def test_budget_of_uniform_8_bits_gives_8_everywhere():
+    params, sizes, costs = problem(1)
+    choice, _ = allocate(costs + 1e-9, sizes, 8 * params.sum())
+    assert (BITS[choice] == 8).all()
+
+
+def test_annealing_converges_to_one_hot():
+    params, sizes, costs = problem(2)
+    _, pi = anneal(costs, sizes, 3.5 * params.sum())
+    assert np.all(pi.max(axis=1) > 0.99)
+
+
+def test_best_of_both_is_never_worse_than_greedy():
+    for seed in range(5):
+        params, sizes, costs = problem(seed)
+        b = 3.0 * params.sum()
+        g = greedy(costs, sizes, b)
+        c, _ = allocate(costs, sizes, b)
+        assert costs[np.arange(len(c)), c].sum() <= costs[np.arange(len(g)), g].sum() + 1e-9
+
+
+def test_sensitive_layer_gets_the_most_bits():
+    """Three equal MatMuls on the same input, summed after scaling: the middle one's output
+    counts 20x more than the others', so must its rounding error: it gets the most bits."""
+    rng = np.random.default_rng(3)
+    w = {f"w{i}": (rng.standard_normal((32, 32)) / 6).astype(np.float32) for i in range(3)}
+    w["big"], w["small"] = np.array(4.0, np.float32), np.array(0.2, np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "w0"], ["a"], name="l0"),
+             helper.make_node("MatMul", ["x", "w1"], ["b"], name="sensitive"),
+             helper.make_node("MatMul", ["x", "w2"], ["c"], name="l2"),
+             helper.make_node("Mul", ["a", "small"], ["a2"]),
+             helper.make_node("Mul", ["b", "big"], ["b2"]),
+             helper.make_node("Mul", ["c", "small"], ["c2"]),
+             helper.make_node("Sum", ["a2", "b2", "c2"], ["y"])]
+    m = make_model(nodes, [vi("x", [8, 32])], [vi("y", [8, 32])], w)
+    cal = [{"x": rng.standard_normal((8, 32)).astype(np.float32)} for _ in range(16)]
+    q, rep = onnxq.convert(m, onnxq.ConvertConfig(avg_bits=3.5, act_bits=32), calib=cal)
+    bits = rep.mixed["layers"]
+    assert bits["sensitive"] == max(bits.values()) and bits["sensitive"] > min(bits.values())
+    assert rep.mixed["avg_bits"] <= 3.5
+    ort.InferenceSession(q.SerializeToString())
