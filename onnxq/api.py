@@ -35,7 +35,7 @@ RANDOM_SAMPLES = 16
 
 
 def _needed_opset(cfg: ConvertConfig) -> int:
-    low = (cfg.bits <= 4 or any(b <= 4 for _, b in cfg.bits_overrides) or cfg.act_bits in (4, 16)
+    low = (cfg.bits <= 4 or any(b <= 4 for _, b in cfg.bits_overrides) or cfg.act_bits == 16
            or (cfg.mixed and min(cfg.bit_choices) <= 4))
     return 21 if low else 13
 

@@ -161,7 +161,7 @@ def _preprocess_options(f):
               help="Output model (default: MODEL with suffix .q.onnx). Written atomically.")
 @click.option("--bits", type=int, default=4, show_default=True, help="Weight bits: 2, 3, 4 or 8.")
 @click.option("--act-bits", type=int, default=8, show_default=True,
-              help="Activation bits: 4, 8, 16, or 32 for weight-only (activations stay float).")
+              help="Activation bits: 4, 6 (8-bit containers, narrow range), 8, 16, or 32 for weight-only.")
 @click.option("--calib", type=click.Path(path_type=Path),
               help="Calibration data: folder of per-sample .npz, one .npz with a leading sample "
                    "axis, or an image folder (with --preprocess). Without it: random data.")

@@ -11,7 +11,7 @@ from .algos.weights import WEIGHT_METHODS
 from .errors import ConfigError
 
 WEIGHT_BITS = (2, 3, 4, 8)
-ACT_BITS = (4, 8, 16, 32)
+ACT_BITS = (4, 6, 8, 16, 32)
 
 
 @dataclass(frozen=True)

@@ -144,3 +144,19 @@ def test_sequential_compensates_stage_first_layers_and_stays_close():
     assert any(x.endswith("+compensated") for x in methods)
     assert not methods[0].endswith("+compensated")            # stage 0 has no quantized upstream
     assert rep.fidelity["cosine"] > 0.99
+
+
+@pytest.mark.parametrize("abits", [4, 6])
+def test_low_bit_activations_use_narrow_codes_in_8_bit_containers(abits):
+    m = conv_zoo(np.random.default_rng(0))
+    q, rep = onnxq.convert(m, onnxq.ConvertConfig(bits=4, act_bits=abits), calib=feeds())
+    inits = {t.name: numpy_helper.to_array(t) for t in q.graph.initializer}
+    for n in q.graph.node:
+        if n.op_type == "QuantizeLinear":
+            clip = next(c for c in q.graph.node if c.output[0] == n.input[0])
+            assert clip.op_type == "Clip"
+            scale, zp = float(inits[n.input[1]]), int(inits[n.input[2]])
+            assert inits[n.input[2]].dtype == np.uint8
+            lo, hi = float(inits[clip.input[1]]), float(inits[clip.input[2]])
+            assert round(lo / scale) + zp == 0 and round(hi / scale) + zp == 2**abits - 1
+    assert rep.fidelity["cosine"] > (0.95 if abits == 4 else 0.98)

@@ -19,20 +19,16 @@ from .prepare import prune_initializers
 from .walk import graph_by_path
 
 
-def needed_opset(plan: Plan) -> int:
-    if any(lp.bits <= 4 for lp in plan.layers) or any(a.bits in (4, 16) for a in plan.acts.values()):
-        return 21
-    return 13 if plan.layers else 0
-
-
 def weight_container(bits: int):
     return ml_dtypes.int4 if bits <= 4 else np.int8
 
 
 def act_container(a: ActQuant):
-    table = {(4, False): ml_dtypes.uint4, (4, True): ml_dtypes.int4, (8, False): np.uint8,
-             (8, True): np.int8, (16, False): np.uint16, (16, True): np.int16}
-    return table[(a.bits, a.signed)]
+    """Activations below 8 bits live in 8-bit containers behind a Clip to their narrow code
+    range (onnxruntime rejects uint4 activations once it fuses QDQ into integer kernels)."""
+    if a.bits <= 8:
+        return np.int8 if a.signed else np.uint8
+    return np.int16 if a.signed else np.uint16
 
 
 def _init(g: onnx.GraphProto, name: str, value: np.ndarray) -> str:
@@ -84,7 +80,14 @@ def _act_nodes(g: onnx.GraphProto, act: str, base: str, a: ActQuant) -> list[onn
     dt = act_container(a)
     s = _init(g, f"{base}/act_scale", np.array(a.scale, dtype=np.float32))
     z = _init(g, f"{base}/act_zero", np.array(a.zero_point).astype(dt))
-    return [helper.make_node("QuantizeLinear", [act, s, z], [f"{base}/q"], name=f"{base}/quantize"),
+    nodes = []
+    if a.bits < 8:
+        qmin, qmax = (-(2 ** (a.bits - 1)), 2 ** (a.bits - 1) - 1) if a.signed else (0, 2**a.bits - 1)
+        lo = _init(g, f"{base}/clip_lo", np.array((qmin - a.zero_point) * a.scale, np.float32))
+        hi = _init(g, f"{base}/clip_hi", np.array((qmax - a.zero_point) * a.scale, np.float32))
+        nodes.append(helper.make_node("Clip", [act, lo, hi], [f"{base}/clipped"], name=f"{base}/clip"))
+        act = f"{base}/clipped"
+    return nodes + [helper.make_node("QuantizeLinear", [act, s, z], [f"{base}/q"], name=f"{base}/quantize"),
             helper.make_node("DequantizeLinear", [f"{base}/q", s, z], [f"{base}/dq"],
                              name=f"{base}/dequantize")]
 
