@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .calib.collect import collect
+from .calib.collect import collect, session
 from .calib.data import Feed, Preprocess, open_source, random_feeds
 from .config import ConvertConfig
 from .errors import InputModelError, VerificationError
@@ -24,6 +24,7 @@ from .graph.tidy import tidy
 from .graph.targets import find_targets, initializer_array
 from .planner import make_plan
 from .report import build_report
+from .lapq import lapq_search
 from .mixed import choose_bits
 from .sequential import sequential_layers
 from .types import Report, Stats
@@ -114,6 +115,12 @@ def convert(model: str | os.PathLike | onnx.ModelProto, config: ConvertConfig | 
         layers = sequential_layers(prepared, targets, cal, stats, weights, biases, cfg, progress)
     plan = make_plan(targets, weights, biases, layer_stats, stats.acts, cfg, progress=cb,
                      layers=layers)
+    search_info: dict = {}
+    if cfg.act_method_name == "lapq" and plan.acts:
+        feeds = [load() for load in cal[:cfg.search_samples]]
+        ref_sess = session(prepared)
+        reference = [ref_sess.run(None, f) for f in feeds]
+        plan.acts, search_info = lapq_search(prepared, plan, stats.acts, feeds, reference, cfg, progress)
     qmodel = tidy(apply_plan(prepared, plan))
     qmodel.producer_name, qmodel.producer_version = "onnxq", _version()
     secs["quantize"] = time.perf_counter() - t2
@@ -132,6 +139,7 @@ def convert(model: str | os.PathLike | onnx.ModelProto, config: ConvertConfig | 
     report = build_report(name, cfg, plan, targets, skipped, stats, source, qmodel, fid, secs,
                           warnings, prep_info, src_opset, len(cal), len(held))
     report.mixed = mixed_info
+    report.search = search_info
     return qmodel, report
 
 

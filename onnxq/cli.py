@@ -62,9 +62,10 @@ def _progress(quiet: bool):
     tasks: dict[str, int] = {}
 
     def cb(stage: str, done: int, total: int) -> None:
-        if stage not in tasks:
-            tasks[stage] = bar.add_task(stage, total=total)
-        bar.update(tasks[stage], completed=done)
+        key = stage.split()[0]                 # "search loss 0.012": one bar, a changing label
+        if key not in tasks:
+            tasks[key] = bar.add_task(stage, total=total)
+        bar.update(tasks[key], completed=done, description=stage)
     return bar, cb
 
 
@@ -84,6 +85,10 @@ def print_summary(report) -> None:
     notes = Counter(q["note"] for q in r.quantized if q["note"])
     for why, n in sorted(notes.items()):
         out.print(f"  note: {n} layers — {why}")
+    sr = r.search
+    if sr:
+        out.print(f"  lapq: {sr['tensors']} ranges searched in {sr['evaluations']} evaluations (p* = "
+                  f"{sr['p_star']:.2f}); calibration loss {sr['loss_before']:.4g} -> {sr['loss_after']:.4g}")
     mx = r.mixed
     if mx:
         chosen = Counter(mx["layers"].values())
@@ -172,7 +177,10 @@ def _preprocess_options(f):
 @click.option("--weight-method", metavar="NAME",
               help=f"{' | '.join(WEIGHT_METHODS)} (default: gptq at <=4 bits, mse at 8).")
 @click.option("--act-method", metavar="NAME",
-              help=f"{' | '.join(RANGE_METHODS)} (default: percentile).")
+              help=f"{' | '.join(RANGE_METHODS)} | lapq (joint loss-aware search); percentile:P, lp:P, "
+                   "interval:EPS take a parameter (default: percentile).")
+@click.option("--search-evals", type=int, default=300, show_default=True,
+              help="lapq: network-loss evaluations at most.")
 @click.option("--act-symmetric", is_flag=True, help="Symmetric int activations instead of uint.")
 @click.option("--depthwise-bits", type=int, default=8, show_default=True,
               help="Bits of depthwise convs (tiny, and the most sensitive to rounding).")
@@ -202,7 +210,7 @@ def _preprocess_options(f):
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars or summary.")
 @_preprocess_options
 def convert(model, output, bits, act_bits, calib, calib_size, holdout_data, seed, weight_method,
-            act_method, act_symmetric, depthwise_bits, exclude, no_bias_correction, sequential, stages,
+            act_method, search_evals, act_symmetric, depthwise_bits, exclude, no_bias_correction, sequential, stages,
             rank_budget, adapter_init, adapter_bits, avg_bits, max_size, bit_choices, bits_override,
             report_path,
             save_stats, load_stats, min_agreement, min_cosine, show_layers, quiet, preset, size,
@@ -212,7 +220,7 @@ def convert(model, output, bits, act_bits, calib, calib_size, holdout_data, seed
     from .graph.io import check_output_path
 
     cfg = ConvertConfig(bits=bits, act_bits=act_bits, weight_method=weight_method,
-                        act_method=act_method, act_symmetric=act_symmetric, calib_size=calib_size,
+                        act_method=act_method, search_evals=search_evals, act_symmetric=act_symmetric, calib_size=calib_size,
                         seed=seed, depthwise_bits=depthwise_bits, exclude=tuple(exclude),
                         bias_correction=not no_bias_correction, sequential=sequential, stages=stages,
                         rank_budget=rank_budget, adapter_init=adapter_init, adapter_bits=adapter_bits,

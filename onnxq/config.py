@@ -49,6 +49,8 @@ class ConvertConfig:
     avg_bits: float | None = None          # mixed precision: parameter-weighted average weight bits
     max_size: int | None = None            # mixed precision: bytes of quantized weights at most
     bit_choices: tuple[int, ...] = (8, 4, 3, 2)
+    search_evals: int = 300                # lapq: network-loss evaluations at most
+    search_samples: int = 16               # lapq / mixed precision: calibration samples per evaluation
 
     def __post_init__(self) -> None:
         if self.bits not in WEIGHT_BITS:
@@ -58,12 +60,12 @@ class ConvertConfig:
         if self.weight_method is not None and self.weight_method not in WEIGHT_METHODS:
             raise ConfigError(f"unknown weight method '{self.weight_method}'; "
                               f"known: {', '.join(WEIGHT_METHODS)}")
-        if self.act_method is not None:
+        if self.act_method is not None and self.act_method != "lapq":
             try:
                 parse_method(self.act_method)
             except ValueError:
                 raise ConfigError(f"unknown activation method '{self.act_method}'; known: "
-                                  f"{', '.join(RANGE_METHODS)} (percentile:PCT, lp:P and "
+                                  f"{', '.join(RANGE_METHODS)}, lapq (percentile:PCT, lp:P and "
                                   "interval:EPS take a parameter)") from None
         if self.calib_size < 1:
             raise ConfigError("--calib-size must be at least 1")

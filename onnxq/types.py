@@ -208,6 +208,7 @@ class Report:
     opset_after: int = 0
     branches: dict[str, Any] = field(default_factory=dict)
     mixed: dict[str, Any] = field(default_factory=dict)
+    search: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -77,19 +77,18 @@ def _weight_nodes(g: onnx.GraphProto, lp: LayerPlan, bias_scale_x: float | None)
 
 
 def _act_nodes(g: onnx.GraphProto, act: str, base: str, a: ActQuant) -> list[onnx.NodeProto]:
-    dt = act_container(a)
-    s = _init(g, f"{base}/act_scale", np.array(a.scale, dtype=np.float32))
-    z = _init(g, f"{base}/act_zero", np.array(a.zero_point).astype(dt))
+    vals = act_param_values(base, a)
+    for name, v in vals.items():
+        _init(g, name, v)
+    s, z = f"{base}/act_scale", f"{base}/act_zero"
     nodes = []
     if a.bits < 8:
-        qmin, qmax = (-(2 ** (a.bits - 1)), 2 ** (a.bits - 1) - 1) if a.signed else (0, 2**a.bits - 1)
-        lo = _init(g, f"{base}/clip_lo", np.array((qmin - a.zero_point) * a.scale, np.float32))
-        hi = _init(g, f"{base}/clip_hi", np.array((qmax - a.zero_point) * a.scale, np.float32))
-        nodes.append(helper.make_node("Clip", [act, lo, hi], [f"{base}/clipped"], name=f"{base}/clip"))
+        nodes.append(helper.make_node("Clip", [act, f"{base}/clip_lo", f"{base}/clip_hi"],
+                                      [f"{base}/clipped"], name=f"{base}/clip"))
         act = f"{base}/clipped"
     return nodes + [helper.make_node("QuantizeLinear", [act, s, z], [f"{base}/q"], name=f"{base}/quantize"),
-            helper.make_node("DequantizeLinear", [f"{base}/q", s, z], [f"{base}/dq"],
-                             name=f"{base}/dequantize")]
+                    helper.make_node("DequantizeLinear", [f"{base}/q", s, z], [f"{base}/dq"],
+                                     name=f"{base}/dequantize")]
 
 
 def apply_plan(model: onnx.ModelProto, plan: Plan) -> onnx.ModelProto:
@@ -232,3 +231,21 @@ def weights_as_inputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelPro
     del m.graph.initializer[:]
     m.graph.initializer.extend(keep)
     return m
+
+
+def act_param_names(act: str, a: ActQuant) -> list[str]:
+    """Initializer names of one main-graph activation's QDQ parameters (see _act_nodes)."""
+    names = [f"{act}/act_scale", f"{act}/act_zero"]
+    return names + ([f"{act}/clip_lo", f"{act}/clip_hi"] if a.bits < 8 else [])
+
+
+def act_param_values(act: str, a: ActQuant) -> dict[str, np.ndarray]:
+    """The values _act_nodes would write for `a`, keyed like act_param_names."""
+    dt = act_container(a)
+    out = {f"{act}/act_scale": np.array(a.scale, dtype=np.float32),
+           f"{act}/act_zero": np.array(a.zero_point).astype(dt)}
+    if a.bits < 8:
+        qmin, qmax = (-(2 ** (a.bits - 1)), 2 ** (a.bits - 1) - 1) if a.signed else (0, 2**a.bits - 1)
+        out[f"{act}/clip_lo"] = np.array((qmin - a.zero_point) * a.scale, np.float32)
+        out[f"{act}/clip_hi"] = np.array((qmax - a.zero_point) * a.scale, np.float32)
+    return out
