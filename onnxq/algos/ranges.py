@@ -107,7 +107,10 @@ def entropy(counts, edges, bits, signed, *, observed=None, candidates: int = 128
     one_sided = lo0 >= -0.05 * hi0 or hi0 <= -0.05 * lo0
     levels = 2**bits if (one_sided and not signed) else 2 ** (bits - 1)
     best_t, best_kl = float(e[last]), np.inf
-    for stop in np.unique(np.linspace(max(levels, last // 16), last, candidates).astype(int)):
+    # KL alone happily clips tensors whose mass sits in a spike at zero down to a sliver of their
+    # range (measured: PP-OCR rec reads nothing); never clip more than 0.1% of the values
+    floor = int(np.searchsorted(np.cumsum(mag) / mag.sum(), 0.999)) + 1
+    for stop in np.unique(np.linspace(max(levels, last // 16, floor), last, candidates).astype(int)):
         sliced = mag[:stop].astype(np.float64)
         p = sliced.copy()
         p[-1] += mag[stop:].sum()                    # the reference keeps the clipped mass
