@@ -189,7 +189,7 @@ def _preprocess_options(f):
 @click.option("--sequential/--no-sequential", default=None,
               help="Quantize stage by stage, compensating the error earlier stages leave "
                    "(default: on when gptq is used).")
-@click.option("--stages", type=int, default=4, show_default=True, help="Stages of sequential mode.")
+@click.option("--stages", type=int, default=3, show_default=True, help="Stages of sequential mode.")
 @click.option("--rank-budget", type=float, default=0.0, show_default=True,
               help="Low-rank residual branches: extra parameters as a fraction of the weights (0 = none).")
 @click.option("--adapter-init", default="whitened", show_default=True,

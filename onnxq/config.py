@@ -41,7 +41,8 @@ class ConvertConfig:
     bits_overrides: tuple[tuple[str, int], ...] = field(default_factory=tuple)
     verify: bool = True
     sequential: bool | None = None        # None: on when any layer uses gptq (<= 4 bits)
-    stages: int = 4
+    stages: int = 3
+    sequential_samples: int = 64           # samples of each extra sequential pass
     rank_budget: float = 0.0
     adapter_init: str = "whitened"
     adapter_bits: int = 8

@@ -51,7 +51,7 @@ def sequential_layers(prepared: onnx.ModelProto, targets: Sequence[Target],
         if s > 0:
             first = [t for t in chunk if t.node in ancestors and not (ancestors[t.node] & names)]
             partial = apply_plan(prepared, Plan(layers=done, acts=acts))
-            paired = collect_paired(prepared, partial, first, loaders, acts,
+            paired = collect_paired(prepared, partial, first, loaders[:cfg.sequential_samples], acts,
                                     rows_per_sample=cfg.rows_per_sample, seed=cfg.seed + s)
         for t in chunk:
             if t.node in paired:
