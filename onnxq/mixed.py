@@ -18,6 +18,7 @@ from .graph.rewrite import weights_as_inputs
 from .layout import from_matrix, to_matrix
 from .planner import plan_layer
 from .types import LayerStats, Target
+from .verify import classifier_like, probabilities
 
 Progress = Callable[[str, int, int], None]
 TRIAL_SAMPLES = 8
@@ -28,10 +29,8 @@ def divergence(ref: Sequence[np.ndarray], out: Sequence[np.ndarray]) -> float:
     total = 0.0
     for r, o in zip(ref, out):
         r, o = r.astype(np.float64), o.astype(np.float64)
-        if r.ndim in (2, 3) and r.shape[-1] >= 2:
-            p = np.exp(r - r.max(-1, keepdims=True)) if not (r.min() >= 0 and np.allclose(r.sum(-1), 1, atol=1e-3)) else r
-            q = np.exp(o - o.max(-1, keepdims=True)) if not (o.min() >= 0 and np.allclose(o.sum(-1), 1, atol=1e-3)) else o
-            p, q = p / p.sum(-1, keepdims=True), q / q.sum(-1, keepdims=True)
+        if classifier_like(r):
+            p, q = probabilities(r), probabilities(o)
             total += float(np.mean(np.sum(p * (np.log(p + 1e-12) - np.log(q + 1e-12)), axis=-1)))
         else:
             total += float(np.mean((r - o) ** 2) / max(np.mean(r**2), 1e-12))

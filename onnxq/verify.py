@@ -13,7 +13,8 @@ from .calib.collect import session
 from .errors import VerificationError
 
 
-def _probs(x: np.ndarray) -> np.ndarray:
+def probabilities(x: np.ndarray) -> np.ndarray:
+    """x itself when its last axis already holds probabilities, else softmax(x)."""
     x = x.astype(np.float64)
     if x.min() >= 0 and np.allclose(x.sum(-1), 1.0, atol=1e-3):
         return x
@@ -36,7 +37,7 @@ def compare_outputs(ref: Sequence[np.ndarray], out: Sequence[np.ndarray]) -> dic
         agree, kl, n = 0, 0.0, 0
         for a, b in zip(ref, out):
             agree += int(np.sum(a.argmax(-1) == b.argmax(-1)))
-            p, q = _probs(a), _probs(b)
+            p, q = probabilities(a), probabilities(b)
             kl += float(np.sum(p * (np.log(p + 1e-12) - np.log(q + 1e-12))))
             n += int(np.prod(a.shape[:-1]))
         m["top1_agreement"] = agree / max(n, 1)
