@@ -119,3 +119,14 @@ def test_bad_input_one_line_nonzero_nothing_written(work, case):
     assert expect in line
     after = {p: p.stat().st_mtime_ns for p in work.rglob("*") if p.is_file()}
     assert after == before                     # nothing written, input untouched
+
+
+def test_external_data_model_converts(work, tmp_path):
+    m = conv_zoo(np.random.default_rng(0))
+    onnx.save(m, tmp_path / "ext.onnx", save_as_external_data=True, all_tensors_to_one_file=True,
+              location="ext.onnx.data", size_threshold=0)
+    assert (tmp_path / "ext.onnx.data").stat().st_size > 1000
+    code, _, err = onnxq("convert", tmp_path / "ext.onnx", "-o", tmp_path / "q.onnx", "--calib",
+                         work / "calib", "-q")
+    assert code == 0, err
+    onnx.checker.check_model(onnx.load(tmp_path / "q.onnx"))
