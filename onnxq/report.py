@@ -45,10 +45,15 @@ def build_report(name: str, cfg: ConvertConfig, plan: Plan, targets: list[Target
         })
     r.skipped = [{"node": s.node, "op": s.op, "reason": s.reason} for s in skipped]
     for a_name, a in sorted(plan.acts.items()):
-        obs = stats.acts[a_name].observed if a_name in stats.acts else (None, None)
+        st = stats.acts.get(a_name)
+        obs = st.observed if st is not None else (None, None)
+        clipped = None
+        if st is not None and st.counts.sum():
+            centers = 0.5 * (st.edges[:-1] + st.edges[1:])
+            clipped = float(st.counts[(centers < a.lo) | (centers > a.hi)].sum() / st.counts.sum())
         r.activations.append({"tensor": a_name, "method": a.method, "bits": a.bits,
                               "signed": a.signed, "range": [_num(a.lo), _num(a.hi)],
-                              "observed": [_num(obs[0]), _num(obs[1])],
+                              "observed": [_num(obs[0]), _num(obs[1])], "clipped_fraction": clipped,
                               "scale": a.scale, "zero_point": a.zero_point})
     r.size_before, r.size_after = source.ByteSize(), qmodel.ByteSize()
     r.params = sum(t.params for t in targets)
