@@ -105,8 +105,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--samples", type=int, default=128)
     ap.add_argument("--width", type=float, default=1.4)
-    ap.add_argument("--variants", default="w8a8=--bits 8;w4a8-onepass=--bits 4 --weight-method gptq --no-sequential;"
-                                         "w4a8=--bits 4;w4a8-rank1pct=--bits 4 --rank-budget 0.01")
+    ap.add_argument("--variants", default="w8a8=--bits 8;w4a8=--bits 4;"
+                                         "w4a8-seq=--bits 4 --sequential;w4a8-rank1pct=--bits 4 --rank-budget 0.01")
     ap.add_argument("--json")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="onnxq-speed-"))

@@ -40,7 +40,7 @@ class ConvertConfig:
     exclude: tuple[str, ...] = ()
     bits_overrides: tuple[tuple[str, int], ...] = field(default_factory=tuple)
     verify: bool = True
-    sequential: bool | None = None        # None: on when any layer uses gptq (<= 4 bits)
+    sequential: bool = False               # measured: one-pass is better on PP-OCR rec and Silero
     stages: int = 3
     sequential_samples: int = 64           # samples of each extra sequential pass
     rank_budget: float = 0.0
@@ -110,9 +110,7 @@ class ConvertConfig:
 
     @property
     def sequential_on(self) -> bool:
-        if self.sequential is not None:
-            return self.sequential and self.stages > 1
-        return self.weight_method_name == "gptq" and self.stages > 1
+        return self.sequential and self.stages > 1
 
     @property
     def quantize_acts(self) -> bool:

@@ -139,7 +139,7 @@ def test_subgraph_weights_are_quantized_weight_only():
 
 def test_sequential_compensates_stage_first_layers_and_stays_close():
     m = conv_zoo(np.random.default_rng(0))
-    q, rep = onnxq.convert(m, onnxq.ConvertConfig(bits=4, stages=4), calib=feeds())
+    q, rep = onnxq.convert(m, onnxq.ConvertConfig(bits=4, sequential=True, stages=4), calib=feeds())
     methods = [l["method"] for l in rep.quantized]
     assert any(x.endswith("+compensated") for x in methods)
     assert not methods[0].endswith("+compensated")            # stage 0 has no quantized upstream
