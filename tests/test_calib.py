@@ -79,3 +79,25 @@ def test_same_upper_padding_resolves_like_onnxruntime():
     y = ort.InferenceSession(m.SerializeToString()).run(None, {"x": x})[0]
     rows = im2col_rows(x, geo, rows=10**6, rng=rng)
     assert np.allclose(rows[:, 0] @ w.reshape(-1), y.reshape(-1), atol=1e-5)
+
+
+def test_statistics_round_trip_and_reuse_gives_the_same_model(tmp_path):
+    import onnxq
+    from onnxq.types import Stats
+    from builders import conv_zoo
+
+    m = conv_zoo(np.random.default_rng(0))
+    rng = np.random.default_rng(1)
+    cal = [{"x": rng.standard_normal((2, 3, 12, 12)).astype(np.float32)} for _ in range(12)]
+    path = str(tmp_path / "stats.npz")
+    a, _ = onnxq.convert(m, onnxq.ConvertConfig(bits=4), calib=cal, save_stats=path)
+    st = Stats.load(path)
+    assert st.layers and st.acts
+    st.save(str(tmp_path / "again.npz"))
+    again = Stats.load(str(tmp_path / "again.npz"))
+    for k, v in st.layers.items():
+        assert np.array_equal(v.hessian, again.layers[k].hessian) and v.rows == again.layers[k].rows
+    for k, v in st.acts.items():
+        assert np.array_equal(v.counts, again.acts[k].counts) and v.observed == again.acts[k].observed
+    b, _ = onnxq.convert(m, onnxq.ConvertConfig(bits=4), calib=cal, stats=path)
+    assert a.SerializeToString(deterministic=True) == b.SerializeToString(deterministic=True)
