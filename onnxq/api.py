@@ -6,12 +6,9 @@ import dataclasses
 import logging
 import os
 import time
-from pathlib import Path
 from typing import Callable, Sequence
 
-import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from .calib.collect import collect, session
 from .calib.data import Feed, Preprocess, open_source, random_feeds

@@ -1,7 +1,6 @@
 """The command line on good and bad input: bad input gets one line and a non-zero exit."""
 
 import json
-import os
 import subprocess
 import sys
 

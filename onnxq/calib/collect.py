@@ -87,7 +87,7 @@ def wants_hessian(t: Target) -> bool:
 
 
 def collect(model: onnx.ModelProto, targets: Sequence[Target], loaders: Sequence[Callable[[], Feed]],
-            *, hessians: bool, rows_per_sample: int, seed: int, ranges: bool = True,
+            *, hessians: bool, rows_per_sample: int, seed: int,
             progress: Progress | None = None) -> Stats:
     """Range statistics of every target's activation and, with `hessians`, H and E[x] per layer."""
     acts = sorted({t.act for t in targets if t.act})
@@ -112,8 +112,7 @@ def collect(model: onnx.ModelProto, targets: Sequence[Target], loaders: Sequence
         for name, v in values.items():
             if v.dtype.kind != "f":
                 continue
-            if ranges:
-                hist[name].update(v)
+            hist[name].update(v)
             for t in by_act.get(name, ()):
                 moments[t.node].update(layer_rows(v, t, rows_per_sample, rng))
         if progress:

@@ -3,20 +3,16 @@ initializers, BatchNormalization folded into the Conv before it. Works on a copy
 
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
 from .walk import attr, graphs, used_names
 
-log = logging.getLogger(__name__)
-
 
 def name_nodes(model: onnx.ModelProto) -> None:
     seen: set[str] = set()
-    for path, g in graphs(model):
+    for _, g in graphs(model):
         for i, node in enumerate(g.node):
             base = node.name or f"{node.op_type}_{i}"
             name, k = base, 1
