@@ -23,6 +23,7 @@ from .planner import make_plan
 from .report import build_report
 from .lapq import lapq_search
 from .mixed import choose_bits
+from .probe import Probe
 from .sequential import sequential_layers
 from .types import Report, Stats
 from .verify import fidelity
@@ -30,6 +31,7 @@ from .verify import fidelity
 log = logging.getLogger(__name__)
 Progress = Callable[[str, int, int], None]
 RANDOM_SAMPLES = 16
+PROBE_SAMPLES = 8   # samples the branch planner's network probe runs
 
 
 def _needed_opset(cfg: ConvertConfig) -> int:
@@ -110,8 +112,11 @@ def convert(model: str | os.PathLike | onnx.ModelProto, config: ConvertConfig | 
                                   depthwise_bits=min(cfg.bit_choices))
     if cfg.sequential_on and any(t.act for t in targets):
         layers = sequential_layers(prepared, targets, cal, stats, weights, biases, cfg, progress)
+    probe = None
+    if cfg.rank_budget > 0 and cfg.branch_weighting == "network":
+        probe = Probe(prepared, targets, weights, cal[:PROBE_SAMPLES])
     plan = make_plan(targets, weights, biases, layer_stats, stats.acts, cfg, progress=cb,
-                     layers=layers)
+                     layers=layers, probe=probe)
     search_info: dict = {}
     if cfg.act_method_name == "lapq" and plan.acts:
         feeds = [load() for load in cal[:cfg.search_samples]]

@@ -10,9 +10,9 @@ import numpy as np
 
 from .algos.lowrank import allocate, factors, spectrum
 from .algos.qmath import act_params
-from .algos.weights import mse
+from .algos.weights import mse, rtn
 from .config import ConvertConfig
-from .layout import to_matrix
+from .layout import from_matrix, to_matrix
 from .types import ActQuant, Branch, LayerPlan
 
 MID_CLIP_SIGMAS = 4.0   # the middle activation's range, in its own standard deviations
@@ -33,7 +33,7 @@ def eligible(lp: LayerPlan) -> str:
 
 
 def _quant_rows(m: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    q = mse(m, bits)
+    q = mse(m, bits) if bits <= 8 else rtn(m, bits)
     return q.codes, q.scales, q.codes * q.scales[:, None]
 
 
@@ -45,16 +45,66 @@ def build_branch(a: np.ndarray, b: np.ndarray, h: np.ndarray, cfg: ConvertConfig
     b_codes, b_scales, b_hat = _quant_rows(b, cfg.adapter_bits)
     sd = float(np.sqrt(max(np.max(np.einsum("rk,kl,rl->r", a_hat, h, a_hat)), 1e-20)))
     lim = MID_CLIP_SIGMAS * sd
-    scale, zp = act_params(-lim, lim, 8, True)
-    mid = ActQuant(scale, zp, 8, True, -lim, lim, "analytic")
+    bits = min(cfg.adapter_bits, 16)
+    scale, zp = act_params(-lim, lim, bits, True)
+    mid = ActQuant(scale, zp, bits, True, -lim, lim, "analytic")
     return Branch(rank, cfg.adapter_bits, a_hat, b_hat, a_codes, a_scales, b_codes, b_scales, mid, init)
 
 
+def _weight(lp: LayerPlan, with_branch: bool) -> np.ndarray:
+    """The layer's effective float weight in its original layout."""
+    t = lp.target
+    w = to_matrix(lp.codes, t.layout) * lp.scales[:, None]
+    if with_branch and lp.branch is not None:
+        w = w + lp.branch.b @ lp.branch.a
+    return from_matrix(w, t.layout, t.shape)
+
+
+def _sensitivities(cand: list[LayerPlan], errors: list[float], probe) -> list[float]:
+    """Network divergence per unit of relative layer-output error, each layer quantized alone;
+    layers the probe cannot reach (subgraphs) take the median of the others."""
+    sens = [None] * len(cand)
+    for i, (lp, e) in enumerate(zip(cand, errors)):
+        if lp.target.graph or e <= 0:
+            continue
+        sens[i] = max(probe({lp.target.node: _weight(lp, False)}), 0.0) / e
+    known = [v for v in sens if v is not None]
+    fill = float(np.median(known)) if known else 1.0
+    return [fill if v is None else v for v in sens]
+
+
+def _end_to_end(layers: list[LayerPlan], probe) -> dict:
+    """Every main-graph layer at its quantized weight; drop each branch whose removal does not
+    make the network's output diverge more (least useful first). Returns the figures."""
+    main = [lp for lp in layers if not lp.target.graph]
+    current = {lp.target.node: _weight(lp, True) for lp in main}
+    without = probe({lp.target.node: _weight(lp, False) for lp in main})
+    with_all = probe(current)
+    dropped = []
+    loss = with_all
+    trial_losses = []
+    for lp in [lp for lp in main if lp.branch is not None]:
+        trial = {**current, lp.target.node: _weight(lp, False)}
+        trial_losses.append((probe(trial), lp))
+    for _, lp in sorted(trial_losses, key=lambda x: x[0]):
+        trial = {**current, lp.target.node: _weight(lp, False)}
+        d = probe(trial)
+        if d <= loss:
+            lp.branch = None
+            current, loss = trial, d
+            dropped.append(lp.target.node)
+    return {"divergence_without_branches": without, "divergence_all_branches": with_all,
+            "divergence_final": loss, "dropped": dropped}
+
+
 def plan_branches(layers: list[LayerPlan], weights: Mapping[str, np.ndarray],
-                  cfg: ConvertConfig, total_params: int) -> dict:
-    """Adds `branch` to the chosen layers in place; returns a summary for the report."""
+                  cfg: ConvertConfig, total_params: int, probe=None) -> dict:
+    """Adds `branch` to the chosen layers in place; returns a summary for the report.
+
+    With a `probe` (probe.Probe) each layer's gains are weighted by its measured effect on the
+    network's output, and branches that do not improve it end to end are dropped."""
     budget = int(np.floor(cfg.rank_budget * total_params))
-    cand, spectra, gains, costs, hs = [], [], [], [], []
+    cand, spectra, gains, costs, hs, errors = [], [], [], [], [], []
     skipped: dict[str, int] = {}
     for lp in layers:
         why = eligible(lp)
@@ -71,14 +121,18 @@ def plan_branches(layers: list[LayerPlan], weights: Mapping[str, np.ndarray],
         hs.append(h)
         spectra.append(sp)
         gains.append(sp.gains() / signal)          # relative output-error reduction per rank
+        errors.append(float(np.einsum("ok,kl,ol->", wm - w_hat, h, wm - w_hat)) / signal)
         costs.append(wm.shape[0] + wm.shape[1])    # parameters of one rank: a column of B, a row of A
+    sens = _sensitivities(cand, errors, probe) if probe is not None and cand else [1.0] * len(cand)
+    gains = [g * s for g, s in zip(gains, sens)]
     ranks = allocate(gains, costs, budget) if budget > 0 else [0] * len(cand)
-    used = 0
-    for lp, sp, r, c, h in zip(cand, spectra, ranks, costs, hs):
-        if r == 0:
-            continue
-        a, b = factors(sp, r)
-        lp.branch = build_branch(a, b, h, cfg, cfg.adapter_init)
-        used += r * c
-    return {"budget_params": budget, "used_params": used, "layers_with_branch": sum(r > 0 for r in ranks),
-            "ineligible": skipped}
+    for lp, sp, r, h in zip(cand, spectra, ranks, hs):
+        if r > 0:
+            a, b = factors(sp, r)
+            lp.branch = build_branch(a, b, h, cfg, cfg.adapter_init)
+    check = _end_to_end(layers, probe) if probe is not None and any(r > 0 for r in ranks) else {}
+    used = sum(lp.branch.rank * c for lp, c in zip(cand, costs) if lp.branch is not None)
+    return {"budget_params": budget, "used_params": used,
+            "layers_with_branch": sum(lp.branch is not None for lp in cand), "ineligible": skipped,
+            "weighting": "network sensitivity" if probe is not None else "layer output error",
+            **check}

@@ -46,6 +46,7 @@ class ConvertConfig:
     rank_budget: float = 0.0
     adapter_init: str = "whitened"
     adapter_bits: int = 8
+    branch_weighting: str = "network"      # rank allocation weighted by measured network effect, or "layer"
     max_rank: int = 64
     avg_bits: float | None = None          # mixed precision: parameter-weighted average weight bits
     max_size: int | None = None            # mixed precision: bytes of quantized weights at most
@@ -76,8 +77,10 @@ class ConvertConfig:
             raise ConfigError(f"--rank-budget is a fraction of the parameters (0..1), got {self.rank_budget}")
         if self.adapter_init not in ("whitened", "svd"):
             raise ConfigError(f"unknown --adapter-init '{self.adapter_init}'; known: whitened, svd")
-        if self.adapter_bits not in (8, 32):
-            raise ConfigError(f"--adapter-bits must be 8 or 32, got {self.adapter_bits}")
+        if self.adapter_bits not in (8, 16, 32):
+            raise ConfigError(f"--adapter-bits must be 8, 16 or 32, got {self.adapter_bits}")
+        if self.branch_weighting not in ("network", "layer"):
+            raise ConfigError(f"unknown --branch-weighting '{self.branch_weighting}'; known: network, layer")
         if self.avg_bits is not None and not 2 <= self.avg_bits <= 8:
             raise ConfigError(f"--avg-bits must lie in 2..8, got {self.avg_bits}")
         if self.max_size is not None and self.max_size <= 0:

@@ -23,7 +23,7 @@ from .calib.collect import session
 from .calib.data import Feed
 from .config import ConvertConfig
 from .graph.rewrite import act_param_names, act_param_values, apply_plan, weights_as_inputs
-from .mixed import divergence
+from .probe import divergence
 from .types import ActQuant, ActStats, Plan
 
 P_GRID = (2.0, 2.5, 3.0, 3.5, 4.0)

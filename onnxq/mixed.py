@@ -11,30 +11,15 @@ import numpy as np
 import onnx
 
 from .algos.mixed import allocate, predicted_cost
-from .calib.collect import session
 from .calib.data import Feed
 from .config import ConvertConfig
-from .graph.rewrite import weights_as_inputs
 from .layout import from_matrix, to_matrix
 from .planner import plan_layer
+from .probe import Probe
 from .types import LayerStats, Target
-from .verify import classifier_like, probabilities
 
 Progress = Callable[[str, int, int], None]
 TRIAL_SAMPLES = 8
-
-
-def divergence(ref: Sequence[np.ndarray], out: Sequence[np.ndarray]) -> float:
-    """KL for classifier-like outputs, relative MSE otherwise; summed over outputs."""
-    total = 0.0
-    for r, o in zip(ref, out):
-        r, o = r.astype(np.float64), o.astype(np.float64)
-        if classifier_like(r):
-            p, q = probabilities(r), probabilities(o)
-            total += float(np.mean(np.sum(p * (np.log(p + 1e-12) - np.log(q + 1e-12)), axis=-1)))
-        else:
-            total += float(np.mean((r - o) ** 2) / max(np.mean(r**2), 1e-12))
-    return total
 
 
 def _escape(name: str) -> str:
@@ -47,13 +32,8 @@ def choose_bits(prepared: onnx.ModelProto, targets: Sequence[Target], weights: M
                 progress: Progress | None = None) -> tuple[tuple[tuple[str, int], ...], dict]:
     """Per-layer bits as exact-name overrides, and what the allocation predicted."""
     choices = sorted(cfg.bit_choices, reverse=True)
-    main = [t for t in targets if not t.graph]
-    sess_model = weights_as_inputs(prepared, [t.weight for t in main])
-    sess = session(sess_model)
-    names = [o.name for o in sess.get_outputs()]
-    feeds = [load() for load in loaders[:TRIAL_SAMPLES]]
-    base_w = {t.weight: weights[t.node] for t in main}
-    ref = [sess.run(names, {**f, **base_w}) for f in feeds]
+    probe = Probe(prepared, targets, weights, loaders[:TRIAL_SAMPLES])
+    main = probe.targets
     costs = np.zeros((len(main), len(choices)))
     sizes = np.zeros((len(main), len(choices)))
     deq: dict[tuple[str, int], np.ndarray] = {}
@@ -65,16 +45,14 @@ def choose_bits(prepared: onnx.ModelProto, targets: Sequence[Target], weights: M
             deq[(t.node, b)] = w_hat.astype(np.float32)
             # --avg-bits counts weight bits; --max-size counts bytes, per-channel scales included
             sizes[li, ci] = t.params * b + (lp.scales.size * 32 if cfg.avg_bits is None else 0)
-            trial = {**base_w, t.weight: deq[(t.node, b)]}
-            costs[li, ci] = np.mean([divergence(r, sess.run(names, {**f, **trial})) for f, r in zip(feeds, ref)])
+            costs[li, ci] = probe({t.node: deq[(t.node, b)]})
         if progress:
             progress("bit costs", li + 1, len(main))
     costs = np.maximum(costs - costs[:, :1], 0.0)          # the cost of a choice beyond the widest
     budget = cfg.size_budget_bits(sum(t.params for t in main))
     choice, how = allocate(costs, sizes, budget, rng=np.random.default_rng(cfg.seed))
     chosen = [(t, choices[c]) for t, c in zip(main, choice)]
-    final = {**base_w, **{t.weight: deq[(t.node, b)] for t, b in chosen}}
-    measured = np.mean([divergence(r, sess.run(names, {**f, **final})) for f, r in zip(feeds, ref)])
+    measured = probe({t.node: deq[(t.node, b)] for t, b in chosen})
     total_params = sum(t.params for t in main)
     info = {"allocator": how, "budget_bits": budget,
             "used_bits": float(sum(sizes[i, c] for i, c in enumerate(choice))),

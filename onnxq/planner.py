@@ -125,8 +125,10 @@ def plan_acts(acts: Mapping[str, ActStats], cfg: ConvertConfig) -> dict[str, Act
 def make_plan(targets: Sequence[Target], weights: Mapping[str, np.ndarray],
               biases: Mapping[str, np.ndarray | None], stats_layers: Mapping[str, LayerStats],
               acts: Mapping[str, ActStats], cfg: ConvertConfig,
-              progress: Progress | None = None, layers: list[LayerPlan] | None = None) -> Plan:
-    """The whole plan; `layers` may hold layers already planned (sequential mode)."""
+              progress: Progress | None = None, layers: list[LayerPlan] | None = None,
+              probe=None) -> Plan:
+    """The whole plan; `layers` may hold layers already planned (sequential mode); `probe`
+    (probe.Probe) lets the branch planner measure layers on the network's output."""
     plan = Plan(acts=plan_acts(acts, cfg))
     if layers is not None:
         plan.layers = list(layers)
@@ -138,7 +140,7 @@ def make_plan(targets: Sequence[Target], weights: Mapping[str, np.ndarray],
                 progress(i + 1, len(targets))
     if cfg.rank_budget > 0:
         total = sum(t.params for t in targets)
-        plan.branch_summary = plan_branches(plan.layers, weights, cfg, total)
+        plan.branch_summary = plan_branches(plan.layers, weights, cfg, total, probe)
         for lp in plan.layers:
             if lp.branch is not None:
                 _account_branch(lp, weights[lp.target.node])

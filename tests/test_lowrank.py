@@ -1,5 +1,7 @@
 """Low-rank residual branches: the math on its objective, the allocation, and emitted graphs."""
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -116,3 +118,54 @@ def test_float_branch_block_equals_conv_with_corrected_weight():
     got = ort.InferenceSession(q.SerializeToString()).run(None, x)[0]
     want = ort.InferenceSession(ref.SerializeToString()).run(None, x)[0]
     assert np.allclose(got, want, atol=1e-4)
+
+
+def test_int16_adapters_store_int16_codes_and_run():
+    m = conv_zoo(np.random.default_rng(0))
+    q, rep = onnxq.convert(m, onnxq.ConvertConfig(bits=3, rank_budget=0.1, adapter_bits=16), calib=feeds())
+    onnx.checker.check_model(q)
+    inits = {t.name: t for t in q.graph.initializer}
+    codes = [n for n in inits if "/residual/" in n and n.endswith("_q")]
+    assert codes and all(inits[n].data_type == onnx.TensorProto.INT16 for n in codes)
+    assert all(inits[n].data_type == onnx.TensorProto.INT16 for n in inits if n.endswith("/mid/act_zero"))
+    assert rep.fidelity["cosine"] > 0.98
+
+
+def _two_paths(rng, quiet: float) -> onnx.ModelProto:
+    """y = conv1(x) + quiet * conv2(x): the same kind of layer twice, one the output barely sees."""
+    w1 = (rng.standard_normal((16, 8, 3, 3)) * 0.2).astype(np.float32)
+    w2 = (rng.standard_normal((16, 8, 3, 3)) * 0.2).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["y1"], pads=[1] * 4, name="loud"),
+             helper.make_node("Conv", ["x", "w2"], ["y2"], pads=[1] * 4, name="quiet"),
+             helper.make_node("Mul", ["y2", "k"], ["y2s"]),
+             helper.make_node("Add", ["y1", "y2s"], ["y"])]
+    return make_model(nodes, [vi("x", [1, 8, 10, 10])], [vi("y", [1, 16, 10, 10])],
+                      {"w1": w1, "w2": w2, "k": np.array(quiet, np.float32)})
+
+
+@pytest.mark.parametrize("weighting", ["network", "layer"])
+def test_network_weighting_spends_the_budget_where_the_output_feels_it(weighting):
+    rng = np.random.default_rng(7)
+    m = _two_paths(rng, 1e-3)
+    cal = [{"x": rng.standard_normal((1, 8, 10, 10)).astype(np.float32)} for _ in range(16)]
+    cfg = onnxq.ConvertConfig(bits=2, act_bits=32, rank_budget=0.3, branch_weighting=weighting)
+    _, rep = onnxq.convert(m, cfg, calib=cal)
+    ranks = {l["node"]: l["branch_rank"] for l in rep.quantized}
+    if weighting == "network":
+        assert ranks["quiet"] == 0 and ranks["loud"] > 0
+        assert rep.branches["divergence_final"] < rep.branches["divergence_without_branches"]
+    else:   # on layer error alone the two look alike and share the budget
+        assert ranks["quiet"] > 0 and ranks["loud"] > 0
+
+
+def test_end_to_end_check_keeps_only_branches_that_help_on_the_shipped_model():
+    cal = sorted(Path(__file__).parents[1].joinpath("models", "digits_calib").glob("*.npz"))
+    cfg = onnxq.ConvertConfig(bits=3, rank_budget=0.05)
+    q, rep = onnxq.convert(str(Path(__file__).parents[1] / "models" / "digits_cnn.onnx"), cfg,
+                           calib=str(cal[0].parent))
+    b = rep.branches
+    assert b["layers_with_branch"] > 0
+    assert b["divergence_final"] <= b["divergence_all_branches"]
+    assert b["divergence_final"] < b["divergence_without_branches"]
+    kept = {l["node"] for l in rep.quantized if l["branch_rank"]}
+    assert not kept & set(b["dropped"])

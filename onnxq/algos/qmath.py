@@ -12,8 +12,8 @@ import numpy as np
 
 def weight_qmax(bits: int) -> int:
     """Largest code magnitude of a symmetric `bits`-bit weight code."""
-    if bits < 2 or bits > 8:
-        raise ValueError(f"weight bits must be 2..8, got {bits}")
+    if bits < 2 or bits > 16:
+        raise ValueError(f"weight bits must be 2..16, got {bits}")
     return 2 ** (bits - 1) - 1
 
 

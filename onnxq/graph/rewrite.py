@@ -143,13 +143,14 @@ def apply_plan(model: onnx.ModelProto, plan: Plan) -> onnx.ModelProto:
 
 
 def _factor(g: onnx.GraphProto, name: str, value: np.ndarray, codes, scales, axis: int,
-            shape: tuple[int, ...]) -> tuple[str, list[onnx.NodeProto]]:
-    """A branch factor as a float initializer, or int8 codes behind a per-channel DQ."""
+            shape: tuple[int, ...], bits: int) -> tuple[str, list[onnx.NodeProto]]:
+    """A branch factor as a float initializer, or int8/int16 codes behind a per-channel DQ."""
     if codes is None:
         return _init(g, name, value.reshape(shape).astype(np.float32)), []
-    q = _init(g, f"{name}_q", codes.reshape(shape).astype(np.int8))
+    dt = np.int8 if bits <= 8 else np.int16
+    q = _init(g, f"{name}_q", codes.reshape(shape).astype(dt))
     s = _init(g, f"{name}_scale", scales.astype(np.float32))
-    z = _init(g, f"{name}_zero", np.zeros(scales.shape, np.int8))
+    z = _init(g, f"{name}_zero", np.zeros(scales.shape, dt))
     return f"{name}_dq", [helper.make_node("DequantizeLinear", [q, s, z], [f"{name}_dq"],
                                            name=f"{name}_dequantize", axis=axis)]
 
@@ -169,22 +170,22 @@ def _branch_nodes(g: onnx.GraphProto, lp: LayerPlan) -> list[onnx.NodeProto]:
     if t.op == "Conv":
         k = tuple(t.geo.kernel)
         a_shape, b_shape = (r, t.shape[1]) + k, (o, r) + (1,) * len(k)
-        a_name, n1 = _factor(g, f"{pre}/A_weight", br.a, br.a_codes, br.a_scales, 0, a_shape)
-        b_name, n2 = _factor(g, f"{pre}/B_weight", br.b, br.b_codes, br.b_scales, 0, b_shape)
+        a_name, n1 = _factor(g, f"{pre}/A_weight", br.a, br.a_codes, br.a_scales, 0, a_shape, br.bits)
+        b_name, n2 = _factor(g, f"{pre}/B_weight", br.b, br.b_codes, br.b_scales, 0, b_shape, br.bits)
         conv_attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute
                       if a.name in ("strides", "pads", "dilations", "auto_pad", "kernel_shape")}
         first = helper.make_node("Conv", [x, a_name], [f"{pre}/A_out"], name=f"{pre}/A", **conv_attrs)
         second = lambda m: helper.make_node("Conv", [m, b_name], [f"{pre}/B_out"], name=f"{pre}/B")  # noqa: E731
     elif t.layout == "rows" and t.op == "MatMul":          # Y = W @ X: B @ (A @ X)
-        a_name, n1 = _factor(g, f"{pre}/A_weight", br.a, br.a_codes, br.a_scales, 0, br.a.shape)
-        b_name, n2 = _factor(g, f"{pre}/B_weight", br.b, br.b_codes, br.b_scales, 0, br.b.shape)
+        a_name, n1 = _factor(g, f"{pre}/A_weight", br.a, br.a_codes, br.a_scales, 0, br.a.shape, br.bits)
+        b_name, n2 = _factor(g, f"{pre}/B_weight", br.b, br.b_codes, br.b_scales, 0, br.b.shape, br.bits)
         first = helper.make_node("MatMul", [a_name, x], [f"{pre}/A_out"], name=f"{pre}/A")
         second = lambda m: helper.make_node("MatMul", [b_name, m], [f"{pre}/B_out"], name=f"{pre}/B")  # noqa: E731
     else:                                                  # Y = X @ W^T: (X @ A^T) @ B^T
         a_name, n1 = _factor(g, f"{pre}/A_weight", br.a.T, None if br.a_codes is None else br.a_codes.T,
-                             br.a_scales, 1, br.a.T.shape)
+                             br.a_scales, 1, br.a.T.shape, br.bits)
         b_name, n2 = _factor(g, f"{pre}/B_weight", br.b.T, None if br.b_codes is None else br.b_codes.T,
-                             br.b_scales, 1, br.b.T.shape)
+                             br.b_scales, 1, br.b.T.shape, br.bits)
         first = helper.make_node("MatMul", [x, a_name], [f"{pre}/A_out"], name=f"{pre}/A")
         second = lambda m: helper.make_node("MatMul", [m, b_name], [f"{pre}/B_out"], name=f"{pre}/B")  # noqa: E731
     nodes += n1 + n2 + [first]

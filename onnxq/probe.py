@@ -1,0 +1,53 @@
+"""A network-level probe: one onnxruntime session of the float model whose weights are graph
+inputs, so "how far from FP32 are the outputs if these layers get these weights?" is one feed,
+never a rebuilt model. Mixed precision (bit costs) and the low-rank branches (per-layer
+sensitivity, end-to-end check) both ask it."""
+
+from __future__ import annotations
+
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+import onnx
+
+from .calib.collect import session
+from .calib.data import Feed
+from .graph.rewrite import weights_as_inputs
+from .types import Target
+from .verify import classifier_like, probabilities
+
+
+def divergence(ref: Sequence[np.ndarray], out: Sequence[np.ndarray]) -> float:
+    """KL for classifier-like outputs, relative MSE otherwise; summed over outputs."""
+    total = 0.0
+    for r, o in zip(ref, out):
+        r, o = r.astype(np.float64), o.astype(np.float64)
+        if classifier_like(r):
+            p, q = probabilities(r), probabilities(o)
+            total += float(np.mean(np.sum(p * (np.log(p + 1e-12) - np.log(q + 1e-12)), axis=-1)))
+        else:
+            total += float(np.mean((r - o) ** 2) / max(np.mean(r**2), 1e-12))
+    return total
+
+
+class Probe:
+    """Divergence of the network's outputs from FP32 when some main-graph layers take other
+    weights (in their original layout); the rest keep their float weights."""
+
+    def __init__(self, prepared: onnx.ModelProto, targets: Sequence[Target],
+                 weights: Mapping[str, np.ndarray], loaders: Sequence[Callable[[], Feed]]):
+        self.targets = [t for t in targets if not t.graph]
+        self.sess = session(weights_as_inputs(prepared, [t.weight for t in self.targets]))
+        self.names = [o.name for o in self.sess.get_outputs()]
+        self.feeds = [load() for load in loaders]
+        self.base = {t.weight: np.asarray(weights[t.node], np.float32) for t in self.targets}
+        self.weight_of = {t.node: t.weight for t in self.targets}
+        self.ref = [self.sess.run(self.names, {**f, **self.base}) for f in self.feeds]
+
+    def __call__(self, layer_weights: Mapping[str, np.ndarray]) -> float:
+        """Mean divergence over the probe's samples; `layer_weights` maps node -> weight."""
+        trial = dict(self.base)
+        for node, w in layer_weights.items():
+            trial[self.weight_of[node]] = np.asarray(w, np.float32)
+        return float(np.mean([divergence(r, self.sess.run(self.names, {**f, **trial}))
+                              for f, r in zip(self.feeds, self.ref)]))
