@@ -113,7 +113,7 @@ def convert(model: str | os.PathLike | onnx.ModelProto, config: ConvertConfig | 
     if cfg.sequential_on and any(t.act for t in targets):
         layers = sequential_layers(prepared, targets, cal, stats, weights, biases, cfg, progress)
     probe = None
-    if cfg.rank_budget > 0 and cfg.branch_weighting == "network":
+    if cfg.rank_budget > 0:
         probe = Probe(prepared, targets, weights, cal[:PROBE_SAMPLES])
     plan = make_plan(targets, weights, biases, layer_stats, stats.acts, cfg, progress=cb,
                      layers=layers, probe=probe)

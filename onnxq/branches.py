@@ -10,7 +10,7 @@ import numpy as np
 
 from .algos.lowrank import allocate, factors, spectrum
 from .algos.qmath import act_params
-from .algos.weights import mse, rtn
+from .algos.weights import gptq, rtn
 from .config import ConvertConfig
 from .layout import from_matrix, to_matrix
 from .types import ActQuant, Branch, LayerPlan
@@ -32,8 +32,11 @@ def eligible(lp: LayerPlan) -> str:
     return ""
 
 
-def _quant_rows(m: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    q = mse(m, bits) if bits <= 8 else rtn(m, bits)
+def _quant_rows(m: np.ndarray, bits: int, h: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-row codes of a factor whose input has second moment `h`: second-order rounding on
+    that input (whitened A rows span directions of very different input energy, so plain
+    rounding of A at 8 bits loses most of what the branch gives back)."""
+    q = gptq(m, bits, h) if bits <= 8 else rtn(m, bits)
     return q.codes, q.scales, q.codes * q.scales[:, None]
 
 
@@ -41,9 +44,10 @@ def build_branch(a: np.ndarray, b: np.ndarray, h: np.ndarray, cfg: ConvertConfig
     rank = a.shape[0]
     if cfg.adapter_bits >= 32:
         return Branch(rank, 32, a, b, init=init)
-    a_codes, a_scales, a_hat = _quant_rows(a, cfg.adapter_bits)
-    b_codes, b_scales, b_hat = _quant_rows(b, cfg.adapter_bits)
-    sd = float(np.sqrt(max(np.max(np.einsum("rk,kl,rl->r", a_hat, h, a_hat)), 1e-20)))
+    a_codes, a_scales, a_hat = _quant_rows(a, cfg.adapter_bits, h)
+    h_mid = a_hat @ h @ a_hat.T                     # second moment of the middle activation
+    b_codes, b_scales, b_hat = _quant_rows(b, cfg.adapter_bits, h_mid)
+    sd = float(np.sqrt(max(np.max(np.diag(h_mid)), 1e-20)))
     lim = MID_CLIP_SIGMAS * sd
     bits = min(cfg.adapter_bits, 16)
     scale, zp = act_params(-lim, lim, bits, True)
@@ -73,7 +77,7 @@ def _sensitivities(cand: list[LayerPlan], errors: list[float], probe) -> list[fl
     return [fill if v is None else v for v in sens]
 
 
-def _end_to_end(layers: list[LayerPlan], probe) -> dict:
+def _end_to_end(layers: list[LayerPlan], probe, drop: bool = True) -> dict:
     """Every main-graph layer at its quantized weight; drop each branch whose removal does not
     make the network's output diverge more (least useful first). Returns the figures."""
     main = [lp for lp in layers if not lp.target.graph]
@@ -83,7 +87,7 @@ def _end_to_end(layers: list[LayerPlan], probe) -> dict:
     dropped = []
     loss = with_all
     trial_losses = []
-    for lp in [lp for lp in main if lp.branch is not None]:
+    for lp in [lp for lp in main if lp.branch is not None and drop]:
         trial = {**current, lp.target.node: _weight(lp, False)}
         trial_losses.append((probe(trial), lp))
     for _, lp in sorted(trial_losses, key=lambda x: x[0]):
@@ -123,16 +127,17 @@ def plan_branches(layers: list[LayerPlan], weights: Mapping[str, np.ndarray],
         gains.append(sp.gains() / signal)          # relative output-error reduction per rank
         errors.append(float(np.einsum("ok,kl,ol->", wm - w_hat, h, wm - w_hat)) / signal)
         costs.append(wm.shape[0] + wm.shape[1])    # parameters of one rank: a column of B, a row of A
-    sens = _sensitivities(cand, errors, probe) if probe is not None and cand else [1.0] * len(cand)
+    network = probe is not None and cfg.branch_weighting == "network"
+    sens = _sensitivities(cand, errors, probe) if network and cand else [1.0] * len(cand)
     gains = [g * s for g, s in zip(gains, sens)]
     ranks = allocate(gains, costs, budget) if budget > 0 else [0] * len(cand)
     for lp, sp, r, h in zip(cand, spectra, ranks, hs):
         if r > 0:
             a, b = factors(sp, r)
             lp.branch = build_branch(a, b, h, cfg, cfg.adapter_init)
-    check = _end_to_end(layers, probe) if probe is not None and any(r > 0 for r in ranks) else {}
+    check = _end_to_end(layers, probe, network) if probe is not None and any(r > 0 for r in ranks) else {}
     used = sum(lp.branch.rank * c for lp, c in zip(cand, costs) if lp.branch is not None)
     return {"budget_params": budget, "used_params": used,
             "layers_with_branch": sum(lp.branch is not None for lp in cand), "ineligible": skipped,
-            "weighting": "network sensitivity" if probe is not None else "layer output error",
+            "weighting": "network sensitivity" if network else "layer output error",
             **check}

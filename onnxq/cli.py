@@ -87,8 +87,9 @@ def print_summary(report) -> None:
         out.print(f"  note: {n} layers — {why}")
     sr = r.search
     if sr:
-        out.print(f"  lapq: {sr['tensors']} ranges searched in {sr['evaluations']} evaluations (p* = "
-                  f"{sr['p_star']:.2f}); calibration loss {sr['loss_before']:.4g} -> {sr['loss_after']:.4g}")
+        out.print(f"  lapq: {sr['tensors']} ranges searched in {sr['evaluations']} evaluations; calibration "
+                  f"loss {sr['start_loss']:.4g} (default ranges) -> {sr['loss_before']:.4g} (best single "
+                  f"method: {sr['start']}) -> {sr['loss_after']:.4g} (joint search)")
     mx = r.mixed
     if mx:
         chosen = Counter(mx["layers"].values())

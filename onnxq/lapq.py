@@ -1,9 +1,11 @@
 """Loss-aware joint search of activation clipping ranges (LAPQ).
 
-1. Lp ranges for p on a small grid, the network loss of each; a quadratic fit in p gives p*.
-2. Powell's method jointly over every activation's range (log-multipliers of the p* range),
-   minimising the network loss on a calibration subset: KL to the FP32 outputs for classifier-
-   like outputs, relative MSE otherwise.
+1. The network loss of every single-tensor method (minmax, percentile, mse, entropy, interval)
+   and of Lp ranges for p on a small grid plus p* from a quadratic fit in p; the best is the start.
+2. Joint refinement of every activation's range (log-multipliers of the start): one cheap
+   coordinate pass, then Powell's method on the rest of the evaluation budget, minimising the
+   network loss on a calibration subset: KL to the FP32 outputs for classifier-like outputs,
+   relative MSE otherwise.
 Every evaluation is a feed to ONE onnxruntime session in which the QDQ scales, zero points and
 clip bounds are graph inputs; the model is never rebuilt during the search. The best point seen
 is kept, so the search never ends above its starting loss.
@@ -18,7 +20,7 @@ import onnx
 from scipy.optimize import minimize
 
 from .algos.qmath import act_params
-from .algos.ranges import lp
+from .algos.ranges import RANGE_METHODS, parse_method
 from .calib.collect import session
 from .calib.data import Feed
 from .config import ConvertConfig
@@ -27,6 +29,8 @@ from .probe import divergence
 from .types import ActQuant, ActStats, Plan
 
 P_GRID = (2.0, 2.5, 3.0, 3.5, 4.0)
+START_METHODS = ("minmax", "percentile", "mse", "entropy", "interval")
+COORD_STEPS = (-0.25, 0.25)    # log-multipliers a tensor tries in the coordinate pass
 Progress = Callable[[str, int, int], None]
 
 
@@ -40,7 +44,7 @@ class SearchSession:
         params = [n for a in self.names for n in act_param_names(a, plan.acts[a])]
         self.sess = session(weights_as_inputs(model, params))
         self.outputs = [o.name for o in self.sess.get_outputs()]
-        self.feeds, self.reference = feeds, reference
+        self.feeds, self.reference = _batched(self.sess, feeds, reference)
         self.evals = 0
 
     def outputs_for(self, acts: Mapping[str, ActQuant], feed: Feed) -> list[np.ndarray]:
@@ -55,55 +59,102 @@ class SearchSession:
                               for f, r in zip(self.feeds, self.reference)]))
 
 
+def _batched(sess, feeds: Sequence[Feed], reference: Sequence[Sequence[np.ndarray]]):
+    """Samples of equal shapes stacked into one run each (fewer, larger runs are much faster on
+    small models) when every graph input and output has a free leading batch axis."""
+    ins = [i for i in sess.get_inputs() if i.name in feeds[0]] if feeds else []
+    free = all(not isinstance(v.shape[0], int) for v in ins + list(sess.get_outputs()) if v.shape)
+    if not free or not all(len(v.shape) for v in ins):
+        return list(feeds), list(reference)
+    groups: dict[tuple, list[int]] = {}
+    for i, f in enumerate(feeds):
+        groups.setdefault(tuple((k, v.shape) for k, v in sorted(f.items())), []).append(i)
+    out_f, out_r = [], []
+    for idx in groups.values():
+        out_f.append({k: np.concatenate([feeds[i][k] for i in idx]) for k in feeds[idx[0]]})
+        out_r.append([np.concatenate([reference[i][j] for i in idx]) for j in range(len(reference[idx[0]]))])
+    return out_f, out_r
+
+
 def _in_subgraph(plan: Plan, act: str) -> bool:
     return all(lp.target.graph for lp in plan.layers if lp.target.act == act)
 
 
-def _ranges(stats: Mapping[str, ActStats], names, cfg: ConvertConfig, p: float) -> dict[str, tuple[float, float]]:
-    signed = cfg.act_symmetric
-    return {a: lp(stats[a].counts, stats[a].edges, cfg.act_bits, signed, observed=stats[a].observed, p=p)
-            for a in names}
-
-
-def _acts(ranges: Mapping[str, tuple[float, float]], base: Mapping[str, ActQuant], cfg: ConvertConfig,
-          mult: np.ndarray | None = None) -> dict[str, ActQuant]:
+def _method_acts(stats: Mapping[str, ActStats], names, base: Mapping[str, ActQuant],
+                 cfg: ConvertConfig, spec: str) -> dict[str, ActQuant]:
+    """Every searched tensor's range from one single-tensor method."""
+    method, params = parse_method(spec)
+    fn = RANGE_METHODS[method]
     out = dict(base)
-    for i, (a, (lo, hi)) in enumerate(ranges.items()):
-        k = 1.0 if mult is None else float(np.exp(mult[i]))
-        scale, zp = act_params(lo * k, hi * k, cfg.act_bits, base[a].signed)
-        out[a] = ActQuant(scale, zp, cfg.act_bits, base[a].signed, lo * k, hi * k, "lapq")
+    for a in names:
+        st, q = stats[a], base[a]
+        lo, hi = fn(st.counts, st.edges, cfg.act_bits, q.signed, observed=st.observed, **params)
+        scale, zp = act_params(lo, hi, cfg.act_bits, q.signed)
+        out[a] = ActQuant(scale, zp, cfg.act_bits, q.signed, lo, hi, "lapq")
+    return out
+
+
+def _scaled(start: Mapping[str, ActQuant], names, cfg: ConvertConfig, x: np.ndarray) -> dict[str, ActQuant]:
+    """`start` with tensor i's range multiplied by exp(x[i])."""
+    out = dict(start)
+    for i, a in enumerate(names):
+        q, k = start[a], float(np.exp(x[i]))
+        scale, zp = act_params(q.lo * k, q.hi * k, cfg.act_bits, q.signed)
+        out[a] = ActQuant(scale, zp, cfg.act_bits, q.signed, q.lo * k, q.hi * k, "lapq")
     return out
 
 
 def lapq_search(prepared: onnx.ModelProto, plan: Plan, stats: Mapping[str, ActStats],
                 ref_feeds: Sequence[Feed], reference: Sequence[Sequence[np.ndarray]], cfg: ConvertConfig,
                 progress: Progress | None = None) -> tuple[dict[str, ActQuant], dict]:
-    """Searched activation parameters and a summary of the search."""
+    """Searched activation parameters and a summary of the search.
+
+    Starts from the best of every single-tensor method and of the Lp family (p from a quadratic
+    fit over P_GRID) on the network loss, then refines each tensor's range jointly: one
+    coordinate pass (COORD_STEPS multipliers a tensor, in graph order), then Powell's method on
+    what is left of the evaluation budget. The best point seen is returned."""
     search = SearchSession(prepared, plan, ref_feeds, reference)
     names = search.names
+    budget = cfg.search_evals
     start_loss = search.loss(plan.acts)
-    grid = []
-    for p in P_GRID:
-        grid.append(search.loss(_acts(_ranges(stats, names, cfg, p), plan.acts, cfg)))
-    a2, a1, _ = np.polyfit(P_GRID, grid, 2)
-    p_star = float(np.clip(-a1 / (2 * a2), P_GRID[0], P_GRID[-1])) if a2 > 0 else P_GRID[int(np.argmin(grid))]
-    init = _ranges(stats, names, cfg, p_star)
-    best = {"loss": search.loss(_acts(init, plan.acts, cfg)), "x": np.zeros(len(names))}
+    best = {"loss": start_loss, "acts": dict(plan.acts), "how": cfg.act_method_name}
 
-    def f(x: np.ndarray) -> float:
-        value = search.loss(_acts(init, plan.acts, cfg, x))
+    def consider(acts: dict[str, ActQuant], how: str) -> float:
+        value = search.loss(acts)
         if value < best["loss"]:
-            best.update(loss=value, x=x.copy())
+            best.update(loss=value, acts=acts, how=how)
         if progress:
-            progress(f"search loss {best['loss']:.4g}", min(search.evals, cfg.search_evals), cfg.search_evals)
+            progress(f"search loss {best['loss']:.4g}", min(search.evals, budget), budget)
         return value
 
-    if names and cfg.search_evals > search.evals:
-        minimize(f, np.zeros(len(names)), method="Powell", bounds=[(-2.0, 0.7)] * len(names),
-                 options={"maxfev": cfg.search_evals - search.evals, "xtol": 1e-2, "ftol": 1e-4})
-    acts = _acts(init, plan.acts, cfg, best["x"])
-    if best["loss"] > start_loss:                 # the single-tensor start was better: keep it
-        acts, best["loss"] = dict(plan.acts), start_loss
-    info = {"p_grid": dict(zip(map(str, P_GRID), grid)), "p_star": p_star, "loss_before": start_loss,
-            "loss_after": best["loss"], "evaluations": search.evals, "tensors": len(names)}
-    return acts, info
+    singles = {m: consider(_method_acts(stats, names, plan.acts, cfg, m), m) for m in START_METHODS}
+    grid = [consider(_method_acts(stats, names, plan.acts, cfg, f"lp:{p}"), f"lp:{p}") for p in P_GRID]
+    a2, a1, _ = np.polyfit(P_GRID, grid, 2)
+    p_star = float(np.clip(-a1 / (2 * a2), P_GRID[0], P_GRID[-1])) if a2 > 0 else P_GRID[int(np.argmin(grid))]
+    consider(_method_acts(stats, names, plan.acts, cfg, f"lp:{p_star:.3f}"), f"lp:{p_star:.3f}")
+    start, start_how, single_best = best["acts"], best["how"], best["loss"]
+
+    x = np.zeros(len(names))
+    for i in range(len(names)):                     # coordinate pass, graph order
+        for step in COORD_STEPS:
+            if search.evals >= budget:
+                break
+            trial = x.copy()
+            trial[i] += step
+            before = best["loss"]
+            consider(_scaled(start, names, cfg, trial), "coordinate")
+            if best["loss"] < before:
+                x = trial
+                break
+
+    def f(v: np.ndarray) -> float:
+        return consider(_scaled(start, names, cfg, v), "powell")
+
+    if names and budget > search.evals + 2 * len(names):
+        minimize(f, x, method="Powell", bounds=[(-2.0, 0.7)] * len(names),
+                 options={"maxfev": budget - search.evals, "xtol": 1e-2, "ftol": 1e-4})
+    info = {"start_loss": start_loss, "single_method_losses": singles,
+            "p_grid": dict(zip(map(str, P_GRID), grid)), "p_star": p_star,
+            "start": start_how, "loss_before": single_best, "loss_after": best["loss"],
+            "final": best["how"], "evaluations": search.evals, "tensors": len(names)}
+    return best["acts"], info

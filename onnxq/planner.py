@@ -111,8 +111,8 @@ def plan_acts(acts: Mapping[str, ActStats], cfg: ConvertConfig) -> dict[str, Act
     out: dict[str, ActQuant] = {}
     if not cfg.quantize_acts:
         return out
-    # lapq starts from per-tensor ranges and is searched afterwards (lapq.py)
-    method, params = parse_method("mse" if cfg.act_method_name == "lapq" else cfg.act_method_name)
+    # lapq starts from the default ranges and is searched afterwards (lapq.py)
+    method, params = parse_method("percentile" if cfg.act_method_name == "lapq" else cfg.act_method_name)
     fn = RANGE_METHODS[method]
     for name, st in sorted(acts.items()):
         signed = cfg.act_symmetric or cfg.act_bits == 16

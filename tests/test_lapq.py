@@ -8,7 +8,7 @@ import pytest
 import onnxq
 from onnxq.calib.collect import session
 from onnxq.graph.prepare import prepare
-from onnxq.lapq import SearchSession, _acts, _ranges
+from onnxq.lapq import SearchSession, _method_acts, _scaled
 from builders import conv_zoo
 
 
@@ -24,7 +24,8 @@ def test_search_never_increases_the_calibration_loss(abits):
                                                   search_evals=120), calib=feeds())
     s = rep.search
     assert s["tensors"] == 8 and s["evaluations"] <= 120
-    assert s["loss_after"] <= s["loss_before"]
+    assert s["loss_after"] <= s["loss_before"] <= s["start_loss"]
+    assert s["loss_before"] <= min(s["single_method_losses"].values())   # starts from the best method
     assert all(a["method"] == "lapq" for a in rep.activations) or s["loss_after"] == s["loss_before"]
 
 
@@ -48,7 +49,8 @@ def test_search_graph_and_emitted_graph_agree_for_the_same_ranges():
     plan = make_plan(targets, w, b, st.layers, st.acts, cfg)
     ref = [session(prepared).run(None, f) for f in cal]
     search = SearchSession(prepared, plan, cal, ref)
-    other = _acts(_ranges(st.acts, search.names, cfg, 3.0), plan.acts, cfg, np.full(len(search.names), -0.3))
+    other = _scaled(_method_acts(st.acts, search.names, plan.acts, cfg, "lp:3.0"), search.names, cfg,
+                    np.full(len(search.names), -0.3))
     plan.acts = other
     # same graph semantics: compare without onnxruntime's fusions (with constant scales it
     # fuses QDQ into integer kernels, whose requantization rounds differently)
@@ -62,3 +64,25 @@ def test_search_graph_and_emitted_graph_agree_for_the_same_ranges():
         got = search.outputs_for(other, f)[0]
         want = emitted.run(None, f)[0]
         assert np.array_equal(got, want)
+
+
+def test_stacked_search_runs_give_the_loss_of_separate_runs():
+    """Samples of one shape are stacked into one run; the KL loss is a mean over rows either way."""
+    m = conv_zoo(np.random.default_rng(0))
+    cfg = onnxq.ConvertConfig(bits=4, act_bits=4)
+    cal = feeds(6)
+    from onnxq import api
+    from onnxq.calib.collect import collect
+    from onnxq.graph.targets import find_targets, initializer_array
+    from onnxq.planner import make_plan
+    prepared = api.upgrade_opset(prepare(m)[0], 21)
+    targets, _ = find_targets(prepared, cfg)
+    st = collect(prepared, targets, [lambda f=f: f for f in cal], hessians=True, rows_per_sample=256, seed=0)
+    w = {t.node: initializer_array(prepared, t.graph, t.weight) for t in targets}
+    plan = make_plan(targets, w, {}, st.layers, st.acts, cfg)
+    ref = [session(prepared).run(None, f) for f in cal]
+    stacked = SearchSession(prepared, plan, cal, ref)
+    assert len(stacked.feeds) == 1 and stacked.feeds[0]["x"].shape[0] == 12
+    separate = SearchSession(prepared, plan, cal, ref)
+    separate.feeds, separate.reference = cal, ref
+    assert np.isclose(stacked.loss(plan.acts), separate.loss(plan.acts), rtol=1e-5)
