@@ -31,7 +31,7 @@ from .verify import fidelity
 log = logging.getLogger(__name__)
 Progress = Callable[[str, int, int], None]
 RANDOM_SAMPLES = 16
-PROBE_SAMPLES = 8   # samples the branch planner's network probe runs
+PROBE_SAMPLES = 16  # samples the branch planner's network probe runs
 
 
 def _needed_opset(cfg: ConvertConfig) -> int:
@@ -114,7 +114,7 @@ def convert(model: str | os.PathLike | onnx.ModelProto, config: ConvertConfig | 
         layers = sequential_layers(prepared, targets, cal, stats, weights, biases, cfg, progress)
     probe = None
     if cfg.rank_budget > 0:
-        probe = Probe(prepared, targets, weights, cal[:PROBE_SAMPLES])
+        probe = Probe(prepared, targets, weights, cal[:PROBE_SAMPLES], biases)
     plan = make_plan(targets, weights, biases, layer_stats, stats.acts, cfg, progress=cb,
                      layers=layers, probe=probe)
     search_info: dict = {}

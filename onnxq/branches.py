@@ -16,6 +16,7 @@ from .layout import from_matrix, to_matrix
 from .types import ActQuant, Branch, LayerPlan
 
 MID_CLIP_SIGMAS = 4.0   # the middle activation's range, in its own standard deviations
+GAMMAS = (0.0, 0.5, 1.0)  # powers of the measured sensitivity tried in the rank allocation
 
 
 def eligible(lp: LayerPlan) -> str:
@@ -55,13 +56,18 @@ def build_branch(a: np.ndarray, b: np.ndarray, h: np.ndarray, cfg: ConvertConfig
     return Branch(rank, cfg.adapter_bits, a_hat, b_hat, a_codes, a_scales, b_codes, b_scales, mid, init)
 
 
-def _weight(lp: LayerPlan, with_branch: bool) -> np.ndarray:
-    """The layer's effective float weight in its original layout."""
+def _weight(lp: LayerPlan, with_branch: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """The layer's effective float weight in its original layout, and its bias (corrected for
+    the mean shift of that weight, as the emitted model will have it)."""
     t = lp.target
     w = to_matrix(lp.codes, t.layout) * lp.scales[:, None]
+    bias = lp.bias
     if with_branch and lp.branch is not None:
-        w = w + lp.branch.b @ lp.branch.a
-    return from_matrix(w, t.layout, t.shape)
+        ba = lp.branch.b @ lp.branch.a
+        w = w + ba
+        if bias is not None and lp.input_mean is not None:
+            bias = bias.astype(np.float64) - ba @ lp.input_mean[0]
+    return from_matrix(w, t.layout, t.shape), bias
 
 
 def _sensitivities(cand: list[LayerPlan], errors: list[float], probe) -> list[float]:
@@ -75,6 +81,33 @@ def _sensitivities(cand: list[LayerPlan], errors: list[float], probe) -> list[fl
     known = [v for v in sens if v is not None]
     fill = float(np.median(known)) if known else 1.0
     return [fill if v is None else v for v in sens]
+
+
+def _choose_weighting(cand, spectra, gains, costs, errors, budget, probe) -> tuple[list[int], dict]:
+    """Ranks allocated with each layer's gains weighted by sensitivity**gamma for gamma in
+    GAMMAS (0: the layer's own output error; 1: fully by its measured single-layer effect on
+    the network), each allocation measured end to end with float factors; the best is kept.
+    Single-layer sensitivities are noisy and do not add up exactly, so the end-to-end
+    measurement, not the model, has the last word."""
+    sens = np.array(_sensitivities(cand, errors, probe))
+    sens = sens / max(float(np.median(sens)), 1e-30)
+    tried, best = {}, None
+    for gamma in GAMMAS:
+        ranks = allocate([g * s**gamma for g, s in zip(gains, sens)], costs, budget)
+        trial = {}
+        for lp, sp, r in zip(cand, spectra, ranks):
+            lp.branch = None
+            if r > 0:
+                a, b = factors(sp, r)
+                lp.branch = Branch(r, 32, a, b)
+            if not lp.target.graph:
+                trial[lp.target.node] = _weight(lp, True)
+        tried[str(gamma)] = probe(trial)
+        if best is None or tried[str(gamma)] < best[0]:
+            best = (tried[str(gamma)], gamma, ranks)
+    for lp in cand:
+        lp.branch = None
+    return best[2], {"sensitivity_power": best[1], "divergence_by_power": tried}
 
 
 def _end_to_end(layers: list[LayerPlan], probe, drop: bool = True) -> dict:
@@ -127,11 +160,13 @@ def plan_branches(layers: list[LayerPlan], weights: Mapping[str, np.ndarray],
         gains.append(sp.gains() / signal)          # relative output-error reduction per rank
         errors.append(float(np.einsum("ok,kl,ol->", wm - w_hat, h, wm - w_hat)) / signal)
         costs.append(wm.shape[0] + wm.shape[1])    # parameters of one rank: a column of B, a row of A
-    network = probe is not None and cfg.branch_weighting == "network"
-    sens = _sensitivities(cand, errors, probe) if network and cand else [1.0] * len(cand)
-    gains = [g * s for g, s in zip(gains, sens)]
+    network = probe is not None and cfg.branch_weighting == "network" and budget > 0 and bool(cand)
     ranks = allocate(gains, costs, budget) if budget > 0 else [0] * len(cand)
+    choice: dict = {}
+    if network:
+        ranks, choice = _choose_weighting(cand, spectra, gains, costs, errors, budget, probe)
     for lp, sp, r, h in zip(cand, spectra, ranks, hs):
+        lp.branch = None
         if r > 0:
             a, b = factors(sp, r)
             lp.branch = build_branch(a, b, h, cfg, cfg.adapter_init)
@@ -139,5 +174,4 @@ def plan_branches(layers: list[LayerPlan], weights: Mapping[str, np.ndarray],
     used = sum(lp.branch.rank * c for lp, c in zip(cand, costs) if lp.branch is not None)
     return {"budget_params": budget, "used_params": used,
             "layers_with_branch": sum(lp.branch is not None for lp in cand), "ineligible": skipped,
-            "weighting": "network sensitivity" if network else "layer output error",
-            **check}
+            "weighting": "network (measured)" if network else "layer output error", **choice, **check}

@@ -32,7 +32,7 @@ def choose_bits(prepared: onnx.ModelProto, targets: Sequence[Target], weights: M
                 progress: Progress | None = None) -> tuple[tuple[tuple[str, int], ...], dict]:
     """Per-layer bits as exact-name overrides, and what the allocation predicted."""
     choices = sorted(cfg.bit_choices, reverse=True)
-    probe = Probe(prepared, targets, weights, loaders[:TRIAL_SAMPLES])
+    probe = Probe(prepared, targets, weights, loaders[:TRIAL_SAMPLES], biases)
     main = probe.targets
     costs = np.zeros((len(main), len(choices)))
     sizes = np.zeros((len(main), len(choices)))
@@ -42,7 +42,7 @@ def choose_bits(prepared: onnx.ModelProto, targets: Sequence[Target], weights: M
             c = dataclasses.replace(cfg, bits=b, depthwise_bits=min(cfg.bit_choices), bits_overrides=())
             lp = plan_layer(t, weights[t.node], biases.get(t.node), layer_stats.get(t.node), c)
             w_hat = from_matrix(to_matrix(lp.codes, t.layout) * lp.scales[:, None], t.layout, t.shape)
-            deq[(t.node, b)] = w_hat.astype(np.float32)
+            deq[(t.node, b)] = (w_hat.astype(np.float32), lp.bias)
             # --avg-bits counts weight bits; --max-size counts bytes, per-channel scales included
             sizes[li, ci] = t.params * b + (lp.scales.size * 32 if cfg.avg_bits is None else 0)
             costs[li, ci] = probe({t.node: deq[(t.node, b)]})

@@ -32,22 +32,34 @@ def divergence(ref: Sequence[np.ndarray], out: Sequence[np.ndarray]) -> float:
 
 class Probe:
     """Divergence of the network's outputs from FP32 when some main-graph layers take other
-    weights (in their original layout); the rest keep their float weights."""
+    weights (in their original layout) and biases; the rest keep their float values. Biases
+    matter: a quantized layer's corrected bias cancels its mean shift, which would otherwise
+    dominate what the probe measures."""
 
     def __init__(self, prepared: onnx.ModelProto, targets: Sequence[Target],
-                 weights: Mapping[str, np.ndarray], loaders: Sequence[Callable[[], Feed]]):
+                 weights: Mapping[str, np.ndarray], loaders: Sequence[Callable[[], Feed]],
+                 biases: Mapping[str, np.ndarray] | None = None):
         self.targets = [t for t in targets if not t.graph]
-        self.sess = session(weights_as_inputs(prepared, [t.weight for t in self.targets]))
+        biases = biases or {}
+        self.bias_of = {t.node: t.bias for t in self.targets if t.bias and t.node in biases}
+        params = [t.weight for t in self.targets] + list(self.bias_of.values())
+        self.sess = session(weights_as_inputs(prepared, params))
         self.names = [o.name for o in self.sess.get_outputs()]
         self.feeds = [load() for load in loaders]
         self.base = {t.weight: np.asarray(weights[t.node], np.float32) for t in self.targets}
+        self.base.update({b: np.asarray(biases[n], np.float32) for n, b in self.bias_of.items()})
         self.weight_of = {t.node: t.weight for t in self.targets}
         self.ref = [self.sess.run(self.names, {**f, **self.base}) for f in self.feeds]
 
-    def __call__(self, layer_weights: Mapping[str, np.ndarray]) -> float:
-        """Mean divergence over the probe's samples; `layer_weights` maps node -> weight."""
+    def __call__(self, layer_weights: Mapping[str, "np.ndarray | tuple"]) -> float:
+        """Mean divergence over the probe's samples; `layer_weights` maps node -> weight, or
+        node -> (weight, bias or None)."""
         trial = dict(self.base)
         for node, w in layer_weights.items():
+            if isinstance(w, tuple):
+                w, b = w
+                if b is not None and node in self.bias_of:
+                    trial[self.bias_of[node]] = np.asarray(b, np.float32).reshape(trial[self.bias_of[node]].shape)
             trial[self.weight_of[node]] = np.asarray(w, np.float32)
         return float(np.mean([divergence(r, self.sess.run(self.names, {**f, **trial}))
                               for f, r in zip(self.feeds, self.ref)]))

@@ -18,7 +18,6 @@ from .qmath import channel_scales, quantize, weight_qmax
 from .rounding import gptq_round
 
 CLIP_GRID = np.linspace(0.30, 1.0, 36)
-GPTQ_CLIPS = (1.0,)
 
 
 @dataclass(frozen=True)
@@ -64,27 +63,12 @@ def hessian_scales(w: np.ndarray, bits: int, hessian: np.ndarray) -> np.ndarray:
 
 
 def gptq(w: np.ndarray, bits: int, hessian: np.ndarray | None = None) -> WeightQuant:
-    """Second-order rounding; each row keeps whichever candidate clipping gives the lowest
-    tr(e H e^T) after rounding (rows are rounded independently, so the choice is per row):
-    the clipping best for plain rounding, and GPTQ_CLIPS times it (compensation tolerates a
-    finer grid than round-to-nearest does)."""
     if hessian is None:
         q = mse(w, bits)
         return WeightQuant(q.codes, q.scales, "mse (no input statistics)")
-    h = hessian.astype(np.float64)
-    base = hessian_scales(w, bits, h)
-    best_codes, best_s, best_err = None, None, None
-    for k in GPTQ_CLIPS:
-        s = base * k
-        codes = gptq_round(w, s, bits, h)
-        e = w - codes * s[:, None]
-        err = np.einsum("ok,ok->o", e @ h, e)
-        if best_err is None:
-            best_codes, best_s, best_err = codes, s, err
-            continue
-        better = err < best_err
-        best_codes[better], best_s[better], best_err[better] = codes[better], s[better], err[better]
-    return WeightQuant(best_codes, best_s, "gptq")
+    s = hessian_scales(w, bits, hessian)
+    codes = gptq_round(w, s, bits, hessian)
+    return WeightQuant(codes, s, "gptq")
 
 
 WEIGHT_METHODS: dict[str, Callable[..., WeightQuant]] = {"rtn": rtn, "mse": mse, "gptq": gptq}
