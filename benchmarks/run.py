@@ -140,6 +140,10 @@ def convert(kind: str, spec, src: Path, dst: Path, calib: Path, log: Path, timeo
     elif kind == "onnxq" and dst.with_suffix(".report.json").exists():
         rep = json.loads(dst.with_suffix(".report.json").read_text())
         res["inner_seconds"] = rep.get("seconds", {}).get("total")
+        if rep.get("branches"):
+            res["extra_params_pct"] = 100.0 * rep["branches"]["used_params"] / max(rep.get("params") or 1, 1)
+        if rep.get("search"):
+            res["search_evals"] = rep["search"].get("evaluations")
     return res
 
 
@@ -217,7 +221,7 @@ def fmt(v, spec: str) -> str:
 
 def table(model: str, rows: list[dict]) -> str:
     second = {"rec": "str=FP32", "cls": "top1=FP32", "det": "IoU FP32"}[model]
-    head = ["variant", "accuracy", second, "SQNR dB", "size MB", "conv s", "peak MB", "lat ms"]
+    head = ["variant", "accuracy", second, "SQNR dB", "size MB", "extra %", "conv s", "peak MB", "lat ms"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         if "error" in r:
@@ -225,7 +229,8 @@ def table(model: str, rows: list[dict]) -> str:
         else:
             cells = [r["name"], fmt(r.get("accuracy"), ".3f"),
                      fmt(r.get("agree_fp32", r.get("iou_fp32")), ".3f"), fmt(r.get("sqnr_db"), ".1f"),
-                     fmt(r.get("size_mb"), ".2f"), fmt(r.get("seconds"), ".1f"),
+                     fmt(r.get("size_mb"), ".2f"), fmt(r.get("extra_params_pct"), ".2f"),
+                     fmt(r.get("seconds"), ".1f"),
                      fmt(r.get("peak_mb"), ".0f"), fmt(r.get("latency_ms"), ".2f")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

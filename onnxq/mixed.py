@@ -50,14 +50,27 @@ def choose_bits(prepared: onnx.ModelProto, targets: Sequence[Target], weights: M
             progress("bit costs", li + 1, len(main))
     costs = np.maximum(costs - costs[:, :1], 0.0)          # the cost of a choice beyond the widest
     budget = cfg.size_budget_bits(sum(t.params for t in main))
-    choice, how = allocate(costs, sizes, budget, rng=np.random.default_rng(cfg.seed))
+    # the allocators work on summed single-layer costs; interactions can make the sum lie, so
+    # every candidate (annealed attention, greedy, the widest uniform width that fits) is
+    # measured end to end and the best measured one is kept
+    cands = {"anneal": allocate(costs, sizes, budget, "anneal", np.random.default_rng(cfg.seed))[0],
+             "greedy": allocate(costs, sizes, budget, "greedy")[0]}
+    for ci, b in enumerate(choices):
+        uniform = np.full(len(main), ci)
+        if float(sizes[:, ci].sum()) <= budget + 1e-9:
+            cands[f"uniform {b}"] = uniform
+            break
+    trials = {k: probe({t.node: deq[(t.node, choices[c])] for t, c in zip(main, v)}) for k, v in cands.items()}
+    how = min(trials, key=lambda k: (trials[k], k))
+    choice, measured = cands[how], trials[how]
     chosen = [(t, choices[c]) for t, c in zip(main, choice)]
-    measured = probe({t.node: deq[(t.node, b)] for t, b in chosen})
     total_params = sum(t.params for t in main)
     info = {"allocator": how, "budget_bits": budget,
             "used_bits": float(sum(sizes[i, c] for i, c in enumerate(choice))),
             "avg_bits": float(sum(t.params * b for t, b in chosen) / max(total_params, 1)),
             "predicted_divergence": predicted_cost(costs, choice), "measured_divergence": float(measured),
+            "measured_by_allocator": trials,
+            "predicted_by_allocator": {k: predicted_cost(costs, v) for k, v in cands.items()},
             "layers": {t.node: b for t, b in chosen},
             "costs": {t.node: dict(zip(map(str, choices), map(float, costs[i]))) for i, t in enumerate(main)}}
     return tuple((_escape(t.node), b) for t, b in chosen), info

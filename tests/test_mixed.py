@@ -69,3 +69,15 @@ def test_sensitive_layer_gets_the_most_bits():
     assert bits["sensitive"] == max(bits.values()) and bits["sensitive"] > min(bits.values())
     assert rep.mixed["avg_bits"] <= 3.5
     ort.InferenceSession(q.SerializeToString())
+
+
+def test_every_allocation_is_measured_end_to_end_and_the_best_is_kept():
+    from pathlib import Path
+    root = Path(__file__).parents[1] / "models"
+    cfg = onnxq.ConvertConfig(bits=4, avg_bits=3.0)
+    _, rep = onnxq.convert(str(root / "digits_cnn.onnx"), cfg, calib=str(root / "digits_calib"))
+    mx = rep.mixed
+    assert {"anneal", "greedy"} <= set(mx["measured_by_allocator"])
+    assert any(k.startswith("uniform") for k in mx["measured_by_allocator"])
+    assert mx["measured_divergence"] == min(mx["measured_by_allocator"].values())
+    assert mx["used_bits"] <= mx["budget_bits"]
