@@ -119,10 +119,14 @@ def convert(model: str | os.PathLike | onnx.ModelProto, config: ConvertConfig | 
                      layers=layers, probe=probe)
     search_info: dict = {}
     if cfg.act_method_name == "lapq" and plan.acts:
-        feeds = [load() for load in cal[:cfg.search_samples]]
+        n = cfg.search_samples
+        feeds = [load() for load in cal[:n]]
+        check = [load() for load in cal[n:2 * n]]        # calibration samples the search does not fit
         ref_sess = session(prepared)
         reference = [ref_sess.run(None, f) for f in feeds]
-        plan.acts, search_info = lapq_search(prepared, plan, stats.acts, feeds, reference, cfg, progress)
+        check_ref = [ref_sess.run(None, f) for f in check]
+        plan.acts, search_info = lapq_search(prepared, plan, stats.acts, feeds, reference, cfg, progress,
+                                             check, check_ref)
     qmodel = tidy(apply_plan(prepared, plan))
     qmodel.producer_name, qmodel.producer_version = "onnxq", _version()
     secs["quantize"] = time.perf_counter() - t2

@@ -89,7 +89,9 @@ def print_summary(report) -> None:
     if sr:
         out.print(f"  lapq: {sr['tensors']} ranges searched in {sr['evaluations']} evaluations; calibration "
                   f"loss {sr['start_loss']:.4g} (default ranges) -> {sr['loss_before']:.4g} (best single "
-                  f"method: {sr['start']}) -> {sr['loss_after']:.4g} (joint search)")
+                  f"method: {sr['start']}) -> {sr['loss_after']:.4g} (joint search); kept: {sr['kept']}"
+                  + (f" (lowest loss on {sr['check_samples']} samples the search did not fit)"
+                     if sr["check_samples"] else ""))
     mx = r.mixed
     if mx:
         chosen = Counter(mx["layers"].values())

@@ -13,6 +13,7 @@ is kept, so the search never ends above its starting loss.
 
 from __future__ import annotations
 
+import copy
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
@@ -46,6 +47,13 @@ class SearchSession:
         self.outputs = [o.name for o in self.sess.get_outputs()]
         self.feeds, self.reference = _batched(self.sess, feeds, reference)
         self.evals = 0
+
+    def on(self, feeds: Sequence[Feed], reference: Sequence[Sequence[np.ndarray]]) -> "SearchSession":
+        """The same session measuring the loss on other samples."""
+        other = copy.copy(self)
+        other.feeds, other.reference = _batched(self.sess, feeds, reference)
+        other.evals = 0
+        return other
 
     def outputs_for(self, acts: Mapping[str, ActQuant], feed: Feed) -> list[np.ndarray]:
         extra = {}
@@ -106,14 +114,19 @@ def _scaled(start: Mapping[str, ActQuant], names, cfg: ConvertConfig, x: np.ndar
 
 def lapq_search(prepared: onnx.ModelProto, plan: Plan, stats: Mapping[str, ActStats],
                 ref_feeds: Sequence[Feed], reference: Sequence[Sequence[np.ndarray]], cfg: ConvertConfig,
-                progress: Progress | None = None) -> tuple[dict[str, ActQuant], dict]:
+                progress: Progress | None = None, check_feeds: Sequence[Feed] = (),
+                check_reference: Sequence[Sequence[np.ndarray]] = ()) -> tuple[dict[str, ActQuant], dict]:
     """Searched activation parameters and a summary of the search.
 
     Starts from the best of every single-tensor method and of the Lp family (p from a quadratic
     fit over P_GRID) on the network loss, then refines each tensor's range jointly: one
     coordinate pass (COORD_STEPS multipliers a tensor, in graph order), then Powell's method on
-    what is left of the evaluation budget. The best point seen is returned."""
+    what is left of the evaluation budget. With `check_feeds` (calibration samples the search
+    did not see), the start, the coordinate result and the final point are compared on them and
+    the best is returned: dozens of ranges fitted on a few samples can overfit them."""
     search = SearchSession(prepared, plan, ref_feeds, reference)
+    order = {lp.target.act: i for i, lp in reversed(list(enumerate(plan.layers)))}
+    search.names.sort(key=lambda a: (order.get(a, len(order)), a))     # graph order
     names = search.names
     budget = cfg.search_evals
     start_loss = search.loss(plan.acts)
@@ -147,14 +160,23 @@ def lapq_search(prepared: onnx.ModelProto, plan: Plan, stats: Mapping[str, ActSt
                 x = trial
                 break
 
+    stages = {"start": (single_best, start), "coordinate": (best["loss"], best["acts"])}
+
     def f(v: np.ndarray) -> float:
         return consider(_scaled(start, names, cfg, v), "powell")
 
     if names and budget > search.evals + 2 * len(names):
         minimize(f, x, method="Powell", bounds=[(-2.0, 0.7)] * len(names),
                  options={"maxfev": budget - search.evals, "xtol": 1e-2, "ftol": 1e-4})
+    stages["powell"] = (best["loss"], best["acts"])
+    kept, check = "powell", {}
+    if len(check_feeds):
+        held = search.on(check_feeds, check_reference)
+        check = {k: held.loss(acts) for k, (_, acts) in stages.items()}
+        kept = min(check, key=lambda k: (check[k], k != "start"))
     info = {"start_loss": start_loss, "single_method_losses": singles,
             "p_grid": dict(zip(map(str, P_GRID), grid)), "p_star": p_star,
             "start": start_how, "loss_before": single_best, "loss_after": best["loss"],
-            "final": best["how"], "evaluations": search.evals, "tensors": len(names)}
-    return best["acts"], info
+            "final": best["how"], "evaluations": search.evals, "tensors": len(names),
+            "check_losses": check, "kept": kept, "check_samples": len(check_feeds)}
+    return stages[kept][1], info

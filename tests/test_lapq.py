@@ -86,3 +86,13 @@ def test_stacked_search_runs_give_the_loss_of_separate_runs():
     separate = SearchSession(prepared, plan, cal, ref)
     separate.feeds, separate.reference = cal, ref
     assert np.isclose(stacked.loss(plan.acts), separate.loss(plan.acts), rtol=1e-5)
+
+
+def test_search_keeps_the_stage_best_on_samples_it_did_not_fit():
+    m = conv_zoo(np.random.default_rng(0))
+    cfg = onnxq.ConvertConfig(bits=4, act_bits=4, act_method="lapq", search_evals=80, search_samples=6)
+    _, rep = onnxq.convert(m, cfg, calib=feeds())
+    s = rep.search
+    assert s["check_samples"] == 6
+    assert set(s["check_losses"]) == {"start", "coordinate", "powell"}
+    assert s["check_losses"][s["kept"]] == min(s["check_losses"].values())
