@@ -184,6 +184,9 @@ def _preprocess_options(f):
                    "interval:EPS take a parameter (default: percentile).")
 @click.option("--search-evals", type=int, default=300, show_default=True,
               help="lapq: network-loss evaluations at most.")
+@click.option("--search-samples", type=int, default=64, show_default=True,
+              help="lapq: calibration samples the search fits; the next as many check it (fewer "
+                   "overfit: dozens of ranges on 16 samples lost on held-out data).")
 @click.option("--act-symmetric", is_flag=True, help="Symmetric int activations instead of uint.")
 @click.option("--depthwise-bits", type=int, default=8, show_default=True,
               help="Bits of depthwise convs (tiny, and the most sensitive to rounding).")
@@ -218,7 +221,7 @@ def _preprocess_options(f):
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars or summary.")
 @_preprocess_options
 def convert(model, output, bits, act_bits, calib, calib_size, holdout_data, seed, weight_method,
-            act_method, search_evals, act_symmetric, depthwise_bits, exclude, no_bias_correction, sequential, stages,
+            act_method, search_evals, search_samples, act_symmetric, depthwise_bits, exclude, no_bias_correction, sequential, stages,
             rank_budget, adapter_init, adapter_bits, branch_weighting, avg_bits, max_size, bit_choices, bits_override,
             report_path,
             save_stats, load_stats, min_agreement, min_cosine, show_layers, quiet, preset, size,
@@ -228,7 +231,7 @@ def convert(model, output, bits, act_bits, calib, calib_size, holdout_data, seed
     from .graph.io import check_output_path
 
     cfg = ConvertConfig(bits=bits, act_bits=act_bits, weight_method=weight_method,
-                        act_method=act_method, search_evals=search_evals, act_symmetric=act_symmetric, calib_size=calib_size,
+                        act_method=act_method, search_evals=search_evals, search_samples=search_samples, act_symmetric=act_symmetric, calib_size=calib_size,
                         seed=seed, depthwise_bits=depthwise_bits, exclude=tuple(exclude),
                         bias_correction=not no_bias_correction, sequential=sequential, stages=stages,
                         rank_budget=rank_budget, adapter_init=adapter_init, adapter_bits=adapter_bits,

@@ -52,7 +52,7 @@ class ConvertConfig:
     max_size: int | None = None            # mixed precision: bytes of quantized weights at most
     bit_choices: tuple[int, ...] = (8, 4, 3, 2)
     search_evals: int = 300                # lapq: network-loss evaluations at most
-    search_samples: int = 16               # lapq / mixed precision: calibration samples per evaluation
+    search_samples: int = 64               # lapq: samples the search fits (the next as many check it)
 
     def __post_init__(self) -> None:
         if self.bits not in WEIGHT_BITS:
@@ -69,6 +69,8 @@ class ConvertConfig:
                 raise ConfigError(f"unknown activation method '{self.act_method}'; known: "
                                   f"{', '.join(RANGE_METHODS)}, lapq (percentile:PCT, lp:P and "
                                   "interval:EPS take a parameter)") from None
+        if self.search_samples < 1 or self.search_evals < 0:
+            raise ConfigError("--search-samples must be at least 1 and --search-evals at least 0")
         if self.calib_size < 1:
             raise ConfigError("--calib-size must be at least 1")
         if self.depthwise_bits not in WEIGHT_BITS:
