@@ -10,7 +10,7 @@ import numpy as np
 
 from .algos.lowrank import allocate, factors, spectrum
 from .algos.qmath import act_params
-from .algos.weights import gptq, rtn
+from .algos.weights import gptq, quantize_weight, rtn
 from .config import ConvertConfig
 from .layout import from_matrix, to_matrix
 from .types import ActQuant, Branch, LayerPlan
@@ -56,12 +56,16 @@ def build_branch(a: np.ndarray, b: np.ndarray, h: np.ndarray, cfg: ConvertConfig
     return Branch(rank, cfg.adapter_bits, a_hat, b_hat, a_codes, a_scales, b_codes, b_scales, mid, init)
 
 
-def _weight(lp: LayerPlan, with_branch: bool) -> tuple[np.ndarray, np.ndarray | None]:
+def _weight(lp: LayerPlan, with_branch: bool, unrefined: Mapping[str, tuple] | None = None
+            ) -> tuple[np.ndarray, np.ndarray | None]:
     """The layer's effective float weight in its original layout, and its bias (corrected for
-    the mean shift of that weight, as the emitted model will have it)."""
+    the mean shift of that weight, as the emitted model will have it). Without its branch, a
+    layer refined jointly with the branch takes its rounding from before the refinement."""
     t = lp.target
-    w = to_matrix(lp.codes, t.layout) * lp.scales[:, None]
-    bias = lp.bias
+    codes, scales, bias = lp.codes, lp.scales, lp.bias
+    if not with_branch and unrefined and t.node in unrefined:
+        codes, scales, bias = unrefined[t.node]
+    w = to_matrix(codes, t.layout) * scales[:, None]
     if with_branch and lp.branch is not None:
         ba = lp.branch.b @ lp.branch.a
         w = w + ba
@@ -110,28 +114,66 @@ def _choose_weighting(cand, spectra, gains, costs, errors, budget, probe) -> tup
     return best[2], {"sensitivity_power": best[1], "divergence_by_power": tried}
 
 
-def _end_to_end(layers: list[LayerPlan], probe, drop: bool = True) -> dict:
+def _end_to_end(layers: list[LayerPlan], probe, drop: bool = True,
+                unrefined: Mapping[str, tuple] | None = None) -> dict:
     """Every main-graph layer at its quantized weight; drop each branch whose removal does not
-    make the network's output diverge more (least useful first). Returns the figures."""
+    make the network's output diverge more (least useful first); a dropped branch's layer gets
+    its rounding from before any joint refinement back. Returns the figures."""
+    unrefined = unrefined or {}
     main = [lp for lp in layers if not lp.target.graph]
     current = {lp.target.node: _weight(lp, True) for lp in main}
-    without = probe({lp.target.node: _weight(lp, False) for lp in main})
+    without = probe({lp.target.node: _weight(lp, False, unrefined) for lp in main})
     with_all = probe(current)
     dropped = []
     loss = with_all
     trial_losses = []
     for lp in [lp for lp in main if lp.branch is not None and drop]:
-        trial = {**current, lp.target.node: _weight(lp, False)}
+        trial = {**current, lp.target.node: _weight(lp, False, unrefined)}
         trial_losses.append((probe(trial), lp))
     for _, lp in sorted(trial_losses, key=lambda x: x[0]):
-        trial = {**current, lp.target.node: _weight(lp, False)}
+        trial = {**current, lp.target.node: _weight(lp, False, unrefined)}
         d = probe(trial)
         if d <= loss:
             lp.branch = None
+            if lp.target.node in unrefined:
+                lp.codes, lp.scales, lp.bias = unrefined[lp.target.node]
             current, loss = trial, d
             dropped.append(lp.target.node)
     return {"divergence_without_branches": without, "divergence_all_branches": with_all,
             "divergence_final": loss, "dropped": dropped}
+
+
+def _objective(e: np.ndarray, h: np.ndarray) -> float:
+    return float(np.einsum("ok,kl,ol->", e, h, e))
+
+
+def refine(lp: LayerPlan, wm: np.ndarray, h: np.ndarray, cfg: ConvertConfig, iters: int) -> tuple | None:
+    """Joint refinement of a layer with a branch: re-round W - B·A, refit the branch to what that
+    rounding leaves, `iters` times; the codes, scales and float factors that end lowest on the
+    layer objective ||(W - Q - B·A) L||^2 are kept (the bias follows the new mean shift).
+    The branch's rank stays. -> the layer's (codes, scales, bias) before, or None if unchanged."""
+    t, br = lp.target, lp.branch
+    rank = br.rank
+    w_hat = to_matrix(lp.codes, t.layout) * lp.scales[:, None]
+    a, b = br.a, br.b
+    best = (_objective(wm - w_hat - b @ a, h), None)
+    for _ in range(iters):
+        q = quantize_weight(cfg.weight_method or "gptq", wm - b @ a, lp.bits, h[None])
+        w_new = q.codes * q.scales[:, None]
+        a, b = factors(spectrum(wm - w_new, h, rank, cfg.adapter_init), rank)
+        err = _objective(wm - w_new - b @ a, h)
+        if err < best[0]:
+            best = (err, (q, w_new, a, b))
+    if best[1] is None:
+        return None
+    before = (lp.codes, lp.scales, lp.bias)
+    q, w_new, a, b = best[1]
+    if lp.bias is not None and lp.input_mean is not None:
+        lp.bias = (lp.bias.astype(np.float64) - (w_new - w_hat) @ lp.input_mean[0]).astype(np.float32)
+    lp.codes = from_matrix(q.codes, t.layout, t.shape).astype(np.int32)
+    lp.scales = q.scales
+    lp.branch = Branch(rank, 32, a, b, init=br.init)
+    return before
 
 
 def plan_branches(layers: list[LayerPlan], weights: Mapping[str, np.ndarray],
@@ -165,13 +207,22 @@ def plan_branches(layers: list[LayerPlan], weights: Mapping[str, np.ndarray],
     choice: dict = {}
     if network:
         ranks, choice = _choose_weighting(cand, spectra, gains, costs, errors, budget, probe)
+    unrefined: dict[str, tuple] = {}      # a refined layer's rounding without its branch
     for lp, sp, r, h in zip(cand, spectra, ranks, hs):
         lp.branch = None
         if r > 0:
             a, b = factors(sp, r)
-            lp.branch = build_branch(a, b, h, cfg, cfg.adapter_init)
-    check = _end_to_end(layers, probe, network) if probe is not None and any(r > 0 for r in ranks) else {}
+            lp.branch = Branch(r, 32, a, b, init=cfg.adapter_init)
+            if cfg.branch_refine > 0:
+                wm = (lp.fit_target if lp.fit_target is not None
+                      else to_matrix(weights[lp.target.node], lp.target.layout).astype(np.float64))
+                before = refine(lp, wm, h, cfg, cfg.branch_refine)
+                if before is not None:
+                    unrefined[lp.target.node] = before
+            lp.branch = build_branch(lp.branch.a, lp.branch.b, h, cfg, cfg.adapter_init)
+    check = _end_to_end(layers, probe, network, unrefined) if probe is not None and any(r > 0 for r in ranks) else {}
     used = sum(lp.branch.rank * c for lp, c in zip(cand, costs) if lp.branch is not None)
     return {"budget_params": budget, "used_params": used,
             "layers_with_branch": sum(lp.branch is not None for lp in cand), "ineligible": skipped,
+            "refined_layers": sum(lp.branch is not None and lp.target.node in unrefined for lp in cand),
             "weighting": "network (measured)" if network else "layer output error", **choice, **check}

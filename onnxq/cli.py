@@ -206,6 +206,9 @@ def _preprocess_options(f):
               help="Rank allocation: network (each layer's gains weighted by its measured effect on the "
                    "output, then branches that do not help end to end are dropped) or layer (layer "
                    "output error only, no session runs).")
+@click.option("--branch-refine", type=int, default=0, show_default=True,
+              help="Joint refinement rounds of layers with a branch: re-round W - B·A, refit the branch "
+                   "to what is left; kept only where the layer's output error falls.")
 @click.option("--avg-bits", type=float,
               help="Mixed precision: choose each layer's bits so the parameter-weighted average is at most this.")
 @click.option("--max-size", help="Mixed precision: quantized weights at most this big, e.g. 2.5MB or 800KB.")
@@ -222,7 +225,7 @@ def _preprocess_options(f):
 @_preprocess_options
 def convert(model, output, bits, act_bits, calib, calib_size, holdout_data, seed, weight_method,
             act_method, search_evals, search_samples, act_symmetric, depthwise_bits, exclude, no_bias_correction, sequential, stages,
-            rank_budget, adapter_init, adapter_bits, branch_weighting, avg_bits, max_size, bit_choices, bits_override,
+            rank_budget, adapter_init, adapter_bits, branch_weighting, branch_refine, avg_bits, max_size, bit_choices, bits_override,
             report_path,
             save_stats, load_stats, min_agreement, min_cosine, show_layers, quiet, preset, size,
             mean, std, layout, channel_order):
@@ -235,7 +238,7 @@ def convert(model, output, bits, act_bits, calib, calib_size, holdout_data, seed
                         seed=seed, depthwise_bits=depthwise_bits, exclude=tuple(exclude),
                         bias_correction=not no_bias_correction, sequential=sequential, stages=stages,
                         rank_budget=rank_budget, adapter_init=adapter_init, adapter_bits=adapter_bits,
-                        branch_weighting=branch_weighting,
+                        branch_weighting=branch_weighting, branch_refine=branch_refine,
                         bits_overrides=_overrides(bits_override), avg_bits=avg_bits,
                         max_size=_size(max_size), bit_choices=tuple(int(b) for b in _floats(bit_choices, "--bit-choices")))
     pre = _preprocess(preset, size, mean, std, layout, channel_order)

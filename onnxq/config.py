@@ -48,6 +48,7 @@ class ConvertConfig:
     adapter_bits: int = 8
     branch_weighting: str = "network"      # rank allocation weighted by measured network effect, or "layer"
     max_rank: int = 64
+    branch_refine: int = 0                 # joint refinement rounds: re-round W - B·A, refit the branch
     avg_bits: float | None = None          # mixed precision: parameter-weighted average weight bits
     max_size: int | None = None            # mixed precision: bytes of quantized weights at most
     bit_choices: tuple[int, ...] = (8, 4, 3, 2)
@@ -81,6 +82,8 @@ class ConvertConfig:
             raise ConfigError(f"unknown --adapter-init '{self.adapter_init}'; known: whitened, svd")
         if self.adapter_bits not in (8, 16, 32):
             raise ConfigError(f"--adapter-bits must be 8, 16 or 32, got {self.adapter_bits}")
+        if not 0 <= self.branch_refine <= 10:
+            raise ConfigError(f"--branch-refine must lie in 0..10, got {self.branch_refine}")
         if self.branch_weighting not in ("network", "layer"):
             raise ConfigError(f"unknown --branch-weighting '{self.branch_weighting}'; known: network, layer")
         if self.avg_bits is not None and not 2 <= self.avg_bits <= 8:

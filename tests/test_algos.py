@@ -5,7 +5,8 @@ import pytest
 
 from onnxq.algos.qmath import channel_scales, weight_qmax
 from onnxq.algos.rounding import gptq_round
-from onnxq.algos.weights import hessian_scales, mse, quantize_weight, rtn, weighted_error
+from onnxq.algos.weights import (hessian_scales, mse, quantize_weight, row_errors, rtn,
+                                 weighted_error)
 
 
 def correlated_inputs(rng, n, k):
@@ -66,3 +67,20 @@ def test_grouped_quantization_uses_each_groups_statistics():
     assert q.codes.shape == (8, 9) and q.scales.shape == (8,)
     alone = quantize_weight("gptq", w[2:4], 4, hs[1:2], groups=1)
     assert np.array_equal(q.codes[2:4], alone.codes)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("seed", range(3))
+def test_gptq_method_never_above_plain_second_order_rounding(bits, seed):
+    """The scale starts only ever lower each row's objective."""
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((20, 40))
+    h = correlated_inputs(rng, 400, 40)
+    s = hessian_scales(w, bits, h)
+    plain = gptq_round(w, s, bits, h) * s[:, None]
+    q = quantize_weight("gptq", w, bits, h[None])
+    assert np.abs(q.codes).max() <= weight_qmax(bits)
+    per_row = row_errors(w - q.codes * q.scales[:, None], h)
+    assert np.all(per_row <= row_errors(w - plain, h) * (1 + 1e-9))
+    assert weighted_error(w, q.codes * q.scales[:, None], h[None]) < weighted_error(w, plain, h[None])
+

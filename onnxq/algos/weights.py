@@ -4,7 +4,10 @@ integer codes [O, K] and scales [O]; the rewriter turns them into initializers.
 `rtn`  round-to-nearest with min-max scales.
 `mse`  per-channel clipping chosen from a grid to minimise the weight MSE.
 `gptq` clipping chosen on the layer's own objective tr(E H E^T), then second-order rounding
-       (see rounding.py). Needs H; without it the layer falls back to `mse`.
+       (see rounding.py) from a few scales around it, per row the best on the objective kept.
+       Needs H; without it the layer falls back to `mse`. (Refitting each row's scale to its
+       codes in closed form, s = qHw^T / qHq^T, lowers the objective further but was measured
+       worse end to end: PP-OCR rec W3A8 0.185 -> 0.080 of strings equal to FP32.)
 """
 
 from __future__ import annotations
@@ -18,6 +21,10 @@ from .qmath import channel_scales, quantize, weight_qmax
 from .rounding import gptq_round
 
 CLIP_GRID = np.linspace(0.30, 1.0, 36)
+# multiples of the round-to-nearest-optimal scale that second-order rounding starts from: its
+# error compensation changes which clipping is best, and rows are independent, so each row keeps
+# the start that ends lowest on the objective
+GPTQ_SCALE_STARTS = (1.0, 0.9, 1.1)
 
 
 @dataclass(frozen=True)
@@ -62,13 +69,26 @@ def hessian_scales(w: np.ndarray, bits: int, hessian: np.ndarray) -> np.ndarray:
     return _grid_search(w, bits, lambda e: np.einsum("ok,ok->o", e @ h, e))
 
 
+def row_errors(e: np.ndarray, h: np.ndarray) -> np.ndarray:
+    """Each row's e_o H e_o^T. e [O, K], h [K, K] -> [O]."""
+    return np.einsum("ok,ok->o", e @ h, e)
+
+
 def gptq(w: np.ndarray, bits: int, hessian: np.ndarray | None = None) -> WeightQuant:
     if hessian is None:
         q = mse(w, bits)
         return WeightQuant(q.codes, q.scales, "mse (no input statistics)")
-    s = hessian_scales(w, bits, hessian)
-    codes = gptq_round(w, s, bits, hessian)
-    return WeightQuant(codes, s, "gptq")
+    h = hessian.astype(np.float64)
+    base = hessian_scales(w, bits, h)
+    best_err = np.full(w.shape[0], np.inf)
+    codes, scales = np.zeros(w.shape, dtype=np.int32), base.copy()
+    for f in GPTQ_SCALE_STARTS:
+        s = base * f
+        c = gptq_round(w, s, bits, h)
+        err = row_errors(w - c * s[:, None], h)
+        better = err < best_err
+        codes[better], scales[better], best_err[better] = c[better], s[better], err[better]
+    return WeightQuant(codes, scales, "gptq")
 
 
 WEIGHT_METHODS: dict[str, Callable[..., WeightQuant]] = {"rtn": rtn, "mse": mse, "gptq": gptq}
