@@ -37,14 +37,18 @@ import ocr_data  # noqa: E402
 
 MODEL_FILES = {"rec": "ch_PP-OCRv4_rec_infer.onnx", "cls": "ch_ppocr_mobile_v2.0_cls_infer.onnx",
                "det": "ch_PP-OCRv4_det_infer.onnx"}
-# (name, kind, spec): kind 'fp32' | 'ort' (spec: ort_quantize kwargs) | 'onnxq' (spec: CLI argv)
+# (name, kind, spec): kind 'fp32' | 'ort' (spec: ort_quantize kwargs; a "method" key overrides
+# --ort-method) | 'onnxq' (spec: CLI argv). Only DEFAULT_VARIANTS run unless --variants names more.
 VARIANTS: list[tuple[str, str, object]] = [
     ("fp32", "fp32", None),
     ("ort-w8a8", "ort", {"wbits": 8, "abits": 8}),
     ("ort-w4a8", "ort", {"wbits": 4, "abits": 8}),
     ("onnxq-w8a8", "onnxq", ["--bits", "8", "--act-bits", "8"]),
     ("onnxq-w4a8", "onnxq", ["--bits", "4", "--act-bits", "8"]),
+    ("ort-w8a8-percentile", "ort", {"wbits": 8, "abits": 8, "method": "percentile"}),
+    ("ort-w8a8-entropy", "ort", {"wbits": 8, "abits": 8, "method": "entropy"}),
 ]
+DEFAULT_VARIANTS = ("fp32", "ort-w8a8", "ort-w4a8", "onnxq-w8a8", "onnxq-w4a8")
 COUNTS = {"full": {"rec": (64, 200), "cls": (64, 200), "det": (16, 20)},
           "quick": {"rec": (16, 40), "cls": (16, 40), "det": (4, 4)}}
 CALIB_SEED, EVAL_SEED = 1, 2  # calibration seeds must differ from EVAL_SEED (held-out data)
@@ -239,7 +243,8 @@ def table(model: str, rows: list[dict]) -> str:
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default="rec,cls,det")
-    ap.add_argument("--variants", help="comma-separated variant names (default: all); known: "
+    ap.add_argument("--variants", help="comma-separated variant names (default: "
+                    + ", ".join(DEFAULT_VARIANTS) + ", and every --extra); known: "
                     + ", ".join(v[0] for v in VARIANTS))
     ap.add_argument("--extra", action="append", default=[], metavar="NAME=ARGS",
                     help="extra onnxq variant: name and CLI options, e.g. 'gptq=--bits 4 --weight-method gptq'")
@@ -270,6 +275,9 @@ def main(argv=None) -> None:
         if unknown:
             sys.exit(f"unknown variants: {', '.join(sorted(unknown))}")
         variants = [v for v in variants if v[0] in keep or v[0] == "fp32"]  # FP32 is the reference
+    else:
+        extras = {e.split("=", 1)[0] for e in args.extra}
+        variants = [v for v in variants if v[0] in DEFAULT_VARIANTS or v[0] in extras]
     if args.calib_seed == EVAL_SEED:
         sys.exit(f"--calib-seed {EVAL_SEED} is the evaluation seed; pick another")
     counts = COUNTS["quick" if args.quick else "full"]
@@ -290,7 +298,9 @@ def main(argv=None) -> None:
             old.unlink()
         ocr_data.write_npz_folder(cal, calib_dir)
         ort_calib = calib_dir
-        if model == "rec" and args.ort_method != "minmax":
+        histogram = args.ort_method != "minmax" or any(
+            k == "ort" and sp.get("method", "minmax") != "minmax" for _, k, sp in variants)
+        if model == "rec" and histogram:
             # ORT's histogram calibrators stack per-sample arrays: they need one input width
             ort_calib = work / "calib_fixed"
             for old in ort_calib.glob("*.npz"):
@@ -301,14 +311,16 @@ def main(argv=None) -> None:
         print(f"\n## {model}: {src.name} ({n_cal} calibration, {n_ev} evaluation samples)", flush=True)
         rows, ref = [], None
         for name, kind, spec in variants:
-            row: dict = {"name": name if kind != "ort" or args.ort_method == "minmax"
-                         else f"{name} ({args.ort_method})"}
+            method = (spec or {}).get("method", args.ort_method) if kind == "ort" else None
+            row: dict = {"name": name if kind != "ort" or method == "minmax" or name.endswith(method)
+                         else f"{name} ({method})"}
             path = src
             if kind != "fp32":
                 path = work / f"{name}.onnx"
                 path.unlink(missing_ok=True)
-                row.update(convert(kind, spec, src, path, ort_calib if kind == "ort" else calib_dir,
-                                   work / f"{name}.log", args.timeout, args.ort_method))
+                cdir = calib_dir if kind != "ort" or method == "minmax" else ort_calib
+                row.update(convert(kind, spec, src, path, cdir, work / f"{name}.log", args.timeout,
+                                   args.ort_method))
             if "error" not in row:
                 try:
                     figs, outs = evaluate(model, path, feeds, labels, ref, charset, runs)

@@ -11,6 +11,7 @@ import numpy as np
 import onnx
 
 from .algos.mixed import allocate, predicted_cost
+from .algos.qmath import container_bits
 from .calib.data import Feed
 from .config import ConvertConfig
 from .layout import from_matrix, to_matrix
@@ -43,8 +44,10 @@ def choose_bits(prepared: onnx.ModelProto, targets: Sequence[Target], weights: M
             lp = plan_layer(t, weights[t.node], biases.get(t.node), layer_stats.get(t.node), c)
             w_hat = from_matrix(to_matrix(lp.codes, t.layout) * lp.scales[:, None], t.layout, t.shape)
             deq[(t.node, b)] = (w_hat.astype(np.float32), lp.bias)
-            # --avg-bits counts weight bits; --max-size counts bytes, per-channel scales included
-            sizes[li, ci] = t.params * b + (lp.scales.size * 32 if cfg.avg_bits is None else 0)
+            # --avg-bits counts weight bits; --max-size counts the bytes the file will hold:
+            # codes in their INT4/INT8 containers plus per-channel scales
+            sizes[li, ci] = (t.params * b if cfg.avg_bits is not None
+                             else t.params * container_bits(b) + lp.scales.size * 32)
             costs[li, ci] = probe({t.node: deq[(t.node, b)]})
         if progress:
             progress("bit costs", li + 1, len(main))

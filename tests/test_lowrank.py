@@ -187,3 +187,56 @@ def test_int8_factors_are_rounded_on_their_input_statistics():
     plain = (lambda qa, qb: (qb.codes * qb.scales[:, None]) @ (qa.codes * qa.scales[:, None]))(rtn(a, 8), rtn(b, 8))
     exact = b @ a
     assert hweighted(exact - br.b @ br.a, h) < hweighted(exact - plain, h)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_joint_refinement_never_raises_the_layer_objective(seed):
+    """Re-rounding W - B·A and refitting the branch ends at or below the first fit."""
+    from onnxq.branches import refine
+    from onnxq.planner import plan_layer
+    from onnxq.types import Branch, LayerStats, Target
+    rng = np.random.default_rng(seed)
+    o, k = 24, 36
+    x = rng.standard_normal((2000, k)) @ (np.eye(k) + rng.standard_normal((k, k)) / 2)
+    h = x.T @ x / len(x)
+    w = rng.standard_normal((o, k)) * 0.2
+    t = Target("n", "Gemm", "", "w", "x", None, "rows", (o, k))
+    cfg = onnxq.ConvertConfig(bits=3)
+    lp = plan_layer(t, w, None, LayerStats(h[None], x.mean(0)[None], len(x)), cfg)
+    hf = lp.fit_hessian[0]
+    q0 = lp.codes * lp.scales[:, None]
+    a, b = factors(spectrum(w - q0, hf, 4, "whitened"), 4)
+    lp.branch = Branch(4, 32, a, b)
+    first = hweighted(w - q0 - b @ a, hf)
+    before = refine(lp, w, hf, cfg, 3)
+    after = hweighted(w - lp.codes * lp.scales[:, None] - lp.branch.b @ lp.branch.a, hf)
+    assert after <= first
+    assert lp.branch.rank == 4 and np.abs(lp.codes).max() <= 3
+    if before is not None:                   # the unrefined rounding is handed back intact
+        assert np.array_equal(before[0] * before[1][:, None], q0)
+
+
+def test_refined_branches_still_equal_conv_with_corrected_weight():
+    rng = np.random.default_rng(9)
+    w = (rng.standard_normal((8, 4, 3, 3)) * 0.3).astype(np.float32)
+    m = make_model([helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1])],
+                   [vi("x", [1, 4, 7, 7])], [vi("y", [1, 8, 7, 7])], {"w": w})
+    cal = [{"x": rng.standard_normal((1, 4, 7, 7)).astype(np.float32)} for _ in range(16)]
+    cfg = onnxq.ConvertConfig(bits=3, act_bits=32, rank_budget=0.5, adapter_bits=32,
+                              bias_correction=False, branch_refine=2, branch_weighting="layer")
+    q, rep = onnxq.convert(m, cfg, calib=cal)
+    assert rep.branches["refined_layers"] == 1
+    inits = {t.name: numpy_helper.to_array(t) for t in q.graph.initializer}
+    node = rep.quantized[0]["node"]
+    wq = inits[f"{node}/weight_q"].astype(np.float32) * inits[f"{node}/weight_scale"][:, None, None, None]
+    a = inits[f"{node}/residual/A_weight"].reshape(inits[f"{node}/residual/A_weight"].shape[0], -1)
+    b = inits[f"{node}/residual/B_weight"][:, :, 0, 0]
+    merged = (wq.reshape(8, -1) + b @ a).reshape(w.shape).astype(np.float32)
+    ref = make_model([helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1])],
+                     [vi("x", [1, 4, 7, 7])], [vi("y", [1, 8, 7, 7])], {"w": merged})
+    got = ort.InferenceSession(q.SerializeToString()).run(None, cal[0])[0]
+    want = ort.InferenceSession(ref.SerializeToString()).run(None, cal[0])[0]
+    assert np.allclose(got, want, atol=1e-4)
+    err = lambda ww: float(np.mean((ort.InferenceSession(ww.SerializeToString()).run(None, cal[1])[0]  # noqa: E731
+                                    - ort.InferenceSession(m.SerializeToString()).run(None, cal[1])[0]) ** 2))
+    assert err(q) < err(onnxq.convert(m, onnxq.ConvertConfig(bits=3, act_bits=32, bias_correction=False), calib=cal)[0])

@@ -17,6 +17,12 @@ def weight_qmax(bits: int) -> int:
     return 2 ** (bits - 1) - 1
 
 
+def container_bits(bits: int) -> int:
+    """Bits a weight of `bits` bits occupies in the file: 2- to 4-bit codes are stored in INT4
+    containers, wider ones in INT8."""
+    return 4 if bits <= 4 else 8
+
+
 def act_qrange(bits: int, signed: bool) -> tuple[int, int]:
     """Code range of an activation of `bits` bits (uint when unsigned)."""
     if signed:
