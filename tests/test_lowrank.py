@@ -17,6 +17,15 @@ def hweighted(e, h):
     return float(np.einsum("ok,kl,ol->", e, h, e))
 
 
+def merged_weight(q: onnx.ModelProto, node: str, shape) -> np.ndarray:
+    """Q(W) + B·A of a conv with a float branch, read back from the emitted initializers."""
+    inits = {t.name: numpy_helper.to_array(t) for t in q.graph.initializer}
+    wq = inits[f"{node}/weight_q"].astype(np.float32) * inits[f"{node}/weight_scale"][:, None, None, None]
+    a = inits[f"{node}/residual/A_weight"].reshape(inits[f"{node}/residual/A_weight"].shape[0], -1)
+    b = inits[f"{node}/residual/B_weight"][:, :, 0, 0]
+    return (wq.reshape(shape[0], -1) + b @ a).reshape(shape).astype(np.float32)
+
+
 @pytest.mark.parametrize("seed", range(5))
 @pytest.mark.parametrize("rank", [1, 2, 4, 8])
 def test_whitened_factors_never_lose_to_plain_svd_on_output_error(seed, rank):
@@ -106,12 +115,7 @@ def test_float_branch_block_equals_conv_with_corrected_weight():
     cfg = onnxq.ConvertConfig(bits=3, act_bits=32, rank_budget=0.5, adapter_bits=32, bias_correction=False)
     q, rep = onnxq.convert(m, cfg, calib=cal)
     assert rep.quantized[0]["branch_rank"] > 0
-    inits = {t.name: numpy_helper.to_array(t) for t in q.graph.initializer}
-    node = rep.quantized[0]["node"]
-    wq = inits[f"{node}/weight_q"].astype(np.float32) * inits[f"{node}/weight_scale"][:, None, None, None]
-    a = inits[f"{node}/residual/A_weight"].reshape(inits[f"{node}/residual/A_weight"].shape[0], -1)
-    b = inits[f"{node}/residual/B_weight"][:, :, 0, 0]
-    merged = (wq.reshape(8, -1) + b @ a).reshape(w.shape).astype(np.float32)
+    merged = merged_weight(q, rep.quantized[0]["node"], w.shape)
     ref = make_model([helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1], strides=[2, 2])],
                      [vi("x", [1, 4, 9, 9])], [vi("y", [1, 8, 5, 5])], {"w": merged})
     x = cal[0]
@@ -226,12 +230,7 @@ def test_refined_branches_still_equal_conv_with_corrected_weight():
                               bias_correction=False, branch_refine=2, branch_weighting="layer")
     q, rep = onnxq.convert(m, cfg, calib=cal)
     assert rep.branches["refined_layers"] == 1
-    inits = {t.name: numpy_helper.to_array(t) for t in q.graph.initializer}
-    node = rep.quantized[0]["node"]
-    wq = inits[f"{node}/weight_q"].astype(np.float32) * inits[f"{node}/weight_scale"][:, None, None, None]
-    a = inits[f"{node}/residual/A_weight"].reshape(inits[f"{node}/residual/A_weight"].shape[0], -1)
-    b = inits[f"{node}/residual/B_weight"][:, :, 0, 0]
-    merged = (wq.reshape(8, -1) + b @ a).reshape(w.shape).astype(np.float32)
+    merged = merged_weight(q, rep.quantized[0]["node"], w.shape)
     ref = make_model([helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1])],
                      [vi("x", [1, 4, 7, 7])], [vi("y", [1, 8, 7, 7])], {"w": merged})
     got = ort.InferenceSession(q.SerializeToString()).run(None, cal[0])[0]
