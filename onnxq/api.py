@@ -108,6 +108,11 @@ def convert(model: str | os.PathLike | onnx.ModelProto, config: ConvertConfig | 
     if cfg.mixed:
         overrides, mixed_info = choose_bits(prepared, targets, weights, biases, stats.layers, cal, cfg,
                                             progress)
+        if mixed_info["used_bits"] > mixed_info["budget_bits"]:
+            warnings.append(f"the size budget cannot be met: even the smallest bit choice takes "
+                            f"{mixed_info['used_bits'] / 8:.0f} bytes of weights against "
+                            f"{mixed_info['budget_bits'] / 8:.0f}; the smallest was used")
+            log.warning(warnings[-1])
         cfg = dataclasses.replace(cfg, bits_overrides=overrides + cfg.bits_overrides,
                                   depthwise_bits=min(cfg.bit_choices))
     if cfg.sequential_on and any(t.act for t in targets):

@@ -99,3 +99,12 @@ def test_max_size_counts_the_bytes_the_file_holds():
     held = sum(width[t.data_type] * int(np.prod(t.dims)) for t in q.graph.initializer
                if t.name.endswith(("/weight_q", "/weight_scale")))
     assert rep.mixed["used_bits"] == held <= rep.mixed["budget_bits"]
+
+
+def test_a_size_budget_that_cannot_be_met_is_said_in_the_report():
+    from pathlib import Path
+    root = Path(__file__).parents[1] / "models"
+    cfg = onnxq.ConvertConfig(bit_choices=(8, 4), max_size=100, act_bits=32)
+    _, rep = onnxq.convert(str(root / "digits_cnn.onnx"), cfg, calib=str(root / "digits_calib"))
+    assert set(rep.mixed["layers"].values()) == {4}
+    assert any("size budget cannot be met" in w for w in rep.warnings)
