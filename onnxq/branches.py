@@ -10,7 +10,7 @@ import numpy as np
 
 from .algos.lowrank import allocate, factors, spectrum
 from .algos.qmath import act_params
-from .algos.weights import gptq, quantize_weight, rtn
+from .algos.weights import gptq, quantize_weight, row_errors, rtn
 from .config import ConvertConfig
 from .layout import from_matrix, to_matrix
 from .types import ActQuant, Branch, LayerPlan
@@ -144,7 +144,8 @@ def _end_to_end(layers: list[LayerPlan], probe, drop: bool = True,
 
 
 def _objective(e: np.ndarray, h: np.ndarray) -> float:
-    return float(np.einsum("ok,kl,ol->", e, h, e))
+    """tr(E H E^T): the layer's output error for a weight error E [O, K]."""
+    return float(row_errors(e, h).sum())
 
 
 def refine(lp: LayerPlan, wm: np.ndarray, h: np.ndarray, cfg: ConvertConfig, iters: int) -> tuple | None:
@@ -195,12 +196,12 @@ def plan_branches(layers: list[LayerPlan], weights: Mapping[str, np.ndarray],
               else to_matrix(weights[t.node], t.layout).astype(np.float64))
         w_hat = to_matrix(lp.codes, t.layout) * lp.scales[:, None]
         sp = spectrum(wm - w_hat, h, cfg.max_rank, cfg.adapter_init)
-        signal = float(np.einsum("ok,kl,ol->", wm, h, wm)) or 1.0
+        signal = _objective(wm, h) or 1.0
         cand.append(lp)
         hs.append(h)
         spectra.append(sp)
         gains.append(sp.gains() / signal)          # relative output-error reduction per rank
-        errors.append(float(np.einsum("ok,kl,ol->", wm - w_hat, h, wm - w_hat)) / signal)
+        errors.append(_objective(wm - w_hat, h) / signal)
         costs.append(wm.shape[0] + wm.shape[1])    # parameters of one rank: a column of B, a row of A
     network = probe is not None and cfg.branch_weighting == "network" and budget > 0 and bool(cand)
     ranks = allocate(gains, costs, budget) if budget > 0 else [0] * len(cand)

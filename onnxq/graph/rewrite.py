@@ -13,6 +13,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from ..algos.qmath import container_bits
 from ..types import ActQuant, LayerPlan, Plan
 from .io import opset_of
 from .prepare import prune_initializers
@@ -20,7 +21,7 @@ from .walk import graph_by_path
 
 
 def weight_container(bits: int):
-    return ml_dtypes.int4 if bits <= 4 else np.int8
+    return ml_dtypes.int4 if container_bits(bits) == 4 else np.int8
 
 
 def act_container(a: ActQuant):
