@@ -181,7 +181,7 @@ def _preprocess_options(f):
               help=f"{' | '.join(WEIGHT_METHODS)} (default: gptq at <=4 bits, mse at 8).")
 @click.option("--act-method", metavar="NAME",
               help=f"{' | '.join(RANGE_METHODS)} | lapq (joint loss-aware search); percentile:P, lp:P, "
-                   "interval:EPS take a parameter (default: percentile).")
+                   "interval:EPS take a parameter (default: percentile; interval at 4 and 6 activation bits).")
 @click.option("--search-evals", type=int, default=300, show_default=True,
               help="lapq: network-loss evaluations at most.")
 @click.option("--search-samples", type=int, default=64, show_default=True,
