@@ -99,7 +99,12 @@ class ConvertConfig:
 
     @property
     def weight_method_name(self) -> str:
-        return self.weight_method or ("gptq" if self.bits <= 4 else "mse")
+        return self.weight_method_for(self.bits)
+
+    def weight_method_for(self, bits: int) -> str:
+        """The weight method of a layer with `bits` bits: the chosen one, else gptq at <= 4 bits
+        and mse above."""
+        return self.weight_method or ("gptq" if bits <= 4 else "mse")
 
     @property
     def act_method_name(self) -> str:

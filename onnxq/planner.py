@@ -18,12 +18,6 @@ from .types import ActQuant, ActStats, LayerPlan, LayerStats, PairedStats, Plan,
 Progress = Callable[[int, int], None]
 
 
-def layer_method(cfg: ConvertConfig, bits: int) -> str:
-    if cfg.weight_method:
-        return cfg.weight_method
-    return "gptq" if bits <= 4 else "mse"
-
-
 def _weighted_sqnr(wm, w_hat, h, groups) -> float:
     noise = weighted_error(wm, w_hat, h, groups)
     signal = weighted_error(wm, np.zeros_like(wm), h, groups)
@@ -37,7 +31,7 @@ def plan_layer(t: Target, w: np.ndarray, bias: np.ndarray | None, ls: LayerStats
     """Quantize one layer. `ls` holds the statistics of the input the layer will receive;
     `float_mean` is E[x] in the FP32 model when that differs (sequential mode)."""
     bits, note = cfg.bits_for(t.node, t.depthwise)
-    method = layer_method(cfg, bits)
+    method = cfg.weight_method_for(bits)
     wm = to_matrix(w, t.layout).astype(np.float64)               # [O, K]
     groups = t.groups if t.op == "Conv" else 1
     h = regularized_hessian(ls.hessian, ls.rows) if ls is not None else None
@@ -63,7 +57,7 @@ def plan_compensated(t: Target, w: np.ndarray, bias: np.ndarray | None, ps: Pair
     layer on the FP32 input x: V = W C Hq^-1 (least squares, C = E[x x^T], Hq = E[x^ x^T]) is
     the best float weight for x^, then V is rounded on Hq; the bias takes the mean difference."""
     bits, note = cfg.bits_for(t.node, t.depthwise)
-    method = layer_method(cfg, bits)
+    method = cfg.weight_method_for(bits)
     wm = to_matrix(w, t.layout).astype(np.float64)               # [O, K]
     groups = t.groups if t.op == "Conv" else 1
     rows = wm.shape[0] // groups
