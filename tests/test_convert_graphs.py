@@ -160,3 +160,23 @@ def test_low_bit_activations_use_narrow_codes_in_8_bit_containers(abits):
             lo, hi = float(inits[clip.input[1]]), float(inits[clip.input[2]])
             assert round(lo / scale) + zp == 0 and round(hi / scale) + zp == 2**abits - 1
     assert rep.fidelity["cosine"] > (0.95 if abits == 4 else 0.98)
+
+
+@pytest.mark.parametrize("abits", [8, 16])
+def test_bias_of_a_channel_with_near_zero_weights_survives(abits):
+    # a channel whose weights all but died in training still adds its bias; its int32 bias code
+    # round(b / (s_x s_w)) would overflow with s_w taken from those tiny weights
+    rng = np.random.default_rng(3)
+    w = (rng.standard_normal((4, 3, 3, 3)) * 0.3).astype(np.float32)
+    w[1] = 1e-9 * rng.standard_normal((3, 3, 3)).astype(np.float32)
+    b = np.array([0.1, 2.0, -0.3, 0.5], np.float32)
+    m = make_model([helper.make_node("Conv", ["x", "w", "b"], ["y"], pads=[1, 1, 1, 1])],
+                   [vi("x", ["N", 3, 12, 12])], [vi("y", ["N", 4, 12, 12])], {"w": w, "b": b})
+    q, _ = onnxq.convert(m, onnxq.ConvertConfig(bits=4, act_bits=abits), calib=feeds(8))
+    bias_q = next(numpy_helper.to_array(t) for t in q.graph.initializer if t.name.endswith("/bias_q"))
+    assert np.abs(bias_q.astype(np.int64)).max() <= 2**30
+    x = feeds(1, seed=7)[0]
+    ref, out = run(m, x), run(q, x)
+    np.testing.assert_allclose(out[:, 1], ref[:, 1], atol=1e-3)      # the dead channel: its bias
+    cos = float(np.sum(ref * out) / np.linalg.norm(ref) / np.linalg.norm(out))
+    assert cos > 0.99

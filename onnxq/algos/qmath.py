@@ -54,6 +54,19 @@ def channel_scales(w: np.ndarray, bits: int, ratio: np.ndarray | float = 1.0) ->
     return np.where(scale > 0, scale, 1.0).astype(np.float64)
 
 
+BIAS_LIMIT = 2**30   # largest |int32 bias code|: leaves the accumulator room for the products
+
+
+def bias_safe_scales(scales: np.ndarray, bias: np.ndarray, x_scale: float) -> np.ndarray:
+    """Per-channel weight scales raised where needed so the int32 bias code round(b / (s_x s_w))
+    stays within BIAS_LIMIT. Channels with near-zero weights and a real bias (common after
+    pruning or in layers whose channels died in training) would otherwise saturate and lose their
+    bias; a coarser grid costs nothing on weights that small."""
+    need = np.abs(bias.astype(np.float64)) / (float(x_scale) * BIAS_LIMIT)
+    floor = np.finfo(np.float32).tiny / max(float(x_scale), 1e-30)     # s_x s_w stays a normal float32
+    return np.maximum(scales.astype(np.float64), np.maximum(need, floor))
+
+
 def act_params(lo: float, hi: float, bits: int, signed: bool) -> tuple[float, int]:
     """(scale, zero_point) covering [lo, hi] (widened to contain 0) with `bits` codes.
 

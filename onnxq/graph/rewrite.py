@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ..algos.qmath import container_bits
+from ..algos.qmath import bias_safe_scales, container_bits, weight_qmax
 from ..types import ActQuant, LayerPlan, Plan
 from .io import opset_of
 from .prepare import prune_initializers
@@ -37,6 +37,18 @@ def _init(g: onnx.GraphProto, name: str, value: np.ndarray) -> str:
     return name
 
 
+def _bias_safe(lp: LayerPlan, bias: np.ndarray, x_scale: float) -> tuple[np.ndarray, np.ndarray]:
+    """The layer's codes and scales with the scales of channels whose int32 bias would saturate
+    raised (bias_safe_scales), and those channels' weights re-rounded onto the coarser grid."""
+    scales = bias_safe_scales(lp.scales, bias, x_scale)
+    if np.array_equal(scales, lp.scales):
+        return lp.codes, lp.scales
+    ratio = (lp.scales / scales).reshape((-1,) + (1,) * (lp.codes.ndim - 1))
+    qmax = weight_qmax(lp.bits)
+    codes = np.clip(np.rint(lp.codes * ratio), -qmax, qmax).astype(lp.codes.dtype)
+    return codes, scales
+
+
 def _weight_nodes(g: onnx.GraphProto, lp: LayerPlan, bias_scale_x: float | None) -> list[onnx.NodeProto]:
     """Initializers and DQ nodes for one layer; rewires the layer's node. Returns new nodes."""
     t = lp.target
@@ -44,21 +56,24 @@ def _weight_nodes(g: onnx.GraphProto, lp: LayerPlan, bias_scale_x: float | None)
     dt = weight_container(lp.bits)
     pre = t.node
     nodes = []
-    q = _init(g, f"{pre}/weight_q", lp.codes.astype(dt))
-    s = _init(g, f"{pre}/weight_scale", lp.scales.astype(np.float32))
-    z = _init(g, f"{pre}/weight_zero", np.zeros(lp.scales.shape, dtype=dt))
+    bias = lp.bias
+    if bias is None and t.bias is not None and bias_scale_x is not None:
+        bias = numpy_helper.to_array(next(i for i in g.initializer if i.name == t.bias))
+    per_channel = bias is not None and lp.axis == 0 and bias.shape == lp.scales.shape
+    codes, scales = lp.codes, lp.scales
+    if bias_scale_x is not None and per_channel:
+        codes, scales = _bias_safe(lp, bias, bias_scale_x)
+    q = _init(g, f"{pre}/weight_q", codes.astype(dt))
+    s = _init(g, f"{pre}/weight_scale", scales.astype(np.float32))
+    z = _init(g, f"{pre}/weight_zero", np.zeros(scales.shape, dtype=dt))
     nodes.append(helper.make_node("DequantizeLinear", [q, s, z], [f"{pre}/weight_dq"],
                                   name=f"{pre}/weight_dequantize", axis=lp.axis))
     w_index = list(node.input).index(t.weight)
     node.input[w_index] = f"{pre}/weight_dq"
-    bias = lp.bias
-    if bias is None and t.bias is not None and bias_scale_x is not None:
-        bias = numpy_helper.to_array(next(i for i in g.initializer if i.name == t.bias))
     if bias is None:
         return nodes
-    per_channel = lp.axis == 0 and bias.shape == lp.scales.shape
     if bias_scale_x is not None and per_channel:
-        bscale = (bias_scale_x * lp.scales).astype(np.float32)
+        bscale = (bias_scale_x * scales).astype(np.float32)
         bq = np.clip(np.rint(bias.astype(np.float64) / bscale), -2**31, 2**31 - 1).astype(np.int32)
         bq_name = _init(g, f"{pre}/bias_q", bq)
         bs_name = _init(g, f"{pre}/bias_scale", bscale)
