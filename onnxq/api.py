@@ -19,7 +19,7 @@ from .graph.prepare import prepare
 from .graph.rewrite import apply_plan, upgrade_opset
 from .graph.tidy import tidy
 from .graph.targets import find_targets, initializer_array
-from .planner import make_plan
+from .planner import make_plan, plan_acts
 from .report import build_report
 from .lapq import lapq_search
 from .mixed import choose_bits
@@ -119,7 +119,9 @@ def convert(model: str | os.PathLike | onnx.ModelProto, config: ConvertConfig | 
         layers = sequential_layers(prepared, targets, cal, stats, weights, biases, cfg, progress)
     probe = None
     if cfg.rank_budget > 0:
-        probe = Probe(prepared, targets, weights, cal[:PROBE_SAMPLES], biases)
+        # the probe carries the activation QDQ the emitted model will have: a branch is judged
+        # on the network the user gets, not on a float one
+        probe = Probe(prepared, targets, weights, cal[:PROBE_SAMPLES], biases, plan_acts(stats.acts, cfg))
     plan = make_plan(targets, weights, biases, layer_stats, stats.acts, cfg, progress=cb,
                      layers=layers, probe=probe)
     search_info: dict = {}

@@ -12,8 +12,8 @@ import onnx
 
 from .calib.collect import session
 from .calib.data import Feed
-from .graph.rewrite import weights_as_inputs
-from .types import Target
+from .graph.rewrite import weights_as_inputs, with_act_qdq
+from .types import ActQuant, Target
 from .verify import classifier_like, probabilities
 
 
@@ -38,18 +38,27 @@ class Probe:
 
     def __init__(self, prepared: onnx.ModelProto, targets: Sequence[Target],
                  weights: Mapping[str, np.ndarray], loaders: Sequence[Callable[[], Feed]],
-                 biases: Mapping[str, np.ndarray] | None = None):
+                 biases: Mapping[str, np.ndarray] | None = None,
+                 acts: Mapping[str, ActQuant] | None = None):
+        """With `acts`, the probed model carries those activation QDQ pairs (weights stay
+        inputs), so what it measures includes activation quantization; the reference is still
+        the FP32 model."""
         self.targets = [t for t in targets if not t.graph]
         biases = biases or {}
         self.bias_of = {t.node: t.bias for t in self.targets if t.bias and t.node in biases}
         params = [t.weight for t in self.targets] + list(self.bias_of.values())
-        self.sess = session(weights_as_inputs(prepared, params))
+        probed = with_act_qdq(prepared, self.targets, dict(acts)) if acts else prepared
+        self.sess = session(weights_as_inputs(probed, params))
         self.names = [o.name for o in self.sess.get_outputs()]
         self.feeds = [load() for load in loaders]
         self.base = {t.weight: np.asarray(weights[t.node], np.float32) for t in self.targets}
         self.base.update({b: np.asarray(biases[n], np.float32) for n, b in self.bias_of.items()})
         self.weight_of = {t.node: t.weight for t in self.targets}
-        self.ref = [self.sess.run(self.names, {**f, **self.base}) for f in self.feeds]
+        if acts:
+            ref = session(prepared)
+            self.ref = [ref.run(self.names, f) for f in self.feeds]
+        else:
+            self.ref = [self.sess.run(self.names, {**f, **self.base}) for f in self.feeds]
 
     def __call__(self, layer_weights: Mapping[str, "np.ndarray | tuple"]) -> float:
         """Mean divergence over the probe's samples; `layer_weights` maps node -> weight, or

@@ -239,3 +239,33 @@ def test_refined_branches_still_equal_conv_with_corrected_weight():
     err = lambda ww: float(np.mean((ort.InferenceSession(ww.SerializeToString()).run(None, cal[1])[0]  # noqa: E731
                                     - ort.InferenceSession(m.SerializeToString()).run(None, cal[1])[0]) ** 2))
     assert err(q) < err(onnxq.convert(m, onnxq.ConvertConfig(bits=3, act_bits=32, bias_correction=False), calib=cal)[0])
+
+
+def test_probe_with_activation_qdq_measures_the_model_with_those_pairs():
+    """The branch probe carries the activation QDQ of the emitted model: at float weights its
+    divergence is that of the activation-quantized model from FP32, run directly."""
+    from onnxq.calib.collect import collect
+    from onnxq.graph.prepare import prepare
+    from onnxq.graph.rewrite import with_act_qdq
+    from onnxq.graph.targets import find_targets
+    from onnxq.planner import plan_acts
+    from onnxq.probe import Probe, divergence
+    rng = np.random.default_rng(5)
+    m, _ = prepare(conv_zoo(rng))
+    cal = [{"x": rng.standard_normal((2, 3, 12, 12)).astype(np.float32)} for _ in range(8)]
+    loaders = [lambda f=f: f for f in cal]
+    cfg = onnxq.ConvertConfig(bits=4, act_bits=4)
+    targets, _ = find_targets(m, cfg)
+    st = collect(m, targets, loaders, hessians=False, rows_per_sample=64, seed=0)
+    acts = plan_acts(st.acts, cfg)
+    weights = {t.node: numpy_helper.to_array(next(i for i in m.graph.initializer if i.name == t.weight))
+               for t in targets}
+    probe = Probe(m, targets, weights, loaders, acts=acts)
+    so = ort.SessionOptions()        # the plain arithmetic of the graph (no constant-weight fusions)
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    fp, qa = ort.InferenceSession(m.SerializeToString(), so), \
+        ort.InferenceSession(with_act_qdq(m, targets, acts).SerializeToString(), so)
+    direct = float(np.mean([divergence(fp.run(None, f), qa.run(None, f)) for f in cal]))
+    assert direct > 0
+    assert probe({}) == pytest.approx(direct, rel=1e-5)
+    assert Probe(m, targets, weights, loaders)({}) == 0.0          # float probe: FP32 itself

@@ -119,10 +119,36 @@ def apply_plan(model: onnx.ModelProto, plan: Plan) -> onnx.ModelProto:
         a = plan.acts.get(t.act) if t.act else None
         new = _weight_nodes(g, lp, a.scale if a else None)
         before.setdefault(t.graph, {}).setdefault(t.node, []).extend(new)
-    readers: dict[str, dict[str, str]] = {}          # graph -> node -> activation it reads
+    _act_pairs(graphs, [lp.target for lp in plan.layers], plan.acts, before)
+    after: dict[str, dict[str, list[onnx.NodeProto]]] = {}
     for lp in plan.layers:
-        if lp.target.act in plan.acts:
-            readers.setdefault(lp.target.graph, {})[lp.target.node] = lp.target.act
+        if lp.branch is not None:
+            g = graphs[lp.target.graph]
+            after.setdefault(lp.target.graph, {})[lp.target.node] = _branch_nodes(g, lp)
+    _place(graphs, before, after)
+    prune_initializers(m)
+    return m
+
+
+def with_act_qdq(model: onnx.ModelProto, targets, acts: dict[str, ActQuant]) -> onnx.ModelProto:
+    """A new model with only the activation QDQ pairs the targets read; weights stay float
+    initializers (so a probe can still feed them as inputs)."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    graphs = graph_by_path(m)
+    before: dict[str, dict[str, list[onnx.NodeProto]]] = {}
+    _act_pairs(graphs, targets, acts, before)
+    _place(graphs, before, {})
+    return m
+
+
+def _act_pairs(graphs, targets, acts: dict[str, ActQuant], before) -> None:
+    """Inserts (into `before`) one Q/DQ pair per activation that quantized targets read, and
+    rewires those readers."""
+    readers: dict[str, dict[str, str]] = {}          # graph -> node -> activation it reads
+    for t in targets:
+        if t.act in acts:
+            readers.setdefault(t.graph, {})[t.node] = t.act
     for path, by_node in readers.items():
         g = graphs[path]
         done: dict[str, str] = {}
@@ -135,16 +161,15 @@ def apply_plan(model: onnx.ModelProto, plan: Plan) -> onnx.ModelProto:
                 # may read the same outer tensor
                 base = act if not path else f"{act}/{node.name}"
                 before.setdefault(path, {}).setdefault(node.name, [])[:0] = \
-                    _act_nodes(g, act, base, plan.acts[act])
+                    _act_nodes(g, act, base, acts[act])
                 done[act] = f"{base}/dq"
             for i, inp in enumerate(node.input):
                 if inp == act:
                     node.input[i] = done[act]
-    after: dict[str, dict[str, list[onnx.NodeProto]]] = {}
-    for lp in plan.layers:
-        if lp.branch is not None:
-            g = graphs[lp.target.graph]
-            after.setdefault(lp.target.graph, {})[lp.target.node] = _branch_nodes(g, lp)
+
+
+def _place(graphs, before, after) -> None:
+    """Puts the new nodes of each graph right before / after the node they belong to."""
     for path in set(before) | set(after):
         g = graphs[path]
         order = []
@@ -154,8 +179,6 @@ def apply_plan(model: onnx.ModelProto, plan: Plan) -> onnx.ModelProto:
             order.extend(after.get(path, {}).get(node.name, ()))
         del g.node[:]
         g.node.extend(order)
-    prune_initializers(m)
-    return m
 
 
 def _factor(g: onnx.GraphProto, name: str, value: np.ndarray, codes, scales, axis: int,
