@@ -13,6 +13,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from .algos.weights import DEFAULT_DAMP
+
 from . import __version__
 from .algos.ranges import RANGE_METHODS
 from .algos.weights import WEIGHT_METHODS
@@ -179,6 +181,11 @@ def _preprocess_options(f):
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--weight-method", metavar="NAME",
               help=f"{' | '.join(WEIGHT_METHODS)} (default: gptq at <=4 bits, mse at 8).")
+@click.option("--damp", type=float, default=DEFAULT_DAMP, show_default=True,
+              help="gptq: damping added to H, a fraction of its mean diagonal. Smaller follows the "
+                   "calibration data more closely (PP-OCR rec at 3 bits: 0.405 of strings equal to "
+                   "FP32 at 0.01, 0.695 at 0.001), larger is safer with little or unrepresentative "
+                   "data (Silero VAD is best at 0.01).")
 @click.option("--act-method", metavar="NAME",
               help=f"{' | '.join(RANGE_METHODS)} | lapq (joint loss-aware search); percentile:P, lp:P, "
                    "interval:EPS take a parameter (default: percentile; interval at 4 and 6 activation bits).")
@@ -224,7 +231,7 @@ def _preprocess_options(f):
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars or summary.")
 @_preprocess_options
 def convert(model, output, bits, act_bits, calib, calib_size, holdout_data, seed, weight_method,
-            act_method, search_evals, search_samples, act_symmetric, depthwise_bits, exclude, no_bias_correction, sequential, stages,
+            damp, act_method, search_evals, search_samples, act_symmetric, depthwise_bits, exclude, no_bias_correction, sequential, stages,
             rank_budget, adapter_init, adapter_bits, branch_weighting, branch_refine, avg_bits, max_size, bit_choices, bits_override,
             report_path,
             save_stats, load_stats, min_agreement, min_cosine, show_layers, quiet, preset, size,
@@ -235,7 +242,7 @@ def convert(model, output, bits, act_bits, calib, calib_size, holdout_data, seed
 
     cfg = ConvertConfig(bits=bits, act_bits=act_bits, weight_method=weight_method,
                         act_method=act_method, search_evals=search_evals, search_samples=search_samples, act_symmetric=act_symmetric, calib_size=calib_size,
-                        seed=seed, depthwise_bits=depthwise_bits, exclude=tuple(exclude),
+                        seed=seed, depthwise_bits=depthwise_bits, exclude=tuple(exclude), damp=damp,
                         bias_correction=not no_bias_correction, sequential=sequential, stages=stages,
                         rank_budget=rank_budget, adapter_init=adapter_init, adapter_bits=adapter_bits,
                         branch_weighting=branch_weighting, branch_refine=branch_refine,

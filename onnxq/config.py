@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .algos.ranges import RANGE_METHODS, parse_method
-from .algos.weights import WEIGHT_METHODS
+from .algos.weights import DEFAULT_DAMP, WEIGHT_METHODS
 from .errors import ConfigError
 
 WEIGHT_BITS = (2, 3, 4, 8)
@@ -54,6 +54,7 @@ class ConvertConfig:
     max_size: int | None = None            # mixed precision: bytes of quantized weights at most
     bit_choices: tuple[int, ...] = (8, 4, 3, 2)
     search_evals: int = 300                # lapq: network-loss evaluations at most
+    damp: float = DEFAULT_DAMP             # gptq: damping of H, a fraction of mean(diag H)
     search_samples: int = 64               # lapq: samples the search fits (the next as many check it)
 
     def __post_init__(self) -> None:
@@ -73,6 +74,8 @@ class ConvertConfig:
                                   "interval:EPS take a parameter)") from None
         if self.search_samples < 1 or self.search_evals < 0:
             raise ConfigError("--search-samples must be at least 1 and --search-evals at least 0")
+        if not 0 < self.damp <= 1:
+            raise ConfigError(f"--damp must lie in (0, 1], got {self.damp}")
         if self.calib_size < 1:
             raise ConfigError("--calib-size must be at least 1")
         if self.depthwise_bits not in WEIGHT_BITS:

@@ -35,7 +35,7 @@ def plan_layer(t: Target, w: np.ndarray, bias: np.ndarray | None, ls: LayerStats
     wm = to_matrix(w, t.layout).astype(np.float64)               # [O, K]
     groups = t.groups if t.op == "Conv" else 1
     h = regularized_hessian(ls.hessian, ls.rows) if ls is not None else None
-    wq = quantize_weight(method, wm, bits, h, groups)
+    wq = quantize_weight(method, wm, bits, h, groups, damp=cfg.damp)
     w_hat = wq.codes * wq.scales[:, None]
     plan = LayerPlan(target=t, bits=bits, method=wq.method,
                      codes=from_matrix(wq.codes, t.layout, t.shape).astype(np.int32),
@@ -68,7 +68,7 @@ def plan_compensated(t: Target, w: np.ndarray, bias: np.ndarray | None, ps: Pair
     v = np.concatenate([np.linalg.solve(hq[g] + ridge[g] * np.eye(k),
                                         cross[g].T @ wm[g * rows:(g + 1) * rows].T).T
                         for g in range(groups)])
-    wq = quantize_weight(method, v, bits, hq, groups)
+    wq = quantize_weight(method, v, bits, hq, groups, damp=cfg.damp)
     w_hat = wq.codes * wq.scales[:, None]
     plan = LayerPlan(target=t, bits=bits, method=f"{wq.method}+compensated",
                      codes=from_matrix(wq.codes, t.layout, t.shape).astype(np.int32),

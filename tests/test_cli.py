@@ -101,12 +101,13 @@ def bad_cases(work):
         "output is input": (["convert", zoo, "--calib", cal, "-o", zoo], "equals the input"),
         "unknown method": (["convert", zoo, "--weight-method", "magic"], "known: rtn, mse, gptq"),
         "bad bits": (["convert", zoo, "--bits", "5"], "--bits"),
+        "bad damping": (["convert", zoo, "--damp", "0"], "--damp"),
     }
 
 
 CASES = ["missing file", "not onnx", "truncated", "opset 10", "wrong input name", "wrong rank",
          "wrong dtype", "nan", "empty folder", "output folder missing", "output under a file", "output is input", "unknown method",
-         "bad bits"]
+         "bad bits", "bad damping"]
 
 
 @pytest.mark.parametrize("case", CASES)

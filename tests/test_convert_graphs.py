@@ -78,6 +78,21 @@ def test_each_weight_method_by_name(method):
     assert used == {method}
 
 
+def test_damping_reaches_every_gptq_layer():
+    """--damp changes second-order rounding and nothing else: rtn/mse layers (the 8-bit
+    depthwise conv) keep their codes."""
+    m = conv_zoo(np.random.default_rng(0))
+    runs = [onnxq.convert(m, onnxq.ConvertConfig(bits=3, damp=d), calib=feeds(12)) for d in (0.1, 0.0003)]
+    codes = [{t.name: numpy_helper.to_array(t) for t in q.graph.initializer if t.name.endswith("/weight_q")}
+             for q, _ in runs]
+    methods = {l["node"]: l["method"] for l in runs[0][1].quantized}
+    assert runs[0][1].config["damp"] == 0.1 and runs[1][1].config["damp"] == 0.0003
+    for name, c in codes[0].items():
+        same = np.array_equal(c, codes[1][name])
+        node = name[:-len("/weight_q")]
+        assert same == (methods[node] != "gptq"), node
+
+
 def test_gptq_layers_beat_rtn_estimate():
     m = conv_zoo(np.random.default_rng(0))
     _, rep = onnxq.convert(m, onnxq.ConvertConfig(bits=4, sequential=False), calib=feeds())

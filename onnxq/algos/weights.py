@@ -18,7 +18,7 @@ from typing import Callable
 import numpy as np
 
 from .qmath import channel_scales, quantize, weight_qmax
-from .rounding import gptq_round
+from .rounding import DEFAULT_DAMP, gptq_round
 
 CLIP_GRID = np.linspace(0.30, 1.0, 36)
 # multiples of the round-to-nearest-optimal scale that second-order rounding starts from: its
@@ -74,7 +74,8 @@ def row_errors(e: np.ndarray, h: np.ndarray) -> np.ndarray:
     return np.einsum("ok,ok->o", e @ h, e)
 
 
-def gptq(w: np.ndarray, bits: int, hessian: np.ndarray | None = None) -> WeightQuant:
+def gptq(w: np.ndarray, bits: int, hessian: np.ndarray | None = None,
+         damp: float = DEFAULT_DAMP) -> WeightQuant:
     if hessian is None:
         q = mse(w, bits)
         return WeightQuant(q.codes, q.scales, "mse (no input statistics)")
@@ -84,7 +85,7 @@ def gptq(w: np.ndarray, bits: int, hessian: np.ndarray | None = None) -> WeightQ
     codes, scales = np.zeros(w.shape, dtype=np.int32), base.copy()
     for f in GPTQ_SCALE_STARTS:
         s = base * f
-        c = gptq_round(w, s, bits, h)
+        c = gptq_round(w, s, bits, h, damp=damp)
         err = row_errors(w - c * s[:, None], h)
         better = err < best_err
         codes[better], scales[better], best_err[better] = c[better], s[better], err[better]
@@ -95,13 +96,16 @@ WEIGHT_METHODS: dict[str, Callable[..., WeightQuant]] = {"rtn": rtn, "mse": mse,
 
 
 def quantize_weight(method: str, w: np.ndarray, bits: int, hessians: np.ndarray | None,
-                    groups: int = 1) -> WeightQuant:
-    """Apply `method` to W [O, K]; grouped layers pass hessians [G, K, K] and are done per group."""
+                    groups: int = 1, **options) -> WeightQuant:
+    """Apply `method` to W [O, K]; grouped layers pass hessians [G, K, K] and are done per group.
+    `options` (damp) go to gptq."""
     fn = WEIGHT_METHODS[method]
+    if method != "gptq":
+        options = {}
     if hessians is None:
         return fn(w, bits, None)
     rows = w.shape[0] // groups
-    parts = [fn(w[g * rows:(g + 1) * rows], bits, hessians[g]) for g in range(groups)]
+    parts = [fn(w[g * rows:(g + 1) * rows], bits, hessians[g], **options) for g in range(groups)]
     return WeightQuant(np.concatenate([p.codes for p in parts]),
                        np.concatenate([p.scales for p in parts]), parts[0].method)
 
