@@ -2,13 +2,18 @@
 dependency): one panel per model, onnxq uniform bits, onnxq mixed precision and onnxruntime's
 points in different marks.
 
-    python benchmarks/plot_curve.py results.json -o curve.png
+    python benchmarks/plot_curve.py results.json [more.json ...] -o curve.png
+
+Several result files are merged per model (a later file's row replaces an earlier row of the
+same name), so points from separate runs can share a panel. `--exclude REGEX` drops rows whose
+"model:name" matches (e.g. branch variants, or a point superseded by a later run).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 
 from PIL import Image, ImageDraw, ImageFont
@@ -18,7 +23,7 @@ STYLE = {"ort": ((200, 60, 40), "x"), "mixed": ((30, 110, 200), "o"), "uniform":
 
 
 def kind(name: str) -> str:
-    return "ort" if name.startswith("ort") else "mixed" if "avg" in name else "uniform"
+    return "ort" if name.startswith("ort") else "mixed" if "avg" in name or "mixed" in name else "uniform"
 
 
 def fidelity(row: dict) -> float | None:
@@ -58,10 +63,18 @@ def panel(draw: ImageDraw.ImageDraw, x0: int, title: str, rows: list[dict], font
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("results")
+    ap.add_argument("results", nargs="+")
     ap.add_argument("-o", "--output", default="curve.png")
+    ap.add_argument("--exclude", help='drop rows whose "model:name" matches this regular expression')
     args = ap.parse_args()
-    data = json.load(open(args.results))
+    data: dict[str, dict] = {}
+    for path in args.results:
+        with open(path) as fh:
+            for model, d in json.load(fh).items():
+                rows = {r["name"]: r for r in data.get(model, {}).get("rows", [])}
+                rows.update({r["name"]: r for r in d["rows"]
+                             if not (args.exclude and re.search(args.exclude, f"{model}:{r['name']}"))})
+                data[model] = {"rows": list(rows.values())}
     img = Image.new("RGB", (W * len(data), H + 20), "white")
     draw = ImageDraw.Draw(img)
     font = ImageFont.load_default(size=11)
