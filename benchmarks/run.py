@@ -148,7 +148,22 @@ def convert(kind: str, spec, src: Path, dst: Path, calib: Path, log: Path, timeo
             res["extra_params_pct"] = 100.0 * rep["branches"]["used_params"] / max(rep.get("params") or 1, 1)
         if rep.get("search"):
             res["search_evals"] = rep["search"].get("evaluations")
+        res["avg_bits"] = nominal_bits(rep)
+    if kind == "ort" and "error" not in res:
+        res["avg_bits"] = float(spec["wbits"])     # every layer it quantizes, at one bit-width
     return res
+
+
+def nominal_bits(rep: dict) -> float | None:
+    """Parameter-weighted average weight bits of a report's quantized layers, branch
+    parameters counted at the adapter bits (what --avg-bits budgets)."""
+    layers = rep.get("quantized") or []
+    params = sum(l["params"] for l in layers)
+    branch = sum(l.get("branch_params") or 0 for l in layers)
+    if not params:
+        return None
+    bits = sum(l["params"] * l["bits"] for l in layers) + branch * rep["config"].get("adapter_bits", 8)
+    return bits / (params + branch)
 
 
 def ort_child(job_json: str) -> None:
@@ -225,7 +240,7 @@ def fmt(v, spec: str) -> str:
 
 def table(model: str, rows: list[dict]) -> str:
     second = {"rec": "str=FP32", "cls": "top1=FP32", "det": "IoU FP32"}[model]
-    head = ["variant", "accuracy", second, "SQNR dB", "size MB", "extra %", "conv s", "peak MB", "lat ms"]
+    head = ["variant", "accuracy", second, "SQNR dB", "size MB", "bits", "extra %", "conv s", "peak MB", "lat ms"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         if "error" in r:
@@ -233,7 +248,8 @@ def table(model: str, rows: list[dict]) -> str:
         else:
             cells = [r["name"], fmt(r.get("accuracy"), ".3f"),
                      fmt(r.get("agree_fp32", r.get("iou_fp32")), ".3f"), fmt(r.get("sqnr_db"), ".1f"),
-                     fmt(r.get("size_mb"), ".2f"), fmt(r.get("extra_params_pct"), ".2f"),
+                     fmt(r.get("size_mb"), ".2f"), fmt(r.get("avg_bits"), ".2f"),
+                     fmt(r.get("extra_params_pct"), ".2f"),
                      fmt(r.get("seconds"), ".1f"),
                      fmt(r.get("peak_mb"), ".0f"), fmt(r.get("latency_ms"), ".2f")]
         lines.append("| " + " | ".join(cells) + " |")
