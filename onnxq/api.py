@@ -117,13 +117,14 @@ def convert(model: str | os.PathLike | onnx.ModelProto, config: ConvertConfig | 
                                   depthwise_bits=min(cfg.bit_choices))
     if cfg.sequential_on and any(t.act for t in targets):
         layers = sequential_layers(prepared, targets, cal, stats, weights, biases, cfg, progress)
+    act_plan = plan_acts(stats.acts, cfg)
     probe = None
     if cfg.rank_budget > 0:
         # the probe carries the activation QDQ the emitted model will have: a branch is judged
         # on the network the user gets, not on a float one
-        probe = Probe(prepared, targets, weights, cal[:PROBE_SAMPLES], biases, plan_acts(stats.acts, cfg))
+        probe = Probe(prepared, targets, weights, cal[:PROBE_SAMPLES], biases, act_plan)
     plan = make_plan(targets, weights, biases, layer_stats, stats.acts, cfg, progress=cb,
-                     layers=layers, probe=probe)
+                     layers=layers, probe=probe, act_plan=act_plan)
     search_info: dict = {}
     if cfg.act_method_name == "lapq" and plan.acts:
         n = cfg.search_samples

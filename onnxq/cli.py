@@ -13,11 +13,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from .algos.weights import DEFAULT_DAMP
-
 from . import __version__
 from .algos.ranges import RANGE_METHODS
-from .algos.weights import WEIGHT_METHODS
+from .algos.weights import DEFAULT_DAMP, WEIGHT_METHODS
 from .calib.data import PRESETS, Preprocess
 from .config import ConvertConfig
 from .errors import ConfigError, OnnxqError, VerificationError

@@ -30,6 +30,7 @@ class ConvertConfig:
     bits: int = 4
     act_bits: int = 8
     weight_method: str | None = None
+    damp: float = DEFAULT_DAMP             # gptq: damping of H, a fraction of mean(diag H)
     act_method: str | None = None
     act_symmetric: bool = False
     calib_size: int = 256
@@ -54,7 +55,6 @@ class ConvertConfig:
     max_size: int | None = None            # mixed precision: bytes of quantized weights at most
     bit_choices: tuple[int, ...] = (8, 4, 3, 2)
     search_evals: int = 300                # lapq: network-loss evaluations at most
-    damp: float = DEFAULT_DAMP             # gptq: damping of H, a fraction of mean(diag H)
     search_samples: int = 64               # lapq: samples the search fits (the next as many check it)
 
     def __post_init__(self) -> None:

@@ -120,10 +120,11 @@ def make_plan(targets: Sequence[Target], weights: Mapping[str, np.ndarray],
               biases: Mapping[str, np.ndarray | None], stats_layers: Mapping[str, LayerStats],
               acts: Mapping[str, ActStats], cfg: ConvertConfig,
               progress: Progress | None = None, layers: list[LayerPlan] | None = None,
-              probe=None) -> Plan:
+              probe=None, act_plan: Mapping[str, ActQuant] | None = None) -> Plan:
     """The whole plan; `layers` may hold layers already planned (sequential mode); `probe`
-    (probe.Probe) lets the branch planner measure layers on the network's output."""
-    plan = Plan(acts=plan_acts(acts, cfg))
+    (probe.Probe) lets the branch planner measure layers on the network's output; `act_plan`,
+    the activation parameters when the caller has already planned them from `acts`."""
+    plan = Plan(acts=dict(act_plan) if act_plan is not None else plan_acts(acts, cfg))
     if layers is not None:
         plan.layers = list(layers)
     else:

@@ -13,6 +13,7 @@ integer codes [O, K] and scales [O]; the rewriter turns them into initializers.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable
 
 import numpy as np
@@ -96,16 +97,16 @@ WEIGHT_METHODS: dict[str, Callable[..., WeightQuant]] = {"rtn": rtn, "mse": mse,
 
 
 def quantize_weight(method: str, w: np.ndarray, bits: int, hessians: np.ndarray | None,
-                    groups: int = 1, **options) -> WeightQuant:
+                    groups: int = 1, damp: float = DEFAULT_DAMP) -> WeightQuant:
     """Apply `method` to W [O, K]; grouped layers pass hessians [G, K, K] and are done per group.
-    `options` (damp) go to gptq."""
+    `damp` is gptq's damping of H (the other methods have none)."""
     fn = WEIGHT_METHODS[method]
-    if method != "gptq":
-        options = {}
+    if method == "gptq":
+        fn = partial(gptq, damp=damp)
     if hessians is None:
         return fn(w, bits, None)
     rows = w.shape[0] // groups
-    parts = [fn(w[g * rows:(g + 1) * rows], bits, hessians[g], **options) for g in range(groups)]
+    parts = [fn(w[g * rows:(g + 1) * rows], bits, hessians[g]) for g in range(groups)]
     return WeightQuant(np.concatenate([p.codes for p in parts]),
                        np.concatenate([p.scales for p in parts]), parts[0].method)
 
