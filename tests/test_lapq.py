@@ -48,18 +48,20 @@ def test_search_graph_and_emitted_graph_agree_for_the_same_ranges():
     b = {t.node: initializer_array(prepared, t.graph, t.bias) for t in targets if t.bias}
     plan = make_plan(targets, w, b, st.layers, st.acts, cfg)
     ref = [session(prepared).run(None, f) for f in cal]
-    search = SearchSession(prepared, plan, cal, ref)
+    search = SearchSession(prepared, plan, cal, ref)          # built on the converter's ranges
     other = _scaled(_method_acts(st.acts, search.names, plan.acts, cfg, "lp:3.0"), search.names, cfg,
                     np.full(len(search.names), -0.3))
-    plan.acts = other
+    assert search.biased                                      # int32 biases that follow s_x
     # same graph semantics: compare without onnxruntime's fusions (with constant scales it
     # fuses QDQ into integer kernels, whose requantization rounds differently)
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    emitted = ort.InferenceSession(apply_plan(prepared, plan).SerializeToString(), so)
-    from onnxq.graph.rewrite import act_param_names, weights_as_inputs
-    params = [n for a in search.names for n in act_param_names(a, plan.acts[a])]
-    search.sess = ort.InferenceSession(weights_as_inputs(apply_plan(prepared, plan), params).SerializeToString(), so)
+    from onnxq.graph.rewrite import apply_plan, weights_as_inputs
+    from onnxq.types import Plan
+    search.sess = ort.InferenceSession(weights_as_inputs(apply_plan(prepared, plan), search.inputs)
+                                       .SerializeToString(), so)
+    emitted = ort.InferenceSession(apply_plan(prepared, Plan(layers=plan.layers, acts=other))
+                                   .SerializeToString(), so)
     for f in cal[:3]:
         got = search.outputs_for(other, f)[0]
         want = emitted.run(None, f)[0]

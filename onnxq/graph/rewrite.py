@@ -49,6 +49,32 @@ def _bias_safe(lp: LayerPlan, bias: np.ndarray, x_scale: float) -> tuple[np.ndar
     return codes, scales
 
 
+def layer_bias(g: onnx.GraphProto, lp: LayerPlan, x_scale: float | None) -> np.ndarray | None:
+    """The float bias the layer's node will read: the plan's (corrected) bias, else, when the
+    input is quantized (an int32 bias), the model's own."""
+    t = lp.target
+    if lp.bias is None and t.bias is not None and x_scale is not None:
+        return numpy_helper.to_array(next(i for i in g.initializer if i.name == t.bias))
+    return lp.bias
+
+
+def int32_bias(lp: LayerPlan, bias: np.ndarray | None, x_scale: float | None):
+    """(codes, scales, bias codes, bias scales) of a layer whose bias becomes int32 with scale
+    s_x * s_w (quantized input, per-output-channel weights), else None. The bias codes depend on
+    the input's scale: a range search must recompute them with every trial scale."""
+    if bias is None or x_scale is None or lp.axis != 0 or bias.shape != lp.scales.shape:
+        return None
+    codes, scales = _bias_safe(lp, bias, x_scale)
+    bscale = (x_scale * scales).astype(np.float32)
+    bq = np.clip(np.rint(bias.astype(np.float64) / bscale), -2**31, 2**31 - 1).astype(np.int32)
+    return codes, scales, bq, bscale
+
+
+def bias_param_names(lp: LayerPlan) -> list[str]:
+    """Initializer names of a layer's int32 bias (see _weight_nodes)."""
+    return [f"{lp.target.node}/bias_q", f"{lp.target.node}/bias_scale"]
+
+
 def _weight_nodes(g: onnx.GraphProto, lp: LayerPlan, bias_scale_x: float | None) -> list[onnx.NodeProto]:
     """Initializers and DQ nodes for one layer; rewires the layer's node. Returns new nodes."""
     t = lp.target
@@ -56,13 +82,9 @@ def _weight_nodes(g: onnx.GraphProto, lp: LayerPlan, bias_scale_x: float | None)
     dt = weight_container(lp.bits)
     pre = t.node
     nodes = []
-    bias = lp.bias
-    if bias is None and t.bias is not None and bias_scale_x is not None:
-        bias = numpy_helper.to_array(next(i for i in g.initializer if i.name == t.bias))
-    per_channel = bias is not None and lp.axis == 0 and bias.shape == lp.scales.shape
-    codes, scales = lp.codes, lp.scales
-    if bias_scale_x is not None and per_channel:
-        codes, scales = _bias_safe(lp, bias, bias_scale_x)
+    bias = layer_bias(g, lp, bias_scale_x)
+    as_int32 = int32_bias(lp, bias, bias_scale_x)
+    codes, scales = (lp.codes, lp.scales) if as_int32 is None else as_int32[:2]
     q = _init(g, f"{pre}/weight_q", codes.astype(dt))
     s = _init(g, f"{pre}/weight_scale", scales.astype(np.float32))
     z = _init(g, f"{pre}/weight_zero", np.zeros(scales.shape, dtype=dt))
@@ -72,12 +94,11 @@ def _weight_nodes(g: onnx.GraphProto, lp: LayerPlan, bias_scale_x: float | None)
     node.input[w_index] = f"{pre}/weight_dq"
     if bias is None:
         return nodes
-    if bias_scale_x is not None and per_channel:
-        bscale = (bias_scale_x * scales).astype(np.float32)
-        bq = np.clip(np.rint(bias.astype(np.float64) / bscale), -2**31, 2**31 - 1).astype(np.int32)
-        bq_name = _init(g, f"{pre}/bias_q", bq)
-        bs_name = _init(g, f"{pre}/bias_scale", bscale)
-        bz_name = _init(g, f"{pre}/bias_zero", np.zeros(bq.shape, np.int32))
+    if as_int32 is not None:
+        bq_name, bs_name = bias_param_names(lp)
+        _init(g, bq_name, as_int32[2])
+        _init(g, bs_name, as_int32[3])
+        bz_name = _init(g, f"{pre}/bias_zero", np.zeros(as_int32[2].shape, np.int32))
         nodes.append(helper.make_node("DequantizeLinear", [bq_name, bs_name, bz_name],
                                       [f"{pre}/bias_dq"], name=f"{pre}/bias_dequantize", axis=0))
         new_bias = f"{pre}/bias_dq"
