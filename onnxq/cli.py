@@ -187,7 +187,7 @@ def _preprocess_options(f):
 @click.option("--act-method", metavar="NAME",
               help=f"{' | '.join(RANGE_METHODS)} | lapq (joint loss-aware search); percentile:P, lp:P, "
                    "interval:EPS take a parameter (default: percentile; interval at 4 and 6 activation bits).")
-@click.option("--search-evals", type=int, default=300, show_default=True,
+@click.option("--search-evals", type=int, default=120, show_default=True,
               help="lapq: network-loss evaluations at most.")
 @click.option("--search-samples", type=int, default=64, show_default=True,
               help="lapq: calibration samples the search fits; the next as many check it (fewer "

@@ -54,7 +54,7 @@ class ConvertConfig:
     avg_bits: float | None = None          # mixed precision: parameter-weighted average weight bits
     max_size: int | None = None            # mixed precision: bytes of quantized weights at most
     bit_choices: tuple[int, ...] = (8, 4, 3, 2)
-    search_evals: int = 300                # lapq: network-loss evaluations at most
+    search_evals: int = 120                # lapq: network-loss evaluations at most (det W4A4: ~1 s each)
     search_samples: int = 64               # lapq: samples the search fits (the next as many check it)
 
     def __post_init__(self) -> None:

@@ -2,13 +2,15 @@
 
 1. The network loss of every single-tensor method (minmax, percentile, mse, entropy, interval)
    and of Lp ranges for p on a small grid plus p* from a quadratic fit in p; the best is the start.
-2. Joint refinement of every activation's range (log-multipliers of the start): one cheap
-   coordinate pass, then Powell's method on the rest of the evaluation budget, minimising the
+2. Joint refinement of every activation's range (log-multipliers of the start): coordinate
+   passes in graph order with steps 0.25, 0.125, 0.0625 (one or two evaluations a tensor a
+   pass), then Powell's method on what is left of the evaluation budget, minimising the
    network loss on a calibration subset: KL to the FP32 outputs for classifier-like outputs,
    relative MSE otherwise.
-Every evaluation is a feed to ONE onnxruntime session in which the QDQ scales, zero points and
-clip bounds are graph inputs; the model is never rebuilt during the search. The best point seen
-is kept, so the search never ends above its starting loss.
+Every evaluation is a feed to ONE onnxruntime session in which the QDQ scales, zero points,
+clip bounds and the int32 bias codes that depend on them are graph inputs; the model is never
+rebuilt during the search. The best point seen is kept, so the search never ends above its
+starting loss.
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ from .types import ActQuant, ActStats, Plan
 
 P_GRID = (2.0, 2.5, 3.0, 3.5, 4.0)
 START_METHODS = ("minmax", "percentile", "mse", "entropy", "interval")
-COORD_STEPS = (-0.25, 0.25)    # log-multipliers a tensor tries in the coordinate pass
+COORD_STEP = 0.25      # log-multiplier step of the first coordinate pass, halved on each next one
+COORD_PASSES = 3
 Progress = Callable[[str, int, int], None]
 
 
@@ -136,8 +139,8 @@ def lapq_search(prepared: onnx.ModelProto, plan: Plan, stats: Mapping[str, ActSt
     """Searched activation parameters and a summary of the search.
 
     Starts from the best of every single-tensor method and of the Lp family (p from a quadratic
-    fit over P_GRID) on the network loss, then refines each tensor's range jointly: one
-    coordinate pass (COORD_STEPS multipliers a tensor, in graph order), then Powell's method on
+    fit over P_GRID) on the network loss, then refines each tensor's range jointly:
+    coordinate passes (COORD_STEP, halved each pass, in graph order), then Powell's method on
     what is left of the evaluation budget. With `check_feeds` (calibration samples the search
     did not see), the start, the coordinate result and the final point are compared on them and
     the best is returned: dozens of ranges fitted on a few samples can overfit them."""
@@ -165,17 +168,20 @@ def lapq_search(prepared: onnx.ModelProto, plan: Plan, stats: Mapping[str, ActSt
     start, start_how, single_best = best["acts"], best["how"], best["loss"]
 
     x = np.zeros(len(names))
-    for i in range(len(names)):                     # coordinate pass, graph order
-        for step in COORD_STEPS:
-            if search.evals >= budget:
-                break
-            trial = x.copy()
-            trial[i] += step
-            before = best["loss"]
-            consider(_scaled(start, names, cfg, trial), "coordinate")
-            if best["loss"] < before:
-                x = trial
-                break
+    step = COORD_STEP
+    for _ in range(COORD_PASSES):                   # coordinate passes in graph order, finer each time
+        for i in range(len(names)):
+            for sign in (-1.0, 1.0):
+                if search.evals >= budget:
+                    break
+                trial = x.copy()
+                trial[i] += sign * step
+                before = best["loss"]
+                consider(_scaled(start, names, cfg, trial), "coordinate")
+                if best["loss"] < before:
+                    x = trial
+                    break
+        step /= 2
 
     stages = {"start": (single_best, start), "coordinate": (best["loss"], best["acts"])}
 
