@@ -26,6 +26,29 @@ def _weighted_sqnr(wm, w_hat, h, groups) -> float:
     return float(10 * np.log10(max(signal, 1e-30) / noise))
 
 
+def _bias_corrects(t: Target, wm: np.ndarray, bias: np.ndarray | None, cfg: ConvertConfig) -> bool:
+    """Whether the layer's bias will cancel its mean output shift (corrected_bias)."""
+    return (cfg.bias_correction and t.op in ("Conv", "Gemm")
+            and (bias is None or bias.shape == (wm.shape[0],)))
+
+
+def input_covariance(ls: LayerStats) -> np.ndarray:
+    """E[(x - mu)(x - mu)^T] [G, K, K] from E[x x^T] and mu = E[x].
+
+    When the bias is corrected afterwards, the weight error's effect on the output mean, E·mu,
+    is cancelled, so what is left to minimise is tr(E Cov E^T), not tr(E H E^T): the rounding,
+    its clipping and the low-rank branches all fit the covariance. After ReLU-like activations
+    the mean direction dominates H, and fitting H spends the error budget on it. Measured (W4A8,
+    strings / decisions equal to FP32, output SQNR): PP-OCR rec 0.865 -> 0.930, 10.8 -> 12.3 dB;
+    cls 1.000 -> 1.000, 23.7 -> 27.5 dB (W3A8 0.965 -> 0.990, 13.5 -> 18.2 dB).
+    Second calibration set (seed 0): rec 0.875 -> 0.905. (Flooring each input's variance at 1e-3
+    of its E[x^2], so inputs constant on the calibration data keep a cost, read 0.905 / 0.900 on
+    rec's two sets against 0.930 / 0.905 without; not used.)"""
+    mu = ls.mean
+    cov = ls.hessian - np.einsum("gi,gj->gij", mu, mu)
+    return 0.5 * (cov + np.swapaxes(cov, -1, -2))
+
+
 def plan_layer(t: Target, w: np.ndarray, bias: np.ndarray | None, ls: LayerStats | None,
                cfg: ConvertConfig, float_mean: np.ndarray | None = None) -> LayerPlan:
     """Quantize one layer. `ls` holds the statistics of the input the layer will receive;
@@ -34,7 +57,10 @@ def plan_layer(t: Target, w: np.ndarray, bias: np.ndarray | None, ls: LayerStats
     method = cfg.weight_method_for(bits)
     wm = to_matrix(w, t.layout).astype(np.float64)               # [O, K]
     groups = t.groups if t.op == "Conv" else 1
-    h = regularized_hessian(ls.hessian, ls.rows) if ls is not None else None
+    h = None
+    if ls is not None:
+        centered = _bias_corrects(t, wm, bias, cfg)
+        h = regularized_hessian(input_covariance(ls) if centered else ls.hessian, ls.rows)
     wq = quantize_weight(method, wm, bits, h, groups, damp=cfg.damp)
     w_hat = wq.codes * wq.scales[:, None]
     plan = LayerPlan(target=t, bits=bits, method=wq.method,

@@ -84,3 +84,33 @@ def test_gptq_method_never_above_plain_second_order_rounding(bits, seed):
     assert np.all(per_row <= row_errors(w - plain, h) * (1 + 1e-9))
     assert weighted_error(w, q.codes * q.scales[:, None], h[None]) < weighted_error(w, plain, h[None])
 
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_with_bias_correction_rounding_fits_the_input_covariance(seed):
+    """Inputs with a large mean (post-ReLU-like): when the bias cancels the mean shift, the
+    rounding is fitted on Cov = H - mu mu^T, and the output error that is left (the varying
+    part) ends lower than rounding fitted on H; without bias correction H is used."""
+    import onnxq
+    from onnxq.algos.weights import quantize_weight, regularized_hessian
+    from onnxq.planner import plan_layer
+    from onnxq.types import LayerStats, Target
+    rng = np.random.default_rng(seed)
+    o, k, n = 16, 48, 4000
+    x = np.abs(rng.standard_normal((n, k)) @ (np.eye(k) + rng.standard_normal((k, k)) / 3)) + 2.0
+    h, mu = x.T @ x / n, x.mean(0)
+    cov = h - np.outer(mu, mu)
+    w = rng.standard_normal((o, k)) * 0.2
+    t = Target("n", "Gemm", "", "w", "x", None, "rows", (o, k))
+    ls = LayerStats(h[None], mu[None], n)
+    lp = plan_layer(t, w, np.zeros(o), ls, onnxq.ConvertConfig(bits=3))
+    centered = w - lp.codes * lp.scales[:, None]
+    on_h = quantize_weight("gptq", w, 3, regularized_hessian(h[None], n), 1)
+    assert np.einsum("ok,kl,ol->", centered, cov, centered) < \
+        np.einsum("ok,kl,ol->", w - on_h.codes * on_h.scales[:, None], cov, w - on_h.codes * on_h.scales[:, None])
+    plain = plan_layer(t, w, np.zeros(o), ls, onnxq.ConvertConfig(bits=3, bias_correction=False))
+    assert np.array_equal(plain.codes, on_h.codes)
+    # the corrected bias takes the whole mean shift: outputs match FP32 on average
+    y = x @ w.T
+    y_hat = x @ (lp.codes * lp.scales[:, None]).T + lp.bias
+    assert np.allclose(y_hat.mean(0), y.mean(0), atol=1e-4)
