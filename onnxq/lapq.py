@@ -58,9 +58,8 @@ class SearchSession:
                 bias = layer_bias(prepared.graph, lp, plan.acts[t.act].scale)
                 if int32_bias(lp, bias, plan.acts[t.act].scale) is not None:
                     self.biased.append((lp, bias))
-        params += [n for lp, _ in self.biased for n in bias_param_names(lp)]
-        self.inputs = params
-        self.sess = session(weights_as_inputs(model, params))
+        self.inputs = params + [n for lp, _ in self.biased for n in bias_param_names(lp)]
+        self.sess = session(weights_as_inputs(model, self.inputs))
         self.outputs = [o.name for o in self.sess.get_outputs()]
         self.feeds, self.reference = _batched(self.sess, feeds, reference)
         self.evals = 0
@@ -77,8 +76,8 @@ class SearchSession:
         for a in self.names:
             extra.update(act_param_values(a, acts[a]))
         for lp, bias in self.biased:
-            _, _, codes, scales = int32_bias(lp, bias, acts[lp.target.act].scale)
-            extra.update(zip(bias_param_names(lp), (codes, scales)))
+            b = int32_bias(lp, bias, acts[lp.target.act].scale)
+            extra.update(zip(bias_param_names(lp), (b.bias_codes, b.bias_scales)))
         return self.sess.run(self.outputs, {**feed, **extra})
 
     def loss(self, acts: Mapping[str, ActQuant]) -> float:
@@ -167,21 +166,23 @@ def lapq_search(prepared: onnx.ModelProto, plan: Plan, stats: Mapping[str, ActSt
     consider(_method_acts(stats, names, plan.acts, cfg, f"lp:{p_star:.3f}"), f"lp:{p_star:.3f}")
     start, start_how, single_best = best["acts"], best["how"], best["loss"]
 
+    def coordinate_step(x: np.ndarray, i: int, step: float) -> np.ndarray:
+        """x moved by -step or +step along tensor i if either lowers the loss, else x."""
+        for sign in (-1.0, 1.0):
+            if search.evals >= budget:
+                break
+            trial = x.copy()
+            trial[i] += sign * step
+            before = best["loss"]
+            consider(_scaled(start, names, cfg, trial), "coordinate")
+            if best["loss"] < before:
+                return trial
+        return x
+
     x = np.zeros(len(names))
-    step = COORD_STEP
-    for _ in range(COORD_PASSES):                   # coordinate passes in graph order, finer each time
+    for p in range(COORD_PASSES):                   # coordinate passes in graph order, finer each time
         for i in range(len(names)):
-            for sign in (-1.0, 1.0):
-                if search.evals >= budget:
-                    break
-                trial = x.copy()
-                trial[i] += sign * step
-                before = best["loss"]
-                consider(_scaled(start, names, cfg, trial), "coordinate")
-                if best["loss"] < before:
-                    x = trial
-                    break
-        step /= 2
+            x = coordinate_step(x, i, COORD_STEP / 2**p)
 
     stages = {"start": (single_best, start), "coordinate": (best["loss"], best["acts"])}
 

@@ -27,7 +27,8 @@ def _weighted_sqnr(wm, w_hat, h, groups) -> float:
 
 
 def _bias_corrects(t: Target, wm: np.ndarray, bias: np.ndarray | None, cfg: ConvertConfig) -> bool:
-    """Whether the layer's bias will cancel its mean output shift (corrected_bias)."""
+    """Whether the layer's bias will cancel its mean output shift (corrected_bias,
+    plan_compensated): the one test of that, so the fit objective and the correction agree."""
     return (cfg.bias_correction and t.op in ("Conv", "Gemm")
             and (bias is None or bias.shape == (wm.shape[0],)))
 
@@ -59,8 +60,8 @@ def plan_layer(t: Target, w: np.ndarray, bias: np.ndarray | None, ls: LayerStats
     groups = t.groups if t.op == "Conv" else 1
     h = None
     if ls is not None:
-        centered = _bias_corrects(t, wm, bias, cfg)
-        h = regularized_hessian(input_covariance(ls) if centered else ls.hessian, ls.rows)
+        fit = input_covariance(ls) if _bias_corrects(t, wm, bias, cfg) else ls.hessian
+        h = regularized_hessian(fit, ls.rows)
     wq = quantize_weight(method, wm, bits, h, groups, damp=cfg.damp)
     w_hat = wq.codes * wq.scales[:, None]
     plan = LayerPlan(target=t, bits=bits, method=wq.method,
@@ -101,13 +102,12 @@ def plan_compensated(t: Target, w: np.ndarray, bias: np.ndarray | None, ps: Pair
                      scales=wq.scales, axis=AXIS[t.layout], bias=None, note=note)
     plan.sqnr_db = _weighted_sqnr(v, w_hat, hq, groups)
     plan.fit_target, plan.fit_hessian, plan.input_mean = v, hq, ps.quant.mean
-    if cfg.bias_correction and t.op in ("Conv", "Gemm"):
+    if _bias_corrects(t, wm, bias, cfg):
         mq = np.repeat(ps.quant.mean, rows, axis=0)
         mf = np.repeat(ps.fp_mean, rows, axis=0)
         shift = np.einsum("ok,ok->o", w_hat, mq) - np.einsum("ok,ok->o", wm, mf)
         b = bias.astype(np.float64) if bias is not None else np.zeros(wm.shape[0])
-        if b.shape == shift.shape:
-            plan.bias = (b - shift).astype(np.float32)
+        plan.bias = (b - shift).astype(np.float32)
     return plan
 
 
@@ -116,7 +116,7 @@ def corrected_bias(t: Target, wm: np.ndarray, w_eff: np.ndarray, bias: np.ndarra
                    float_mean: np.ndarray | None = None) -> np.ndarray | None:
     """Bias that cancels the mean output shift E[w_eff x~] - E[W x] per channel, or None
     (x~ the input the quantized layer receives, x the FP32 one; the same in one-pass mode)."""
-    if not cfg.bias_correction or ls is None or t.op not in ("Conv", "Gemm"):
+    if ls is None or not _bias_corrects(t, wm, bias, cfg):
         return None
     groups = t.groups if t.op == "Conv" else 1
     rows = wm.shape[0] // groups
@@ -124,7 +124,7 @@ def corrected_bias(t: Target, wm: np.ndarray, w_eff: np.ndarray, bias: np.ndarra
     mean_f = np.repeat(float_mean if float_mean is not None else ls.mean, rows, axis=0)
     shift = np.einsum("ok,ok->o", w_eff, mean_q) - np.einsum("ok,ok->o", wm, mean_f)
     b = bias.astype(np.float64) if bias is not None else np.zeros(wm.shape[0])
-    return (b - shift).astype(np.float32) if b.shape == shift.shape else None
+    return (b - shift).astype(np.float32)
 
 
 def plan_acts(acts: Mapping[str, ActStats], cfg: ConvertConfig) -> dict[str, ActQuant]:

@@ -8,6 +8,8 @@ layers with quantized activations become int32 with scale s_x * s_w.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import ml_dtypes
 import numpy as np
 import onnx
@@ -58,16 +60,23 @@ def layer_bias(g: onnx.GraphProto, lp: LayerPlan, x_scale: float | None) -> np.n
     return lp.bias
 
 
-def int32_bias(lp: LayerPlan, bias: np.ndarray | None, x_scale: float | None):
-    """(codes, scales, bias codes, bias scales) of a layer whose bias becomes int32 with scale
-    s_x * s_w (quantized input, per-output-channel weights), else None. The bias codes depend on
-    the input's scale: a range search must recompute them with every trial scale."""
+class Int32Bias(NamedTuple):
+    codes: np.ndarray         # the layer's weight codes and scales (bias-safe, see _bias_safe)
+    scales: np.ndarray
+    bias_codes: np.ndarray    # int32
+    bias_scales: np.ndarray   # s_x * s_w, float32
+
+
+def int32_bias(lp: LayerPlan, bias: np.ndarray | None, x_scale: float | None) -> Int32Bias | None:
+    """The weights and int32 bias of a layer whose bias is coded with scale s_x * s_w (quantized
+    input, per-output-channel weights), else None. The bias codes depend on the input's scale: a
+    range search must recompute them with every trial scale."""
     if bias is None or x_scale is None or lp.axis != 0 or bias.shape != lp.scales.shape:
         return None
     codes, scales = _bias_safe(lp, bias, x_scale)
     bscale = (x_scale * scales).astype(np.float32)
     bq = np.clip(np.rint(bias.astype(np.float64) / bscale), -2**31, 2**31 - 1).astype(np.int32)
-    return codes, scales, bq, bscale
+    return Int32Bias(codes, scales, bq, bscale)
 
 
 def bias_param_names(lp: LayerPlan) -> list[str]:
@@ -84,7 +93,7 @@ def _weight_nodes(g: onnx.GraphProto, lp: LayerPlan, bias_scale_x: float | None)
     nodes = []
     bias = layer_bias(g, lp, bias_scale_x)
     as_int32 = int32_bias(lp, bias, bias_scale_x)
-    codes, scales = (lp.codes, lp.scales) if as_int32 is None else as_int32[:2]
+    codes, scales = (lp.codes, lp.scales) if as_int32 is None else (as_int32.codes, as_int32.scales)
     q = _init(g, f"{pre}/weight_q", codes.astype(dt))
     s = _init(g, f"{pre}/weight_scale", scales.astype(np.float32))
     z = _init(g, f"{pre}/weight_zero", np.zeros(scales.shape, dtype=dt))
@@ -96,9 +105,9 @@ def _weight_nodes(g: onnx.GraphProto, lp: LayerPlan, bias_scale_x: float | None)
         return nodes
     if as_int32 is not None:
         bq_name, bs_name = bias_param_names(lp)
-        _init(g, bq_name, as_int32[2])
-        _init(g, bs_name, as_int32[3])
-        bz_name = _init(g, f"{pre}/bias_zero", np.zeros(as_int32[2].shape, np.int32))
+        _init(g, bq_name, as_int32.bias_codes)
+        _init(g, bs_name, as_int32.bias_scales)
+        bz_name = _init(g, f"{pre}/bias_zero", np.zeros(as_int32.bias_codes.shape, np.int32))
         nodes.append(helper.make_node("DequantizeLinear", [bq_name, bs_name, bz_name],
                                       [f"{pre}/bias_dq"], name=f"{pre}/bias_dequantize", axis=0))
         new_bias = f"{pre}/bias_dq"
