@@ -41,10 +41,17 @@ def _quant_rows(m: np.ndarray, bits: int, h: np.ndarray) -> tuple[np.ndarray, np
     return q.codes, q.scales, q.codes * q.scales[:, None]
 
 
-def build_branch(a: np.ndarray, b: np.ndarray, h: np.ndarray, cfg: ConvertConfig, init: str) -> Branch:
+def build_branch(a: np.ndarray, b: np.ndarray, h: np.ndarray, cfg: ConvertConfig, init: str,
+                 mean: np.ndarray | None = None) -> Branch:
+    """The deployable branch for float factors. With the input's `mean` the branch is centred:
+    A gets the bias -A·mean, so the middle activation is zero-mean and B adds nothing to the
+    output's mean (the layer's corrected bias stays as it is). `h` is then the covariance the
+    factors were fitted on, and the middle range covers its spread: fitted on E[x x^T] instead
+    (sequential mode), the range is wider than needed, never too narrow. Uncentred (no bias
+    correction), `h` is E[x x^T] and the range covers the mean too."""
     rank = a.shape[0]
     if cfg.adapter_bits >= 32:
-        return Branch(rank, 32, a, b, init=init)
+        return Branch(rank, 32, a, b, init=init, a_bias=None if mean is None else -(a @ mean))
     a_codes, a_scales, a_hat = _quant_rows(a, cfg.adapter_bits, h)
     h_mid = a_hat @ h @ a_hat.T                     # second moment of the middle activation
     b_codes, b_scales, b_hat = _quant_rows(b, cfg.adapter_bits, h_mid)
@@ -53,13 +60,14 @@ def build_branch(a: np.ndarray, b: np.ndarray, h: np.ndarray, cfg: ConvertConfig
     bits = min(cfg.adapter_bits, 16)
     scale, zp = act_params(-lim, lim, bits, True)
     mid = ActQuant(scale, zp, bits, True, -lim, lim, "analytic")
-    return Branch(rank, cfg.adapter_bits, a_hat, b_hat, a_codes, a_scales, b_codes, b_scales, mid, init)
+    return Branch(rank, cfg.adapter_bits, a_hat, b_hat, a_codes, a_scales, b_codes, b_scales, mid, init,
+                  a_bias=None if mean is None else -(a_hat @ mean))
 
 
 def _weight(lp: LayerPlan, with_branch: bool, unrefined: Mapping[str, tuple] | None = None
             ) -> tuple[np.ndarray, np.ndarray | None]:
     """The layer's effective float weight in its original layout, and its bias (corrected for
-    the mean shift of that weight, as the emitted model will have it). Without its branch, a
+    the mean shift of that weight; in float this equals the emitted centred branch). Without its branch, a
     layer refined jointly with the branch takes its rounding from before the refinement."""
     t = lp.target
     codes, scales, bias = lp.codes, lp.scales, lp.bias
@@ -220,7 +228,9 @@ def plan_branches(layers: list[LayerPlan], weights: Mapping[str, np.ndarray],
                 before = refine(lp, wm, h, cfg, cfg.branch_refine)
                 if before is not None:
                     unrefined[lp.target.node] = before
-            lp.branch = build_branch(lp.branch.a, lp.branch.b, h, cfg, cfg.adapter_init)
+            centred = lp.bias is not None and lp.input_mean is not None
+            lp.branch = build_branch(lp.branch.a, lp.branch.b, h, cfg, cfg.adapter_init,
+                                     lp.input_mean[0] if centred else None)
     check = _end_to_end(layers, probe, network, unrefined) if probe is not None and any(r > 0 for r in ranks) else {}
     used = sum(lp.branch.rank * c for lp, c in zip(cand, costs) if lp.branch is not None)
     return {"budget_params": budget, "used_params": used,

@@ -27,8 +27,8 @@ from .algos.ranges import RANGE_METHODS, parse_method
 from .calib.collect import session
 from .calib.data import Feed
 from .config import ConvertConfig
-from .graph.rewrite import (act_param_names, act_param_values, apply_plan, bias_param_names, int32_bias,
-                            layer_bias, weights_as_inputs)
+from .graph.rewrite import (act_param_names, act_param_values, apply_plan, layer_bias, scale_bound_params,
+                            weights_as_inputs)
 from .probe import divergence
 from .types import ActQuant, ActStats, Plan
 
@@ -47,18 +47,20 @@ class SearchSession:
         self.names = sorted(a for a in plan.acts if not _in_subgraph(plan, a))
         model = apply_plan(prepared, plan)
         params = [n for a in self.names for n in act_param_names(a, plan.acts[a])]
-        # int32 biases are coded in units of s_x * s_w, so they follow the input's scale: the
-        # session takes them as inputs too, or it would measure biases rounded on the start's
-        # grid (on PP-OCR cls at W4A4 that alone read KL 0.41 where the emitted model had 0.50).
-        # The weights' bias-safe scales stay the start's (they move only for dead channels).
+        # int32 biases (the layer's and its branch's) are coded in units of s_x * s_w, so they
+        # follow the input's scale: the session takes them as inputs too, or it would measure
+        # biases rounded on the start's grid (on PP-OCR cls at W4A4 that alone read KL 0.41 where
+        # the emitted model had 0.50). The weights' bias-safe scales stay the start's (they move
+        # only for dead channels).
         self.biased = []
         for lp in plan.layers:
             t = lp.target
             if not t.graph and t.act in self.names:
                 bias = layer_bias(prepared.graph, lp, plan.acts[t.act].scale)
-                if int32_bias(lp, bias, plan.acts[t.act].scale) is not None:
+                if scale_bound_params(lp, bias, plan.acts[t.act].scale):
                     self.biased.append((lp, bias))
-        self.inputs = params + [n for lp, _ in self.biased for n in bias_param_names(lp)]
+        self.inputs = params + [n for lp, bias in self.biased
+                                for n in scale_bound_params(lp, bias, plan.acts[lp.target.act].scale)]
         self.sess = session(weights_as_inputs(model, self.inputs))
         self.outputs = [o.name for o in self.sess.get_outputs()]
         self.feeds, self.reference = _batched(self.sess, feeds, reference)
@@ -76,8 +78,7 @@ class SearchSession:
         for a in self.names:
             extra.update(act_param_values(a, acts[a]))
         for lp, bias in self.biased:
-            b = int32_bias(lp, bias, acts[lp.target.act].scale)
-            extra.update(zip(bias_param_names(lp), (b.bias_codes, b.bias_scales)))
+            extra.update(scale_bound_params(lp, bias, acts[lp.target.act].scale))
         return self.sess.run(self.outputs, {**feed, **extra})
 
     def loss(self, acts: Mapping[str, ActQuant]) -> float:

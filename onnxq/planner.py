@@ -169,11 +169,9 @@ def make_plan(targets: Sequence[Target], weights: Mapping[str, np.ndarray],
 
 
 def _account_branch(lp: LayerPlan, w: np.ndarray) -> None:
-    """Bias and SQNR estimate once the branch adds B·A to the effective weight: the bias drops
-    the branch's mean contribution B·A·E[x]."""
+    """SQNR estimate once the branch adds B·A to the effective weight (a centred branch adds
+    nothing to the mean, so the corrected bias stands)."""
     t, br = lp.target, lp.branch
     target = lp.fit_target if lp.fit_target is not None else to_matrix(w, t.layout).astype(np.float64)
     w_eff = to_matrix(lp.codes, t.layout) * lp.scales[:, None] + br.b @ br.a
-    if lp.bias is not None and lp.input_mean is not None:
-        lp.bias = (lp.bias.astype(np.float64) - br.b @ (br.a @ lp.input_mean[0])).astype(np.float32)
     lp.sqnr_branch_db = _weighted_sqnr(target, w_eff, lp.fit_hessian, 1)

@@ -146,7 +146,9 @@ class Branch:
     """Low-rank residual: output += B(A(x)), in matrix form a [r, K], b [O, r].
 
     With bits < 32 the factors are stored as per-row symmetric codes (a = a_codes * a_scales)
-    and the middle activation A(x) gets a QDQ pair with `mid`.
+    and the middle activation A(x) gets a QDQ pair with `mid`. A layer whose bias is corrected
+    gets a centred branch: A's own bias `a_bias` = -A·E[x] makes the middle activation zero-mean,
+    so its range covers the spread the factors were fitted on rather than the mean.
     """
 
     rank: int
@@ -159,6 +161,7 @@ class Branch:
     b_scales: np.ndarray | None = None
     mid: "ActQuant | None" = None
     init: str = "whitened"
+    a_bias: np.ndarray | None = None    # [r] float, centred branches only
 
 
 @dataclass

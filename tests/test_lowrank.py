@@ -99,7 +99,11 @@ def test_int8_branches_are_named_valid_and_within_budget():
         assert {f"{l['node']}/residual/{p}" for p in ("A", "B", "add")} <= names
         assert l["sqnr_with_branch_db"] > l["sqnr_db"]
     inits = {t.name: t for t in q.graph.initializer}
-    assert all(inits[n].data_type == onnx.TensorProto.INT8 for n in inits if "/residual/" in n and n.endswith("_q"))
+    factors = [n for n in inits if "/residual/" in n and n.endswith("_weight_q")]
+    biases = [n for n in inits if "/residual/" in n and n.endswith("A_bias_q")]
+    assert len(factors) == 2 * len(with_branch) and len(biases) == len(with_branch)   # centred: A has a bias
+    assert all(inits[n].data_type == onnx.TensorProto.INT8 for n in factors)
+    assert all(inits[n].data_type == onnx.TensorProto.INT32 for n in biases)
     assert rep.branches["used_params"] <= rep.branches["budget_params"]
     assert sum(l["branch_params"] for l in rep.quantized) == rep.branches["used_params"]
     assert rep.fidelity["cosine"] > 0.98
@@ -124,12 +128,46 @@ def test_float_branch_block_equals_conv_with_corrected_weight():
     assert np.allclose(got, want, atol=1e-4)
 
 
+def test_centred_branch_block_equals_conv_with_corrected_weight_and_bias():
+    """With bias correction the branch is centred: QConv(x) + B(A(x) + c) equals
+    Conv(x, Q(W) + B·A, bias + B·c), and A(x) + c is zero-mean on the calibration data while
+    its spread stays (the middle range is set on that spread)."""
+    rng = np.random.default_rng(5)
+    w = (rng.standard_normal((8, 4, 3, 3)) * 0.3).astype(np.float32)
+    conv = helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1])
+    m = make_model([conv], [vi("x", [1, 4, 9, 9])], [vi("y", [1, 8, 9, 9])], {"w": w})
+    cal = [{"x": (rng.standard_normal((1, 4, 9, 9)) + 3.0).astype(np.float32)} for _ in range(16)]
+    cfg = onnxq.ConvertConfig(bits=3, act_bits=32, rank_budget=0.5, adapter_bits=32)
+    q, rep = onnxq.convert(m, cfg, calib=cal)
+    node = rep.quantized[0]["node"]
+    assert rep.quantized[0]["branch_rank"] > 0
+    inits = {t.name: numpy_helper.to_array(t) for t in q.graph.initializer}
+    c = inits[f"{node}/residual/A_bias"]
+    bias = inits[f"{node}/bias"] + inits[f"{node}/residual/B_weight"][:, :, 0, 0] @ c
+    ref = make_model([helper.make_node("Conv", ["x", "w", "b"], ["y"], pads=[1, 1, 1, 1])],
+                     [vi("x", [1, 4, 9, 9])], [vi("y", [1, 8, 9, 9])],
+                     {"w": merged_weight(q, node, w.shape), "b": bias.astype(np.float32)})
+    probe = onnx.ModelProto()
+    probe.CopyFrom(q)
+    probe.graph.output.append(helper.make_tensor_value_info(f"{node}/residual/A_out", onnx.TensorProto.FLOAT, None))
+    sess, want = ort.InferenceSession(probe.SerializeToString()), ort.InferenceSession(ref.SerializeToString())
+    mids = []
+    for x in cal:
+        got, mid = sess.run(None, x)
+        assert np.allclose(got, want.run(None, x)[0], atol=1e-4)
+        mids.append(mid)
+    mids = np.concatenate(mids)
+    mean, sd = mids.mean(axis=(0, 2, 3)), mids.std(axis=(0, 2, 3))
+    assert np.all(np.abs(mean) < 0.05 * sd)
+    assert np.max(np.abs(c)) > np.max(sd)     # uncentred, the input's mean (3) would stretch the range
+
+
 def test_int16_adapters_store_int16_codes_and_run():
     m = conv_zoo(np.random.default_rng(0))
     q, rep = onnxq.convert(m, onnxq.ConvertConfig(bits=3, rank_budget=0.1, adapter_bits=16), calib=feeds())
     onnx.checker.check_model(q)
     inits = {t.name: t for t in q.graph.initializer}
-    codes = [n for n in inits if "/residual/" in n and n.endswith("_q")]
+    codes = [n for n in inits if "/residual/" in n and n.endswith("_weight_q")]
     assert codes and all(inits[n].data_type == onnx.TensorProto.INT16 for n in codes)
     assert all(inits[n].data_type == onnx.TensorProto.INT16 for n in inits if n.endswith("/mid/act_zero"))
     assert rep.fidelity["cosine"] > 0.98

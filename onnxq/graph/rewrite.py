@@ -84,6 +84,36 @@ def bias_param_names(lp: LayerPlan) -> list[str]:
     return [f"{lp.target.node}/bias_q", f"{lp.target.node}/bias_scale"]
 
 
+def _branch_bias_names(lp: LayerPlan) -> list[str]:
+    pre = f"{lp.target.node}/residual/A_bias"
+    return [f"{pre}_q", f"{pre}_scale"]
+
+
+def _branch_int32_bias(lp: LayerPlan, x_scale: float | None) -> tuple[np.ndarray, np.ndarray] | None:
+    """(int32 codes, scales s_x * s_a) of a centred branch's A bias when the branch is integer
+    (quantized input, quantized factors), else None (the bias stays float)."""
+    br = lp.branch
+    if br is None or br.a_bias is None or br.a_scales is None or x_scale is None:
+        return None
+    bscale = (x_scale * br.a_scales).astype(np.float32)
+    codes = np.clip(np.rint(br.a_bias.astype(np.float64) / bscale), -2**31, 2**31 - 1).astype(np.int32)
+    return codes, bscale
+
+
+def scale_bound_params(lp: LayerPlan, bias: np.ndarray | None, x_scale: float | None) -> dict[str, np.ndarray]:
+    """The initializers of a layer whose values follow its input's scale: int32 biases, coded in
+    units of s_x * s_w, of the layer (`bias` from layer_bias) and of its branch's A. A range
+    search feeds these with every trial scale."""
+    out: dict[str, np.ndarray] = {}
+    main = int32_bias(lp, bias, x_scale)
+    if main is not None:
+        out.update(zip(bias_param_names(lp), (main.bias_codes, main.bias_scales)))
+    branch = _branch_int32_bias(lp, x_scale)
+    if branch is not None:
+        out.update(zip(_branch_bias_names(lp), branch))
+    return out
+
+
 def _weight_nodes(g: onnx.GraphProto, lp: LayerPlan, bias_scale_x: float | None) -> list[onnx.NodeProto]:
     """Initializers and DQ nodes for one layer; rewires the layer's node. Returns new nodes."""
     t = lp.target
@@ -154,7 +184,8 @@ def apply_plan(model: onnx.ModelProto, plan: Plan) -> onnx.ModelProto:
     for lp in plan.layers:
         if lp.branch is not None:
             g = graphs[lp.target.graph]
-            after.setdefault(lp.target.graph, {})[lp.target.node] = _branch_nodes(g, lp)
+            a = plan.acts.get(lp.target.act) if lp.target.act else None
+            after.setdefault(lp.target.graph, {})[lp.target.node] = _branch_nodes(g, lp, a.scale if a else None)
     _place(graphs, before, after)
     prune_initializers(m)
     return m
@@ -224,8 +255,23 @@ def _factor(g: onnx.GraphProto, name: str, value: np.ndarray, codes, scales, axi
                                            name=f"{name}_dequantize", axis=axis)]
 
 
-def _branch_nodes(g: onnx.GraphProto, lp: LayerPlan) -> list[onnx.NodeProto]:
-    """y = main(x) + B(A(x)): renames the layer's output and returns the branch nodes."""
+def _branch_a_bias(g: onnx.GraphProto, lp: LayerPlan, x_scale: float | None) -> tuple[str, list[onnx.NodeProto]]:
+    """A centred branch's A bias: int32 codes behind a DQ when the branch is integer, else float."""
+    pre = f"{lp.target.node}/residual/A_bias"
+    coded = _branch_int32_bias(lp, x_scale)
+    if coded is None:
+        return _init(g, pre, lp.branch.a_bias.astype(np.float32)), []
+    q, s = _branch_bias_names(lp)
+    _init(g, q, coded[0])
+    _init(g, s, coded[1])
+    z = _init(g, f"{pre}_zero", np.zeros(coded[0].shape, np.int32))
+    return f"{pre}_dq", [helper.make_node("DequantizeLinear", [q, s, z], [f"{pre}_dq"],
+                                          name=f"{pre}_dequantize", axis=0)]
+
+
+def _branch_nodes(g: onnx.GraphProto, lp: LayerPlan, x_scale: float | None) -> list[onnx.NodeProto]:
+    """y = main(x) + B(A(x) + c): renames the layer's output and returns the branch nodes (c, the
+    A bias of a centred branch, only on Conv and Gemm layers: their A is a Conv / Gemm)."""
     t, br = lp.target, lp.branch
     node = next(n for n in g.node if n.name == t.node)
     pre = f"{t.node}/residual"
@@ -234,6 +280,10 @@ def _branch_nodes(g: onnx.GraphProto, lp: LayerPlan) -> list[onnx.NodeProto]:
     act_index = 1 if (t.op == "MatMul" and t.layout == "rows") else 0
     x = node.input[act_index]
     nodes: list[onnx.NodeProto] = []
+    a_bias = []
+    if br.a_bias is not None:
+        bias_name, nodes = _branch_a_bias(g, lp, x_scale)
+        a_bias = [bias_name]
     r = br.rank
     o = br.b.shape[0]
     if t.op == "Conv":
@@ -243,7 +293,7 @@ def _branch_nodes(g: onnx.GraphProto, lp: LayerPlan) -> list[onnx.NodeProto]:
         b_name, n2 = _factor(g, f"{pre}/B_weight", br.b, br.b_codes, br.b_scales, 0, b_shape, br.bits)
         conv_attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute
                       if a.name in ("strides", "pads", "dilations", "auto_pad", "kernel_shape")}
-        first = helper.make_node("Conv", [x, a_name], [f"{pre}/A_out"], name=f"{pre}/A", **conv_attrs)
+        first = helper.make_node("Conv", [x, a_name] + a_bias, [f"{pre}/A_out"], name=f"{pre}/A", **conv_attrs)
         second = lambda m: helper.make_node("Conv", [m, b_name], [f"{pre}/B_out"], name=f"{pre}/B")  # noqa: E731
     elif t.layout == "rows" and t.op == "MatMul":          # Y = W @ X: B @ (A @ X)
         a_name, n1 = _factor(g, f"{pre}/A_weight", br.a, br.a_codes, br.a_scales, 0, br.a.shape, br.bits)
@@ -255,7 +305,8 @@ def _branch_nodes(g: onnx.GraphProto, lp: LayerPlan) -> list[onnx.NodeProto]:
                              br.a_scales, 1, br.a.T.shape, br.bits)
         b_name, n2 = _factor(g, f"{pre}/B_weight", br.b.T, None if br.b_codes is None else br.b_codes.T,
                              br.b_scales, 1, br.b.T.shape, br.bits)
-        first = helper.make_node("MatMul", [x, a_name], [f"{pre}/A_out"], name=f"{pre}/A")
+        first = (helper.make_node("Gemm", [x, a_name] + a_bias, [f"{pre}/A_out"], name=f"{pre}/A")
+                 if a_bias else helper.make_node("MatMul", [x, a_name], [f"{pre}/A_out"], name=f"{pre}/A"))
         second = lambda m: helper.make_node("MatMul", [m, b_name], [f"{pre}/B_out"], name=f"{pre}/B")  # noqa: E731
     nodes += n1 + n2 + [first]
     mid = f"{pre}/A_out"
