@@ -49,7 +49,9 @@ VARIANTS: list[tuple[str, str, object]] = [
     ("ort-w8a8-entropy", "ort", {"wbits": 8, "abits": 8, "method": "entropy"}),
 ]
 DEFAULT_VARIANTS = ("fp32", "ort-w8a8", "ort-w4a8", "onnxq-w8a8", "onnxq-w4a8")
-COUNTS = {"full": {"rec": (64, 200), "cls": (64, 200), "det": (16, 20)},
+# evaluation samples: on 200 lines one string is 0.005, and rec W4A8 read 0.930 there against
+# 0.939 on 800 (W8A8 0.950 / 0.964): differences of a few strings need the larger set
+COUNTS = {"full": {"rec": (64, 800), "cls": (64, 800), "det": (16, 40)},
           "quick": {"rec": (16, 40), "cls": (16, 40), "det": (4, 4)}}
 CALIB_SEED, EVAL_SEED = 1, 2  # calibration seeds must differ from EVAL_SEED (held-out data)
 
