@@ -81,15 +81,23 @@ def plan_layer(t: Target, w: np.ndarray, bias: np.ndarray | None, ls: LayerStats
 def plan_compensated(t: Target, w: np.ndarray, bias: np.ndarray | None, ps: PairedStats,
                      cfg: ConvertConfig) -> LayerPlan:
     """Quantize a layer so that its output on the input it really receives, x^, matches the FP32
-    layer on the FP32 input x: V = W C Hq^-1 (least squares, C = E[x x^T], Hq = E[x^ x^T]) is
-    the best float weight for x^, then V is rounded on Hq; the bias takes the mean difference."""
+    layer on the FP32 input x: V = W C Hq^-1 (least squares, C = E[x x^^T], Hq = E[x^ x^^T]) is
+    the best float weight for x^, then V is rounded on Hq; the bias takes the mean difference.
+    When the bias is corrected, C and Hq are taken about the means (covariances), as in
+    plan_layer: the bias cancels what the means would add."""
     bits, note = cfg.bits_for(t.node, t.depthwise)
     method = cfg.weight_method_for(bits)
     wm = to_matrix(w, t.layout).astype(np.float64)               # [O, K]
     groups = t.groups if t.op == "Conv" else 1
     rows = wm.shape[0] // groups
-    hq = regularized_hessian(ps.quant.hessian, ps.quant.rows)
-    cross = regularized_hessian(ps.cross, ps.quant.rows)       # same shrinkage: x^ = x gives V = W
+    hq, cross = ps.quant.hessian, ps.cross
+    centred = _bias_corrects(t, wm, bias, cfg)
+    if centred:   # the bias takes the mean difference, so fit and round on the covariances
+        hq = hq - np.einsum("gi,gj->gij", ps.quant.mean, ps.quant.mean)
+        hq = 0.5 * (hq + np.swapaxes(hq, -1, -2))
+        cross = cross - np.einsum("gi,gj->gij", ps.fp_mean, ps.quant.mean)
+    hq = regularized_hessian(hq, ps.quant.rows)
+    cross = regularized_hessian(cross, ps.quant.rows)       # same shrinkage: x^ = x gives V = W
     k = hq.shape[-1]
     ridge = 1e-4 * np.maximum(np.einsum("gkk->g", hq) / k, 1e-12)   # dead inputs: V's column is 0
     v = np.concatenate([np.linalg.solve(hq[g] + ridge[g] * np.eye(k),
@@ -102,7 +110,7 @@ def plan_compensated(t: Target, w: np.ndarray, bias: np.ndarray | None, ps: Pair
                      scales=wq.scales, axis=AXIS[t.layout], bias=None, note=note)
     plan.sqnr_db = _weighted_sqnr(v, w_hat, hq, groups)
     plan.fit_target, plan.fit_hessian, plan.input_mean = v, hq, ps.quant.mean
-    if _bias_corrects(t, wm, bias, cfg):
+    if centred:
         mq = np.repeat(ps.quant.mean, rows, axis=0)
         mf = np.repeat(ps.fp_mean, rows, axis=0)
         shift = np.einsum("ok,ok->o", w_hat, mq) - np.einsum("ok,ok->o", wm, mf)

@@ -114,3 +114,25 @@ def test_with_bias_correction_rounding_fits_the_input_covariance(seed):
     y = x @ w.T
     y_hat = x @ (lp.codes * lp.scales[:, None]).T + lp.bias
     assert np.allclose(y_hat.mean(0), y.mean(0), atol=1e-4)
+
+
+def test_compensation_with_bias_correction_leaves_a_pure_offset_to_the_bias():
+    """The quantized model's input is the FP32 one shifted by a constant, x^ = x + d: with bias
+    correction the covariances are fitted, so the best float weight for x^ is W itself and the
+    bias takes W·d; fitted on the raw second moments, V would bend to absorb the offset."""
+    import onnxq
+    from onnxq.planner import plan_compensated
+    from onnxq.types import LayerStats, PairedStats, Target
+    rng = np.random.default_rng(0)
+    o, k, n = 12, 24, 5000
+    x = rng.standard_normal((n, k)) @ (np.eye(k) + rng.standard_normal((k, k)) / 3) + 1.0
+    xq = x + rng.uniform(-0.5, 0.5, k)
+    w = rng.standard_normal((o, k)) * 0.2
+    t = Target("n", "Gemm", "", "w", "x", None, "rows", (o, k))
+    ps = PairedStats(LayerStats((xq.T @ xq / n)[None], xq.mean(0)[None], n), (x.T @ xq / n)[None], x.mean(0)[None])
+    lp = plan_compensated(t, w, np.zeros(o), ps, onnxq.ConvertConfig(bits=8))
+    raw = plan_compensated(t, w, np.zeros(o), ps, onnxq.ConvertConfig(bits=8, bias_correction=False))
+    bent = np.abs(raw.fit_target - w).max()          # 0.15 here
+    assert np.abs(lp.fit_target - w).max() < 0.05 * bent    # only the solve's small ridge is left
+    y_hat = xq @ (lp.codes * lp.scales[:, None]).T + lp.bias
+    assert np.allclose(y_hat.mean(0), (x @ w.T).mean(0), atol=1e-3)
