@@ -29,9 +29,11 @@ def test_search_never_increases_the_calibration_loss(abits):
     assert all(a["method"] == "lapq" for a in rep.activations) or s["loss_after"] == s["loss_before"]
 
 
-def test_search_graph_and_emitted_graph_agree_for_the_same_ranges():
+@pytest.mark.parametrize("budget", [0.0, 0.2])
+def test_search_graph_and_emitted_graph_agree_for_the_same_ranges(budget):
+    """With branches, their A biases are int32 in units of s_x too and must follow the trial scale."""
     m = conv_zoo(np.random.default_rng(0))
-    cfg = onnxq.ConvertConfig(bits=4, act_bits=4, sequential=False)
+    cfg = onnxq.ConvertConfig(bits=4, act_bits=4, sequential=False, rank_budget=budget)
     cal = feeds(8)
     # the plan the converter makes, rebuilt here to drive the search session directly
     from onnxq import api
@@ -52,6 +54,7 @@ def test_search_graph_and_emitted_graph_agree_for_the_same_ranges():
     other = _scaled(_method_acts(st.acts, search.names, plan.acts, cfg, "lp:3.0"), search.names, cfg,
                     np.full(len(search.names), -0.3))
     assert search.biased                                      # int32 biases that follow s_x
+    assert any("/residual/A_bias" in n for n in search.inputs) == (budget > 0)
     # same graph semantics: compare without onnxruntime's fusions (with constant scales it
     # fuses QDQ into integer kernels, whose requantization rounds differently)
     so = ort.SessionOptions()
