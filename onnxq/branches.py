@@ -46,8 +46,7 @@ def build_branch(a: np.ndarray, b: np.ndarray, h: np.ndarray, cfg: ConvertConfig
     """The deployable branch for float factors. With the input's `mean` the branch is centred:
     A gets the bias -A·mean, so the middle activation is zero-mean and B adds nothing to the
     output's mean (the layer's corrected bias stays as it is). `h` is then the covariance the
-    factors were fitted on, and the middle range covers its spread: fitted on E[x x^T] instead
-    (sequential mode), the range is wider than needed, never too narrow. Uncentred (no bias
+    factors were fitted on, and the middle range covers its spread. Uncentred (no bias
     correction), `h` is E[x x^T] and the range covers the mean too."""
     rank = a.shape[0]
     if cfg.adapter_bits >= 32:

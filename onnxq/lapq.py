@@ -57,10 +57,11 @@ class SearchSession:
             t = lp.target
             if not t.graph and t.act in self.names:
                 bias = layer_bias(prepared.graph, lp, plan.acts[t.act].scale)
-                if scale_bound_params(lp, bias, plan.acts[t.act].scale):
+                bound = scale_bound_params(lp, bias, plan.acts[t.act].scale)
+                if bound:
                     self.biased.append((lp, bias))
-        self.inputs = params + [n for lp, bias in self.biased
-                                for n in scale_bound_params(lp, bias, plan.acts[lp.target.act].scale)]
+                    params += list(bound)
+        self.inputs = params
         self.sess = session(weights_as_inputs(model, self.inputs))
         self.outputs = [o.name for o in self.sess.get_outputs()]
         self.feeds, self.reference = _batched(self.sess, feeds, reference)

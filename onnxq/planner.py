@@ -45,9 +45,13 @@ def input_covariance(ls: LayerStats) -> np.ndarray:
     Second calibration set (seed 0): rec 0.875 -> 0.905. (Flooring each input's variance at 1e-3
     of its E[x^2], so inputs constant on the calibration data keep a cost, read 0.905 / 0.900 on
     rec's two sets against 0.930 / 0.905 without; not used.)"""
-    mu = ls.mean
-    cov = ls.hessian - np.einsum("gi,gj->gij", mu, mu)
-    return 0.5 * (cov + np.swapaxes(cov, -1, -2))
+    return _about_means(ls.hessian, ls.mean, ls.mean)
+
+
+def _about_means(second: np.ndarray, mean_a: np.ndarray, mean_b: np.ndarray) -> np.ndarray:
+    """E[a b^T] - E[a] E[b]^T [G, K, K] from the raw moment (symmetrized when a is b)."""
+    out = second - np.einsum("gi,gj->gij", mean_a, mean_b)
+    return 0.5 * (out + np.swapaxes(out, -1, -2)) if mean_a is mean_b else out
 
 
 def plan_layer(t: Target, w: np.ndarray, bias: np.ndarray | None, ls: LayerStats | None,
@@ -81,7 +85,7 @@ def plan_layer(t: Target, w: np.ndarray, bias: np.ndarray | None, ls: LayerStats
 def plan_compensated(t: Target, w: np.ndarray, bias: np.ndarray | None, ps: PairedStats,
                      cfg: ConvertConfig) -> LayerPlan:
     """Quantize a layer so that its output on the input it really receives, x^, matches the FP32
-    layer on the FP32 input x: V = W C Hq^-1 (least squares, C = E[x x^^T], Hq = E[x^ x^^T]) is
+    layer on the FP32 input x: V = W C Hq^-1 (least squares, C = E[x x^'], Hq = E[x^ x^']) is
     the best float weight for x^, then V is rounded on Hq; the bias takes the mean difference.
     When the bias is corrected, C and Hq are taken about the means (covariances), as in
     plan_layer: the bias cancels what the means would add."""
@@ -93,9 +97,8 @@ def plan_compensated(t: Target, w: np.ndarray, bias: np.ndarray | None, ps: Pair
     hq, cross = ps.quant.hessian, ps.cross
     centred = _bias_corrects(t, wm, bias, cfg)
     if centred:   # the bias takes the mean difference, so fit and round on the covariances
-        hq = hq - np.einsum("gi,gj->gij", ps.quant.mean, ps.quant.mean)
-        hq = 0.5 * (hq + np.swapaxes(hq, -1, -2))
-        cross = cross - np.einsum("gi,gj->gij", ps.fp_mean, ps.quant.mean)
+        hq = _about_means(hq, ps.quant.mean, ps.quant.mean)
+        cross = _about_means(cross, ps.fp_mean, ps.quant.mean)
     hq = regularized_hessian(hq, ps.quant.rows)
     cross = regularized_hessian(cross, ps.quant.rows)       # same shrinkage: x^ = x gives V = W
     k = hq.shape[-1]
