@@ -352,8 +352,8 @@ def main(argv=None) -> None:
             print(f"  {name}: " + ("error: " + row["error"] if "error" in row else "done"), flush=True)
         print(table(model, rows), flush=True)
         results[model] = {"calib": n_cal, "eval": n_ev, "rows": rows}
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2, default=float))
+        if args.json:     # after each model: a long run stopped part way keeps what it measured
+            args.json.write_text(json.dumps(results, indent=2, default=float))
 
 
 if __name__ == "__main__":
