@@ -45,13 +45,16 @@ def input_covariance(ls: LayerStats) -> np.ndarray:
     Second calibration set (seed 0): rec 0.875 -> 0.905. (Flooring each input's variance at 1e-3
     of its E[x^2], so inputs constant on the calibration data keep a cost, read 0.905 / 0.900 on
     rec's two sets against 0.930 / 0.905 without; not used.)"""
-    return _about_means(ls.hessian, ls.mean, ls.mean)
+    return _about_means(ls.hessian, ls.mean)
 
 
-def _about_means(second: np.ndarray, mean_a: np.ndarray, mean_b: np.ndarray) -> np.ndarray:
-    """E[a b^T] - E[a] E[b]^T [G, K, K] from the raw moment (symmetrized when a is b)."""
-    out = second - np.einsum("gi,gj->gij", mean_a, mean_b)
-    return 0.5 * (out + np.swapaxes(out, -1, -2)) if mean_a is mean_b else out
+def _about_means(second: np.ndarray, mean_a: np.ndarray, mean_b: np.ndarray | None = None) -> np.ndarray:
+    """E[a b^T] - E[a] E[b]^T [G, K, K] from the raw moment; without `mean_b`, b is a and the
+    result is symmetrized."""
+    if mean_b is not None:
+        return second - np.einsum("gi,gj->gij", mean_a, mean_b)
+    out = second - np.einsum("gi,gj->gij", mean_a, mean_a)
+    return 0.5 * (out + np.swapaxes(out, -1, -2))
 
 
 def plan_layer(t: Target, w: np.ndarray, bias: np.ndarray | None, ls: LayerStats | None,
@@ -97,7 +100,7 @@ def plan_compensated(t: Target, w: np.ndarray, bias: np.ndarray | None, ps: Pair
     hq, cross = ps.quant.hessian, ps.cross
     centred = _bias_corrects(t, wm, bias, cfg)
     if centred:   # the bias takes the mean difference, so fit and round on the covariances
-        hq = _about_means(hq, ps.quant.mean, ps.quant.mean)
+        hq = _about_means(hq, ps.quant.mean)
         cross = _about_means(cross, ps.fp_mean, ps.quant.mean)
     hq = regularized_hessian(hq, ps.quant.rows)
     cross = regularized_hessian(cross, ps.quant.rows)       # same shrinkage: x^ = x gives V = W

@@ -16,7 +16,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ..algos.qmath import bias_safe_scales, container_bits, weight_qmax
-from ..types import ActQuant, LayerPlan, Plan
+from ..types import ActQuant, LayerPlan, Plan, Target
 from .io import opset_of
 from .prepare import prune_initializers
 from .walk import graph_by_path
@@ -74,19 +74,36 @@ def int32_bias(lp: LayerPlan, bias: np.ndarray | None, x_scale: float | None) ->
     if bias is None or x_scale is None or lp.axis != 0 or bias.shape != lp.scales.shape:
         return None
     codes, scales = _bias_safe(lp, bias, x_scale)
-    bscale = (x_scale * scales).astype(np.float32)
-    bq = np.clip(np.rint(bias.astype(np.float64) / bscale), -2**31, 2**31 - 1).astype(np.int32)
-    return Int32Bias(codes, scales, bq, bscale)
+    return Int32Bias(codes, scales, *_int32_codes(bias, x_scale * scales))
 
 
-def bias_param_names(lp: LayerPlan) -> list[str]:
-    """Initializer names of a layer's int32 bias (see _weight_nodes)."""
-    return [f"{lp.target.node}/bias_q", f"{lp.target.node}/bias_scale"]
+def _int32_codes(bias: np.ndarray, bscale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(int32 codes, float32 scales) of a bias coded in units of `bscale` (s_x * s_w)."""
+    bscale = bscale.astype(np.float32)
+    return np.clip(np.rint(bias.astype(np.float64) / bscale), -2**31, 2**31 - 1).astype(np.int32), bscale
 
 
-def _branch_bias_names(lp: LayerPlan) -> list[str]:
-    pre = f"{lp.target.node}/residual/A_bias"
-    return [f"{pre}_q", f"{pre}_scale"]
+def _int32_names(base: str) -> list[str]:
+    """Initializer names of an int32 bias (codes, scales; see _int32_dq)."""
+    return [f"{base}_q", f"{base}_scale"]
+
+
+def _int32_dq(g: onnx.GraphProto, base: str, coded: tuple[np.ndarray, np.ndarray]) -> tuple[str, onnx.NodeProto]:
+    """An int32 bias as initializers behind a per-channel DQ -> (the float tensor's name, the node)."""
+    q, s = _int32_names(base)
+    _init(g, q, coded[0])
+    _init(g, s, coded[1])
+    z = _init(g, f"{base}_zero", np.zeros(coded[0].shape, np.int32))
+    return f"{base}_dq", helper.make_node("DequantizeLinear", [q, s, z], [f"{base}_dq"],
+                                          name=f"{base}_dequantize", axis=0)
+
+
+def _bias_base(lp: LayerPlan) -> str:
+    return f"{lp.target.node}/bias"
+
+
+def _branch_bias_base(lp: LayerPlan) -> str:
+    return f"{lp.target.node}/residual/A_bias"
 
 
 def _branch_int32_bias(lp: LayerPlan, x_scale: float | None) -> tuple[np.ndarray, np.ndarray] | None:
@@ -95,9 +112,7 @@ def _branch_int32_bias(lp: LayerPlan, x_scale: float | None) -> tuple[np.ndarray
     br = lp.branch
     if br is None or br.a_bias is None or br.a_scales is None or x_scale is None:
         return None
-    bscale = (x_scale * br.a_scales).astype(np.float32)
-    codes = np.clip(np.rint(br.a_bias.astype(np.float64) / bscale), -2**31, 2**31 - 1).astype(np.int32)
-    return codes, bscale
+    return _int32_codes(br.a_bias, x_scale * br.a_scales)
 
 
 def scale_bound_params(lp: LayerPlan, bias: np.ndarray | None, x_scale: float | None) -> dict[str, np.ndarray]:
@@ -107,10 +122,10 @@ def scale_bound_params(lp: LayerPlan, bias: np.ndarray | None, x_scale: float | 
     out: dict[str, np.ndarray] = {}
     main = int32_bias(lp, bias, x_scale)
     if main is not None:
-        out.update(zip(bias_param_names(lp), (main.bias_codes, main.bias_scales)))
+        out.update(zip(_int32_names(_bias_base(lp)), (main.bias_codes, main.bias_scales)))
     branch = _branch_int32_bias(lp, x_scale)
     if branch is not None:
-        out.update(zip(_branch_bias_names(lp), branch))
+        out.update(zip(_int32_names(_branch_bias_base(lp)), branch))
     return out
 
 
@@ -134,15 +149,10 @@ def _weight_nodes(g: onnx.GraphProto, lp: LayerPlan, bias_scale_x: float | None)
     if bias is None:
         return nodes
     if as_int32 is not None:
-        bq_name, bs_name = bias_param_names(lp)
-        _init(g, bq_name, as_int32.bias_codes)
-        _init(g, bs_name, as_int32.bias_scales)
-        bz_name = _init(g, f"{pre}/bias_zero", np.zeros(as_int32.bias_codes.shape, np.int32))
-        nodes.append(helper.make_node("DequantizeLinear", [bq_name, bs_name, bz_name],
-                                      [f"{pre}/bias_dq"], name=f"{pre}/bias_dequantize", axis=0))
-        new_bias = f"{pre}/bias_dq"
+        new_bias, dq = _int32_dq(g, _bias_base(lp), (as_int32.bias_codes, as_int32.bias_scales))
+        nodes.append(dq)
     elif lp.bias is not None:
-        new_bias = _init(g, f"{pre}/bias", lp.bias.astype(np.float32))
+        new_bias = _init(g, _bias_base(lp), lp.bias.astype(np.float32))
     else:
         return nodes
     if len(node.input) > 2:
@@ -167,6 +177,12 @@ def _act_nodes(g: onnx.GraphProto, act: str, base: str, a: ActQuant) -> list[onn
                                      name=f"{base}/dequantize")]
 
 
+def _x_scale(plan: Plan, t: Target) -> float | None:
+    """The scale of the quantized input a layer reads, or None (float input)."""
+    a = plan.acts.get(t.act) if t.act else None
+    return a.scale if a else None
+
+
 def apply_plan(model: onnx.ModelProto, plan: Plan) -> onnx.ModelProto:
     """Return a new model with `plan` applied (the input model is not modified)."""
     m = onnx.ModelProto()
@@ -176,16 +192,14 @@ def apply_plan(model: onnx.ModelProto, plan: Plan) -> onnx.ModelProto:
     for lp in plan.layers:
         t = lp.target
         g = graphs[t.graph]
-        a = plan.acts.get(t.act) if t.act else None
-        new = _weight_nodes(g, lp, a.scale if a else None)
+        new = _weight_nodes(g, lp, _x_scale(plan, t))
         before.setdefault(t.graph, {}).setdefault(t.node, []).extend(new)
     _act_pairs(graphs, [lp.target for lp in plan.layers], plan.acts, before)
     after: dict[str, dict[str, list[onnx.NodeProto]]] = {}
     for lp in plan.layers:
         if lp.branch is not None:
             g = graphs[lp.target.graph]
-            a = plan.acts.get(lp.target.act) if lp.target.act else None
-            after.setdefault(lp.target.graph, {})[lp.target.node] = _branch_nodes(g, lp, a.scale if a else None)
+            after.setdefault(lp.target.graph, {})[lp.target.node] = _branch_nodes(g, lp, _x_scale(plan, lp.target))
     _place(graphs, before, after)
     prune_initializers(m)
     return m
@@ -257,16 +271,11 @@ def _factor(g: onnx.GraphProto, name: str, value: np.ndarray, codes, scales, axi
 
 def _branch_a_bias(g: onnx.GraphProto, lp: LayerPlan, x_scale: float | None) -> tuple[str, list[onnx.NodeProto]]:
     """A centred branch's A bias: int32 codes behind a DQ when the branch is integer, else float."""
-    pre = f"{lp.target.node}/residual/A_bias"
     coded = _branch_int32_bias(lp, x_scale)
     if coded is None:
-        return _init(g, pre, lp.branch.a_bias.astype(np.float32)), []
-    q, s = _branch_bias_names(lp)
-    _init(g, q, coded[0])
-    _init(g, s, coded[1])
-    z = _init(g, f"{pre}_zero", np.zeros(coded[0].shape, np.int32))
-    return f"{pre}_dq", [helper.make_node("DequantizeLinear", [q, s, z], [f"{pre}_dq"],
-                                          name=f"{pre}_dequantize", axis=0)]
+        return _init(g, _branch_bias_base(lp), lp.branch.a_bias.astype(np.float32)), []
+    name, dq = _int32_dq(g, _branch_bias_base(lp), coded)
+    return name, [dq]
 
 
 def _branch_nodes(g: onnx.GraphProto, lp: LayerPlan, x_scale: float | None) -> list[onnx.NodeProto]:
