@@ -26,9 +26,7 @@ def eligible(lp: LayerPlan) -> str:
         return "no input statistics"
     if lp.bits >= 8:
         return "8-bit layer"
-    if t.op == "ConvTranspose":
-        return "ConvTranspose"
-    if t.op == "Conv" and t.groups > 1:
+    if t.op in ("Conv", "ConvTranspose") and t.groups > 1:
         return "grouped conv"
     return ""
 

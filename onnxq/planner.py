@@ -57,10 +57,23 @@ def _about_means(second: np.ndarray, mean_a: np.ndarray, mean_b: np.ndarray | No
     return 0.5 * (out + np.swapaxes(out, -1, -2))
 
 
+def tap_moments(t: Target, ls: LayerStats) -> LayerStats:
+    """A ConvTranspose's input statistics, collected per input pixel [1, C, C], spread over its
+    kernel taps to match its weight matrix [O, C*T]: each pixel meets every tap once and
+    different taps land on different outputs, so H = H_pixel (x) I_T. Exact when the stride is
+    at least the kernel (no overlap, as in the usual 2x2 stride-2 upsampler); with overlapping
+    taps the cross terms between neighbouring pixels are left out."""
+    eye = np.eye(int(np.prod(t.shape[2:])))
+    return LayerStats(np.stack([np.kron(h, eye) for h in ls.hessian]),
+                      np.repeat(ls.mean, eye.shape[0], axis=-1), ls.rows)
+
+
 def plan_layer(t: Target, w: np.ndarray, bias: np.ndarray | None, ls: LayerStats | None,
                cfg: ConvertConfig, float_mean: np.ndarray | None = None) -> LayerPlan:
     """Quantize one layer. `ls` holds the statistics of the input the layer will receive;
     `float_mean` is E[x] in the FP32 model when that differs (sequential mode)."""
+    if ls is not None and t.op == "ConvTranspose":
+        ls = tap_moments(t, ls)
     bits, note = cfg.bits_for(t.node, t.depthwise)
     method = cfg.weight_method_for(bits)
     wm = to_matrix(w, t.layout).astype(np.float64)               # [O, K]

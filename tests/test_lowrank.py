@@ -307,3 +307,33 @@ def test_probe_with_activation_qdq_measures_the_model_with_those_pairs():
     assert direct > 0
     assert probe({}) == pytest.approx(direct, rel=1e-5)
     assert Probe(m, targets, weights, loaders)({}) == 0.0          # float probe: FP32 itself
+
+
+def test_convtranspose_branch_block_equals_convtranspose_with_corrected_weight():
+    """A ConvTranspose takes a branch too (A: ConvTranspose C -> r with the layer's geometry,
+    B: 1x1 Conv r -> O): the block equals ConvTranspose(x, Q(W) + B·A)."""
+    rng = np.random.default_rng(6)
+    w = (rng.standard_normal((8, 6, 2, 2)) * 0.3).astype(np.float32)
+    node = lambda ws: helper.make_node("ConvTranspose", ["x", ws], ["y"], strides=[2, 2])  # noqa: E731
+    m = make_model([node("w")], [vi("x", [1, 8, 5, 5])], [vi("y", [1, 6, 10, 10])], {"w": w})
+    cal = [{"x": rng.standard_normal((1, 8, 5, 5)).astype(np.float32)} for _ in range(16)]
+    cfg = onnxq.ConvertConfig(bits=3, act_bits=32, rank_budget=0.5, adapter_bits=32)
+    q, rep = onnxq.convert(m, cfg, calib=cal)
+    lay = rep.quantized[0]
+    assert lay["method"] == "gptq" and lay["branch_rank"] > 0
+    assert lay["sqnr_with_branch_db"] > lay["sqnr_db"]
+    inits = {t.name: numpy_helper.to_array(t) for t in q.graph.initializer}
+    n = lay["node"]
+    wq = inits[f"{n}/weight_q"].astype(np.float32) * inits[f"{n}/weight_scale"][None, :, None, None]
+    a = inits[f"{n}/residual/A_weight"]                                   # [C, r, 2, 2]
+    b = inits[f"{n}/residual/B_weight"][:, :, 0, 0]                       # [O, r]
+    merged = (wq + np.einsum("crhw,or->cohw", a, b)).astype(np.float32)
+    ref = make_model([node("w")], [vi("x", [1, 8, 5, 5])], [vi("y", [1, 6, 10, 10])], {"w": merged})
+    got = ort.InferenceSession(q.SerializeToString()).run(None, cal[0])[0]
+    want = ort.InferenceSession(ref.SerializeToString()).run(None, cal[0])[0]
+    assert np.allclose(got, want, atol=1e-4)
+    q8, rep8 = onnxq.convert(m, onnxq.ConvertConfig(bits=3, rank_budget=0.5), calib=cal)
+    onnx.checker.check_model(q8)
+    assert rep8.quantized[0]["branch_rank"] > 0
+    assert numpy_helper.to_array(next(t for t in q8.graph.initializer if t.name == f"{n}/residual/A_weight_q")).dtype == np.int8
+    ort.InferenceSession(q8.SerializeToString()).run(None, cal[0])

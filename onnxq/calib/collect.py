@@ -74,16 +74,20 @@ def layer_rows(x: np.ndarray, t: Target, rows: int, rng: np.random.Generator) ->
     """Sampled input rows of layer t from its activation x. -> [S, G, K]."""
     if t.op == "Conv":
         return im2col_rows(x, t.geo, rows, rng)
-    k = t.shape[1] if t.layout == "rows" else t.shape[0]
-    weight_left = t.op == "MatMul" and t.layout == "rows"       # Y = W @ X reads X's columns
-    flat = (np.swapaxes(x, -1, -2) if weight_left else x).reshape(-1, k)
+    if t.op == "ConvTranspose":         # one row per input pixel; the planner spreads it over the taps
+        flat = np.moveaxis(x, 1, -1).reshape(-1, t.shape[0])
+    else:
+        k = t.shape[1] if t.layout == "rows" else t.shape[0]
+        weight_left = t.op == "MatMul" and t.layout == "rows"   # Y = W @ X reads X's columns
+        flat = (np.swapaxes(x, -1, -2) if weight_left else x).reshape(-1, k)
     if flat.shape[0] > rows:
         flat = flat[np.sort(rng.choice(flat.shape[0], size=rows, replace=False))]
     return flat[:, None, :]
 
 
 def wants_hessian(t: Target) -> bool:
-    return t.act is not None and t.op in ("Conv", "Gemm", "MatMul")
+    return t.act is not None and (t.op in ("Conv", "Gemm", "MatMul")
+                                  or (t.op == "ConvTranspose" and t.groups == 1))
 
 
 def collect(model: onnx.ModelProto, targets: Sequence[Target], loaders: Sequence[Callable[[], Feed]],
@@ -130,6 +134,8 @@ def collect(model: onnx.ModelProto, targets: Sequence[Target], loaders: Sequence
 def _k(t: Target) -> int:
     if t.op == "Conv":
         return int(np.prod(t.shape[1:]))
+    if t.op == "ConvTranspose":
+        return t.shape[0]
     return t.shape[1] if t.layout == "rows" else t.shape[0]
 
 
@@ -139,7 +145,9 @@ def collect_paired(reference: onnx.ModelProto, partial: onnx.ModelProto, targets
     """Run the FP32 and the partly quantized model on the same samples and pair each target's
     input rows: x from FP32, x^ = the partial model's input after this layer's own activation
     QDQ (applied here in numpy). Main-graph targets only."""
-    targets = [t for t in targets if wants_hessian(t) and not t.graph]
+    # a ConvTranspose's statistics are per input pixel, not per unfolded patch: it keeps the
+    # FP32 ones (plan_layer)
+    targets = [t for t in targets if wants_hessian(t) and t.op != "ConvTranspose" and not t.graph]
     wanted = sorted({t.act for t in targets})
     if not targets:
         return {}

@@ -16,6 +16,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ..algos.qmath import bias_safe_scales, container_bits, weight_qmax
+from ..layout import from_matrix
 from ..types import ActQuant, LayerPlan, Plan, Target
 from .io import opset_of
 from .prepare import prune_initializers
@@ -303,6 +304,15 @@ def _branch_nodes(g: onnx.GraphProto, lp: LayerPlan, x_scale: float | None) -> l
         conv_attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute
                       if a.name in ("strides", "pads", "dilations", "auto_pad", "kernel_shape")}
         first = helper.make_node("Conv", [x, a_name] + a_bias, [f"{pre}/A_out"], name=f"{pre}/A", **conv_attrs)
+        second = lambda m: helper.make_node("Conv", [m, b_name], [f"{pre}/B_out"], name=f"{pre}/B")  # noqa: E731
+    elif t.op == "ConvTranspose":                          # A: ConvTranspose C -> r, B: 1x1 Conv r -> O
+        k = tuple(t.shape[2:])
+        a_shape, b_shape = (t.shape[0], r) + k, (o, r) + (1,) * len(k)
+        a_t = lambda m: None if m is None else from_matrix(m, "convT", a_shape)  # noqa: E731
+        a_name, n1 = _factor(g, f"{pre}/A_weight", a_t(br.a), a_t(br.a_codes), br.a_scales, 1, a_shape, br.bits)
+        b_name, n2 = _factor(g, f"{pre}/B_weight", br.b, br.b_codes, br.b_scales, 0, b_shape, br.bits)
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute if a.name != "group"}
+        first = helper.make_node("ConvTranspose", [x, a_name] + a_bias, [f"{pre}/A_out"], name=f"{pre}/A", **attrs)
         second = lambda m: helper.make_node("Conv", [m, b_name], [f"{pre}/B_out"], name=f"{pre}/B")  # noqa: E731
     elif t.layout == "rows" and t.op == "MatMul":          # Y = W @ X: B @ (A @ X)
         a_name, n1 = _factor(g, f"{pre}/A_weight", br.a, br.a_codes, br.a_scales, 0, br.a.shape, br.bits)
