@@ -202,7 +202,9 @@ def _preprocess_options(f):
                    "(off by default: one pass measured better on the benchmark models).")
 @click.option("--stages", type=int, default=3, show_default=True, help="Stages of sequential mode.")
 @click.option("--rank-budget", type=float, default=0.0, show_default=True,
-              help="Low-rank residual branches: extra parameters as a fraction of the weights (0 = none).")
+              help="Low-rank residual branches: extra parameters as a fraction of the weights "
+                   "(0 = none). 0.02 is the measured sweet spot at 4 bits (PP-OCR rec strings equal "
+                   "to FP32 0.939 -> 0.951); 0.05 at 3 bits. Roughly doubles conversion time.")
 @click.option("--adapter-init", default="whitened", show_default=True,
               help="Branch factors: whitened (minimise the layer output error) or svd (weight error).")
 @click.option("--adapter-bits", type=int, default=8, show_default=True,
