@@ -26,7 +26,7 @@ def eligible(lp: LayerPlan) -> str:
         return "no input statistics"
     if lp.bits >= 8:
         return "8-bit layer"
-    if t.op in ("Conv", "ConvTranspose") and t.groups > 1:
+    if t.groups > 1:                  # grouped ConvTransposes have no statistics (above)
         return "grouped conv"
     return ""
 

@@ -281,7 +281,8 @@ def _branch_a_bias(g: onnx.GraphProto, lp: LayerPlan, x_scale: float | None) -> 
 
 def _branch_nodes(g: onnx.GraphProto, lp: LayerPlan, x_scale: float | None) -> list[onnx.NodeProto]:
     """y = main(x) + B(A(x) + c): renames the layer's output and returns the branch nodes (c, the
-    A bias of a centred branch, only on Conv and Gemm layers: their A is a Conv / Gemm)."""
+    A bias of a centred branch, only on layers whose bias is corrected — Conv and Gemm, whose A
+    is a Conv / Gemm)."""
     t, br = lp.target, lp.branch
     node = next(n for n in g.node if n.name == t.node)
     pre = f"{t.node}/residual"
@@ -296,23 +297,21 @@ def _branch_nodes(g: onnx.GraphProto, lp: LayerPlan, x_scale: float | None) -> l
         a_bias = [bias_name]
     r = br.rank
     o = br.b.shape[0]
-    if t.op == "Conv":
-        k = tuple(t.geo.kernel)
-        a_shape, b_shape = (r, t.shape[1]) + k, (o, r) + (1,) * len(k)
-        a_name, n1 = _factor(g, f"{pre}/A_weight", br.a, br.a_codes, br.a_scales, 0, a_shape, br.bits)
-        b_name, n2 = _factor(g, f"{pre}/B_weight", br.b, br.b_codes, br.b_scales, 0, b_shape, br.bits)
-        conv_attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute
-                      if a.name in ("strides", "pads", "dilations", "auto_pad", "kernel_shape")}
-        first = helper.make_node("Conv", [x, a_name] + a_bias, [f"{pre}/A_out"], name=f"{pre}/A", **conv_attrs)
-        second = lambda m: helper.make_node("Conv", [m, b_name], [f"{pre}/B_out"], name=f"{pre}/B")  # noqa: E731
-    elif t.op == "ConvTranspose":                          # A: ConvTranspose C -> r, B: 1x1 Conv r -> O
+    if t.op in ("Conv", "ConvTranspose"):   # A: the layer's own op C -> r, B: 1x1 Conv r -> O
         k = tuple(t.shape[2:])
-        a_shape, b_shape = (t.shape[0], r) + k, (o, r) + (1,) * len(k)
-        a_t = lambda m: None if m is None else from_matrix(m, "convT", a_shape)  # noqa: E731
-        a_name, n1 = _factor(g, f"{pre}/A_weight", a_t(br.a), a_t(br.a_codes), br.a_scales, 1, a_shape, br.bits)
-        b_name, n2 = _factor(g, f"{pre}/B_weight", br.b, br.b_codes, br.b_scales, 0, b_shape, br.bits)
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute if a.name != "group"}
-        first = helper.make_node("ConvTranspose", [x, a_name] + a_bias, [f"{pre}/A_out"], name=f"{pre}/A", **attrs)
+        if t.op == "Conv":
+            a_shape, a_axis = (r, t.shape[1]) + k, 0
+            a_val, a_codes = br.a, br.a_codes
+            kept = ("strides", "pads", "dilations", "auto_pad", "kernel_shape")
+        else:                               # ConvTranspose weights are [C, r, *k]
+            a_shape, a_axis = (t.shape[0], r) + k, 1
+            a_val = from_matrix(br.a, "convT", a_shape)
+            a_codes = None if br.a_codes is None else from_matrix(br.a_codes, "convT", a_shape)
+            kept = tuple(a.name for a in node.attribute if a.name != "group")
+        a_name, n1 = _factor(g, f"{pre}/A_weight", a_val, a_codes, br.a_scales, a_axis, a_shape, br.bits)
+        b_name, n2 = _factor(g, f"{pre}/B_weight", br.b, br.b_codes, br.b_scales, 0, (o, r) + (1,) * len(k), br.bits)
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute if a.name in kept}
+        first = helper.make_node(t.op, [x, a_name] + a_bias, [f"{pre}/A_out"], name=f"{pre}/A", **attrs)
         second = lambda m: helper.make_node("Conv", [m, b_name], [f"{pre}/B_out"], name=f"{pre}/B")  # noqa: E731
     elif t.layout == "rows" and t.op == "MatMul":          # Y = W @ X: B @ (A @ X)
         a_name, n1 = _factor(g, f"{pre}/A_weight", br.a, br.a_codes, br.a_scales, 0, br.a.shape, br.bits)
