@@ -213,6 +213,9 @@ def _preprocess_options(f):
               help="Rank allocation: network (each layer's gains weighted by its measured effect on the "
                    "output, then branches that do not help end to end are dropped) or layer (layer "
                    "output error only, no session runs).")
+@click.option("--max-rank", type=int, default=64, show_default=True,
+              help="Highest rank any one layer's branch may take (with --exclude, a budget and "
+                   "--max-rank 4 give exactly one layer a rank-4 branch).")
 @click.option("--branch-refine", type=int, default=0, show_default=True,
               help="Joint refinement rounds of layers with a branch: re-round W - B·A, refit the branch "
                    "to what is left; kept only where the layer's output error falls.")
@@ -232,7 +235,7 @@ def _preprocess_options(f):
 @_preprocess_options
 def convert(model, output, bits, act_bits, calib, calib_size, holdout_data, seed, weight_method,
             damp, act_method, search_evals, search_samples, act_symmetric, depthwise_bits, exclude, no_bias_correction, sequential, stages,
-            rank_budget, adapter_init, adapter_bits, branch_weighting, branch_refine, avg_bits, max_size, bit_choices, bits_override,
+            rank_budget, adapter_init, adapter_bits, branch_weighting, max_rank, branch_refine, avg_bits, max_size, bit_choices, bits_override,
             report_path,
             save_stats, load_stats, min_agreement, min_cosine, show_layers, quiet, preset, size,
             mean, std, layout, channel_order):
@@ -245,7 +248,7 @@ def convert(model, output, bits, act_bits, calib, calib_size, holdout_data, seed
                         seed=seed, depthwise_bits=depthwise_bits, exclude=tuple(exclude), damp=damp,
                         bias_correction=not no_bias_correction, sequential=sequential, stages=stages,
                         rank_budget=rank_budget, adapter_init=adapter_init, adapter_bits=adapter_bits,
-                        branch_weighting=branch_weighting, branch_refine=branch_refine,
+                        branch_weighting=branch_weighting, max_rank=max_rank, branch_refine=branch_refine,
                         bits_overrides=_overrides(bits_override), avg_bits=avg_bits,
                         max_size=_size(max_size), bit_choices=tuple(int(b) for b in _floats(bit_choices, "--bit-choices")))
     pre = _preprocess(preset, size, mean, std, layout, channel_order)

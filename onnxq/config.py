@@ -86,6 +86,8 @@ class ConvertConfig:
             raise ConfigError(f"unknown --adapter-init '{self.adapter_init}'; known: whitened, svd")
         if self.adapter_bits not in (8, 16, 32):
             raise ConfigError(f"--adapter-bits must be 8, 16 or 32, got {self.adapter_bits}")
+        if self.max_rank < 1:
+            raise ConfigError(f"--max-rank must be at least 1, got {self.max_rank}")
         if not 0 <= self.branch_refine <= 10:
             raise ConfigError(f"--branch-refine must lie in 0..10, got {self.branch_refine}")
         if self.branch_weighting not in ("network", "layer"):

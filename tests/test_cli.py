@@ -102,12 +102,13 @@ def bad_cases(work):
         "unknown method": (["convert", zoo, "--weight-method", "magic"], "known: rtn, mse, gptq"),
         "bad bits": (["convert", zoo, "--bits", "5"], "--bits"),
         "bad damping": (["convert", zoo, "--damp", "0"], "--damp"),
+        "bad max rank": (["convert", zoo, "--rank-budget", "0.02", "--max-rank", "0"], "--max-rank"),
     }
 
 
 CASES = ["missing file", "not onnx", "truncated", "opset 10", "wrong input name", "wrong rank",
          "wrong dtype", "nan", "empty folder", "output folder missing", "output under a file", "output is input", "unknown method",
-         "bad bits", "bad damping"]
+         "bad bits", "bad damping", "bad max rank"]
 
 
 @pytest.mark.parametrize("case", CASES)

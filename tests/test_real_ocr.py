@@ -66,3 +66,39 @@ def test_det_probability_map_keeps_its_text_regions_at_w8a8():
         ra, rb = a > 0.3, b > 0.3
         iou = (ra & rb).sum() / max((ra | rb).sum(), 1)
         assert iou > 0.85, iou
+
+
+def _layer_sqnr(path, q, layer, feeds):
+    """Output SQNR (dB) of one layer in onnxruntime: the FP32 model's conv output against the
+    quantized model's block output (the residual add when the layer has a branch)."""
+    src = onnx.load(path)
+    out = next(n.output[0] for n in src.graph.node if n.name == layer)
+    got = []
+    for m in (src, q):
+        m = onnx.ModelProto.FromString(m.SerializeToString())
+        m.graph.output.append(onnx.helper.make_tensor_value_info(out, onnx.TensorProto.FLOAT, None))
+        s = ort.InferenceSession(m.SerializeToString())
+        got.append(np.concatenate([s.run([out], f)[0].ravel() for f in feeds]).astype(np.float64))
+    ref, y = got
+    return 10 * np.log10(np.sum(ref**2) / np.sum((ref - y) ** 2))
+
+
+def test_rank4_whitened_branch_gives_back_a_plainly_rounded_1x1_layer_on_held_out_pages():
+    """One 1x1 conv (96 -> 96) of det's MobileNetV3 backbone at 4 bits with plain rounding, the
+    rest of the network in float: a rank-4 INT8 whitened branch (2*4*96 extra parameters, 8% of
+    the layer) lifts the layer's output SQNR on held-out pages, measured in onnxruntime, far
+    more than plain SVD factors of the same rank (measured 16.0 -> 22.4 dB, SVD 20.2 dB)."""
+    path, layer = str(ocr_path("det")), "p2o.Conv.10"
+    layers = [n.name for n in onnx.load(path).graph.node if n.op_type in ("Conv", "ConvTranspose", "MatMul", "Gemm")]
+    cal, held = det_samples(8, seed=0, side=320), det_samples(4, seed=1, side=320)
+    base = dict(bits=4, act_bits=32, weight_method="rtn", exclude=tuple(n for n in layers if n != layer),
+                branch_weighting="layer", max_rank=4)
+    sqnr, ranks = {}, {}
+    for init, budget in (("none", 0.0), ("whitened", 0.09), ("svd", 0.09)):
+        cfg = onnxq.ConvertConfig(**base, rank_budget=budget, adapter_init="whitened" if init == "none" else init)
+        q, rep = onnxq.convert(path, cfg, calib=cal)
+        ranks[init] = {l["node"]: l["branch_rank"] for l in rep.quantized}
+        sqnr[init] = _layer_sqnr(path, q, layer, held)
+    assert ranks["none"] == {layer: 0} and ranks["whitened"] == ranks["svd"] == {layer: 4}
+    assert sqnr["whitened"] >= sqnr["none"] + 5.0, sqnr
+    assert sqnr["whitened"] >= sqnr["svd"] + 1.0, sqnr
