@@ -69,6 +69,20 @@ def test_min_agreement_failure_writes_nothing(work):
     assert code == 3 and "below --min-cosine" in err and not out.exists()
 
 
+def test_max_rank_caps_every_branch(work):
+    """The budget alone would give some layer of the zoo a rank above 1 (checked first)."""
+    ranks = {}
+    for cap in ("64", "1"):
+        rep = work / f"cap{cap}.json"
+        code, _, err = onnxq("convert", work / "zoo.onnx", "-o", work / f"cap{cap}.onnx", "--calib", work / "calib",
+                             "--bits", 2, "--rank-budget", "0.5", "--branch-weighting", "layer",
+                             "--max-rank", cap, "--report", rep, "-q")
+        assert code == 0, err
+        ranks[cap] = [l["branch_rank"] for l in json.loads(rep.read_text())["quantized"]]
+    assert max(ranks["64"]) > 1
+    assert max(ranks["1"]) == 1
+
+
 def _bad_calib(work, name, **arrays):
     d = work / name
     d.mkdir(exist_ok=True)
