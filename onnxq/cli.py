@@ -73,6 +73,10 @@ def _mb(n: int) -> str:
     return f"{n / 1e6:.2f} MB"
 
 
+def _kb(n: int) -> str:
+    return f"{n / 1e3:.1f} KB"
+
+
 def print_summary(report) -> None:
     r = report
     by_bits = Counter(q["bits"] for q in r.quantized)
@@ -103,7 +107,7 @@ def print_summary(report) -> None:
     if b.get("layers_with_branch"):
         out.print(f"  low-rank branches: {b['layers_with_branch']} layers, {b['used_params']} extra "
                   f"parameters ({b['used_params'] / max(r.params, 1):.2%} of the weights; budget "
-                  f"{b['budget_params']})")
+                  f"{b['budget_params']}), {_kb(b['bytes'])} in the file")
     weight_only = sum(1 for q in r.quantized if q["activation"].startswith("float ("))
     if weight_only:
         out.print(f"  weight-only: {weight_only} layers (activation left in float; see report)")

@@ -8,6 +8,7 @@ import onnx
 
 from .config import ConvertConfig
 from .graph.io import opset_of
+from .graph.walk import graphs
 from .types import Plan, Report, Skipped, Stats, Target
 
 
@@ -64,4 +65,13 @@ def build_report(name: str, cfg: ConvertConfig, plan: Plan, targets: list[Target
     r.opset_before, r.opset_after = src_opset, opset_of(qmodel)
     r.config["prepare"] = prep
     r.branches = dict(plan.branch_summary)
+    if r.branches.get("layers_with_branch"):
+        r.branches["bytes"] = branch_bytes(qmodel)
     return r
+
+
+def branch_bytes(qmodel: onnx.ModelProto) -> int:
+    """Bytes the emitted branches add to the file: every initializer under a `<node>/residual/`
+    name (factor codes, their scales and zero points, middle-activation and A-bias parameters),
+    in every graph."""
+    return sum(t.ByteSize() for _, g in graphs(qmodel) for t in g.initializer if "/residual/" in t.name)

@@ -106,6 +106,10 @@ def test_int8_branches_are_named_valid_and_within_budget():
     assert all(inits[n].data_type == onnx.TensorProto.INT32 for n in biases)
     assert rep.branches["used_params"] <= rep.branches["budget_params"]
     assert sum(l["branch_params"] for l in rep.quantized) == rep.branches["used_params"]
+    # one byte a factor code, plus scales, zero points and the A bias
+    assert rep.branches["used_params"] < rep.branches["bytes"] < 2 * rep.branches["used_params"] + 2000
+    none, _ = onnxq.convert(m, onnxq.ConvertConfig(bits=3), calib=feeds())
+    assert q.ByteSize() - none.ByteSize() >= rep.branches["used_params"]
     assert rep.fidelity["cosine"] > 0.98
 
 
