@@ -208,7 +208,8 @@ def plan_branches(layers: list[LayerPlan], weights: Mapping[str, np.ndarray],
         gains.append(sp.gains() / signal)          # relative output-error reduction per rank
         errors.append(_objective(wm - w_hat, h) / signal)
         costs.append(wm.shape[0] + wm.shape[1])    # parameters of one rank: a column of B, a row of A
-    network = probe is not None and cfg.branch_weighting == "network" and budget > 0 and bool(cand)
+    reachable = any(not lp.target.graph for lp in cand)   # the probe runs the main graph's layers
+    network = probe is not None and cfg.branch_weighting == "network" and budget > 0 and reachable
     ranks = allocate(gains, costs, budget) if budget > 0 else [0] * len(cand)
     choice: dict = {}
     if network:
@@ -228,9 +229,17 @@ def plan_branches(layers: list[LayerPlan], weights: Mapping[str, np.ndarray],
             centred = lp.bias is not None and lp.input_mean is not None
             lp.branch = build_branch(lp.branch.a, lp.branch.b, h, cfg, cfg.adapter_init,
                                      lp.input_mean[0] if centred else None)
-    check = _end_to_end(layers, probe, network, unrefined) if probe is not None and any(r > 0 for r in ranks) else {}
+    measurable = probe is not None and reachable and any(r > 0 for r in ranks)
+    check = _end_to_end(layers, probe, network, unrefined) if measurable else {}
     used = sum(lp.branch.rank * c for lp, c in zip(cand, costs) if lp.branch is not None)
     return {"budget_params": budget, "used_params": used,
             "layers_with_branch": sum(lp.branch is not None for lp in cand), "ineligible": skipped,
             "refined_layers": sum(lp.branch is not None and lp.target.node in unrefined for lp in cand),
-            "weighting": "network (measured)" if network else "layer output error", **choice, **check}
+            "weighting": "network (measured)" if network else _why_layer(cfg, probe, cand, reachable),
+            **choice, **check}
+
+
+def _why_layer(cfg: ConvertConfig, probe, cand: list, reachable: bool) -> str:
+    if cfg.branch_weighting == "network" and probe is not None and cand and not reachable:
+        return "layer output error (every candidate layer is inside a subgraph, which the probe does not run)"
+    return "layer output error"

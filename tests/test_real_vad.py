@@ -28,3 +28,21 @@ def test_vad_quantized_inside_if_branches_and_keeps_decisions(calib, bits):
     agree = np.mean((ref > 0.5) == (got > 0.5))
     assert agree >= (0.97 if bits == 8 else 0.90), agree          # measured: 0.99 / 0.93
     assert np.abs(ref - got).mean() < (0.035 if bits == 8 else 0.09)
+
+
+def test_vad_branches_inside_if_branches_are_weighted_by_layer_error_and_keep_decisions(calib):
+    """Every layer the branch planner may use sits inside an If branch, which the network probe
+    does not run: the allocation falls back to layer error and says so, instead of reporting
+    divergences of a network in which nothing changed."""
+    q, rep = onnxq.convert(str(silero_path()), onnxq.ConvertConfig(bits=4, rank_budget=0.05), calib=calib)
+    onnx.checker.check_model(q)
+    b = rep.branches
+    assert b["layers_with_branch"] > 0 and b["used_params"] <= b["budget_params"]
+    assert b["weighting"].startswith("layer output error (every candidate layer is inside a subgraph")
+    assert "divergence_final" not in b and "sensitivity_power" not in b
+    with_branch = [l for l in rep.quantized if l["branch_rank"]]
+    assert all(l["graph"] != "main" for l in with_branch)
+    audio = speech_like(8.0, seed=1)
+    ref, _ = silero_stream(str(silero_path()), audio)
+    got, _ = silero_stream(q.SerializeToString(), audio)
+    assert np.mean((ref > 0.5) == (got > 0.5)) >= 0.90
