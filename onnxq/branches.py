@@ -232,14 +232,10 @@ def plan_branches(layers: list[LayerPlan], weights: Mapping[str, np.ndarray],
     measurable = probe is not None and reachable and any(r > 0 for r in ranks)
     check = _end_to_end(layers, probe, network, unrefined) if measurable else {}
     used = sum(lp.branch.rank * c for lp, c in zip(cand, costs) if lp.branch is not None)
+    weighting = "network (measured)" if network else "layer output error"
+    if cfg.branch_weighting == "network" and probe is not None and cand and not reachable:
+        weighting += " (every candidate layer is inside a subgraph, which the probe does not run)"
     return {"budget_params": budget, "used_params": used,
             "layers_with_branch": sum(lp.branch is not None for lp in cand), "ineligible": skipped,
             "refined_layers": sum(lp.branch is not None and lp.target.node in unrefined for lp in cand),
-            "weighting": "network (measured)" if network else _why_layer(cfg, probe, cand, reachable),
-            **choice, **check}
-
-
-def _why_layer(cfg: ConvertConfig, probe, cand: list, reachable: bool) -> str:
-    if cfg.branch_weighting == "network" and probe is not None and cand and not reachable:
-        return "layer output error (every candidate layer is inside a subgraph, which the probe does not run)"
-    return "layer output error"
+            "weighting": weighting, **choice, **check}
