@@ -5,7 +5,9 @@ column drifts with whatever else runs. Here every model gets one session per thr
 the timed runs go round-robin over all models in several rounds, so drift hits all rows alike.
 Rows marked "weights folded" are the same onnxq model with each weight DequantizeLinear replaced
 by its float result: the difference to the unfolded row is what dequantizing the weights at run
-time costs.
+time costs. Rows marked "no QDQ fusion" run the unchanged file with onnxruntime's session entry
+`session.disable_quant_qdq` = 1: onnxruntime then constant-folds the weight dequantization itself
+(it keeps those nodes only for the QDQ fusions, which onnxq's input-only placement never meets).
 
     python benchmarks/latency.py rec benchmarks/out/rec --rounds 10 --runs 5
 """
@@ -51,8 +53,10 @@ def folded(path: Path) -> bytes:
     return m.SerializeToString()
 
 
-def session(model: "str | bytes", threads: int) -> ort.InferenceSession:
+def session(model: "str | bytes", threads: int, fuse: bool = True) -> ort.InferenceSession:
     so = ort.SessionOptions()
+    if not fuse:
+        so.add_session_config_entry("session.disable_quant_qdq", "1")
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.log_severity_level = 3
@@ -73,14 +77,16 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5, help="timed runs of each model per round")
     ap.add_argument("--threads", default="1,2")
     args = ap.parse_args()
-    rows: list[tuple[str, "str | bytes"]] = [("fp32", str(models_dir() / MODEL_FILES[args.model]))]
+    rows: list[tuple[str, "str | bytes", bool]] = [("fp32", str(models_dir() / MODEL_FILES[args.model]), True)]
     for p in sorted(args.folder.glob("*.onnx")):
-        rows.append((p.stem, str(p)))
+        rows.append((p.stem, str(p), True))
+        if not p.stem.startswith("ort-"):
+            rows.append((f"{p.stem} (no QDQ fusion)", str(p), False))
         if p.stem.startswith("onnxq-w8a8"):
-            rows.append((f"{p.stem} (weights folded)", folded(p)))
+            rows.append((f"{p.stem} (weights folded)", folded(p), True))
     feed = one_feed(args.model)
     threads = [int(t) for t in args.threads.split(",")]
-    sessions = {(name, t): session(m, t) for name, m in rows for t in threads}
+    sessions = {(name, t): session(m, t, fuse) for name, m, fuse in rows for t in threads}
     times: dict = {k: [] for k in sessions}
     for s in sessions.values():
         for _ in range(3):
@@ -93,7 +99,7 @@ def main() -> None:
                 times[k].append(time.perf_counter() - t0)
     print(f"{args.model}: median batch-1 latency in ms ({args.rounds} rounds x {args.runs} runs, interleaved)")
     print(f"{'model':34s}" + "".join(f"{f'{t} thread' + ('s' if t > 1 else ''):>12s}" for t in threads))
-    for name, _ in rows:
+    for name, *_ in rows:
         print(f"{name:34s}" + "".join(f"{1000 * np.median(times[(name, t)]):12.2f}" for t in threads))
 
 
