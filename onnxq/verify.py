@@ -83,9 +83,10 @@ def fidelity(ref_model: onnx.ModelProto | bytes | str, cand_model: onnx.ModelPro
     return summary
 
 
-def latency_ms(model: onnx.ModelProto | bytes | str, feed: dict, runs: int = 30, warmup: int = 5) -> float:
+def latency_ms(model: onnx.ModelProto | bytes | str, feed: dict, runs: int = 30, warmup: int = 5,
+               qdq_fusion: bool = True) -> float:
     """Median wall time of one run at the given feed (onnxruntime CPU, 2 threads)."""
-    s = session(model)
+    s = session(model, qdq_fusion=qdq_fusion)
     for _ in range(warmup):
         s.run(None, feed)
     times = []

@@ -55,6 +55,23 @@ def test_convert_writes_model_report_and_summary(work):
     assert ev["fidelity"]["samples"] == 12 and ev["latency_ms_candidate"] > 0
 
 
+def test_eval_can_time_the_candidate_without_qdq_fusion(work):
+    from onnxq.calib.collect import session
+    m = str(work / "zoo.onnx")
+    entry = "session.disable_quant_qdq"
+    assert session(m, qdq_fusion=False).get_session_options().get_session_config_entry(entry) == "1"
+    with pytest.raises(RuntimeError, match="does not have configuration"):    # default: unset
+        session(m).get_session_options().get_session_config_entry(entry)
+    q = work / "nofuse.onnx"
+    assert onnxq("convert", m, "-o", q, "--calib", work / "calib", "-q")[0] == 0
+    code, stdout, err = onnxq("eval", m, q, "--data", work / "calib", "--runs", 2, "--no-qdq-fusion",
+                              "--json", work / "nofuse.json")
+    assert code == 0, err
+    assert "(no QDQ fusion)" in stdout
+    res = json.loads((work / "nofuse.json").read_text())
+    assert res["candidate_qdq_fusion"] is False and res["latency_ms_candidate"] > 0
+
+
 def test_same_input_and_seed_give_same_bytes(work):
     a, b = work / "a.onnx", work / "b.onnx"
     for o in (a, b):

@@ -21,8 +21,12 @@ from .data import Feed
 Progress = Callable[[int, int], None]
 
 
-def session(model: onnx.ModelProto | bytes | str, threads: int = 2) -> ort.InferenceSession:
+def session(model: onnx.ModelProto | bytes | str, threads: int = 2, qdq_fusion: bool = True) -> ort.InferenceSession:
+    """A CPU session. Without `qdq_fusion` onnxruntime skips its QDQ fusions and so constant-folds
+    weight DequantizeLinear nodes at load (onnxq's input-only Q/DQ placement never fuses there)."""
     so = ort.SessionOptions()
+    if not qdq_fusion:
+        so.add_session_config_entry("session.disable_quant_qdq", "1")
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.log_severity_level = 3
