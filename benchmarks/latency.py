@@ -21,12 +21,13 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnx import numpy_helper
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ocr_data  # noqa: E402
 from run import MODEL_FILES, models_dir  # noqa: E402
+
+from onnxq.calib.collect import session  # noqa: E402
 
 
 def folded(path: Path) -> bytes:
@@ -53,16 +54,6 @@ def folded(path: Path) -> bytes:
     return m.SerializeToString()
 
 
-def session(model: "str | bytes", threads: int, fuse: bool = True) -> ort.InferenceSession:
-    so = ort.SessionOptions()
-    if not fuse:
-        so.add_session_config_entry("session.disable_quant_qdq", "1")
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
-
-
 def one_feed(model: str) -> dict:
     if model == "det":
         return ocr_data.det_samples(1, 5)[0]
@@ -86,7 +77,7 @@ def main() -> None:
             rows.append((f"{p.stem} (weights folded)", folded(p), True))
     feed = one_feed(args.model)
     threads = [int(t) for t in args.threads.split(",")]
-    sessions = {(name, t): session(m, t, fuse) for name, m, fuse in rows for t in threads}
+    sessions = {(name, t): session(m, t, qdq_fusion=fuse) for name, m, fuse in rows for t in threads}
     times: dict = {k: [] for k in sessions}
     for s in sessions.values():
         for _ in range(3):
