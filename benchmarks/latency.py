@@ -24,8 +24,7 @@ import onnx
 from onnx import numpy_helper
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import ocr_data  # noqa: E402
-from run import MODEL_FILES, models_dir  # noqa: E402
+from run import MODEL_FILES, build_data, models_dir  # noqa: E402
 
 from onnxq.calib.collect import session  # noqa: E402
 
@@ -54,12 +53,6 @@ def folded(path: Path) -> bytes:
     return m.SerializeToString()
 
 
-def one_feed(model: str) -> dict:
-    if model == "det":
-        return ocr_data.det_samples(1, 5)[0]
-    return (ocr_data.rec_samples if model == "rec" else ocr_data.cls_samples)(1, 5)[0][0]
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model", choices=sorted(MODEL_FILES))
@@ -75,7 +68,7 @@ def main() -> None:
             rows.append((f"{p.stem} (no QDQ fusion)", str(p), False))
         if p.stem.startswith("onnxq-w8a8"):
             rows.append((f"{p.stem} (weights folded)", folded(p), True))
-    feed = one_feed(args.model)
+    feed = build_data(args.model, 1, 1)[1][0]        # run.py times its first evaluation feed
     threads = [int(t) for t in args.threads.split(",")]
     sessions = {(name, t): session(m, t, qdq_fusion=fuse) for name, m, fuse in rows for t in threads}
     times: dict = {k: [] for k in sessions}

@@ -10,6 +10,8 @@ import onnxruntime as ort
 import pytest
 
 import onnxq
+from onnxq.algos.qmath import sqnr_db
+from onnxq.calib.collect import augmented, session
 from realdata import ocr_path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -73,14 +75,9 @@ def _layer_sqnr(path, q, layer, feeds):
     quantized model's block output (the residual add when the layer has a branch)."""
     src = onnx.load(path)
     out = next(n.output[0] for n in src.graph.node if n.name == layer)
-    got = []
-    for m in (src, q):
-        m = onnx.ModelProto.FromString(m.SerializeToString())
-        m.graph.output.append(onnx.helper.make_tensor_value_info(out, onnx.TensorProto.FLOAT, None))
-        s = ort.InferenceSession(m.SerializeToString())
-        got.append(np.concatenate([s.run([out], f)[0].ravel() for f in feeds]).astype(np.float64))
-    ref, y = got
-    return 10 * np.log10(np.sum(ref**2) / np.sum((ref - y) ** 2))
+    ref, y = (np.concatenate([s.run([out], f)[0].ravel() for f in feeds])
+              for s in (session(augmented(m, [out])) for m in (src, q)))
+    return sqnr_db(ref, y)
 
 
 def test_rank4_whitened_branch_gives_back_a_plainly_rounded_1x1_layer_on_held_out_pages():

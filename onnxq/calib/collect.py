@@ -79,11 +79,10 @@ def layer_rows(x: np.ndarray, t: Target, rows: int, rng: np.random.Generator) ->
     if t.op == "Conv":
         return im2col_rows(x, t.geo, rows, rng)
     if t.op == "ConvTranspose":         # one row per input pixel; the planner spreads it over the taps
-        flat = np.moveaxis(x, 1, -1).reshape(-1, t.shape[0])
-    else:
-        k = t.shape[1] if t.layout == "rows" else t.shape[0]
-        weight_left = t.op == "MatMul" and t.layout == "rows"   # Y = W @ X reads X's columns
-        flat = (np.swapaxes(x, -1, -2) if weight_left else x).reshape(-1, k)
+        x = np.moveaxis(x, 1, -1)
+    elif t.op == "MatMul" and t.layout == "rows":                # Y = W @ X reads X's columns
+        x = np.swapaxes(x, -1, -2)
+    flat = x.reshape(-1, _k(t))
     if flat.shape[0] > rows:
         flat = flat[np.sort(rng.choice(flat.shape[0], size=rows, replace=False))]
     return flat[:, None, :]
