@@ -16,7 +16,7 @@ for bits in 4 3; do
         for pct in 0.5 1 2 5; do
             name="w${bits}-${init}-${pct}"
             budget=$(python -c "print($pct / 100)")
-            extras+=(--extra "$name=--bits $bits --act-bits 8 --rank-budget $budget --adapter-init $init")
+            extras+=(--extra "$name=--bits $bits --act-bits 8 --rank-budget $budget --branch-init $init")
             names+=",$name"
         done
     done

@@ -29,7 +29,7 @@ CONFIGS = {
     "sequential": dict(bits=4, sequential=True),
     "mixed": dict(avg_bits=4.0),
     "weight-only": dict(bits=4, act_bits=32),
-    "w3a8+svd-refine": dict(bits=3, rank_budget=0.05, adapter_init="svd", branch_refine=1,
+    "w3a8+svd-refine": dict(bits=3, rank_budget=0.05, branch_init="svd", branch_refine=1,
                             branch_weighting="layer"),
     "w4a8-nobiascorr": dict(bits=4, bias_correction=False),
 }

@@ -26,7 +26,7 @@ from onnx import numpy_helper
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run import MODEL_FILES, build_data, models_dir  # noqa: E402
 
-from onnxq.calib.collect import session  # noqa: E402
+from onnxq.runtime import session  # noqa: E402
 
 
 def folded(path: Path) -> bytes:

@@ -158,13 +158,13 @@ def convert(kind: str, spec, src: Path, dst: Path, calib: Path, log: Path, timeo
 
 def nominal_bits(rep: dict) -> float | None:
     """Parameter-weighted average weight bits of a report's quantized layers, branch
-    parameters counted at the adapter bits (what --avg-bits budgets)."""
+    parameters counted at the branch bits (what --avg-bits budgets)."""
     layers = rep.get("quantized") or []
     params = sum(l["params"] for l in layers)
     branch = sum(l.get("branch_params") or 0 for l in layers)
     if not params:
         return None
-    bits = sum(l["params"] * l["bits"] for l in layers) + branch * rep["config"].get("adapter_bits", 8)
+    bits = sum(l["params"] * l["bits"] for l in layers) + branch * rep["config"].get("branch_bits", 8)
     return bits / (params + branch)
 
 

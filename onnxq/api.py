@@ -1,4 +1,7 @@
-"""convert(): load -> prepare -> targets -> collect -> plan -> rewrite -> verify."""
+"""convert(): the pipeline as a list of stage calls.
+
+load -> prepare -> targets -> data -> calibrate -> plan -> search -> rewrite -> verify -> report.
+Each stage is a function below; the packages hold the work (README, "How it works")."""
 
 from __future__ import annotations
 
@@ -6,162 +9,233 @@ import dataclasses
 import logging
 import os
 import time
-from typing import Callable, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Sequence
 
-import onnx
-
-from .calib.collect import collect, session
-from .calib.data import Feed, Preprocess, open_source, random_feeds
-from .config import ConvertConfig
+from .calib.collect import collect
+from .calib.data import Preprocess, open_source, random_feeds
+from .config import VERSION, ConvertConfig
 from .errors import InputModelError, VerificationError
 from .graph.io import check_model, check_output_path, input_specs, load_model, opset_of, save_model
-from .graph.prepare import prepare
-from .graph.rewrite import apply_plan, upgrade_opset
-from .graph.tidy import tidy
+from .graph.prepare import prepare, upgrade_opset
+from .graph.rewrite import apply_plan
 from .graph.targets import find_targets, initializer_array
-from .planner import make_plan, plan_acts
+from .graph.tidy import tidy
+from .plan.acts import plan_acts
+from .plan.biases import code_biases
+from .plan.layers import make_plan
 from .report import build_report
-from .lapq import lapq_search
-from .mixed import choose_bits
-from .probe import Probe
-from .sequential import sequential_layers
-from .types import Report, Stats
+from .runtime import session
+from .search.lapq import lapq_search
+from .search.mixed import choose_bits
+from .search.probe import Probe
+from .search.sequential import sequential_layers
+from .types import Feed, Plan, Progress, Report, Skipped, Stats, Target
 from .verify import fidelity
 
+if TYPE_CHECKING:
+    import onnx
+
 log = logging.getLogger(__name__)
-Progress = Callable[[str, int, int], None]
-RANDOM_SAMPLES = 16
-PROBE_SAMPLES = 16  # samples the branch planner's network probe runs
+RANDOM_SAMPLES = 16    # random feeds used when no calibration data is given
+PROBE_SAMPLES = 16     # samples the branch planner's network probe runs
+HOLDOUT_MAX = 16       # held-out samples taken from the calibration data at most ...
+HOLDOUT_FRACTION = 8   # ... and at most one in this many
 
 
-def _needed_opset(cfg: ConvertConfig) -> int:
+@dataclass
+class Conversion:
+    """What the stages produce, in the order they produce it."""
+
+    cfg: ConvertConfig
+    name: str = ""
+    source: "onnx.ModelProto | None" = None
+    src_opset: int = 0
+    prepared: "onnx.ModelProto | None" = None
+    prep_info: dict = field(default_factory=dict)
+    targets: list[Target] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
+    calib: list = field(default_factory=list)
+    held: list = field(default_factory=list)
+    stats: Stats | None = None
+    weights: dict = field(default_factory=dict)
+    biases: dict = field(default_factory=dict)
+    plan: Plan | None = None
+    mixed: dict = field(default_factory=dict)
+    search: dict = field(default_factory=dict)
+    qmodel: "onnx.ModelProto | None" = None
+    fidelity: dict = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def timed(self, stage: str):
+        t0 = time.perf_counter()
+        yield
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - t0
+
+    def warn(self, message: str) -> None:
+        self.warnings.append(message)
+        log.warning(message)
+
+
+def convert(model: "str | os.PathLike | onnx.ModelProto", config: ConvertConfig | None = None,
+            calib: "str | os.PathLike | Sequence[Feed] | None" = None, *,
+            preprocess: Preprocess | None = None,
+            holdout: "str | os.PathLike | Sequence[Feed] | None" = None,
+            stats: Stats | str | None = None, save_stats: str | None = None,
+            progress: Progress | None = None) -> "tuple[onnx.ModelProto, Report]":
+    """Quantize `model` (a path or a ModelProto, never modified) and return (model, report)."""
+    c = Conversion(config or ConvertConfig())
+    t0 = time.perf_counter()
+    with c.timed("load"):
+        load(c, model)
+        prepare_model(c)
+        c.targets, c.skipped = find_targets(c.prepared, c.cfg.excluded)
+        data(c, calib, holdout, preprocess)
+    with c.timed("calibrate"):
+        calibrate(c, stats, save_stats, progress)
+    with c.timed("quantize"):
+        plan(c, progress)
+        search(c, progress)
+        rewrite(c)
+    with c.timed("verify"):
+        verify(c)
+    c.seconds["total"] = time.perf_counter() - t0
+    return c.qmodel, report(c)
+
+
+def load(c: Conversion, model) -> None:
+    if hasattr(model, "graph"):            # an onnx.ModelProto
+        c.source, c.name = model, model.graph.name or "model"
+        if opset_of(c.source) < 11:
+            raise InputModelError(f"model uses opset {opset_of(c.source)}; onnxq needs 11 or newer")
+    else:
+        c.source, c.name = load_model(model), str(model)
+    c.src_opset = opset_of(c.source)
+
+
+def needed_opset(cfg: ConvertConfig) -> int:
+    """21 where int4 weights or int16 activations are emitted, else 13 (per-channel QDQ)."""
     low = (cfg.bits <= 4 or any(b <= 4 for _, b in cfg.bits_overrides) or cfg.act_bits == 16
            or (cfg.mixed and min(cfg.bit_choices) <= 4))
     return 21 if low else 13
 
 
-def _split(loaders: list, cfg: ConvertConfig, holdout_source) -> tuple[list, list, list[str]]:
-    """Calibration loaders and held-out loaders."""
-    notes = []
-    if holdout_source is not None:
-        return loaders[:cfg.calib_size], holdout_source, notes
-    n = len(loaders)
-    h = cfg.holdout if cfg.holdout is not None else (min(16, max(1, n // 8)) if n > 1 else 0)
-    h = min(h, n - 1)
-    if h <= 0:
-        notes.append("only one calibration sample: fidelity is measured on that same sample")
-        return loaders[:cfg.calib_size], loaders[:1], notes
-    return loaders[:n - h][:cfg.calib_size], loaders[n - h:], notes
+def prepare_model(c: Conversion) -> None:
+    prepared, c.prep_info = prepare(c.source)
+    c.prepared = upgrade_opset(prepared, needed_opset(c.cfg))
 
 
-def convert(model: str | os.PathLike | onnx.ModelProto, config: ConvertConfig | None = None,
-            calib: str | os.PathLike | Sequence[Feed] | None = None, *,
-            preprocess: Preprocess | None = None,
-            holdout: str | os.PathLike | Sequence[Feed] | None = None,
-            stats: Stats | str | None = None, save_stats: str | None = None,
-            progress: Progress | None = None) -> tuple[onnx.ModelProto, Report]:
-    """Quantize `model` (a path or a ModelProto, never modified) and return (model, report)."""
-    cfg = config or ConvertConfig()
-    t0 = time.perf_counter()
-    secs: dict[str, float] = {}
-    if isinstance(model, onnx.ModelProto):
-        source, name = model, model.graph.name or "model"
-        if opset_of(source) < 11:
-            raise InputModelError(f"model uses opset {opset_of(source)}; onnxq needs 11 or newer")
-    else:
-        source, name = load_model(model), str(model)
-    src_opset = opset_of(source)
-    prepared, prep_info = prepare(source)
-    prepared = upgrade_opset(prepared, _needed_opset(cfg))
-    specs = input_specs(prepared)
-    targets, skipped = find_targets(prepared, cfg)
-    warnings: list[str] = []
+def data(c: Conversion, calib, holdout, preprocess: Preprocess | None) -> None:
+    """Calibration and held-out loaders (random feeds, with a warning, when there is no data)."""
+    specs = input_specs(c.prepared)
     if calib is None:
-        warnings.append("no calibration data given: using random inputs, so the fidelity figures "
-                        "say nothing about real data — pass --calib")
-        log.warning(warnings[-1])
-        loaders = random_feeds(specs, RANDOM_SAMPLES, cfg.seed)
+        c.warn("no calibration data given: using random inputs, so the fidelity figures "
+               "say nothing about real data — pass --calib")
+        loaders = random_feeds(specs, RANDOM_SAMPLES, c.cfg.seed)
     else:
         loaders = open_source(calib, specs, preprocess)
     held = open_source(holdout, specs, preprocess) if holdout is not None else None
-    cal, held, notes = _split(loaders, cfg, held)
-    warnings += notes
-    secs["load"] = time.perf_counter() - t0
+    c.calib, c.held, notes = split(loaders, c.cfg, held)
+    c.warnings += notes
 
-    t1 = time.perf_counter()
+
+def split(loaders: list, cfg: ConvertConfig, holdout_source) -> tuple[list, list, list[str]]:
+    """Calibration loaders and held-out loaders."""
+    if holdout_source is not None:
+        return loaders[:cfg.calib_size], holdout_source, []
+    n = len(loaders)
+    h = cfg.holdout if cfg.holdout is not None else (min(HOLDOUT_MAX, max(1, n // HOLDOUT_FRACTION))
+                                                     if n > 1 else 0)
+    h = min(h, n - 1)
+    if h <= 0:
+        return (loaders[:cfg.calib_size], loaders[:1],
+                ["only one calibration sample: fidelity is measured on that same sample"])
+    return loaders[:n - h][:cfg.calib_size], loaders[n - h:], []
+
+
+def calibrate(c: Conversion, stats: Stats | str | None, save_stats: str | None,
+              progress: Progress | None) -> None:
     if isinstance(stats, str):
         stats = Stats.load(stats)
     if stats is None:
-        cb = (lambda d, n: progress("calibrate", d, n)) if progress else None
-        stats = collect(prepared, targets, cal, hessians=True, rows_per_sample=cfg.rows_per_sample,
-                        seed=cfg.seed, progress=cb)
+        stats = collect(c.prepared, c.targets, c.calib, hessians=True,
+                        rows_per_sample=c.cfg.rows_per_sample, seed=c.cfg.seed, progress=progress)
     if save_stats:
         stats.save(save_stats)
-    secs["calibrate"] = time.perf_counter() - t1
+    c.stats = stats
+    c.weights = {t.node: initializer_array(c.prepared, t.graph, t.weight) for t in c.targets}
+    c.biases = {t.node: initializer_array(c.prepared, t.graph, t.bias) for t in c.targets if t.bias}
 
-    t2 = time.perf_counter()
-    weights = {t.node: initializer_array(prepared, t.graph, t.weight) for t in targets}
-    biases = {t.node: initializer_array(prepared, t.graph, t.bias) for t in targets if t.bias}
-    cb = (lambda d, n: progress("quantize", d, n)) if progress else None
-    layers, layer_stats = None, stats.layers
-    mixed_info: dict = {}
-    if cfg.mixed:
-        overrides, mixed_info = choose_bits(prepared, targets, weights, biases, stats.layers, cal, cfg,
-                                            progress)
-        if mixed_info["used_bits"] > mixed_info["budget_bits"]:
-            warnings.append(f"the size budget cannot be met: even the smallest bit choice takes "
-                            f"{mixed_info['used_bits'] / 8:.0f} bytes of weights against "
-                            f"{mixed_info['budget_bits'] / 8:.0f}; the smallest was used")
-            log.warning(warnings[-1])
-        cfg = dataclasses.replace(cfg, bits_overrides=overrides + cfg.bits_overrides,
-                                  depthwise_bits=min(cfg.bit_choices))
-    if cfg.sequential_on and any(t.act for t in targets):
-        layers = sequential_layers(prepared, targets, cal, stats, weights, biases, cfg, progress)
-    act_plan = plan_acts(stats.acts, cfg)
+
+def plan(c: Conversion, progress: Progress | None) -> None:
+    """Bits per layer (mixed precision), codes and scales (one-pass or sequential), activation
+    ranges, low-rank branches."""
+    if c.cfg.mixed:
+        choose_mixed(c, progress)
+    layers = None
+    if c.cfg.sequential_on and any(t.act for t in c.targets):
+        layers = sequential_layers(c.prepared, c.targets, c.calib, c.stats, c.weights, c.biases, c.cfg,
+                                   progress)
+    act_plan = plan_acts(c.stats.acts, c.cfg)
     probe = None
-    if cfg.rank_budget > 0:
+    if c.cfg.rank_budget > 0:
         # the probe carries the activation QDQ the emitted model will have: a branch is judged
         # on the network the user gets, not on a float one
-        probe = Probe(prepared, targets, weights, cal[:PROBE_SAMPLES], biases, act_plan)
-    plan = make_plan(targets, weights, biases, layer_stats, stats.acts, cfg, progress=cb,
-                     layers=layers, probe=probe, act_plan=act_plan)
-    search_info: dict = {}
-    if cfg.act_method_name == "lapq" and plan.acts:
-        n = cfg.search_samples
-        feeds = [load() for load in cal[:n]]
-        check = [load() for load in cal[n:2 * n]]        # calibration samples the search does not fit
-        ref_sess = session(prepared)
-        reference = [ref_sess.run(None, f) for f in feeds]
-        check_ref = [ref_sess.run(None, f) for f in check]
-        plan.acts, search_info = lapq_search(prepared, plan, stats.acts, feeds, reference, cfg, progress,
-                                             check, check_ref)
-    qmodel = tidy(apply_plan(prepared, plan))
-    qmodel.producer_name, qmodel.producer_version = "onnxq", _version()
-    secs["quantize"] = time.perf_counter() - t2
-
-    t3 = time.perf_counter()
-    fid: dict = {}
-    if cfg.verify:
-        try:
-            check_model(qmodel)
-        except Exception as e:
-            raise VerificationError(f"the quantized model fails onnx.checker: "
-                                    f"{str(e).splitlines()[0][:200]}") from None
-        fid = fidelity(source, qmodel, held)
-    secs["verify"] = time.perf_counter() - t3
-    secs["total"] = time.perf_counter() - t0
-    report = build_report(name, cfg, plan, targets, skipped, stats, source, qmodel, fid, secs,
-                          warnings, prep_info, src_opset, len(cal), len(held))
-    report.mixed = mixed_info
-    report.search = search_info
-    return qmodel, report
+        probe = Probe(c.prepared, c.targets, c.weights, c.calib[:PROBE_SAMPLES], c.biases, act_plan)
+    c.plan = make_plan(c.targets, c.weights, c.biases, c.stats.layers, c.stats.acts, c.cfg,
+                       progress=progress, layers=layers, probe=probe, act_plan=act_plan)
 
 
-def _version() -> str:
-    from . import __version__
-    return __version__
+def choose_mixed(c: Conversion, progress: Progress | None) -> None:
+    overrides, c.mixed = choose_bits(c.prepared, c.targets, c.weights, c.biases, c.stats.layers,
+                                     c.calib, c.cfg, progress)
+    if c.mixed["used_bits"] > c.mixed["budget_bits"]:
+        c.warn(f"the size budget cannot be met: even the smallest bit choice takes "
+               f"{c.mixed['used_bits'] / 8:.0f} bytes of weights against "
+               f"{c.mixed['budget_bits'] / 8:.0f}; the smallest was used")
+    c.cfg = dataclasses.replace(c.cfg, bits_overrides=overrides + c.cfg.bits_overrides,
+                                depthwise_bits=min(c.cfg.bit_choices))
 
 
-def save(model: onnx.ModelProto, path: str | os.PathLike, source: str | os.PathLike | None = None) -> None:
+def search(c: Conversion, progress: Progress | None) -> None:
+    """The joint activation-range search (lapq), on samples it fits and samples that check it."""
+    if c.cfg.act_method_name != "lapq" or not c.plan.acts:
+        return
+    n = c.cfg.search_samples
+    feeds = [load() for load in c.calib[:n]]
+    check = [load() for load in c.calib[n:2 * n]]        # calibration samples the search does not fit
+    ref_sess = session(c.prepared)
+    reference = [ref_sess.run(None, f) for f in feeds]
+    check_ref = [ref_sess.run(None, f) for f in check]
+    c.plan.acts, c.search = lapq_search(c.prepared, c.plan, c.stats.acts, feeds, reference, c.cfg,
+                                        progress, check, check_ref)
+
+
+def rewrite(c: Conversion) -> None:
+    c.qmodel = tidy(apply_plan(c.prepared, code_biases(c.plan)))
+    c.qmodel.producer_name, c.qmodel.producer_version = "onnxq", VERSION
+
+
+def verify(c: Conversion) -> None:
+    if not c.cfg.verify:
+        return
+    try:
+        check_model(c.qmodel)
+    except Exception as e:
+        raise VerificationError(f"the quantized model fails onnx.checker: "
+                                f"{str(e).splitlines()[0][:200]}") from None
+    c.fidelity = fidelity(c.source, c.qmodel, c.held)
+
+
+def report(c: Conversion) -> Report:
+    r = build_report(c)
+    r.mixed, r.search = c.mixed, c.search
+    return r
+
+
+def save(model: "onnx.ModelProto", path: "str | os.PathLike", source: "str | os.PathLike | None" = None) -> None:
     """Write `model` atomically to `path` (refusing to overwrite `source`)."""
     save_model(model, check_output_path(path, source))

@@ -209,9 +209,9 @@ def _preprocess_options(f):
               help="Low-rank residual branches: extra parameters as a fraction of the weights "
                    "(0 = none). 0.02 is the measured sweet spot at 4 bits (PP-OCR rec strings equal "
                    "to FP32 0.939 -> 0.951); 0.05 at 3 bits. Roughly doubles conversion time.")
-@click.option("--adapter-init", default="whitened", show_default=True,
+@click.option("--branch-init", default="whitened", show_default=True,
               help="Branch factors: whitened (minimise the layer output error) or svd (weight error).")
-@click.option("--adapter-bits", type=int, default=8, show_default=True,
+@click.option("--branch-bits", type=int, default=8, show_default=True,
               help="Branch weight and middle-activation bits: 8, 16, or 32 (float).")
 @click.option("--branch-weighting", default="network", show_default=True,
               help="Rank allocation: network (each layer's gains weighted by its measured effect on the "
@@ -239,7 +239,7 @@ def _preprocess_options(f):
 @_preprocess_options
 def convert(model, output, bits, act_bits, calib, calib_size, holdout_data, seed, weight_method,
             damp, act_method, search_evals, search_samples, act_symmetric, depthwise_bits, exclude, no_bias_correction, sequential, stages,
-            rank_budget, adapter_init, adapter_bits, branch_weighting, max_rank, branch_refine, avg_bits, max_size, bit_choices, bits_override,
+            rank_budget, branch_init, branch_bits, branch_weighting, max_rank, branch_refine, avg_bits, max_size, bit_choices, bits_override,
             report_path,
             save_stats, load_stats, min_agreement, min_cosine, show_layers, quiet, preset, size,
             mean, std, layout, channel_order):
@@ -251,7 +251,7 @@ def convert(model, output, bits, act_bits, calib, calib_size, holdout_data, seed
                         act_method=act_method, search_evals=search_evals, search_samples=search_samples, act_symmetric=act_symmetric, calib_size=calib_size,
                         seed=seed, depthwise_bits=depthwise_bits, exclude=tuple(exclude), damp=damp,
                         bias_correction=not no_bias_correction, sequential=sequential, stages=stages,
-                        rank_budget=rank_budget, adapter_init=adapter_init, adapter_bits=adapter_bits,
+                        rank_budget=rank_budget, branch_init=branch_init, branch_bits=branch_bits,
                         branch_weighting=branch_weighting, max_rank=max_rank, branch_refine=branch_refine,
                         bits_overrides=_overrides(bits_override), avg_bits=avg_bits,
                         max_size=_size(max_size), bit_choices=tuple(int(b) for b in _floats(bit_choices, "--bit-choices")))
@@ -350,7 +350,8 @@ def eval_cmd(reference, candidate, data, json_path, labels, runs, no_qdq_fusion,
     """Fidelity of CANDIDATE against REFERENCE on the given feeds, sizes, latency."""
     from .calib.data import open_source
     from .graph.io import input_specs, load_model
-    from .verify import fidelity, latency_ms
+    from .runtime import latency_ms
+    from .verify import fidelity
 
     ref = load_model(reference)
     cand = load_model(candidate)

@@ -10,6 +10,7 @@ from .algos.ranges import RANGE_METHODS, parse_method
 from .algos.weights import DEFAULT_DAMP, WEIGHT_METHODS
 from .errors import ConfigError
 
+VERSION = "0.1.0"
 WEIGHT_BITS = (2, 3, 4, 8)
 ACT_BITS = (4, 6, 8, 16, 32)
 
@@ -46,8 +47,8 @@ class ConvertConfig:
     stages: int = 3
     sequential_samples: int = 64           # samples of each extra sequential pass
     rank_budget: float = 0.0
-    adapter_init: str = "whitened"
-    adapter_bits: int = 8
+    branch_init: str = "whitened"
+    branch_bits: int = 8
     branch_weighting: str = "network"      # rank allocation weighted by measured network effect, or "layer"
     max_rank: int = 64
     branch_refine: int = 0                 # joint refinement rounds: re-round W - B·A, refit the branch
@@ -82,10 +83,10 @@ class ConvertConfig:
             raise ConfigError(f"depthwise bits must be one of {WEIGHT_BITS}")
         if not 0.0 <= self.rank_budget <= 1.0:
             raise ConfigError(f"--rank-budget is a fraction of the parameters (0..1), got {self.rank_budget}")
-        if self.adapter_init not in ("whitened", "svd"):
-            raise ConfigError(f"unknown --adapter-init '{self.adapter_init}'; known: whitened, svd")
-        if self.adapter_bits not in (8, 16, 32):
-            raise ConfigError(f"--adapter-bits must be 8, 16 or 32, got {self.adapter_bits}")
+        if self.branch_init not in ("whitened", "svd"):
+            raise ConfigError(f"unknown --branch-init '{self.branch_init}'; known: whitened, svd")
+        if self.branch_bits not in (8, 16, 32):
+            raise ConfigError(f"--branch-bits must be 8, 16 or 32, got {self.branch_bits}")
         if self.max_rank < 1:
             raise ConfigError(f"--max-rank must be at least 1, got {self.max_rank}")
         if not 0 <= self.branch_refine <= 10:
@@ -126,7 +127,7 @@ class ConvertConfig:
         same average) or --max-size."""
         if self.avg_bits is not None:
             branch = self.rank_budget * params
-            return self.avg_bits * (params + branch) - self.adapter_bits * branch
+            return self.avg_bits * (params + branch) - self.branch_bits * branch
         return float(self.max_size) * 8
 
     @property

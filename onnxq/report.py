@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
-import onnx
-
-from .config import ConvertConfig
 from .graph.io import opset_of
-from .graph.walk import graphs
-from .types import Plan, Report, Skipped, Stats, Target
+from .graph.walk import initializer_bytes
+from .types import Report
+
+if TYPE_CHECKING:
+    from .api import Conversion
+
+BRANCH_SCOPE = "/residual/"    # the emitted branch nodes and initializers live under <node>/residual/
 
 
 def _num(x):
@@ -18,11 +21,9 @@ def _num(x):
     return None if (isinstance(x, float) and not math.isfinite(x)) else round(float(x), 4)
 
 
-def build_report(name: str, cfg: ConvertConfig, plan: Plan, targets: list[Target],
-                 skipped: list[Skipped], stats: Stats, source: onnx.ModelProto,
-                 qmodel: onnx.ModelProto, fid: dict, secs: dict, warnings: list[str],
-                 prep: dict, src_opset: int, n_cal: int, n_held: int) -> Report:
-    r = Report(model=name, config=cfg.to_dict())
+def build_report(c: "Conversion") -> Report:
+    cfg, plan, stats = c.cfg, c.plan, c.stats
+    r = Report(model=c.name, config=cfg.to_dict())
     for lp in plan.layers:
         t = lp.target
         act = plan.acts.get(t.act) if t.act else None
@@ -44,7 +45,7 @@ def build_report(name: str, cfg: ConvertConfig, plan: Plan, targets: list[Target
             "branch_params": (lp.branch.a.size + lp.branch.b.size) if lp.branch else 0,
             "sqnr_with_branch_db": _num(lp.sqnr_branch_db),
         })
-    r.skipped = [{"node": s.node, "op": s.op, "reason": s.reason} for s in skipped]
+    r.skipped = [{"node": s.node, "op": s.op, "reason": s.reason} for s in c.skipped]
     for a_name, a in sorted(plan.acts.items()):
         st = stats.acts.get(a_name)
         obs = st.observed if st is not None else (None, None)
@@ -56,22 +57,16 @@ def build_report(name: str, cfg: ConvertConfig, plan: Plan, targets: list[Target
                               "signed": a.signed, "range": [_num(a.lo), _num(a.hi)],
                               "observed": [_num(obs[0]), _num(obs[1])], "clipped_fraction": clipped,
                               "scale": a.scale, "zero_point": a.zero_point})
-    r.size_before, r.size_after = source.ByteSize(), qmodel.ByteSize()
-    r.params = sum(t.params for t in targets)
-    r.calib_samples, r.holdout_samples = n_cal, n_held
-    r.seconds = {k: round(v, 3) for k, v in secs.items()}
-    r.fidelity = fid
-    r.warnings = list(warnings)
-    r.opset_before, r.opset_after = src_opset, opset_of(qmodel)
-    r.config["prepare"] = prep
+    r.size_before, r.size_after = c.source.ByteSize(), c.qmodel.ByteSize()
+    r.params = sum(t.params for t in c.targets)
+    r.calib_samples, r.holdout_samples = len(c.calib), len(c.held)
+    r.seconds = {k: round(v, 3) for k, v in c.seconds.items()}
+    r.fidelity = c.fidelity
+    r.warnings = list(c.warnings)
+    r.opset_before, r.opset_after = c.src_opset, opset_of(c.qmodel)
+    r.config["prepare"] = c.prep_info
     r.branches = dict(plan.branch_summary)
     if r.branches.get("layers_with_branch"):
-        r.branches["bytes"] = branch_bytes(qmodel)
+        # factor codes, their scales and zero points, middle-activation and A-bias parameters
+        r.branches["bytes"] = initializer_bytes(c.qmodel, BRANCH_SCOPE)
     return r
-
-
-def branch_bytes(qmodel: onnx.ModelProto) -> int:
-    """Bytes the emitted branches add to the file: every initializer under a `<node>/residual/`
-    name (factor codes, their scales and zero points, middle-activation and A-bias parameters),
-    in every graph."""
-    return sum(t.ByteSize() for _, g in graphs(qmodel) for t in g.initializer if "/residual/" in t.name)

@@ -3,9 +3,26 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
+
+# progress callbacks: (stage, done, total)
+Progress = Callable[[str, int, int], None]
+Feed = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """One graph input: name, dtype, shape with None where the dimension is dynamic."""
+
+    name: str
+    dtype: np.dtype
+    shape: tuple[int | None, ...]
+
+    @property
+    def rank(self) -> int:
+        return len(self.shape)
 
 
 @dataclass(frozen=True)
@@ -44,7 +61,7 @@ class Target:
     weight: str               # weight initializer name
     act: str | None           # activation input tensor name
     bias: str | None          # bias initializer name, if any
-    layout: str               # see layout.py
+    weight_layout: str        # how the weight reads as a matrix: see algos/matrix.py
     shape: tuple[int, ...]    # weight shape
     groups: int = 1
     geo: ConvGeometry | None = None
@@ -56,6 +73,12 @@ class Target:
     @property
     def params(self) -> int:
         return int(np.prod(self.shape))
+
+    @property
+    def row_groups(self) -> int:
+        """Independent blocks of the weight matrix's rows: a Conv's groups, else 1 (a grouped
+        ConvTranspose has no statistics, and Gemm/MatMul have no groups)."""
+        return self.groups if self.op == "Conv" else 1
 
 
 @dataclass(frozen=True)
@@ -164,6 +187,26 @@ class Branch:
     a_bias: np.ndarray | None = None    # [r] float, centred branches only
 
 
+@dataclass(frozen=True)
+class Int32Bias:
+    """A layer's weights and bias coded for an integer kernel: the bias in int32 units of
+    s_x * s_w (per output channel), the weights with bias-safe scales (algos/bias.py)."""
+
+    codes: np.ndarray
+    scales: np.ndarray
+    bias_codes: np.ndarray    # int32
+    bias_scales: np.ndarray   # s_x * s_w, float32
+
+
+@dataclass(frozen=True)
+class CodedBiases:
+    """What a layer's node and its branch read as biases once the input scale is known."""
+
+    float_bias: np.ndarray | None           # the bias the layer computes with (corrected or the model's)
+    layer: Int32Bias | None                 # int32 coding of float_bias, when the input is quantized
+    branch: tuple[np.ndarray, np.ndarray] | None = None   # (int32 codes, scales) of a branch's A bias
+
+
 @dataclass
 class LayerPlan:
     target: Target
@@ -173,6 +216,7 @@ class LayerPlan:
     scales: np.ndarray           # [channels along axis]
     axis: int
     bias: np.ndarray | None      # corrected bias (float32) or None to keep the original
+    source_bias: np.ndarray | None = None   # the model's own bias (float)
     sqnr_db: float | None = None  # layer output SQNR estimate from H (None without H)
     sqnr_rtn_db: float | None = None
     note: str = ""
@@ -190,6 +234,7 @@ class Plan:
     layers: list[LayerPlan] = field(default_factory=list)
     acts: dict[str, ActQuant] = field(default_factory=dict)
     branch_summary: dict[str, Any] = field(default_factory=dict)
+    biases: dict[str, CodedBiases] = field(default_factory=dict)   # node -> coded (plan/biases.py)
 
 
 @dataclass

@@ -93,7 +93,7 @@ def test_with_bias_correction_rounding_fits_the_input_covariance(seed):
     part) ends lower than rounding fitted on H; without bias correction H is used."""
     import onnxq
     from onnxq.algos.weights import quantize_weight, regularized_hessian
-    from onnxq.planner import plan_layer
+    from onnxq.plan.layers import plan_layer
     from onnxq.types import LayerStats, Target
     rng = np.random.default_rng(seed)
     o, k, n = 16, 48, 4000
@@ -121,7 +121,7 @@ def test_compensation_with_bias_correction_leaves_a_pure_offset_to_the_bias():
     correction the covariances are fitted, so the best float weight for x^ is W itself and the
     bias takes W·d; fitted on the raw second moments, V would bend to absorb the offset."""
     import onnxq
-    from onnxq.planner import plan_compensated
+    from onnxq.plan.layers import plan_compensated
     from onnxq.types import LayerStats, PairedStats, Target
     rng = np.random.default_rng(0)
     o, k, n = 12, 24, 5000

@@ -109,8 +109,8 @@ def test_convtranspose_tap_moments_give_its_exact_output_error():
     from onnxq.calib.collect import layer_rows
     from onnxq.graph.targets import find_targets
     from onnxq.config import ConvertConfig
-    from onnxq.layout import to_matrix
-    from onnxq.planner import tap_moments
+    from onnxq.algos.matrix import to_matrix
+    from onnxq.plan.layers import tap_moments
     from onnxq.types import LayerStats
     rng = np.random.default_rng(3)
     c, o = 5, 3
@@ -118,10 +118,10 @@ def test_convtranspose_tap_moments_give_its_exact_output_error():
     m = make_model([helper.make_node("ConvTranspose", ["x", "e"], ["y"], strides=[2, 2])],
                    [vi("x", [1, c, 6, 7])], [vi("y", [1, o, 12, 14])], {"e": e})
     x = (rng.standard_normal((1, c, 6, 7)) + 1.0).astype(np.float32)
-    t = find_targets(m, ConvertConfig())[0][0]
+    t = find_targets(m)[0][0]
     rows = layer_rows(x, t, 10**6, rng)[:, 0]                     # every pixel, [42, C]
     ls = tap_moments(t, LayerStats((rows.T @ rows / len(rows))[None], rows.mean(0)[None], len(rows)))
-    em = to_matrix(e.astype(np.float64), t.layout)
+    em = to_matrix(e.astype(np.float64), t.weight_layout)
     y = ort.InferenceSession(m.SerializeToString()).run(None, {"x": x})[0]
     assert ls.hessian.shape == (1, 4 * c, 4 * c)
     assert np.isclose(np.sum(y.astype(np.float64) ** 2), len(rows) * np.einsum("ok,kl,ol->", em, ls.hessian[0], em),

@@ -56,7 +56,7 @@ def test_convert_writes_model_report_and_summary(work):
 
 
 def test_eval_can_time_the_candidate_without_qdq_fusion(work):
-    from onnxq.calib.collect import session
+    from onnxq.runtime import session
     m = str(work / "zoo.onnx")
     entry = "session.disable_quant_qdq"
     assert session(m, qdq_fusion=False).get_session_options().get_session_config_entry(entry) == "1"

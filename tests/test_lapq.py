@@ -6,9 +6,9 @@ import onnxruntime as ort
 import pytest
 
 import onnxq
-from onnxq.calib.collect import session
+from onnxq.runtime import session
 from onnxq.graph.prepare import prepare
-from onnxq.lapq import SearchSession, _method_acts, _scaled
+from onnxq.search.lapq import SearchSession, _method_acts, _scaled
 from builders import conv_zoo
 
 
@@ -42,9 +42,9 @@ def test_search_graph_and_emitted_graph_agree_for_the_same_ranges(budget):
     prepared = api.upgrade_opset(prepared, 21)
     from onnxq.calib.collect import collect
     from onnxq.graph.targets import find_targets, initializer_array
-    from onnxq.planner import make_plan
+    from onnxq.plan.layers import make_plan
     from onnxq.graph.rewrite import apply_plan
-    targets, _ = find_targets(prepared, cfg)
+    targets, _ = find_targets(prepared, cfg.excluded)
     st = collect(prepared, targets, [lambda f=f: f for f in cal], hessians=True, rows_per_sample=256, seed=0)
     w = {t.node: initializer_array(prepared, t.graph, t.weight) for t in targets}
     b = {t.node: initializer_array(prepared, t.graph, t.bias) for t in targets if t.bias}
@@ -59,11 +59,13 @@ def test_search_graph_and_emitted_graph_agree_for_the_same_ranges(budget):
     # fuses QDQ into integer kernels, whose requantization rounds differently)
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    from onnxq.graph.rewrite import apply_plan, weights_as_inputs
+    from onnxq.graph.rewrite import apply_plan
+    from onnxq.graph.variants import weights_as_inputs
+    from onnxq.plan.biases import code_biases
     from onnxq.types import Plan
-    search.sess = ort.InferenceSession(weights_as_inputs(apply_plan(prepared, plan), search.inputs)
+    search.sess = ort.InferenceSession(weights_as_inputs(apply_plan(prepared, code_biases(plan)), search.inputs)
                                        .SerializeToString(), so)
-    emitted = ort.InferenceSession(apply_plan(prepared, Plan(layers=plan.layers, acts=other))
+    emitted = ort.InferenceSession(apply_plan(prepared, code_biases(Plan(layers=plan.layers, acts=other)))
                                    .SerializeToString(), so)
     for f in cal[:3]:
         got = search.outputs_for(other, f)[0]
@@ -79,9 +81,9 @@ def test_stacked_search_runs_give_the_loss_of_separate_runs():
     from onnxq import api
     from onnxq.calib.collect import collect
     from onnxq.graph.targets import find_targets, initializer_array
-    from onnxq.planner import make_plan
+    from onnxq.plan.layers import make_plan
     prepared = api.upgrade_opset(prepare(m)[0], 21)
-    targets, _ = find_targets(prepared, cfg)
+    targets, _ = find_targets(prepared, cfg.excluded)
     st = collect(prepared, targets, [lambda f=f: f for f in cal], hessians=True, rows_per_sample=256, seed=0)
     w = {t.node: initializer_array(prepared, t.graph, t.weight) for t in targets}
     plan = make_plan(targets, w, {}, st.layers, st.acts, cfg)

@@ -9,7 +9,7 @@ import pytest
 from onnx import helper, numpy_helper
 
 import onnxq
-from onnxq.algos.lowrank import allocate, factors, spectrum
+from onnxq.algos.lowrank import allocate_ranks, factors, spectrum
 from builders import conv_zoo, make_model, vi
 
 
@@ -69,7 +69,7 @@ def test_allocation_respects_the_budget_exactly(budget):
     rng = np.random.default_rng(3)
     gains = [np.sort(rng.random(10))[::-1] for _ in range(6)]
     costs = [int(c) for c in rng.integers(5, 60, 6)]
-    ranks = allocate(gains, costs, budget)
+    ranks = allocate_ranks(gains, costs, budget)
     spent = sum(r * c for r, c in zip(ranks, costs))
     assert spent <= budget
     assert all(0 <= r <= 10 for r in ranks)
@@ -120,7 +120,7 @@ def test_float_branch_block_equals_conv_with_corrected_weight():
     m = make_model([helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1], strides=[2, 2])],
                    [vi("x", [1, 4, 9, 9])], [vi("y", [1, 8, 5, 5])], {"w": w})
     cal = [{"x": rng.standard_normal((1, 4, 9, 9)).astype(np.float32)} for _ in range(16)]
-    cfg = onnxq.ConvertConfig(bits=3, act_bits=32, rank_budget=0.5, adapter_bits=32, bias_correction=False)
+    cfg = onnxq.ConvertConfig(bits=3, act_bits=32, rank_budget=0.5, branch_bits=32, bias_correction=False)
     q, rep = onnxq.convert(m, cfg, calib=cal)
     assert rep.quantized[0]["branch_rank"] > 0
     merged = merged_weight(q, rep.quantized[0]["node"], w.shape)
@@ -141,7 +141,7 @@ def test_centred_branch_block_equals_conv_with_corrected_weight_and_bias():
     conv = helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1])
     m = make_model([conv], [vi("x", [1, 4, 9, 9])], [vi("y", [1, 8, 9, 9])], {"w": w})
     cal = [{"x": (rng.standard_normal((1, 4, 9, 9)) + 3.0).astype(np.float32)} for _ in range(16)]
-    cfg = onnxq.ConvertConfig(bits=3, act_bits=32, rank_budget=0.5, adapter_bits=32)
+    cfg = onnxq.ConvertConfig(bits=3, act_bits=32, rank_budget=0.5, branch_bits=32)
     q, rep = onnxq.convert(m, cfg, calib=cal)
     node = rep.quantized[0]["node"]
     assert rep.quantized[0]["branch_rank"] > 0
@@ -166,9 +166,9 @@ def test_centred_branch_block_equals_conv_with_corrected_weight_and_bias():
     assert np.max(np.abs(c)) > np.max(sd)     # uncentred, the input's mean (3) would stretch the range
 
 
-def test_int16_adapters_store_int16_codes_and_run():
+def test_int16_branches_store_int16_codes_and_run():
     m = conv_zoo(np.random.default_rng(0))
-    q, rep = onnxq.convert(m, onnxq.ConvertConfig(bits=3, rank_budget=0.1, adapter_bits=16), calib=feeds())
+    q, rep = onnxq.convert(m, onnxq.ConvertConfig(bits=3, rank_budget=0.1, branch_bits=16), calib=feeds())
     onnx.checker.check_model(q)
     inits = {t.name: t for t in q.graph.initializer}
     codes = [n for n in inits if "/residual/" in n and n.endswith("_weight_q")]
@@ -221,7 +221,7 @@ def test_int8_factors_are_rounded_on_their_input_statistics():
     """A's input is x (second moment H), B's is A x: rounding each factor on its own input keeps
     the branch's output error below plain per-row rounding of the same factors."""
     from onnxq.algos.weights import rtn
-    from onnxq.branches import build_branch
+    from onnxq.plan.branches import build_branch
     rng = np.random.default_rng(3)
     k, o, r = 48, 32, 6
     mix = rng.standard_normal((k, k)) * np.exp(rng.uniform(-3, 1, k))[:, None]
@@ -238,8 +238,8 @@ def test_int8_factors_are_rounded_on_their_input_statistics():
 @pytest.mark.parametrize("seed", range(3))
 def test_joint_refinement_never_raises_the_layer_objective(seed):
     """Re-rounding W - B·A and refitting the branch ends at or below the first fit."""
-    from onnxq.branches import refine
-    from onnxq.planner import plan_layer
+    from onnxq.plan.branches import refine
+    from onnxq.plan.layers import plan_layer
     from onnxq.types import Branch, LayerStats, Target
     rng = np.random.default_rng(seed)
     o, k = 24, 36
@@ -268,7 +268,7 @@ def test_refined_branches_still_equal_conv_with_corrected_weight():
     m = make_model([helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1])],
                    [vi("x", [1, 4, 7, 7])], [vi("y", [1, 8, 7, 7])], {"w": w})
     cal = [{"x": rng.standard_normal((1, 4, 7, 7)).astype(np.float32)} for _ in range(16)]
-    cfg = onnxq.ConvertConfig(bits=3, act_bits=32, rank_budget=0.5, adapter_bits=32,
+    cfg = onnxq.ConvertConfig(bits=3, act_bits=32, rank_budget=0.5, branch_bits=32,
                               bias_correction=False, branch_refine=2, branch_weighting="layer")
     q, rep = onnxq.convert(m, cfg, calib=cal)
     assert rep.branches["refined_layers"] == 1
@@ -288,16 +288,17 @@ def test_probe_with_activation_qdq_measures_the_model_with_those_pairs():
     divergence is that of the activation-quantized model from FP32, run directly."""
     from onnxq.calib.collect import collect
     from onnxq.graph.prepare import prepare
-    from onnxq.graph.rewrite import with_act_qdq
+    from onnxq.graph.variants import with_act_qdq
     from onnxq.graph.targets import find_targets
-    from onnxq.planner import plan_acts
-    from onnxq.probe import Probe, divergence
+    from onnxq.plan.acts import plan_acts
+    from onnxq.search.probe import Probe
+    from onnxq.algos.metrics import divergence
     rng = np.random.default_rng(5)
     m, _ = prepare(conv_zoo(rng))
     cal = [{"x": rng.standard_normal((2, 3, 12, 12)).astype(np.float32)} for _ in range(8)]
     loaders = [lambda f=f: f for f in cal]
     cfg = onnxq.ConvertConfig(bits=4, act_bits=4)
-    targets, _ = find_targets(m, cfg)
+    targets, _ = find_targets(m, cfg.excluded)
     st = collect(m, targets, loaders, hessians=False, rows_per_sample=64, seed=0)
     acts = plan_acts(st.acts, cfg)
     weights = {t.node: numpy_helper.to_array(next(i for i in m.graph.initializer if i.name == t.weight))
@@ -321,7 +322,7 @@ def test_convtranspose_branch_block_equals_convtranspose_with_corrected_weight()
     node = lambda ws: helper.make_node("ConvTranspose", ["x", ws], ["y"], strides=[2, 2])  # noqa: E731
     m = make_model([node("w")], [vi("x", [1, 8, 5, 5])], [vi("y", [1, 6, 10, 10])], {"w": w})
     cal = [{"x": rng.standard_normal((1, 8, 5, 5)).astype(np.float32)} for _ in range(16)]
-    cfg = onnxq.ConvertConfig(bits=3, act_bits=32, rank_budget=0.5, adapter_bits=32)
+    cfg = onnxq.ConvertConfig(bits=3, act_bits=32, rank_budget=0.5, branch_bits=32)
     q, rep = onnxq.convert(m, cfg, calib=cal)
     lay = rep.quantized[0]
     assert lay["method"] == "gptq" and lay["branch_rank"] > 0

@@ -7,7 +7,7 @@ import onnx
 from onnx import helper
 
 import onnxq
-from onnxq.algos.mixed import allocate, anneal, greedy
+from onnxq.algos.allocation import allocate_bits, anneal, greedy
 from builders import make_model, vi
 
 BITS = np.array([8, 4, 3, 2])
@@ -25,13 +25,13 @@ def problem(seed, layers=20):
 @pytest.mark.parametrize("method", ["greedy", "anneal", "best"])
 def test_allocation_respects_the_budget(avg, method):
     params, sizes, costs = problem(0)
-    choice, _ = allocate(costs, sizes, avg * params.sum(), method=method)
+    choice, _ = allocate_bits(costs, sizes, avg * params.sum(), method=method)
     assert sizes[np.arange(len(choice)), choice].sum() <= avg * params.sum() + 1e-6
 
 
 def test_budget_of_uniform_8_bits_gives_8_everywhere():
     params, sizes, costs = problem(1)
-    choice, _ = allocate(costs + 1e-9, sizes, 8 * params.sum())
+    choice, _ = allocate_bits(costs + 1e-9, sizes, 8 * params.sum())
     assert (BITS[choice] == 8).all()
 
 
@@ -46,7 +46,7 @@ def test_best_of_both_is_never_worse_than_greedy():
         params, sizes, costs = problem(seed)
         b = 3.0 * params.sum()
         g = greedy(costs, sizes, b)
-        c, _ = allocate(costs, sizes, b)
+        c, _ = allocate_bits(costs, sizes, b)
         assert costs[np.arange(len(c)), c].sum() <= costs[np.arange(len(g)), g].sum() + 1e-9
 
 

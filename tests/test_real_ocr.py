@@ -10,8 +10,9 @@ import onnxruntime as ort
 import pytest
 
 import onnxq
-from onnxq.algos.qmath import sqnr_db
-from onnxq.calib.collect import augmented, session
+from onnxq.algos.metrics import sqnr_db
+from onnxq.graph.variants import augmented
+from onnxq.runtime import session
 from realdata import ocr_path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -92,7 +93,7 @@ def test_rank4_whitened_branch_gives_back_a_plainly_rounded_1x1_layer_on_held_ou
                 branch_weighting="layer", max_rank=4)
     sqnr, ranks = {}, {}
     for init, budget in (("none", 0.0), ("whitened", 0.09), ("svd", 0.09)):
-        cfg = onnxq.ConvertConfig(**base, rank_budget=budget, adapter_init="whitened" if init == "none" else init)
+        cfg = onnxq.ConvertConfig(**base, rank_budget=budget, branch_init="whitened" if init == "none" else init)
         q, rep = onnxq.convert(path, cfg, calib=cal)
         ranks[init] = {l["node"]: l["branch_rank"] for l in rep.quantized}
         sqnr[init] = _layer_sqnr(path, q, layer, held)

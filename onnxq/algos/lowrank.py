@@ -66,7 +66,7 @@ def spectrum(resid: np.ndarray, h: np.ndarray | None, max_rank: int, method: str
         else:
             s_out = s
         return Spectrum(u, s_out, root[:, None] * vt, root)
-    raise ValueError(f"unknown adapter init '{method}'")
+    raise ValueError(f"unknown branch init '{method}'")
 
 
 def factors(sp: Spectrum, rank: int) -> tuple[np.ndarray, np.ndarray]:
@@ -74,7 +74,7 @@ def factors(sp: Spectrum, rank: int) -> tuple[np.ndarray, np.ndarray]:
     return sp.a_rows[:rank].copy(), sp.u[:, :rank] * sp.scale_b[:rank]
 
 
-def allocate(gains: list[np.ndarray], costs: list[int], budget: int) -> list[int]:
+def allocate_ranks(gains: list[np.ndarray], costs: list[int], budget: int) -> list[int]:
     """Ranks per layer maximising the summed gain with sum(rank_l * cost_l) <= budget.
 
     Greedy by gain per parameter over each layer's next rank; exact for the fractional problem

@@ -83,15 +83,3 @@ def act_params(lo: float, hi: float, bits: int, signed: bool) -> tuple[float, in
     scale = (hi - lo) / (qmax - qmin)
     zp = int(np.clip(np.rint(qmin - lo / scale), qmin, qmax))
     return float(scale), zp
-
-
-def sqnr_db(ref: np.ndarray, approx: np.ndarray) -> float:
-    """Signal-to-quantization-noise ratio, 10 log10(|ref|^2 / |ref - approx|^2)."""
-    ref = np.asarray(ref, dtype=np.float64)
-    noise = float(np.sum((ref - np.asarray(approx, dtype=np.float64)) ** 2))
-    signal = float(np.sum(ref**2))
-    if noise == 0.0:
-        return float("inf")
-    if signal == 0.0:
-        return float("-inf")
-    return float(10.0 * np.log10(signal / noise))

@@ -4,51 +4,27 @@ reducers (histograms, input second moments); nothing is kept per sample."""
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
-import onnx
-import onnxruntime as ort
 
+from ..algos.qmath import act_qrange, fake_quant
 from ..errors import CalibrationError
 from ..graph.inline import inline_ifs, main_graph_names, open_ifs
-from ..graph.io import serialized
-from ..algos.qmath import act_qrange, fake_quant
-from ..types import ActQuant, ActStats, LayerStats, PairedStats, Stats, Target
+from ..graph.variants import augmented
+from ..runtime import session
+from ..types import ActQuant, ActStats, Feed, LayerStats, PairedStats, Progress, Stats, Target
 from .collectors import CrossMoment, RangeHistogram, SecondMoment, im2col_rows
-from .data import Feed
 
-Progress = Callable[[int, int], None]
-
-
-def session(model: onnx.ModelProto | bytes | str, threads: int = 2, qdq_fusion: bool = True) -> ort.InferenceSession:
-    """A CPU session. Without `qdq_fusion` onnxruntime skips its QDQ fusions and so constant-folds
-    weight DequantizeLinear nodes at load (onnxq's input-only Q/DQ placement never fuses there)."""
-    so = ort.SessionOptions()
-    if not qdq_fusion:
-        so.add_session_config_entry("session.disable_quant_qdq", "1")
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    src = serialized(model) if isinstance(model, onnx.ModelProto) else model
-    return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
-
-
-def augmented(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    have = {o.name for o in m.graph.output}
-    for n in names:
-        if n not in have:
-            m.graph.output.append(onnx.helper.make_empty_tensor_value_info(n))
-    return m
+if TYPE_CHECKING:
+    import onnx
 
 
 class Router:
     """Per sample, the model with the If branches that sample takes inlined (graph/inline.py),
     as an onnxruntime session returning the wanted activations present in it."""
 
-    def __init__(self, model: onnx.ModelProto, wanted: Sequence[str]) -> None:
+    def __init__(self, model: "onnx.ModelProto", wanted: Sequence[str]) -> None:
         self.model, self.wanted = model, list(wanted)
         self.cache: dict[tuple, tuple] = {}
 
@@ -80,7 +56,7 @@ def layer_rows(x: np.ndarray, t: Target, rows: int, rng: np.random.Generator) ->
         return im2col_rows(x, t.geo, rows, rng)
     if t.op == "ConvTranspose":         # one row per input pixel; the planner spreads it over the taps
         x = np.moveaxis(x, 1, -1)
-    elif t.op == "MatMul" and t.layout == "rows":                # Y = W @ X reads X's columns
+    elif t.op == "MatMul" and t.weight_layout == "rows":                # Y = W @ X reads X's columns
         x = np.swapaxes(x, -1, -2)
     flat = x.reshape(-1, _k(t))
     if flat.shape[0] > rows:
@@ -93,7 +69,7 @@ def wants_hessian(t: Target) -> bool:
                                   or (t.op == "ConvTranspose" and t.groups == 1))
 
 
-def collect(model: onnx.ModelProto, targets: Sequence[Target], loaders: Sequence[Callable[[], Feed]],
+def collect(model: "onnx.ModelProto", targets: Sequence[Target], loaders: Sequence[Callable[[], Feed]],
             *, hessians: bool, rows_per_sample: int, seed: int,
             progress: Progress | None = None) -> Stats:
     """Range statistics of every target's activation and, with `hessians`, H and E[x] per layer."""
@@ -102,8 +78,7 @@ def collect(model: onnx.ModelProto, targets: Sequence[Target], loaders: Sequence
         return Stats(samples=len(loaders))
     router = Router(model, acts)
     hist = {a: RangeHistogram() for a in acts}
-    moments = {t.node: SecondMoment(t.groups if t.op == "Conv" else 1,
-                                    _k(t)) for t in targets if hessians and wants_hessian(t)}
+    moments = {t.node: SecondMoment(t.row_groups, _k(t)) for t in targets if hessians and wants_hessian(t)}
     by_act: dict[str, list[Target]] = {}
     for t in targets:
         if t.node in moments:
@@ -123,7 +98,7 @@ def collect(model: onnx.ModelProto, targets: Sequence[Target], loaders: Sequence
             for t in by_act.get(name, ()):
                 moments[t.node].update(layer_rows(v, t, rows_per_sample, rng))
         if progress:
-            progress(i + 1, len(loaders))
+            progress("calibrate", i + 1, len(loaders))
     st = Stats(samples=len(loaders))
     for a, h in hist.items():
         if h.counts.sum():
@@ -139,10 +114,10 @@ def _k(t: Target) -> int:
         return int(np.prod(t.shape[1:]))
     if t.op == "ConvTranspose":
         return t.shape[0]
-    return t.shape[1] if t.layout == "rows" else t.shape[0]
+    return t.shape[1] if t.weight_layout == "rows" else t.shape[0]
 
 
-def collect_paired(reference: onnx.ModelProto, partial: onnx.ModelProto, targets: Sequence[Target],
+def collect_paired(reference: "onnx.ModelProto", partial: "onnx.ModelProto", targets: Sequence[Target],
                    loaders: Sequence[Callable[[], Feed]], acts: dict[str, ActQuant], *,
                    rows_per_sample: int, seed: int) -> dict[str, PairedStats]:
     """Run the FP32 and the partly quantized model on the same samples and pair each target's
@@ -155,7 +130,7 @@ def collect_paired(reference: onnx.ModelProto, partial: onnx.ModelProto, targets
     if not targets:
         return {}
     ref, part = Router(reference, wanted), Router(partial, wanted)
-    moments = {t.node: CrossMoment(t.groups if t.op == "Conv" else 1, _k(t)) for t in targets}
+    moments = {t.node: CrossMoment(t.row_groups, _k(t)) for t in targets}
     rng = np.random.default_rng(seed)
     for load in loaders:
         feed = load()

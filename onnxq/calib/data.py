@@ -17,22 +17,11 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ..errors import CalibrationError
+from ..types import Feed, InputSpec
 
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp"}
-Feed = dict[str, np.ndarray]
-
-
-@dataclass(frozen=True)
-class InputSpec:
-    name: str
-    dtype: np.dtype
-    shape: tuple[int | None, ...]   # None where the dimension is dynamic
-
-    @property
-    def rank(self) -> int:
-        return len(self.shape)
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ import onnx
 from google.protobuf.message import DecodeError
 
 from ..errors import InputModelError, OutputError
+from ..types import InputSpec
 
 MIN_OPSET = 11
 EXTERNAL_THRESHOLD = 1_800_000_000  # bytes; above this the output keeps weights in a side file
@@ -113,8 +114,6 @@ def save_model(model: onnx.ModelProto, out: str | os.PathLike) -> None:
 
 def input_specs(model: onnx.ModelProto):
     """The model's real inputs (initializers excluded) as InputSpec."""
-    from ..calib.data import InputSpec
-
     inits = {t.name for t in model.graph.initializer}
     specs = []
     for i in model.graph.input:

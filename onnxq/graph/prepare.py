@@ -1,12 +1,15 @@
 """Normalise a loaded model before planning: unique node names, Constant nodes turned into
-initializers, BatchNormalization folded into the Conv before it. Works on a copy."""
+initializers, BatchNormalization folded into the Conv before it, the opset raised to what the
+emitted QDQ needs. Works on a copy."""
 
 from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+from onnx import numpy_helper, version_converter
 
+from ..errors import InputModelError
+from .io import opset_of
 from .walk import attr, graphs, used_names
 
 
@@ -136,3 +139,19 @@ def prepare(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, int]]:
     moved = constants_to_initializers(m)
     folded = fold_batchnorm(m)
     return m, {"constants_moved": moved, "batchnorm_folded": folded}
+
+
+def upgrade_opset(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
+    """Raise the default-domain opset to `target` (never lowers it)."""
+    current = opset_of(model)
+    if current >= target:
+        return model
+    try:
+        out = version_converter.convert_version(model, target)
+    except Exception as e:
+        raise InputModelError(f"cannot upgrade the model from opset {current} to {target} "
+                              f"(needed for {'int4 weights' if target >= 21 else 'per-channel QDQ'}): "
+                              f"{str(e).splitlines()[0][:160]}; try --bits 8") from None
+    if target >= 21:
+        out.ir_version = max(out.ir_version, 10)
+    return out

@@ -8,17 +8,14 @@ layers with quantized activations become int32 with scale s_x * s_w.
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import ml_dtypes
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ..algos.qmath import bias_safe_scales, container_bits, weight_qmax
-from ..layout import from_matrix
-from ..types import ActQuant, LayerPlan, Plan, Target
-from .io import opset_of
+from ..algos.matrix import from_matrix
+from ..algos.qmath import container_bits
+from ..types import ActQuant, CodedBiases, LayerPlan, Plan
 from .prepare import prune_initializers
 from .walk import graph_by_path
 
@@ -38,50 +35,6 @@ def act_container(a: ActQuant):
 def _init(g: onnx.GraphProto, name: str, value: np.ndarray) -> str:
     g.initializer.append(numpy_helper.from_array(np.asarray(value), name))
     return name
-
-
-def _bias_safe(lp: LayerPlan, bias: np.ndarray, x_scale: float) -> tuple[np.ndarray, np.ndarray]:
-    """The layer's codes and scales with the scales of channels whose int32 bias would saturate
-    raised (bias_safe_scales), and those channels' weights re-rounded onto the coarser grid."""
-    scales = bias_safe_scales(lp.scales, bias, x_scale)
-    if np.array_equal(scales, lp.scales):
-        return lp.codes, lp.scales
-    ratio = (lp.scales / scales).reshape((-1,) + (1,) * (lp.codes.ndim - 1))
-    qmax = weight_qmax(lp.bits)
-    codes = np.clip(np.rint(lp.codes * ratio), -qmax, qmax).astype(lp.codes.dtype)
-    return codes, scales
-
-
-def layer_bias(g: onnx.GraphProto, lp: LayerPlan, x_scale: float | None) -> np.ndarray | None:
-    """The float bias the layer's node will read: the plan's (corrected) bias, else, when the
-    input is quantized (an int32 bias), the model's own."""
-    t = lp.target
-    if lp.bias is None and t.bias is not None and x_scale is not None:
-        return numpy_helper.to_array(next(i for i in g.initializer if i.name == t.bias))
-    return lp.bias
-
-
-class Int32Bias(NamedTuple):
-    codes: np.ndarray         # the layer's weight codes and scales (bias-safe, see _bias_safe)
-    scales: np.ndarray
-    bias_codes: np.ndarray    # int32
-    bias_scales: np.ndarray   # s_x * s_w, float32
-
-
-def int32_bias(lp: LayerPlan, bias: np.ndarray | None, x_scale: float | None) -> Int32Bias | None:
-    """The weights and int32 bias of a layer whose bias is coded with scale s_x * s_w (quantized
-    input, per-output-channel weights), else None. The bias codes depend on the input's scale: a
-    range search must recompute them with every trial scale."""
-    if bias is None or x_scale is None or lp.axis != 0 or bias.shape != lp.scales.shape:
-        return None
-    codes, scales = _bias_safe(lp, bias, x_scale)
-    return Int32Bias(codes, scales, *_int32_codes(bias, x_scale * scales))
-
-
-def _int32_codes(bias: np.ndarray, bscale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(int32 codes, float32 scales) of a bias coded in units of `bscale` (s_x * s_w)."""
-    bscale = bscale.astype(np.float32)
-    return np.clip(np.rint(bias.astype(np.float64) / bscale), -2**31, 2**31 - 1).astype(np.int32), bscale
 
 
 def _int32_names(base: str) -> list[str]:
@@ -107,38 +60,25 @@ def _branch_bias_base(lp: LayerPlan) -> str:
     return f"{lp.target.node}/residual/A_bias"
 
 
-def _branch_int32_bias(lp: LayerPlan, x_scale: float | None) -> tuple[np.ndarray, np.ndarray] | None:
-    """(int32 codes, scales s_x * s_a) of a centred branch's A bias when the branch is integer
-    (quantized input, quantized factors), else None (the bias stays float)."""
-    br = lp.branch
-    if br is None or br.a_bias is None or br.a_scales is None or x_scale is None:
-        return None
-    return _int32_codes(br.a_bias, x_scale * br.a_scales)
-
-
-def scale_bound_params(lp: LayerPlan, bias: np.ndarray | None, x_scale: float | None) -> dict[str, np.ndarray]:
-    """The initializers of a layer whose values follow its input's scale: int32 biases, coded in
-    units of s_x * s_w, of the layer (`bias` from layer_bias) and of its branch's A. A range
-    search feeds these with every trial scale."""
+def bias_param_values(lp: LayerPlan, coded: CodedBiases) -> dict[str, np.ndarray]:
+    """The initializers of a layer whose values follow its input's scale, by name: the int32
+    biases of the layer and of its branch's A. A range search feeds these with every trial scale."""
     out: dict[str, np.ndarray] = {}
-    main = int32_bias(lp, bias, x_scale)
-    if main is not None:
-        out.update(zip(_int32_names(_bias_base(lp)), (main.bias_codes, main.bias_scales)))
-    branch = _branch_int32_bias(lp, x_scale)
-    if branch is not None:
-        out.update(zip(_int32_names(_branch_bias_base(lp)), branch))
+    if coded.layer is not None:
+        out.update(zip(_int32_names(_bias_base(lp)), (coded.layer.bias_codes, coded.layer.bias_scales)))
+    if coded.branch is not None:
+        out.update(zip(_int32_names(_branch_bias_base(lp)), coded.branch))
     return out
 
 
-def _weight_nodes(g: onnx.GraphProto, lp: LayerPlan, bias_scale_x: float | None) -> list[onnx.NodeProto]:
+def _weight_nodes(g: onnx.GraphProto, lp: LayerPlan, coded: CodedBiases) -> list[onnx.NodeProto]:
     """Initializers and DQ nodes for one layer; rewires the layer's node. Returns new nodes."""
     t = lp.target
     node = next(n for n in g.node if n.name == t.node)
     dt = weight_container(lp.bits)
     pre = t.node
     nodes = []
-    bias = layer_bias(g, lp, bias_scale_x)
-    as_int32 = int32_bias(lp, bias, bias_scale_x)
+    bias, as_int32 = coded.float_bias, coded.layer
     codes, scales = (lp.codes, lp.scales) if as_int32 is None else (as_int32.codes, as_int32.scales)
     q = _init(g, f"{pre}/weight_q", codes.astype(dt))
     s = _init(g, f"{pre}/weight_scale", scales.astype(np.float32))
@@ -178,14 +118,9 @@ def _act_nodes(g: onnx.GraphProto, act: str, base: str, a: ActQuant) -> list[onn
                                      name=f"{base}/dequantize")]
 
 
-def _x_scale(plan: Plan, t: Target) -> float | None:
-    """The scale of the quantized input a layer reads, or None (float input)."""
-    a = plan.acts.get(t.act) if t.act else None
-    return a.scale if a else None
-
-
 def apply_plan(model: onnx.ModelProto, plan: Plan) -> onnx.ModelProto:
-    """Return a new model with `plan` applied (the input model is not modified)."""
+    """Return a new model with `plan` applied (the input model is not modified). The plan's
+    biases must be coded for its activation scales (plan/biases.code_biases)."""
     m = onnx.ModelProto()
     m.CopyFrom(model)
     graphs = graph_by_path(m)
@@ -193,32 +128,20 @@ def apply_plan(model: onnx.ModelProto, plan: Plan) -> onnx.ModelProto:
     for lp in plan.layers:
         t = lp.target
         g = graphs[t.graph]
-        new = _weight_nodes(g, lp, _x_scale(plan, t))
+        new = _weight_nodes(g, lp, plan.biases[t.node])
         before.setdefault(t.graph, {}).setdefault(t.node, []).extend(new)
-    _act_pairs(graphs, [lp.target for lp in plan.layers], plan.acts, before)
+    act_pairs(graphs, [lp.target for lp in plan.layers], plan.acts, before)
     after: dict[str, dict[str, list[onnx.NodeProto]]] = {}
     for lp in plan.layers:
         if lp.branch is not None:
             g = graphs[lp.target.graph]
-            after.setdefault(lp.target.graph, {})[lp.target.node] = _branch_nodes(g, lp, _x_scale(plan, lp.target))
-    _place(graphs, before, after)
+            after.setdefault(lp.target.graph, {})[lp.target.node] = _branch_nodes(g, lp, plan.biases[lp.target.node])
+    place(graphs, before, after)
     prune_initializers(m)
     return m
 
 
-def with_act_qdq(model: onnx.ModelProto, targets, acts: dict[str, ActQuant]) -> onnx.ModelProto:
-    """A new model with only the activation QDQ pairs the targets read; weights stay float
-    initializers (so a probe can still feed them as inputs)."""
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    graphs = graph_by_path(m)
-    before: dict[str, dict[str, list[onnx.NodeProto]]] = {}
-    _act_pairs(graphs, targets, acts, before)
-    _place(graphs, before, {})
-    return m
-
-
-def _act_pairs(graphs, targets, acts: dict[str, ActQuant], before) -> None:
+def act_pairs(graphs, targets, acts: dict[str, ActQuant], before) -> None:
     """Inserts (into `before`) one Q/DQ pair per activation that quantized targets read, and
     rewires those readers."""
     readers: dict[str, dict[str, str]] = {}          # graph -> node -> activation it reads
@@ -244,7 +167,7 @@ def _act_pairs(graphs, targets, acts: dict[str, ActQuant], before) -> None:
                     node.input[i] = done[act]
 
 
-def _place(graphs, before, after) -> None:
+def place(graphs, before, after) -> None:
     """Puts the new nodes of each graph right before / after the node they belong to."""
     for path in set(before) | set(after):
         g = graphs[path]
@@ -270,16 +193,15 @@ def _factor(g: onnx.GraphProto, name: str, value: np.ndarray, codes, scales, axi
                                            name=f"{name}_dequantize", axis=axis)]
 
 
-def _branch_a_bias(g: onnx.GraphProto, lp: LayerPlan, x_scale: float | None) -> tuple[str, list[onnx.NodeProto]]:
+def _branch_a_bias(g: onnx.GraphProto, lp: LayerPlan, coded: CodedBiases) -> tuple[str, list[onnx.NodeProto]]:
     """A centred branch's A bias: int32 codes behind a DQ when the branch is integer, else float."""
-    coded = _branch_int32_bias(lp, x_scale)
-    if coded is None:
+    if coded.branch is None:
         return _init(g, _branch_bias_base(lp), lp.branch.a_bias.astype(np.float32)), []
-    name, dq = _int32_dq(g, _branch_bias_base(lp), coded)
+    name, dq = _int32_dq(g, _branch_bias_base(lp), coded.branch)
     return name, [dq]
 
 
-def _branch_nodes(g: onnx.GraphProto, lp: LayerPlan, x_scale: float | None) -> list[onnx.NodeProto]:
+def _branch_nodes(g: onnx.GraphProto, lp: LayerPlan, coded: CodedBiases) -> list[onnx.NodeProto]:
     """y = main(x) + B(A(x) + c): renames the layer's output and returns the branch nodes (c, the
     A bias of a centred branch, only on layers whose bias is corrected — Conv and Gemm, whose A
     is a Conv / Gemm)."""
@@ -288,12 +210,12 @@ def _branch_nodes(g: onnx.GraphProto, lp: LayerPlan, x_scale: float | None) -> l
     pre = f"{t.node}/residual"
     y = node.output[0]
     node.output[0] = f"{pre}/main_out"
-    act_index = 1 if (t.op == "MatMul" and t.layout == "rows") else 0
+    act_index = 1 if (t.op == "MatMul" and t.weight_layout == "rows") else 0
     x = node.input[act_index]
     nodes: list[onnx.NodeProto] = []
     a_bias = []
     if br.a_bias is not None:
-        bias_name, nodes = _branch_a_bias(g, lp, x_scale)
+        bias_name, nodes = _branch_a_bias(g, lp, coded)
         a_bias = [bias_name]
     r = br.rank
     o = br.b.shape[0]
@@ -313,7 +235,7 @@ def _branch_nodes(g: onnx.GraphProto, lp: LayerPlan, x_scale: float | None) -> l
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute if a.name in kept}
         first = helper.make_node(t.op, [x, a_name] + a_bias, [f"{pre}/A_out"], name=f"{pre}/A", **attrs)
         second = lambda m: helper.make_node("Conv", [m, b_name], [f"{pre}/B_out"], name=f"{pre}/B")  # noqa: E731
-    elif t.layout == "rows" and t.op == "MatMul":          # Y = W @ X: B @ (A @ X)
+    elif t.weight_layout == "rows" and t.op == "MatMul":          # Y = W @ X: B @ (A @ X)
         a_name, n1 = _factor(g, f"{pre}/A_weight", br.a, br.a_codes, br.a_scales, 0, br.a.shape, br.bits)
         b_name, n2 = _factor(g, f"{pre}/B_weight", br.b, br.b_codes, br.b_scales, 0, br.b.shape, br.bits)
         first = helper.make_node("MatMul", [a_name, x], [f"{pre}/A_out"], name=f"{pre}/A")
@@ -333,43 +255,6 @@ def _branch_nodes(g: onnx.GraphProto, lp: LayerPlan, x_scale: float | None) -> l
         mid = f"{pre}/mid/dq"
     nodes += [second(mid), helper.make_node("Add", [f"{pre}/main_out", f"{pre}/B_out"], [y], name=f"{pre}/add")]
     return nodes
-
-
-def upgrade_opset(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
-    """Raise the default-domain opset to `target` (never lowers it)."""
-    from onnx import version_converter
-
-    from ..errors import InputModelError
-
-    current = opset_of(model)
-    if current >= target:
-        return model
-    try:
-        out = version_converter.convert_version(model, target)
-    except Exception as e:
-        raise InputModelError(f"cannot upgrade the model from opset {current} to {target} "
-                              f"(needed for {'int4 weights' if target >= 21 else 'per-channel QDQ'}): "
-                              f"{str(e).splitlines()[0][:160]}; try --bits 8") from None
-    if target >= 21:
-        out.ir_version = max(out.ir_version, 10)
-    return out
-
-
-def weights_as_inputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
-    """A copy whose main-graph initializers `names` are graph inputs instead (same name, type
-    and shape), so one onnxruntime session can try many weight variants."""
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    wanted = set(names)
-    keep = []
-    for t in m.graph.initializer:
-        if t.name in wanted:
-            m.graph.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
-        else:
-            keep.append(t)
-    del m.graph.initializer[:]
-    m.graph.initializer.extend(keep)
-    return m
 
 
 def act_param_names(act: str, a: ActQuant) -> list[str]:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import onnx
 from onnx import numpy_helper
 
-from ..config import ConvertConfig
 from ..types import ConvGeometry, Skipped, Target
-from .walk import attr, graphs
+from .walk import attr, graphs, loop_scopes
 
 WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
@@ -37,7 +38,8 @@ def _geometry(node: onnx.NodeProto, w_shape: tuple[int, ...]) -> ConvGeometry:
     )
 
 
-def _classify(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto], graph: str) -> Target | str:
+def _classify(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto], graph: str,
+              in_loop: bool) -> Target | str:
     """A Target, or the reason the node is left in float."""
     op = node.op_type
     ins = list(node.input)
@@ -72,15 +74,17 @@ def _classify(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto], graph: s
     if op == "Gemm" and float(attr(node, "beta", 1.0)) != 1.0:
         bias = None
     # activations inside Loop/Scan bodies cannot be observed; If branches are (graph/inline.py)
-    in_loop = "/body/" in graph or "/scan" in graph.lower()
     act = None if in_loop or ins[act_i] in inits else ins[act_i]
     return Target(node=node.name, op=op, graph=graph, weight=ins[w_i], act=act, bias=bias,
-                  layout=layout, shape=shape, groups=geo.group if geo else 1, geo=geo)
+                  weight_layout=layout, shape=shape, groups=geo.group if geo else 1, geo=geo)
 
 
-def find_targets(model: onnx.ModelProto, cfg: ConvertConfig) -> tuple[list[Target], list[Skipped]]:
-    """Quantizable nodes of the main graph and of every subgraph, plus the skipped ones."""
+def find_targets(model: onnx.ModelProto, excluded: Callable[[str], bool] = lambda node: False
+                 ) -> tuple[list[Target], list[Skipped]]:
+    """Quantizable nodes of the main graph and of every subgraph, plus the skipped ones
+    (`excluded(node name)` marks the nodes the user leaves in float)."""
     types = _float_inputs(model)
+    loops = loop_scopes(model)
     targets: list[Target] = []
     skipped: list[Skipped] = []
     scopes: dict[str, dict[str, onnx.TensorProto]] = {}
@@ -93,10 +97,10 @@ def find_targets(model: onnx.ModelProto, cfg: ConvertConfig) -> tuple[list[Targe
         for node in g.node:
             if node.op_type not in WEIGHT_OPS:
                 continue
-            if cfg.excluded(node.name):
+            if excluded(node.name):
                 skipped.append(Skipped(node.name, node.op_type, "excluded by --exclude"))
                 continue
-            t = _classify(node, inits, path)
+            t = _classify(node, inits, path, path in loops)
             if isinstance(t, str):
                 skipped.append(Skipped(node.name, node.op_type, t))
                 continue

@@ -22,6 +22,28 @@ def graphs(model: onnx.ModelProto) -> Iterator[tuple[str, onnx.GraphProto]]:
                         stack.append((f"{path}{node.name}/{attr.name}[{i}]/", sub))
 
 
+LOOP_OPS = ("Loop", "Scan")
+
+
+def loop_scopes(model: onnx.ModelProto) -> set[str]:
+    """Paths of the subgraphs that run inside a Loop or Scan body (at any depth)."""
+    out: set[str] = set()
+    stack: list[tuple[onnx.GraphProto, str, bool]] = [(model.graph, "", False)]
+    while stack:
+        g, path, inside = stack.pop()
+        if inside:
+            out.add(path)
+        for node in g.node:
+            loop = inside or node.op_type in LOOP_OPS
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    stack.append((attr.g, f"{path}{node.name}/{attr.name}/", loop))
+                elif attr.type == onnx.AttributeProto.GRAPHS:
+                    for i, sub in enumerate(attr.graphs):
+                        stack.append((sub, f"{path}{node.name}/{attr.name}[{i}]/", loop))
+    return out
+
+
 def graph_by_path(model: onnx.ModelProto) -> dict[str, onnx.GraphProto]:
     return dict(graphs(model))
 
@@ -45,3 +67,8 @@ def attr(node: onnx.NodeProto, name: str, default=None):
         if a.name == name:
             return onnx.helper.get_attribute_value(a)
     return default
+
+
+def initializer_bytes(model: onnx.ModelProto, marker: str) -> int:
+    """Serialized bytes of every initializer whose name contains `marker`, in every graph."""
+    return sum(t.ByteSize() for _, g in graphs(model) for t in g.initializer if marker in t.name)

@@ -3,19 +3,22 @@ activation QDQ parameters. Pure numpy; the graph is edited later by graph/rewrit
 
 from __future__ import annotations
 
-from typing import Callable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
-from .algos.qmath import act_params, sqnr_db
-from .algos.ranges import RANGE_METHODS, parse_method
-from .algos.weights import quantize_weight, regularized_hessian, rtn, weighted_error
+from ..algos.bias import mean_shift_bias
+from ..algos.matrix import AXIS, from_matrix, to_matrix
+from ..algos.metrics import sqnr_db
+from ..algos.weights import quantize_weight, regularized_hessian, rtn, weighted_error
+from ..config import ConvertConfig
+from ..types import ActQuant, ActStats, LayerPlan, LayerStats, PairedStats, Plan, Progress, Target
+from .acts import plan_acts
 from .branches import plan_branches
-from .config import ConvertConfig
-from .layout import AXIS, from_matrix, to_matrix
-from .types import ActQuant, ActStats, LayerPlan, LayerStats, PairedStats, Plan, Target
 
-Progress = Callable[[int, int], None]
+# ridge added to Hq when solving for the compensated weight, a fraction of mean(diag Hq): an
+# input that is dead on the calibration data gets a zero column instead of an ill-posed one
+COMPENSATION_RIDGE = 1e-4
 
 
 def _weighted_sqnr(wm, w_hat, h, groups) -> float:
@@ -76,8 +79,8 @@ def plan_layer(t: Target, w: np.ndarray, bias: np.ndarray | None, ls: LayerStats
         ls = tap_moments(t, ls)
     bits, note = cfg.bits_for(t.node, t.depthwise)
     method = cfg.weight_method_for(bits)
-    wm = to_matrix(w, t.layout).astype(np.float64)               # [O, K]
-    groups = t.groups if t.op == "Conv" else 1
+    wm = to_matrix(w, t.weight_layout).astype(np.float64)               # [O, K]
+    groups = t.row_groups
     h = None
     if ls is not None:
         fit = input_covariance(ls) if _bias_corrects(t, wm, bias, cfg) else ls.hessian
@@ -85,8 +88,9 @@ def plan_layer(t: Target, w: np.ndarray, bias: np.ndarray | None, ls: LayerStats
     wq = quantize_weight(method, wm, bits, h, groups, damp=cfg.damp)
     w_hat = wq.codes * wq.scales[:, None]
     plan = LayerPlan(target=t, bits=bits, method=wq.method,
-                     codes=from_matrix(wq.codes, t.layout, t.shape).astype(np.int32),
-                     scales=wq.scales, axis=AXIS[t.layout], bias=None, note=note)
+                     codes=from_matrix(wq.codes, t.weight_layout, t.shape).astype(np.int32),
+                     scales=wq.scales, axis=AXIS[t.weight_layout], bias=None, note=note,
+                     source_bias=bias)
     if h is not None:
         plan.fit_hessian, plan.input_mean = h, ls.mean
         plan.sqnr_db = _weighted_sqnr(wm, w_hat, h, groups)
@@ -107,8 +111,8 @@ def plan_compensated(t: Target, w: np.ndarray, bias: np.ndarray | None, ps: Pair
     plan_layer: the bias cancels what the means would add."""
     bits, note = cfg.bits_for(t.node, t.depthwise)
     method = cfg.weight_method_for(bits)
-    wm = to_matrix(w, t.layout).astype(np.float64)               # [O, K]
-    groups = t.groups if t.op == "Conv" else 1
+    wm = to_matrix(w, t.weight_layout).astype(np.float64)               # [O, K]
+    groups = t.row_groups
     rows = wm.shape[0] // groups
     hq, cross = ps.quant.hessian, ps.cross
     centred = _bias_corrects(t, wm, bias, cfg)
@@ -118,23 +122,20 @@ def plan_compensated(t: Target, w: np.ndarray, bias: np.ndarray | None, ps: Pair
     hq = regularized_hessian(hq, ps.quant.rows)
     cross = regularized_hessian(cross, ps.quant.rows)       # same shrinkage: x^ = x gives V = W
     k = hq.shape[-1]
-    ridge = 1e-4 * np.maximum(np.einsum("gkk->g", hq) / k, 1e-12)   # dead inputs: V's column is 0
+    ridge = COMPENSATION_RIDGE * np.maximum(np.einsum("gkk->g", hq) / k, 1e-12)
     v = np.concatenate([np.linalg.solve(hq[g] + ridge[g] * np.eye(k),
                                         cross[g].T @ wm[g * rows:(g + 1) * rows].T).T
                         for g in range(groups)])
     wq = quantize_weight(method, v, bits, hq, groups, damp=cfg.damp)
     w_hat = wq.codes * wq.scales[:, None]
     plan = LayerPlan(target=t, bits=bits, method=f"{wq.method}+compensated",
-                     codes=from_matrix(wq.codes, t.layout, t.shape).astype(np.int32),
-                     scales=wq.scales, axis=AXIS[t.layout], bias=None, note=note)
+                     codes=from_matrix(wq.codes, t.weight_layout, t.shape).astype(np.int32),
+                     scales=wq.scales, axis=AXIS[t.weight_layout], bias=None, note=note,
+                     source_bias=bias)
     plan.sqnr_db = _weighted_sqnr(v, w_hat, hq, groups)
     plan.fit_target, plan.fit_hessian, plan.input_mean = v, hq, ps.quant.mean
     if centred:
-        mq = np.repeat(ps.quant.mean, rows, axis=0)
-        mf = np.repeat(ps.fp_mean, rows, axis=0)
-        shift = np.einsum("ok,ok->o", w_hat, mq) - np.einsum("ok,ok->o", wm, mf)
-        b = bias.astype(np.float64) if bias is not None else np.zeros(wm.shape[0])
-        plan.bias = (b - shift).astype(np.float32)
+        plan.bias = mean_shift_bias(bias, w_hat, ps.quant.mean, wm, ps.fp_mean)
     return plan
 
 
@@ -145,28 +146,7 @@ def corrected_bias(t: Target, wm: np.ndarray, w_eff: np.ndarray, bias: np.ndarra
     (x~ the input the quantized layer receives, x the FP32 one; the same in one-pass mode)."""
     if ls is None or not _bias_corrects(t, wm, bias, cfg):
         return None
-    groups = t.groups if t.op == "Conv" else 1
-    rows = wm.shape[0] // groups
-    mean_q = np.repeat(ls.mean, rows, axis=0)               # [O, K]: E[x~] of each row's group
-    mean_f = np.repeat(float_mean if float_mean is not None else ls.mean, rows, axis=0)
-    shift = np.einsum("ok,ok->o", w_eff, mean_q) - np.einsum("ok,ok->o", wm, mean_f)
-    b = bias.astype(np.float64) if bias is not None else np.zeros(wm.shape[0])
-    return (b - shift).astype(np.float32)
-
-
-def plan_acts(acts: Mapping[str, ActStats], cfg: ConvertConfig) -> dict[str, ActQuant]:
-    out: dict[str, ActQuant] = {}
-    if not cfg.quantize_acts:
-        return out
-    # lapq starts from the default ranges and is searched afterwards (lapq.py)
-    method, params = parse_method("percentile" if cfg.act_method_name == "lapq" else cfg.act_method_name)
-    fn = RANGE_METHODS[method]
-    for name, st in sorted(acts.items()):
-        signed = cfg.act_symmetric or cfg.act_bits == 16
-        lo, hi = fn(st.counts, st.edges, cfg.act_bits, signed, observed=st.observed, **params)
-        scale, zp = act_params(lo, hi, cfg.act_bits, signed)
-        out[name] = ActQuant(scale, zp, cfg.act_bits, signed, lo, hi, cfg.act_method_name)
-    return out
+    return mean_shift_bias(bias, w_eff, ls.mean, wm, float_mean if float_mean is not None else ls.mean)
 
 
 def make_plan(targets: Sequence[Target], weights: Mapping[str, np.ndarray],
@@ -185,7 +165,7 @@ def make_plan(targets: Sequence[Target], weights: Mapping[str, np.ndarray],
             plan.layers.append(plan_layer(t, weights[t.node], biases.get(t.node),
                                           stats_layers.get(t.node), cfg))
             if progress:
-                progress(i + 1, len(targets))
+                progress("quantize", i + 1, len(targets))
     if cfg.rank_budget > 0:
         total = sum(t.params for t in targets)
         plan.branch_summary = plan_branches(plan.layers, weights, cfg, total, probe)
@@ -199,6 +179,6 @@ def _account_branch(lp: LayerPlan, w: np.ndarray) -> None:
     """SQNR estimate once the branch adds B·A to the effective weight (a centred branch adds
     nothing to the mean, so the corrected bias stands)."""
     t, br = lp.target, lp.branch
-    target = lp.fit_target if lp.fit_target is not None else to_matrix(w, t.layout).astype(np.float64)
-    w_eff = to_matrix(lp.codes, t.layout) * lp.scales[:, None] + br.b @ br.a
+    target = lp.fit_target if lp.fit_target is not None else to_matrix(w, t.weight_layout).astype(np.float64)
+    w_eff = to_matrix(lp.codes, t.weight_layout) * lp.scales[:, None] + br.b @ br.a
     lp.sqnr_branch_db = _weighted_sqnr(target, w_eff, lp.fit_hessian, 1)

@@ -8,20 +8,21 @@ error twice would overshoot. A few passes over groups of layers, not one pass pe
 
 from __future__ import annotations
 
-from typing import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 import numpy as np
-import onnx
 
-from .calib.collect import collect_paired
-from .calib.data import Feed
-from .config import ConvertConfig
-from .graph.rewrite import apply_plan
-from .graph.targets import target_ancestors
-from .planner import plan_acts, plan_compensated, plan_layer
-from .types import LayerPlan, Plan, Stats, Target
+from ..calib.collect import collect_paired
+from ..config import ConvertConfig
+from ..graph.rewrite import apply_plan
+from ..graph.targets import target_ancestors
+from ..plan.acts import plan_acts
+from ..plan.biases import code_biases
+from ..plan.layers import plan_compensated, plan_layer
+from ..types import Feed, LayerPlan, Plan, Progress, Stats, Target
 
-Progress = Callable[[str, int, int], None]
+if TYPE_CHECKING:
+    import onnx
 
 
 def stages(targets: Sequence[Target], n: int) -> list[list[Target]]:
@@ -37,7 +38,7 @@ def stages(targets: Sequence[Target], n: int) -> list[list[Target]]:
     return out
 
 
-def sequential_layers(prepared: onnx.ModelProto, targets: Sequence[Target],
+def sequential_layers(prepared: "onnx.ModelProto", targets: Sequence[Target],
                       loaders: Sequence[Callable[[], Feed]], stats: Stats,
                       weights: Mapping[str, np.ndarray], biases: Mapping[str, np.ndarray],
                       cfg: ConvertConfig, progress: Progress | None = None) -> list[LayerPlan]:
@@ -50,7 +51,7 @@ def sequential_layers(prepared: onnx.ModelProto, targets: Sequence[Target],
         paired = {}
         if s > 0:
             first = [t for t in chunk if t.node in ancestors and not (ancestors[t.node] & names)]
-            partial = apply_plan(prepared, Plan(layers=done, acts=acts))
+            partial = apply_plan(prepared, code_biases(Plan(layers=done, acts=acts)))
             paired = collect_paired(prepared, partial, first, loaders[:cfg.sequential_samples], acts,
                                     rows_per_sample=cfg.rows_per_sample, seed=cfg.seed + s)
         for t in chunk:

@@ -94,7 +94,7 @@ def predicted_cost(costs: np.ndarray, choice: np.ndarray) -> float:
     return float(costs[np.arange(len(choice)), choice].sum())
 
 
-def allocate(costs: np.ndarray, sizes: np.ndarray, budget: float, method: str = "best",
+def allocate_bits(costs: np.ndarray, sizes: np.ndarray, budget: float, method: str = "best",
              rng: np.random.Generator | None = None) -> tuple[np.ndarray, str]:
     """The chosen candidate per layer and which allocator produced it."""
     results = {}

@@ -8,12 +8,12 @@ from typing import Mapping
 
 import numpy as np
 
-from .algos.lowrank import allocate, factors, spectrum
-from .algos.qmath import act_params
-from .algos.weights import gptq, quantize_weight, row_errors, rtn
-from .config import ConvertConfig
-from .layout import from_matrix, to_matrix
-from .types import ActQuant, Branch, LayerPlan
+from ..algos.lowrank import allocate_ranks, factors, spectrum
+from ..algos.matrix import from_matrix, to_matrix
+from ..algos.weights import gptq, quantize_weight, row_errors, rtn
+from ..config import ConvertConfig
+from ..types import Branch, LayerPlan
+from .acts import act_quant
 
 MID_CLIP_SIGMAS = 4.0   # the middle activation's range, in its own standard deviations
 GAMMAS = (0.0, 0.5, 1.0)  # powers of the measured sensitivity tried in the rank allocation
@@ -47,17 +47,16 @@ def build_branch(a: np.ndarray, b: np.ndarray, h: np.ndarray, cfg: ConvertConfig
     factors were fitted on, and the middle range covers its spread. Uncentred (no bias
     correction), `h` is E[x x^T] and the range covers the mean too."""
     rank = a.shape[0]
-    if cfg.adapter_bits >= 32:
+    if cfg.branch_bits >= 32:
         return Branch(rank, 32, a, b, init=init, a_bias=None if mean is None else -(a @ mean))
-    a_codes, a_scales, a_hat = _quant_rows(a, cfg.adapter_bits, h)
+    a_codes, a_scales, a_hat = _quant_rows(a, cfg.branch_bits, h)
     h_mid = a_hat @ h @ a_hat.T                     # second moment of the middle activation
-    b_codes, b_scales, b_hat = _quant_rows(b, cfg.adapter_bits, h_mid)
+    b_codes, b_scales, b_hat = _quant_rows(b, cfg.branch_bits, h_mid)
     sd = float(np.sqrt(max(np.max(np.diag(h_mid)), 1e-20)))
     lim = MID_CLIP_SIGMAS * sd
-    bits = min(cfg.adapter_bits, 16)
-    scale, zp = act_params(-lim, lim, bits, True)
-    mid = ActQuant(scale, zp, bits, True, -lim, lim, "analytic")
-    return Branch(rank, cfg.adapter_bits, a_hat, b_hat, a_codes, a_scales, b_codes, b_scales, mid, init,
+    bits = min(cfg.branch_bits, 16)
+    mid = act_quant(-lim, lim, bits, True, "analytic")
+    return Branch(rank, cfg.branch_bits, a_hat, b_hat, a_codes, a_scales, b_codes, b_scales, mid, init,
                   a_bias=None if mean is None else -(a_hat @ mean))
 
 
@@ -70,13 +69,13 @@ def _weight(lp: LayerPlan, with_branch: bool, unrefined: Mapping[str, tuple] | N
     codes, scales, bias = lp.codes, lp.scales, lp.bias
     if not with_branch and unrefined and t.node in unrefined:
         codes, scales, bias = unrefined[t.node]
-    w = to_matrix(codes, t.layout) * scales[:, None]
+    w = to_matrix(codes, t.weight_layout) * scales[:, None]
     if with_branch and lp.branch is not None:
         ba = lp.branch.b @ lp.branch.a
         w = w + ba
         if bias is not None and lp.input_mean is not None:
             bias = bias.astype(np.float64) - ba @ lp.input_mean[0]
-    return from_matrix(w, t.layout, t.shape), bias
+    return from_matrix(w, t.weight_layout, t.shape), bias
 
 
 def _sensitivities(cand: list[LayerPlan], errors: list[float], probe) -> list[float]:
@@ -102,7 +101,7 @@ def _choose_weighting(cand, spectra, gains, costs, errors, budget, probe) -> tup
     sens = sens / max(float(np.median(sens)), 1e-30)
     tried, best = {}, None
     for gamma in GAMMAS:
-        ranks = allocate([g * s**gamma for g, s in zip(gains, sens)], costs, budget)
+        ranks = allocate_ranks([g * s**gamma for g, s in zip(gains, sens)], costs, budget)
         trial = {}
         for lp, sp, r in zip(cand, spectra, ranks):
             lp.branch = None
@@ -160,13 +159,13 @@ def refine(lp: LayerPlan, wm: np.ndarray, h: np.ndarray, cfg: ConvertConfig, ite
     The branch's rank stays. -> the layer's (codes, scales, bias) before, or None if unchanged."""
     t, br = lp.target, lp.branch
     rank = br.rank
-    w_hat = to_matrix(lp.codes, t.layout) * lp.scales[:, None]
+    w_hat = to_matrix(lp.codes, t.weight_layout) * lp.scales[:, None]
     a, b = br.a, br.b
     best = (_objective(wm - w_hat - b @ a, h), None)
     for _ in range(iters):
         q = quantize_weight(cfg.weight_method_for(lp.bits), wm - b @ a, lp.bits, h[None], damp=cfg.damp)
         w_new = q.codes * q.scales[:, None]
-        a, b = factors(spectrum(wm - w_new, h, rank, cfg.adapter_init), rank)
+        a, b = factors(spectrum(wm - w_new, h, rank, cfg.branch_init), rank)
         err = _objective(wm - w_new - b @ a, h)
         if err < best[0]:
             best = (err, (q, w_new, a, b))
@@ -176,66 +175,79 @@ def refine(lp: LayerPlan, wm: np.ndarray, h: np.ndarray, cfg: ConvertConfig, ite
     q, w_new, a, b = best[1]
     if lp.bias is not None and lp.input_mean is not None:
         lp.bias = (lp.bias.astype(np.float64) - (w_new - w_hat) @ lp.input_mean[0]).astype(np.float32)
-    lp.codes = from_matrix(q.codes, t.layout, t.shape).astype(np.int32)
+    lp.codes = from_matrix(q.codes, t.weight_layout, t.shape).astype(np.int32)
     lp.scales = q.scales
     lp.branch = Branch(rank, 32, a, b, init=br.init)
     return before
+
+
+class _Candidates:
+    """The layers that can take a branch, with each one's whitened spectrum, the relative gain
+    of every rank, the relative output error without a branch, and the parameters of one rank."""
+
+    def __init__(self, layers: list[LayerPlan], weights: Mapping[str, np.ndarray], cfg: ConvertConfig):
+        self.layers, self.spectra, self.gains, self.costs, self.hs, self.errors = [], [], [], [], [], []
+        self.skipped: dict[str, int] = {}
+        for lp in layers:
+            why = eligible(lp)
+            if why:
+                self.skipped[why] = self.skipped.get(why, 0) + 1
+                continue
+            t, h = lp.target, lp.fit_hessian[0]
+            wm = _fit_target(lp, weights)
+            w_hat = to_matrix(lp.codes, t.weight_layout) * lp.scales[:, None]
+            sp = spectrum(wm - w_hat, h, cfg.max_rank, cfg.branch_init)
+            signal = _objective(wm, h) or 1.0
+            self.layers.append(lp)
+            self.hs.append(h)
+            self.spectra.append(sp)
+            self.gains.append(sp.gains() / signal)          # relative output-error reduction per rank
+            self.errors.append(_objective(wm - w_hat, h) / signal)
+            self.costs.append(wm.shape[0] + wm.shape[1])    # parameters of one rank: a column of B, a row of A
+
+
+def _fit_target(lp: LayerPlan, weights: Mapping[str, np.ndarray]) -> np.ndarray:
+    """The float matrix the layer's rounding was fitted to [O, K]."""
+    t = lp.target
+    return (lp.fit_target if lp.fit_target is not None
+            else to_matrix(weights[t.node], t.weight_layout).astype(np.float64))
 
 
 def plan_branches(layers: list[LayerPlan], weights: Mapping[str, np.ndarray],
                   cfg: ConvertConfig, total_params: int, probe=None) -> dict:
     """Adds `branch` to the chosen layers in place; returns a summary for the report.
 
-    With a `probe` (probe.Probe) each layer's gains are weighted by its measured effect on the
-    network's output, and branches that do not improve it end to end are dropped."""
+    With a `probe` (search/probe.Probe) each layer's gains are weighted by its measured effect
+    on the network's output, and branches that do not improve it end to end are dropped."""
     budget = int(np.floor(cfg.rank_budget * total_params))
-    cand, spectra, gains, costs, hs, errors = [], [], [], [], [], []
-    skipped: dict[str, int] = {}
-    for lp in layers:
-        why = eligible(lp)
-        if why:
-            skipped[why] = skipped.get(why, 0) + 1
-            continue
-        t, h = lp.target, lp.fit_hessian[0]
-        wm = (lp.fit_target if lp.fit_target is not None
-              else to_matrix(weights[t.node], t.layout).astype(np.float64))
-        w_hat = to_matrix(lp.codes, t.layout) * lp.scales[:, None]
-        sp = spectrum(wm - w_hat, h, cfg.max_rank, cfg.adapter_init)
-        signal = _objective(wm, h) or 1.0
-        cand.append(lp)
-        hs.append(h)
-        spectra.append(sp)
-        gains.append(sp.gains() / signal)          # relative output-error reduction per rank
-        errors.append(_objective(wm - w_hat, h) / signal)
-        costs.append(wm.shape[0] + wm.shape[1])    # parameters of one rank: a column of B, a row of A
+    c = _Candidates(layers, weights, cfg)
+    cand = c.layers
     reachable = any(not lp.target.graph for lp in cand)   # the probe runs the main graph's layers
     network = probe is not None and cfg.branch_weighting == "network" and budget > 0 and reachable
-    ranks = allocate(gains, costs, budget) if budget > 0 else [0] * len(cand)
+    ranks = allocate_ranks(c.gains, c.costs, budget) if budget > 0 else [0] * len(cand)
     choice: dict = {}
     if network:
-        ranks, choice = _choose_weighting(cand, spectra, gains, costs, errors, budget, probe)
+        ranks, choice = _choose_weighting(cand, c.spectra, c.gains, c.costs, c.errors, budget, probe)
     unrefined: dict[str, tuple] = {}      # a refined layer's rounding without its branch
-    for lp, sp, r, h in zip(cand, spectra, ranks, hs):
+    for lp, sp, r, h in zip(cand, c.spectra, ranks, c.hs):
         lp.branch = None
         if r > 0:
             a, b = factors(sp, r)
-            lp.branch = Branch(r, 32, a, b, init=cfg.adapter_init)
+            lp.branch = Branch(r, 32, a, b, init=cfg.branch_init)
             if cfg.branch_refine > 0:
-                wm = (lp.fit_target if lp.fit_target is not None
-                      else to_matrix(weights[lp.target.node], lp.target.layout).astype(np.float64))
-                before = refine(lp, wm, h, cfg, cfg.branch_refine)
+                before = refine(lp, _fit_target(lp, weights), h, cfg, cfg.branch_refine)
                 if before is not None:
                     unrefined[lp.target.node] = before
             centred = lp.bias is not None and lp.input_mean is not None
-            lp.branch = build_branch(lp.branch.a, lp.branch.b, h, cfg, cfg.adapter_init,
+            lp.branch = build_branch(lp.branch.a, lp.branch.b, h, cfg, cfg.branch_init,
                                      lp.input_mean[0] if centred else None)
     measurable = probe is not None and reachable and any(r > 0 for r in ranks)
     check = _end_to_end(layers, probe, network, unrefined) if measurable else {}
-    used = sum(lp.branch.rank * c for lp, c in zip(cand, costs) if lp.branch is not None)
+    used = sum(lp.branch.rank * cost for lp, cost in zip(cand, c.costs) if lp.branch is not None)
     weighting = "network (measured)" if network else "layer output error"
     if cfg.branch_weighting == "network" and probe is not None and cand and not reachable:
         weighting += " (every candidate layer is inside a subgraph, which the probe does not run)"
     return {"budget_params": budget, "used_params": used,
-            "layers_with_branch": sum(lp.branch is not None for lp in cand), "ineligible": skipped,
+            "layers_with_branch": sum(lp.branch is not None for lp in cand), "ineligible": c.skipped,
             "refined_layers": sum(lp.branch is not None and lp.target.node in unrefined for lp in cand),
             "weighting": weighting, **choice, **check}

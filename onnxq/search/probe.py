@@ -5,29 +5,17 @@ sensitivity, end-to-end check) both ask it."""
 
 from __future__ import annotations
 
-from typing import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 import numpy as np
-import onnx
 
-from .calib.collect import session
-from .calib.data import Feed
-from .graph.rewrite import weights_as_inputs, with_act_qdq
-from .types import ActQuant, Target
-from .verify import classifier_like, probabilities
+from ..algos.metrics import divergence
+from ..graph.variants import weights_as_inputs, with_act_qdq
+from ..runtime import session
+from ..types import ActQuant, Feed, Target
 
-
-def divergence(ref: Sequence[np.ndarray], out: Sequence[np.ndarray]) -> float:
-    """KL for classifier-like outputs, relative MSE otherwise; summed over outputs."""
-    total = 0.0
-    for r, o in zip(ref, out):
-        r, o = r.astype(np.float64), o.astype(np.float64)
-        if classifier_like(r):
-            p, q = probabilities(r), probabilities(o)
-            total += float(np.mean(np.sum(p * (np.log(p + 1e-12) - np.log(q + 1e-12)), axis=-1)))
-        else:
-            total += float(np.mean((r - o) ** 2) / max(np.mean(r**2), 1e-12))
-    return total
+if TYPE_CHECKING:
+    import onnx
 
 
 class Probe:
@@ -36,7 +24,7 @@ class Probe:
     matter: a quantized layer's corrected bias cancels its mean shift, which would otherwise
     dominate what the probe measures."""
 
-    def __init__(self, prepared: onnx.ModelProto, targets: Sequence[Target],
+    def __init__(self, prepared: "onnx.ModelProto", targets: Sequence[Target],
                  weights: Mapping[str, np.ndarray], loaders: Sequence[Callable[[], Feed]],
                  biases: Mapping[str, np.ndarray] | None = None,
                  acts: Mapping[str, ActQuant] | None = None):

@@ -5,29 +5,29 @@ weights are graph inputs, so every (layer, bits) trial is a feed, not a rebuilt 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 import numpy as np
-import onnx
 
-from .algos.mixed import allocate, predicted_cost
-from .algos.qmath import container_bits
-from .calib.data import Feed
-from .config import ConvertConfig
-from .layout import from_matrix, to_matrix
-from .planner import plan_layer
+from ..algos.allocation import allocate_bits, predicted_cost
+from ..algos.matrix import from_matrix, to_matrix
+from ..algos.qmath import container_bits
+from ..config import ConvertConfig
+from ..plan.layers import plan_layer
+from ..types import Feed, LayerStats, Progress, Target
 from .probe import Probe
-from .types import LayerStats, Target
 
-Progress = Callable[[str, int, int], None]
-TRIAL_SAMPLES = 8
+if TYPE_CHECKING:
+    import onnx
+
+TRIAL_SAMPLES = 8   # samples each (layer, bits) trial runs
 
 
 def _escape(name: str) -> str:
     return "".join(f"[{c}]" if c in "*?[" else c for c in name)
 
 
-def choose_bits(prepared: onnx.ModelProto, targets: Sequence[Target], weights: Mapping[str, np.ndarray],
+def choose_bits(prepared: "onnx.ModelProto", targets: Sequence[Target], weights: Mapping[str, np.ndarray],
                 biases: Mapping[str, np.ndarray], layer_stats: Mapping[str, LayerStats],
                 loaders: Sequence[Callable[[], Feed]], cfg: ConvertConfig,
                 progress: Progress | None = None) -> tuple[tuple[tuple[str, int], ...], dict]:
@@ -42,7 +42,7 @@ def choose_bits(prepared: onnx.ModelProto, targets: Sequence[Target], weights: M
         for ci, b in enumerate(choices):
             c = dataclasses.replace(cfg, bits=b, depthwise_bits=min(cfg.bit_choices), bits_overrides=())
             lp = plan_layer(t, weights[t.node], biases.get(t.node), layer_stats.get(t.node), c)
-            w_hat = from_matrix(to_matrix(lp.codes, t.layout) * lp.scales[:, None], t.layout, t.shape)
+            w_hat = from_matrix(to_matrix(lp.codes, t.weight_layout) * lp.scales[:, None], t.weight_layout, t.shape)
             deq[(t.node, b)] = (w_hat.astype(np.float32), lp.bias)
             # --avg-bits counts weight bits; --max-size counts the bytes the file will hold:
             # codes in their INT4/INT8 containers plus per-channel scales
@@ -56,8 +56,8 @@ def choose_bits(prepared: onnx.ModelProto, targets: Sequence[Target], weights: M
     # the allocators work on summed single-layer costs; interactions can make the sum lie, so
     # every candidate (annealed attention, greedy, the widest uniform width that fits) is
     # measured end to end and the best measured one is kept
-    cands = {"anneal": allocate(costs, sizes, budget, "anneal", np.random.default_rng(cfg.seed))[0],
-             "greedy": allocate(costs, sizes, budget, "greedy")[0]}
+    cands = {"anneal": allocate_bits(costs, sizes, budget, "anneal", np.random.default_rng(cfg.seed))[0],
+             "greedy": allocate_bits(costs, sizes, budget, "greedy")[0]}
     for ci, b in enumerate(choices):
         uniform = np.full(len(main), ci)
         if float(sizes[:, ci].sum()) <= budget + 1e-9:

@@ -1,0 +1,1 @@
+"""Planning: pure numpy decisions (layer codes, activation ranges, branches) that make a Plan."""

@@ -1,0 +1,40 @@
+"""Activation QDQ parameters from the calibration histograms."""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+from ..algos.qmath import act_params
+from ..algos.ranges import RANGE_METHODS, parse_method
+from ..config import ConvertConfig
+from ..types import ActQuant, ActStats
+
+SEARCH_START = "percentile"   # the ranges a lapq search starts from (search/lapq.py)
+
+
+def act_quant(lo: float, hi: float, bits: int, signed: bool, method: str) -> ActQuant:
+    """The QDQ parameters covering [lo, hi] (widened to contain 0)."""
+    scale, zp = act_params(lo, hi, bits, signed)
+    return ActQuant(scale, zp, bits, signed, lo, hi, method)
+
+
+def method_range(st: ActStats, spec: str, bits: int, signed: bool) -> tuple[float, float]:
+    """(lo, hi) of one tensor by the range method `spec` (e.g. 'percentile:99.9')."""
+    method, params = parse_method(spec)
+    return RANGE_METHODS[method](st.counts, st.edges, bits, signed, observed=st.observed, **params)
+
+
+def act_signed(cfg: ConvertConfig) -> bool:
+    """Symmetric int activations when asked for, and always at 16 bits."""
+    return cfg.act_symmetric or cfg.act_bits == 16
+
+
+def plan_acts(acts: Mapping[str, ActStats], cfg: ConvertConfig) -> dict[str, ActQuant]:
+    """Every observed activation's parameters by the configured method (empty when weight-only)."""
+    if not cfg.quantize_acts:
+        return {}
+    spec = SEARCH_START if cfg.act_method_name == "lapq" else cfg.act_method_name
+    signed = act_signed(cfg)
+    return {name: act_quant(*method_range(st, spec, cfg.act_bits, signed), cfg.act_bits, signed,
+                            cfg.act_method_name)
+            for name, st in sorted(acts.items())}

@@ -1,0 +1,45 @@
+"""The one place that imports onnxruntime: CPU sessions and latency."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+import numpy as np
+import onnxruntime as ort
+
+from .graph.io import serialized
+
+if TYPE_CHECKING:
+    import onnx
+
+THREADS = 2            # intra-op threads of every session onnxq runs
+LOG_ERRORS_ONLY = 3    # onnxruntime log severity: its own messages never reach the user's terminal
+
+
+def session(model: "onnx.ModelProto | bytes | str", threads: int = THREADS,
+            qdq_fusion: bool = True) -> ort.InferenceSession:
+    """A CPU session. Without `qdq_fusion` onnxruntime skips its QDQ fusions and so constant-folds
+    weight DequantizeLinear nodes at load (onnxq's input-only Q/DQ placement never fuses there)."""
+    so = ort.SessionOptions()
+    if not qdq_fusion:
+        so.add_session_config_entry("session.disable_quant_qdq", "1")
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.log_severity_level = LOG_ERRORS_ONLY
+    src = model if isinstance(model, (bytes, str)) else serialized(model)
+    return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
+
+
+def latency_ms(model: "onnx.ModelProto | bytes | str", feed: dict, runs: int = 30, warmup: int = 5,
+               qdq_fusion: bool = True) -> float:
+    """Median wall time of one run at the given feed (onnxruntime CPU, THREADS threads)."""
+    s = session(model, qdq_fusion=qdq_fusion)
+    for _ in range(warmup):
+        s.run(None, feed)
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        s.run(None, feed)
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times) * 1000)

@@ -1,0 +1,1 @@
+"""Searches with onnxruntime in the loop: probe, lapq, mixed precision, sequential."""
