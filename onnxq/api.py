@@ -31,7 +31,8 @@ from .search.lapq import lapq_search
 from .search.mixed import choose_bits
 from .search.probe import Probe
 from .search.sequential import sequential_layers
-from .types import Feed, Plan, Progress, Report, Skipped, Stats, Target
+from .types import (Feed, Fidelity, MixedSummary, Plan, Progress, Report, SearchSummary, Skipped, Stats,
+                    Target)
 from .verify import fidelity
 
 if TYPE_CHECKING:
@@ -62,10 +63,10 @@ class Conversion:
     weights: dict = field(default_factory=dict)
     biases: dict = field(default_factory=dict)
     plan: Plan | None = None
-    mixed: dict = field(default_factory=dict)
-    search: dict = field(default_factory=dict)
+    mixed: MixedSummary | None = None
+    search: SearchSummary | None = None
     qmodel: "onnx.ModelProto | None" = None
-    fidelity: dict = field(default_factory=dict)
+    fidelity: Fidelity = field(default_factory=Fidelity)
     warnings: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
 
@@ -103,7 +104,7 @@ def convert(model: "str | os.PathLike | onnx.ModelProto", config: ConvertConfig 
     with c.timed("verify"):
         verify(c)
     c.seconds["total"] = time.perf_counter() - t0
-    return c.qmodel, report(c)
+    return c.qmodel, build_report(c)
 
 
 def load(c: Conversion, model) -> None:
@@ -192,10 +193,10 @@ def plan(c: Conversion, progress: Progress | None) -> None:
 def choose_mixed(c: Conversion, progress: Progress | None) -> None:
     overrides, c.mixed = choose_bits(c.prepared, c.targets, c.weights, c.biases, c.stats.layers,
                                      c.calib, c.cfg, progress)
-    if c.mixed["used_bits"] > c.mixed["budget_bits"]:
+    if c.mixed.used_bits > c.mixed.budget_bits:
         c.warn(f"the size budget cannot be met: even the smallest bit choice takes "
-               f"{c.mixed['used_bits'] / 8:.0f} bytes of weights against "
-               f"{c.mixed['budget_bits'] / 8:.0f}; the smallest was used")
+               f"{c.mixed.used_bits / 8:.0f} bytes of weights against "
+               f"{c.mixed.budget_bits / 8:.0f}; the smallest was used")
     c.cfg = dataclasses.replace(c.cfg, bits_overrides=overrides + c.cfg.bits_overrides,
                                 depthwise_bits=min(c.cfg.bit_choices))
 
@@ -228,12 +229,6 @@ def verify(c: Conversion) -> None:
         raise VerificationError(f"the quantized model fails onnx.checker: "
                                 f"{str(e).splitlines()[0][:200]}") from None
     c.fidelity = fidelity(c.source, c.qmodel, c.held)
-
-
-def report(c: Conversion) -> Report:
-    r = build_report(c)
-    r.mixed, r.search = c.mixed, c.search
-    return r
 
 
 def save(model: "onnx.ModelProto", path: "str | os.PathLike", source: "str | os.PathLike | None" = None) -> None:

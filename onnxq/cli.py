@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import sys
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -79,51 +81,57 @@ def _kb(n: int) -> str:
 
 def print_summary(report) -> None:
     r = report
-    by_bits = Counter(q["bits"] for q in r.quantized)
-    out.print(f"[bold]onnxq[/] {r.model}")
+    by_bits = Counter(q.bits for q in r.quantized)
+    out.print(f"[bold]onnxq[/] {escape(r.model)}")
     out.print("  quantized: " + (", ".join(f"{n} layers at {b} bits" for b, n in sorted(by_bits.items()))
                                 or "nothing"))
-    reasons = Counter((s["op"], s["reason"]) for s in r.skipped)
+    reasons = Counter((s.op, s.reason) for s in r.skipped)
     for (op, why), n in sorted(reasons.items()):
-        out.print(f"  left in float: {n} {op} — {why}")
-    notes = Counter(q["note"] for q in r.quantized if q["note"])
+        out.print(f"  left in float: {n} {op} — {escape(why)}")
+    notes = Counter(q.note for q in r.quantized if q.note)
     for why, n in sorted(notes.items()):
-        out.print(f"  note: {n} layers — {why}")
-    sr = r.search
-    if sr:
-        out.print(f"  lapq: {sr['tensors']} ranges searched in {sr['evaluations']} evaluations; calibration "
-                  f"loss {sr['start_loss']:.4g} (default ranges) -> {sr['loss_before']:.4g} (best single "
-                  f"method: {sr['start']}) -> {sr['loss_after']:.4g} (joint search); kept: {sr['kept']}"
-                  + (f" (lowest loss on {sr['check_samples']} samples the search did not fit)"
-                     if sr["check_samples"] else ""))
-    mx = r.mixed
-    if mx:
-        chosen = Counter(mx["layers"].values())
-        out.print(f"  mixed precision ({mx['allocator']}): average {mx['avg_bits']:.2f} bits; "
-                  + ", ".join(f"{n} layers at {b}" for b, n in sorted(chosen.items(), reverse=True))
-                  + f"; output divergence predicted {mx['predicted_divergence']:.4g}, measured "
-                  f"{mx['measured_divergence']:.4g}")
+        out.print(f"  note: {n} layers — {escape(why)}")
+    _print_search(r.search)
+    _print_mixed(r.mixed)
     b = r.branches
-    if b.get("layers_with_branch"):
-        out.print(f"  low-rank branches: {b['layers_with_branch']} layers, {b['used_params']} extra "
-                  f"parameters ({b['used_params'] / max(r.params, 1):.2%} of the weights; budget "
-                  f"{b['budget_params']}), {_kb(b['bytes'])} in the file")
-    weight_only = sum(1 for q in r.quantized if q["activation"].startswith("float ("))
+    if b is not None and b.layers_with_branch:
+        out.print(f"  low-rank branches: {b.layers_with_branch} layers, {b.used_params} extra "
+                  f"parameters ({b.used_params / max(r.params, 1):.2%} of the weights; budget "
+                  f"{b.budget_params}), {_kb(b.bytes)} in the file")
+    weight_only = sum(1 for q in r.quantized if q.activation_bits >= 32)
     if weight_only:
-        out.print(f"  weight-only: {weight_only} layers (activation left in float; see report)")
+        out.print(f"  weight-only: {weight_only} layers read a float input (see the report for why)")
     out.print(f"  size: {_mb(r.size_before)} -> {_mb(r.size_after)} "
               f"({r.size_before / max(r.size_after, 1):.1f}x smaller)")
     out.print(f"  time: {r.seconds.get('total', 0):.1f} s (calibration {r.seconds.get('calibrate', 0):.1f} s "
               f"on {r.calib_samples} samples)")
     f = r.fidelity
-    if f:
-        parts = [f"cosine {f['cosine']:.4f}" if "cosine" in f else "",
-                 f"SQNR {f['sqnr_db']:.1f} dB" if "sqnr_db" in f else "",
-                 f"top-1 agreement {f['top1_agreement']:.3f}" if "top1_agreement" in f else ""]
-        out.print(f"  fidelity on {f.get('samples', 0)} held-out samples: "
-                  + ", ".join(p for p in parts if p))
+    if f.cosine is not None:
+        parts = [f"cosine {f.cosine:.4f}", f"SQNR {f.sqnr_db:.1f} dB",
+                 f"top-1 agreement {f.top1_agreement:.3f}" if f.top1_agreement is not None else ""]
+        out.print(f"  fidelity on {f.samples} held-out samples: " + ", ".join(p for p in parts if p))
     for w in r.warnings:
-        err.print(f"[yellow]warning:[/] {w}")
+        err.print(f"[yellow]warning:[/] {escape(w)}")
+
+
+def _print_search(sr) -> None:
+    if sr is None:
+        return
+    out.print(f"  lapq: {sr.tensors} ranges searched in {sr.evaluations} evaluations; calibration "
+              f"loss {sr.start_loss:.4g} (default ranges) -> {sr.loss_before:.4g} (best single "
+              f"method: {sr.start}) -> {sr.loss_after:.4g} (joint search); kept: {sr.kept}"
+              + (f" (lowest loss on {sr.check_samples} samples the search did not fit)"
+                 if sr.check_samples else ""))
+
+
+def _print_mixed(mx) -> None:
+    if mx is None:
+        return
+    chosen = Counter(mx.layers.values())
+    out.print(f"  mixed precision ({mx.allocator}): average {mx.avg_bits:.2f} bits; "
+              + ", ".join(f"{n} layers at {b}" for b, n in sorted(chosen.items(), reverse=True))
+              + f"; output divergence predicted {mx.predicted_divergence:.4g}, measured "
+              f"{mx.measured_divergence:.4g}")
 
 
 def print_layers(report) -> None:
@@ -131,9 +139,13 @@ def print_layers(report) -> None:
     for c in ("node", "op", "bits", "method", "SQNR dB", "RTN dB", "rank", "+branch dB", "activation"):
         t.add_column(c)
     f = lambda v: "" if v is None else f"{v:.1f}"  # noqa: E731
+    acts = {a.tensor: a for a in report.activations}
     for q in report.quantized:
-        t.add_row(q["node"], q["op"], str(q["bits"]), q["method"], f(q["sqnr_db"]), f(q["sqnr_rtn_db"]),
-                  str(q["branch_rank"] or ""), f(q["sqnr_with_branch_db"]), q["activation"])
+        a = acts.get(q.activation)
+        act = (f"{'int' if a.signed else 'uint'}{a.bits} [{a.range[0]:.4g}, {a.range[1]:.4g}]"
+               if a is not None else "float")
+        t.add_row(escape(q.node), q.op, str(q.bits), q.method, f(q.sqnr_db), f(q.sqnr_rtn_db),
+                  str(q.branch_rank or ""), f(q.sqnr_with_branch_db), act)
     out.print(t)
 
 
@@ -237,25 +249,14 @@ def _preprocess_options(f):
 @click.option("--layers", "show_layers", is_flag=True, help="Print a per-layer table.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars or summary.")
 @_preprocess_options
-def convert(model, output, bits, act_bits, calib, calib_size, holdout_data, seed, weight_method,
-            damp, act_method, search_evals, search_samples, act_symmetric, depthwise_bits, exclude, no_bias_correction, sequential, stages,
-            rank_budget, branch_init, branch_bits, branch_weighting, max_rank, branch_refine, avg_bits, max_size, bit_choices, bits_override,
-            report_path,
-            save_stats, load_stats, min_agreement, min_cosine, show_layers, quiet, preset, size,
-            mean, std, layout, channel_order):
+def convert(model, output, calib, holdout_data, report_path, save_stats, load_stats, min_agreement,
+            min_cosine, show_layers, quiet, **opts):
     """Quantize MODEL and write a QDQ ONNX model."""
     from . import api
     from .graph.io import check_output_path
 
-    cfg = ConvertConfig(bits=bits, act_bits=act_bits, weight_method=weight_method,
-                        act_method=act_method, search_evals=search_evals, search_samples=search_samples, act_symmetric=act_symmetric, calib_size=calib_size,
-                        seed=seed, depthwise_bits=depthwise_bits, exclude=tuple(exclude), damp=damp,
-                        bias_correction=not no_bias_correction, sequential=sequential, stages=stages,
-                        rank_budget=rank_budget, branch_init=branch_init, branch_bits=branch_bits,
-                        branch_weighting=branch_weighting, max_rank=max_rank, branch_refine=branch_refine,
-                        bits_overrides=_overrides(bits_override), avg_bits=avg_bits,
-                        max_size=_size(max_size), bit_choices=tuple(int(b) for b in _floats(bit_choices, "--bit-choices")))
-    pre = _preprocess(preset, size, mean, std, layout, channel_order)
+    pre = _preprocess(*(opts.pop(k) for k in ("preset", "size", "mean", "std", "layout", "channel_order")))
+    cfg = _config(opts)
     output = output or model.with_suffix(".q.onnx")
     check_output_path(output, model)
     if report_path:
@@ -270,21 +271,39 @@ def convert(model, output, bits, act_bits, calib, calib_size, holdout_data, seed
     finally:
         if bar:
             bar.stop()
-    f = report.fidelity
-    if min_agreement is not None and f.get("top1_agreement", 1.0) < min_agreement:
-        raise VerificationError(f"top-1 agreement {f.get('top1_agreement'):.4f} is below "
-                                f"--min-agreement {min_agreement}; nothing written")
-    if min_cosine is not None and f.get("cosine", 1.0) < min_cosine:
-        raise VerificationError(f"output cosine {f.get('cosine'):.4f} is below --min-cosine "
-                                f"{min_cosine}; nothing written")
-    api.save(qmodel, output, model)
-    if report_path:
+    if report_path:          # written even when a fidelity gate below refuses the model
         _write_json(report_path, report.to_dict())
+    _gate(report.fidelity, min_agreement, min_cosine)
+    api.save(qmodel, output, model)
     if not quiet:
         print_summary(report)
         if show_layers:
             print_layers(report)
-        out.print(f"  wrote {output}")
+        out.print(f"  wrote {escape(str(output))}")
+
+
+def _config(o: dict) -> ConvertConfig:
+    """The ConvertConfig of the convert command's options."""
+    return ConvertConfig(
+        bits=o["bits"], act_bits=o["act_bits"], weight_method=o["weight_method"], act_method=o["act_method"],
+        search_evals=o["search_evals"], search_samples=o["search_samples"], act_symmetric=o["act_symmetric"],
+        calib_size=o["calib_size"], seed=o["seed"], depthwise_bits=o["depthwise_bits"],
+        exclude=tuple(o["exclude"]), damp=o["damp"], bias_correction=not o["no_bias_correction"],
+        sequential=o["sequential"], stages=o["stages"], rank_budget=o["rank_budget"],
+        branch_init=o["branch_init"], branch_bits=o["branch_bits"], branch_weighting=o["branch_weighting"],
+        max_rank=o["max_rank"], branch_refine=o["branch_refine"], bits_overrides=_overrides(o["bits_override"]),
+        avg_bits=o["avg_bits"], max_size=_size(o["max_size"]),
+        bit_choices=tuple(int(b) for b in _floats(o["bit_choices"], "--bit-choices")))
+
+
+def _gate(f, min_agreement: float | None, min_cosine: float | None) -> None:
+    """Refuse the model (exit 3) when a requested fidelity is not met."""
+    if min_agreement is not None and f.top1_agreement is not None and f.top1_agreement < min_agreement:
+        raise VerificationError(f"top-1 agreement {f.top1_agreement:.4f} is below "
+                                f"--min-agreement {min_agreement}; the model was not written")
+    if min_cosine is not None and f.cosine is not None and f.cosine < min_cosine:
+        raise VerificationError(f"output cosine {f.cosine:.4f} is below --min-cosine "
+                                f"{min_cosine}; the model was not written")
 
 
 def _size(text: str | None) -> int | None:
@@ -359,26 +378,26 @@ def eval_cmd(reference, candidate, data, json_path, labels, runs, no_qdq_fusion,
     truth = _load_labels(labels, len(loaders)) if labels else None
     fid = fidelity(ref, cand, loaders, labels=truth)
     first = loaders[0]()
-    res = {"reference": str(reference), "candidate": str(candidate), "fidelity": fid,
+    res = {"reference": str(reference), "candidate": str(candidate), "fidelity": dataclasses.asdict(fid),
            "size_reference": reference.stat().st_size, "size_candidate": candidate.stat().st_size,
            "latency_ms_reference": latency_ms(ref, first, runs),
            "latency_ms_candidate": latency_ms(cand, first, runs, qdq_fusion=not no_qdq_fusion),
            "candidate_qdq_fusion": not no_qdq_fusion}
-    t = Table(title=f"{candidate.name} vs {reference.name} on {fid['samples']} samples")
+    t = Table(title=f"{escape(candidate.name)} vs {escape(reference.name)} on {fid.samples} samples")
     t.add_column("output")
     for c in ("cosine", "SQNR dB", "top-1 agree", "KL"):
         t.add_column(c, justify="right")
-    for name, m in fid["outputs"].items():
-        t.add_row(name, f"{m['cosine']:.5f}", f"{m['sqnr_db']:.2f}",
-                  f"{m['top1_agreement']:.4f}" if "top1_agreement" in m else "",
-                  f"{m['kl']:.5f}" if "kl" in m else "")
+    for name, m in fid.outputs.items():
+        t.add_row(escape(name), f"{m.cosine:.5f}", f"{m.sqnr_db:.2f}",
+                  f"{m.top1_agreement:.4f}" if m.top1_agreement is not None else "",
+                  f"{m.kl:.5f}" if m.kl is not None else "")
     out.print(t)
     out.print(f"size: {_mb(res['size_reference'])} -> {_mb(res['size_candidate'])}; latency at batch 1 "
               f"(2 threads): {res['latency_ms_reference']:.2f} ms -> {res['latency_ms_candidate']:.2f} ms"
               f"{' (no QDQ fusion)' if no_qdq_fusion else ''}")
-    if "accuracy_reference" in fid:
-        out.print(f"top-1 accuracy against --labels: {fid['accuracy_reference']:.4f} (reference) -> "
-                  f"{fid['accuracy_candidate']:.4f} (candidate)")
+    if fid.accuracy_reference is not None:
+        out.print(f"top-1 accuracy against --labels: {fid.accuracy_reference:.4f} (reference) -> "
+                  f"{fid.accuracy_candidate:.4f} (candidate)")
     if json_path:
         _write_json(json_path, res)
 

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 from .graph.io import opset_of
 from .graph.walk import initializer_bytes
-from .types import Report
+from .types import ActReport, LayerReport, Report, SkippedReport
 
 if TYPE_CHECKING:
     from .api import Conversion
@@ -21,42 +21,49 @@ def _num(x):
     return None if (isinstance(x, float) and not math.isfinite(x)) else round(float(x), 4)
 
 
+def _input_note(c: "Conversion", t, act) -> tuple[int, str]:
+    """(activation bits, why the input stays float or "") of a layer."""
+    if act is not None:
+        return act.bits, ""
+    if t.act is None and t.graph:
+        return 32, "inside a Loop/Scan body, which calibration cannot observe: weight-only"
+    if t.act is None:
+        return 32, "activation type unknown or not float32"
+    if not c.cfg.quantize_acts:
+        return 32, "weight-only conversion"
+    return 32, "never reached by the calibration data: weight-only"
+
+
+def _layer(c: "Conversion", lp) -> LayerReport:
+    t = lp.target
+    act = c.plan.acts.get(t.act) if t.act else None
+    bits, why = _input_note(c, t, act)
+    return LayerReport(
+        node=t.node, op=t.op, graph=t.graph or "main", bits=lp.bits, method=lp.method, params=t.params,
+        groups=t.groups, sqnr_db=_num(lp.sqnr_db), sqnr_rtn_db=_num(lp.sqnr_rtn_db),
+        bias_corrected=lp.bias is not None, activation=t.act if act is not None else None,
+        activation_bits=bits, float_input_reason=why, note=lp.note,
+        branch_rank=lp.branch.rank if lp.branch else 0,
+        branch_params=(lp.branch.a.size + lp.branch.b.size) if lp.branch else 0,
+        sqnr_with_branch_db=_num(lp.sqnr_branch_db))
+
+
+def _activation(name: str, a, st) -> ActReport:
+    obs = st.observed if st is not None else (None, None)
+    clipped = None
+    if st is not None and st.counts.sum():
+        centers = 0.5 * (st.edges[:-1] + st.edges[1:])
+        clipped = float(st.counts[(centers < a.lo) | (centers > a.hi)].sum() / st.counts.sum())
+    return ActReport(tensor=name, method=a.method, bits=a.bits, signed=a.signed,
+                     range=[_num(a.lo), _num(a.hi)], observed=[_num(obs[0]), _num(obs[1])],
+                     clipped_fraction=clipped, scale=float(a.scale), zero_point=int(a.zero_point))
+
+
 def build_report(c: "Conversion") -> Report:
-    cfg, plan, stats = c.cfg, c.plan, c.stats
-    r = Report(model=c.name, config=cfg.to_dict())
-    for lp in plan.layers:
-        t = lp.target
-        act = plan.acts.get(t.act) if t.act else None
-        if t.act is None and t.graph:
-            act_note = "float (inside a Loop/Scan body, which calibration cannot observe: weight-only)"
-        elif t.act is None:
-            act_note = "float (activation type unknown or not float32)"
-        elif act is None:
-            act_note = ("float" if not cfg.quantize_acts
-                        else "float (never reached by the calibration data: weight-only)")
-        else:
-            act_note = f"{'int' if act.signed else 'uint'}{act.bits} [{act.lo:.4g}, {act.hi:.4g}]"
-        r.quantized.append({
-            "node": t.node, "op": t.op, "graph": t.graph or "main", "bits": lp.bits,
-            "method": lp.method, "params": t.params, "groups": t.groups,
-            "sqnr_db": _num(lp.sqnr_db), "sqnr_rtn_db": _num(lp.sqnr_rtn_db),
-            "bias_corrected": lp.bias is not None, "activation": act_note, "note": lp.note,
-            "branch_rank": lp.branch.rank if lp.branch else 0,
-            "branch_params": (lp.branch.a.size + lp.branch.b.size) if lp.branch else 0,
-            "sqnr_with_branch_db": _num(lp.sqnr_branch_db),
-        })
-    r.skipped = [{"node": s.node, "op": s.op, "reason": s.reason} for s in c.skipped]
-    for a_name, a in sorted(plan.acts.items()):
-        st = stats.acts.get(a_name)
-        obs = st.observed if st is not None else (None, None)
-        clipped = None
-        if st is not None and st.counts.sum():
-            centers = 0.5 * (st.edges[:-1] + st.edges[1:])
-            clipped = float(st.counts[(centers < a.lo) | (centers > a.hi)].sum() / st.counts.sum())
-        r.activations.append({"tensor": a_name, "method": a.method, "bits": a.bits,
-                              "signed": a.signed, "range": [_num(a.lo), _num(a.hi)],
-                              "observed": [_num(obs[0]), _num(obs[1])], "clipped_fraction": clipped,
-                              "scale": a.scale, "zero_point": a.zero_point})
+    r = Report(model=c.name, config=c.cfg.to_dict(), prepare=dict(c.prep_info))
+    r.quantized = [_layer(c, lp) for lp in c.plan.layers]
+    r.skipped = [SkippedReport(s.node, s.op, s.reason) for s in c.skipped]
+    r.activations = [_activation(n, a, c.stats.acts.get(n)) for n, a in sorted(c.plan.acts.items())]
     r.size_before, r.size_after = c.source.ByteSize(), c.qmodel.ByteSize()
     r.params = sum(t.params for t in c.targets)
     r.calib_samples, r.holdout_samples = len(c.calib), len(c.held)
@@ -64,9 +71,9 @@ def build_report(c: "Conversion") -> Report:
     r.fidelity = c.fidelity
     r.warnings = list(c.warnings)
     r.opset_before, r.opset_after = c.src_opset, opset_of(c.qmodel)
-    r.config["prepare"] = c.prep_info
-    r.branches = dict(plan.branch_summary)
-    if r.branches.get("layers_with_branch"):
+    r.branches = c.plan.branch_summary
+    if r.branches is not None and r.branches.layers_with_branch:
         # factor codes, their scales and zero points, middle-activation and A-bias parameters
-        r.branches["bytes"] = initializer_bytes(c.qmodel, BRANCH_SCOPE)
+        r.branches.bytes = initializer_bytes(c.qmodel, BRANCH_SCOPE)
+    r.mixed, r.search = c.mixed, c.search
     return r

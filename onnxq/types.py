@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 
@@ -233,30 +233,152 @@ class LayerPlan:
 class Plan:
     layers: list[LayerPlan] = field(default_factory=list)
     acts: dict[str, ActQuant] = field(default_factory=dict)
-    branch_summary: dict[str, Any] = field(default_factory=dict)
+    branch_summary: "BranchSummary | None" = None
     biases: dict[str, CodedBiases] = field(default_factory=dict)   # node -> coded (plan/biases.py)
+
+
+@dataclass
+class BranchSummary:
+    """What the low-rank branch planner did (plan/branches.py)."""
+
+    budget_params: int = 0
+    used_params: int = 0
+    layers_with_branch: int = 0
+    ineligible: dict[str, int] = field(default_factory=dict)      # reason -> layers
+    refined_layers: int = 0
+    weighting: str = ""
+    sensitivity_power: float | None = None                       # network weighting only
+    divergence_by_power: dict[str, float] = field(default_factory=dict)
+    divergence_without_branches: float | None = None             # end-to-end check (probe)
+    divergence_all_branches: float | None = None
+    divergence_final: float | None = None
+    dropped: list[str] = field(default_factory=list)
+    bytes: int = 0                                               # what the branches add to the file
+
+
+@dataclass
+class MixedSummary:
+    """What the mixed-precision allocation chose and measured (search/mixed.py)."""
+
+    allocator: str
+    budget_bits: float
+    used_bits: float
+    avg_bits: float
+    predicted_divergence: float
+    measured_divergence: float
+    measured_by_allocator: dict[str, float]
+    predicted_by_allocator: dict[str, float]
+    layers: dict[str, int]                      # node -> bits
+    costs: dict[str, dict[str, float]]          # node -> bits -> measured cost
+
+
+@dataclass
+class SearchSummary:
+    """The joint activation-range search (search/lapq.py)."""
+
+    start_loss: float
+    single_method_losses: dict[str, float]
+    p_grid: dict[str, float]
+    p_star: float
+    start: str
+    loss_before: float
+    loss_after: float
+    final: str
+    evaluations: int
+    tensors: int
+    check_losses: dict[str, float]
+    kept: str
+    check_samples: int
+
+
+@dataclass
+class OutputMetrics:
+    """One output of the quantized model against the reference, over the held-out samples."""
+
+    cosine: float
+    sqnr_db: float
+    top1_agreement: float | None = None      # classifier-like outputs only
+    kl: float | None = None
+
+
+@dataclass
+class Fidelity:
+    samples: int = 0
+    outputs: dict[str, OutputMetrics] = field(default_factory=dict)
+    cosine: float | None = None              # the worst output's
+    sqnr_db: float | None = None
+    top1_agreement: float | None = None      # the first classifier-like output's
+    kl: float | None = None
+    accuracy_reference: float | None = None  # against given labels
+    accuracy_candidate: float | None = None
+
+
+@dataclass
+class LayerReport:
+    node: str
+    op: str
+    graph: str
+    bits: int
+    method: str
+    params: int
+    groups: int
+    sqnr_db: float | None
+    sqnr_rtn_db: float | None
+    bias_corrected: bool
+    activation: str | None        # the input tensor, when it is quantized
+    activation_bits: int          # 32: the layer reads a float input (weight-only)
+    float_input_reason: str       # why the input stays float, else ""
+    note: str
+    branch_rank: int
+    branch_params: int
+    sqnr_with_branch_db: float | None
+
+
+@dataclass
+class SkippedReport:
+    node: str
+    op: str
+    reason: str
+
+
+@dataclass
+class ActReport:
+    tensor: str
+    method: str
+    bits: int
+    signed: bool
+    range: list[float | None]
+    observed: list[float | None]
+    clipped_fraction: float | None
+    scale: float
+    zero_point: int
+
+
+REPORT_SCHEMA = "onnxq-report/1"
 
 
 @dataclass
 class Report:
     model: str = ""
-    config: dict[str, Any] = field(default_factory=dict)
-    quantized: list[dict[str, Any]] = field(default_factory=list)
-    skipped: list[dict[str, Any]] = field(default_factory=list)
-    activations: list[dict[str, Any]] = field(default_factory=list)
+    config: dict[str, object] = field(default_factory=dict)
+    prepare: dict[str, int] = field(default_factory=dict)
+    quantized: list[LayerReport] = field(default_factory=list)
+    skipped: list[SkippedReport] = field(default_factory=list)
+    activations: list[ActReport] = field(default_factory=list)
     size_before: int = 0
     size_after: int = 0
     params: int = 0
     calib_samples: int = 0
     holdout_samples: int = 0
     seconds: dict[str, float] = field(default_factory=dict)
-    fidelity: dict[str, Any] = field(default_factory=dict)
+    fidelity: Fidelity = field(default_factory=Fidelity)
     warnings: list[str] = field(default_factory=list)
     opset_before: int = 0
     opset_after: int = 0
-    branches: dict[str, Any] = field(default_factory=dict)
-    mixed: dict[str, Any] = field(default_factory=dict)
-    search: dict[str, Any] = field(default_factory=dict)
+    branches: BranchSummary | None = None
+    mixed: MixedSummary | None = None
+    search: SearchSummary | None = None
+    schema: str = REPORT_SCHEMA
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, object]:
         return asdict(self)

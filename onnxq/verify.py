@@ -8,6 +8,7 @@ import numpy as np
 
 from .algos.metrics import compare_outputs
 from .errors import VerificationError
+from .types import Fidelity, OutputMetrics
 from .runtime import session
 
 if TYPE_CHECKING:
@@ -15,7 +16,7 @@ if TYPE_CHECKING:
 
 
 def fidelity(ref_model: "onnx.ModelProto | bytes | str", cand_model: "onnx.ModelProto | bytes | str",
-             loaders: Sequence[Callable[[], dict]], labels: np.ndarray | None = None) -> dict:
+             loaders: Sequence[Callable[[], dict]], labels: np.ndarray | None = None) -> Fidelity:
     """Per-output metrics plus a summary (worst cosine, first classifier output's agreement)."""
     ref_s, cand_s = session(ref_model), session(cand_model)
     names = [o.name for o in ref_s.get_outputs()]
@@ -32,21 +33,19 @@ def fidelity(ref_model: "onnx.ModelProto | bytes | str", cand_model: "onnx.Model
                                     f"{str(e).splitlines()[0][:200]}") from None
         for n, a in zip(names, res):
             cand_out[n].append(np.asarray(a))
-    per = {n: compare_outputs(ref_out[n], cand_out[n]) for n in names
+    per = {n: OutputMetrics(**compare_outputs(ref_out[n], cand_out[n])) for n in names
            if all(a.dtype.kind == "f" for a in ref_out[n])}
-    summary: dict = {"samples": len(loaders), "outputs": per}
-    cls_out = next((n for n in per if "top1_agreement" in per[n]), None)
+    fid = Fidelity(samples=len(loaders), outputs=per)
+    cls_out = next((n for n in per if per[n].top1_agreement is not None), None)
     if labels is not None and cls_out is not None:
         pred_r = np.concatenate([a.reshape(-1, a.shape[-1]).argmax(-1) for a in ref_out[cls_out]])
         pred_c = np.concatenate([a.reshape(-1, a.shape[-1]).argmax(-1) for a in cand_out[cls_out]])
         if pred_r.shape == labels.shape:
-            summary["accuracy_reference"] = float(np.mean(pred_r == labels))
-            summary["accuracy_candidate"] = float(np.mean(pred_c == labels))
+            fid.accuracy_reference = float(np.mean(pred_r == labels))
+            fid.accuracy_candidate = float(np.mean(pred_c == labels))
     if per:
-        summary["cosine"] = min(v["cosine"] for v in per.values())
-        summary["sqnr_db"] = min(v["sqnr_db"] for v in per.values())
-        agree = [v["top1_agreement"] for v in per.values() if "top1_agreement" in v]
-        if agree:
-            summary["top1_agreement"] = agree[0]
-            summary["kl"] = next(v["kl"] for v in per.values() if "kl" in v)
-    return summary
+        fid.cosine = min(v.cosine for v in per.values())
+        fid.sqnr_db = min(v.sqnr_db for v in per.values())
+        if cls_out is not None:
+            fid.top1_agreement, fid.kl = per[cls_out].top1_agreement, per[cls_out].kl
+    return fid

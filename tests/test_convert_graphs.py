@@ -52,7 +52,7 @@ def test_zoo_converts_runs_and_stays_close(opset, bits):
     ref, out = run(m, x), run(q, x)
     cos = float(np.sum(ref * out) / np.linalg.norm(ref) / np.linalg.norm(out))
     assert cos > (0.999 if bits == 8 else 0.99)
-    assert rep.fidelity["cosine"] > (0.999 if bits == 8 else 0.99)
+    assert rep.fidelity.cosine > (0.999 if bits == 8 else 0.99)
 
 
 def test_int4_weights_are_a_quarter_of_float_size():
@@ -74,7 +74,7 @@ def test_same_seed_same_bytes_and_other_seed_may_differ():
 def test_each_weight_method_by_name(method):
     m = conv_zoo(np.random.default_rng(0))
     q, rep = onnxq.convert(m, onnxq.ConvertConfig(bits=4, weight_method=method), calib=feeds(12))
-    used = {l["method"].split("+")[0] for l in rep.quantized if l["bits"] == 4 and l["op"] != "ConvTranspose"}
+    used = {l.method.split("+")[0] for l in rep.quantized if l.bits == 4 and l.op != "ConvTranspose"}
     assert used == {method}
 
 
@@ -85,7 +85,7 @@ def test_damping_reaches_every_gptq_layer():
     runs = [onnxq.convert(m, onnxq.ConvertConfig(bits=3, damp=d), calib=feeds(12)) for d in (0.1, 0.0003)]
     codes = [{t.name: numpy_helper.to_array(t) for t in q.graph.initializer if t.name.endswith("/weight_q")}
              for q, _ in runs]
-    methods = {l["node"]: l["method"] for l in runs[0][1].quantized}
+    methods = {l.node: l.method for l in runs[0][1].quantized}
     assert runs[0][1].config["damp"] == 0.1 and runs[1][1].config["damp"] == 0.0003
     for name, c in codes[0].items():
         same = np.array_equal(c, codes[1][name])
@@ -97,8 +97,8 @@ def test_gptq_layers_beat_rtn_estimate():
     m = conv_zoo(np.random.default_rng(0))
     _, rep = onnxq.convert(m, onnxq.ConvertConfig(bits=4, sequential=False), calib=feeds())
     for layer in rep.quantized:
-        if layer["method"] == "gptq":
-            assert layer["sqnr_db"] >= layer["sqnr_rtn_db"] - 1e-6
+        if layer.method == "gptq":
+            assert layer.sqnr_db >= layer.sqnr_rtn_db - 1e-6
 
 
 def detector_head():
@@ -145,7 +145,7 @@ def test_subgraph_weights_are_quantized_weight_only():
                    [vi("x", [1, 4]), vi("c", [], TensorProto.BOOL)], [vi("y", [1, 4])], {}, opset=16)
     cal = [{"x": rng.standard_normal((1, 4)).astype(np.float32), "c": np.array(True)} for _ in range(4)]
     q, rep = onnxq.convert(m, onnxq.ConvertConfig(bits=8), calib=cal)
-    assert len(rep.quantized) == 2 and all(l["graph"] != "main" for l in rep.quantized)
+    assert len(rep.quantized) == 2 and all(l.graph != "main" for l in rep.quantized)
     sub = q.graph.node[-1].attribute[0].g
     assert "DequantizeLinear" in [n.op_type for n in sub.node]
     f = {"x": cal[0]["x"], "c": np.array(False)}
@@ -155,12 +155,12 @@ def test_subgraph_weights_are_quantized_weight_only():
 def test_sequential_compensates_stage_first_layers_and_stays_close():
     m = conv_zoo(np.random.default_rng(0))
     q, rep = onnxq.convert(m, onnxq.ConvertConfig(bits=4, sequential=True, stages=4), calib=feeds())
-    methods = [l["method"] for l in rep.quantized]
+    methods = [l.method for l in rep.quantized]
     assert any(x.endswith("+compensated") for x in methods)
     assert not methods[0].endswith("+compensated")            # stage 0 has no quantized upstream
-    convt = next(l for l in rep.quantized if l["op"] == "ConvTranspose")
-    assert convt["method"] == "gptq"          # rounded on its FP32 statistics spread over the taps
-    assert rep.fidelity["cosine"] > 0.99
+    convt = next(l for l in rep.quantized if l.op == "ConvTranspose")
+    assert convt.method == "gptq"          # rounded on its FP32 statistics spread over the taps
+    assert rep.fidelity.cosine > 0.99
 
 
 @pytest.mark.parametrize("abits", [4, 6])
@@ -176,7 +176,7 @@ def test_low_bit_activations_use_narrow_codes_in_8_bit_containers(abits):
             assert inits[n.input[2]].dtype == np.uint8
             lo, hi = float(inits[clip.input[1]]), float(inits[clip.input[2]])
             assert round(lo / scale) + zp == 0 and round(hi / scale) + zp == 2**abits - 1
-    assert rep.fidelity["cosine"] > (0.95 if abits == 4 else 0.98)
+    assert rep.fidelity.cosine > (0.95 if abits == 4 else 0.98)
 
 
 @pytest.mark.parametrize("abits", [8, 16])

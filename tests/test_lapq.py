@@ -23,10 +23,10 @@ def test_search_never_increases_the_calibration_loss(abits):
     _, rep = onnxq.convert(m, onnxq.ConvertConfig(bits=4, act_bits=abits, act_method="lapq",
                                                   search_evals=120), calib=feeds())
     s = rep.search
-    assert s["tensors"] == 8 and s["evaluations"] <= 120
-    assert s["loss_after"] <= s["loss_before"] <= s["start_loss"]
-    assert s["loss_before"] <= min(s["single_method_losses"].values())   # starts from the best method
-    assert all(a["method"] == "lapq" for a in rep.activations) or s["loss_after"] == s["loss_before"]
+    assert s.tensors == 8 and s.evaluations <= 120
+    assert s.loss_after <= s.loss_before <= s.start_loss
+    assert s.loss_before <= min(s.single_method_losses.values())   # starts from the best method
+    assert all(a.method == "lapq" for a in rep.activations) or s.loss_after == s.loss_before
 
 
 @pytest.mark.parametrize("budget", [0.0, 0.2])
@@ -100,9 +100,9 @@ def test_search_keeps_the_stage_best_on_samples_it_did_not_fit():
     cfg = onnxq.ConvertConfig(bits=4, act_bits=4, act_method="lapq", search_evals=80, search_samples=6)
     _, rep = onnxq.convert(m, cfg, calib=feeds())
     s = rep.search
-    assert s["check_samples"] == 6
-    assert set(s["check_losses"]) == {"start", "coordinate", "powell"}
-    assert s["check_losses"][s["kept"]] == min(s["check_losses"].values())
+    assert s.check_samples == 6
+    assert set(s.check_losses) == {"start", "coordinate", "powell"}
+    assert s.check_losses[s.kept] == min(s.check_losses.values())
 
 
 @pytest.mark.parametrize("abits, method", [(4, "interval"), (6, "interval"), (8, "percentile"), (16, "percentile")])
@@ -115,4 +115,4 @@ def test_default_range_method_follows_the_activation_bits(abits, method):
     assert onnxq.ConvertConfig(act_bits=abits, act_method="mse").act_method_name == "mse"
     _, rep = onnxq.convert(str(root / "digits_cnn.onnx"), onnxq.ConvertConfig(act_bits=abits),
                            calib=str(root / "digits_calib"))
-    assert rep.activations and {a["method"] for a in rep.activations} == {method}
+    assert rep.activations and {a.method for a in rep.activations} == {method}

@@ -85,7 +85,7 @@ def feeds(n=24):
 def test_budget_zero_emits_no_branch():
     q, rep = onnxq.convert(conv_zoo(np.random.default_rng(0)), onnxq.ConvertConfig(bits=4), calib=feeds())
     assert not any("/residual/" in n.name for n in q.graph.node)
-    assert all(l["branch_rank"] == 0 for l in rep.quantized)
+    assert all(l.branch_rank == 0 for l in rep.quantized)
 
 
 def test_int8_branches_are_named_valid_and_within_budget():
@@ -93,24 +93,24 @@ def test_int8_branches_are_named_valid_and_within_budget():
     q, rep = onnxq.convert(m, onnxq.ConvertConfig(bits=3, rank_budget=0.1), calib=feeds())
     onnx.checker.check_model(q)
     names = {n.name for n in q.graph.node}
-    with_branch = [l for l in rep.quantized if l["branch_rank"]]
+    with_branch = [l for l in rep.quantized if l.branch_rank]
     assert with_branch
     for l in with_branch:
-        assert {f"{l['node']}/residual/{p}" for p in ("A", "B", "add")} <= names
-        assert l["sqnr_with_branch_db"] > l["sqnr_db"]
+        assert {f"{l.node}/residual/{p}" for p in ("A", "B", "add")} <= names
+        assert l.sqnr_with_branch_db > l.sqnr_db
     inits = {t.name: t for t in q.graph.initializer}
     factors = [n for n in inits if "/residual/" in n and n.endswith("_weight_q")]
     biases = [n for n in inits if "/residual/" in n and n.endswith("A_bias_q")]
     assert len(factors) == 2 * len(with_branch) and len(biases) == len(with_branch)   # centred: A has a bias
     assert all(inits[n].data_type == onnx.TensorProto.INT8 for n in factors)
     assert all(inits[n].data_type == onnx.TensorProto.INT32 for n in biases)
-    assert rep.branches["used_params"] <= rep.branches["budget_params"]
-    assert sum(l["branch_params"] for l in rep.quantized) == rep.branches["used_params"]
+    assert rep.branches.used_params <= rep.branches.budget_params
+    assert sum(l.branch_params for l in rep.quantized) == rep.branches.used_params
     # one byte a factor code, plus scales, zero points and the A bias
-    assert rep.branches["used_params"] < rep.branches["bytes"] < 2 * rep.branches["used_params"] + 2000
+    assert rep.branches.used_params < rep.branches.bytes < 2 * rep.branches.used_params + 2000
     none, _ = onnxq.convert(m, onnxq.ConvertConfig(bits=3), calib=feeds())
-    assert q.ByteSize() - none.ByteSize() >= rep.branches["used_params"]
-    assert rep.fidelity["cosine"] > 0.98
+    assert q.ByteSize() - none.ByteSize() >= rep.branches.used_params
+    assert rep.fidelity.cosine > 0.98
 
 
 def test_float_branch_block_equals_conv_with_corrected_weight():
@@ -122,8 +122,8 @@ def test_float_branch_block_equals_conv_with_corrected_weight():
     cal = [{"x": rng.standard_normal((1, 4, 9, 9)).astype(np.float32)} for _ in range(16)]
     cfg = onnxq.ConvertConfig(bits=3, act_bits=32, rank_budget=0.5, branch_bits=32, bias_correction=False)
     q, rep = onnxq.convert(m, cfg, calib=cal)
-    assert rep.quantized[0]["branch_rank"] > 0
-    merged = merged_weight(q, rep.quantized[0]["node"], w.shape)
+    assert rep.quantized[0].branch_rank > 0
+    merged = merged_weight(q, rep.quantized[0].node, w.shape)
     ref = make_model([helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1], strides=[2, 2])],
                      [vi("x", [1, 4, 9, 9])], [vi("y", [1, 8, 5, 5])], {"w": merged})
     x = cal[0]
@@ -143,8 +143,8 @@ def test_centred_branch_block_equals_conv_with_corrected_weight_and_bias():
     cal = [{"x": (rng.standard_normal((1, 4, 9, 9)) + 3.0).astype(np.float32)} for _ in range(16)]
     cfg = onnxq.ConvertConfig(bits=3, act_bits=32, rank_budget=0.5, branch_bits=32)
     q, rep = onnxq.convert(m, cfg, calib=cal)
-    node = rep.quantized[0]["node"]
-    assert rep.quantized[0]["branch_rank"] > 0
+    node = rep.quantized[0].node
+    assert rep.quantized[0].branch_rank > 0
     inits = {t.name: numpy_helper.to_array(t) for t in q.graph.initializer}
     c = inits[f"{node}/residual/A_bias"]
     bias = inits[f"{node}/bias"] + inits[f"{node}/residual/B_weight"][:, :, 0, 0] @ c
@@ -174,7 +174,7 @@ def test_int16_branches_store_int16_codes_and_run():
     codes = [n for n in inits if "/residual/" in n and n.endswith("_weight_q")]
     assert codes and all(inits[n].data_type == onnx.TensorProto.INT16 for n in codes)
     assert all(inits[n].data_type == onnx.TensorProto.INT16 for n in inits if n.endswith("/mid/act_zero"))
-    assert rep.fidelity["cosine"] > 0.98
+    assert rep.fidelity.cosine > 0.98
 
 
 def _two_paths(rng, quiet: float) -> onnx.ModelProto:
@@ -196,10 +196,10 @@ def test_network_weighting_spends_the_budget_where_the_output_feels_it(weighting
     cal = [{"x": rng.standard_normal((1, 8, 10, 10)).astype(np.float32)} for _ in range(16)]
     cfg = onnxq.ConvertConfig(bits=2, act_bits=32, rank_budget=0.3, branch_weighting=weighting)
     _, rep = onnxq.convert(m, cfg, calib=cal)
-    ranks = {l["node"]: l["branch_rank"] for l in rep.quantized}
+    ranks = {l.node: l.branch_rank for l in rep.quantized}
     if weighting == "network":
         assert ranks["quiet"] == 0 and ranks["loud"] > 0
-        assert rep.branches["divergence_final"] < rep.branches["divergence_without_branches"]
+        assert rep.branches.divergence_final < rep.branches.divergence_without_branches
     else:   # on layer error alone the two look alike and share the budget
         assert ranks["quiet"] > 0 and ranks["loud"] > 0
 
@@ -210,11 +210,11 @@ def test_end_to_end_check_keeps_only_branches_that_help_on_the_shipped_model():
     q, rep = onnxq.convert(str(Path(__file__).parents[1] / "models" / "digits_cnn.onnx"), cfg,
                            calib=str(cal[0].parent))
     b = rep.branches
-    assert b["layers_with_branch"] > 0
-    assert b["divergence_final"] <= b["divergence_all_branches"]
-    assert b["divergence_final"] < b["divergence_without_branches"]
-    kept = {l["node"] for l in rep.quantized if l["branch_rank"]}
-    assert not kept & set(b["dropped"])
+    assert b.layers_with_branch > 0
+    assert b.divergence_final <= b.divergence_all_branches
+    assert b.divergence_final < b.divergence_without_branches
+    kept = {l.node for l in rep.quantized if l.branch_rank}
+    assert not kept & set(b.dropped)
 
 
 def test_int8_factors_are_rounded_on_their_input_statistics():
@@ -271,8 +271,8 @@ def test_refined_branches_still_equal_conv_with_corrected_weight():
     cfg = onnxq.ConvertConfig(bits=3, act_bits=32, rank_budget=0.5, branch_bits=32,
                               bias_correction=False, branch_refine=2, branch_weighting="layer")
     q, rep = onnxq.convert(m, cfg, calib=cal)
-    assert rep.branches["refined_layers"] == 1
-    merged = merged_weight(q, rep.quantized[0]["node"], w.shape)
+    assert rep.branches.refined_layers == 1
+    merged = merged_weight(q, rep.quantized[0].node, w.shape)
     ref = make_model([helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1])],
                      [vi("x", [1, 4, 7, 7])], [vi("y", [1, 8, 7, 7])], {"w": merged})
     got = ort.InferenceSession(q.SerializeToString()).run(None, cal[0])[0]
@@ -325,10 +325,10 @@ def test_convtranspose_branch_block_equals_convtranspose_with_corrected_weight()
     cfg = onnxq.ConvertConfig(bits=3, act_bits=32, rank_budget=0.5, branch_bits=32)
     q, rep = onnxq.convert(m, cfg, calib=cal)
     lay = rep.quantized[0]
-    assert lay["method"] == "gptq" and lay["branch_rank"] > 0
-    assert lay["sqnr_with_branch_db"] > lay["sqnr_db"]
+    assert lay.method == "gptq" and lay.branch_rank > 0
+    assert lay.sqnr_with_branch_db > lay.sqnr_db
     inits = {t.name: numpy_helper.to_array(t) for t in q.graph.initializer}
-    n = lay["node"]
+    n = lay.node
     wq = inits[f"{n}/weight_q"].astype(np.float32) * inits[f"{n}/weight_scale"][None, :, None, None]
     a = inits[f"{n}/residual/A_weight"]                                   # [C, r, 2, 2]
     b = inits[f"{n}/residual/B_weight"][:, :, 0, 0]                       # [O, r]
@@ -339,6 +339,6 @@ def test_convtranspose_branch_block_equals_convtranspose_with_corrected_weight()
     assert np.allclose(got, want, atol=1e-4)
     q8, rep8 = onnxq.convert(m, onnxq.ConvertConfig(bits=3, rank_budget=0.5), calib=cal)
     onnx.checker.check_model(q8)
-    assert rep8.quantized[0]["branch_rank"] > 0
+    assert rep8.quantized[0].branch_rank > 0
     assert numpy_helper.to_array(next(t for t in q8.graph.initializer if t.name == f"{n}/residual/A_weight_q")).dtype == np.int8
     ort.InferenceSession(q8.SerializeToString()).run(None, cal[0])

@@ -66,9 +66,9 @@ def test_sensitive_layer_gets_the_most_bits():
     m = make_model(nodes, [vi("x", [8, 32])], [vi("y", [8, 32])], w)
     cal = [{"x": rng.standard_normal((8, 32)).astype(np.float32)} for _ in range(16)]
     q, rep = onnxq.convert(m, onnxq.ConvertConfig(avg_bits=3.5, act_bits=32), calib=cal)
-    bits = rep.mixed["layers"]
+    bits = rep.mixed.layers
     assert bits["sensitive"] == max(bits.values()) and bits["sensitive"] > min(bits.values())
-    assert rep.mixed["avg_bits"] <= 3.5
+    assert rep.mixed.avg_bits <= 3.5
     ort.InferenceSession(q.SerializeToString())
 
 
@@ -78,10 +78,10 @@ def test_every_allocation_is_measured_end_to_end_and_the_best_is_kept():
     cfg = onnxq.ConvertConfig(bits=4, avg_bits=3.0)
     _, rep = onnxq.convert(str(root / "digits_cnn.onnx"), cfg, calib=str(root / "digits_calib"))
     mx = rep.mixed
-    assert {"anneal", "greedy"} <= set(mx["measured_by_allocator"])
-    assert any(k.startswith("uniform") for k in mx["measured_by_allocator"])
-    assert mx["measured_divergence"] == min(mx["measured_by_allocator"].values())
-    assert mx["used_bits"] <= mx["budget_bits"]
+    assert {"anneal", "greedy"} <= set(mx.measured_by_allocator)
+    assert any(k.startswith("uniform") for k in mx.measured_by_allocator)
+    assert mx.measured_divergence == min(mx.measured_by_allocator.values())
+    assert mx.used_bits <= mx.budget_bits
 
 
 
@@ -94,11 +94,11 @@ def test_max_size_counts_the_bytes_the_file_holds():
     params = sum(int(np.prod(t.dims)) for t in m.graph.initializer if len(t.dims) > 1)
     cfg = onnxq.ConvertConfig(bit_choices=(8, 3), max_size=int(params * 0.85), act_bits=32)
     q, rep = onnxq.convert(m, cfg, calib=str(root / "digits_calib"))
-    assert set(rep.mixed["layers"].values()) == {8, 3}
+    assert set(rep.mixed.layers.values()) == {8, 3}
     width = {onnx.TensorProto.INT4: 4, onnx.TensorProto.INT8: 8, onnx.TensorProto.FLOAT: 32}
     held = sum(width[t.data_type] * int(np.prod(t.dims)) for t in q.graph.initializer
                if t.name.endswith(("/weight_q", "/weight_scale")))
-    assert rep.mixed["used_bits"] == held <= rep.mixed["budget_bits"]
+    assert rep.mixed.used_bits == held <= rep.mixed.budget_bits
 
 
 def test_a_size_budget_that_cannot_be_met_is_said_in_the_report():
@@ -106,5 +106,5 @@ def test_a_size_budget_that_cannot_be_met_is_said_in_the_report():
     root = Path(__file__).parents[1] / "models"
     cfg = onnxq.ConvertConfig(bit_choices=(8, 4), max_size=100, act_bits=32)
     _, rep = onnxq.convert(str(root / "digits_cnn.onnx"), cfg, calib=str(root / "digits_calib"))
-    assert set(rep.mixed["layers"].values()) == {4}
+    assert set(rep.mixed.layers.values()) == {4}
     assert any("size budget cannot be met" in w for w in rep.warnings)

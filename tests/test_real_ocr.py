@@ -39,8 +39,8 @@ def test_rec_strings_stay_equal_to_fp32(rec, bits, floor):
     path, cal, held, cs, ref = rec
     q, rep = onnxq.convert(path, onnxq.ConvertConfig(bits=bits), calib=cal)
     onnx.checker.check_model(q)
-    assert rep.skipped and all("both inputs" in s["reason"] for s in rep.skipped)   # attention MatMuls
-    assert rep.config["prepare"]["constants_moved"] > 300
+    assert rep.skipped and all("both inputs" in s.reason for s in rep.skipped)   # attention MatMuls
+    assert rep.prepare["constants_moved"] > 300
     got = [ctc_decode(o, cs)[0] for o in outputs(q, [f for f, _ in held])]
     same = np.mean([a == b for a, b in zip(ref, got)])
     assert same >= floor, same
@@ -64,7 +64,7 @@ def test_det_probability_map_keeps_its_text_regions_at_w8a8():
     cal = det_samples(8, seed=0, side=320)
     held = det_samples(4, seed=1, side=320)
     q, rep = onnxq.convert(path, onnxq.ConvertConfig(bits=8), calib=cal)
-    assert any(l["op"] == "ConvTranspose" for l in rep.quantized)
+    assert any(l.op == "ConvTranspose" for l in rep.quantized)
     for a, b in zip(outputs(path, held), outputs(q, held)):
         ra, rb = a > 0.3, b > 0.3
         iou = (ra & rb).sum() / max((ra | rb).sum(), 1)
@@ -95,7 +95,7 @@ def test_rank4_whitened_branch_gives_back_a_plainly_rounded_1x1_layer_on_held_ou
     for init, budget in (("none", 0.0), ("whitened", 0.09), ("svd", 0.09)):
         cfg = onnxq.ConvertConfig(**base, rank_budget=budget, branch_init="whitened" if init == "none" else init)
         q, rep = onnxq.convert(path, cfg, calib=cal)
-        ranks[init] = {l["node"]: l["branch_rank"] for l in rep.quantized}
+        ranks[init] = {l.node: l.branch_rank for l in rep.quantized}
         sqnr[init] = _layer_sqnr(path, q, layer, held)
     assert ranks["none"] == {layer: 0} and ranks["whitened"] == ranks["svd"] == {layer: 4}
     assert sqnr["whitened"] >= sqnr["none"] + 5.0, sqnr

@@ -18,9 +18,9 @@ def calib():
 def test_vad_quantized_inside_if_branches_and_keeps_decisions(calib, bits):
     q, rep = onnxq.convert(str(silero_path()), onnxq.ConvertConfig(bits=bits), calib=calib)
     onnx.checker.check_model(q)
-    reached = [l for l in rep.quantized if l["graph"] != "main" and not l["activation"].startswith("float")]
+    reached = [l for l in rep.quantized if l.graph != "main" and l.activation_bits < 32]
     assert len(reached) >= 6                                  # the 16 kHz branch, activations too
-    assert all(l["method"] == ("gptq" if bits == 4 else "mse") for l in reached)
+    assert all(l.method == ("gptq" if bits == 4 else "mse") for l in reached)
     audio = speech_like(8.0, seed=1)                          # held out
     ref, _ = silero_stream(str(silero_path()), audio)
     got, _ = silero_stream(q.SerializeToString(), audio)
@@ -37,11 +37,11 @@ def test_vad_branches_inside_if_branches_are_weighted_by_layer_error_and_keep_de
     q, rep = onnxq.convert(str(silero_path()), onnxq.ConvertConfig(bits=4, rank_budget=0.05), calib=calib)
     onnx.checker.check_model(q)
     b = rep.branches
-    assert b["layers_with_branch"] > 0 and b["used_params"] <= b["budget_params"]
-    assert b["weighting"].startswith("layer output error (every candidate layer is inside a subgraph")
-    assert "divergence_final" not in b and "sensitivity_power" not in b
-    with_branch = [l for l in rep.quantized if l["branch_rank"]]
-    assert all(l["graph"] != "main" for l in with_branch)
+    assert b.layers_with_branch > 0 and b.used_params <= b.budget_params
+    assert b.weighting.startswith("layer output error (every candidate layer is inside a subgraph")
+    assert b.divergence_final is None and b.sensitivity_power is None
+    with_branch = [l for l in rep.quantized if l.branch_rank]
+    assert all(l.graph != "main" for l in with_branch)
     audio = speech_like(8.0, seed=1)
     ref, _ = silero_stream(str(silero_path()), audio)
     got, _ = silero_stream(q.SerializeToString(), audio)

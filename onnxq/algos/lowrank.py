@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .rounding import damped
+
 
 @dataclass(frozen=True)
 class Spectrum:
@@ -34,14 +36,7 @@ class Spectrum:
 
 
 def _cholesky(h: np.ndarray, damp: float) -> np.ndarray:
-    k = h.shape[0]
-    mean_diag = float(np.mean(np.diag(h))) or 1.0
-    for attempt in range(6):
-        try:
-            return np.linalg.cholesky(h + damp * 10**attempt * mean_diag * np.eye(k))
-        except np.linalg.LinAlgError:
-            continue
-    raise np.linalg.LinAlgError("input statistics too ill-conditioned for whitening")
+    return damped(h, damp, np.linalg.cholesky, "whitening")
 
 
 def spectrum(resid: np.ndarray, h: np.ndarray | None, max_rank: int, method: str = "whitened",

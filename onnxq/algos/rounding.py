@@ -23,20 +23,32 @@ from .qmath import weight_qmax
 DEFAULT_DAMP = 0.01
 
 
-def _inverse_cholesky(h: np.ndarray, damp: float) -> np.ndarray:
-    """Upper Cholesky factor U of (H + damp*mean(diag H)*I)^-1, so that Hinv = U^T U."""
+DAMP_RETRIES = 6   # a factorisation that fails is retried with 10x the damping, this many times
+
+
+def damped(h: np.ndarray, damp: float, factor, what: str):
+    """factor(H + d * mean(diag H) * I) for d = damp, 10 damp, 100 damp, ...: the first that
+    succeeds (a Cholesky factorisation fails on matrices that are not positive definite)."""
     k = h.shape[0]
     mean_diag = float(np.mean(np.diag(h))) or 1.0
-    for attempt in range(6):
-        hd = h + (damp * 10**attempt) * mean_diag * np.eye(k)
+    for attempt in range(DAMP_RETRIES):
         try:
-            lower = np.linalg.cholesky(hd)
-            inv_lower = np.linalg.solve(lower, np.eye(k))      # L^-1
-            hinv = inv_lower.T @ inv_lower                     # (L L^T)^-1
-            return np.linalg.cholesky(hinv).T
+            return factor(h + (damp * 10**attempt) * mean_diag * np.eye(k))
         except np.linalg.LinAlgError:
             continue
-    raise np.linalg.LinAlgError("input statistics are too ill-conditioned for second-order rounding")
+    raise np.linalg.LinAlgError(f"input statistics are too ill-conditioned for {what}")
+
+
+def _inverse_upper(hd: np.ndarray) -> np.ndarray:
+    lower = np.linalg.cholesky(hd)
+    inv_lower = np.linalg.solve(lower, np.eye(hd.shape[0]))      # L^-1
+    hinv = inv_lower.T @ inv_lower                               # (L L^T)^-1
+    return np.linalg.cholesky(hinv).T
+
+
+def _inverse_cholesky(h: np.ndarray, damp: float) -> np.ndarray:
+    """Upper Cholesky factor U of (H + damp*mean(diag H)*I)^-1, so that Hinv = U^T U."""
+    return damped(h, damp, _inverse_upper, "second-order rounding")
 
 
 def gptq_round(w: np.ndarray, scales: np.ndarray, bits: int, h: np.ndarray,

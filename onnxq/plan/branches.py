@@ -12,7 +12,7 @@ from ..algos.lowrank import allocate_ranks, factors, spectrum
 from ..algos.matrix import from_matrix, to_matrix
 from ..algos.weights import gptq, quantize_weight, row_errors, rtn
 from ..config import ConvertConfig
-from ..types import Branch, LayerPlan
+from ..types import Branch, BranchSummary, LayerPlan
 from .acts import act_quant
 
 MID_CLIP_SIGMAS = 4.0   # the middle activation's range, in its own standard deviations
@@ -214,7 +214,7 @@ def _fit_target(lp: LayerPlan, weights: Mapping[str, np.ndarray]) -> np.ndarray:
 
 
 def plan_branches(layers: list[LayerPlan], weights: Mapping[str, np.ndarray],
-                  cfg: ConvertConfig, total_params: int, probe=None) -> dict:
+                  cfg: ConvertConfig, total_params: int, probe=None) -> BranchSummary:
     """Adds `branch` to the chosen layers in place; returns a summary for the report.
 
     With a `probe` (search/probe.Probe) each layer's gains are weighted by its measured effect
@@ -247,7 +247,8 @@ def plan_branches(layers: list[LayerPlan], weights: Mapping[str, np.ndarray],
     weighting = "network (measured)" if network else "layer output error"
     if cfg.branch_weighting == "network" and probe is not None and cand and not reachable:
         weighting += " (every candidate layer is inside a subgraph, which the probe does not run)"
-    return {"budget_params": budget, "used_params": used,
-            "layers_with_branch": sum(lp.branch is not None for lp in cand), "ineligible": c.skipped,
-            "refined_layers": sum(lp.branch is not None and lp.target.node in unrefined for lp in cand),
-            "weighting": weighting, **choice, **check}
+    return BranchSummary(
+        budget_params=budget, used_params=used, layers_with_branch=sum(lp.branch is not None for lp in cand),
+        ineligible=c.skipped, weighting=weighting,
+        refined_layers=sum(lp.branch is not None and lp.target.node in unrefined for lp in cand),
+        **choice, **check)

@@ -28,7 +28,7 @@ from ..graph.variants import weights_as_inputs
 from ..plan.acts import act_quant, method_range
 from ..plan.biases import code_biases, coded_biases
 from ..runtime import session
-from ..types import ActQuant, ActStats, Feed, Plan, Progress
+from ..types import ActQuant, ActStats, Feed, Plan, Progress, SearchSummary
 
 if TYPE_CHECKING:
     import onnx
@@ -188,7 +188,7 @@ class _Search:
 def lapq_search(prepared: "onnx.ModelProto", plan: Plan, stats: Mapping[str, ActStats],
                 ref_feeds: Sequence[Feed], reference: Sequence[Sequence[np.ndarray]], cfg: ConvertConfig,
                 progress: Progress | None = None, check_feeds: Sequence[Feed] = (),
-                check_reference: Sequence[Sequence[np.ndarray]] = ()) -> tuple[dict[str, ActQuant], dict]:
+                check_reference: Sequence[Sequence[np.ndarray]] = ()) -> tuple[dict[str, ActQuant], SearchSummary]:
     """Searched activation parameters and a summary of the search.
 
     Starts from the best of every single-tensor method and of the Lp family, then refines each
@@ -211,7 +211,7 @@ def lapq_search(prepared: "onnx.ModelProto", plan: Plan, stats: Mapping[str, Act
         held = session_.on(check_feeds, check_reference)
         check = {k: held.loss(acts) for k, (_, acts) in stages.items()}
         kept = min(check, key=lambda k: (check[k], k != "start"))
-    info = {"start_loss": s.start_loss, **found, "start": start_how, "loss_before": single_best,
-            "loss_after": s.loss, "final": s.how, "evaluations": session_.evals, "tensors": len(s.names),
-            "check_losses": check, "kept": kept, "check_samples": len(check_feeds)}
+    info = SearchSummary(start_loss=s.start_loss, **found, start=start_how, loss_before=single_best,
+                         loss_after=s.loss, final=s.how, evaluations=session_.evals, tensors=len(s.names),
+                         check_losses=check, kept=kept, check_samples=len(check_feeds))
     return stages[kept][1], info

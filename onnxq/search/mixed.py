@@ -14,7 +14,7 @@ from ..algos.matrix import from_matrix, to_matrix
 from ..algos.qmath import container_bits
 from ..config import ConvertConfig
 from ..plan.layers import plan_layer
-from ..types import Feed, LayerStats, Progress, Target
+from ..types import Feed, LayerStats, MixedSummary, Progress, Target
 from .probe import Probe
 
 if TYPE_CHECKING:
@@ -30,7 +30,7 @@ def _escape(name: str) -> str:
 def choose_bits(prepared: "onnx.ModelProto", targets: Sequence[Target], weights: Mapping[str, np.ndarray],
                 biases: Mapping[str, np.ndarray], layer_stats: Mapping[str, LayerStats],
                 loaders: Sequence[Callable[[], Feed]], cfg: ConvertConfig,
-                progress: Progress | None = None) -> tuple[tuple[tuple[str, int], ...], dict]:
+                progress: Progress | None = None) -> tuple[tuple[tuple[str, int], ...], MixedSummary]:
     """Per-layer bits as exact-name overrides, and what the allocation predicted."""
     choices = sorted(cfg.bit_choices, reverse=True)
     probe = Probe(prepared, targets, weights, loaders[:TRIAL_SAMPLES], biases)
@@ -68,12 +68,12 @@ def choose_bits(prepared: "onnx.ModelProto", targets: Sequence[Target], weights:
     choice, measured = cands[how], trials[how]
     chosen = [(t, choices[c]) for t, c in zip(main, choice)]
     total_params = sum(t.params for t in main)
-    info = {"allocator": how, "budget_bits": budget,
-            "used_bits": float(sum(sizes[i, c] for i, c in enumerate(choice))),
-            "avg_bits": float(sum(t.params * b for t, b in chosen) / max(total_params, 1)),
-            "predicted_divergence": predicted_cost(costs, choice), "measured_divergence": float(measured),
-            "measured_by_allocator": trials,
-            "predicted_by_allocator": {k: predicted_cost(costs, v) for k, v in cands.items()},
-            "layers": {t.node: b for t, b in chosen},
-            "costs": {t.node: dict(zip(map(str, choices), map(float, costs[i]))) for i, t in enumerate(main)}}
+    info = MixedSummary(
+        allocator=how, budget_bits=budget, used_bits=float(sum(sizes[i, c] for i, c in enumerate(choice))),
+        avg_bits=float(sum(t.params * b for t, b in chosen) / max(total_params, 1)),
+        predicted_divergence=predicted_cost(costs, choice), measured_divergence=float(measured),
+        measured_by_allocator=trials,
+        predicted_by_allocator={k: predicted_cost(costs, v) for k, v in cands.items()},
+        layers={t.node: b for t, b in chosen},
+        costs={t.node: dict(zip(map(str, choices), map(float, costs[i]))) for i, t in enumerate(main)})
     return tuple((_escape(t.node), b) for t, b in chosen), info
