@@ -29,6 +29,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from onnxq import runtime
+
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
@@ -185,22 +187,11 @@ def ort_child(job_json: str) -> None:
 # ----------------------------------------------------------------------------- evaluation
 
 def session(path: Path) -> ort.InferenceSession:
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 2
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return runtime.session(str(path))
 
 
 def latency_ms(sess: ort.InferenceSession, feed: dict, runs: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        sess.run(None, feed)
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        sess.run(None, feed)
-        times.append(time.perf_counter() - t0)
-    return 1000 * float(np.median(times))
+    return runtime.median_ms(sess, feed, runs, warmup)
 
 
 def evaluate(model: str, path: Path, feeds: list[dict], labels: list, ref: dict | None,

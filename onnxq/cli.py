@@ -197,9 +197,8 @@ def _preprocess_options(f):
               help=f"{' | '.join(WEIGHT_METHODS)} (default: gptq at <=4 bits, mse at 8).")
 @click.option("--damp", type=float, default=DEFAULT_DAMP, show_default=True,
               help="gptq: damping added to H, a fraction of its mean diagonal. Smaller follows the "
-                   "calibration data more closely (PP-OCR rec at 3 bits: 0.405 of strings equal to "
-                   "FP32 at 0.01, 0.695 at 0.001), larger is safer with little or unrepresentative "
-                   "data (Silero VAD is best at 0.01).")
+                   "calibration data more closely, larger is safer with little or unrepresentative "
+                   "data (docs/experiments/weights.md).")
 @click.option("--act-method", metavar="NAME",
               help=f"{' | '.join(RANGE_METHODS)} | lapq (joint loss-aware search); percentile:P, lp:P, "
                    "interval:EPS take a parameter (default: percentile; interval at 4 and 6 activation bits).")
@@ -219,8 +218,8 @@ def _preprocess_options(f):
 @click.option("--stages", type=int, default=3, show_default=True, help="Stages of sequential mode.")
 @click.option("--rank-budget", type=float, default=0.0, show_default=True,
               help="Low-rank residual branches: extra parameters as a fraction of the weights "
-                   "(0 = none). 0.02 is the measured sweet spot at 4 bits (PP-OCR rec strings equal "
-                   "to FP32 0.939 -> 0.951); 0.05 at 3 bits. Roughly doubles conversion time.")
+                   "(0 = none). 0.02 measured best at 4 bits, 0.05 at 3 (docs/experiments/branches.md). "
+                   "Roughly doubles conversion time.")
 @click.option("--branch-init", default="whitened", show_default=True,
               help="Branch factors: whitened (minimise the layer output error) or svd (weight error).")
 @click.option("--branch-bits", type=int, default=8, show_default=True,
@@ -361,8 +360,8 @@ def _jsonable(x):
 @click.option("--runs", type=int, default=30, show_default=True, help="Timed runs for the latency figure.")
 @click.option("--no-qdq-fusion", is_flag=True,
               help="Time CANDIDATE with onnxruntime's session.disable_quant_qdq = 1, the setting for onnxq "
-                   "models on the CPU provider: weights are dequantized once at load (PP-OCR rec W4A8: "
-                   "31.8 -> 21.4 ms). Slows models whose Q/DQ onnxruntime fuses (its own quantizer's).")
+                   "models on the CPU provider: weights are dequantized once at load "
+                   "(docs/experiments/latency.md). Slows models whose Q/DQ onnxruntime fuses.")
 @_preprocess_options
 def eval_cmd(reference, candidate, data, json_path, labels, runs, no_qdq_fusion, preset, size, mean, std, layout,
              channel_order):

@@ -22,7 +22,7 @@ class ConvertConfig:
     bits: weight bits (2, 3, 4 or 8); act_bits: activation bits (32 = weight-only).
     weight_method / act_method: names from WEIGHT_METHODS / RANGE_METHODS; None = default
     (gptq at <= 4 bits, mse at 8; activations: percentile at 8 and 16 bits, the interval rule at
-    4 and 6 bits, where percentile clips too little — measured on PP-OCR cls and det at W4A4).
+    4 and 6 bits, where percentile clips too little: docs/experiments/activation-ranges.md).
     depthwise_bits: depthwise convs keep this many bits (9 weights a channel: the error of a
     4-bit depthwise conv dominates the network's while its size is negligible).
     exclude: node-name patterns (fnmatch) left in float. bits_overrides: (pattern, bits) pairs.
@@ -43,7 +43,7 @@ class ConvertConfig:
     exclude: tuple[str, ...] = ()
     bits_overrides: tuple[tuple[str, int], ...] = field(default_factory=tuple)
     verify: bool = True
-    sequential: bool = False               # measured: one-pass is better on PP-OCR rec and Silero
+    sequential: bool = False               # one pass measured better: docs/experiments/weights.md
     stages: int = 3
     sequential_samples: int = 64           # samples of each extra sequential pass
     rank_budget: float = 0.0

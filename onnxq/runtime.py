@@ -34,12 +34,16 @@ def session(model: "onnx.ModelProto | bytes | str", threads: int = THREADS,
 def latency_ms(model: "onnx.ModelProto | bytes | str", feed: dict, runs: int = 30, warmup: int = 5,
                qdq_fusion: bool = True) -> float:
     """Median wall time of one run at the given feed (onnxruntime CPU, THREADS threads)."""
-    s = session(model, qdq_fusion=qdq_fusion)
+    return median_ms(session(model, qdq_fusion=qdq_fusion), feed, runs, warmup)
+
+
+def median_ms(sess: ort.InferenceSession, feed: dict, runs: int, warmup: int = 5) -> float:
+    """Median wall time in ms of `runs` runs of an open session, after `warmup` untimed ones."""
     for _ in range(warmup):
-        s.run(None, feed)
+        sess.run(None, feed)
     times = []
     for _ in range(runs):
         t0 = time.perf_counter()
-        s.run(None, feed)
+        sess.run(None, feed)
         times.append(time.perf_counter() - t0)
     return float(np.median(times) * 1000)

@@ -16,6 +16,9 @@ from __future__ import annotations
 import numpy as np
 
 
+DUAL_STEP = 2.0    # anneal: step of the size constraint's multiplier per unit of relative excess
+
+
 def _fits(sizes: np.ndarray, choice: np.ndarray, budget: float) -> bool:
     return float(sizes[np.arange(len(choice)), choice].sum()) <= budget + 1e-9
 
@@ -83,7 +86,7 @@ def anneal(costs: np.ndarray, sizes: np.ndarray, budget: float, steps: int = 400
         grad = pi * (g - (pi * g).sum(axis=1, keepdims=True)) / t
         logits -= lr * t * grad / (np.abs(grad).max() * t + 1e-12)
         over = float((pi * sn).sum()) - bn
-        lam = max(0.0, lam + 2.0 * over / max(bn, 1e-12))  # dual ascent on the size constraint
+        lam = max(0.0, lam + DUAL_STEP * over / max(bn, 1e-12))  # dual ascent on the size constraint
     z = logits / t_end
     pi = np.exp(z - z.max(axis=1, keepdims=True))
     pi /= pi.sum(axis=1, keepdims=True)

@@ -13,6 +13,10 @@ import numpy as np
 from .qmath import act_params, act_qrange
 
 
+ONE_SIDED = 0.05       # entropy: a tensor whose other side reaches under 5% of this one is one-sided
+ENTROPY_KEEP = 0.999   # entropy: the fraction of values no threshold may clip
+
+
 def _span(counts: np.ndarray, edges: np.ndarray) -> tuple[float, float]:
     nz = np.nonzero(counts)[0]
     if nz.size == 0:
@@ -104,12 +108,12 @@ def entropy(counts, edges, bits, signed, *, observed=None, candidates: int = 128
         return 0.0, 0.0
     last = int(nz[-1]) + 1
     lo0, hi0 = observed if observed is not None else _span(counts, edges)
-    one_sided = lo0 >= -0.05 * hi0 or hi0 <= -0.05 * lo0
+    one_sided = lo0 >= -ONE_SIDED * hi0 or hi0 <= -ONE_SIDED * lo0
     levels = 2**bits if (one_sided and not signed) else 2 ** (bits - 1)
     best_t, best_kl = float(e[last]), np.inf
     # KL alone happily clips tensors whose mass sits in a spike at zero down to a sliver of their
-    # range (measured: PP-OCR rec reads nothing); never clip more than 0.1% of the values
-    floor = int(np.searchsorted(np.cumsum(mag) / mag.sum(), 0.999)) + 1
+    # range (docs/experiments/activation-ranges.md); never clip more than 0.1% of the values
+    floor = int(np.searchsorted(np.cumsum(mag) / mag.sum(), ENTROPY_KEEP)) + 1
     for stop in np.unique(np.linspace(max(levels, last // 16, floor), last, candidates).astype(int)):
         sliced = mag[:stop].astype(np.float64)
         p = sliced.copy()

@@ -12,14 +12,8 @@ import numpy as np
 
 from .qmath import weight_qmax
 
-# damping of H in second-order rounding, a fraction of mean(diag H) (--damp). Measured, strings
-# or decisions equal to FP32 at 0.01 -> 0.003 -> 0.001: PP-OCR rec W4A8, 64 calibration lines,
-# calibration seed 1: 0.865 -> 0.910 -> 0.900 (seed 0: 0.875 -> 0.875); W3A8 seed 1: 0.405 ->
-# 0.605 -> 0.695; rec W4A8 from only 32 lines (60 held-out): 0.53 -> 0.40 -> 0.63; PP-OCR det
-# IoU 0.947 -> 0.946 -> 0.947; Silero VAD W4: 0.932 -> 0.924 -> 0.908. No value wins everywhere,
-# and choosing per layer on half the calibration data (every layer then prefers <= 0.001) or on
-# the network's KL (prefers 0.01 on rec, where strings say otherwise) did not find the better
-# one, so the default stays where it is safest.
+# damping of H in second-order rounding, a fraction of mean(diag H) (--damp); no value wins on
+# every model, this one is the safest measured (docs/experiments/weights.md, "Damping")
 DEFAULT_DAMP = 0.01
 
 

@@ -6,8 +6,8 @@ integer codes [O, K] and scales [O]; the rewriter turns them into initializers.
 `gptq` clipping chosen on the layer's own objective tr(E H E^T), then second-order rounding
        (see rounding.py) from a few scales around it, per row the best on the objective kept.
        Needs H; without it the layer falls back to `mse`. (Refitting each row's scale to its
-       codes in closed form, s = qHw^T / qHq^T, lowers the objective further but was measured
-       worse end to end: PP-OCR rec W3A8 0.185 -> 0.080 of strings equal to FP32.)
+       codes in closed form lowers the objective further but is worse end to end:
+       docs/experiments/weights.md.)
 """
 
 from __future__ import annotations

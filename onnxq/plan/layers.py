@@ -42,12 +42,8 @@ def input_covariance(ls: LayerStats) -> np.ndarray:
     When the bias is corrected afterwards, the weight error's effect on the output mean, E·mu,
     is cancelled, so what is left to minimise is tr(E Cov E^T), not tr(E H E^T): the rounding,
     its clipping and the low-rank branches all fit the covariance. After ReLU-like activations
-    the mean direction dominates H, and fitting H spends the error budget on it. Measured (W4A8,
-    strings / decisions equal to FP32, output SQNR): PP-OCR rec 0.865 -> 0.930, 10.8 -> 12.3 dB;
-    cls 1.000 -> 1.000, 23.7 -> 27.5 dB (W3A8 0.965 -> 0.990, 13.5 -> 18.2 dB).
-    Second calibration set (seed 0): rec 0.875 -> 0.905. (Flooring each input's variance at 1e-3
-    of its E[x^2], so inputs constant on the calibration data keep a cost, read 0.905 / 0.900 on
-    rec's two sets against 0.930 / 0.905 without; not used.)"""
+    the mean direction dominates H, and fitting H spends the error budget on it
+    (docs/experiments/weights.md, "Rounding on the input covariance")."""
     return _about_means(ls.hessian, ls.mean)
 
 
