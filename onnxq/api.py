@@ -6,11 +6,8 @@ Each stage is a function below; the packages hold the work (README, "How it work
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
 import time
-from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Sequence
 
 from .calib.collect import collect
@@ -31,54 +28,16 @@ from .search.lapq import lapq_search
 from .search.mixed import choose_bits
 from .search.probe import Probe
 from .search.sequential import sequential_layers
-from .types import (Feed, Fidelity, MixedSummary, Plan, Progress, Report, SearchSummary, Skipped, Stats,
-                    Target)
+from .types import Conversion, Feed, Progress, Report, Stats
 from .verify import fidelity
 
 if TYPE_CHECKING:
     import onnx
 
-log = logging.getLogger(__name__)
 RANDOM_SAMPLES = 16    # random feeds used when no calibration data is given
 PROBE_SAMPLES = 16     # samples the branch planner's network probe runs
 HOLDOUT_MAX = 16       # held-out samples taken from the calibration data at most ...
 HOLDOUT_FRACTION = 8   # ... and at most one in this many
-
-
-@dataclass
-class Conversion:
-    """What the stages produce, in the order they produce it."""
-
-    cfg: ConvertConfig
-    name: str = ""
-    source: "onnx.ModelProto | None" = None
-    src_opset: int = 0
-    prepared: "onnx.ModelProto | None" = None
-    prep_info: dict = field(default_factory=dict)
-    targets: list[Target] = field(default_factory=list)
-    skipped: list[Skipped] = field(default_factory=list)
-    calib: list = field(default_factory=list)
-    held: list = field(default_factory=list)
-    stats: Stats | None = None
-    weights: dict = field(default_factory=dict)
-    biases: dict = field(default_factory=dict)
-    plan: Plan | None = None
-    mixed: MixedSummary | None = None
-    search: SearchSummary | None = None
-    qmodel: "onnx.ModelProto | None" = None
-    fidelity: Fidelity = field(default_factory=Fidelity)
-    warnings: list[str] = field(default_factory=list)
-    seconds: dict[str, float] = field(default_factory=dict)
-
-    @contextmanager
-    def timed(self, stage: str):
-        t0 = time.perf_counter()
-        yield
-        self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - t0
-
-    def warn(self, message: str) -> None:
-        self.warnings.append(message)
-        log.warning(message)
 
 
 def convert(model: "str | os.PathLike | onnx.ModelProto", config: ConvertConfig | None = None,

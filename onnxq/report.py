@@ -3,14 +3,9 @@
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
-
 from .graph.io import opset_of
 from .graph.walk import initializer_bytes
-from .types import ActReport, LayerReport, Report, SkippedReport
-
-if TYPE_CHECKING:
-    from .api import Conversion
+from .types import ActReport, Conversion, LayerReport, Report, SkippedReport
 
 BRANCH_SCOPE = "/residual/"    # the emitted branch nodes and initializers live under <node>/residual/
 
@@ -21,7 +16,7 @@ def _num(x):
     return None if (isinstance(x, float) and not math.isfinite(x)) else round(float(x), 4)
 
 
-def _input_note(c: "Conversion", t, act) -> tuple[int, str]:
+def _input_note(c: Conversion, t, act) -> tuple[int, str]:
     """(activation bits, why the input stays float or "") of a layer."""
     if act is not None:
         return act.bits, ""
@@ -34,7 +29,7 @@ def _input_note(c: "Conversion", t, act) -> tuple[int, str]:
     return 32, "never reached by the calibration data: weight-only"
 
 
-def _layer(c: "Conversion", lp) -> LayerReport:
+def _layer(c: Conversion, lp) -> LayerReport:
     t = lp.target
     act = c.plan.acts.get(t.act) if t.act else None
     bits, why = _input_note(c, t, act)
@@ -59,7 +54,7 @@ def _activation(name: str, a, st) -> ActReport:
                      clipped_fraction=clipped, scale=float(a.scale), zero_point=int(a.zero_point))
 
 
-def build_report(c: "Conversion") -> Report:
+def build_report(c: Conversion) -> Report:
     r = Report(model=c.name, config=c.cfg.to_dict(), prepare=dict(c.prep_info))
     r.quantized = [_layer(c, lp) for lp in c.plan.layers]
     r.skipped = [SkippedReport(s.node, s.op, s.reason) for s in c.skipped]

@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import logging
+import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
+
+from .config import ConvertConfig
+
+if TYPE_CHECKING:
+    import onnx
+
+log = logging.getLogger("onnxq")
 
 # progress callbacks: (stage, done, total)
 Progress = Callable[[str, int, int], None]
@@ -382,3 +392,39 @@ class Report:
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
+
+
+@dataclass
+class Conversion:
+    """What the stages produce, in the order they produce it."""
+
+    cfg: ConvertConfig
+    name: str = ""
+    source: "onnx.ModelProto | None" = None
+    src_opset: int = 0
+    prepared: "onnx.ModelProto | None" = None
+    prep_info: dict = field(default_factory=dict)
+    targets: list[Target] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
+    calib: list = field(default_factory=list)
+    held: list = field(default_factory=list)
+    stats: Stats | None = None
+    weights: dict = field(default_factory=dict)
+    biases: dict = field(default_factory=dict)
+    plan: Plan | None = None
+    mixed: MixedSummary | None = None
+    search: SearchSummary | None = None
+    qmodel: "onnx.ModelProto | None" = None
+    fidelity: Fidelity = field(default_factory=Fidelity)
+    warnings: list[str] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def timed(self, stage: str):
+        t0 = time.perf_counter()
+        yield
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - t0
+
+    def warn(self, message: str) -> None:
+        self.warnings.append(message)
+        log.warning(message)
