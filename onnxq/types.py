@@ -75,6 +75,7 @@ class Target:
     shape: tuple[int, ...]    # weight shape
     groups: int = 1
     geo: ConvGeometry | None = None
+    fixed_bias: bool = False   # the node reads a bias input the quantizer may not replace
 
     @property
     def depthwise(self) -> bool:

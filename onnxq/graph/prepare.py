@@ -132,13 +132,55 @@ def prune_initializers(model: onnx.ModelProto) -> None:
             g.initializer.extend(keep)
 
 
+def _scaled_copy(g: onnx.GraphProto, inits: dict, name: str, new_name: str, k: float) -> str | None:
+    """A float initializer `name` times k under a new name (others may share the original)."""
+    t = inits.get(name)
+    if t is None or t.data_type != onnx.TensorProto.FLOAT:
+        return None
+    _replace_init(g, new_name, numpy_helper.to_array(t).astype(np.float64) * k)
+    return new_name
+
+
+def normalize_gemms(model: onnx.ModelProto) -> int:
+    """Fold a Gemm's alpha into its constant B and its beta into its constant C, so that
+    Y = A·B' + C' and the quantizer can treat B' as the weight and C' as the bias. Returns how
+    many Gemms changed; a Gemm whose B or C is not a constant keeps the attribute it needs."""
+    changed = 0
+    for _, g in graphs(model):
+        inits = _inits(g)
+        for node in g.node:
+            if node.op_type != "Gemm":
+                continue
+            alpha, beta = float(attr(node, "alpha", 1.0)), float(attr(node, "beta", 1.0))
+            drop = set()
+            if alpha != 1.0 and len(node.input) > 1:
+                new = _scaled_copy(g, inits, node.input[1], f"{node.name}/alpha_weight", alpha)
+                if new:
+                    node.input[1] = new
+                    drop.add("alpha")
+            if beta != 1.0 and len(node.input) > 2 and node.input[2]:
+                new = _scaled_copy(g, inits, node.input[2], f"{node.name}/beta_bias", beta)
+                if new:
+                    node.input[2] = new
+                    drop.add("beta")
+            if drop:
+                keep = [a for a in node.attribute if a.name not in drop]
+                del node.attribute[:]
+                node.attribute.extend(keep)
+                inits = _inits(g)
+                changed += 1
+    prune_initializers(model)
+    return changed
+
+
 def prepare(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, int]]:
     m = onnx.ModelProto()
     m.CopyFrom(model)
     name_nodes(m)
     moved = constants_to_initializers(m)
     folded = fold_batchnorm(m)
-    return m, {"constants_moved": moved, "batchnorm_folded": folded}
+    gemms = normalize_gemms(m)
+    return m, {"constants_moved": moved, "batchnorm_folded": folded, "gemm_scales_folded": gemms}
 
 
 def upgrade_opset(model: onnx.ModelProto, target: int) -> onnx.ModelProto:

@@ -71,12 +71,17 @@ def _classify(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto], graph: s
         return "empty weight"
     geo = _geometry(node, shape) if layout in ("conv", "convT") else None
     bias = ins[2] if len(ins) > 2 and ins[2] and ins[2] in inits else None
-    if op == "Gemm" and float(attr(node, "beta", 1.0)) != 1.0:
+    # a bias input the quantizer must leave as it is: a Gemm's C that is an activation, or that
+    # still carries a beta (graph/prepare.py folds beta into constant C)
+    fixed = op == "Gemm" and len(ins) > 2 and bool(ins[2]) and (
+        bias is None or float(attr(node, "beta", 1.0)) != 1.0)
+    if fixed:
         bias = None
     # activations inside Loop/Scan bodies cannot be observed; If branches are (graph/inline.py)
     act = None if in_loop or ins[act_i] in inits else ins[act_i]
     return Target(node=node.name, op=op, graph=graph, weight=ins[w_i], act=act, bias=bias,
-                  weight_layout=layout, shape=shape, groups=geo.group if geo else 1, geo=geo)
+                  weight_layout=layout, shape=shape, groups=geo.group if geo else 1, geo=geo,
+                  fixed_bias=fixed)
 
 
 def find_targets(model: onnx.ModelProto, excluded: Callable[[str], bool] = lambda node: False

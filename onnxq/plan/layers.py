@@ -32,7 +32,7 @@ def _weighted_sqnr(wm, w_hat, h, groups) -> float:
 def _bias_corrects(t: Target, wm: np.ndarray, bias: np.ndarray | None, cfg: ConvertConfig) -> bool:
     """Whether the layer's bias will cancel its mean output shift (corrected_bias,
     plan_compensated): the one test of that, so the fit objective and the correction agree."""
-    return (cfg.bias_correction and t.op in ("Conv", "Gemm")
+    return (cfg.bias_correction and t.op in ("Conv", "Gemm") and not t.fixed_bias
             and (bias is None or bias.shape == (wm.shape[0],)))
 
 
