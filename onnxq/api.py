@@ -14,14 +14,17 @@ from .calib.collect import collect
 from .calib.data import Preprocess, open_source, random_feeds
 from .config import VERSION, ConvertConfig
 from .errors import InputModelError, VerificationError
-from .graph.io import check_model, check_output_path, input_specs, load_model, opset_of, save_model
-from .graph.prepare import prepare, upgrade_opset
+from .graph.io import (TARGET_KEY, check_model, check_output_path, input_specs, load_model, opset_of,
+                       save_model, set_metadata)
+from .graph.placement import plan_placement
+from .graph.prepare import fuse_hardswish, prepare, upgrade_opset
 from .graph.rewrite import apply_plan
 from .graph.targets import find_targets, initializer_array
 from .graph.tidy import tidy
-from .plan.acts import plan_acts
+from .plan.acts import plan_acts, tie
 from .plan.biases import code_biases
 from .plan.layers import make_plan
+from .plan.rules import DEFAULT_TARGET
 from .report import build_report
 from .runtime import session
 from .search.lapq import lapq_search
@@ -53,6 +56,7 @@ def convert(model: "str | os.PathLike | onnx.ModelProto", config: ConvertConfig 
         load(c, model)
         prepare_model(c)
         c.targets, c.skipped = find_targets(c.prepared, c.cfg.excluded)
+        c.placement = plan_placement(c.prepared, c.targets, c.cfg.rules, c.cfg.quantize_acts)
         data(c, calib, holdout, preprocess)
     with c.timed("calibrate"):
         calibrate(c, stats, save_stats, progress)
@@ -80,12 +84,14 @@ def needed_opset(cfg: ConvertConfig) -> int:
     """21 where int4 weights or int16 activations are emitted, else 13 (per-channel QDQ)."""
     low = (cfg.bits <= 4 or any(b <= 4 for _, b in cfg.bits_overrides) or cfg.act_bits == 16
            or (cfg.mixed and min(cfg.bit_choices) <= 4))
-    return 21 if low else 13
+    return 21 if low else (14 if cfg.rules.fuse_hardswish else 13)
 
 
 def prepare_model(c: Conversion) -> None:
     prepared, c.prep_info = prepare(c.source)
     c.prepared = upgrade_opset(prepared, needed_opset(c.cfg))
+    if c.cfg.rules.fuse_hardswish:
+        c.prep_info["hardswish_fused"] = fuse_hardswish(c.prepared)
 
 
 def data(c: Conversion, calib, holdout, preprocess: Preprocess | None) -> None:
@@ -121,8 +127,8 @@ def calibrate(c: Conversion, stats: Stats | str | None, save_stats: str | None,
     if isinstance(stats, str):
         stats = Stats.load(stats)
     if stats is None:
-        stats = collect(c.prepared, c.targets, c.calib, hessians=True,
-                        rows_per_sample=c.cfg.rows_per_sample, seed=c.cfg.seed, progress=progress)
+        stats = collect(c.prepared, c.targets, c.calib, hessians=True, rows_per_sample=c.cfg.rows_per_sample,
+                        seed=c.cfg.seed, progress=progress, extra=c.placement.observe)
     if save_stats:
         stats.save(save_stats)
     c.stats = stats
@@ -139,7 +145,7 @@ def plan(c: Conversion, progress: Progress | None) -> None:
     if c.cfg.sequential_on and any(t.act for t in c.targets):
         layers = sequential_layers(c.prepared, c.targets, c.calib, c.stats, c.weights, c.biases, c.cfg,
                                    progress)
-    act_plan = plan_acts(c.stats.acts, c.cfg)
+    act_plan = plan_acts(c.stats.acts, c.cfg, c.placement.tied)
     probe = None
     if c.cfg.rank_budget > 0:
         # the probe carries the activation QDQ the emitted model will have: a branch is judged
@@ -147,6 +153,7 @@ def plan(c: Conversion, progress: Progress | None) -> None:
         probe = Probe(c.prepared, c.targets, c.weights, c.calib[:PROBE_SAMPLES], c.biases, act_plan)
     c.plan = make_plan(c.targets, c.weights, c.biases, c.stats.layers, c.stats.acts, c.cfg,
                        progress=progress, layers=layers, probe=probe, act_plan=act_plan)
+    c.plan.target = c.cfg.target
 
 
 def choose_mixed(c: Conversion, progress: Progress | None) -> None:
@@ -170,13 +177,16 @@ def search(c: Conversion, progress: Progress | None) -> None:
     ref_sess = session(c.prepared)
     reference = [ref_sess.run(None, f) for f in feeds]
     check_ref = [ref_sess.run(None, f) for f in check]
-    c.plan.acts, c.search = lapq_search(c.prepared, c.plan, c.stats.acts, feeds, reference, c.cfg,
-                                        progress, check, check_ref)
+    acts, c.search = lapq_search(c.prepared, c.plan, c.stats.acts, feeds, reference, c.cfg,
+                                 progress, check, check_ref)
+    c.plan.acts = tie(acts, c.placement.tied)
 
 
 def rewrite(c: Conversion) -> None:
     c.qmodel = tidy(apply_plan(c.prepared, code_biases(c.plan)))
     c.qmodel.producer_name, c.qmodel.producer_version = "onnxq", VERSION
+    if c.cfg.target != DEFAULT_TARGET:
+        set_metadata(c.qmodel, TARGET_KEY, c.cfg.target)
 
 
 def verify(c: Conversion) -> None:

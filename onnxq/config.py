@@ -9,6 +9,7 @@ from typing import Any
 from .algos.ranges import RANGE_METHODS, parse_method
 from .algos.weights import DEFAULT_DAMP, WEIGHT_METHODS
 from .errors import ConfigError
+from .plan.rules import DEFAULT_TARGET, RULES
 
 VERSION = "0.1.0"
 WEIGHT_BITS = (2, 3, 4, 8)
@@ -57,8 +58,11 @@ class ConvertConfig:
     bit_choices: tuple[int, ...] = (8, 4, 3, 2)
     search_evals: int = 120                # lapq: network-loss evaluations at most (det W4A4: ~1 s each)
     search_samples: int = 64               # lapq: samples the search fits (the next as many check it)
+    target: str = DEFAULT_TARGET           # emission rules of the runtime the model is for (plan/rules.py)
 
     def __post_init__(self) -> None:
+        if self.target not in RULES:
+            raise ConfigError(f"unknown target '{self.target}'; known: {', '.join(RULES)}")
         if self.bits not in WEIGHT_BITS:
             raise ConfigError(f"--bits must be one of {WEIGHT_BITS}, got {self.bits}")
         if self.act_bits not in ACT_BITS:
@@ -129,6 +133,10 @@ class ConvertConfig:
             branch = self.rank_budget * params
             return self.avg_bits * (params + branch) - self.branch_bits * branch
         return float(self.max_size) * 8
+
+    @property
+    def rules(self):
+        return RULES[self.target]
 
     @property
     def sequential_on(self) -> bool:

@@ -15,6 +15,8 @@ from .config import ConvertConfig
 if TYPE_CHECKING:
     import onnx
 
+    from .graph.placement import Placement
+
 log = logging.getLogger("onnxq")
 
 # progress callbacks: (stage, done, total)
@@ -246,6 +248,7 @@ class Plan:
     acts: dict[str, ActQuant] = field(default_factory=dict)
     branch_summary: "BranchSummary | None" = None
     biases: dict[str, CodedBiases] = field(default_factory=dict)   # node -> coded (plan/biases.py)
+    target: str = "generic"      # emission rules (plan/rules.py)
 
 
 @dataclass
@@ -410,6 +413,7 @@ class Conversion:
     calib: list = field(default_factory=list)
     held: list = field(default_factory=list)
     stats: Stats | None = None
+    placement: "Placement | None" = None
     weights: dict = field(default_factory=dict)
     biases: dict = field(default_factory=dict)
     plan: Plan | None = None

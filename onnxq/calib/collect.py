@@ -71,9 +71,10 @@ def wants_hessian(t: Target) -> bool:
 
 def collect(model: "onnx.ModelProto", targets: Sequence[Target], loaders: Sequence[Callable[[], Feed]],
             *, hessians: bool, rows_per_sample: int, seed: int,
-            progress: Progress | None = None) -> Stats:
-    """Range statistics of every target's activation and, with `hessians`, H and E[x] per layer."""
-    acts = sorted({t.act for t in targets if t.act})
+            progress: Progress | None = None, extra: Sequence[str] = ()) -> Stats:
+    """Range statistics of every target's activation (and of the `extra` tensors) and, with
+    `hessians`, H and E[x] per layer."""
+    acts = sorted({t.act for t in targets if t.act} | set(extra))
     if not acts:
         return Stats(samples=len(loaders))
     router = Router(model, acts)

@@ -52,6 +52,21 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     return model
 
 
+TARGET_KEY = "onnxq.target"      # metadata: the emission rules a model was written for
+
+
+def set_metadata(model: onnx.ModelProto, key: str, value: str) -> None:
+    for p in model.metadata_props:
+        if p.key == key:
+            p.value = value
+            return
+    model.metadata_props.add(key=key, value=value)
+
+
+def get_metadata(model: onnx.ModelProto, key: str) -> str | None:
+    return next((p.value for p in model.metadata_props if p.key == key), None)
+
+
 def check_model(model: onnx.ModelProto) -> None:
     """onnx.checker on the model (through a file when it is too large for one protobuf)."""
     if model.ByteSize() < EXTERNAL_THRESHOLD:

@@ -15,13 +15,16 @@ from onnx import helper, numpy_helper
 
 from ..algos.matrix import from_matrix
 from ..algos.qmath import container_bits
+from ..plan.rules import RULES, Rules
 from ..types import ActQuant, CodedBiases, LayerPlan, Plan
 from .prepare import prune_initializers
 from .walk import graph_by_path
 
 
-def weight_container(bits: int):
-    return ml_dtypes.int4 if container_bits(bits) == 4 else np.int8
+def weight_container(bits: int, op: str = "Conv", rules: Rules = RULES["generic"]):
+    """INT4 for 2-4-bit codes where the target's rules allow it, else INT8."""
+    int4 = rules.int4_conv if op in ("Conv", "ConvTranspose") else rules.int4_matmul
+    return ml_dtypes.int4 if container_bits(bits) == 4 and int4 else np.int8
 
 
 def act_container(a: ActQuant):
@@ -71,11 +74,11 @@ def bias_param_values(lp: LayerPlan, coded: CodedBiases) -> dict[str, np.ndarray
     return out
 
 
-def _weight_nodes(g: onnx.GraphProto, lp: LayerPlan, coded: CodedBiases) -> list[onnx.NodeProto]:
+def _weight_nodes(g: onnx.GraphProto, lp: LayerPlan, coded: CodedBiases, rules: Rules) -> list[onnx.NodeProto]:
     """Initializers and DQ nodes for one layer; rewires the layer's node. Returns new nodes."""
     t = lp.target
     node = next(n for n in g.node if n.name == t.node)
-    dt = weight_container(lp.bits)
+    dt = weight_container(lp.bits, t.op, rules)
     pre = t.node
     nodes = []
     bias, as_int32 = coded.float_bias, coded.layer
@@ -124,13 +127,18 @@ def apply_plan(model: onnx.ModelProto, plan: Plan) -> onnx.ModelProto:
     m = onnx.ModelProto()
     m.CopyFrom(model)
     graphs = graph_by_path(m)
+    rules = RULES[plan.target]
     before: dict[str, dict[str, list[onnx.NodeProto]]] = {}   # graph -> node -> nodes to put first
     for lp in plan.layers:
         t = lp.target
         g = graphs[t.graph]
-        new = _weight_nodes(g, lp, plan.biases[t.node])
+        new = _weight_nodes(g, lp, plan.biases[t.node], rules)
         before.setdefault(t.graph, {}).setdefault(t.node, []).extend(new)
-    act_pairs(graphs, [lp.target for lp in plan.layers], plan.acts, before)
+    targets = [lp.target for lp in plan.layers]
+    if rules.all_readers:
+        _shared_pairs(graphs[""], plan.acts, before)
+        targets = [t for t in targets if t.graph]
+    act_pairs(graphs, targets, plan.acts, before)
     after: dict[str, dict[str, list[onnx.NodeProto]]] = {}
     for lp in plan.layers:
         if lp.branch is not None:
@@ -165,6 +173,21 @@ def act_pairs(graphs, targets, acts: dict[str, ActQuant], before) -> None:
             for i, inp in enumerate(node.input):
                 if inp == act:
                     node.input[i] = done[act]
+
+
+def _shared_pairs(g: onnx.GraphProto, acts: dict[str, ActQuant], before) -> None:
+    """One Q/DQ pair per quantized main-graph tensor, put before its first reader; every reader
+    reads the DQ (full node units: the producer's only reader is then the Q)."""
+    done: dict[str, str] = {}
+    for node in g.node:
+        for i, inp in enumerate(node.input):
+            a = acts.get(inp)
+            if a is None:
+                continue
+            if inp not in done:
+                before.setdefault("", {}).setdefault(node.name, []).extend(_act_nodes(g, inp, inp, a))
+                done[inp] = f"{inp}/dq"
+            node.input[i] = done[inp]
 
 
 def place(graphs, before, after) -> None:

@@ -29,12 +29,23 @@ def act_signed(cfg: ConvertConfig) -> bool:
     return cfg.act_symmetric or cfg.act_bits == 16
 
 
-def plan_acts(acts: Mapping[str, ActStats], cfg: ConvertConfig) -> dict[str, ActQuant]:
-    """Every observed activation's parameters by the configured method (empty when weight-only)."""
+def plan_acts(acts: Mapping[str, ActStats], cfg: ConvertConfig,
+              tied: Mapping[str, str] | None = None) -> dict[str, ActQuant]:
+    """Every observed activation's parameters by the configured method (empty when weight-only);
+    a `tied` tensor takes the parameters of the tensor it maps to (data movement keeps scales)."""
     if not cfg.quantize_acts:
         return {}
     spec = SEARCH_START if cfg.act_method_name == "lapq" else cfg.act_method_name
     signed = act_signed(cfg)
-    return {name: act_quant(*method_range(st, spec, cfg.act_bits, signed), cfg.act_bits, signed,
-                            cfg.act_method_name)
-            for name, st in sorted(acts.items())}
+    out = {name: act_quant(*method_range(st, spec, cfg.act_bits, signed), cfg.act_bits, signed,
+                           cfg.act_method_name)
+           for name, st in sorted(acts.items())}
+    return tie(out, tied)
+
+
+def tie(acts: dict[str, ActQuant], tied: Mapping[str, str] | None) -> dict[str, ActQuant]:
+    """`acts` with every tied tensor given its source's parameters (when the source has some)."""
+    for name, source in (tied or {}).items():
+        if source in acts:
+            acts[name] = acts[source]
+    return acts

@@ -1,0 +1,74 @@
+"""Which tensors get Q/DQ pairs under a target's rules (plan/rules.py), found from the graph
+before calibration so the streamed pass observes them all."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import onnx
+
+from ..plan.rules import ABSORBED_OPS, FUSED_OPS, SAME_SCALE_OPS, Rules
+from ..types import Target
+
+
+@dataclass
+class Placement:
+    observe: list[str] = field(default_factory=list)       # tensors to calibrate beyond the layers' inputs
+    tied: dict[str, str] = field(default_factory=dict)     # tensor -> the tensor whose Q/DQ params it takes
+
+
+def _consumers(g: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
+    out: dict[str, list[onnx.NodeProto]] = {}
+    for node in g.node:
+        for i in node.input:
+            if i:
+                out.setdefault(i, []).append(node)
+    return out
+
+
+def _unit_output(node: onnx.NodeProto, consumers, outputs: set[str]) -> str | None:
+    """The tensor a quantized layer's output Q goes on: after a Relu/Clip that is its only reader
+    (the fused kernel absorbs it), else its own output; None for a graph output."""
+    y = node.output[0]
+    if y in outputs:
+        return None
+    readers = consumers.get(y, [])
+    if len(readers) == 1 and readers[0].op_type in ABSORBED_OPS and readers[0].output[0] not in outputs:
+        return readers[0].output[0]
+    return y
+
+
+def plan_placement(model: onnx.ModelProto, targets: Sequence[Target], rules: Rules,
+                   quantize_acts: bool = True) -> Placement:
+    """The main graph's extra quantized tensors under `rules` (none for input-side placement)."""
+    p = Placement()
+    if not rules.output_units or not quantize_acts:
+        return p
+    g = model.graph
+    consumers = _consumers(g)
+    outputs = {o.name for o in g.output}
+    inits = {t.name for t in g.initializer}
+    layers = {t.node for t in targets if not t.graph and t.act}
+    quantized = {t.act for t in targets if not t.graph and t.act}
+    extra: list[str] = []
+
+    def add(name: str | None) -> None:
+        if name and name not in quantized and name not in outputs and name not in inits:
+            quantized.add(name)
+            extra.append(name)
+
+    for node in g.node:
+        if node.name in layers:
+            add(_unit_output(node, consumers, outputs))
+        elif node.op_type in FUSED_OPS:
+            ins = [i for i in node.input if i]
+            if ins and all(i in quantized for i in ins) and len(node.output) == 1:
+                add(node.output[0])
+        elif node.op_type in SAME_SCALE_OPS and node.input and node.input[0] in quantized:
+            y = node.output[0]
+            if len(node.output) == 1 and y not in outputs:
+                p.tied[y] = p.tied.get(node.input[0], node.input[0])
+                add(y)
+    p.observe = [n for n in extra if n not in p.tied]
+    return p

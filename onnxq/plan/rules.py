@@ -1,0 +1,57 @@
+"""Per-target emission rules, in one table: where Q/DQ pairs go, which types and containers the
+runtime wants, and the session options it runs the result with.
+
+generic   Q/DQ on the inputs of quantized layers only, read only by those layers; INT4 weights in
+          INT4 containers. The smallest file; runtimes that fuse input-side Q/DQ (TensorRT-style,
+          OpenVINO for 8-bit layers) run it fast. On onnxruntime's CPU provider it runs at FP32
+          speed with `session.disable_quant_qdq` (weights folded at load).
+ort-cpu   full node units DQ -> op -> Q so onnxruntime's CPU provider fuses integer kernels
+          (QLinearConv, QLinearMatMul, QLinearAdd, QLinearConcat, QLinearGlobalAveragePool, ...):
+          Q/DQ also on the outputs of quantized layers (after a Relu/Clip they feed, which the
+          kernel absorbs), through the element-wise and pooling ops it fuses, with the input's
+          scale carried through data-movement ops; every reader of a quantized tensor reads the
+          same DQ. u8 activations, s8 per-channel weights, int32 biases. Its Conv kernels take
+          8-bit weights only, so 2- to 4-bit conv weights are stored as their 4-bit-grid values in
+          INT8 containers (the speed of W8A8 with the rounding of W4; the file is W8-sized), and
+          so are Gemm/MatMul weights whose input is quantized (its int4 kernels want a float input).
+openvino  generic placement (OpenVINO's CPU plugin runs input-side Q/DQ convs as u8) with 2- to
+          4-bit conv weights in INT8 containers: INT4 conv weights make it fall back to bf16.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Rules:
+    name: str
+    output_units: bool            # Q/DQ on layer outputs and through fused ops (full node units)
+    all_readers: bool             # every reader of a quantized tensor reads its one DQ
+    int4_conv: bool               # 2-4-bit Conv/ConvTranspose weights in INT4 containers (else INT8)
+    int4_matmul: bool             # 2-4-bit Gemm/MatMul weights in INT4 containers (else INT8)
+    fuse_hardswish: bool = False  # decomposed hard-swish made one HardSwish node (opset 14)
+    session_options: dict[str, str] = field(default_factory=dict)   # for onnxruntime's CPU provider
+    summary: str = ""
+
+
+RULES: dict[str, Rules] = {
+    "generic": Rules("generic", output_units=False, all_readers=False, int4_conv=True, int4_matmul=True,
+                     session_options={"session.disable_quant_qdq": "1"},
+                     summary="Q/DQ on quantized layers' inputs; INT4 containers"),
+    "ort-cpu": Rules("ort-cpu", output_units=True, all_readers=True, int4_conv=False, int4_matmul=False,
+                     fuse_hardswish=True,
+                     summary="full node units for onnxruntime's CPU integer kernels; u8/s8, int32 bias"),
+    "openvino": Rules("openvino", output_units=False, all_readers=False, int4_conv=False, int4_matmul=True,
+                      session_options={"session.disable_quant_qdq": "1"},
+                      summary="Q/DQ on quantized layers' inputs; conv weights in INT8 containers"),
+}
+DEFAULT_TARGET = "generic"
+
+# ops whose onnxruntime CPU kernels take quantized inputs and outputs (their scales may differ)
+FUSED_OPS = frozenset({"Add", "Mul", "Concat", "GlobalAveragePool", "AveragePool", "Sigmoid", "LeakyRelu"})
+# data-movement ops that run on the 8-bit tensor when their output keeps the input's scale
+SAME_SCALE_OPS = frozenset({"MaxPool", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Resize",
+                            "DepthToSpace", "SpaceToDepth"})
+# activations a quantized layer's kernel absorbs when the Q right after them makes them redundant
+ABSORBED_OPS = frozenset({"Relu", "Clip"})
