@@ -20,6 +20,8 @@ from .algos.ranges import RANGE_METHODS
 from .algos.weights import DEFAULT_DAMP, WEIGHT_METHODS
 from .calib.data import PRESETS, Preprocess
 from .config import ConvertConfig
+from .plan.rules import DEFAULT_TARGET
+from .plan.rules import RULES as TARGETS
 from .errors import ConfigError, OnnxqError, VerificationError
 
 err = Console(stderr=True, highlight=False)
@@ -82,7 +84,7 @@ def _kb(n: int) -> str:
 def print_summary(report) -> None:
     r = report
     by_bits = Counter(q.bits for q in r.quantized)
-    out.print(f"[bold]onnxq[/] {escape(r.model)}")
+    out.print(f"[bold]onnxq[/] {escape(r.model)} (target {r.config.get('target', DEFAULT_TARGET)})")
     out.print("  quantized: " + (", ".join(f"{n} layers at {b} bits" for b, n in sorted(by_bits.items()))
                                 or "nothing"))
     reasons = Counter((s.op, s.reason) for s in r.skipped)
@@ -234,6 +236,9 @@ def _preprocess_options(f):
 @click.option("--branch-refine", type=int, default=0, show_default=True,
               help="Joint refinement rounds of layers with a branch: re-round W - B·A, refit the branch "
                    "to what is left; kept only where the layer's output error falls.")
+@click.option("--target", type=click.Choice(list(TARGETS)), default=DEFAULT_TARGET, show_default=True,
+              help="Runtime the model is for; decides where Q/DQ go and the weight containers. "
+                   + " ".join(f"{k}: {v.summary}." for k, v in TARGETS.items()))
 @click.option("--avg-bits", type=float,
               help="Mixed precision: choose each layer's bits so the parameter-weighted average is at most this.")
 @click.option("--max-size", help="Mixed precision: quantized weights at most this big, e.g. 2.5MB or 800KB.")
@@ -291,7 +296,7 @@ def _config(o: dict) -> ConvertConfig:
         sequential=o["sequential"], stages=o["stages"], rank_budget=o["rank_budget"],
         branch_init=o["branch_init"], branch_bits=o["branch_bits"], branch_weighting=o["branch_weighting"],
         max_rank=o["max_rank"], branch_refine=o["branch_refine"], bits_overrides=_overrides(o["bits_override"]),
-        avg_bits=o["avg_bits"], max_size=_size(o["max_size"]),
+        avg_bits=o["avg_bits"], max_size=_size(o["max_size"]), target=o["target"],
         bit_choices=tuple(int(b) for b in _floats(o["bit_choices"], "--bit-choices")))
 
 
@@ -359,16 +364,16 @@ def _jsonable(x):
               help="Ground-truth class per sample (.npy of ints) for a top-1 accuracy of both models.")
 @click.option("--runs", type=int, default=30, show_default=True, help="Timed runs for the latency figure.")
 @click.option("--no-qdq-fusion", is_flag=True,
-              help="Time CANDIDATE with onnxruntime's session.disable_quant_qdq = 1, the setting for onnxq "
-                   "models on the CPU provider: weights are dequantized once at load "
-                   "(docs/experiments/latency.md). Slows models whose Q/DQ onnxruntime fuses.")
+              help="Time CANDIDATE with onnxruntime's session.disable_quant_qdq = 1 whatever it was "
+                   "made for (by default the session options of the target recorded in an onnxq model "
+                   "are applied: none for ort-cpu, this one for generic and openvino models).")
 @_preprocess_options
 def eval_cmd(reference, candidate, data, json_path, labels, runs, no_qdq_fusion, preset, size, mean, std, layout,
              channel_order):
-    """Fidelity of CANDIDATE against REFERENCE on the given feeds, sizes, latency."""
+    """Fidelity of CANDIDATE against REFERENCE on the given feeds, sizes, and batch-1 latency at
+    one thread and at all threads, with the session options the candidate's target needs."""
     from .calib.data import open_source
     from .graph.io import input_specs, load_model
-    from .runtime import latency_ms
     from .verify import fidelity
 
     ref = load_model(reference)
@@ -376,12 +381,11 @@ def eval_cmd(reference, candidate, data, json_path, labels, runs, no_qdq_fusion,
     loaders = open_source(data, input_specs(ref), _preprocess(preset, size, mean, std, layout, channel_order))
     truth = _load_labels(labels, len(loaders)) if labels else None
     fid = fidelity(ref, cand, loaders, labels=truth)
-    first = loaders[0]()
+    target, options = _run_options(cand, no_qdq_fusion)
     res = {"reference": str(reference), "candidate": str(candidate), "fidelity": dataclasses.asdict(fid),
            "size_reference": reference.stat().st_size, "size_candidate": candidate.stat().st_size,
-           "latency_ms_reference": latency_ms(ref, first, runs),
-           "latency_ms_candidate": latency_ms(cand, first, runs, qdq_fusion=not no_qdq_fusion),
-           "candidate_qdq_fusion": not no_qdq_fusion}
+           "candidate_target": target, "candidate_session_options": options,
+           **_latencies(ref, cand, loaders[0](), runs, options)}
     t = Table(title=f"{escape(candidate.name)} vs {escape(reference.name)} on {fid.samples} samples")
     t.add_column("output")
     for c in ("cosine", "SQNR dB", "top-1 agree", "KL"):
@@ -391,14 +395,43 @@ def eval_cmd(reference, candidate, data, json_path, labels, runs, no_qdq_fusion,
                   f"{m.top1_agreement:.4f}" if m.top1_agreement is not None else "",
                   f"{m.kl:.5f}" if m.kl is not None else "")
     out.print(t)
-    out.print(f"size: {_mb(res['size_reference'])} -> {_mb(res['size_candidate'])}; latency at batch 1 "
-              f"(2 threads): {res['latency_ms_reference']:.2f} ms -> {res['latency_ms_candidate']:.2f} ms"
-              f"{' (no QDQ fusion)' if no_qdq_fusion else ''}")
+    out.print(f"size: {_mb(res['size_reference'])} -> {_mb(res['size_candidate'])}")
+    out.print(f"candidate target: {target or 'not an onnxq model'}; session options: "
+              + (", ".join(f"{k}={v}" for k, v in options.items()) or "none"))
+    for n in sorted({1, res["threads_all"]}):
+        r, c = res[f"latency_ms_reference_{n}t"], res[f"latency_ms_candidate_{n}t"]
+        out.print(f"latency at batch 1, {n} thread{'s' if n > 1 else ''}: {r:.2f} ms -> {c:.2f} ms "
+                  f"({c / max(r, 1e-9):.2f}x)")
     if fid.accuracy_reference is not None:
         out.print(f"top-1 accuracy against --labels: {fid.accuracy_reference:.4f} (reference) -> "
                   f"{fid.accuracy_candidate:.4f} (candidate)")
     if json_path:
         _write_json(json_path, res)
+
+
+def _run_options(model, no_qdq_fusion: bool) -> tuple[str | None, dict[str, str]]:
+    """(target, onnxruntime session options) a candidate runs with on the CPU provider."""
+    from .graph.io import TARGET_KEY, get_metadata
+    from .plan.rules import DEFAULT_TARGET, RULES
+
+    target = get_metadata(model, TARGET_KEY) or (DEFAULT_TARGET if model.producer_name == "onnxq" else None)
+    options = dict(RULES[target].session_options) if target in RULES else {}
+    if no_qdq_fusion:
+        options["session.disable_quant_qdq"] = "1"
+    return target, options
+
+
+def _latencies(ref, cand, feed: dict, runs: int, options: dict[str, str]) -> dict:
+    """Batch-1 medians of both models at one thread and at all threads, alternated model by model."""
+    import os
+
+    from .runtime import latency_ms
+
+    res: dict = {"threads_all": os.cpu_count() or 1}
+    for n in sorted({1, res["threads_all"]}):
+        res[f"latency_ms_reference_{n}t"] = latency_ms(ref, feed, runs, threads=n)
+        res[f"latency_ms_candidate_{n}t"] = latency_ms(cand, feed, runs, threads=n, options=options)
+    return res
 
 
 def _load_labels(path: Path, n: int):

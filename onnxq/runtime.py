@@ -18,10 +18,13 @@ LOG_ERRORS_ONLY = 3    # onnxruntime log severity: its own messages never reach 
 
 
 def session(model: "onnx.ModelProto | bytes | str", threads: int = THREADS,
-            qdq_fusion: bool = True) -> ort.InferenceSession:
-    """A CPU session. Without `qdq_fusion` onnxruntime skips its QDQ fusions and so constant-folds
-    weight DequantizeLinear nodes at load (onnxq's input-only Q/DQ placement never fuses there)."""
+            qdq_fusion: bool = True, options: dict[str, str] | None = None) -> ort.InferenceSession:
+    """A CPU session with the given session config entries. Without `qdq_fusion` onnxruntime
+    skips its QDQ fusions and so constant-folds weight DequantizeLinear nodes at load (what
+    input-side Q/DQ placement runs best with on this provider)."""
     so = ort.SessionOptions()
+    for key, value in (options or {}).items():
+        so.add_session_config_entry(key, value)
     if not qdq_fusion:
         so.add_session_config_entry("session.disable_quant_qdq", "1")
     so.intra_op_num_threads = threads
@@ -32,9 +35,9 @@ def session(model: "onnx.ModelProto | bytes | str", threads: int = THREADS,
 
 
 def latency_ms(model: "onnx.ModelProto | bytes | str", feed: dict, runs: int = 30, warmup: int = 5,
-               qdq_fusion: bool = True) -> float:
-    """Median wall time of one run at the given feed (onnxruntime CPU, THREADS threads)."""
-    return median_ms(session(model, qdq_fusion=qdq_fusion), feed, runs, warmup)
+               qdq_fusion: bool = True, threads: int = THREADS, options: dict[str, str] | None = None) -> float:
+    """Median wall time of one run at the given feed (onnxruntime CPU)."""
+    return median_ms(session(model, threads, qdq_fusion, options), feed, runs, warmup)
 
 
 def median_ms(sess: ort.InferenceSession, feed: dict, runs: int, warmup: int = 5) -> float:

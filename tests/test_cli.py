@@ -11,6 +11,8 @@ from onnx import helper
 
 from builders import conv_zoo, make_model, vi
 
+slow = pytest.mark.slow          # every test that starts the CLI as a subprocess
+
 
 def onnxq(*args, cwd=None):
     r = subprocess.run([sys.executable, "-m", "onnxq.cli", *map(str, args)], capture_output=True,
@@ -39,6 +41,7 @@ def one_line_error(code, out, err):
     return lines[0]
 
 
+@slow
 def test_convert_writes_model_report_and_summary(work):
     out, rep = work / "zoo.q.onnx", work / "zoo.json"
     code, stdout, err = onnxq("convert", work / "zoo.onnx", "-o", out, "--bits", 4,
@@ -52,26 +55,37 @@ def test_convert_writes_model_report_and_summary(work):
                               "--json", work / "eval.json")
     assert code == 0, err
     ev = json.loads((work / "eval.json").read_text())
-    assert ev["fidelity"]["samples"] == 12 and ev["latency_ms_candidate"] > 0
+    assert ev["fidelity"]["samples"] == 12 and ev["latency_ms_candidate_1t"] > 0
+    assert ev["candidate_target"] == "generic"          # an onnxq model: timed as its target runs it
+    assert ev["candidate_session_options"] == {"session.disable_quant_qdq": "1"}
 
 
-def test_eval_can_time_the_candidate_without_qdq_fusion(work):
+def test_sessions_can_skip_qdq_fusion(tmp_path):
+    """What `eval --no-qdq-fusion` asks of runtime.session (in process: no subprocess)."""
     from onnxq.runtime import session
-    m = str(work / "zoo.onnx")
+    m = str(tmp_path / "zoo.onnx")
+    onnx.save(conv_zoo(np.random.default_rng(0)), m)
     entry = "session.disable_quant_qdq"
     assert session(m, qdq_fusion=False).get_session_options().get_session_config_entry(entry) == "1"
     with pytest.raises(RuntimeError, match="does not have configuration"):    # default: unset
         session(m).get_session_options().get_session_config_entry(entry)
+
+
+@slow
+def test_eval_can_time_the_candidate_without_qdq_fusion(work):
+    m = str(work / "zoo.onnx")
     q = work / "nofuse.onnx"
     assert onnxq("convert", m, "-o", q, "--calib", work / "calib", "-q")[0] == 0
     code, stdout, err = onnxq("eval", m, q, "--data", work / "calib", "--runs", 2, "--no-qdq-fusion",
                               "--json", work / "nofuse.json")
     assert code == 0, err
-    assert "(no QDQ fusion)" in stdout
+    assert "session.disable_quant_qdq=1" in stdout
     res = json.loads((work / "nofuse.json").read_text())
-    assert res["candidate_qdq_fusion"] is False and res["latency_ms_candidate"] > 0
+    assert res["candidate_session_options"] == {"session.disable_quant_qdq": "1"}
+    assert res["latency_ms_candidate_1t"] > 0
 
 
+@slow
 def test_same_input_and_seed_give_same_bytes(work):
     a, b = work / "a.onnx", work / "b.onnx"
     for o in (a, b):
@@ -79,6 +93,7 @@ def test_same_input_and_seed_give_same_bytes(work):
     assert a.read_bytes() == b.read_bytes()
 
 
+@slow
 def test_min_agreement_failure_writes_nothing(work):
     out = work / "never.onnx"
     code, _, err = onnxq("convert", work / "zoo.onnx", "-o", out, "--calib", work / "calib",
@@ -86,6 +101,7 @@ def test_min_agreement_failure_writes_nothing(work):
     assert code == 3 and "below --min-cosine" in err and not out.exists()
 
 
+@slow
 def test_max_rank_caps_every_branch(work):
     """The budget alone would give some layer of the zoo a rank above 1 (checked first)."""
     ranks = {}
@@ -142,6 +158,7 @@ CASES = ["missing file", "not onnx", "truncated", "opset 10", "wrong input name"
          "bad bits", "bad damping", "bad max rank"]
 
 
+@slow
 @pytest.mark.parametrize("case", CASES)
 def test_bad_input_one_line_nonzero_nothing_written(work, case):
     args, expect = bad_cases(work)[case]
@@ -153,6 +170,7 @@ def test_bad_input_one_line_nonzero_nothing_written(work, case):
     assert after == before                     # nothing written, input untouched
 
 
+@slow
 def test_external_data_model_converts(work, tmp_path):
     m = conv_zoo(np.random.default_rng(0))
     onnx.save(m, tmp_path / "ext.onnx", save_as_external_data=True, all_tensors_to_one_file=True,

@@ -1,0 +1,120 @@
+"""Per-target emission: the node units each target's rules promise, checked on the graph that
+onnxruntime's own optimizer makes of the output (real sessions, no mocks)."""
+
+from collections import Counter
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from builders import make_model, vi
+from onnx import helper
+
+import onnxq
+from onnxq.algos.metrics import sqnr_db
+from onnxq.graph.io import TARGET_KEY, get_metadata
+from onnxq.graph.prepare import fuse_hardswish
+
+
+def optimized_ops(model: onnx.ModelProto, tmp_path) -> Counter:
+    """Op types of the graph onnxruntime's CPU provider runs (extended optimizations, where its
+    QDQ fusions happen)."""
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return Counter(n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node)
+
+
+def relu_net(rng) -> onnx.ModelProto:
+    """Conv-ReLU, Conv-Clip(0,6), a residual Add, MaxPool, Concat, GlobalAveragePool, Flatten, Gemm."""
+    r = lambda *s: (rng.standard_normal(s) * 0.3).astype(np.float32)  # noqa: E731
+    inits = {"w0": r(8, 3, 3, 3), "b0": r(8), "w1": r(8, 8, 3, 3), "b1": r(8), "w2": r(8, 8, 1, 1),
+             "w3": r(8, 16, 3, 3), "wf": r(5, 8), "bf": r(5),
+             "lo": np.array(0, np.float32), "hi": np.array(6, np.float32)}
+    nodes = [
+        helper.make_node("Conv", ["x", "w0", "b0"], ["c0"], pads=[1] * 4, name="conv0"),
+        helper.make_node("Relu", ["c0"], ["r0"]),
+        helper.make_node("Conv", ["r0", "w1", "b1"], ["c1"], pads=[1] * 4, name="conv1"),
+        helper.make_node("Clip", ["c1", "lo", "hi"], ["r1"]),
+        helper.make_node("Conv", ["r1", "w2"], ["c2"], name="conv2"),
+        helper.make_node("Add", ["c2", "r0"], ["a"]),
+        helper.make_node("MaxPool", ["a"], ["p"], kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("Concat", ["p", "p"], ["cat"], axis=1),
+        helper.make_node("Conv", ["cat", "w3"], ["c3"], pads=[1] * 4, name="conv3"),
+        helper.make_node("Relu", ["c3"], ["r3"]),
+        helper.make_node("GlobalAveragePool", ["r3"], ["g"]),
+        helper.make_node("Flatten", ["g"], ["f"]),
+        helper.make_node("Gemm", ["f", "wf", "bf"], ["y"], transB=1, name="fc"),
+    ]
+    return make_model(nodes, [vi("x", ["N", 3, 16, 16])], [vi("y", ["N", 5])], inits)
+
+
+@pytest.fixture(scope="module")
+def net():
+    rng = np.random.default_rng(0)
+    m = relu_net(rng)
+    feeds = [{"x": rng.standard_normal((1, 3, 16, 16)).astype(np.float32)} for _ in range(24)]
+    return m, feeds
+
+
+def _sqnr(ref: onnx.ModelProto, q: onnx.ModelProto, feeds) -> float:
+    a, b = ort.InferenceSession(ref.SerializeToString()), ort.InferenceSession(q.SerializeToString())
+    return sqnr_db(np.concatenate([a.run(None, f)[0] for f in feeds]), np.concatenate([b.run(None, f)[0] for f in feeds]))
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_ort_cpu_fuses_every_quantized_conv_into_an_integer_kernel(net, tmp_path, bits):
+    m, feeds = net
+    q, rep = onnxq.convert(m, onnxq.ConvertConfig(bits=bits, target="ort-cpu"), calib=feeds[:20])
+    ops = optimized_ops(q, tmp_path)
+    assert ops["QLinearConv"] == 4 and ops["Conv"] == 0, ops       # all four convs run as integer kernels
+    assert ops["QLinearAdd"] == 1 and ops["QLinearConcat"] == 1 and ops["QLinearGlobalAveragePool"] == 1, ops
+    assert ops["MaxPool"] == 1 and ops["Relu"] == 0 and ops["Clip"] == 0, ops   # absorbed by the kernels
+    generic, _ = onnxq.convert(m, onnxq.ConvertConfig(bits=bits), calib=feeds[:20])
+    assert optimized_ops(generic, tmp_path)["Conv"] > 0               # input-side placement does not fuse
+    assert get_metadata(q, TARGET_KEY) == "ort-cpu" and get_metadata(generic, TARGET_KEY) is None
+    # output rounding costs little: at 8 bits the output stays far above what rounding weights to
+    # 4 bits costs, at 4 bits the weights' own error dominates (held-out samples)
+    full, inputs_only = _sqnr(m, q, feeds[20:]), _sqnr(m, generic, feeds[20:])
+    assert (full > 40.0) if bits == 8 else (full > inputs_only - 1.0), (full, inputs_only)
+
+
+def test_ort_cpu_ties_data_movement_outputs_to_their_input_scale(net):
+    m, feeds = net
+    q, _ = onnxq.convert(m, onnxq.ConvertConfig(bits=8, target="ort-cpu"), calib=feeds)
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in q.graph.initializer}
+    assert inits["p/act_scale"] == inits["a/act_scale"] and inits["p/act_zero"] == inits["a/act_zero"]
+    assert inits["f/act_scale"] == inits["g/act_scale"]
+
+
+def test_targets_choose_weight_containers(net):
+    m, feeds = net
+    containers = {}
+    for target in ("generic", "ort-cpu", "openvino"):
+        q, _ = onnxq.convert(m, onnxq.ConvertConfig(bits=4, target=target), calib=feeds)
+        types = {t.name: t.data_type for t in q.graph.initializer}
+        containers[target] = (types["conv1/weight_q"], types["fc/weight_q"])
+    int4, int8 = onnx.TensorProto.INT4, onnx.TensorProto.INT8
+    assert containers == {"generic": (int4, int4), "ort-cpu": (int8, int8), "openvino": (int8, int4)}
+
+
+def test_decomposed_hardswish_becomes_one_node_with_the_same_values():
+    rng = np.random.default_rng(1)
+    inits = {"three": np.array(3, np.float32), "zero": np.array(0, np.float32), "six": np.array(6, np.float32)}
+    nodes = [helper.make_node("Add", ["x", "three"], ["a"]), helper.make_node("Clip", ["a", "zero", "six"], ["c"]),
+             helper.make_node("Mul", ["x", "c"], ["m"]), helper.make_node("Div", ["m", "six"], ["y"])]
+    m = make_model(nodes, [vi("x", [2, 50])], [vi("y", [2, 50])], inits, opset=14)
+    fused = onnx.ModelProto()
+    fused.CopyFrom(m)
+    assert fuse_hardswish(fused) == 1
+    assert [n.op_type for n in fused.graph.node] == ["HardSwish"] and not fused.graph.initializer
+    x = {"x": (rng.standard_normal((2, 50)) * 4).astype(np.float32)}
+    a = ort.InferenceSession(m.SerializeToString()).run(None, x)[0]
+    b = ort.InferenceSession(fused.SerializeToString()).run(None, x)[0]
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_unknown_target_is_a_config_error():
+    with pytest.raises(onnxq.OnnxqError, match="unknown target 'tensorrt-9'; known: generic, ort-cpu"):
+        onnxq.ConvertConfig(target="tensorrt-9")
