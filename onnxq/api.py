@@ -11,9 +11,9 @@ import time
 from typing import TYPE_CHECKING, Sequence
 
 from .calib.collect import collect
-from .calib.data import Preprocess, open_source, random_feeds
+from .calib.data import Preprocess, constant_inputs, open_source, random_feeds
 from .config import VERSION, ConvertConfig
-from .errors import InputModelError, VerificationError
+from .errors import CalibrationError, InputModelError, OutputError, VerificationError
 from .graph.io import (TARGET_KEY, check_model, check_output_path, input_specs, load_model, opset_of,
                        save_model, set_metadata)
 from .graph.placement import plan_placement
@@ -106,6 +106,10 @@ def data(c: Conversion, calib, holdout, preprocess: Preprocess | None) -> None:
     held = open_source(holdout, specs, preprocess) if holdout is not None else None
     c.calib, c.held, notes = split(loaders, c.cfg, held)
     c.warnings += notes
+    constant = constant_inputs(c.calib) if calib is not None else []
+    if constant:
+        c.warn(f"calibration input(s) {', '.join(constant)} hold a single value in every sample checked "
+               "(all zeros?): the ranges and the fidelity figures will not reflect real data")
 
 
 def split(loaders: list, cfg: ConvertConfig, holdout_source) -> tuple[list, list, list[str]]:
@@ -125,15 +129,28 @@ def split(loaders: list, cfg: ConvertConfig, holdout_source) -> tuple[list, list
 def calibrate(c: Conversion, stats: Stats | str | None, save_stats: str | None,
               progress: Progress | None) -> None:
     if isinstance(stats, str):
-        stats = Stats.load(stats)
+        stats = load_stats(stats)
     if stats is None:
         stats = collect(c.prepared, c.targets, c.calib, hessians=True, rows_per_sample=c.cfg.rows_per_sample,
                         seed=c.cfg.seed, progress=progress, extra=c.placement.observe)
     if save_stats:
-        stats.save(save_stats)
+        try:
+            stats.save(save_stats)
+        except OSError as e:
+            raise OutputError(f"could not save the statistics to {save_stats}: {e.strerror or e}") from None
     c.stats = stats
     c.weights = {t.node: initializer_array(c.prepared, t.graph, t.weight) for t in c.targets}
     c.biases = {t.node: initializer_array(c.prepared, t.graph, t.bias) for t in c.targets if t.bias}
+
+
+def load_stats(path: str) -> Stats:
+    try:
+        return Stats.load(path)
+    except FileNotFoundError:
+        raise CalibrationError(f"--load-stats: no such file: {path}") from None
+    except Exception as e:
+        raise CalibrationError(f"--load-stats: {path} is not a statistics file saved by onnxq "
+                               f"({type(e).__name__})") from None
 
 
 def plan(c: Conversion, progress: Progress | None) -> None:

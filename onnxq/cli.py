@@ -22,9 +22,9 @@ from .calib.data import PRESETS, Preprocess
 from .config import ConvertConfig
 from .plan.rules import DEFAULT_TARGET
 from .plan.rules import RULES as TARGETS
-from .errors import ConfigError, OnnxqError, VerificationError
+from .errors import ConfigError, InputModelError, OnnxqError, VerificationError
 
-err = Console(stderr=True, highlight=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
 out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 140)
 
 
@@ -185,61 +185,62 @@ def _preprocess_options(f):
 @click.argument("model", type=click.Path(dir_okay=True, path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path),
               help="Output model (default: MODEL with suffix .q.onnx). Written atomically.")
-@click.option("--bits", type=int, default=4, show_default=True, help="Weight bits: 2, 3, 4 or 8.")
-@click.option("--act-bits", type=int, default=8, show_default=True,
+@click.option("--bits", type=click.Choice(["2", "3", "4", "8"]), default="4", show_default=True, help="Weight bits: 2, 3, 4 or 8.")
+@click.option("--act-bits", type=click.Choice(["4", "6", "8", "16", "32"]), default="8", show_default=True,
               help="Activation bits: 4, 6 (8-bit containers, narrow range), 8, 16, or 32 for weight-only.")
 @click.option("--calib", type=click.Path(path_type=Path),
               help="Calibration data: folder of per-sample .npz, one .npz with a leading sample "
                    "axis, or an image folder (with --preprocess). Without it: random data.")
-@click.option("--calib-size", type=int, default=256, show_default=True, help="Most samples used.")
+@click.option("--calib-size", type=click.IntRange(min=1), default=256, show_default=True, help="Most samples used.")
 @click.option("--holdout-data", type=click.Path(path_type=Path),
               help="Separate samples for the fidelity check (default: the last few calibration samples).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Seed of all sampling: the same input, data and seed give the same bytes.")
 @click.option("--weight-method", metavar="NAME",
               help=f"{' | '.join(WEIGHT_METHODS)} (default: gptq at <=4 bits, mse at 8).")
-@click.option("--damp", type=float, default=DEFAULT_DAMP, show_default=True,
+@click.option("--damp", type=click.FloatRange(0, 1, min_open=True), default=DEFAULT_DAMP, show_default=True,
               help="gptq: damping added to H, a fraction of its mean diagonal. Smaller follows the "
                    "calibration data more closely, larger is safer with little or unrepresentative "
                    "data (docs/experiments/weights.md).")
 @click.option("--act-method", metavar="NAME",
               help=f"{' | '.join(RANGE_METHODS)} | lapq (joint loss-aware search); percentile:P, lp:P, "
                    "interval:EPS take a parameter (default: percentile; interval at 4 and 6 activation bits).")
-@click.option("--search-evals", type=int, default=120, show_default=True,
+@click.option("--search-evals", type=click.IntRange(min=0), default=120, show_default=True,
               help="lapq: network-loss evaluations at most.")
-@click.option("--search-samples", type=int, default=64, show_default=True,
+@click.option("--search-samples", type=click.IntRange(min=1), default=64, show_default=True,
               help="lapq: calibration samples the search fits; the next as many check it (fewer "
                    "overfit: dozens of ranges on 16 samples lost on held-out data).")
 @click.option("--act-symmetric", is_flag=True, help="Symmetric int activations instead of uint.")
-@click.option("--depthwise-bits", type=int, default=8, show_default=True,
+@click.option("--depthwise-bits", type=click.Choice(["2", "3", "4", "8"]), default="8", show_default=True,
               help="Bits of depthwise convs (tiny, and the most sensitive to rounding).")
 @click.option("--exclude", multiple=True, metavar="PATTERN", help="Leave matching nodes in float (repeatable).")
 @click.option("--no-bias-correction", is_flag=True, help="Do not correct the output mean shift.")
 @click.option("--sequential/--no-sequential", default=False,
               help="Quantize stage by stage, compensating the error earlier stages leave "
                    "(off by default: one pass measured better on the benchmark models).")
-@click.option("--stages", type=int, default=3, show_default=True, help="Stages of sequential mode.")
-@click.option("--rank-budget", type=float, default=0.0, show_default=True,
+@click.option("--stages", type=click.IntRange(min=1), default=3, show_default=True, help="Stages of sequential mode.")
+@click.option("--rank-budget", type=click.FloatRange(0, 1), default=0.0, show_default=True,
               help="Low-rank residual branches: extra parameters as a fraction of the weights "
                    "(0 = none). 0.02 measured best at 4 bits, 0.05 at 3 (docs/experiments/branches.md). "
                    "Roughly doubles conversion time.")
 @click.option("--branch-init", default="whitened", show_default=True,
               help="Branch factors: whitened (minimise the layer output error) or svd (weight error).")
-@click.option("--branch-bits", type=int, default=8, show_default=True,
+@click.option("--branch-bits", type=click.Choice(["8", "16", "32"]), default="8", show_default=True,
               help="Branch weight and middle-activation bits: 8, 16, or 32 (float).")
 @click.option("--branch-weighting", default="network", show_default=True,
               help="Rank allocation: network (each layer's gains weighted by its measured effect on the "
                    "output, then branches that do not help end to end are dropped) or layer (layer "
                    "output error only, no session runs).")
-@click.option("--max-rank", type=int, default=64, show_default=True,
+@click.option("--max-rank", type=click.IntRange(min=1), default=64, show_default=True,
               help="Highest rank any one layer's branch may take (with --exclude, a budget and "
                    "--max-rank 4 give exactly one layer a rank-4 branch).")
-@click.option("--branch-refine", type=int, default=0, show_default=True,
+@click.option("--branch-refine", type=click.IntRange(0, 10), default=0, show_default=True,
               help="Joint refinement rounds of layers with a branch: re-round W - B·A, refit the branch "
                    "to what is left; kept only where the layer's output error falls.")
 @click.option("--target", type=click.Choice(list(TARGETS)), default=DEFAULT_TARGET, show_default=True,
               help="Runtime the model is for; decides where Q/DQ go and the weight containers. "
                    + " ".join(f"{k}: {v.summary}." for k, v in TARGETS.items()))
-@click.option("--avg-bits", type=float,
+@click.option("--avg-bits", type=click.FloatRange(2, 8),
               help="Mixed precision: choose each layer's bits so the parameter-weighted average is at most this.")
 @click.option("--max-size", help="Mixed precision: quantized weights at most this big, e.g. 2.5MB or 800KB.")
 @click.option("--bit-choices", default="8,4,3,2", show_default=True, help="Candidate bits for mixed precision.")
@@ -248,8 +249,8 @@ def _preprocess_options(f):
 @click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write the full report as JSON.")
 @click.option("--save-stats", type=click.Path(path_type=Path), help="Save calibration statistics (.npz).")
 @click.option("--load-stats", type=click.Path(path_type=Path), help="Reuse saved statistics instead of calibrating.")
-@click.option("--min-agreement", type=float, help="Fail (exit 3, nothing written) below this top-1 agreement.")
-@click.option("--min-cosine", type=float, help="Fail (exit 3, nothing written) below this output cosine.")
+@click.option("--min-agreement", type=click.FloatRange(0, 1), help="Fail (exit 3, nothing written) below this top-1 agreement.")
+@click.option("--min-cosine", type=click.FloatRange(-1, 1), help="Fail (exit 3, nothing written) below this output cosine.")
 @click.option("--layers", "show_layers", is_flag=True, help="Print a per-layer table.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars or summary.")
 @_preprocess_options
@@ -259,12 +260,15 @@ def convert(model, output, calib, holdout_data, report_path, save_stats, load_st
     from . import api
     from .graph.io import check_output_path
 
+    if not Path(model).exists():
+        raise InputModelError(f"input model not found: {model}")
     pre = _preprocess(*(opts.pop(k) for k in ("preset", "size", "mean", "std", "layout", "channel_order")))
     cfg = _config(opts)
     output = output or model.with_suffix(".q.onnx")
     check_output_path(output, model)
-    if report_path:
-        check_output_path(report_path, model)
+    for extra in (report_path, save_stats):
+        if extra:
+            check_output_path(extra, model)
     bar, cb = _progress(quiet)
     if bar:
         bar.start()
@@ -284,17 +288,20 @@ def convert(model, output, calib, holdout_data, report_path, save_stats, load_st
         if show_layers:
             print_layers(report)
         out.print(f"  wrote {escape(str(output))}")
+    else:                    # -q hides the summary, never a warning
+        for w in report.warnings:
+            err.print(f"[yellow]warning:[/] {escape(w)}")
 
 
 def _config(o: dict) -> ConvertConfig:
     """The ConvertConfig of the convert command's options."""
     return ConvertConfig(
-        bits=o["bits"], act_bits=o["act_bits"], weight_method=o["weight_method"], act_method=o["act_method"],
+        bits=int(o["bits"]), act_bits=int(o["act_bits"]), weight_method=o["weight_method"], act_method=o["act_method"],
         search_evals=o["search_evals"], search_samples=o["search_samples"], act_symmetric=o["act_symmetric"],
-        calib_size=o["calib_size"], seed=o["seed"], depthwise_bits=o["depthwise_bits"],
+        calib_size=o["calib_size"], seed=o["seed"], depthwise_bits=int(o["depthwise_bits"]),
         exclude=tuple(o["exclude"]), damp=o["damp"], bias_correction=not o["no_bias_correction"],
         sequential=o["sequential"], stages=o["stages"], rank_budget=o["rank_budget"],
-        branch_init=o["branch_init"], branch_bits=o["branch_bits"], branch_weighting=o["branch_weighting"],
+        branch_init=o["branch_init"], branch_bits=int(o["branch_bits"]), branch_weighting=o["branch_weighting"],
         max_rank=o["max_rank"], branch_refine=o["branch_refine"], bits_overrides=_overrides(o["bits_override"]),
         avg_bits=o["avg_bits"], max_size=_size(o["max_size"]), target=o["target"],
         bit_choices=tuple(int(b) for b in _floats(o["bit_choices"], "--bit-choices")))
@@ -302,7 +309,10 @@ def _config(o: dict) -> ConvertConfig:
 
 def _gate(f, min_agreement: float | None, min_cosine: float | None) -> None:
     """Refuse the model (exit 3) when a requested fidelity is not met."""
-    if min_agreement is not None and f.top1_agreement is not None and f.top1_agreement < min_agreement:
+    if min_agreement is not None and f.top1_agreement is None:
+        raise VerificationError("--min-agreement needs a classifier-like first output (scores over classes "
+                                "on the last axis); this model's is not: use --min-cosine; the model was not written")
+    if min_agreement is not None and f.top1_agreement < min_agreement:
         raise VerificationError(f"top-1 agreement {f.top1_agreement:.4f} is below "
                                 f"--min-agreement {min_agreement}; the model was not written")
     if min_cosine is not None and f.cosine is not None and f.cosine < min_cosine:
@@ -362,7 +372,7 @@ def _jsonable(x):
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Also write the figures as JSON.")
 @click.option("--labels", type=click.Path(path_type=Path),
               help="Ground-truth class per sample (.npy of ints) for a top-1 accuracy of both models.")
-@click.option("--runs", type=int, default=30, show_default=True, help="Timed runs for the latency figure.")
+@click.option("--runs", type=click.IntRange(min=1), default=30, show_default=True, help="Timed runs for the latency figure.")
 @click.option("--no-qdq-fusion", is_flag=True,
               help="Time CANDIDATE with onnxruntime's session.disable_quant_qdq = 1 whatever it was "
                    "made for (by default the session options of the target recorded in an onnxq model "
@@ -447,27 +457,46 @@ def _load_labels(path: Path, n: int):
 
 
 def main() -> None:
+    import signal
+
     debug = "--debug" in sys.argv
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         cli.main(standalone_mode=False)
     except click.exceptions.Abort:
         err.print("onnxq: interrupted")
         sys.exit(130)
     except click.ClickException as e:
-        err.print(f"onnxq: error: {e.format_message()}")
+        err.print(f"onnxq: error: {_one_line(e.format_message())}")
         sys.exit(e.exit_code)
     except OnnxqError as e:
-        err.print(f"onnxq: error: {e}", soft_wrap=True)
+        err.print(f"onnxq: error: {_one_line(str(e))}", soft_wrap=True)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
-        err.print("onnxq: interrupted")
+        err.print("onnxq: interrupted; nothing was written")
         sys.exit(130)
+    except Terminated:
+        err.print("onnxq: terminated; nothing was written")
+        sys.exit(143)
     except Exception as e:  # the last line of defence: one line, not a traceback
         if debug:
             raise
-        err.print(f"onnxq: internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+        err.print(f"onnxq: internal error: {type(e).__name__}: {_one_line(str(e))} "
                   "(rerun with --debug for the traceback and report it)", soft_wrap=True)
         sys.exit(1)
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised where the process is so that the same clean-up as Ctrl-C runs."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
+def _one_line(text: str) -> str:
+    """The first line of a message, with rich markup in it shown as text (paths may hold '[')."""
+    return escape(text.strip().splitlines()[0] if text.strip() else "")
 
 
 if __name__ == "__main__":

@@ -73,10 +73,10 @@ class ConvertConfig:
         if self.act_method is not None and self.act_method != "lapq":
             try:
                 parse_method(self.act_method)
-            except ValueError:
-                raise ConfigError(f"unknown activation method '{self.act_method}'; known: "
-                                  f"{', '.join(RANGE_METHODS)}, lapq (percentile:PCT, lp:P and "
-                                  "interval:EPS take a parameter)") from None
+            except ValueError as e:
+                why = str(e) if "parameter" in str(e) else f"unknown activation method '{self.act_method}'"
+                raise ConfigError(f"{why}; known: {', '.join(RANGE_METHODS)}, lapq (percentile:PCT with "
+                                  "PCT in (50, 100], lp:P with P in [1, 10], interval:EPS with EPS in (0, 1])") from None
         if self.search_samples < 1 or self.search_evals < 0:
             raise ConfigError("--search-samples must be at least 1 and --search-evals at least 0")
         if not 0 < self.damp <= 1:

@@ -14,7 +14,9 @@ if TYPE_CHECKING:
     import onnx
 
 THREADS = 2            # intra-op threads of every session onnxq runs
-LOG_ERRORS_ONLY = 3    # onnxruntime log severity: its own messages never reach the user's terminal
+LOG_FATAL_ONLY = 4     # onnxruntime's own log lines never reach the user's terminal: its errors
+                       # come back as exceptions, which onnxq turns into one line
+ort.set_default_logger_severity(LOG_FATAL_ONLY)
 
 
 def session(model: "onnx.ModelProto | bytes | str", threads: int = THREADS,
@@ -29,7 +31,7 @@ def session(model: "onnx.ModelProto | bytes | str", threads: int = THREADS,
         so.add_session_config_entry("session.disable_quant_qdq", "1")
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
-    so.log_severity_level = LOG_ERRORS_ONLY
+    so.log_severity_level = LOG_FATAL_ONLY
     src = model if isinstance(model, (bytes, str)) else serialized(model)
     return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
 

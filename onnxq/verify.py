@@ -36,7 +36,8 @@ def fidelity(ref_model: "onnx.ModelProto | bytes | str", cand_model: "onnx.Model
     per = {n: OutputMetrics(**compare_outputs(ref_out[n], cand_out[n])) for n in names
            if all(a.dtype.kind == "f" for a in ref_out[n])}
     fid = Fidelity(samples=len(loaders), outputs=per)
-    cls_out = next((n for n in per if per[n].top1_agreement is not None), None)
+    # top-1 agreement is the model's first output's: other outputs (states, boxes) are no answer
+    cls_out = names[0] if names and names[0] in per and per[names[0]].top1_agreement is not None else None
     if labels is not None and cls_out is not None:
         pred_r = np.concatenate([a.reshape(-1, a.shape[-1]).argmax(-1) for a in ref_out[cls_out]])
         pred_c = np.concatenate([a.reshape(-1, a.shape[-1]).argmax(-1) for a in cand_out[cls_out]])

@@ -141,6 +141,10 @@ RANGE_METHODS: dict[str, Callable[..., tuple[float, float]]] = {
 PARAMETER = {"percentile": "pct", "lp": "p", "interval": "eps"}
 
 
+# the values each parameter may take: percentile in (50, 100], lp's p in [1, 10], interval's eps in (0, 1]
+PARAMETER_RANGE = {"pct": (50.0, 100.0), "p": (1.0, 10.0), "eps": (0.0, 1.0)}
+
+
 def parse_method(spec: str) -> tuple[str, dict]:
     """'percentile:99.9' -> ('percentile', {'pct': 99.9}). Raises ValueError."""
     name, _, arg = spec.partition(":")
@@ -150,4 +154,9 @@ def parse_method(spec: str) -> tuple[str, dict]:
         return name, {}
     if name not in PARAMETER:
         raise ValueError(f"{name} takes no parameter")
-    return name, {PARAMETER[name]: float(arg)}
+    key = PARAMETER[name]
+    value = float(arg)
+    lo, hi = PARAMETER_RANGE[key]
+    if not (lo < value <= hi or (key == "p" and value == lo)):
+        raise ValueError(f"{name}'s parameter must lie in {'[' if key == 'p' else '('}{lo:g}, {hi:g}], got {arg}")
+    return name, {key: value}

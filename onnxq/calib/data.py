@@ -22,6 +22,7 @@ from ..types import Feed, InputSpec
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp"}
+MAX_ABS = 1e15     # larger calibration values overflow float32 second moments
 
 
 @dataclass(frozen=True)
@@ -67,8 +68,13 @@ def check_feed(feed: Feed, specs: Sequence[InputSpec], where: str) -> Feed:
             else:
                 raise CalibrationError(f"{where}: input '{s.name}' has dtype {a.dtype}, model "
                                        f"expects {s.dtype}")
+        if a.size == 0:
+            raise CalibrationError(f"{where}: input '{s.name}' is empty (shape {list(a.shape)})")
         if a.dtype.kind == "f" and not np.all(np.isfinite(a)):
             raise CalibrationError(f"{where}: input '{s.name}' contains NaN or Inf")
+        if a.dtype.kind == "f" and float(np.max(np.abs(a))) > MAX_ABS:
+            raise CalibrationError(f"{where}: input '{s.name}' holds values up to {float(np.max(np.abs(a))):.3g}; "
+                                   f"calibration values must stay below {MAX_ABS:g} (is the data scaled?)")
         out[s.name] = a
     return out
 
@@ -139,6 +145,18 @@ def random_feeds(specs, n: int, seed: int, dims: int = 32) -> list[Callable[[], 
                             else np.zeros(shape, s.dtype))
         return feed
     return [lambda i=i: make(i) for i in range(n)]
+
+
+def constant_inputs(loaders: Sequence[Callable[[], Feed]], n: int = 8) -> list[str]:
+    """Float inputs that hold one value in every one of the first `n` samples (all-zero data, a
+    broken pipeline): calibrating on them says nothing about real inputs."""
+    seen: dict[str, set[float]] = {}
+    for load in loaders[:n]:
+        for k, v in load().items():
+            if v.dtype.kind == "f":
+                flat = v.reshape(-1)
+                seen.setdefault(k, set()).update({float(flat.min()), float(flat.max())})
+    return sorted(k for k, vals in seen.items() if len(vals) == 1)
 
 
 def open_source(source, specs: Sequence[InputSpec], preprocess: Preprocess | None = None

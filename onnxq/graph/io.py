@@ -12,6 +12,7 @@ from google.protobuf.message import DecodeError
 
 from ..errors import InputModelError, OutputError
 from ..types import InputSpec
+from .walk import graphs
 
 MIN_OPSET = 11
 EXTERNAL_THRESHOLD = 1_800_000_000  # bytes; above this the output keeps weights in a side file
@@ -35,16 +36,14 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
         raise InputModelError(f"input model is an empty file: {p}")
     try:
         model = onnx.load(str(p), load_external_data=False)
-    except (DecodeError, RuntimeError, ValueError, OSError) as e:
+    except (DecodeError, RuntimeError, ValueError, OSError, UnicodeError) as e:
         raise InputModelError(f"{p} is not a readable ONNX model (protobuf parse failed: "
-                              f"{str(e).splitlines()[0][:120]})") from None
+                              f"{str(e).splitlines()[0][:120] if str(e) else type(e).__name__})") from None
     if not model.graph.node or not model.opset_import:
         raise InputModelError(f"{p} is not an ONNX model (no graph nodes or opset found); "
                               "is it truncated or a different file type?")
-    try:
-        onnx.load_external_data_for_model(model, str(p.parent))
-    except (OSError, ValueError) as e:
-        raise InputModelError(f"external data of {p} could not be read: {e}") from None
+    _load_external(model, p)
+    _check_float32(model, p)
     opset = opset_of(model)
     if opset < MIN_OPSET:
         raise InputModelError(f"{p} uses opset {opset}; onnxq needs opset {MIN_OPSET} or newer "
@@ -65,6 +64,42 @@ def set_metadata(model: onnx.ModelProto, key: str, value: str) -> None:
 
 def get_metadata(model: onnx.ModelProto, key: str) -> str | None:
     return next((p.value for p in model.metadata_props if p.key == key), None)
+
+
+def _external_locations(model: onnx.ModelProto) -> set[str]:
+    out = set()
+    for _, g in graphs(model):
+        for t in g.initializer:
+            if t.data_location == onnx.TensorProto.EXTERNAL:
+                out.update(e.value for e in t.external_data if e.key == "location")
+    return out
+
+
+def _load_external(model: onnx.ModelProto, p: Path) -> None:
+    """Read the external data of `model`, refusing any location outside the model's folder."""
+    folder = p.resolve().parent
+    for loc in sorted(_external_locations(model)):
+        where = (folder / loc).resolve()
+        if Path(loc).is_absolute() or ".." in Path(loc).parts or folder not in where.parents:
+            raise InputModelError(f"refused: {p} asks to read external data from '{loc}', outside its own "
+                                  "folder; onnxq reads only files beside the model")
+        if not where.is_file():
+            raise InputModelError(f"external data file '{loc}' of {p} is missing: keep it beside the model")
+    try:
+        onnx.load_external_data_for_model(model, str(p.parent))
+    except (OSError, ValueError) as e:
+        raise InputModelError(f"external data of {p} could not be read: {str(e).splitlines()[0][:160]}") from None
+
+
+def _check_float32(model: onnx.ModelProto, p: Path) -> None:
+    """onnxq quantizes float32 models; a float64 (or float16) model's inputs say so up front."""
+    inits = {t.name for t in model.graph.initializer}
+    for i in model.graph.input:
+        t = i.type.tensor_type.elem_type if i.type.HasField("tensor_type") else 0
+        if i.name not in inits and t in (onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16):
+            kind = onnx.TensorProto.DataType.Name(t).lower()
+            raise InputModelError(f"{p} computes in {kind} (input '{i.name}'); onnxq quantizes float32 "
+                                  "models: export the model in float32")
 
 
 def check_model(model: onnx.ModelProto) -> None:
@@ -100,6 +135,8 @@ def check_output_path(out: str | os.PathLike, src: str | os.PathLike | None) -> 
         raise OutputError(f"output folder is not writable: {parent}")
     if o.is_dir():
         raise OutputError(f"output path is a folder: {o}")
+    if o.exists() and not (o.stat().st_mode & 0o222 and os.access(o, os.W_OK)):    # mode bits: root too
+        raise OutputError(f"output file {o} exists and is read-only; it is not replaced: remove it or choose another -o")
     return o
 
 
@@ -109,6 +146,7 @@ def save_model(model: onnx.ModelProto, out: str | os.PathLike) -> None:
     large = model.ByteSize() >= EXTERNAL_THRESHOLD
     fd, tmp = tempfile.mkstemp(prefix=f".{o.name}.", suffix=".tmp", dir=str(o.parent or "."))
     os.close(fd)
+    done = False
     try:
         if large:
             data_name = o.name + ".data"
@@ -121,10 +159,12 @@ def save_model(model: onnx.ModelProto, out: str | os.PathLike) -> None:
                 f.write(model.SerializeToString(deterministic=True))
         os.chmod(tmp, 0o644)
         os.replace(tmp, o)
+        done = True
     except OSError as e:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
         raise OutputError(f"could not write {o}: {e.strerror or e}") from None
+    finally:                 # an error or an interrupt leaves no partial file behind
+        if not done and os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def input_specs(model: onnx.ModelProto):

@@ -11,6 +11,7 @@ from ..types import ConvGeometry, Skipped, Target
 from .walk import attr, graphs, loop_scopes
 
 WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+RECURRENT_OPS = ("LSTM", "GRU", "RNN")
 
 
 def _float_inputs(model: onnx.ModelProto) -> dict[str, int]:
@@ -100,6 +101,8 @@ def find_targets(model: onnx.ModelProto, excluded: Callable[[str], bool] = lambd
         inits.update({t.name: t for t in g.initializer})
         scopes[path] = inits
         for node in g.node:
+            if node.op_type in RECURRENT_OPS:
+                skipped.append(Skipped(node.name, node.op_type, "recurrent layers are not quantized"))
             if node.op_type not in WEIGHT_OPS:
                 continue
             if excluded(node.name):
