@@ -8,14 +8,16 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+
+import numpy as np
 from typing import TYPE_CHECKING, Sequence
 
 from .calib.collect import collect
 from .calib.data import Preprocess, constant_inputs, open_source, random_feeds
 from .config import VERSION, ConvertConfig
 from .errors import CalibrationError, InputModelError, OutputError, VerificationError
-from .graph.io import (TARGET_KEY, check_model, check_output_path, input_specs, load_model, opset_of,
-                       save_model, set_metadata)
+from .graph.io import (TARGET_KEY, check_model, check_output_path, float_op_counts, input_specs, load_model,
+                       opset_of, save_model, set_metadata, tensor_infos)
 from .graph.placement import plan_placement
 from .graph.prepare import fuse_hardswish, prepare, upgrade_opset
 from .graph.rewrite import apply_plan
@@ -25,13 +27,13 @@ from .plan.acts import plan_acts, tie
 from .plan.biases import code_biases
 from .plan.layers import make_plan
 from .plan.rules import DEFAULT_TARGET
-from .report import build_report
+from .report import build_report, clipped_share
 from .runtime import session
 from .search.lapq import lapq_search
 from .search.mixed import choose_bits
 from .search.probe import Probe
 from .search.sequential import sequential_layers
-from .types import Conversion, Feed, Progress, Report, Stats
+from .types import Conversion, Feed, Inspection, LayerInfo, Progress, Report, SkippedReport, Stats
 from .verify import fidelity
 
 if TYPE_CHECKING:
@@ -41,6 +43,9 @@ RANDOM_SAMPLES = 16    # random feeds used when no calibration data is given
 PROBE_SAMPLES = 16     # samples the branch planner's network probe runs
 HOLDOUT_MAX = 16       # held-out samples taken from the calibration data at most ...
 HOLDOUT_FRACTION = 8   # ... and at most one in this many
+HOLDOUT_STREAM = 7     # random stream of the held-out pick (independent of the other seeded draws)
+POOR_AGREEMENT = 0.9   # below this top-1 agreement (or POOR_SQNR_DB) the summary warns loudly
+POOR_SQNR_DB = 10.0
 
 
 def convert(model: "str | os.PathLike | onnx.ModelProto", config: ConvertConfig | None = None,
@@ -123,7 +128,10 @@ def split(loaders: list, cfg: ConvertConfig, holdout_source) -> tuple[list, list
     if h <= 0:
         return (loaders[:cfg.calib_size], loaders[:1],
                 ["only one calibration sample: fidelity is measured on that same sample"])
-    return loaders[:n - h][:cfg.calib_size], loaders[n - h:], []
+    # held-out samples drawn at random (seeded) across the data, not its last files by name
+    picked = set(np.random.default_rng([cfg.seed, HOLDOUT_STREAM]).choice(n, size=h, replace=False).tolist())
+    return ([f for i, f in enumerate(loaders) if i not in picked][:cfg.calib_size],
+            [f for i, f in enumerate(loaders) if i in picked], [])
 
 
 def calibrate(c: Conversion, stats: Stats | str | None, save_stats: str | None,
@@ -215,6 +223,52 @@ def verify(c: Conversion) -> None:
         raise VerificationError(f"the quantized model fails onnx.checker: "
                                 f"{str(e).splitlines()[0][:200]}") from None
     c.fidelity = fidelity(c.source, c.qmodel, c.held)
+    warn_fidelity(c)
+
+
+def warn_fidelity(c: Conversion) -> None:
+    """Say so when the held-out figures mean nothing (a constant reference) or are poor, and
+    name the layers and activations that carry the error."""
+    f = c.fidelity
+    for name, m in f.outputs.items():
+        if m.degenerate:
+            c.warn(f"reference output '{name}' is constant on the {f.samples} held-out samples: its cosine and "
+                   "SQNR say nothing (give --holdout-data with inputs that exercise the model)")
+    poor = ((f.top1_agreement is not None and f.top1_agreement < POOR_AGREEMENT)
+            or (f.sqnr_db is not None and f.sqnr_db < POOR_SQNR_DB))
+    if not poor:
+        return
+    worst = sorted((lp for lp in c.plan.layers if lp.sqnr_db is not None), key=lambda lp: lp.sqnr_db)[:3]
+    clipped = sorted(((a, st) for a, st in c.stats.acts.items() if a in c.plan.acts), key=lambda x: -clipped_share(
+        c.plan.acts[x[0]], x[1]))[:3]
+    c.warn("fidelity is poor on the held-out samples ("
+           + (f"top-1 agreement {f.top1_agreement:.3f}, " if f.top1_agreement is not None else "")
+           + f"SQNR {f.sqnr_db:.1f} dB); layers with the lowest SQNR: "
+           + ", ".join(f"{lp.target.node} ({lp.sqnr_db:.1f} dB at {lp.bits} bits)" for lp in worst)
+           + ("; activations clipping most: " + ", ".join(
+               f"{a} ({clipped_share(c.plan.acts[a], st):.2%})" for a, st in clipped) if clipped else "")
+           + "; try --bits 8 or --bits-override for those layers")
+
+
+def inspect(model: "str | os.PathLike", config: ConvertConfig | None = None) -> Inspection:
+    """What `convert` would do with `model` under `config`, without calibrating: inputs and
+    outputs, every quantizable layer with its bits, the layers and ops left in float and why."""
+    c = Conversion(config or ConvertConfig())
+    load(c, model)
+    prepare_model(c)
+    c.targets, c.skipped = find_targets(c.prepared, c.cfg.excluded)
+    layers = []
+    for t in c.targets:
+        bits, _ = c.cfg.bits_for(t.node, t.depthwise)
+        why = ("quantized" if t.act and c.cfg.quantize_acts else
+               "float: weight-only conversion" if t.act else
+               "float: inside a Loop/Scan body (weight-only)" if t.graph else "float: not a float32 tensor")
+        layers.append(LayerInfo(t.node, t.op, t.graph or "main", list(t.shape), t.params, bits, why))
+    return Inspection(model=c.name, opset=c.src_opset, inputs=tensor_infos(c.source.graph.input, c.source),
+                      outputs=tensor_infos(c.source.graph.output, c.source), layers=layers,
+                      skipped=[SkippedReport(s.node, s.op, s.reason) for s in c.skipped],
+                      float_ops=float_op_counts(c.prepared, {t.node for t in c.targets} | {s.node for s in c.skipped}),
+                      target=c.cfg.target)
 
 
 def save(model: "onnx.ModelProto", path: "str | os.PathLike", source: "str | os.PathLike | None" = None) -> None:

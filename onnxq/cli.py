@@ -364,6 +364,46 @@ def _jsonable(x):
     return str(x)
 
 
+@cli.command("inspect")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--bits", type=click.Choice(["2", "3", "4", "8"]), default="4", show_default=True,
+              help="Weight bits to show per layer (as convert would give them).")
+@click.option("--act-bits", type=click.Choice(["4", "6", "8", "16", "32"]), default="8", show_default=True)
+@click.option("--exclude", multiple=True, metavar="PATTERN", help="As in convert.")
+@click.option("--bits-override", multiple=True, metavar="PATTERN=BITS", help="As in convert.")
+@click.option("--target", type=click.Choice(list(TARGETS)), default=DEFAULT_TARGET, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
+def inspect_cmd(model, bits, act_bits, exclude, bits_override, target, as_json):
+    """List MODEL's inputs, outputs and every quantizable layer by the name --exclude and
+    --bits-override match, with what convert would do to it; and what stays float, and why."""
+    from . import api
+
+    if not Path(model).exists():
+        raise InputModelError(f"input model not found: {model}")
+    cfg = ConvertConfig(bits=int(bits), act_bits=int(act_bits), exclude=tuple(exclude),
+                        bits_overrides=_overrides(bits_override), target=target)
+    info = api.inspect(model, cfg)
+    if as_json:
+        click.echo(json.dumps(dataclasses.asdict(info), indent=2))
+        return
+    out.print(f"[bold]{escape(info.model)}[/] (opset {info.opset}; target {info.target})")
+    for kind, values in (("input", info.inputs), ("output", info.outputs)):
+        for v in values:
+            out.print(f"  {kind} {escape(v.name)}: {v.dtype} {[d if d is not None else '?' for d in v.shape]}")
+    t = Table(title=f"{len(info.layers)} quantizable layers")
+    for c in ("node", "op", "graph", "weight", "params", "bits", "input"):
+        t.add_column(c)
+    for q in info.layers:
+        t.add_row(escape(q.node), q.op, escape(q.graph), "x".join(map(str, q.weight_shape)), str(q.params),
+                  str(q.bits), q.input)
+    out.print(t)
+    for s in info.skipped:
+        out.print(f"  left in float: {escape(s.node)} ({s.op}) — {escape(s.reason)}")
+    if info.float_ops:
+        out.print("  other ops (float unless the target fuses them): "
+                  + ", ".join(f"{k} {n}" for k, n in info.float_ops.items()))
+
+
 @cli.command("eval")
 @click.argument("reference", type=click.Path(path_type=Path))
 @click.argument("candidate", type=click.Path(path_type=Path))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+
+import numpy as np
 from .graph.io import opset_of
 from .graph.walk import initializer_bytes
 from .types import ActReport, Conversion, LayerReport, Report, SkippedReport
@@ -43,12 +45,19 @@ def _layer(c: Conversion, lp) -> LayerReport:
         sqnr_with_branch_db=_num(lp.sqnr_branch_db))
 
 
+def clipped_share(a, st) -> float:
+    """The fraction of calibration values outside an activation's range [lo, hi]."""
+    if st is None or not st.counts.sum() or (a.lo <= st.observed[0] and a.hi >= st.observed[1]):
+        return 0.0
+    left, right = st.edges[:-1], st.edges[1:]
+    width = np.maximum(right - left, 1e-30)
+    outside = (np.clip(np.minimum(right, a.lo) - left, 0, None) + np.clip(right - np.maximum(left, a.hi), 0, None))
+    return float(np.sum(st.counts * np.minimum(outside / width, 1.0)) / st.counts.sum())
+
+
 def _activation(name: str, a, st) -> ActReport:
     obs = st.observed if st is not None else (None, None)
-    clipped = None
-    if st is not None and st.counts.sum():
-        centers = 0.5 * (st.edges[:-1] + st.edges[1:])
-        clipped = float(st.counts[(centers < a.lo) | (centers > a.hi)].sum() / st.counts.sum())
+    clipped = clipped_share(a, st) if st is not None and st.counts.sum() else None
     return ActReport(tensor=name, method=a.method, bits=a.bits, signed=a.signed,
                      range=[_num(a.lo), _num(a.hi)], observed=[_num(obs[0]), _num(obs[1])],
                      clipped_fraction=clipped, scale=float(a.scale), zero_point=int(a.zero_point))

@@ -313,6 +313,7 @@ class OutputMetrics:
     sqnr_db: float
     top1_agreement: float | None = None      # classifier-like outputs only
     kl: float | None = None
+    degenerate: bool = False                 # the reference is constant: cosine and SQNR mean nothing
 
 
 @dataclass
@@ -366,6 +367,39 @@ class ActReport:
     clipped_fraction: float | None
     scale: float
     zero_point: int
+
+
+@dataclass
+class TensorInfo:
+    name: str
+    dtype: str
+    shape: list[int | str | None]
+
+
+@dataclass
+class LayerInfo:
+    """One quantizable layer as `onnxq inspect` shows it (names are what --exclude and
+    --bits-override match)."""
+
+    node: str
+    op: str
+    graph: str
+    weight_shape: list[int]
+    params: int
+    bits: int                 # what the given options would give it
+    input: str                # "quantized", or why the input stays float
+
+
+@dataclass
+class Inspection:
+    model: str
+    opset: int
+    inputs: list[TensorInfo]
+    outputs: list[TensorInfo]
+    layers: list[LayerInfo]
+    skipped: list[SkippedReport]
+    float_ops: dict[str, int]         # op type -> nodes that stay float (no weight to quantize)
+    target: str
 
 
 REPORT_SCHEMA = "onnxq-report/1"

@@ -44,9 +44,10 @@ def fidelity(ref_model: "onnx.ModelProto | bytes | str", cand_model: "onnx.Model
         if pred_r.shape == labels.shape:
             fid.accuracy_reference = float(np.mean(pred_r == labels))
             fid.accuracy_candidate = float(np.mean(pred_c == labels))
-    if per:
-        fid.cosine = min(v.cosine for v in per.values())
-        fid.sqnr_db = min(v.sqnr_db for v in per.values())
+    meaningful = [v for v in per.values() if not v.degenerate]
+    if meaningful:
+        fid.cosine = min(v.cosine for v in meaningful)
+        fid.sqnr_db = min(v.sqnr_db for v in meaningful)
         if cls_out is not None:
             fid.top1_agreement, fid.kl = per[cls_out].top1_agreement, per[cls_out].kl
     return fid

@@ -1,24 +1,58 @@
 """Loss-aware joint range search: it never ends above its start, and the search graph (QDQ
 parameters as inputs) computes exactly what the emitted graph computes."""
 
+import copy
+import dataclasses
+from pathlib import Path
+
 import numpy as np
 import onnxruntime as ort
 import pytest
 
 import onnxq
+from onnxq import api
+from onnxq.algos.metrics import divergence
+from onnxq.graph.rewrite import apply_plan
+from onnxq.graph.variants import weights_as_inputs
+from onnxq.plan.acts import act_quant, plan_acts
+from onnxq.plan.biases import code_biases
 from onnxq.runtime import session
-from onnxq.graph.prepare import prepare
-from onnxq.search.lapq import SearchSession, _method_acts, _scaled
+from onnxq.search.lapq import SearchSession, lapq_search
+from onnxq.types import Plan
 from builders import conv_zoo
 
 
-def feeds(n=24):
-    rng = np.random.default_rng(1)
-    return [{"x": rng.standard_normal((2, 3, 12, 12)).astype(np.float32)} for _ in range(n)]
+@pytest.fixture
+def search_inputs(monkeypatch):
+    """search_inputs(model, cfg, calib) runs onnxq.convert with act_method="lapq" and returns
+    what the converter hands lapq_search: (prepared model, plan, activation statistics). The
+    real search runs; the test only keeps its arguments."""
+
+    def run(model, cfg, cal):
+        seen = {}
+
+        def keep(prepared, plan, stats, *args, **kwargs):
+            seen.update(prepared=prepared, plan=copy.deepcopy(plan), stats=stats)
+            return lapq_search(prepared, plan, stats, *args, **kwargs)
+
+        monkeypatch.setattr(api, "lapq_search", keep)
+        onnxq.convert(model, dataclasses.replace(cfg, act_method="lapq", search_evals=0), calib=cal)
+        monkeypatch.undo()
+        return seen["prepared"], seen["plan"], seen["stats"]
+
+    return run
+
+
+def unfused(model):
+    """A session without graph optimizations: with constant scales onnxruntime fuses QDQ into
+    integer kernels whose requantization rounds differently from the graph's semantics."""
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
 @pytest.mark.parametrize("abits", [4, 8])
-def test_search_never_increases_the_calibration_loss(abits):
+def test_search_never_increases_the_calibration_loss(abits, feeds):
     m = conv_zoo(np.random.default_rng(0))
     _, rep = onnxq.convert(m, onnxq.ConvertConfig(bits=4, act_bits=abits, act_method="lapq",
                                                   search_evals=120), calib=feeds())
@@ -30,86 +64,83 @@ def test_search_never_increases_the_calibration_loss(abits):
 
 
 @pytest.mark.parametrize("budget", [0.0, 0.2])
-def test_search_graph_and_emitted_graph_agree_for_the_same_ranges(budget):
+def test_search_graph_and_emitted_graph_agree_for_the_same_ranges(budget, feeds, search_inputs):
     """With branches, their A biases are int32 in units of s_x too and must follow the trial scale."""
     m = conv_zoo(np.random.default_rng(0))
     cfg = onnxq.ConvertConfig(bits=4, act_bits=4, sequential=False, rank_budget=budget)
     cal = feeds(8)
-    # the plan the converter makes, rebuilt here to drive the search session directly
-    from onnxq import api
-    q, _ = onnxq.convert(m, cfg, calib=cal)
-    prepared, _ = prepare(m)
-    prepared = api.upgrade_opset(prepared, 21)
-    from onnxq.calib.collect import collect
-    from onnxq.graph.targets import find_targets, initializer_array
-    from onnxq.plan.layers import make_plan
-    from onnxq.graph.rewrite import apply_plan
-    targets, _ = find_targets(prepared, cfg.excluded)
-    st = collect(prepared, targets, [lambda f=f: f for f in cal], hessians=True, rows_per_sample=256, seed=0)
-    w = {t.node: initializer_array(prepared, t.graph, t.weight) for t in targets}
-    b = {t.node: initializer_array(prepared, t.graph, t.bias) for t in targets if t.bias}
-    plan = make_plan(targets, w, b, st.layers, st.acts, cfg)
+    prepared, plan, stats = search_inputs(m, cfg, cal)
     ref = [session(prepared).run(None, f) for f in cal]
     search = SearchSession(prepared, plan, cal, ref)          # built on the converter's ranges
-    other = _scaled(_method_acts(st.acts, search.names, plan.acts, cfg, "lp:3.0"), search.names, cfg,
-                    np.full(len(search.names), -0.3))
+    # other ranges than the plan's: every tensor by Lp (p = 3), then shrunk by exp(-0.3)
+    lp3 = plan_acts(stats, dataclasses.replace(cfg, act_method="lp:3.0"))
+    k = float(np.exp(-0.3))
+    other = {**plan.acts, **{a: act_quant(lp3[a].lo * k, lp3[a].hi * k, cfg.act_bits, lp3[a].signed, "lapq")
+                             for a in search.names}}
+    assert any(other[a].scale != plan.acts[a].scale for a in search.names)
     assert search.biased                                      # int32 biases that follow s_x
     assert any("/residual/A_bias" in n for n in search.inputs) == (budget > 0)
-    # same graph semantics: compare without onnxruntime's fusions (with constant scales it
-    # fuses QDQ into integer kernels, whose requantization rounds differently)
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    from onnxq.graph.rewrite import apply_plan
-    from onnxq.graph.variants import weights_as_inputs
-    from onnxq.plan.biases import code_biases
-    from onnxq.types import Plan
-    search.sess = ort.InferenceSession(weights_as_inputs(apply_plan(prepared, code_biases(plan)), search.inputs)
-                                       .SerializeToString(), so)
-    emitted = ort.InferenceSession(apply_plan(prepared, code_biases(Plan(layers=plan.layers, acts=other)))
-                                   .SerializeToString(), so)
+    # the same graph semantics on both sides: no onnxruntime fusions
+    search.sess = unfused(weights_as_inputs(apply_plan(prepared, code_biases(plan)), search.inputs))
+    emitted = unfused(apply_plan(prepared, code_biases(Plan(layers=plan.layers, acts=other))))
     for f in cal[:3]:
         got = search.outputs_for(other, f)[0]
         want = emitted.run(None, f)[0]
         assert np.array_equal(got, want)
+    # and the ranges matter: the plan's own ranges give other outputs
+    assert not np.array_equal(search.outputs_for(plan.acts, cal[0])[0], emitted.run(None, cal[0])[0])
 
 
-def test_stacked_search_runs_give_the_loss_of_separate_runs():
+def test_stacked_search_runs_give_the_loss_of_separate_runs(feeds, search_inputs):
     """Samples of one shape are stacked into one run; the KL loss is a mean over rows either way."""
     m = conv_zoo(np.random.default_rng(0))
-    cfg = onnxq.ConvertConfig(bits=4, act_bits=4)
-    cal = feeds(6)
-    from onnxq import api
-    from onnxq.calib.collect import collect
-    from onnxq.graph.targets import find_targets, initializer_array
-    from onnxq.plan.layers import make_plan
-    prepared = api.upgrade_opset(prepare(m)[0], 21)
-    targets, _ = find_targets(prepared, cfg.excluded)
-    st = collect(prepared, targets, [lambda f=f: f for f in cal], hessians=True, rows_per_sample=256, seed=0)
-    w = {t.node: initializer_array(prepared, t.graph, t.weight) for t in targets}
-    plan = make_plan(targets, w, {}, st.layers, st.acts, cfg)
+    prepared, plan, _ = search_inputs(m, onnxq.ConvertConfig(bits=4, act_bits=4), feeds(8))
+    cal = feeds(6, seed=5)
     ref = [session(prepared).run(None, f) for f in cal]
     stacked = SearchSession(prepared, plan, cal, ref)
-    assert len(stacked.feeds) == 1 and stacked.feeds[0]["x"].shape[0] == 12
-    separate = SearchSession(prepared, plan, cal, ref)
-    separate.feeds, separate.reference = cal, ref
-    assert np.isclose(stacked.loss(plan.acts), separate.loss(plan.acts), rtol=1e-5)
+    assert len(stacked.feeds) == 1 and stacked.feeds[0]["x"].shape == (12, 3, 12, 12)
+    assert len(stacked.reference) == 1 and stacked.reference[0][0].shape[0] == 12
+    separate = np.mean([divergence(r, stacked.outputs_for(plan.acts, f)) for f, r in zip(cal, ref)])
+    assert np.isclose(stacked.loss(plan.acts), separate, rtol=1e-5)
+    assert stacked.evals == 1
 
 
-def test_search_keeps_the_stage_best_on_samples_it_did_not_fit():
+def test_search_stacks_only_feeds_of_equal_shapes(feeds, search_inputs):
     m = conv_zoo(np.random.default_rng(0))
-    cfg = onnxq.ConvertConfig(bits=4, act_bits=4, act_method="lapq", search_evals=80, search_samples=6)
+    prepared, plan, _ = search_inputs(m, onnxq.ConvertConfig(bits=4, act_bits=8), feeds(8))
+    cal = feeds(3, seed=2) + feeds(2, seed=3, shape=(1, 3, 12, 12)) + feeds(1, seed=4)
+    ref = [session(prepared).run(None, f) for f in cal]
+    s = SearchSession(prepared, plan, cal, ref)
+    assert sorted(f["x"].shape[0] for f in s.feeds) == [2, 8]            # 4 of batch 2, 2 of batch 1
+    big = next(i for i, f in enumerate(s.feeds) if f["x"].shape[0] == 8)
+    np.testing.assert_array_equal(s.feeds[big]["x"][6:], cal[5]["x"])   # stacked in sample order
+    np.testing.assert_array_equal(s.reference[big][0][:2], ref[0][0])
+    held = s.on(cal[:2], ref[:2])                                        # other samples, same session
+    assert len(held.feeds) == 1 and held.feeds[0]["x"].shape[0] == 4 and held.sess is s.sess
+    assert len(s.feeds) == 2                                             # the original is unchanged
+
+
+@pytest.mark.parametrize("search_samples, checked", [(6, 6), (18, 3), (21, 0)])
+def test_search_keeps_the_stage_best_on_samples_it_did_not_fit(search_samples, checked, feeds):
+    """24 samples: 3 are held out for the fidelity check, 21 calibrate; the search fits the first
+    `search_samples` of those and checks its stages on the next as many that are left."""
+    m = conv_zoo(np.random.default_rng(0))
+    cfg = onnxq.ConvertConfig(bits=4, act_bits=4, act_method="lapq", search_evals=40,
+                              search_samples=search_samples)
     _, rep = onnxq.convert(m, cfg, calib=feeds())
     s = rep.search
-    assert s.check_samples == 6
-    assert set(s.check_losses) == {"start", "coordinate", "powell"}
-    assert s.check_losses[s.kept] == min(s.check_losses.values())
+    assert rep.calib_samples == 21 and s.check_samples == checked
+    if checked:
+        assert set(s.check_losses) == {"start", "coordinate", "powell"}
+        assert s.check_losses[s.kept] == min(s.check_losses.values())
+    else:
+        assert s.check_losses == {} and s.kept == "powell"
 
 
 @pytest.mark.parametrize("abits, method", [(4, "interval"), (6, "interval"), (8, "percentile"), (16, "percentile")])
 def test_default_range_method_follows_the_activation_bits(abits, method):
     """Percentile clips too little at 4 and 6 bits (PP-OCR cls W4A4: 0.665 vs interval 0.810
     top-1 agreement); the interval rule scales its clipped fraction with the code count."""
-    from pathlib import Path
     root = Path(__file__).parents[1] / "models"
     assert onnxq.ConvertConfig(act_bits=abits).act_method_name == method
     assert onnxq.ConvertConfig(act_bits=abits, act_method="mse").act_method_name == "mse"

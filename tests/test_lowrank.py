@@ -77,18 +77,13 @@ def test_allocation_respects_the_budget_exactly(budget):
     assert all(r == 10 or spent + c > budget for r, c in zip(ranks, costs)) or budget >= 10**6
 
 
-def feeds(n=24):
-    rng = np.random.default_rng(1)
-    return [{"x": rng.standard_normal((2, 3, 12, 12)).astype(np.float32)} for _ in range(n)]
-
-
-def test_budget_zero_emits_no_branch():
+def test_budget_zero_emits_no_branch(feeds):
     q, rep = onnxq.convert(conv_zoo(np.random.default_rng(0)), onnxq.ConvertConfig(bits=4), calib=feeds())
     assert not any("/residual/" in n.name for n in q.graph.node)
     assert all(l.branch_rank == 0 for l in rep.quantized)
 
 
-def test_int8_branches_are_named_valid_and_within_budget():
+def test_int8_branches_are_named_valid_and_within_budget(feeds):
     m = conv_zoo(np.random.default_rng(0))
     q, rep = onnxq.convert(m, onnxq.ConvertConfig(bits=3, rank_budget=0.1), calib=feeds())
     onnx.checker.check_model(q)
@@ -140,7 +135,7 @@ def test_centred_branch_block_equals_conv_with_corrected_weight_and_bias():
     w = (rng.standard_normal((8, 4, 3, 3)) * 0.3).astype(np.float32)
     conv = helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1])
     m = make_model([conv], [vi("x", [1, 4, 9, 9])], [vi("y", [1, 8, 9, 9])], {"w": w})
-    cal = [{"x": (rng.standard_normal((1, 4, 9, 9)) + 3.0).astype(np.float32)} for _ in range(16)]
+    cal = [{"x": (rng.standard_normal((1, 4, 9, 9)) + 6.0).astype(np.float32)} for _ in range(16)]
     cfg = onnxq.ConvertConfig(bits=3, act_bits=32, rank_budget=0.5, branch_bits=32)
     q, rep = onnxq.convert(m, cfg, calib=cal)
     node = rep.quantized[0].node
@@ -163,10 +158,10 @@ def test_centred_branch_block_equals_conv_with_corrected_weight_and_bias():
     mids = np.concatenate(mids)
     mean, sd = mids.mean(axis=(0, 2, 3)), mids.std(axis=(0, 2, 3))
     assert np.all(np.abs(mean) < 0.05 * sd)
-    assert np.max(np.abs(c)) > np.max(sd)     # uncentred, the input's mean (3) would stretch the range
+    assert np.max(np.abs(c)) > np.max(sd)     # uncentred, the input's mean (6) would stretch the range
 
 
-def test_int16_branches_store_int16_codes_and_run():
+def test_int16_branches_store_int16_codes_and_run(feeds):
     m = conv_zoo(np.random.default_rng(0))
     q, rep = onnxq.convert(m, onnxq.ConvertConfig(bits=3, rank_budget=0.1, branch_bits=16), calib=feeds())
     onnx.checker.check_model(q)

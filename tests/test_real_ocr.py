@@ -19,6 +19,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.ocr_data import cls_samples, ctc_decode, det_samples, load_charset, rec_samples  # noqa: E402
 
 
+pytestmark = pytest.mark.slow
+
+
 def outputs(model, feeds):
     s = ort.InferenceSession(model if isinstance(model, str) else model.SerializeToString())
     return [s.run(None, f)[0] for f in feeds]

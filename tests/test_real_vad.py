@@ -8,6 +8,9 @@ import onnxq
 from realdata import silero_path, silero_stream, speech_like
 
 
+pytestmark = pytest.mark.slow
+
+
 @pytest.fixture(scope="module")
 def calib():
     _, feeds = silero_stream(str(silero_path()), speech_like(12.0, seed=0))

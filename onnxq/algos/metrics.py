@@ -64,7 +64,7 @@ def compare_outputs(ref: Sequence[np.ndarray], out: Sequence[np.ndarray]) -> dic
     """Metrics of one output accumulated over samples (lists of per-sample arrays)."""
     r = np.concatenate([a.reshape(-1) for a in ref]).astype(np.float64)
     o = np.concatenate([a.reshape(-1) for a in out]).astype(np.float64)
-    m = {"cosine": cosine(r, o), "sqnr_db": sqnr_db(r, o)}
+    m = {"cosine": cosine(r, o), "sqnr_db": sqnr_db(r, o), "degenerate": bool(r.size == 0 or np.ptp(r) == 0)}
     if all(classifier_like(a) for a in ref):
         agree, kl, n = 0, 0.0, 0
         for a, b in zip(ref, out):

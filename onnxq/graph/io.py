@@ -167,6 +167,33 @@ def save_model(model: onnx.ModelProto, out: str | os.PathLike) -> None:
             os.unlink(tmp)
 
 
+def tensor_infos(values, model: onnx.ModelProto) -> list:
+    """Name, element type and shape (ints, symbolic names, or None) of graph inputs or outputs,
+    initializers left out."""
+    from ..types import TensorInfo
+
+    inits = {t.name for t in model.graph.initializer}
+    out = []
+    for v in values:
+        if v.name in inits:
+            continue
+        tt = v.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim]
+        kind = onnx.TensorProto.DataType.Name(tt.elem_type).lower() if tt.elem_type else "unknown"
+        out.append(TensorInfo(v.name, kind, dims))
+    return out
+
+
+def float_op_counts(model: onnx.ModelProto, seen: set[str]) -> dict[str, int]:
+    """Op types (and how many nodes) in every graph other than the nodes in `seen`."""
+    counts: dict[str, int] = {}
+    for _, g in graphs(model):
+        for n in g.node:
+            if n.name not in seen:
+                counts[n.op_type] = counts.get(n.op_type, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
 def input_specs(model: onnx.ModelProto):
     """The model's real inputs (initializers excluded) as InputSpec."""
     inits = {t.name for t in model.graph.initializer}

@@ -192,7 +192,9 @@ def _shared_pairs(g: onnx.GraphProto, acts: dict[str, ActQuant], before) -> None
 
 def place(graphs, before, after) -> None:
     """Puts the new nodes of each graph right before / after the node they belong to."""
-    for path in set(before) | set(after):
+    # subgraphs first: rewriting a graph's node list copies its If/Loop nodes, and with them the
+    # subgraphs held inside, so a subgraph rewritten after its parent would be a detached copy
+    for path in sorted(set(before) | set(after), key=lambda p: (-len(p), p)):
         g = graphs[path]
         order = []
         for node in g.node:
