@@ -58,9 +58,34 @@ def _preprocess(preset, size, mean, std, layout, channel_order) -> Preprocess | 
     return Preprocess(**{**base.__dict__, **kw})
 
 
-def _progress(quiet: bool):
+LOG_EVERY_S = 5.0      # without a terminal, a stage's progress line at most this often
+
+
+def _log_lines(log_file):
+    """Progress as plain timestamped lines (no terminal: a pipe, a CI job, a --log-file)."""
+    import time
+
+    last: dict[str, float] = {}
+    sinks = [err] if not err.is_terminal else []
+    if log_file is not None:
+        sinks.append(Console(file=log_file, highlight=False, soft_wrap=True, no_color=True))
+
+    def cb(stage: str, done: int, total: int) -> None:
+        key = stage.split()[0]
+        now = time.monotonic()
+        if done in (1, total) or now - last.get(key, 0.0) >= LOG_EVERY_S:
+            last[key] = now
+            for s in sinks:
+                s.print(f"{time.strftime('%H:%M:%S')} {escape(stage)} {done}/{total}", markup=True)
+    return cb if sinks else None
+
+
+def _progress(quiet: bool, log_file=None):
+    """(a rich bar or None, the progress callback): bars on a terminal, plain lines otherwise
+    and in the --log-file; nothing with --quiet (the log file still gets its lines)."""
+    lines = _log_lines(log_file) if (log_file is not None or (not quiet and not err.is_terminal)) else None
     if quiet or not err.is_terminal:
-        return None, None
+        return None, lines
     bar = Progress(TextColumn("{task.description:<10}"), BarColumn(), MofNCompleteColumn(),
                    TimeElapsedColumn(), console=err, transient=True)
     tasks: dict[str, int] = {}
@@ -70,6 +95,8 @@ def _progress(quiet: bool):
         if key not in tasks:
             tasks[key] = bar.add_task(stage, total=total)
         bar.update(tasks[key], completed=done, description=stage)
+        if lines:
+            lines(stage, done, total)
     return bar, cb
 
 
@@ -105,8 +132,8 @@ def print_summary(report) -> None:
         out.print(f"  weight-only: {weight_only} layers read a float input (see the report for why)")
     out.print(f"  size: {_mb(r.size_before)} -> {_mb(r.size_after)} "
               f"({r.size_before / max(r.size_after, 1):.1f}x smaller)")
-    out.print(f"  time: {r.seconds.get('total', 0):.1f} s (calibration {r.seconds.get('calibrate', 0):.1f} s "
-              f"on {r.calib_samples} samples)")
+    stages = ", ".join(f"{k} {v:.1f} s" for k, v in r.seconds.items() if k != "total")
+    out.print(f"  time: {r.seconds.get('total', 0):.1f} s ({stages}; {r.calib_samples} calibration samples)")
     f = r.fidelity
     if f.cosine is not None:
         parts = [f"cosine {f.cosine:.4f}", f"SQNR {f.sqnr_db:.1f} dB",
@@ -252,10 +279,11 @@ def _preprocess_options(f):
 @click.option("--min-agreement", type=click.FloatRange(0, 1), help="Fail (exit 3, nothing written) below this top-1 agreement.")
 @click.option("--min-cosine", type=click.FloatRange(-1, 1), help="Fail (exit 3, nothing written) below this output cosine.")
 @click.option("--layers", "show_layers", is_flag=True, help="Print a per-layer table.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bars or summary.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress or summary (warnings and errors still print).")
+@click.option("--log-file", type=click.File("a"), help="Also append timestamped progress lines to this file.")
 @_preprocess_options
 def convert(model, output, calib, holdout_data, report_path, save_stats, load_stats, min_agreement,
-            min_cosine, show_layers, quiet, **opts):
+            min_cosine, show_layers, quiet, log_file, **opts):
     """Quantize MODEL and write a QDQ ONNX model."""
     from . import api
     from .graph.io import check_output_path
@@ -269,7 +297,7 @@ def convert(model, output, calib, holdout_data, report_path, save_stats, load_st
     for extra in (report_path, save_stats):
         if extra:
             check_output_path(extra, model)
-    bar, cb = _progress(quiet)
+    bar, cb = _progress(quiet, log_file)
     if bar:
         bar.start()
     try:

@@ -2,8 +2,9 @@
 feed {input name: array} that has been checked against the model's inputs.
 
 Accepted: a folder of per-sample .npz files; one .npz whose arrays have a leading sample axis;
-a folder of images with a preprocessing preset; a list of feed dicts (Python API); nothing
-(random data, with a warning that fidelity is then unknown).
+a folder of images with a preprocessing preset; in Python, any iterable of feed dicts (a
+generator is read once, into memory) or an onnxruntime CalibrationDataReader; nothing (random
+data, with a warning that fidelity is then unknown).
 """
 
 from __future__ import annotations
@@ -162,10 +163,21 @@ def constant_inputs(loaders: Sequence[Callable[[], Feed]], n: int = 8) -> list[s
 def open_source(source, specs: Sequence[InputSpec], preprocess: Preprocess | None = None
                 ) -> list[Callable[[], Feed]]:
     """Lazy loaders for every sample of `source` (see module doc). Raises CalibrationError."""
-    if isinstance(source, (list, tuple)):
+    if hasattr(source, "get_next"):              # an onnxruntime CalibrationDataReader
+        source = list(iter(source.get_next, None))
+    elif not isinstance(source, (str, bytes, os.PathLike, dict)) and hasattr(source, "__iter__"):
+        source = list(source)                    # any iterable of feeds, a generator too: read once
+    if isinstance(source, list):
         if not source:
-            raise CalibrationError("calibration list is empty")
+            raise CalibrationError("calibration data holds no samples")
+        bad = next((i for i, f in enumerate(source) if not isinstance(f, dict)), None)
+        if bad is not None:
+            raise CalibrationError(f"calibration sample {bad} is a {type(source[bad]).__name__}, not a dict "
+                                   "of input name -> array")
         return [lambda f=f, i=i: check_feed(f, specs, f"feed {i}") for i, f in enumerate(source)]
+    if not isinstance(source, (str, os.PathLike)):
+        raise CalibrationError(f"calib must be a path, an iterable of feed dicts or a CalibrationDataReader, "
+                               f"not {type(source).__name__}")
     p = Path(os.fspath(source))
     if not p.exists():
         raise CalibrationError(f"calibration path not found: {p}")
