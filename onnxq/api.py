@@ -241,13 +241,15 @@ def warn_fidelity(c: Conversion) -> None:
     worst = sorted((lp for lp in c.plan.layers if lp.sqnr_db is not None), key=lambda lp: lp.sqnr_db)[:3]
     clipped = sorted(((a, st) for a, st in c.stats.acts.items() if a in c.plan.acts), key=lambda x: -clipped_share(
         c.plan.acts[x[0]], x[1]))[:3]
-    c.warn("fidelity is poor on the held-out samples ("
+    hint = ("try --bits 8 or --bits-override for those layers" if any(lp.bits < 8 for lp in worst)
+            else "the weights are already 8-bit: look at the activation ranges and at the held-out data")
+    c.warn(f"fidelity is poor on the {f.samples} held-out samples ("
            + (f"top-1 agreement {f.top1_agreement:.3f}, " if f.top1_agreement is not None else "")
            + f"SQNR {f.sqnr_db:.1f} dB); layers with the lowest SQNR: "
            + ", ".join(f"{lp.target.node} ({lp.sqnr_db:.1f} dB at {lp.bits} bits)" for lp in worst)
            + ("; activations clipping most: " + ", ".join(
                f"{a} ({clipped_share(c.plan.acts[a], st):.2%})" for a, st in clipped) if clipped else "")
-           + "; try --bits 8 or --bits-override for those layers")
+           + f"; {hint}")
 
 
 def inspect(model: "str | os.PathLike", config: ConvertConfig | None = None) -> Inspection:

@@ -37,8 +37,8 @@ def _floats(text: str | None, what: str) -> tuple[float, ...] | None:
         raise ConfigError(f"{what} takes comma-separated numbers, got '{text}'") from None
 
 
-def _preprocess(preset, size, mean, std, layout, channel_order) -> Preprocess | None:
-    if preset is None and not any((size, mean, std, layout, channel_order)):
+def _preprocess(preset, size, mean, std, layout, channel_order, resize=None) -> Preprocess | None:
+    if preset is None and not any((size, mean, std, layout, channel_order, resize)):
         return None
     if preset is not None and preset not in PRESETS:
         raise ConfigError(f"unknown --preprocess '{preset}'; known: {', '.join(PRESETS)}")
@@ -55,6 +55,8 @@ def _preprocess(preset, size, mean, std, layout, channel_order) -> Preprocess | 
         kw["layout"] = layout.upper()
     if channel_order:
         kw["channel_order"] = channel_order.upper()
+    if resize:
+        kw["resize"] = resize
     return Preprocess(**{**base.__dict__, **kw})
 
 
@@ -198,11 +200,16 @@ def _preprocess_options(f):
     for opt in reversed([
         click.option("--preprocess", "preset", metavar="NAME",
                      help=f"Image preprocessing preset for image folders: {', '.join(PRESETS)}."),
-        click.option("--size", help="Image size HxW, e.g. 224x224."),
+        click.option("--size", help="Image size HxW, e.g. 224x224 (default: the model's input size)."),
         click.option("--mean", help="Per-channel mean, e.g. 0.485,0.456,0.406 (after /255)."),
         click.option("--std", help="Per-channel std, e.g. 0.229,0.224,0.225."),
-        click.option("--layout", help="NCHW (default) or NHWC."),
-        click.option("--channel-order", help="RGB (default) or BGR."),
+        click.option("--layout", type=click.Choice(["NCHW", "NHWC"], case_sensitive=False),
+                     help="Input layout (default NCHW)."),
+        click.option("--channel-order", type=click.Choice(["RGB", "BGR"], case_sensitive=False),
+                     help="Channel order (default RGB)."),
+        click.option("--resize", type=click.Choice(["crop", "letterbox", "stretch"]),
+                     help="crop (default: aspect kept, centre crop, for classifiers), letterbox (aspect kept, "
+                          "grey padding, for detectors) or stretch."),
     ]):
         f = opt(f)
     return f
@@ -290,7 +297,7 @@ def convert(model, output, calib, holdout_data, report_path, save_stats, load_st
 
     if not Path(model).exists():
         raise InputModelError(f"input model not found: {model}")
-    pre = _preprocess(*(opts.pop(k) for k in ("preset", "size", "mean", "std", "layout", "channel_order")))
+    pre = _preprocess(*(opts.pop(k) for k in ("preset", "size", "mean", "std", "layout", "channel_order", "resize")))
     cfg = _config(opts)
     output = output or model.with_suffix(".q.onnx")
     check_output_path(output, model)
@@ -447,7 +454,7 @@ def inspect_cmd(model, bits, act_bits, exclude, bits_override, target, as_json):
                    "are applied: none for ort-cpu, this one for generic and openvino models).")
 @_preprocess_options
 def eval_cmd(reference, candidate, data, json_path, labels, runs, no_qdq_fusion, preset, size, mean, std, layout,
-             channel_order):
+             channel_order, resize):
     """Fidelity of CANDIDATE against REFERENCE on the given feeds, sizes, and batch-1 latency at
     one thread and at all threads, with the session options the candidate's target needs."""
     from .calib.data import open_source
@@ -456,7 +463,7 @@ def eval_cmd(reference, candidate, data, json_path, labels, runs, no_qdq_fusion,
 
     ref = load_model(reference)
     cand = load_model(candidate)
-    loaders = open_source(data, input_specs(ref), _preprocess(preset, size, mean, std, layout, channel_order))
+    loaders = open_source(data, input_specs(ref), _preprocess(preset, size, mean, std, layout, channel_order, resize))
     truth = _load_labels(labels, len(loaders)) if labels else None
     fid = fidelity(ref, cand, loaders, labels=truth)
     target, options = _run_options(cand, no_qdq_fusion)

@@ -22,18 +22,43 @@ from ..types import Feed, InputSpec
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp"}
+def image_suffixes() -> set[str]:
+    """Every file suffix Pillow can open."""
+    from PIL import Image
+
+    Image.init()
+    return {s for s, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
 MAX_ABS = 1e15     # larger calibration values overflow float32 second moments
+
+
+LAYOUTS = ("NCHW", "NHWC")
+CHANNEL_ORDERS = ("RGB", "BGR")
+RESIZES = ("crop", "letterbox", "stretch")
 
 
 @dataclass(frozen=True)
 class Preprocess:
-    size: tuple[int, int] = (224, 224)          # H, W
+    """How an image becomes a model input. size None: the model's own input size. resize: crop
+    (aspect kept, shorter side to the size, centre crop: for classifiers), letterbox (aspect kept,
+    padded with grey: for detectors) or stretch. `transform`, when given, maps the decoded RGB
+    uint8 array [H, W, 3] to the input array itself and replaces every other step."""
+
+    size: tuple[int, int] | None = None         # H, W
     mean: tuple[float, ...] = (0.485, 0.456, 0.406)
     std: tuple[float, ...] = (0.229, 0.224, 0.225)
     layout: str = "NCHW"
     channel_order: str = "RGB"
     scale: float = 1.0 / 255.0
+    resize: str = "crop"
+    transform: "Callable[[np.ndarray], np.ndarray] | None" = None
+
+    def __post_init__(self) -> None:
+        for name, value, known in (("layout", self.layout, LAYOUTS), ("channel_order", self.channel_order, CHANNEL_ORDERS),
+                                   ("resize", self.resize, RESIZES)):
+            if value not in known:
+                raise CalibrationError(f"preprocess {name} must be one of {', '.join(known)}, got '{value}'")
+        if self.size is not None and (len(self.size) != 2 or min(self.size) < 1):
+            raise CalibrationError(f"preprocess size must be (height, width) in pixels, got {self.size}")
 
 
 PRESETS = {
@@ -118,16 +143,41 @@ def _stacked_npz(path: Path, specs) -> list[Callable[[], Feed]]:
     return [lambda i=i: item(i) for i in range(n)]
 
 
-def _image_feed(path: Path, specs, pre: Preprocess) -> Feed:
+def model_size(spec: InputSpec, layout: str) -> tuple[int, int] | None:
+    """(H, W) of a 4-D image input when both are static."""
+    h, w = (spec.shape[2], spec.shape[3]) if layout == "NCHW" else (spec.shape[1], spec.shape[2])
+    return (h, w) if h and w else None
+
+
+def _fit(img, size: tuple[int, int], how: str):
+    """The image at `size` (H, W): centre crop or letterbox keep the aspect, stretch does not."""
     from PIL import Image
+
+    h, w = size
+    if how == "stretch":
+        return img.resize((w, h), Image.BILINEAR)
+    k = (max if how == "crop" else min)(w / img.width, h / img.height)
+    scaled = img.resize((max(1, round(img.width * k)), max(1, round(img.height * k))), Image.BILINEAR)
+    canvas = Image.new("RGB", (w, h), (114, 114, 114))
+    canvas.paste(scaled, ((w - scaled.width) // 2, (h - scaled.height) // 2))
+    return canvas
+
+
+def _image_feed(path: Path, specs, pre: Preprocess) -> Feed:
+    from PIL import Image, ImageOps
 
     if len(specs) != 1 or specs[0].rank != 4:
         raise CalibrationError("image calibration needs a model with one 4-D input")
+    size = pre.size or model_size(specs[0], pre.layout)
+    if size is None:
+        raise CalibrationError(f"the model's input '{specs[0].name}' has no fixed height and width: give --size HxW")
     try:
-        img = Image.open(path).convert("RGB").resize(pre.size[::-1], Image.BILINEAR)
+        img = ImageOps.exif_transpose(Image.open(path)).convert("RGB")
     except Exception as e:
         raise CalibrationError(f"{path.name}: unreadable image ({e})") from None
-    a = np.asarray(img, dtype=np.float32) * pre.scale
+    if pre.transform is not None:
+        return check_feed({specs[0].name: np.asarray(pre.transform(np.asarray(img)))}, specs, path.name)
+    a = np.asarray(_fit(img, size, pre.resize), dtype=np.float32) * pre.scale
     if pre.channel_order.upper() == "BGR":
         a = a[..., ::-1]
     a = (a - np.array(pre.mean, np.float32)) / np.array(pre.std, np.float32)
@@ -186,7 +236,7 @@ def open_source(source, specs: Sequence[InputSpec], preprocess: Preprocess | Non
             raise CalibrationError(f"calibration file must be .npz (or a folder): {p}")
         return _stacked_npz(p, specs)
     loaders = _npz_folder(p, specs)
-    images = sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_SUFFIXES)
+    images = sorted(q for q in p.rglob("*") if q.is_file() and q.suffix.lower() in image_suffixes())
     if loaders and images:
         raise CalibrationError(f"{p} mixes .npz files and images; keep one kind per folder")
     if images:
