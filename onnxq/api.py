@@ -60,7 +60,7 @@ def convert(model: "str | os.PathLike | onnx.ModelProto", config: ConvertConfig 
     with c.timed("load"):
         load(c, model)
         prepare_model(c)
-        c.targets, c.skipped = find_targets(c.prepared, c.cfg.excluded)
+        c.targets, c.skipped = find_targets(c.prepared, c.cfg.excluded, c.cfg.rules.tables)
         c.placement = plan_placement(c.prepared, c.targets, c.cfg.rules, c.cfg.quantize_acts)
         data(c, calib, holdout, preprocess)
     with c.timed("calibrate"):
@@ -258,11 +258,12 @@ def inspect(model: "str | os.PathLike", config: ConvertConfig | None = None) -> 
     c = Conversion(config or ConvertConfig())
     load(c, model)
     prepare_model(c)
-    c.targets, c.skipped = find_targets(c.prepared, c.cfg.excluded)
+    c.targets, c.skipped = find_targets(c.prepared, c.cfg.excluded, c.cfg.rules.tables)
     layers = []
     for t in c.targets:
         bits, _ = c.cfg.bits_for(t.node, t.depthwise)
-        why = ("quantized" if t.act and c.cfg.quantize_acts else
+        why = ("float: embedding lookup (weight-only)" if t.op == "Gather" else
+               "quantized" if t.act and c.cfg.quantize_acts else
                "float: weight-only conversion" if t.act else
                "float: inside a Loop/Scan body (weight-only)" if t.graph else "float: not a float32 tensor")
         layers.append(LayerInfo(t.node, t.op, t.graph or "main", list(t.shape), t.params, bits, why))

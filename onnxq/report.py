@@ -22,6 +22,8 @@ def _input_note(c: Conversion, t, act) -> tuple[int, str]:
     """(activation bits, why the input stays float or "") of a layer."""
     if act is not None:
         return act.bits, ""
+    if t.op == "Gather":
+        return 32, "embedding lookup: the table is quantized, the lookup reads indices"
     if t.act is None and t.graph:
         return 32, "inside a Loop/Scan body, which calibration cannot observe: weight-only"
     if t.act is None:

@@ -11,6 +11,7 @@ from ..types import ConvGeometry, Skipped, Target
 from .walk import attr, graphs, loop_scopes
 
 WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+TABLE_OPS = ("Gather",)      # embedding lookups in a constant table (weight-only)
 RECURRENT_OPS = ("LSTM", "GRU", "RNN")
 
 
@@ -58,6 +59,12 @@ def _classify(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto], graph: s
             act_i, w_i, layout = 1, 0, "rows"
         else:
             return "both inputs are activations (no constant weight)"
+    elif op == "Gather":                    # an embedding table: one row per token, weight-only
+        if ins[0] not in inits:
+            return "not a lookup in a constant table"
+        if int(attr(node, "axis", 0)) != 0:
+            return "Gather along an axis other than 0 is not an embedding lookup"
+        act_i, w_i, layout = 1, 0, "rows"
     if len(ins) <= w_i or ins[w_i] not in inits:
         return "weight is not a constant initializer"
     w = inits[ins[w_i]]
@@ -66,8 +73,8 @@ def _classify(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto], graph: s
     shape = tuple(int(d) for d in w.dims)
     if op in ("Conv", "ConvTranspose") and len(shape) not in (3, 4):
         return f"{len(shape) - 2}-D convolution is not supported"
-    if op in ("Gemm", "MatMul") and len(shape) != 2:
-        return f"weight has rank {len(shape)}; only 2-D MatMul weights are quantized"
+    if op in ("Gemm", "MatMul", "Gather") and len(shape) != 2:
+        return f"weight has rank {len(shape)}; only 2-D {'tables' if op == 'Gather' else 'MatMul weights'} are quantized"
     if min(shape) == 0:
         return "empty weight"
     geo = _geometry(node, shape) if layout in ("conv", "convT") else None
@@ -79,16 +86,18 @@ def _classify(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto], graph: s
     if fixed:
         bias = None
     # activations inside Loop/Scan bodies cannot be observed; If branches are (graph/inline.py)
-    act = None if in_loop or ins[act_i] in inits else ins[act_i]
+    act = None if in_loop or ins[act_i] in inits or op == "Gather" else ins[act_i]
     return Target(node=node.name, op=op, graph=graph, weight=ins[w_i], act=act, bias=bias,
                   weight_layout=layout, shape=shape, groups=geo.group if geo else 1, geo=geo,
                   fixed_bias=fixed)
 
 
-def find_targets(model: onnx.ModelProto, excluded: Callable[[str], bool] = lambda node: False
-                 ) -> tuple[list[Target], list[Skipped]]:
+def find_targets(model: onnx.ModelProto, excluded: Callable[[str], bool] = lambda node: False,
+                 tables: bool = True) -> tuple[list[Target], list[Skipped]]:
     """Quantizable nodes of the main graph and of every subgraph, plus the skipped ones
-    (`excluded(node name)` marks the nodes the user leaves in float)."""
+    (`excluded(node name)` marks the nodes the user leaves in float); with `tables`, embedding
+    lookups (Gather on a constant 2-D float table) too."""
+    ops = WEIGHT_OPS + (TABLE_OPS if tables else ())
     types = _float_inputs(model)
     loops = loop_scopes(model)
     targets: list[Target] = []
@@ -103,7 +112,7 @@ def find_targets(model: onnx.ModelProto, excluded: Callable[[str], bool] = lambd
         for node in g.node:
             if node.op_type in RECURRENT_OPS:
                 skipped.append(Skipped(node.name, node.op_type, "recurrent layers are not quantized"))
-            if node.op_type not in WEIGHT_OPS:
+            if node.op_type not in ops or (node.op_type in TABLE_OPS and node.input[0] not in inits):
                 continue
             if excluded(node.name):
                 skipped.append(Skipped(node.name, node.op_type, "excluded by --exclude"))

@@ -31,6 +31,7 @@ class Rules:
     int4_conv: bool               # 2-4-bit Conv/ConvTranspose weights in INT4 containers (else INT8)
     int4_matmul: bool             # 2-4-bit Gemm/MatMul weights in INT4 containers (else INT8)
     fuse_hardswish: bool = False  # decomposed hard-swish made one HardSwish node (opset 14)
+    tables: bool = True           # embedding tables quantized (DQ -> Gather, folded at load)
     session_options: dict[str, str] = field(default_factory=dict)   # for onnxruntime's CPU provider
     summary: str = ""
 
@@ -40,7 +41,7 @@ RULES: dict[str, Rules] = {
                      session_options={"session.disable_quant_qdq": "1"},
                      summary="Q/DQ on quantized layers' inputs; INT4 containers"),
     "ort-cpu": Rules("ort-cpu", output_units=True, all_readers=True, int4_conv=False, int4_matmul=False,
-                     fuse_hardswish=True,
+                     fuse_hardswish=True, tables=False,
                      summary="full node units for onnxruntime's CPU integer kernels; u8/s8, int32 bias"),
     "openvino": Rules("openvino", output_units=False, all_readers=False, int4_conv=False, int4_matmul=True,
                       session_options={"session.disable_quant_qdq": "1"},

@@ -1,0 +1,49 @@
+"""Embedding tables: a Gather on a constant table is quantized per row (weight-only), emitted as
+DequantizeLinear -> Gather, and looks up the same rows; ort-cpu leaves tables float (its
+provider would dequantize the whole table on every run)."""
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from builders import make_model, vi
+from onnx import TensorProto, helper
+
+import onnxq
+
+
+def embedder(rng):
+    table = (rng.standard_normal((50, 16)) * rng.uniform(0.1, 3.0, (50, 1))).astype(np.float32)  # rows of very different size
+    nodes = [helper.make_node("Gather", ["table", "ids"], ["e"], name="embed"),
+             helper.make_node("MatMul", ["e", "w"], ["y"], name="proj")]
+    return make_model(nodes, [vi("ids", ["N", 7], TensorProto.INT64)], [vi("y", ["N", 7, 8])],
+                      {"table": table, "w": (rng.standard_normal((16, 8)) * 0.3).astype(np.float32)})
+
+
+@pytest.mark.parametrize("bits, floor_db", [(8, 35.0), (4, 15.0)])
+def test_tables_are_quantized_per_row_and_look_up_the_same_rows(bits, floor_db):
+    rng = np.random.default_rng(0)
+    m = embedder(rng)
+    feeds = [{"ids": rng.integers(0, 50, (1, 7))} for _ in range(12)]
+    q, rep = onnxq.convert(m, onnxq.ConvertConfig(bits=bits, act_bits=32), calib=feeds)   # weights alone
+    table = next(l for l in rep.quantized if l.op == "Gather")
+    assert table.bits == bits and table.activation_bits == 32 and "embedding" in table.float_input_reason
+    inits = {t.name: t for t in q.graph.initializer}
+    assert inits["embed/weight_q"].data_type == (TensorProto.INT8 if bits == 8 else TensorProto.INT4)
+    assert list(inits["embed/weight_scale"].dims) == [50]                         # one scale a row
+    assert "table" not in inits                                                   # no float copy kept
+    ids = {"ids": np.arange(50).reshape(1, 50)[:, :7]}
+    every = {"ids": np.arange(49).reshape(7, 7)}
+    a, b = ort.InferenceSession(m.SerializeToString()), ort.InferenceSession(q.SerializeToString())
+    for f in (ids, every):
+        ref, got = a.run(None, f)[0], b.run(None, f)[0]
+        db = 10 * np.log10(np.sum(ref ** 2) / np.sum((ref - got) ** 2))
+        assert db > floor_db, db
+
+
+def test_ort_cpu_leaves_tables_float():
+    rng = np.random.default_rng(1)
+    q, rep = onnxq.convert(embedder(rng), onnxq.ConvertConfig(bits=8, target="ort-cpu"),
+                           calib=[{"ids": rng.integers(0, 50, (1, 7))} for _ in range(8)])
+    assert [l.op for l in rep.quantized] == ["MatMul"]
+    assert any(t.name == "table" and t.data_type == TensorProto.FLOAT for t in q.graph.initializer)
