@@ -61,3 +61,43 @@ def silero_stream(model, audio: np.ndarray, sr: int = 16000, chunk: int = 512):
         p, state = sess.run(None, feed)
         probs.append(float(p.reshape(-1)[0]))
     return np.array(probs), feeds
+
+
+def orinet_path() -> Path:
+    return package_file("occular_deskew", "weights", "orientation_orinet_fp32.onnx")
+
+
+def rotated_pages(n: int, seed: int, size: int = 320) -> tuple[list[dict], np.ndarray]:
+    """n text pages (lines of the machine's licence texts, or seeded words where those are
+    missing) turned k quarter turns clockwise, letterboxed on white to size x size, ImageNet
+    normalised -> (feeds {'x': [1,3,size,size]}, k per page)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    rng = np.random.default_rng(seed)
+    texts = sorted(Path("/usr/share/common-licenses").glob("*"))
+    lines = [l for p in texts if p.is_file() for l in p.read_text(errors="replace").splitlines() if l.strip()]
+    if len(lines) < 50:
+        words = ["".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), int(rng.integers(2, 9)))) for _ in range(300)]
+        lines = [" ".join(rng.choice(words, 9)) for _ in range(300)]
+    mean, std = np.array([0.485, 0.456, 0.406], np.float32), np.array([0.229, 0.224, 0.225], np.float32)
+    feeds, ks = [], []
+    for j in range(n):
+        w = int(rng.integers(560, 900))
+        h = int(w * rng.uniform(1.25, 1.45))
+        font = ImageFont.load_default(size=max(10, w // 55))
+        page = Image.new("RGB", (w, h), (250, 250, 248))
+        d = ImageDraw.Draw(page)
+        i = int(rng.integers(0, len(lines) - 60))
+        for y in range(h // 20, h - h // 20, int(font.size * 1.4)):
+            d.text((w // 12, y), lines[i], font=font, fill=(20, 20, 20))
+            i += 1
+        k = j % 4
+        page = page.rotate(-90 * k, expand=True)
+        s = size / max(page.size)
+        small = page.resize((max(1, round(page.width * s)), max(1, round(page.height * s))), Image.BILINEAR)
+        canvas = Image.new("RGB", (size, size), (255, 255, 255))
+        canvas.paste(small, ((size - small.width) // 2, (size - small.height) // 2))
+        a = (np.asarray(canvas, np.float32) / 255.0 - mean) / std
+        feeds.append({"x": a.transpose(2, 0, 1)[None].astype(np.float32)})
+        ks.append(k)
+    return feeds, np.array(ks)
