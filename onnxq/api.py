@@ -17,7 +17,7 @@ from .calib.data import Preprocess, constant_inputs, open_source, random_feeds
 from .config import VERSION, ConvertConfig
 from .errors import CalibrationError, InputModelError, OutputError, VerificationError
 from .graph.io import (TARGET_KEY, check_model, check_output_path, float_op_counts, input_specs, load_model,
-                       opset_of, save_model, set_metadata, tensor_infos)
+                       opset_of, save_model, set_metadata, tensor_infos, validate)
 from .graph.placement import plan_placement
 from .graph.prepare import fuse_hardswish, prepare, upgrade_opset
 from .graph.rewrite import apply_plan
@@ -82,6 +82,7 @@ def load(c: Conversion, model) -> None:
             raise InputModelError(f"model uses opset {opset_of(c.source)}; onnxq needs 11 or newer")
     else:
         c.source, c.name = load_model(model), str(model)
+    validate(c.source, c.name)
     c.src_opset = opset_of(c.source)
 
 

@@ -534,8 +534,12 @@ def _load_labels(path: Path, n: int):
 def main() -> None:
     import signal
 
+    import warnings
+
     debug = "--debug" in sys.argv
     signal.signal(signal.SIGTERM, _on_sigterm)
+    if not debug:            # numpy's overflow notes are not for users: what matters is raised as an error
+        warnings.simplefilter("ignore", RuntimeWarning)
     try:
         cli.main(standalone_mode=False)
     except click.exceptions.Abort:

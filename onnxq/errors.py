@@ -15,6 +15,10 @@ class CalibrationError(OnnxqError):
     """Calibration data is missing, empty, or does not match the model."""
 
 
+class RuntimeModelError(OnnxqError):
+    """onnxruntime cannot load or run a model onnxq needs to run."""
+
+
 class OutputError(OnnxqError):
     """The output path cannot be written."""
 

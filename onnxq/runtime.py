@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnxruntime as ort
 
+from .errors import RuntimeModelError
 from .graph.io import serialized
 
 if TYPE_CHECKING:
@@ -33,7 +34,15 @@ def session(model: "onnx.ModelProto | bytes | str", threads: int = THREADS,
     so.inter_op_num_threads = 1
     so.log_severity_level = LOG_FATAL_ONLY
     src = model if isinstance(model, (bytes, str)) else serialized(model)
-    return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
+    try:
+        return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
+    except Exception as e:   # onnxruntime raises its own types; one line says what it found
+        raise RuntimeModelError(f"onnxruntime cannot load the model: {_first_line(e)}") from None
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return text.split(" : ", 2)[-1][:240]
 
 
 def latency_ms(model: "onnx.ModelProto | bytes | str", feed: dict, runs: int = 30, warmup: int = 5,

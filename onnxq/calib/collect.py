@@ -15,6 +15,7 @@ from ..graph.variants import augmented
 from ..runtime import session
 from ..types import ActQuant, ActStats, Feed, LayerStats, PairedStats, Progress, Stats, Target
 from .collectors import CrossMoment, RangeHistogram, SecondMoment, im2col_rows
+from .data import MAX_ABS
 
 if TYPE_CHECKING:
     import onnx
@@ -95,6 +96,9 @@ def collect(model: "onnx.ModelProto", targets: Sequence[Target], loaders: Sequen
         for name, v in values.items():
             if v.dtype.kind != "f":
                 continue
+            if not np.all(np.isfinite(v)) or (v.size and float(np.max(np.abs(v))) > MAX_ABS):
+                raise CalibrationError(f"the model computes NaN, Inf or values beyond {MAX_ABS:g} at '{name}' on "
+                                       f"calibration sample {i}: check the model and the data's scaling")
             hist[name].update(v)
             for t in by_act.get(name, ()):
                 moments[t.node].update(layer_rows(v, t, rows_per_sample, rng))

@@ -102,6 +102,32 @@ def _check_float32(model: onnx.ModelProto, p: Path) -> None:
                                   "models: export the model in float32")
 
 
+def _utf8(text) -> None:
+    """Raise UnicodeError unless `text` is a string protobuf can write back (invalid UTF-8 in a
+    file comes back as bytes or with surrogates)."""
+    if not isinstance(text, str):
+        raise UnicodeError("not a string")
+    text.encode("utf-8")
+
+
+def validate(model: onnx.ModelProto, name: str) -> None:
+    """onnx.checker on an input model: a model it rejects gets one clear line, not a crash later."""
+    try:
+        for _, g in graphs(model):           # every name is read: invalid UTF-8 fails here, not later
+            for n in g.node:
+                for text in [n.name, n.op_type, n.domain, *n.input, *n.output, *(a.name for a in n.attribute)]:
+                    _utf8(text)
+            for v in list(g.initializer) + list(g.input) + list(g.output) + list(g.value_info):
+                _utf8(v.name)
+    except UnicodeError:
+        raise InputModelError(f"{name} holds names that are not valid UTF-8: is the file corrupt?") from None
+    try:
+        check_model(model)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InputModelError(f"{name} is not a valid ONNX model: {first[:200]}") from None
+
+
 def check_model(model: onnx.ModelProto) -> None:
     """onnx.checker on the model (through a file when it is too large for one protobuf)."""
     if model.ByteSize() < EXTERNAL_THRESHOLD:

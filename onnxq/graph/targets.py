@@ -40,6 +40,19 @@ def _geometry(node: onnx.NodeProto, w_shape: tuple[int, ...]) -> ConvGeometry:
     )
 
 
+def _bad_geometry(geo: ConvGeometry, shape: tuple[int, ...], op: str) -> str:
+    """Why a conv's attributes cannot describe its weight, or ''."""
+    nd = len(shape) - 2
+    out_channels = shape[0] if op == "Conv" else shape[1] * geo.group
+    if geo.group < 1 or out_channels % geo.group:
+        return f"invalid group {geo.group} for a weight of shape {list(shape)}"
+    if (len(geo.kernel) != nd or tuple(geo.kernel) != tuple(shape[2:]) or min(geo.strides, default=1) < 1
+            or min(geo.dilations, default=1) < 1 or min(geo.pads, default=0) < 0 or len(geo.strides) != nd
+            or len(geo.dilations) != nd or len(geo.pads) != 2 * nd):
+        return "kernel, strides, dilations or pads do not fit the weight"
+    return ""
+
+
 def _classify(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto], graph: str,
               in_loop: bool) -> Target | str:
     """A Target, or the reason the node is left in float."""
@@ -78,6 +91,10 @@ def _classify(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto], graph: s
     if min(shape) == 0:
         return "empty weight"
     geo = _geometry(node, shape) if layout in ("conv", "convT") else None
+    if geo is not None:
+        bad = _bad_geometry(geo, shape, op)
+        if bad:
+            return bad
     bias = ins[2] if len(ins) > 2 and ins[2] and ins[2] in inits else None
     # a bias input the quantizer must leave as it is: a Gemm's C that is an activation, or that
     # still carries a beta (graph/prepare.py folds beta into constant C)

@@ -3,6 +3,7 @@ activation QDQ parameters. Pure numpy; the graph is edited later by graph/rewrit
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -67,6 +68,18 @@ def tap_moments(t: Target, ls: LayerStats) -> LayerStats:
                       np.repeat(ls.mean, eye.shape[0], axis=-1), ls.rows)
 
 
+def _quantize(method: str, wm: np.ndarray, bits: int, h: np.ndarray | None, groups: int, damp: float):
+    """quantize_weight, falling back to the statistics-free method when the statistics cannot be
+    factorised (degenerate layers: every input dead or enormous)."""
+    if h is not None and not np.all(np.isfinite(h)):
+        h = None
+    try:
+        return quantize_weight(method, wm, bits, h, groups, damp=damp)
+    except np.linalg.LinAlgError:
+        q = quantize_weight("mse", wm, bits, None, groups)
+        return dataclasses.replace(q, method="mse (input statistics unusable)")
+
+
 def plan_layer(t: Target, w: np.ndarray, bias: np.ndarray | None, ls: LayerStats | None,
                cfg: ConvertConfig, float_mean: np.ndarray | None = None) -> LayerPlan:
     """Quantize one layer. `ls` holds the statistics of the input the layer will receive;
@@ -81,7 +94,7 @@ def plan_layer(t: Target, w: np.ndarray, bias: np.ndarray | None, ls: LayerStats
     if ls is not None:
         fit = input_covariance(ls) if _bias_corrects(t, wm, bias, cfg) else ls.hessian
         h = regularized_hessian(fit, ls.rows)
-    wq = quantize_weight(method, wm, bits, h, groups, damp=cfg.damp)
+    wq = _quantize(method, wm, bits, h, groups, cfg.damp)
     w_hat = wq.codes * wq.scales[:, None]
     plan = LayerPlan(target=t, bits=bits, method=wq.method,
                      codes=from_matrix(wq.codes, t.weight_layout, t.shape).astype(np.int32),
