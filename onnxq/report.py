@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 from .graph.io import opset_of
+from .graph.large import model_bytes
 from .graph.walk import initializer_bytes
 from .types import ActReport, Conversion, LayerReport, Report, SkippedReport
 
@@ -70,7 +71,7 @@ def build_report(c: Conversion) -> Report:
     r.quantized = [_layer(c, lp) for lp in c.plan.layers]
     r.skipped = [SkippedReport(s.node, s.op, s.reason) for s in c.skipped]
     r.activations = [_activation(n, a, c.stats.acts.get(n)) for n, a in sorted(c.plan.acts.items())]
-    r.size_before, r.size_after = c.source.ByteSize(), c.qmodel.ByteSize()
+    r.size_before, r.size_after = model_bytes(c.source), model_bytes(c.qmodel)
     r.params = sum(t.params for t in c.targets)
     r.calib_samples, r.holdout_samples = len(c.calib), len(c.held)
     r.seconds = {k: round(v, 3) for k, v in c.seconds.items()}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 import time
 from typing import TYPE_CHECKING
 
@@ -9,7 +10,7 @@ import numpy as np
 import onnxruntime as ort
 
 from .errors import RuntimeModelError
-from .graph.io import serialized
+from .graph.large import is_large, write_external
 
 if TYPE_CHECKING:
     import onnx
@@ -33,9 +34,16 @@ def session(model: "onnx.ModelProto | bytes | str", threads: int = THREADS,
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.log_severity_level = LOG_FATAL_ONLY
-    src = model if isinstance(model, (bytes, str)) else serialized(model)
     try:
-        return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
+        if isinstance(model, (bytes, str)):
+            return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+        if not is_large(model):
+            return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        with tempfile.TemporaryDirectory(prefix="onnxq-") as d:   # read at load, removed right after
+            return ort.InferenceSession(str(write_external(model, d, "m.onnx")), so,
+                                        providers=["CPUExecutionProvider"])
+    except RuntimeModelError:
+        raise
     except Exception as e:   # onnxruntime raises its own types; one line says what it found
         raise RuntimeModelError(f"onnxruntime cannot load the model: {_first_line(e)}") from None
 

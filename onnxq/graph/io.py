@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -12,10 +13,10 @@ from google.protobuf.message import DecodeError
 
 from ..errors import InputModelError, OutputError
 from ..types import InputSpec
+from .large import is_large, write_external
 from .walk import graphs
 
 MIN_OPSET = 11
-EXTERNAL_THRESHOLD = 1_800_000_000  # bytes; above this the output keeps weights in a side file
 
 
 def opset_of(model: onnx.ModelProto) -> int:
@@ -129,24 +130,13 @@ def validate(model: onnx.ModelProto, name: str) -> None:
 
 
 def check_model(model: onnx.ModelProto) -> None:
-    """onnx.checker on the model (through a file when it is too large for one protobuf)."""
-    if model.ByteSize() < EXTERNAL_THRESHOLD:
+    """onnx.checker on the model (through an external-data copy when it is too large for one
+    protobuf; the model in memory is left as it is)."""
+    if not is_large(model):
         onnx.checker.check_model(model)
         return
-    with tempfile.TemporaryDirectory() as d:
-        f = os.path.join(d, "m.onnx")
-        onnx.save_model(model, f, save_as_external_data=True, location="m.onnx.data")
-        onnx.checker.check_model(f)
-
-
-def serialized(model: onnx.ModelProto) -> bytes | str:
-    """Bytes for onnxruntime, or a temporary path for models over the protobuf limit."""
-    if model.ByteSize() < EXTERNAL_THRESHOLD:
-        return model.SerializeToString()
-    d = tempfile.mkdtemp(prefix="onnxq-")
-    f = os.path.join(d, "m.onnx")
-    onnx.save_model(model, f, save_as_external_data=True, location="m.onnx.data")
-    return f
+    with tempfile.TemporaryDirectory(prefix="onnxq-") as d:
+        onnx.checker.check_model(str(write_external(model, d, "m.onnx")))
 
 
 def check_output_path(out: str | os.PathLike, src: str | os.PathLike | None) -> Path:
@@ -167,22 +157,19 @@ def check_output_path(out: str | os.PathLike, src: str | os.PathLike | None) -> 
 
 
 def save_model(model: onnx.ModelProto, out: str | os.PathLike) -> None:
-    """Write atomically: a temporary file in the same folder, then rename."""
+    """Write atomically: a temporary file (or, for a large model, a temporary folder holding the
+    model and its `.data` file) beside the output, then rename; nothing is left on failure."""
     o = Path(out)
-    large = model.ByteSize() >= EXTERNAL_THRESHOLD
-    fd, tmp = tempfile.mkstemp(prefix=f".{o.name}.", suffix=".tmp", dir=str(o.parent or "."))
+    parent = o.parent if str(o.parent) else Path(".")
+    if is_large(model):
+        _save_large(model, o, parent)
+        return
+    fd, tmp = tempfile.mkstemp(prefix=f".{o.name}.", suffix=".tmp", dir=str(parent))
     os.close(fd)
     done = False
     try:
-        if large:
-            data_name = o.name + ".data"
-            tmp_data = o.parent / data_name
-            onnx.save_model(model, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=data_name)
-            os.chmod(tmp_data, 0o644)
-        else:
-            with open(tmp, "wb") as f:
-                f.write(model.SerializeToString(deterministic=True))
+        with open(tmp, "wb") as f:
+            f.write(model.SerializeToString(deterministic=True))
         os.chmod(tmp, 0o644)
         os.replace(tmp, o)
         done = True
@@ -191,6 +178,23 @@ def save_model(model: onnx.ModelProto, out: str | os.PathLike) -> None:
     finally:                 # an error or an interrupt leaves no partial file behind
         if not done and os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _save_large(model: onnx.ModelProto, o: Path, parent: Path) -> None:
+    """The model file and its weights file `<name>.data`, written in a temporary folder beside
+    the output and renamed into place (weights first)."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{o.name}.", dir=str(parent)))
+    try:
+        path = write_external(model, tmp, o.name)
+        data = tmp / (o.name + ".data")
+        for p in (path, data):
+            os.chmod(p, 0o644)
+        os.replace(data, parent / data.name)
+        os.replace(path, o)
+    except OSError as e:
+        raise OutputError(f"could not write {o}: {e.strerror or e}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def tensor_infos(values, model: onnx.ModelProto) -> list:

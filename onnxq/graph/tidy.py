@@ -6,11 +6,11 @@ from __future__ import annotations
 import onnx
 import onnx_graphsurgeon as gs
 
-from .io import EXTERNAL_THRESHOLD
+from .large import is_large
 
 
 def tidy(model: onnx.ModelProto) -> onnx.ModelProto:
-    if model.ByteSize() >= EXTERNAL_THRESHOLD:
+    if is_large(model):
         return model        # graphsurgeon serialises through one protobuf; leave huge models be
     graph = gs.import_onnx(model)
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
