@@ -9,6 +9,8 @@ from typing import Sequence
 import onnx
 
 from ..plan.rules import ABSORBED_OPS, FUSED_OPS, SAME_SCALE_OPS, Rules
+
+POOLS = ("GlobalAveragePool", "GlobalMaxPool", "ReduceMean")
 from ..types import Target
 
 
@@ -58,7 +60,12 @@ def plan_placement(model: onnx.ModelProto, targets: Sequence[Target], rules: Rul
             quantized.add(name)
             extra.append(name)
 
+    pooled: set[str] = set()                 # 1x1 maps after a global pool (attention gates)
     for node in g.node:
+        if node.op_type in POOLS or (node.input and node.input[0] in pooled and node.op_type not in FUSED_OPS):
+            pooled.update(node.output)
+            if node.op_type not in POOLS:
+                continue    # a gate's layers keep input-side Q/DQ only: an error there scales whole channels
         if node.name in layers:
             add(_unit_output(node, consumers, outputs))
         elif node.op_type in FUSED_OPS:
@@ -72,3 +79,4 @@ def plan_placement(model: onnx.ModelProto, targets: Sequence[Target], rules: Rul
                 add(y)
     p.observe = [n for n in extra if n not in p.tied]
     return p
+
