@@ -230,6 +230,7 @@ class LayerPlan:
     axis: int
     bias: np.ndarray | None      # corrected bias (float32) or None to keep the original
     source_bias: np.ndarray | None = None   # the model's own bias (float)
+    block: int = 0               # > 0: scales [O, K / block], one per run of `block` columns (tables)
     sqnr_db: float | None = None  # layer output SQNR estimate from H (None without H)
     sqnr_rtn_db: float | None = None
     note: str = ""

@@ -1,4 +1,5 @@
-"""Embedding tables: a Gather on a constant table is quantized per row (weight-only), emitted as
+"""Embedding tables: a Gather on a constant table is quantized per row (per block of a row at
+4 bits; weight-only), emitted as
 DequantizeLinear -> Gather, and looks up the same rows; ort-cpu leaves tables float (its
 provider would dequantize the whole table on every run)."""
 
@@ -13,11 +14,11 @@ import onnxq
 
 
 def embedder(rng):
-    table = (rng.standard_normal((50, 16)) * rng.uniform(0.1, 3.0, (50, 1))).astype(np.float32)  # rows of very different size
+    table = (rng.standard_normal((50, 64)) * rng.uniform(0.1, 3.0, (50, 1))).astype(np.float32)  # rows of very different size
     nodes = [helper.make_node("Gather", ["table", "ids"], ["e"], name="embed"),
              helper.make_node("MatMul", ["e", "w"], ["y"], name="proj")]
     return make_model(nodes, [vi("ids", ["N", 7], TensorProto.INT64)], [vi("y", ["N", 7, 8])],
-                      {"table": table, "w": (rng.standard_normal((16, 8)) * 0.3).astype(np.float32)})
+                      {"table": table, "w": (rng.standard_normal((64, 8)) * 0.3).astype(np.float32)})
 
 
 @pytest.mark.parametrize("bits, floor_db", [(8, 35.0), (4, 15.0)])
@@ -30,7 +31,8 @@ def test_tables_are_quantized_per_row_and_look_up_the_same_rows(bits, floor_db):
     assert table.bits == bits and table.activation_bits == 32 and "embedding" in table.float_input_reason
     inits = {t.name: t for t in q.graph.initializer}
     assert inits["embed/weight_q"].data_type == (TensorProto.INT8 if bits == 8 else TensorProto.INT4)
-    assert list(inits["embed/weight_scale"].dims) == [50]                         # one scale a row
+    # one scale a row at 8 bits; at 4 bits one per 32 values of a row (a blocked DequantizeLinear)
+    assert list(inits["embed/weight_scale"].dims) == ([50] if bits == 8 else [50, 2])
     assert "table" not in inits                                                   # no float copy kept
     ids = {"ids": np.arange(50).reshape(1, 50)[:, :7]}
     every = {"ids": np.arange(49).reshape(7, 7)}

@@ -26,6 +26,14 @@ def to_matrix(w: np.ndarray, layout: str) -> np.ndarray:
     raise ValueError(layout)
 
 
+def dequantize_rows(codes: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """codes [O, K] times per-row scales [O], or per-block scales [O, K / block] (each scale
+    covering a run of consecutive columns)."""
+    if scales.ndim == 1:
+        return codes * scales[:, None]
+    return codes * np.repeat(scales, codes.shape[1] // scales.shape[1], axis=1)
+
+
 def from_matrix(m: np.ndarray, layout: str, shape: tuple[int, ...]) -> np.ndarray:
     if layout == "conv":
         return m.reshape(shape)

@@ -86,8 +86,9 @@ def _weight_nodes(g: onnx.GraphProto, lp: LayerPlan, coded: CodedBiases, rules: 
     q = _init(g, f"{pre}/weight_q", codes.astype(dt))
     s = _init(g, f"{pre}/weight_scale", scales.astype(np.float32))
     z = _init(g, f"{pre}/weight_zero", np.zeros(scales.shape, dtype=dt))
+    blocked = {"block_size": lp.block} if lp.block else {}
     nodes.append(helper.make_node("DequantizeLinear", [q, s, z], [f"{pre}/weight_dq"],
-                                  name=f"{pre}/weight_dequantize", axis=lp.axis))
+                                  name=f"{pre}/weight_dequantize", axis=lp.axis, **blocked))
     w_index = list(node.input).index(t.weight)
     node.input[w_index] = f"{pre}/weight_dq"
     if bias is None:

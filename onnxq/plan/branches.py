@@ -9,7 +9,7 @@ from typing import Mapping
 import numpy as np
 
 from ..algos.lowrank import allocate_ranks, factors, spectrum
-from ..algos.matrix import from_matrix, to_matrix
+from ..algos.matrix import dequantize_rows, from_matrix, to_matrix
 from ..algos.weights import gptq, quantize_weight, row_errors, rtn
 from ..config import ConvertConfig
 from ..types import Branch, BranchSummary, LayerPlan
@@ -69,7 +69,7 @@ def _weight(lp: LayerPlan, with_branch: bool, unrefined: Mapping[str, tuple] | N
     codes, scales, bias = lp.codes, lp.scales, lp.bias
     if not with_branch and unrefined and t.node in unrefined:
         codes, scales, bias = unrefined[t.node]
-    w = to_matrix(codes, t.weight_layout) * scales[:, None]
+    w = dequantize_rows(to_matrix(codes, t.weight_layout), scales)
     if with_branch and lp.branch is not None:
         ba = lp.branch.b @ lp.branch.a
         w = w + ba

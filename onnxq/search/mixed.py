@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 import numpy as np
 
 from ..algos.allocation import allocate_bits, predicted_cost
-from ..algos.matrix import from_matrix, to_matrix
+from ..algos.matrix import dequantize_rows, from_matrix, to_matrix
 from ..algos.qmath import container_bits
 from ..config import ConvertConfig
 from ..plan.layers import plan_layer
@@ -42,7 +42,8 @@ def choose_bits(prepared: "onnx.ModelProto", targets: Sequence[Target], weights:
         for ci, b in enumerate(choices):
             c = dataclasses.replace(cfg, bits=b, depthwise_bits=min(cfg.bit_choices), bits_overrides=())
             lp = plan_layer(t, weights[t.node], biases.get(t.node), layer_stats.get(t.node), c)
-            w_hat = from_matrix(to_matrix(lp.codes, t.weight_layout) * lp.scales[:, None], t.weight_layout, t.shape)
+            w_hat = from_matrix(dequantize_rows(to_matrix(lp.codes, t.weight_layout), lp.scales),
+                                t.weight_layout, t.shape)
             deq[(t.node, b)] = (w_hat.astype(np.float32), lp.bias)
             # --avg-bits counts weight bits; --max-size counts the bytes the file will hold:
             # codes in their INT4/INT8 containers plus per-channel scales
