@@ -140,7 +140,8 @@ def calibrate(c: Conversion, stats: Stats | str | None, save_stats: str | None,
     if isinstance(stats, str):
         stats = load_stats(stats)
     if stats is None:
-        stats = collect(c.prepared, c.targets, c.calib, hessians=True, rows_per_sample=c.cfg.rows_per_sample,
+        hessians = needs_hessians(c.cfg, c.targets) or bool(save_stats)
+        stats = collect(c.prepared, c.targets, c.calib, hessians=hessians, rows_per_sample=c.cfg.rows_per_sample,
                         seed=c.cfg.seed, progress=progress, extra=c.placement.observe)
     if save_stats:
         try:
@@ -150,6 +151,14 @@ def calibrate(c: Conversion, stats: Stats | str | None, save_stats: str | None,
     c.stats = stats
     c.weights = {t.node: initializer_array(c.prepared, t.graph, t.weight) for t in c.targets}
     c.biases = {t.node: initializer_array(c.prepared, t.graph, t.bias) for t in c.targets if t.bias}
+
+
+def needs_hessians(cfg: ConvertConfig, targets) -> bool:
+    """Whether any stage uses second moments: second-order rounding, branches, mixed precision,
+    sequential mode. Plain 8-bit conversions need only the means (bias correction), and gathering
+    K x K moments per layer is most of their calibration time."""
+    return (cfg.mixed or cfg.rank_budget > 0 or cfg.sequential_on
+            or any(cfg.weight_method_for(cfg.bits_for(t.node, t.depthwise)[0]) == "gptq" for t in targets))
 
 
 def load_stats(path: str) -> Stats:

@@ -112,9 +112,10 @@ class ActStats:
 
 @dataclass
 class LayerStats:
-    """Input statistics of one layer: H = E[x x^T] per group [G, K, K], mean E[x] [G, K]."""
+    """Input statistics of one layer: H = E[x x^T] per group [G, K, K] (None when only the mean
+    was gathered), mean E[x] [G, K]."""
 
-    hessian: np.ndarray
+    hessian: np.ndarray | None
     mean: np.ndarray
     rows: int
 

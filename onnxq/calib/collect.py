@@ -73,14 +73,14 @@ def wants_hessian(t: Target) -> bool:
 def collect(model: "onnx.ModelProto", targets: Sequence[Target], loaders: Sequence[Callable[[], Feed]],
             *, hessians: bool, rows_per_sample: int, seed: int,
             progress: Progress | None = None, extra: Sequence[str] = ()) -> Stats:
-    """Range statistics of every target's activation (and of the `extra` tensors) and, with
-    `hessians`, H and E[x] per layer."""
+    """Range statistics of every target's activation (and of the `extra` tensors), E[x] per
+    layer and, with `hessians`, H = E[x x^T] per layer."""
     acts = sorted({t.act for t in targets if t.act} | set(extra))
     if not acts:
         return Stats(samples=len(loaders))
     router = Router(model, acts)
     hist = {a: RangeHistogram() for a in acts}
-    moments = {t.node: SecondMoment(t.row_groups, _k(t)) for t in targets if hessians and wants_hessian(t)}
+    moments = {t.node: SecondMoment(t.row_groups, _k(t), hessians) for t in targets if wants_hessian(t)}
     by_act: dict[str, list[Target]] = {}
     for t in targets:
         if t.node in moments:

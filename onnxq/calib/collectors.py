@@ -78,8 +78,9 @@ def im2col_rows(x: np.ndarray, geo: ConvGeometry, rows: int, rng: np.random.Gene
 class SecondMoment:
     """Accumulates H = sum x x^T [G, K, K] and sum x [G, K] (float64) over sampled input rows."""
 
-    def __init__(self, groups: int, k: int) -> None:
-        self.h = np.zeros((groups, k, k), dtype=np.float64)
+    def __init__(self, groups: int, k: int, second: bool = True) -> None:
+        """Without `second`, only the mean is kept (all that bias correction needs)."""
+        self.h = np.zeros((groups, k, k), dtype=np.float64) if second else None
         self.s = np.zeros((groups, k), dtype=np.float64)
         self.n = 0
 
@@ -87,7 +88,8 @@ class SecondMoment:
         """rows [S, G, K]."""
         r = np.ascontiguousarray(rows.transpose(1, 0, 2), dtype=np.float32)   # [G, S, K]
         # one sample's rows are few: a float32 product is exact enough, the running sum is float64
-        self.h += np.matmul(r.transpose(0, 2, 1), r)
+        if self.h is not None:
+            self.h += np.matmul(r.transpose(0, 2, 1), r)
         self.s += r.sum(axis=1, dtype=np.float64)
         self.n += r.shape[1]
 
@@ -96,9 +98,9 @@ class SecondMoment:
         return self.s / max(self.n, 1)
 
     @property
-    def hessian(self) -> np.ndarray:
-        """E[x x^T], normalised per row so layers are comparable."""
-        return self.h / max(self.n, 1)
+    def hessian(self) -> np.ndarray | None:
+        """E[x x^T], normalised per row so layers are comparable (None: mean only)."""
+        return None if self.h is None else self.h / max(self.n, 1)
 
 
 class CrossMoment:

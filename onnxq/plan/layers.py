@@ -64,7 +64,7 @@ def tap_moments(t: Target, ls: LayerStats) -> LayerStats:
     at least the kernel (no overlap, as in the usual 2x2 stride-2 upsampler); with overlapping
     taps the cross terms between neighbouring pixels are left out."""
     eye = np.eye(int(np.prod(t.shape[2:])))
-    return LayerStats(np.stack([np.kron(h, eye) for h in ls.hessian]),
+    return LayerStats(None if ls.hessian is None else np.stack([np.kron(h, eye) for h in ls.hessian]),
                       np.repeat(ls.mean, eye.shape[0], axis=-1), ls.rows)
 
 
@@ -113,7 +113,7 @@ def plan_layer(t: Target, w: np.ndarray, bias: np.ndarray | None, ls: LayerStats
     wm = to_matrix(w, t.weight_layout).astype(np.float64)               # [O, K]
     groups = t.row_groups
     h = None
-    if ls is not None:
+    if ls is not None and ls.hessian is not None:
         fit = input_covariance(ls) if _bias_corrects(t, wm, bias, cfg) else ls.hessian
         h = regularized_hessian(fit, ls.rows)
     wq = _quantize(method, wm, bits, h, groups, cfg.damp)
@@ -122,8 +122,10 @@ def plan_layer(t: Target, w: np.ndarray, bias: np.ndarray | None, ls: LayerStats
                      codes=from_matrix(wq.codes, t.weight_layout, t.shape).astype(np.int32),
                      scales=wq.scales, axis=AXIS[t.weight_layout], bias=None, note=note,
                      source_bias=bias)
+    if ls is not None:
+        plan.input_mean = ls.mean
     if h is not None:
-        plan.fit_hessian, plan.input_mean = h, ls.mean
+        plan.fit_hessian = h
         plan.sqnr_db = _weighted_sqnr(wm, w_hat, h, groups)
         r = rtn(wm, bits)
         plan.sqnr_rtn_db = _weighted_sqnr(wm, r.codes * r.scales[:, None], h, groups)
