@@ -15,8 +15,6 @@ from .config import ConvertConfig
 if TYPE_CHECKING:
     import onnx
 
-    from .graph.placement import Placement
-
 log = logging.getLogger("onnxq")
 
 # progress callbacks: (stage, done, total)
@@ -435,6 +433,14 @@ class Report:
 
 
 @dataclass
+class Placement:
+    """The tensors a target quantizes beyond the layers' inputs (graph/placement.py)."""
+
+    observe: list[str] = field(default_factory=list)       # tensors to calibrate beyond the layers' inputs
+    tied: dict[str, str] = field(default_factory=dict)     # tensor -> the tensor whose Q/DQ params it takes
+
+
+@dataclass
 class Conversion:
     """What the stages produce, in the order they produce it."""
 
@@ -449,7 +455,7 @@ class Conversion:
     calib: list = field(default_factory=list)
     held: list = field(default_factory=list)
     stats: Stats | None = None
-    placement: "Placement | None" = None
+    placement: Placement | None = None
     weights: dict = field(default_factory=dict)
     biases: dict = field(default_factory=dict)
     plan: Plan | None = None

@@ -3,7 +3,6 @@ before calibration so the streamed pass observes them all."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Sequence
 
 import onnx
@@ -11,13 +10,7 @@ import onnx
 from ..plan.rules import ABSORBED_OPS, FUSED_OPS, SAME_SCALE_OPS, Rules
 
 POOLS = ("GlobalAveragePool", "GlobalMaxPool", "ReduceMean")
-from ..types import Target
-
-
-@dataclass
-class Placement:
-    observe: list[str] = field(default_factory=list)       # tensors to calibrate beyond the layers' inputs
-    tied: dict[str, str] = field(default_factory=dict)     # tensor -> the tensor whose Q/DQ params it takes
+from ..types import Placement, Target
 
 
 def _consumers(g: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
