@@ -19,7 +19,7 @@ from .errors import CalibrationError, InputModelError, OutputError, Verification
 from .graph.io import (TARGET_KEY, check_model, check_output_path, float_op_counts, input_specs, load_model,
                        opset_of, save_model, set_metadata, tensor_infos, validate)
 from .graph.placement import plan_placement
-from .graph.prepare import fuse_hardswish, prepare, upgrade_opset
+from .graph.prepare import fold_affine, fuse_hardswish, prepare, upgrade_opset
 from .graph.rewrite import apply_plan
 from .graph.targets import find_targets, initializer_array
 from .graph.tidy import tidy
@@ -97,6 +97,7 @@ def prepare_model(c: Conversion) -> None:
     prepared, c.prep_info = prepare(c.source)
     c.prepared = upgrade_opset(prepared, needed_opset(c.cfg))
     if c.cfg.rules.fuse_hardswish:
+        c.prep_info["affine_folded"] = fold_affine(c.prepared)
         c.prep_info["hardswish_fused"] = fuse_hardswish(c.prepared)
 
 

@@ -118,3 +118,22 @@ def test_decomposed_hardswish_becomes_one_node_with_the_same_values():
 def test_unknown_target_is_a_config_error():
     with pytest.raises(onnxq.OnnxqError, match="unknown target 'tensorrt-9'; known: generic, ort-cpu"):
         onnxq.ConvertConfig(target="tensorrt-9")
+
+
+def test_a_constant_affine_block_after_a_conv_folds_into_it_exactly():
+    from onnxq.graph.prepare import fold_affine
+    rng = np.random.default_rng(2)
+    inits = {"w": rng.standard_normal((6, 3, 3, 3)).astype(np.float32), "b": rng.standard_normal(6).astype(np.float32),
+             "s": rng.uniform(0.5, 2, (6, 1, 1)).astype(np.float32), "t": rng.standard_normal((1, 6, 1, 1)).astype(np.float32),
+             "k": np.array(0.7, np.float32)}
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1] * 4, name="conv"),
+             helper.make_node("Mul", ["c", "s"], ["m"]), helper.make_node("Add", ["t", "m"], ["a"]),
+             helper.make_node("Mul", ["a", "k"], ["y"])]          # a second Mul is not right after the Conv
+    m = make_model(nodes, [vi("x", [1, 3, 8, 8])], [vi("y", [1, 6, 8, 8])], inits)
+    folded = onnx.ModelProto()
+    folded.CopyFrom(m)
+    assert fold_affine(folded) == 2
+    assert [n.op_type for n in folded.graph.node] == ["Conv", "Mul"]
+    x = {"x": rng.standard_normal((1, 3, 8, 8)).astype(np.float32)}
+    np.testing.assert_allclose(ort.InferenceSession(folded.SerializeToString()).run(None, x)[0],
+                               ort.InferenceSession(m.SerializeToString()).run(None, x)[0], rtol=1e-5, atol=1e-5)

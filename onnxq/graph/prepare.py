@@ -181,6 +181,73 @@ def _scalar(inits: dict, name: str) -> float | None:
     return float(v.reshape(-1)[0]) if v.size == 1 else None
 
 
+def _channel_constant(inits: dict, name: str, channels: int) -> np.ndarray | None:
+    """A constant that broadcasts as one value per output channel of an NC... tensor, as [C]."""
+    t = inits.get(name)
+    if t is None or t.data_type != onnx.TensorProto.FLOAT:
+        return None
+    v = numpy_helper.to_array(t).astype(np.float64)
+    if v.size == 1:
+        return np.full(channels, float(v.reshape(-1)[0]))
+    squeezed = v.reshape(-1)
+    if squeezed.size == channels and v.ndim >= 2 and v.shape[-1] == 1 and v.shape[-2] in (1, channels) \
+            and v.ndim <= 4 and max(v.shape) == channels and list(v.shape).index(channels) == v.ndim - 3:
+        return squeezed
+    return None
+
+
+def fold_affine(model: onnx.ModelProto) -> int:
+    """Fold a constant per-channel Mul and/or Add right after a Conv (an affine block, as some
+    exporters write a BatchNorm or a learnable scale) into the Conv's weight and bias: exact, and
+    it removes float ops between quantized kernels. Main graph; returns how many ops folded."""
+    g = model.graph
+    inits = _inits(g)
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for n in g.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+    outputs = {o.name for o in g.output}
+    drop, folded = set(), 0
+    for conv in list(g.node):
+        if conv.op_type != "Conv" or len(conv.input) < 2 or conv.input[1] not in inits:
+            continue
+        w = numpy_helper.to_array(inits[conv.input[1]]).astype(np.float64)
+        b = (numpy_helper.to_array(inits[conv.input[2]]).astype(np.float64)
+             if len(conv.input) > 2 and conv.input[2] in inits else np.zeros(w.shape[0]))
+        changed = False
+        for op in ("Mul", "Add"):
+            y = conv.output[0]
+            nxt = readers.get(y, [])
+            if len(nxt) != 1 or nxt[0].op_type != op or y in outputs or len(nxt[0].input) != 2:
+                continue
+            node = nxt[0]
+            other = node.input[1] if node.input[0] == y else node.input[0]
+            k = _channel_constant(inits, other, w.shape[0])
+            if k is None:
+                continue
+            if op == "Mul":
+                w, b = w * k.reshape(-1, *([1] * (w.ndim - 1))), b * k
+            else:
+                b = b + k
+            conv.output[0] = node.output[0]
+            drop.add(id(node))
+            changed, folded = True, folded + 1
+        if changed:
+            w_name, b_name = conv.name + "/affine_weight", conv.name + "/affine_bias"
+            _replace_init(g, w_name, w)
+            _replace_init(g, b_name, b)
+            inputs = [conv.input[0], w_name, b_name]
+            del conv.input[:]
+            conv.input.extend(inputs)
+            inits = _inits(g)
+    if drop:
+        keep = [n for n in g.node if id(n) not in drop]
+        del g.node[:]
+        g.node.extend(keep)
+        prune_initializers(model)
+    return folded
+
+
 def fuse_hardswish(model: onnx.ModelProto) -> int:
     """Replace the decomposed x * clip(x + 3, 0, 6) / 6 (Add, Clip, Mul, Div, as exporters write
     hard-swish) by one HardSwish node (opset 14): one pass over the tensor instead of four, and
