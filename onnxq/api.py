@@ -189,7 +189,7 @@ def plan(c: Conversion, progress: Progress | None) -> None:
         probe = Probe(c.prepared, c.targets, c.weights, c.calib[:PROBE_SAMPLES], c.biases, act_plan)
     c.plan = make_plan(c.targets, c.weights, c.biases, c.stats.layers, c.stats.acts, c.cfg,
                        progress=progress, layers=layers, probe=probe, act_plan=act_plan)
-    c.plan.target = c.cfg.target
+    c.plan.target, c.plan.readers = c.cfg.target, dict(c.placement.readers)
 
 
 def choose_mixed(c: Conversion, progress: Progress | None) -> None:

@@ -7,6 +7,7 @@ import math
 import numpy as np
 from .graph.io import opset_of
 from .graph.large import model_bytes
+from .plan.biases import weight_only
 from .graph.walk import initializer_bytes
 from .types import ActReport, Conversion, LayerReport, Report, SkippedReport
 
@@ -36,8 +37,10 @@ def _input_note(c: Conversion, t, act) -> tuple[int, str]:
 
 def _layer(c: Conversion, lp) -> LayerReport:
     t = lp.target
-    act = c.plan.acts.get(t.act) if t.act else None
+    act = c.plan.acts.get(t.act) if t.act and not weight_only(c.plan, lp) else None
     bits, why = _input_note(c, t, act)
+    if act is None and t.act and weight_only(c.plan, lp):
+        bits, why = 32, f"weight-only under the {c.plan.target} target (its 4-bit kernels read a float input)"
     return LayerReport(
         node=t.node, op=t.op, graph=t.graph or "main", bits=lp.bits, method=lp.method, params=t.params,
         groups=t.groups, sqnr_db=_num(lp.sqnr_db), sqnr_rtn_db=_num(lp.sqnr_rtn_db),

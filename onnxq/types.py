@@ -249,6 +249,7 @@ class Plan:
     branch_summary: "BranchSummary | None" = None
     biases: dict[str, CodedBiases] = field(default_factory=dict)   # node -> coded (plan/biases.py)
     target: str = "generic"      # emission rules (plan/rules.py)
+    readers: dict[str, list[str]] = field(default_factory=dict)   # other nodes that read Q/DQ'd inputs
 
 
 @dataclass
@@ -438,6 +439,7 @@ class Placement:
 
     observe: list[str] = field(default_factory=list)       # tensors to calibrate beyond the layers' inputs
     tied: dict[str, str] = field(default_factory=dict)     # tensor -> the tensor whose Q/DQ params it takes
+    readers: dict[str, list[str]] = field(default_factory=dict)   # non-layer node -> inputs it reads quantized
 
 
 @dataclass

@@ -137,3 +137,24 @@ def test_a_constant_affine_block_after_a_conv_folds_into_it_exactly():
     x = {"x": rng.standard_normal((1, 3, 8, 8)).astype(np.float32)}
     np.testing.assert_allclose(ort.InferenceSession(folded.SerializeToString()).run(None, x)[0],
                                ort.InferenceSession(m.SerializeToString()).run(None, x)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_tensorrt_rules_hold_in_the_emitted_graph(net):
+    """Symmetric int8 activations with zero point 0, Q/DQ on both residual-Add inputs, INT8 conv
+    weights, INT4 weight-only Gemm (its input stays float)."""
+    m, feeds = net
+    q, rep = onnxq.convert(m, onnxq.ConvertConfig(bits=4, target="tensorrt"), calib=feeds)
+    inits = {t.name: t for t in q.graph.initializer}
+    producer = {o: n for n in q.graph.node for o in n.output}
+    quantizers = [n for n in q.graph.node if n.op_type == "QuantizeLinear"]
+    assert quantizers
+    for n in quantizers:
+        zero = inits[n.input[2]]
+        assert zero.data_type == onnx.TensorProto.INT8 and not onnx.numpy_helper.to_array(zero).any()
+    add = next(n for n in q.graph.node if n.op_type == "Add")
+    assert all(producer[i].op_type == "DequantizeLinear" for i in add.input)
+    assert inits["conv1/weight_q"].data_type == onnx.TensorProto.INT8
+    assert inits["fc/weight_q"].data_type == onnx.TensorProto.INT4
+    fc = next(n for n in q.graph.node if n.name == "fc")
+    assert producer[fc.input[0]].op_type != "DequantizeLinear"               # weight-only
+    assert _sqnr(m, q, feeds[20:]) > 15.0

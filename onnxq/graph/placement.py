@@ -34,10 +34,24 @@ def _unit_output(node: onnx.NodeProto, consumers, outputs: set[str]) -> str | No
     return y
 
 
+def _add_inputs(model: onnx.ModelProto, targets: Sequence[Target], p: Placement) -> None:
+    """Both inputs of every Add of two activations read Q/DQ pairs (TensorRT fuses a residual Add
+    into the conv before it when they do)."""
+    inits = {t.name for t in model.graph.initializer}
+    layer_inputs = {t.act for t in targets if not t.graph and t.act}
+    for node in model.graph.node:
+        ins = [i for i in node.input if i]
+        if node.op_type == "Add" and len(ins) == 2 and not set(ins) & inits:
+            p.readers[node.name] = ins
+            p.observe += [i for i in ins if i not in layer_inputs and i not in p.observe]
+
+
 def plan_placement(model: onnx.ModelProto, targets: Sequence[Target], rules: Rules,
                    quantize_acts: bool = True) -> Placement:
     """The main graph's extra quantized tensors under `rules` (none for input-side placement)."""
     p = Placement()
+    if rules.add_inputs and quantize_acts:
+        _add_inputs(model, targets, p)
     if not rules.output_units or not quantize_acts:
         return p
     g = model.graph

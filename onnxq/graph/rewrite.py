@@ -16,6 +16,7 @@ from onnx import helper, numpy_helper
 from ..algos.matrix import from_matrix
 from ..algos.qmath import container_bits
 from ..plan.rules import RULES, Rules
+from ..plan.biases import weight_only
 from ..types import ActQuant, CodedBiases, LayerPlan, Plan
 from .prepare import prune_initializers
 from .walk import graph_by_path
@@ -135,11 +136,11 @@ def apply_plan(model: onnx.ModelProto, plan: Plan) -> onnx.ModelProto:
         g = graphs[t.graph]
         new = _weight_nodes(g, lp, plan.biases[t.node], rules)
         before.setdefault(t.graph, {}).setdefault(t.node, []).extend(new)
-    targets = [lp.target for lp in plan.layers]
+    targets = [lp.target for lp in plan.layers if not weight_only(plan, lp)]
     if rules.all_readers:
         _shared_pairs(graphs[""], plan.acts, before)
         targets = [t for t in targets if t.graph]
-    act_pairs(graphs, targets, plan.acts, before)
+    act_pairs(graphs, targets, plan.acts, before, plan.readers)
     after: dict[str, dict[str, list[onnx.NodeProto]]] = {}
     for lp in plan.layers:
         if lp.branch is not None:
@@ -150,30 +151,34 @@ def apply_plan(model: onnx.ModelProto, plan: Plan) -> onnx.ModelProto:
     return m
 
 
-def act_pairs(graphs, targets, acts: dict[str, ActQuant], before) -> None:
-    """Inserts (into `before`) one Q/DQ pair per activation that quantized targets read, and
-    rewires those readers."""
-    readers: dict[str, dict[str, str]] = {}          # graph -> node -> activation it reads
+def act_pairs(graphs, targets, acts: dict[str, ActQuant], before, extra: dict[str, list[str]] | None = None) -> None:
+    """Inserts (into `before`) one Q/DQ pair per activation that quantized targets (and the
+    main-graph nodes in `extra`) read, and rewires those readers."""
+    readers: dict[str, dict[str, list[str]]] = {}          # graph -> node -> activations it reads
     for t in targets:
         if t.act in acts:
-            readers.setdefault(t.graph, {})[t.node] = t.act
+            readers.setdefault(t.graph, {})[t.node] = [t.act]
+    for node, tensors in (extra or {}).items():
+        readers.setdefault("", {}).setdefault(node, []).extend(a for a in tensors if a in acts)
     for path, by_node in readers.items():
         g = graphs[path]
         done: dict[str, str] = {}
         for node in g.node:
-            act = by_node.get(node.name)
-            if act is None:
-                continue
-            if act not in done:
-                # inside a subgraph the pair's names carry the reader's name: sibling branches
-                # may read the same outer tensor
-                base = act if not path else f"{act}/{node.name}"
-                before.setdefault(path, {}).setdefault(node.name, [])[:0] = \
-                    _act_nodes(g, act, base, acts[act])
-                done[act] = f"{base}/dq"
-            for i, inp in enumerate(node.input):
-                if inp == act:
-                    node.input[i] = done[act]
+            for act in by_node.get(node.name, ()):
+                _read_pair(g, path, node, act, acts, done, before)
+
+
+def _read_pair(g, path: str, node, act: str, acts, done: dict[str, str], before) -> None:
+    """`node` reads the DQ of `act` (the pair made before its first reader in this graph)."""
+    if act not in done:
+        # inside a subgraph the pair's names carry the reader's name: sibling branches may read
+        # the same outer tensor
+        base = act if not path else f"{act}/{node.name}"
+        before.setdefault(path, {}).setdefault(node.name, [])[:0] = _act_nodes(g, act, base, acts[act])
+        done[act] = f"{base}/dq"
+    for i, inp in enumerate(node.input):
+        if inp == act:
+            node.input[i] = done[act]
 
 
 def _shared_pairs(g: onnx.GraphProto, acts: dict[str, ActQuant], before) -> None:

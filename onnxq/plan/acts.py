@@ -25,8 +25,8 @@ def method_range(st: ActStats, spec: str, bits: int, signed: bool) -> tuple[floa
 
 
 def act_signed(cfg: ConvertConfig) -> bool:
-    """Symmetric int activations when asked for, and always at 16 bits."""
-    return cfg.act_symmetric or cfg.act_bits == 16
+    """Symmetric int activations when asked for, at 16 bits, and where the target wants them."""
+    return cfg.act_symmetric or cfg.act_bits == 16 or cfg.rules.act_signed
 
 
 def plan_acts(acts: Mapping[str, ActStats], cfg: ConvertConfig,

@@ -6,12 +6,18 @@ from __future__ import annotations
 
 from ..algos.bias import bias_safe, int32_codes
 from ..types import CodedBiases, Int32Bias, LayerPlan, Plan
+from .rules import RULES
+
+
+def weight_only(plan: Plan, lp: LayerPlan) -> bool:
+    """Whether the target's rules keep this layer's input float (int4 weight-only kernels)."""
+    return (RULES[plan.target].int4_weight_only and lp.target.op in ("Gemm", "MatMul") and lp.bits <= 4)
 
 
 def input_scale(plan: Plan, lp: LayerPlan) -> float | None:
     """The scale of the quantized input a layer reads, or None (float input)."""
     t = lp.target
-    a = plan.acts.get(t.act) if t.act else None
+    a = plan.acts.get(t.act) if t.act and not weight_only(plan, lp) else None
     return a.scale if a else None
 
 

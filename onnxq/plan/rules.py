@@ -16,6 +16,10 @@ ort-cpu   full node units DQ -> op -> Q so onnxruntime's CPU provider fuses inte
           so are Gemm/MatMul weights whose input is quantized (its int4 kernels want a float input).
 openvino  generic placement (OpenVINO's CPU plugin runs input-side Q/DQ convs as u8) with 2- to
           4-bit conv weights in INT8 containers: INT4 conv weights make it fall back to bf16.
+tensorrt  TensorRT's explicit-quantization rules: Q/DQ on op inputs, residual Add inputs
+          included (the Add fuses into the conv before it), symmetric int8 activations with zero
+          point 0, INT8 conv weights, INT4 weights only for Gemm/MatMul, whose inputs stay float
+          (weight-only); no GPU here, so the tests check the graph against these rules.
 """
 
 from __future__ import annotations
@@ -32,6 +36,9 @@ class Rules:
     int4_matmul: bool             # 2-4-bit Gemm/MatMul weights in INT4 containers (else INT8)
     fuse_hardswish: bool = False  # decomposed hard-swish made one HardSwish node (opset 14)
     tables: bool = True           # embedding tables quantized (DQ -> Gather, folded at load)
+    act_signed: bool = False      # symmetric int8 activations, zero point 0
+    add_inputs: bool = False      # Q/DQ on both inputs of residual Adds (fused into the conv before)
+    int4_weight_only: bool = False  # 2-4-bit Gemm/MatMul read a float input (int4 weight-only kernels)
     session_options: dict[str, str] = field(default_factory=dict)   # for onnxruntime's CPU provider
     summary: str = ""
 
@@ -46,6 +53,11 @@ RULES: dict[str, Rules] = {
     "openvino": Rules("openvino", output_units=False, all_readers=False, int4_conv=False, int4_matmul=True,
                       session_options={"session.disable_quant_qdq": "1"},
                       summary="Q/DQ on quantized layers' inputs; conv weights in INT8 containers"),
+    "tensorrt": Rules("tensorrt", output_units=False, all_readers=False, int4_conv=False, int4_matmul=True,
+                      act_signed=True, add_inputs=True, int4_weight_only=True, tables=False,
+                      session_options={"session.disable_quant_qdq": "1"},
+                      summary="explicit quantization: symmetric int8 activations (zero point 0) on layer and "
+                              "residual-Add inputs, INT8 conv weights, INT4 weight-only Gemm/MatMul"),
 }
 DEFAULT_TARGET = "generic"
 
