@@ -1,9 +1,8 @@
 """A seeded mutator over the real test models: every mutant gives exit 0 with a valid model, or
 one `onnxq: error:` line with a documented exit code — never a traceback or an internal error.
-Run in process (no interpreter start-up per mutant) and bounded in time."""
+Run in process (no interpreter start-up per mutant), a fixed number of mutants per model."""
 
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -71,16 +70,15 @@ def _run(argv, capsys, monkeypatch) -> tuple[int, str]:
     return code, capsys.readouterr().err
 
 
-@pytest.mark.parametrize("source, budget_s, at_least", [("digits", 35.0, 20), ("cls", 25.0, 4)])
-def test_mutated_models_fail_cleanly_or_convert_to_valid_models(tmp_path, capsys, monkeypatch, source,
-                                                               budget_s, at_least):
+@pytest.mark.parametrize("source, mutants", [("digits", 600), ("cls", 6)])
+def test_mutated_models_fail_cleanly_or_convert_to_valid_models(tmp_path, capsys, monkeypatch, source, mutants):
     if source == "digits":
         model, data = onnx.load(str(ROOT / "models" / "digits_cnn.onnx")), ["--calib", ROOT / "models" / "digits_calib"]
     else:                                      # PP-OCR cls on random inputs (the warning says so)
         model, data = onnx.load(str(ocr_path("cls"))), []
     rng = np.random.default_rng(2026)
-    start, seen, outcomes = time.monotonic(), 0, {}
-    while time.monotonic() - start < budget_s:
+    outcomes = {}
+    for seen in range(mutants):
         path, out = tmp_path / f"m{seen}.onnx", tmp_path / f"m{seen}.q.onnx"
         path.write_bytes(_mutate(model, rng))
         code, err = _run(["convert", path, "-o", out, *data, "-q", "--bits", 4], capsys, monkeypatch)
@@ -92,5 +90,4 @@ def test_mutated_models_fail_cleanly_or_convert_to_valid_models(tmp_path, capsys
             errors = [l for l in err.splitlines() if l.startswith("onnxq: error:")]
             assert len(errors) == 1 and not out.exists(), (seen, err)
         outcomes[code] = outcomes.get(code, 0) + 1
-        seen += 1
-    assert seen >= at_least and outcomes.get(2, 0) > 0, outcomes   # the mutator does break models
+    assert outcomes.get(2, 0) > 0, outcomes            # the mutator does break models
