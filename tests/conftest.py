@@ -19,3 +19,20 @@ def zoo_feeds(n: int = 24, seed: int = 1, shape: tuple[int, ...] = ZOO_INPUT) ->
 def feeds():
     """The calibration-feed maker of the conv-zoo tests: feeds(n=24, seed=1, shape=(2, 3, 12, 12))."""
     return zoo_feeds
+
+
+@pytest.fixture
+def cli_run(capsys, monkeypatch):
+    """Run the command line in this process: cli_run(*argv) -> (exit code, stdout, stderr)."""
+    from onnxq import cli
+
+    def run(*argv):
+        monkeypatch.setattr(sys, "argv", ["onnxq", *map(str, argv)])
+        code = 0
+        try:
+            cli.main()
+        except SystemExit as e:
+            code = int(e.code or 0)
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+    return run

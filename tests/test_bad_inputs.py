@@ -5,7 +5,6 @@ outputs, markup in paths. All-zero calibration data converts, with a warning."""
 
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,21 +13,9 @@ import pytest
 from builders import make_model, vi
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxq import cli
-
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "models" / "digits_cnn.onnx"
 CALIB = ROOT / "models" / "digits_calib"
-
-
-def run(argv, capsys, monkeypatch) -> tuple[int, str]:
-    monkeypatch.setattr(sys, "argv", ["onnxq", *map(str, argv)])
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as e:
-        code = int(e.code or 0)
-    return code, capsys.readouterr().err
 
 
 def _samples(folder: Path, x: np.ndarray) -> Path:
@@ -99,10 +86,10 @@ def cases(d: Path) -> dict:
                                   "stats garbage", "stats folder missing", "negative seed", "zero stages",
                                   "zero runs", "negative percentile", "lp zero", "read-only output",
                                   "markup in path", "bad layout"])
-def test_bad_input_gives_one_clear_line(tmp_path, capsys, monkeypatch, case):
+def test_bad_input_gives_one_clear_line(tmp_path, cli_run, case):
     argv, expect = cases(tmp_path)[case]
     before = sorted(p.name for p in tmp_path.rglob("*"))
-    code, err = run(argv, capsys, monkeypatch)
+    code, _, err = cli_run(*argv)
     lines = [l for l in err.splitlines() if l.strip()]
     assert code == 2 and len(lines) == 1 and lines[0].startswith("onnxq: error:"), err
     assert expect in lines[0] and "internal error" not in err and "Traceback" not in err
@@ -111,8 +98,8 @@ def test_bad_input_gives_one_clear_line(tmp_path, capsys, monkeypatch, case):
         assert (tmp_path / "ro.onnx").read_text() == "old"
 
 
-def test_all_zero_calibration_converts_with_a_warning(tmp_path, capsys, monkeypatch):
+def test_all_zero_calibration_converts_with_a_warning(tmp_path, cli_run):
     data = _samples(tmp_path / "zeros", np.zeros((1, 1, 8, 8), np.float32))
     shutil.copy(data / "s0.npz", data / "s1.npz")
-    code, err = run(["convert", DIGITS, "-o", tmp_path / "z.onnx", "--calib", data, "-q"], capsys, monkeypatch)
+    code, _, err = cli_run("convert", DIGITS, "-o", tmp_path / "z.onnx", "--calib", data, "-q")
     assert code == 0 and "single value in every sample" in err

@@ -2,7 +2,6 @@
 one `onnxq: error:` line with a documented exit code — never a traceback or an internal error.
 Run in process (no interpreter start-up per mutant), a fixed number of mutants per model."""
 
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,8 +10,6 @@ import pytest
 from onnx import helper
 
 from realdata import ocr_path
-
-from onnxq import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCUMENTED = {0, 2, 3}
@@ -60,18 +57,8 @@ def _mutate(model: onnx.ModelProto, rng: np.random.Generator) -> bytes:
     return bytes(data)
 
 
-def _run(argv, capsys, monkeypatch) -> tuple[int, str]:
-    monkeypatch.setattr(sys, "argv", ["onnxq", *map(str, argv)])
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as e:
-        code = int(e.code or 0)
-    return code, capsys.readouterr().err
-
-
 @pytest.mark.parametrize("source, mutants", [("digits", 600), ("cls", 6)])
-def test_mutated_models_fail_cleanly_or_convert_to_valid_models(tmp_path, capsys, monkeypatch, source, mutants):
+def test_mutated_models_fail_cleanly_or_convert_to_valid_models(tmp_path, cli_run, source, mutants):
     if source == "digits":
         model, data = onnx.load(str(ROOT / "models" / "digits_cnn.onnx")), ["--calib", ROOT / "models" / "digits_calib"]
     else:                                      # PP-OCR cls on random inputs (the warning says so)
@@ -81,7 +68,7 @@ def test_mutated_models_fail_cleanly_or_convert_to_valid_models(tmp_path, capsys
     for seen in range(mutants):
         path, out = tmp_path / f"m{seen}.onnx", tmp_path / f"m{seen}.q.onnx"
         path.write_bytes(_mutate(model, rng))
-        code, err = _run(["convert", path, "-o", out, *data, "-q", "--bits", 4], capsys, monkeypatch)
+        code, _, err = cli_run("convert", path, "-o", out, *data, "-q", "--bits", 4)
         assert code in DOCUMENTED, (seen, code, err)
         assert "Traceback" not in err and "internal error" not in err, (seen, err)
         if code == 0:

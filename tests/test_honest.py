@@ -2,7 +2,6 @@
 instead of meaningless dB, and progress lines when no terminal is attached."""
 
 import re
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +9,7 @@ from builders import make_model, vi
 from onnx import helper
 
 import onnxq
-from onnxq import api, cli
+from onnxq import api
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,15 +34,10 @@ def test_a_constant_reference_output_is_flagged():
     assert any("'y' is constant" in w for w in rep.warnings)
 
 
-def test_progress_lines_without_a_terminal(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(sys, "argv", ["onnxq", "convert", str(ROOT / "models" / "digits_cnn.onnx"), "-o",
-                                      str(tmp_path / "q.onnx"), "--calib", str(ROOT / "models" / "digits_calib"),
-                                      "--log-file", str(tmp_path / "log.txt")])
-    try:
-        cli.main()
-    except SystemExit as e:
-        assert not e.code
-    err = capsys.readouterr().err
+def test_progress_lines_without_a_terminal(tmp_path, cli_run):
+    code, _, err = cli_run("convert", ROOT / "models" / "digits_cnn.onnx", "-o", tmp_path / "q.onnx",
+                           "--calib", ROOT / "models" / "digits_calib", "--log-file", tmp_path / "log.txt")
+    assert code == 0
     stamp = r"^\d\d:\d\d:\d\d (calibrate|quantize) \d+/\d+$"
     assert any(re.match(stamp, l) for l in err.splitlines()), err
     assert any(re.match(stamp, l) for l in (tmp_path / "log.txt").read_text().splitlines())

@@ -2,11 +2,10 @@
 the bits convert then gives; --json is machine-readable."""
 
 import json
-import sys
 from pathlib import Path
 
 import onnxq
-from onnxq import api, cli
+from onnxq import api
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = str(ROOT / "models" / "digits_cnn.onnx")
@@ -27,12 +26,9 @@ def test_inspect_lists_the_names_convert_uses_with_their_bits():
     assert info.inputs[0].name == "input" and info.inputs[0].shape == ["N", 1, 8, 8]
 
 
-def test_inspect_json(capsys, monkeypatch):
-    monkeypatch.setattr(sys, "argv", ["onnxq", "inspect", DIGITS, "--json"])
-    try:
-        cli.main()
-    except SystemExit as e:
-        assert not e.code
-    data = json.loads(capsys.readouterr().out)
+def test_inspect_json(cli_run):
+    code, out, _ = cli_run("inspect", DIGITS, "--json")
+    assert code == 0
+    data = json.loads(out)
     assert len(data["layers"]) == 7 and data["outputs"][0]["name"] == "logits"
     assert data["float_ops"]["Relu"] == 6

@@ -181,6 +181,25 @@ def _scalar(inits: dict, name: str) -> float | None:
     return float(v.reshape(-1)[0]) if v.size == 1 else None
 
 
+def _readers(g: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
+    """tensor -> the nodes of `g` that read it."""
+    out: dict[str, list[onnx.NodeProto]] = {}
+    for n in g.node:
+        for i in n.input:
+            out.setdefault(i, []).append(n)
+    return out
+
+
+def _drop_nodes(model: onnx.ModelProto, drop: set[int]) -> None:
+    """Remove the main-graph nodes whose id() is in `drop`, and initializers left unread."""
+    if drop:
+        g = model.graph
+        keep = [n for n in g.node if id(n) not in drop]
+        del g.node[:]
+        g.node.extend(keep)
+        prune_initializers(model)
+
+
 def _channel_constant(inits: dict, name: str, channels: int) -> np.ndarray | None:
     """A constant that broadcasts as one value per output channel of an NC... tensor, as [C]."""
     t = inits.get(name)
@@ -202,10 +221,7 @@ def fold_affine(model: onnx.ModelProto) -> int:
     it removes float ops between quantized kernels. Main graph; returns how many ops folded."""
     g = model.graph
     inits = _inits(g)
-    readers: dict[str, list[onnx.NodeProto]] = {}
-    for n in g.node:
-        for i in n.input:
-            readers.setdefault(i, []).append(n)
+    readers = _readers(g)
     outputs = {o.name for o in g.output}
     drop, folded = set(), 0
     for conv in list(g.node):
@@ -240,11 +256,7 @@ def fold_affine(model: onnx.ModelProto) -> int:
             del conv.input[:]
             conv.input.extend(inputs)
             inits = _inits(g)
-    if drop:
-        keep = [n for n in g.node if id(n) not in drop]
-        del g.node[:]
-        g.node.extend(keep)
-        prune_initializers(model)
+    _drop_nodes(model, drop)
     return folded
 
 
@@ -254,10 +266,7 @@ def fuse_hardswish(model: onnx.ModelProto) -> int:
     one tensor less to carry between quantized kernels. Main graph; returns how many."""
     g = model.graph
     inits = _inits(g)
-    readers: dict[str, list[onnx.NodeProto]] = {}
-    for n in g.node:
-        for i in n.input:
-            readers.setdefault(i, []).append(n)
+    readers = _readers(g)
     outputs = {o.name for o in g.output}
     only = lambda t: readers.get(t, [None])[0] if len(readers.get(t, [])) == 1 and t not in outputs else None  # noqa: E731
     drop, fused = set(), 0
@@ -280,11 +289,7 @@ def fuse_hardswish(model: onnx.ModelProto) -> int:
         del div.input[:]
         div.input.append(x)
         fused += 1
-    if drop:
-        keep = [n for n in g.node if id(n) not in drop]
-        del g.node[:]
-        g.node.extend(keep)
-        prune_initializers(model)
+    _drop_nodes(model, drop)
     return fused
 
 
