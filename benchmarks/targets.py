@@ -642,7 +642,7 @@ def main(argv=None) -> None:
     doc: dict = {"schema": "onnxq-targets/1", "quick": args.quick,
                  "env": {"onnxruntime": ort.__version__, "onnxq": onnxq.__version__, "numpy": np.__version__,
                          "openvino": getattr(ov, "__version__", None), "python": platform.python_version(),
-                         "cpu": _cpu_name(), "cores": os.cpu_count()},
+                         "cpu": _cpu_name(), "cores": os.cpu_count(), "git": _git_state()},
                  "models": {}}
     printed = []
     for key in args.models.split(","):
@@ -656,6 +656,20 @@ def main(argv=None) -> None:
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(doc, indent=1, default=str))
     print(f"\ntotal {time.perf_counter() - t0:.0f} s", flush=True)
+
+
+def _git_state() -> str | None:
+    """Short commit of the checkout, '+dirty' when onnxq/ has uncommitted changes (read-only git)."""
+    import subprocess
+
+    try:
+        head = subprocess.run(["git", "-C", str(HERE.parent), "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(HERE.parent), "status", "--porcelain", "--", "onnxq"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (head + ("+dirty" if dirty else "")) or None
 
 
 def _cpu_name() -> str:
