@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Sequence
 
 from .calib.collect import collect
 from .calib.data import Preprocess, constant_inputs, open_source, random_feeds
-from .config import VERSION, ConvertConfig
+from .config import SEARCHED_METHODS, VERSION, ConvertConfig
 from .errors import CalibrationError, InputModelError, OutputError, VerificationError
 from .graph.io import (TARGET_KEY, check_model, check_output_path, float_op_counts, input_specs, load_model,
                        opset_of, save_model, set_metadata, tensor_infos, validate)
@@ -25,13 +25,15 @@ from .graph.targets import find_targets, initializer_array
 from .graph.tidy import tidy
 from .plan.acts import plan_acts, tie
 from .plan.biases import code_biases
-from .plan.layers import make_plan
+from .plan.layers import make_plan, plan_layer
 from .plan.rules import DEFAULT_TARGET
 from .report import build_report, clipped_share
 from .runtime import session
+from .search.choose import choose_ranges
 from .search.lapq import lapq_search
 from .search.mixed import choose_bits
 from .search.probe import Probe
+from .search.protect import protect_layers
 from .search.sequential import sequential_layers
 from .types import Conversion, Feed, Inspection, LayerInfo, Progress, Report, SkippedReport, Stats
 from .verify import fidelity
@@ -44,6 +46,7 @@ PROBE_SAMPLES = 16     # samples the branch planner's network probe runs
 HOLDOUT_MAX = 16       # held-out samples taken from the calibration data at most ...
 HOLDOUT_FRACTION = 8   # ... and at most one in this many
 HOLDOUT_STREAM = 7     # random stream of the held-out pick (independent of the other seeded draws)
+CHOICE_SAMPLES = 8     # samples the per-tensor range choice fits (the next as many check it)
 POOR_AGREEMENT = 0.9   # below this top-1 agreement (or POOR_SQNR_DB) the summary warns loudly
 POOR_SQNR_DB = 10.0
 
@@ -182,6 +185,8 @@ def plan(c: Conversion, progress: Progress | None) -> None:
         layers = sequential_layers(c.prepared, c.targets, c.calib, c.stats, c.weights, c.biases, c.cfg,
                                    progress)
     act_plan = plan_acts(c.stats.acts, c.cfg, c.placement.tied)
+    if layers is None and c.cfg.protect_on:
+        layers = protect(c, act_plan, progress)
     probe = None
     if c.cfg.rank_budget > 0:
         # the probe carries the activation QDQ the emitted model will have: a branch is judged
@@ -190,6 +195,18 @@ def plan(c: Conversion, progress: Progress | None) -> None:
     c.plan = make_plan(c.targets, c.weights, c.biases, c.stats.layers, c.stats.acts, c.cfg,
                        progress=progress, layers=layers, probe=probe, act_plan=act_plan)
     c.plan.target, c.plan.readers = c.cfg.target, dict(c.placement.readers)
+
+
+def protect(c: Conversion, act_plan, progress: Progress | None) -> list:
+    """Every layer planned at its bits, then the most harmful low-bit ones moved to 8 bits."""
+    layers = []
+    for i, t in enumerate(c.targets):
+        layers.append(plan_layer(t, c.weights[t.node], c.biases.get(t.node), c.stats.layers.get(t.node), c.cfg))
+        if progress:
+            progress("quantize", i + 1, len(c.targets))
+    layers, c.protect = protect_layers(c.prepared, layers, c.weights, c.biases, c.stats.layers, c.calib, c.cfg,
+                                       act_plan, progress)
+    return layers
 
 
 def choose_mixed(c: Conversion, progress: Progress | None) -> None:
@@ -204,17 +221,22 @@ def choose_mixed(c: Conversion, progress: Progress | None) -> None:
 
 
 def search(c: Conversion, progress: Progress | None) -> None:
-    """The joint activation-range search (lapq), on samples it fits and samples that check it."""
-    if c.cfg.act_method_name != "lapq" or not c.plan.acts:
+    """The activation-range searches (per-tensor choice or joint lapq), on samples they fit and
+    samples that check them."""
+    if c.cfg.act_method_name not in SEARCHED_METHODS or not c.plan.acts:
         return
-    n = c.cfg.search_samples
+    n = c.cfg.search_samples if c.cfg.act_method_name == "lapq" else min(CHOICE_SAMPLES, max(1, len(c.calib) // 2))
     feeds = [load() for load in c.calib[:n]]
     check = [load() for load in c.calib[n:2 * n]]        # calibration samples the search does not fit
     ref_sess = session(c.prepared)
     reference = [ref_sess.run(None, f) for f in feeds]
     check_ref = [ref_sess.run(None, f) for f in check]
-    acts, c.search = lapq_search(c.prepared, c.plan, c.stats.acts, feeds, reference, c.cfg,
-                                 progress, check, check_ref)
+    if c.cfg.act_method_name == "auto":
+        acts, c.ranges = choose_ranges(c.prepared, c.plan, c.stats.acts, feeds, reference, check, check_ref,
+                                       c.cfg, progress)
+    else:
+        acts, c.search = lapq_search(c.prepared, c.plan, c.stats.acts, feeds, reference, c.cfg,
+                                     progress, check, check_ref)
     c.plan.acts = tie(acts, c.placement.tied)
 
 

@@ -123,6 +123,8 @@ def print_summary(report) -> None:
     for why, n in sorted(notes.items()):
         out.print(f"  note: {n} layers — {escape(why)}")
     _print_search(r.search)
+    _print_ranges(r.ranges)
+    _print_protect(r.protect)
     _print_mixed(r.mixed)
     b = r.branches
     if b is not None and b.layers_with_branch:
@@ -153,6 +155,28 @@ def _print_search(sr) -> None:
               f"method: {sr.start}) -> {sr.loss_after:.4g} (joint search); kept: {sr.kept}"
               + (f" (lowest loss on {sr.check_samples} samples the search did not fit)"
                  if sr.check_samples else ""))
+
+
+def _print_ranges(ch) -> None:
+    if ch is None:
+        return
+    verdict = (f"{len(ch.changed)} changed from percentile" if ch.kept else
+               "kept percentile everywhere" + (" (the changes did not help on samples they were not chosen on)"
+                                               if ch.changed else ""))
+    out.print(f"  activation ranges chosen per tensor: {ch.tried} of {ch.tensors} tried in {ch.evaluations} "
+              f"evaluations; {verdict}")
+
+
+def _print_protect(p) -> None:
+    if p is None:
+        return
+    if p.protected:
+        out.print(f"  protected: {len(p.protected)} layers kept at 8 bits (+{_kb(p.used_bytes)} of "
+                  f"{_kb(p.budget_bytes)} allowed); network loss on unseen samples {p.check_before:.4g} -> "
+                  f"{p.check_after:.4g}")
+    else:
+        out.print("  protected: none (" + ("did not help on samples it was not chosen on)" if p.check_before
+                                             is not None else "no layer's harm paid for its bytes)"))
 
 
 def _print_mixed(mx) -> None:
@@ -253,6 +277,11 @@ def _preprocess_options(f):
               help="Quantize stage by stage, compensating the error earlier stages leave "
                    "(off by default: one pass measured better on the benchmark models).")
 @click.option("--stages", type=click.IntRange(min=1), default=3, show_default=True, help="Stages of sequential mode.")
+@click.option("--protect", type=click.FloatRange(0, 1), default=0.10, show_default=True,
+              help="At 4 bits and below: extra weight bytes (fraction of the low-bit weights) spent keeping "
+                   "the layers that harm the network most at 8 bits; kept only if it helps on samples it "
+                   "was not chosen on.")
+@click.option("--no-protect", is_flag=True, help="Uniform low-bit weights (same as --protect 0).")
 @click.option("--rank-budget", type=click.FloatRange(0, 1), default=0.0, show_default=True,
               help="Low-rank residual branches: extra parameters as a fraction of the weights "
                    "(0 = none). 0.02 measured best at 4 bits, 0.05 at 3 (docs/experiments/branches.md). "
@@ -336,6 +365,7 @@ def _config(o: dict) -> ConvertConfig:
         calib_size=o["calib_size"], seed=o["seed"], depthwise_bits=int(o["depthwise_bits"]),
         exclude=tuple(o["exclude"]), damp=o["damp"], bias_correction=not o["no_bias_correction"],
         sequential=o["sequential"], stages=o["stages"], rank_budget=o["rank_budget"],
+        protect=0.0 if o["no_protect"] else o["protect"],
         branch_init=o["branch_init"], branch_bits=int(o["branch_bits"]), branch_weighting=o["branch_weighting"],
         max_rank=o["max_rank"], branch_refine=o["branch_refine"], bits_overrides=_overrides(o["bits_override"]),
         avg_bits=o["avg_bits"], max_size=_size(o["max_size"]), target=o["target"],

@@ -14,6 +14,7 @@ from .plan.rules import DEFAULT_TARGET, RULES
 VERSION = "0.1.0"
 WEIGHT_BITS = (2, 3, 4, 8)
 ACT_BITS = (4, 6, 8, 16, 32)
+SEARCHED_METHODS = ("auto", "lapq")   # activation methods that measure the network (search/)
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,7 @@ class ConvertConfig:
     bit_choices: tuple[int, ...] = (8, 4, 3, 2)
     search_evals: int = 120                # lapq: network-loss evaluations at most (det W4A4: ~1 s each)
     search_samples: int = 64               # lapq: samples the search fits (the next as many check it)
+    protect: float = 0.10                  # <= 4 bits: extra weight bytes (fraction) for layers kept at 8 bits
     target: str = DEFAULT_TARGET           # emission rules of the runtime the model is for (plan/rules.py)
 
     def __post_init__(self) -> None:
@@ -70,15 +72,17 @@ class ConvertConfig:
         if self.weight_method is not None and self.weight_method not in WEIGHT_METHODS:
             raise ConfigError(f"unknown weight method '{self.weight_method}'; "
                               f"known: {', '.join(WEIGHT_METHODS)}")
-        if self.act_method is not None and self.act_method != "lapq":
+        if self.act_method is not None and self.act_method not in SEARCHED_METHODS:
             try:
                 parse_method(self.act_method)
             except ValueError as e:
                 why = str(e) if "parameter" in str(e) else f"unknown activation method '{self.act_method}'"
-                raise ConfigError(f"{why}; known: {', '.join(RANGE_METHODS)}, lapq (percentile:PCT with "
+                raise ConfigError(f"{why}; known: {', '.join(RANGE_METHODS)}, auto (chosen per tensor), lapq (percentile:PCT with "
                                   "PCT in (50, 100], lp:P with P in [1, 10], interval:EPS with EPS in (0, 1])") from None
         if self.search_samples < 1 or self.search_evals < 0:
             raise ConfigError("--search-samples must be at least 1 and --search-evals at least 0")
+        if not 0.0 <= self.protect <= 1.0:
+            raise ConfigError(f"--protect is a fraction of the low-bit weight bytes (0..1), got {self.protect}")
         if not 0 < self.damp <= 1:
             raise ConfigError(f"--damp must lie in (0, 1], got {self.damp}")
         if self.calib_size < 1:
@@ -141,6 +145,12 @@ class ConvertConfig:
     @property
     def sequential_on(self) -> bool:
         return self.sequential and self.stages > 1
+
+    @property
+    def protect_on(self) -> bool:
+        """Protection applies to uniform low-bit conversions (mixed precision and the sequential
+        mode choose or plan bits their own way)."""
+        return self.protect > 0 and self.bits < 8 and not self.mixed and not self.sequential_on
 
     @property
     def quantize_acts(self) -> bool:

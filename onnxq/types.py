@@ -307,6 +307,33 @@ class SearchSummary:
 
 
 @dataclass
+class ChoiceSummary:
+    """The per-tensor choice of activation range methods (search/choose.py)."""
+
+    tensors: int
+    tried: int                      # tensors whose candidate ranges differ enough to try
+    evaluations: int
+    loss_before: float              # network loss on the fitting samples, all at the start method
+    loss_after: float
+    check_before: float | None      # the same on calibration samples the choice did not fit
+    check_after: float | None
+    changed: dict[str, str]         # tensor -> method that lowered the fitting loss
+    kept: bool = False              # the changes were kept (they also lowered the check loss)
+
+
+@dataclass
+class ProtectSummary:
+    """Layers kept at 8 bits under --protect (search/protect.py)."""
+
+    budget_bytes: float
+    used_bytes: float
+    harm: dict[str, float]          # node -> network loss added by the layer at low bits
+    protected: list[str]            # empty when nothing paid or the check rejected the choice
+    check_before: float | None = None   # whole network at uniform low bits, on samples not fitted
+    check_after: float | None = None    # the same with the protected layers at 8 bits
+
+
+@dataclass
 class OutputMetrics:
     """One output of the quantized model against the reference, over the held-out samples."""
 
@@ -427,6 +454,8 @@ class Report:
     branches: BranchSummary | None = None
     mixed: MixedSummary | None = None
     search: SearchSummary | None = None
+    ranges: ChoiceSummary | None = None
+    protect: ProtectSummary | None = None
     schema: str = REPORT_SCHEMA
 
     def to_dict(self) -> dict[str, object]:
@@ -463,6 +492,8 @@ class Conversion:
     plan: Plan | None = None
     mixed: MixedSummary | None = None
     search: SearchSummary | None = None
+    ranges: ChoiceSummary | None = None
+    protect: ProtectSummary | None = None
     qmodel: "onnx.ModelProto | None" = None
     fidelity: Fidelity = field(default_factory=Fidelity)
     warnings: list[str] = field(default_factory=list)

@@ -14,9 +14,14 @@ DIGITS = str(ROOT / "models" / "digits_cnn.onnx")
 def test_inspect_lists_the_names_convert_uses_with_their_bits():
     info = api.inspect(DIGITS)
     names = [l.node for l in info.layers]
-    _, rep = onnxq.convert(DIGITS, onnxq.ConvertConfig(bits=4), calib=str(ROOT / "models" / "digits_calib"))
+    calib = str(ROOT / "models" / "digits_calib")
+    _, rep = onnxq.convert(DIGITS, onnxq.ConvertConfig(bits=4, protect=0), calib=calib)
     assert names == [l.node for l in rep.quantized]
     assert [l.bits for l in info.layers] == [l.bits for l in rep.quantized]
+    # protection (on by default) only raises the layers it names to 8 bits
+    _, prot = onnxq.convert(DIGITS, onnxq.ConvertConfig(bits=4), calib=calib)
+    raised = {l.node for l, i in zip(prot.quantized, info.layers) if l.bits != i.bits}
+    assert raised == set(prot.protect.protected) and all(l.bits == 8 for l in prot.quantized if l.node in raised)
     first = names[0]
     over = api.inspect(DIGITS, onnxq.ConvertConfig(bits=4, bits_overrides=((first, 8),)))
     assert over.layers[0].bits == 8 and all(l.bits == b.bits for l, b in zip(over.layers[1:], info.layers[1:]))

@@ -32,7 +32,7 @@ def cosine(ref: np.ndarray, x: np.ndarray) -> float:
 def probabilities(x: np.ndarray) -> np.ndarray:
     """x itself when its last axis already holds probabilities, else softmax(x)."""
     x = x.astype(np.float64)
-    if x.min() >= 0 and np.allclose(x.sum(-1), 1.0, atol=1e-3):
+    if _is_probabilities(x):
         return x
     e = np.exp(x - x.max(-1, keepdims=True))
     return e / e.sum(-1, keepdims=True)
@@ -48,15 +48,33 @@ def kl_rows(p: np.ndarray, q: np.ndarray) -> np.ndarray:
     return np.sum(p * (np.log(p + KL_EPS) - np.log(q + KL_EPS)), axis=-1)
 
 
+def _is_probabilities(x: np.ndarray) -> bool:
+    return bool(x.min() >= 0 and np.allclose(x.sum(-1), 1.0, atol=1e-3))
+
+
+def relative_mse(ref: np.ndarray, out: np.ndarray) -> float:
+    """Squared error relative to the reference's energy. For tensors of rank 3 and more it is
+    taken per index of axis 1 and averaged, so a detector head's few large rows (box coordinates)
+    do not drown its small ones (class scores), nor a feature map's loud channels its quiet ones."""
+    if ref.ndim < 3 or ref.shape[1] < 2:
+        return float(np.mean((ref - out) ** 2) / max(np.mean(ref**2), 1e-12))
+    r = ref.reshape(ref.shape[0], ref.shape[1], -1)
+    o = out.reshape(r.shape)
+    err, energy = np.mean((r - o) ** 2, axis=(0, 2)), np.mean(r**2, axis=(0, 2))
+    floor = max(float(energy.mean()) * 1e-6, 1e-12)      # silent rows must not dominate
+    return float(np.mean(err / np.maximum(energy, floor)))
+
+
 def divergence(ref: Sequence[np.ndarray], out: Sequence[np.ndarray]) -> float:
-    """KL for classifier-like outputs, relative MSE otherwise; summed over outputs."""
+    """The loss the searches minimise, summed over outputs: KL for class scores (rank-2 logits,
+    or a last axis that already holds probabilities), relative MSE otherwise."""
     total = 0.0
     for r, o in zip(ref, out):
         r, o = r.astype(np.float64), o.astype(np.float64)
-        if classifier_like(r):
+        if classifier_like(r) and (r.ndim == 2 or _is_probabilities(r)):
             total += float(np.mean(kl_rows(probabilities(r), probabilities(o))))
         else:
-            total += float(np.mean((r - o) ** 2) / max(np.mean(r**2), 1e-12))
+            total += relative_mse(r, o)
     return total
 
 

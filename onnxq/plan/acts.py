@@ -6,10 +6,10 @@ from typing import Mapping
 
 from ..algos.qmath import act_params
 from ..algos.ranges import RANGE_METHODS, parse_method
-from ..config import ConvertConfig
+from ..config import SEARCHED_METHODS, ConvertConfig
 from ..types import ActQuant, ActStats
 
-SEARCH_START = "percentile"   # the ranges a lapq search starts from (search/lapq.py)
+SEARCH_START = "percentile"   # the ranges the searches start from (search/lapq.py, search/choose.py)
 
 
 def act_quant(lo: float, hi: float, bits: int, signed: bool, method: str) -> ActQuant:
@@ -35,7 +35,7 @@ def plan_acts(acts: Mapping[str, ActStats], cfg: ConvertConfig,
     a `tied` tensor takes the parameters of the tensor it maps to (data movement keeps scales)."""
     if not cfg.quantize_acts:
         return {}
-    spec = SEARCH_START if cfg.act_method_name == "lapq" else cfg.act_method_name
+    spec = SEARCH_START if cfg.act_method_name in SEARCHED_METHODS else cfg.act_method_name
     signed = act_signed(cfg)
     out = {name: act_quant(*method_range(st, spec, cfg.act_bits, signed), cfg.act_bits, signed,
                            cfg.act_method_name)

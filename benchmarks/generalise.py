@@ -1,0 +1,190 @@
+"""Does a default hold on data and seeds it was not chosen on? Fidelity over two data sets and
+two calibration seeds, for several configurations, on real models of several families.
+
+For each model and data set, calibration and evaluation come from disjoint source pools (other
+photo files, other licence texts, other seeds). Data set 'a' is the one benchmarks/targets.py
+uses; data set 'b' is generated differently: the photo and text pools swap roles, and the OCR
+lines are rendered in DejaVu Serif instead of Pillow's built-in font. Each configuration is
+converted in this process with the same calibration feeds as onnxruntime's quantize_static
+(W8A8, per-channel, min-max), and judged against FP32 on the held-out feeds by the model's own
+answer: top-1 agreement (classifiers), F1 of confident detections (YOLOv8n), text-mask IoU
+(PP-OCR det), strings equal to FP32 (PP-OCR rec). Prints mean and spread (min..max) over the
+seeds per data set, and writes JSON.
+
+    python benchmarks/generalise.py --models A D --configs w8a8 w4a8 --quick
+    python benchmarks/generalise.py --json benchmarks/results/generalise.json
+
+Configurations are ConvertConfig keyword sets (CONFIGS below; add `name=k:v,k:v` on the
+command line for a one-off).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+import onnxq
+from onnxq import runtime
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import ocr_data  # noqa: E402
+import target_data as td  # noqa: E402
+import targets as tg  # noqa: E402
+
+SERIF = "/usr/share/fonts/truetype/dejavu/DejaVuSerif.ttf"
+EVAL_SEED = {"a": 2, "b": 12}
+MODELS = {
+    "A": dict(tg.MODELS["A"], counts=(64, 60)),
+    "C": dict(tg.MODELS["C"], counts=(64, 120)),
+    "D": dict(tg.MODELS["D"], counts=(64, 120)),
+    "cls": dict(tg.MODELS["cls"], counts=(64, 200)),
+    "det": dict(tg.MODELS["det"], counts=(16, 24)),
+    "rec": dict(title="PP-OCRv4 text recogniser (rapidocr-onnxruntime 1.4.4)", pkg="rapidocr_onnxruntime",
+                file="models/ch_PP-OCRv4_rec_infer.onnx", kind="rec", counts=(64, 120)),
+}
+CONFIGS = {
+    "w8a8": dict(bits=8, act_bits=8),
+    "w4a8": dict(bits=4, act_bits=8),
+}
+FIDELITY_KEY = {"orient": "top1_fp32", "cls": "top1_fp32", "yolo": "f1_fp32", "det": "iou_fp32",
+                "rec": "strings_fp32"}
+
+
+def feeds(key: str, spec: dict, path: Path, dataset: str, seed: int, n: int, split: str, cache: Path):
+    """n feeds of data set `dataset` from pool `split` ('calib' or 'eval') with `seed`."""
+    kind, name = spec["kind"], tg.input_name(path)
+    pool = split if dataset == "a" else {"calib": "eval", "eval": "calib"}[split]
+    font = None if dataset == "a" else SERIF
+    if kind == "orient":
+        return [f for f, _ in td.orientation_samples(n, seed, pool, spec["prep"], name)]
+    if kind == "yolo":
+        return td.photo_feeds(n, seed, pool, td.yolo_array, name, cache, tg.YOLO_FAVOUR[split] if dataset == "a" else None)
+    if kind == "cls":
+        return [f for f, _ in ocr_data.cls_samples(n, seed + (0 if split == "calib" else 1000), font)]
+    if kind == "det":
+        return ocr_data.det_samples(n, seed + (0 if split == "calib" else 1000), font_path=font)
+    if kind == "rec":
+        return [f for f, _ in ocr_data.rec_samples(n, seed + (0 if split == "calib" else 1000), font_path=font)]
+    raise ValueError(kind)
+
+
+def score(kind: str, outs, ref, charset=None) -> float:
+    if kind == "rec":
+        a = [ocr_data.ctc_decode(o[0], charset)[0] for o in outs]
+        b = [ocr_data.ctc_decode(o[0], charset)[0] for o in ref]
+        return float(np.mean([x == y for x, y in zip(a, b)]))
+    ref_dets = [tg.yolo_detections(o[0]) for o in ref] if kind == "yolo" else None
+    return float(tg.fidelity(kind, outs, ref, None, ref_dets)[FIDELITY_KEY[kind]])
+
+
+def run_variant(name: str, path: Path, cal, ev, ref, kind: str, charset, tmp: Path) -> dict:
+    t0 = time.perf_counter()
+    dst = tmp / f"{name}.onnx"
+    if name == "ort-w8a8":
+        import logging
+
+        from ort_baseline import ort_quantize
+        logging.getLogger().setLevel(logging.ERROR)
+        ort_quantize(path, dst, cal, 8, 8, "minmax", info={})
+        rep = None
+    else:
+        q, rep = onnxq.convert(str(path), onnxq.ConvertConfig(**CONFIGS[name]), calib=cal)
+        onnxq.save(q, dst)
+    conv_s = time.perf_counter() - t0
+    sess = runtime.session(str(dst))
+    outs = [sess.run(None, f) for f in ev]
+    r = {"fidelity": score(kind, outs, ref, charset), "sqnr_db": float(tg.metrics.sqnr_db(tg.flat(ref), tg.flat(outs))),
+         "conv_s": conv_s, "size_mb": dst.stat().st_size / 1e6}
+    if rep is not None:
+        r["bits"] = {str(b): sum(1 for l in rep.quantized if int(l.bits) == b) for b in (2, 3, 4, 8)}
+        r["act_method"] = rep.config.get("act_method")
+        if rep.ranges is not None:
+            r["ranges_changed"], r["ranges_evals"] = len(rep.ranges.changed), rep.ranges.evaluations
+            r["ranges_kept"], r["ranges_tried"] = rep.ranges.kept, rep.ranges.tried
+    return r
+
+
+def run_model(key: str, configs: list[str], datasets: list[str], seeds: list[int], quick: bool,
+              cache: Path) -> dict:
+    spec = MODELS[key]
+    path = tg.package_file(spec["pkg"], spec["file"])
+    n_cal, n_ev = (16, 24) if quick else spec["counts"]
+    charset = ocr_data.load_charset(path) if spec["kind"] == "rec" else None
+    fp32 = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    out: dict = {"title": spec["title"], "runs": []}
+    for ds in datasets:
+        ev = feeds(key, spec, path, ds, EVAL_SEED[ds], n_ev, "eval", cache)
+        ref = [fp32.run(None, f) for f in ev]
+        for seed in seeds:
+            cal = feeds(key, spec, path, ds, seed, n_cal, "calib", cache)
+            with tempfile.TemporaryDirectory(prefix="gen.") as t:
+                for name in configs:
+                    r = run_variant(name, path, cal, ev, ref, spec["kind"], charset, Path(t))
+                    r.update(dataset=ds, seed=seed, config=name)
+                    out["runs"].append(r)
+                    print(f"  {key} {ds} seed {seed} {name:>16}: {r['fidelity']:.3f}  {r['sqnr_db']:5.1f} dB  "
+                          f"{r['size_mb']:.2f} MB  {r['conv_s']:.1f} s", flush=True)
+    return out
+
+
+def table(results: dict, configs: list[str], datasets: list[str]) -> str:
+    lines = [f"| model | config | " + " | ".join(f"set {d} mean (min..max)" for d in datasets)
+             + " | MB | conv s |", "|---|---|" + "---|" * len(datasets) + "---|---|"]
+    for key, m in results.items():
+        for c in configs:
+            runs = [r for r in m["runs"] if r["config"] == c]
+            cells = []
+            for d in datasets:
+                v = [r["fidelity"] for r in runs if r["dataset"] == d]
+                cells.append(f"{np.mean(v):.3f} ({min(v):.3f}..{max(v):.3f})" if v else "-")
+            lines.append(f"| {key} | {c} | " + " | ".join(cells)
+                         + f" | {np.mean([r['size_mb'] for r in runs]):.2f} | {np.mean([r['conv_s'] for r in runs]):.1f} |")
+    return "\n".join(lines)
+
+
+def parse_config(text: str) -> str:
+    """'name=k:v,k:v' adds a configuration; a plain name must exist."""
+    if "=" not in text:
+        return text
+    name, _, body = text.partition("=")
+    kw = {}
+    for part in filter(None, body.split(",")):
+        k, _, v = part.partition(":")
+        kw[k] = json.loads(v) if v[:1] in "-0123456789[tfn" else v
+    CONFIGS[name] = kw
+    return name
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="+", default=list(MODELS))
+    ap.add_argument("--configs", nargs="+", default=["ort-w8a8", *CONFIGS])
+    ap.add_argument("--sets", nargs="+", default=["a", "b"])
+    ap.add_argument("--seeds", nargs="+", type=int, default=[1, 3])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--cache", default="/tmp/onnxq-bench-cache")
+    ap.add_argument("--json")
+    a = ap.parse_args()
+    configs = [parse_config(c) for c in a.configs]
+    t0 = time.perf_counter()
+    results = {k: run_model(k, configs, a.sets, a.seeds, a.quick, Path(a.cache)) for k in a.models}
+    print(table(results, configs, a.sets))
+    if a.json:
+        Path(a.json).write_text(json.dumps({"configs": {c: CONFIGS.get(c, "onnxruntime quantize_static")
+                                                        for c in configs},
+                                            "sets": a.sets, "seeds": a.seeds, "quick": a.quick,
+                                            "commit": tg._git_state(),
+                                            "models": results, "total_s": time.perf_counter() - t0}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

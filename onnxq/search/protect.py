@@ -1,0 +1,92 @@
+"""Sensitive layers kept at 8 bits within a small size budget (--protect).
+
+At <= 4 bits a few layers usually carry most of the network's error. Each low-bit layer's harm
+is measured on the network with the activations quantized as they will be (one probe feed per
+layer: that layer at its low-bit weights, the others float); the layers with the most harm per
+extra byte move to 8 bits until the budget (a fraction of the uniform low-bit weight bytes) is
+spent. The protected set is kept only if the whole network, every layer at its chosen bits,
+is closer to FP32 than uniform low bits on calibration samples the harm was not measured on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Callable, Mapping, Sequence
+
+import numpy as np
+
+from ..algos.matrix import dequantize_rows, from_matrix, to_matrix
+from ..algos.qmath import container_bits
+from ..config import ConvertConfig
+from ..plan.layers import plan_layer
+from ..types import ActQuant, Feed, LayerPlan, LayerStats, ProtectSummary, Progress
+from .probe import Probe
+
+if TYPE_CHECKING:
+    import onnx
+
+PROTECT_SAMPLES = 8    # samples the harm is measured on (the next as many check the choice)
+PROTECT_BITS = 8
+
+
+def _bytes(lp: LayerPlan, bits: int) -> float:
+    return lp.target.params * container_bits(bits) / 8 + lp.scales.size * 4
+
+
+def _dequantized(lp: LayerPlan) -> tuple[np.ndarray, np.ndarray | None]:
+    t = lp.target
+    w = from_matrix(dequantize_rows(to_matrix(lp.codes, t.weight_layout), lp.scales), t.weight_layout, t.shape)
+    return w.astype(np.float32), lp.bias
+
+
+def _low_bit(lp: LayerPlan, cfg: ConvertConfig) -> bool:
+    t = lp.target
+    return (not t.graph and t.op != "Gather" and lp.bits == cfg.bits and lp.bits < PROTECT_BITS
+            and lp.codes is not None and not lp.note)         # a note: the user's override or a rule
+
+
+def protect_layers(prepared: "onnx.ModelProto", layers: list[LayerPlan], weights: Mapping[str, np.ndarray],
+                   biases: Mapping[str, np.ndarray], layer_stats: Mapping[str, LayerStats],
+                   loaders: Sequence[Callable[[], Feed]], cfg: ConvertConfig,
+                   acts: Mapping[str, ActQuant] | None, progress: Progress | None = None
+                   ) -> tuple[list[LayerPlan], ProtectSummary | None]:
+    """`layers` with the protected ones re-planned at 8 bits, and what the choice measured."""
+    low = [lp for lp in layers if _low_bit(lp, cfg)]
+    if not low:
+        return layers, None
+    targets = [lp.target for lp in layers if not lp.target.graph]
+    fit = Probe(prepared, targets, weights, loaders[:PROTECT_SAMPLES], biases, acts)
+    base = fit({})
+    harm = {}
+    for i, lp in enumerate(low):
+        harm[lp.target.node] = fit({lp.target.node: _dequantized(lp)}) - base
+        if progress:
+            progress("layer harm", i + 1, len(low))
+    extra = {lp.target.node: _bytes(lp, PROTECT_BITS) - _bytes(lp, lp.bits) for lp in low}
+    budget = cfg.protect * sum(_bytes(lp, lp.bits) for lp in layers if lp.codes is not None)
+    chosen, used = [], 0.0
+    for node in sorted(harm, key=lambda n: (-harm[n] / max(extra[n], 1.0), n)):
+        if harm[node] <= 0:
+            break
+        if used + extra[node] <= budget:
+            chosen.append(node)
+            used += extra[node]
+    summary = ProtectSummary(budget_bytes=budget, used_bytes=used, harm=harm, protected=[])
+    if not chosen:
+        return layers, summary
+    by_node = {lp.target.node: lp for lp in layers}
+    eight = dataclasses.replace(cfg, bits=PROTECT_BITS)
+    raised = {n: plan_layer(by_node[n].target, weights[n], biases.get(n), layer_stats.get(n), eight)
+              for n in chosen}
+    for n, lp in raised.items():
+        lp.note = f"protected: kept at {PROTECT_BITS} bits (the most harm to the network at {cfg.bits} bits)"
+    check = loaders[PROTECT_SAMPLES:2 * PROTECT_SAMPLES]
+    judge = Probe(prepared, targets, weights, check, biases, acts) if check else fit
+    uniform = {lp.target.node: _dequantized(lp) for lp in low}
+    summary.check_before = judge(uniform)
+    summary.check_after = judge({**uniform, **{n: _dequantized(lp) for n, lp in raised.items()}})
+    if summary.check_after >= summary.check_before:
+        summary.used_bytes = 0.0
+        return layers, summary
+    summary.protected = sorted(chosen)
+    return [raised.get(lp.target.node, lp) for lp in layers], summary

@@ -1,0 +1,41 @@
+"""--act-method auto: each activation's range method chosen by its effect on the network's
+outputs, kept only when it also helps on calibration samples the choice did not fit."""
+
+from pathlib import Path
+
+import pytest
+
+import onnxq
+from onnxq.search.choose import CANDIDATES
+
+MODELS = Path(__file__).resolve().parents[1] / "models"
+DIGITS, CALIB = str(MODELS / "digits_cnn.onnx"), str(MODELS / "digits_calib")
+
+
+def scales(rep):
+    return {a.tensor: a.scale for a in rep.activations}
+
+
+@pytest.mark.parametrize("act_bits", [4, 8])
+def test_choice_lowers_the_fitting_loss_and_is_kept_only_if_it_holds_on_unseen_samples(act_bits):
+    cfg = dict(bits=8, act_bits=act_bits)
+    _, auto = onnxq.convert(DIGITS, onnxq.ConvertConfig(act_method="auto", **cfg), calib=CALIB)
+    _, pct = onnxq.convert(DIGITS, onnxq.ConvertConfig(act_method="percentile", **cfg), calib=CALIB)
+    ch = auto.ranges
+    assert ch is not None and ch.tensors == len(auto.activations)
+    assert ch.loss_after <= ch.loss_before and ch.evaluations >= 1
+    assert set(ch.changed.values()) <= set(CANDIDATES)
+    if ch.kept:
+        assert ch.check_after < ch.check_before
+        changed = {a.tensor for a in auto.activations if a.method in ch.changed.values()}
+        assert changed == set(ch.changed)
+    else:                       # rejected (or nothing to try): exactly the percentile ranges
+        assert scales(auto) == pytest.approx(scales(pct))
+    if act_bits == 4:           # 4-bit activations: the candidates differ enough to be tried
+        assert ch.tried > 0 and ch.changed and ch.loss_after < ch.loss_before
+
+
+def test_cli_accepts_auto_and_reports_the_choice(cli_run, tmp_path):
+    code, out, _ = cli_run("convert", DIGITS, "--bits", "8", "--act-bits", "4", "--act-method", "auto",
+                           "--calib", CALIB, "-o", tmp_path / "a.onnx")
+    assert code == 0 and "activation ranges chosen per tensor" in out

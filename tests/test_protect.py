@@ -1,0 +1,60 @@
+"""--protect: at 4 bits the layers that harm the network most are kept at 8 bits within a stated
+share of the weight bytes, only when that helps on samples the choice was not made on."""
+
+from pathlib import Path
+
+import pytest
+
+import onnxq
+from onnxq.errors import ConfigError
+
+MODELS = Path(__file__).resolve().parents[1] / "models"
+DIGITS, CALIB = str(MODELS / "digits_cnn.onnx"), str(MODELS / "digits_calib")
+
+
+def convert(**cfg):
+    return onnxq.convert(DIGITS, onnxq.ConvertConfig(**cfg), calib=CALIB)
+
+
+@pytest.fixture(scope="module")
+def pair():
+    return convert(bits=4), convert(bits=4, protect=0)
+
+
+def test_protected_layers_stay_in_budget_and_help_on_unseen_samples(pair):
+    (q, rep), (q0, rep0) = pair
+    p = rep.protect
+    assert p is not None and rep0.protect is None
+    low = [l for l in rep0.quantized if l.bits == 4]
+    assert set(p.harm) == {l.node for l in low}           # every low-bit layer measured
+    assert p.protected and 0 < p.used_bytes <= p.budget_bytes
+    assert p.check_after < p.check_before
+    by_node = {l.node: l for l in rep.quantized}
+    assert all(by_node[n].bits == 8 and by_node[n].note.startswith("protected") for n in p.protected)
+    assert all(by_node[l.node].bits == 4 for l in low if l.node not in p.protected)
+    # the most harmful layer per byte is among the protected
+    assert max(p.harm, key=lambda n: p.harm[n] / next(l.params for l in low if l.node == n)) in p.protected
+    # the file grows by the protected layers' extra bytes, not more
+    assert rep.size_after - rep0.size_after <= p.used_bytes + 64 * len(p.protected)
+    assert rep.fidelity.sqnr_db > rep0.fidelity.sqnr_db
+
+
+@pytest.mark.parametrize("cfg", [dict(bits=8), dict(bits=4, protect=0), dict(bits=4, avg_bits=4.5),
+                                 dict(bits=4, sequential=True, stages=2)])
+def test_no_protection_at_8_bits_when_off_or_when_bits_are_chosen_otherwise(cfg):
+    _, rep = convert(**cfg)
+    assert rep.protect is None
+    assert not any(l.note.startswith("protected") for l in rep.quantized)
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.5])
+def test_protect_must_be_a_fraction(value):
+    with pytest.raises(ConfigError, match="--protect"):
+        onnxq.ConvertConfig(protect=value)
+
+
+def test_cli_reports_protection_and_no_protect_turns_it_off(cli_run, tmp_path):
+    code, out, _ = cli_run("convert", DIGITS, "--bits", "4", "--calib", CALIB, "-o", tmp_path / "a.onnx")
+    assert code == 0 and "protected:" in out and "layers kept at 8 bits" in out
+    code, out, _ = cli_run("convert", DIGITS, "--bits", "4", "--no-protect", "--calib", CALIB, "-o", tmp_path / "b.onnx")
+    assert code == 0 and "protected" not in out
