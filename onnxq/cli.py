@@ -19,7 +19,7 @@ from . import __version__
 from .algos.ranges import RANGE_METHODS
 from .algos.weights import DEFAULT_DAMP, WEIGHT_METHODS
 from .calib.data import PRESETS, Preprocess
-from .config import ConvertConfig
+from .config import DEFAULT_RANGE, ConvertConfig
 from .plan.rules import DEFAULT_TARGET
 from .plan.rules import RULES as TARGETS
 from .errors import ConfigError, InputModelError, OnnxqError, VerificationError
@@ -160,8 +160,8 @@ def _print_search(sr) -> None:
 def _print_ranges(ch) -> None:
     if ch is None:
         return
-    verdict = (f"{len(ch.changed)} changed from percentile" if ch.kept else
-               "kept percentile everywhere" + (" (the changes did not help on samples they were not chosen on)"
+    verdict = (f"{len(ch.changed)} changed from the default" if ch.kept else
+               "kept the default everywhere" + (" (the changes did not help on samples they were not chosen on)"
                                                if ch.changed else ""))
     out.print(f"  activation ranges chosen per tensor: {ch.tried} of {ch.tensors} tried in {ch.evaluations} "
               f"evaluations; {verdict}")
@@ -261,8 +261,9 @@ def _preprocess_options(f):
                    "calibration data more closely, larger is safer with little or unrepresentative "
                    "data (docs/experiments/weights.md).")
 @click.option("--act-method", metavar="NAME",
-              help=f"{' | '.join(RANGE_METHODS)} | lapq (joint loss-aware search); percentile:P, lp:P, "
-                   "interval:EPS take a parameter (default: percentile; interval at 4 and 6 activation bits).")
+              help=f"{' | '.join(RANGE_METHODS)} | auto (one method per tensor, by its measured effect on the "
+                   "outputs) | lapq (joint loss-aware search); percentile:P, lp:P, interval:EPS take a parameter "
+                   f"(default: {DEFAULT_RANGE}; interval at 4 and 6 activation bits).")
 @click.option("--search-evals", type=click.IntRange(min=0), default=120, show_default=True,
               help="lapq: network-loss evaluations at most.")
 @click.option("--search-samples", type=click.IntRange(min=1), default=64, show_default=True,

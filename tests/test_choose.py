@@ -20,7 +20,7 @@ def scales(rep):
 def test_choice_lowers_the_fitting_loss_and_is_kept_only_if_it_holds_on_unseen_samples(act_bits):
     cfg = dict(bits=8, act_bits=act_bits)
     _, auto = onnxq.convert(DIGITS, onnxq.ConvertConfig(act_method="auto", **cfg), calib=CALIB)
-    _, pct = onnxq.convert(DIGITS, onnxq.ConvertConfig(act_method="percentile", **cfg), calib=CALIB)
+    _, pct = onnxq.convert(DIGITS, onnxq.ConvertConfig(**cfg), calib=CALIB)     # the default ranges
     ch = auto.ranges
     assert ch is not None and ch.tensors == len(auto.activations)
     assert ch.loss_after <= ch.loss_before and ch.evaluations >= 1
@@ -29,7 +29,7 @@ def test_choice_lowers_the_fitting_loss_and_is_kept_only_if_it_holds_on_unseen_s
         assert ch.check_after < ch.check_before
         changed = {a.tensor for a in auto.activations if a.method in ch.changed.values()}
         assert changed == set(ch.changed)
-    else:                       # rejected (or nothing to try): exactly the percentile ranges
+    else:                       # rejected (or nothing to try): exactly the default ranges
         assert scales(auto) == pytest.approx(scales(pct))
     if act_bits == 4:           # 4-bit activations: the candidates differ enough to be tried
         assert ch.tried > 0 and ch.changed and ch.loss_after < ch.loss_before

@@ -67,7 +67,7 @@ def test_activation_reports_are_numbers(digits):
     assert {a.tensor for a in rep.activations} == read
     for a in rep.activations:
         assert isinstance(a, ActReport)
-        assert (a.method, a.bits, a.signed) == ("percentile", 8, False)
+        assert (a.method, a.bits, a.signed) == ("percentile:99.999", 8, False)
         assert len(a.range) == len(a.observed) == 2 and all(number(v) for v in a.range + a.observed)
         assert a.range[0] <= a.range[1] and a.observed[0] <= a.observed[1]
         assert a.range[1] <= a.observed[1] + 1e-4                       # a percentile never widens
@@ -107,7 +107,7 @@ def test_to_dict_is_json_with_the_schema(digits):
     assert len(back["quantized"]) == 7 and back["quantized"][0]["node"] == rep.quantized[0].node
     assert back["activations"][0]["range"] == rep.activations[0].range
     assert back["fidelity"]["outputs"]["logits"]["cosine"] == rep.fidelity.cosine
-    assert back["config"]["weight_method"] == "gptq" and back["config"]["act_method"] == "percentile"
+    assert back["config"]["weight_method"] == "gptq" and back["config"]["act_method"] == "percentile:99.999"
 
 
 def test_excluded_layer_is_skipped_with_its_reason():

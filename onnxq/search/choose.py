@@ -1,6 +1,6 @@
 """Per-tensor choice of the activation range method by its effect on the network's outputs.
 
-Every activation starts at the percentile range. Each tensor, in graph order, then tries the
+Every activation starts at the default range (plan/acts.SEARCH_START). Each tensor, in graph order, then tries the
 other candidate methods' ranges (computed from the same histograms) and keeps one when it lowers
 the network loss on fitting samples; tensors whose candidates barely differ are not tried, and
 those whose candidates differ most are tried first, within an evaluation budget. The result is
