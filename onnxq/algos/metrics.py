@@ -29,6 +29,10 @@ def cosine(ref: np.ndarray, x: np.ndarray) -> float:
     return float(a @ b / den) if den > 0 else float(np.array_equal(a, b))
 
 
+def _is_probabilities(x: np.ndarray) -> bool:
+    return bool(x.min() >= 0 and np.allclose(x.sum(-1), 1.0, atol=1e-3))
+
+
 def probabilities(x: np.ndarray) -> np.ndarray:
     """x itself when its last axis already holds probabilities, else softmax(x)."""
     x = x.astype(np.float64)
@@ -39,17 +43,17 @@ def probabilities(x: np.ndarray) -> np.ndarray:
 
 
 def classifier_like(x: np.ndarray) -> bool:
-    """Float outputs whose last axis could be classes (rank 2 or 3, at least 2 entries)."""
-    return x.dtype.kind == "f" and x.ndim in (2, 3) and x.shape[-1] >= 2
+    """Float outputs whose last axis holds class scores: rank-2 logits or probabilities, or a
+    rank-3 tensor whose last axis already sums to one (per-step probabilities). A rank-3 tensor
+    of other values is a detector head or a feature map, whose argmax means nothing."""
+    if x.dtype.kind != "f" or x.ndim not in (2, 3) or x.shape[-1] < 2:
+        return False
+    return x.ndim == 2 or _is_probabilities(x)
 
 
 def kl_rows(p: np.ndarray, q: np.ndarray) -> np.ndarray:
     """KL(p || q) along the last axis of two probability arrays, one value per row."""
     return np.sum(p * (np.log(p + KL_EPS) - np.log(q + KL_EPS)), axis=-1)
-
-
-def _is_probabilities(x: np.ndarray) -> bool:
-    return bool(x.min() >= 0 and np.allclose(x.sum(-1), 1.0, atol=1e-3))
 
 
 def relative_mse(ref: np.ndarray, out: np.ndarray) -> float:
@@ -66,12 +70,12 @@ def relative_mse(ref: np.ndarray, out: np.ndarray) -> float:
 
 
 def divergence(ref: Sequence[np.ndarray], out: Sequence[np.ndarray]) -> float:
-    """The loss the searches minimise, summed over outputs: KL for class scores (rank-2 logits,
-    or a last axis that already holds probabilities), relative MSE otherwise."""
+    """The loss the searches minimise, summed over outputs: KL for class scores, relative MSE
+    otherwise."""
     total = 0.0
     for r, o in zip(ref, out):
         r, o = r.astype(np.float64), o.astype(np.float64)
-        if classifier_like(r) and (r.ndim == 2 or _is_probabilities(r)):
+        if classifier_like(r):
             total += float(np.mean(kl_rows(probabilities(r), probabilities(o))))
         else:
             total += relative_mse(r, o)
