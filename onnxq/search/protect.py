@@ -25,7 +25,8 @@ from .probe import Probe
 if TYPE_CHECKING:
     import onnx
 
-PROTECT_SAMPLES = 8    # samples the harm is measured on (the next as many check the choice)
+HARM_SAMPLES = 4       # samples each layer's harm is measured on (one run a layer and sample)
+CHECK_SAMPLES = 8      # the next samples, on which the protected set must beat uniform low bits
 PROTECT_BITS = 8
 
 
@@ -55,7 +56,7 @@ def protect_layers(prepared: "onnx.ModelProto", layers: list[LayerPlan], weights
     if not low:
         return layers, None
     targets = [lp.target for lp in layers if not lp.target.graph]
-    fit = Probe(prepared, targets, weights, loaders[:PROTECT_SAMPLES], biases, acts)
+    fit = Probe(prepared, targets, weights, loaders[:HARM_SAMPLES], biases, acts)
     base = fit({})
     harm = {}
     for i, lp in enumerate(low):
@@ -80,7 +81,7 @@ def protect_layers(prepared: "onnx.ModelProto", layers: list[LayerPlan], weights
               for n in chosen}
     for n, lp in raised.items():
         lp.note = f"protected: kept at {PROTECT_BITS} bits (the most harm to the network at {cfg.bits} bits)"
-    check = loaders[PROTECT_SAMPLES:2 * PROTECT_SAMPLES]
+    check = loaders[HARM_SAMPLES:HARM_SAMPLES + CHECK_SAMPLES]
     judge = Probe(prepared, targets, weights, check, biases, acts) if check else fit
     uniform = {lp.target.node: _dequantized(lp) for lp in low}
     summary.check_before = judge(uniform)
