@@ -33,7 +33,7 @@ from .search.choose import choose_ranges
 from .search.lapq import lapq_search
 from .search.mixed import choose_bits
 from .search.probe import Probe
-from .search.protect import protect_layers
+from .search.protect import choose_rounding, protect_layers
 from .search.sequential import sequential_layers
 from .types import Conversion, Feed, Inspection, LayerInfo, Progress, Report, SkippedReport, Stats
 from .verify import fidelity
@@ -46,6 +46,7 @@ PROBE_SAMPLES = 16     # samples the branch planner's network probe runs
 HOLDOUT_MAX = 16       # held-out samples taken from the calibration data at most ...
 HOLDOUT_FRACTION = 8   # ... and at most one in this many
 HOLDOUT_STREAM = 7     # random stream of the held-out pick (independent of the other seeded draws)
+ROUNDING_CANDIDATES = ("gptq", "mse")   # weight methods the low-bit layers are planned with and judged by
 CHOICE_SAMPLES = 8     # samples the per-tensor range choice fits (the next as many check it)
 POOR_AGREEMENT = 0.9   # below this top-1 agreement (or POOR_SQNR_DB) the summary warns loudly
 POOR_SQNR_DB = 10.0
@@ -185,8 +186,8 @@ def plan(c: Conversion, progress: Progress | None) -> None:
         layers = sequential_layers(c.prepared, c.targets, c.calib, c.stats, c.weights, c.biases, c.cfg,
                                    progress)
     act_plan = plan_acts(c.stats.acts, c.cfg, c.placement.tied)
-    if layers is None and c.cfg.protect_on:
-        layers = protect(c, act_plan, progress)
+    if layers is None and (c.cfg.protect_on or c.cfg.rounding_choice):
+        layers = low_bits(c, act_plan, progress)
     probe = None
     if c.cfg.rank_budget > 0:
         # the probe carries the activation QDQ the emitted model will have: a branch is judged
@@ -197,15 +198,27 @@ def plan(c: Conversion, progress: Progress | None) -> None:
     c.plan.target, c.plan.readers = c.cfg.target, dict(c.placement.readers)
 
 
-def protect(c: Conversion, act_plan, progress: Progress | None) -> list:
-    """Every layer planned at its bits, then the most harmful low-bit ones moved to 8 bits."""
-    layers = []
-    for i, t in enumerate(c.targets):
-        layers.append(plan_layer(t, c.weights[t.node], c.biases.get(t.node), c.stats.layers.get(t.node), c.cfg))
+def low_bits(c: Conversion, act_plan, progress: Progress | None) -> list:
+    """Every layer planned at its bits (by each candidate weight method, the one that leaves the
+    network closest to FP32 kept), then the most harmful low-bit layers moved to 8 bits."""
+    # the default's own plan (gptq at low bits, mse at 8) and the other candidates' for every layer
+    methods = [c.cfg.weight_method_name] + [m for m in ROUNDING_CANDIDATES if m != c.cfg.weight_method_name
+                                            and c.cfg.rounding_choice]
+    variants = {}
+    for m in methods:
+        cfg = c.cfg if m == c.cfg.weight_method_name else dataclasses.replace(c.cfg, weight_method=m)
+        variants[m] = [
+            plan_layer(t, c.weights[t.node], c.biases.get(t.node), c.stats.layers.get(t.node), cfg)
+            for t in c.targets]
         if progress:
-            progress("quantize", i + 1, len(c.targets))
-    layers, c.protect = protect_layers(c.prepared, layers, c.weights, c.biases, c.stats.layers, c.calib, c.cfg,
-                                       act_plan, progress)
+            progress("quantize", len(variants), len(methods))
+    layers = next(iter(variants.values()))
+    if len(variants) > 1:
+        c.rounding = choose_rounding(c.prepared, variants, c.weights, c.biases, c.calib, c.cfg, act_plan)
+        layers = variants[c.rounding.chosen]
+    if c.cfg.protect_on:
+        layers, c.protect = protect_layers(c.prepared, layers, c.weights, c.biases, c.stats.layers, c.calib,
+                                           c.cfg, act_plan, progress)
     return layers
 
 

@@ -124,6 +124,10 @@ def print_summary(report) -> None:
         out.print(f"  note: {n} layers — {escape(why)}")
     _print_search(r.search)
     _print_ranges(r.ranges)
+    if r.rounding is not None:
+        ro = r.rounding
+        out.print(f"  low-bit rounding: {ro.chosen} (network loss on {ro.samples} unseen samples: "
+                  + ", ".join(f"{k} {v:.4g}" for k, v in ro.losses.items()) + ")")
     _print_protect(r.protect)
     _print_mixed(r.mixed)
     b = r.branches

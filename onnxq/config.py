@@ -158,6 +158,12 @@ class ConvertConfig:
         return self.protect > 0 and self.bits < 8 and not self.mixed and not self.sequential_on
 
     @property
+    def rounding_choice(self) -> bool:
+        """Low-bit conversions without a chosen --weight-method plan their layers both ways and
+        keep the one the network prefers (api.low_bits)."""
+        return self.weight_method is None and self.bits < 8 and not self.mixed and not self.sequential_on
+
+    @property
     def quantize_acts(self) -> bool:
         return self.act_bits < 32
 

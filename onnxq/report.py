@@ -85,5 +85,5 @@ def build_report(c: Conversion) -> Report:
     if r.branches is not None and r.branches.layers_with_branch:
         # factor codes, their scales and zero points, middle-activation and A-bias parameters
         r.branches.bytes = initializer_bytes(c.qmodel, BRANCH_SCOPE)
-    r.mixed, r.search, r.ranges, r.protect = c.mixed, c.search, c.ranges, c.protect
+    r.mixed, r.search, r.ranges, r.protect, r.rounding = c.mixed, c.search, c.ranges, c.protect, c.rounding
     return r

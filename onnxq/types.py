@@ -322,6 +322,15 @@ class ChoiceSummary:
 
 
 @dataclass
+class RoundingChoice:
+    """The weight method chosen for the low-bit layers by network loss (search/protect.py)."""
+
+    losses: dict[str, float]        # method -> network loss with every low-bit layer rounded by it
+    chosen: str
+    samples: int                    # calibration samples the losses were measured on
+
+
+@dataclass
 class ProtectSummary:
     """Layers kept at 8 bits under --protect (search/protect.py)."""
 
@@ -456,6 +465,7 @@ class Report:
     search: SearchSummary | None = None
     ranges: ChoiceSummary | None = None
     protect: ProtectSummary | None = None
+    rounding: RoundingChoice | None = None
     schema: str = REPORT_SCHEMA
 
     def to_dict(self) -> dict[str, object]:
@@ -494,6 +504,7 @@ class Conversion:
     search: SearchSummary | None = None
     ranges: ChoiceSummary | None = None
     protect: ProtectSummary | None = None
+    rounding: RoundingChoice | None = None
     qmodel: "onnx.ModelProto | None" = None
     fidelity: Fidelity = field(default_factory=Fidelity)
     warnings: list[str] = field(default_factory=list)

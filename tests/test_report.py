@@ -52,7 +52,7 @@ def test_one_layer_report_per_target(digits, targets):
         assert layer.note == ("depthwise conv kept at 8 bits" if t.depthwise else
                               "protected: kept at 8 bits (the most harm to the network at 4 bits)"
                               if layer.node in rep.protect.protected else "")
-        assert layer.method == ("mse" if t.depthwise or layer.node in rep.protect.protected else "gptq")
+        assert layer.method == ("mse" if t.depthwise or layer.node in rep.protect.protected else rep.rounding.chosen)
         assert number(layer.sqnr_db) and number(layer.sqnr_rtn_db) and layer.sqnr_db >= layer.sqnr_rtn_db - 1e-3
         # every layer reads a quantized input, named by its tensor
         assert (layer.activation, layer.activation_bits, layer.float_input_reason) == (t.act, 8, "")
