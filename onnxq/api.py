@@ -29,7 +29,7 @@ from .plan.layers import make_plan, plan_layer
 from .plan.rules import DEFAULT_TARGET
 from .report import build_report, clipped_share
 from .runtime import session
-from .search.choose import choose_ranges
+from .search.choose import best_method, choose_ranges
 from .search.lapq import lapq_search
 from .search.mixed import choose_bits
 from .search.probe import Probe
@@ -244,7 +244,9 @@ def search(c: Conversion, progress: Progress | None) -> None:
     ref_sess = session(c.prepared)
     reference = [ref_sess.run(None, f) for f in feeds]
     check_ref = [ref_sess.run(None, f) for f in check]
-    if c.cfg.act_method_name == "auto":
+    if c.cfg.act_method_name == "best":
+        acts, c.ranges = best_method(c.prepared, c.plan, c.stats.acts, feeds + check, reference + check_ref, c.cfg)
+    elif c.cfg.act_method_name == "auto":
         acts, c.ranges = choose_ranges(c.prepared, c.plan, c.stats.acts, feeds, reference, check, check_ref,
                                        c.cfg, progress)
     else:

@@ -164,6 +164,10 @@ def _print_search(sr) -> None:
 def _print_ranges(ch) -> None:
     if ch is None:
         return
+    if ch.chosen:
+        out.print(f"  activation ranges: {ch.chosen} (network loss on calibration samples: "
+                  + ", ".join(f"{k} {v:.4g}" for k, v in ch.methods.items()) + ")")
+        return
     verdict = (f"{len(ch.changed)} changed from the default" if ch.kept else
                "kept the default everywhere" + (" (the changes did not help on samples they were not chosen on)"
                                                if ch.changed else ""))
@@ -259,14 +263,15 @@ def _preprocess_options(f):
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
               help="Seed of all sampling: the same input, data and seed give the same bytes.")
 @click.option("--weight-method", metavar="NAME",
-              help=f"{' | '.join(WEIGHT_METHODS)} (default: gptq at <=4 bits, mse at 8).")
+              help=f"{' | '.join(WEIGHT_METHODS)} | auto (gptq and mse both tried at low bits, the one the "
+                   "network prefers on unseen calibration samples kept) (default: gptq at <=4 bits, mse at 8).")
 @click.option("--damp", type=click.FloatRange(0, 1, min_open=True), default=DEFAULT_DAMP, show_default=True,
               help="gptq: damping added to H, a fraction of its mean diagonal. Smaller follows the "
                    "calibration data more closely, larger is safer with little or unrepresentative "
                    "data (docs/experiments/weights.md).")
 @click.option("--act-method", metavar="NAME",
-              help=f"{' | '.join(RANGE_METHODS)} | auto (one method per tensor, by its measured effect on the "
-                   "outputs) | lapq (joint loss-aware search); percentile:P, lp:P, interval:EPS take a parameter "
+              help=f"{' | '.join(RANGE_METHODS)} | best (the one of percentile:99.99, percentile:99.999, mse the network prefers) | auto (one method "
+                   "per tensor, by its measured effect on the outputs) | lapq (joint loss-aware search); percentile:P, lp:P, interval:EPS take a parameter "
                    f"(default: {DEFAULT_RANGE}; interval at 4 and 6 activation bits).")
 @click.option("--search-evals", type=click.IntRange(min=0), default=120, show_default=True,
               help="lapq: network-loss evaluations at most.")

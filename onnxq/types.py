@@ -319,6 +319,8 @@ class ChoiceSummary:
     check_after: float | None
     changed: dict[str, str]         # tensor -> method that lowered the fitting loss
     kept: bool = False              # the changes were kept (they also lowered the check loss)
+    methods: dict[str, float] = field(default_factory=dict)   # 'best': method -> network loss
+    chosen: str = ""                # 'best': the method used for every tensor
 
 
 @dataclass

@@ -84,8 +84,8 @@ def test_weight_method_defaults_to_gptq_at_4_bits_or_fewer(bits, method):
     assert ConvertConfig(bits=bits, weight_method="rtn").weight_method_name == "rtn"
 
 
-@pytest.mark.parametrize("act_bits, method", [(4, "interval"), (6, "interval"), (8, "percentile:99.999"),
-                                              (16, "percentile:99.999"), (32, "percentile:99.999")])
+@pytest.mark.parametrize("act_bits, method", [(4, "interval"), (6, "interval"), (8, "best"),
+                                              (16, "best"), (32, "best")])
 def test_act_method_defaults_follow_the_activation_bits(act_bits, method):
     assert ConvertConfig(act_bits=act_bits).act_method_name == method
     assert ConvertConfig(act_bits=act_bits, act_method="lp:3").act_method_name == "lp:3"

@@ -137,7 +137,7 @@ def test_search_keeps_the_stage_best_on_samples_it_did_not_fit(search_samples, c
         assert s.check_losses == {} and s.kept == "powell"
 
 
-@pytest.mark.parametrize("abits, method", [(4, "interval"), (6, "interval"), (8, "percentile:99.999"), (16, "percentile:99.999")])
+@pytest.mark.parametrize("abits, method", [(4, "interval"), (6, "interval"), (8, "best"), (16, "best")])
 def test_default_range_method_follows_the_activation_bits(abits, method):
     """Percentile clips too little at 4 and 6 bits (PP-OCR cls W4A4: 0.665 vs interval 0.810
     top-1 agreement); the interval rule scales its clipped fraction with the code count."""
@@ -146,4 +146,7 @@ def test_default_range_method_follows_the_activation_bits(abits, method):
     assert onnxq.ConvertConfig(act_bits=abits, act_method="mse").act_method_name == "mse"
     _, rep = onnxq.convert(str(root / "digits_cnn.onnx"), onnxq.ConvertConfig(act_bits=abits),
                            calib=str(root / "digits_calib"))
-    assert rep.activations and {a.method for a in rep.activations} == {method}
+    chosen = {method} if method != "best" else {rep.ranges.chosen}      # 'best' names the method it kept
+    assert rep.activations and {a.method for a in rep.activations} == chosen
+    if method == "best":
+        assert rep.ranges.methods[rep.ranges.chosen] == min(rep.ranges.methods.values())

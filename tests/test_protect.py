@@ -39,8 +39,8 @@ def test_protected_layers_stay_in_budget_and_help_on_unseen_samples(pair):
     assert rep.fidelity.sqnr_db > rep0.fidelity.sqnr_db
 
 
-def test_the_rounding_the_network_prefers_is_kept(pair):
-    (_, rep), _ = pair
+def test_the_rounding_the_network_prefers_is_kept():
+    _, rep = convert(bits=4, weight_method="auto")
     ro = rep.rounding
     assert set(ro.losses) == {"gptq", "mse"} and ro.samples > 0
     assert ro.losses[ro.chosen] == min(ro.losses.values())
@@ -48,9 +48,10 @@ def test_the_rounding_the_network_prefers_is_kept(pair):
     assert low and all(l.method == ro.chosen for l in low)
 
 
-def test_a_chosen_weight_method_is_not_second_guessed():
+def test_a_chosen_weight_method_is_not_second_guessed(pair):
+    (_, default), _ = pair
     _, rep = convert(bits=4, weight_method="rtn")
-    assert rep.rounding is None and all(l.method in ("rtn", "mse") for l in rep.quantized)
+    assert rep.rounding is None is default.rounding and all(l.method in ("rtn", "mse") for l in rep.quantized)
 
 
 @pytest.mark.parametrize("cfg", [dict(bits=8), dict(bits=4, protect=0), dict(bits=4, avg_bits=4.5),
@@ -69,6 +70,6 @@ def test_protect_must_be_a_fraction(value):
 
 def test_cli_reports_protection_and_no_protect_turns_it_off(cli_run, tmp_path):
     code, out, _ = cli_run("convert", DIGITS, "--bits", "4", "--calib", CALIB, "-o", tmp_path / "a.onnx")
-    assert code == 0 and "protected:" in out and "layers kept at 8 bits" in out and "low-bit rounding:" in out
+    assert code == 0 and "protected:" in out and "layers kept at 8 bits" in out
     code, out, _ = cli_run("convert", DIGITS, "--bits", "4", "--no-protect", "--calib", CALIB, "-o", tmp_path / "b.onnx")
     assert code == 0 and "protected" not in out

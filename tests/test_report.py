@@ -52,7 +52,7 @@ def test_one_layer_report_per_target(digits, targets):
         assert layer.note == ("depthwise conv kept at 8 bits" if t.depthwise else
                               "protected: kept at 8 bits (the most harm to the network at 4 bits)"
                               if layer.node in rep.protect.protected else "")
-        assert layer.method == ("mse" if t.depthwise or layer.node in rep.protect.protected else rep.rounding.chosen)
+        assert layer.method == ("mse" if t.depthwise or layer.node in rep.protect.protected else "gptq")
         assert number(layer.sqnr_db) and number(layer.sqnr_rtn_db) and layer.sqnr_db >= layer.sqnr_rtn_db - 1e-3
         # every layer reads a quantized input, named by its tensor
         assert (layer.activation, layer.activation_bits, layer.float_input_reason) == (t.act, 8, "")
@@ -67,7 +67,7 @@ def test_activation_reports_are_numbers(digits):
     assert {a.tensor for a in rep.activations} == read
     for a in rep.activations:
         assert isinstance(a, ActReport)
-        assert (a.method, a.bits, a.signed) == ("percentile:99.999", 8, False)
+        assert (a.method, a.bits, a.signed) == (rep.ranges.chosen, 8, False) and a.method.startswith("percentile")
         assert len(a.range) == len(a.observed) == 2 and all(number(v) for v in a.range + a.observed)
         assert a.range[0] <= a.range[1] and a.observed[0] <= a.observed[1]
         assert a.range[1] <= a.observed[1] + 1e-4                       # a percentile never widens
@@ -107,7 +107,7 @@ def test_to_dict_is_json_with_the_schema(digits):
     assert len(back["quantized"]) == 7 and back["quantized"][0]["node"] == rep.quantized[0].node
     assert back["activations"][0]["range"] == rep.activations[0].range
     assert back["fidelity"]["outputs"]["logits"]["cosine"] == rep.fidelity.cosine
-    assert back["config"]["weight_method"] == "gptq" and back["config"]["act_method"] == "percentile:99.999"
+    assert back["config"]["weight_method"] == "gptq" and back["config"]["act_method"] == "best"
 
 
 def test_excluded_layer_is_skipped_with_its_reason():

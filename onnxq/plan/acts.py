@@ -6,10 +6,10 @@ from typing import Mapping
 
 from ..algos.qmath import act_params
 from ..algos.ranges import RANGE_METHODS, parse_method
-from ..config import DEFAULT_RANGE, SEARCHED_METHODS, ConvertConfig
+from ..config import SEARCHED_METHODS, START_RANGE, ConvertConfig
 from ..types import ActQuant, ActStats
 
-SEARCH_START = DEFAULT_RANGE   # the ranges the searches start from (search/lapq.py, search/choose.py)
+SEARCH_START = START_RANGE     # the ranges the searches start from (search/lapq.py, search/choose.py)
 
 
 def act_quant(lo: float, hi: float, bits: int, signed: bool, method: str) -> ActQuant:

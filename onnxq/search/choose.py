@@ -23,6 +23,9 @@ if TYPE_CHECKING:
     import onnx
 
 CANDIDATES = ("percentile", "minmax", "mse")
+# 'best' (the default at 8 bits): one method for the whole model, the one of these with the lowest
+# network loss. No single one won on every model (docs/experiments/generalisation.md).
+BEST_OF = ("percentile:99.99", "percentile:99.999", "mse")
 SAME_RANGE = 0.1      # candidates within 10% of the current range's width are not tried
 CHOICE_EVALS = 60     # network-loss evaluations at most (--search-evals lowers it)
 
@@ -35,6 +38,25 @@ def _candidates(st: ActStats, q: ActQuant, cfg: ConvertConfig) -> dict[str, ActQ
         if abs((hi - lo) - (q.hi - q.lo)) > SAME_RANGE * max(q.hi - q.lo, 1e-12):
             out[m] = act_quant(lo, hi, cfg.act_bits, q.signed, m)
     return out
+
+
+def best_method(prepared: "onnx.ModelProto", plan: Plan, stats: Mapping[str, ActStats],
+                feeds: Sequence[Feed], reference, cfg: ConvertConfig) -> tuple[dict[str, ActQuant], ChoiceSummary]:
+    """Every activation's range by the one method of BEST_OF that leaves the network closest to
+    FP32 on `feeds` (one evaluation a method)."""
+    sess = SearchSession(prepared, plan, feeds, reference)
+    trials, losses = {}, {}
+    for spec in BEST_OF:
+        acts = dict(plan.acts)
+        for a in sess.names:
+            signed = acts[a].signed
+            acts[a] = act_quant(*method_range(stats[a], spec, cfg.act_bits, signed), cfg.act_bits, signed, spec)
+        trials[spec], losses[spec] = acts, sess.loss(acts)
+    best = min(BEST_OF, key=lambda k: (losses[k], BEST_OF.index(k)))
+    summary = ChoiceSummary(tensors=len(sess.names), tried=0, evaluations=sess.evals, loss_before=losses[BEST_OF[0]],
+                            loss_after=losses[best], check_before=None, check_after=None, changed={},
+                            kept=True, methods=losses, chosen=best)
+    return trials[best], summary
 
 
 def choose_ranges(prepared: "onnx.ModelProto", plan: Plan, stats: Mapping[str, ActStats],

@@ -62,6 +62,9 @@ class SearchSession:
                     params += list(bound)
         self.inputs = params
         self.sess = session(weights_as_inputs(model, self.inputs))
+        # a target may emit no Q/DQ for some planned tensor or code no int32 bias (tensorrt's
+        # weight-only Gemm): those parameters are not in the graph, and changing them changes nothing
+        self.known = {i.name for i in self.sess.get_inputs()}
         self.outputs = [o.name for o in self.sess.get_outputs()]
         self.feeds, self.reference = _batched(self.sess, feeds, reference)
         self.evals = 0
@@ -79,7 +82,7 @@ class SearchSession:
             extra.update(act_param_values(a, acts[a]))
         for lp in self.biased:
             extra.update(bias_param_values(lp, coded_biases(lp, acts[lp.target.act].scale)))
-        return self.sess.run(self.outputs, {**feed, **extra})
+        return self.sess.run(self.outputs, {**feed, **{k: v for k, v in extra.items() if k in self.known}})
 
     def loss(self, acts: Mapping[str, ActQuant]) -> float:
         self.evals += 1
