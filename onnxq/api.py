@@ -33,7 +33,7 @@ from .search.choose import best_method, choose_ranges
 from .search.lapq import lapq_search
 from .search.mixed import choose_bits
 from .search.probe import Probe
-from .search.protect import choose_rounding, protect_layers
+from .search.protect import check_probe, choose_rounding, protect_layers
 from .search.sequential import sequential_layers
 from .types import Conversion, Feed, Inspection, LayerInfo, Progress, Report, SkippedReport, Stats
 from .verify import fidelity
@@ -213,12 +213,14 @@ def low_bits(c: Conversion, act_plan, progress: Progress | None) -> list:
         if progress:
             progress("quantize", len(variants), len(methods))
     layers = next(iter(variants.values()))
+    judge = None
     if len(variants) > 1:
-        c.rounding = choose_rounding(c.prepared, variants, c.weights, c.biases, c.calib, c.cfg, act_plan)
+        judge = check_probe(c.prepared, layers, c.weights, c.biases, c.calib, act_plan)
+        c.rounding = choose_rounding(judge, variants, c.cfg)
         layers = variants[c.rounding.chosen]
     if c.cfg.protect_on:
         layers, c.protect = protect_layers(c.prepared, layers, c.weights, c.biases, c.stats.layers, c.calib,
-                                           c.cfg, act_plan, progress)
+                                           c.cfg, act_plan, progress, judge)
     return layers
 
 

@@ -23,6 +23,11 @@ def container_bits(bits: int) -> int:
     return 4 if bits <= 4 else 8
 
 
+def stored_bits(params: int, bits: int, n_scales: int) -> int:
+    """Bits a quantized weight takes in the file: codes in their containers plus float32 scales."""
+    return params * container_bits(bits) + n_scales * 32
+
+
 def act_qrange(bits: int, signed: bool) -> tuple[int, int]:
     """Code range of an activation of `bits` bits (uint when unsigned)."""
     if signed:

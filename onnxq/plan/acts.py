@@ -24,6 +24,16 @@ def method_range(st: ActStats, spec: str, bits: int, signed: bool) -> tuple[floa
     return RANGE_METHODS[method](st.counts, st.edges, bits, signed, observed=st.observed, **params)
 
 
+def method_acts(stats: Mapping[str, ActStats], names, base: Mapping[str, ActQuant], cfg: ConvertConfig,
+                spec: str, label: str) -> dict[str, ActQuant]:
+    """`base` with every tensor of `names` ranged by the method `spec`, recorded as `label`."""
+    out = dict(base)
+    for a in names:
+        signed = base[a].signed
+        out[a] = act_quant(*method_range(stats[a], spec, cfg.act_bits, signed), cfg.act_bits, signed, label)
+    return out
+
+
 def act_signed(cfg: ConvertConfig) -> bool:
     """Symmetric int activations when asked for, at 16 bits, and where the target wants them."""
     return cfg.act_symmetric or cfg.act_bits == 16 or cfg.rules.act_signed

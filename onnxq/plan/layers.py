@@ -100,6 +100,14 @@ def plan_table(t: Target, w: np.ndarray, cfg: ConvertConfig) -> LayerPlan:
     return plan
 
 
+def dequantized(lp: LayerPlan) -> tuple[np.ndarray, np.ndarray | None]:
+    """(the weight the layer's codes and scales stand for, float32 in its original layout; its bias):
+    what the network probes feed for a planned layer."""
+    t = lp.target
+    w = from_matrix(dequantize_rows(to_matrix(lp.codes, t.weight_layout), lp.scales), t.weight_layout, t.shape)
+    return w.astype(np.float32), lp.bias
+
+
 def plan_layer(t: Target, w: np.ndarray, bias: np.ndarray | None, ls: LayerStats | None,
                cfg: ConvertConfig, float_mean: np.ndarray | None = None) -> LayerPlan:
     """Quantize one layer. `ls` holds the statistics of the input the layer will receive;

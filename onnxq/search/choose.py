@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Mapping, Sequence
 import numpy as np
 
 from ..config import ConvertConfig
-from ..plan.acts import act_quant, method_range
+from ..plan.acts import act_quant, method_acts, method_range
 from ..types import ActQuant, ActStats, ChoiceSummary, Feed, Plan, Progress
 from .lapq import SearchSession
 
@@ -45,13 +45,8 @@ def best_method(prepared: "onnx.ModelProto", plan: Plan, stats: Mapping[str, Act
     """Every activation's range by the one method of BEST_OF that leaves the network closest to
     FP32 on `feeds` (one evaluation a method)."""
     sess = SearchSession(prepared, plan, feeds, reference)
-    trials, losses = {}, {}
-    for spec in BEST_OF:
-        acts = dict(plan.acts)
-        for a in sess.names:
-            signed = acts[a].signed
-            acts[a] = act_quant(*method_range(stats[a], spec, cfg.act_bits, signed), cfg.act_bits, signed, spec)
-        trials[spec], losses[spec] = acts, sess.loss(acts)
+    trials = {spec: method_acts(stats, sess.names, plan.acts, cfg, spec, spec) for spec in BEST_OF}
+    losses = {spec: sess.loss(acts) for spec, acts in trials.items()}
     best = min(BEST_OF, key=lambda k: (losses[k], BEST_OF.index(k)))
     summary = ChoiceSummary(tensors=len(sess.names), tried=0, evaluations=sess.evals, loss_before=losses[BEST_OF[0]],
                             loss_after=losses[best], check_before=None, check_after=None, changed={},
@@ -92,8 +87,7 @@ def choose_ranges(prepared: "onnx.ModelProto", plan: Plan, stats: Mapping[str, A
         kept = held_best < held_start
     if not kept:
         best = start
-    tied = {a: q for a, q in plan.acts.items() if a not in sess.names}
     summary = ChoiceSummary(tensors=len(sess.names), tried=len(order), evaluations=sess.evals,
                             loss_before=loss0, loss_after=loss, check_before=held_start, check_after=held_best,
                             changed=dict(sorted(changed.items())), kept=kept)
-    return {**tied, **best}, summary
+    return best, summary

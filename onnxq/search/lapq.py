@@ -25,7 +25,7 @@ from ..algos.metrics import divergence
 from ..config import ConvertConfig
 from ..graph.rewrite import act_param_names, act_param_values, apply_plan, bias_param_values
 from ..graph.variants import weights_as_inputs
-from ..plan.acts import act_quant, method_range
+from ..plan.acts import act_quant, method_acts
 from ..plan.biases import code_biases, coded_biases
 from ..runtime import session
 from ..types import ActQuant, ActStats, Feed, Plan, Progress, SearchSummary
@@ -111,16 +111,6 @@ def _in_subgraph(plan: Plan, act: str) -> bool:
     return all(lp.target.graph for lp in plan.layers if lp.target.act == act)
 
 
-def _method_acts(stats: Mapping[str, ActStats], names, base: Mapping[str, ActQuant],
-                 cfg: ConvertConfig, spec: str) -> dict[str, ActQuant]:
-    """Every searched tensor's range from one single-tensor method."""
-    out = dict(base)
-    for a in names:
-        signed = base[a].signed
-        out[a] = act_quant(*method_range(stats[a], spec, cfg.act_bits, signed), cfg.act_bits, signed, "lapq")
-    return out
-
-
 def _scaled(start: Mapping[str, ActQuant], names, cfg: ConvertConfig, x: np.ndarray) -> dict[str, ActQuant]:
     """`start` with tensor i's range multiplied by exp(x[i])."""
     out = dict(start)
@@ -150,7 +140,7 @@ class _Search:
 
     def starts(self, stats: Mapping[str, ActStats], base: Mapping[str, ActQuant]) -> dict:
         """Every single-tensor method and the Lp family (p* from a quadratic fit over P_GRID)."""
-        method = lambda spec: self.consider(_method_acts(stats, self.names, base, self.cfg, spec), spec)  # noqa: E731
+        method = lambda spec: self.consider(method_acts(stats, self.names, base, self.cfg, spec, "lapq"), spec)  # noqa: E731
         singles = {m: method(m) for m in START_METHODS}
         grid = [method(f"lp:{p}") for p in P_GRID]
         a2, a1, _ = np.polyfit(P_GRID, grid, 2)

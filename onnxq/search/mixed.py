@@ -10,10 +10,9 @@ from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 import numpy as np
 
 from ..algos.allocation import allocate_bits, predicted_cost
-from ..algos.matrix import dequantize_rows, from_matrix, to_matrix
-from ..algos.qmath import container_bits
+from ..algos.qmath import stored_bits
 from ..config import ConvertConfig
-from ..plan.layers import plan_layer
+from ..plan.layers import dequantized, plan_layer
 from ..types import Feed, LayerStats, MixedSummary, Progress, Target
 from .probe import Probe
 
@@ -42,13 +41,11 @@ def choose_bits(prepared: "onnx.ModelProto", targets: Sequence[Target], weights:
         for ci, b in enumerate(choices):
             c = dataclasses.replace(cfg, bits=b, depthwise_bits=min(cfg.bit_choices), bits_overrides=())
             lp = plan_layer(t, weights[t.node], biases.get(t.node), layer_stats.get(t.node), c)
-            w_hat = from_matrix(dequantize_rows(to_matrix(lp.codes, t.weight_layout), lp.scales),
-                                t.weight_layout, t.shape)
-            deq[(t.node, b)] = (w_hat.astype(np.float32), lp.bias)
+            deq[(t.node, b)] = dequantized(lp)
             # --avg-bits counts weight bits; --max-size counts the bytes the file will hold:
             # codes in their INT4/INT8 containers plus per-channel scales
             sizes[li, ci] = (t.params * b if cfg.avg_bits is not None
-                             else t.params * container_bits(b) + lp.scales.size * 32)
+                             else stored_bits(t.params, b, lp.scales.size))
             costs[li, ci] = probe({t.node: deq[(t.node, b)]})
         if progress:
             progress("bit costs", li + 1, len(main))

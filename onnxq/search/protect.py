@@ -16,10 +16,9 @@ from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 import numpy as np
 
-from ..algos.matrix import dequantize_rows, from_matrix, to_matrix
-from ..algos.qmath import container_bits
+from ..algos.qmath import stored_bits
 from ..config import ConvertConfig
-from ..plan.layers import plan_layer
+from ..plan.layers import dequantized, plan_layer
 from ..types import ActQuant, Feed, LayerPlan, LayerStats, ProtectSummary, Progress, RoundingChoice
 from .probe import Probe
 
@@ -32,13 +31,7 @@ PROTECT_BITS = 8
 
 
 def _bytes(lp: LayerPlan, bits: int) -> float:
-    return lp.target.params * container_bits(bits) / 8 + lp.scales.size * 4
-
-
-def _dequantized(lp: LayerPlan) -> tuple[np.ndarray, np.ndarray | None]:
-    t = lp.target
-    w = from_matrix(dequantize_rows(to_matrix(lp.codes, t.weight_layout), lp.scales), t.weight_layout, t.shape)
-    return w.astype(np.float32), lp.bias
+    return stored_bits(lp.target.params, bits, lp.scales.size) / 8
 
 
 def _low_bit(lp: LayerPlan, cfg: ConvertConfig) -> bool:
@@ -47,28 +40,33 @@ def _low_bit(lp: LayerPlan, cfg: ConvertConfig) -> bool:
             and lp.codes is not None and not lp.note)         # a note: the user's override or a rule
 
 
-def choose_rounding(prepared: "onnx.ModelProto", variants: Mapping[str, list[LayerPlan]],
-                    weights: Mapping[str, np.ndarray], biases: Mapping[str, np.ndarray],
-                    loaders: Sequence[Callable[[], Feed]], cfg: ConvertConfig,
-                    acts: Mapping[str, ActQuant] | None) -> RoundingChoice:
+def check_probe(prepared: "onnx.ModelProto", layers: Sequence[LayerPlan], weights: Mapping[str, np.ndarray],
+                biases: Mapping[str, np.ndarray], loaders: Sequence[Callable[[], Feed]],
+                acts: Mapping[str, ActQuant] | None) -> Probe:
+    """The network probe on the calibration samples after the harm samples: the whole-network
+    checks (rounding choice, protected set) are judged there."""
+    check = loaders[HARM_SAMPLES:HARM_SAMPLES + CHECK_SAMPLES] or loaders[:HARM_SAMPLES]
+    return Probe(prepared, [lp.target for lp in layers if not lp.target.graph], weights, check, biases, acts)
+
+
+def choose_rounding(judge: Probe, variants: Mapping[str, list[LayerPlan]], cfg: ConvertConfig) -> RoundingChoice:
     """Which weight method's low-bit layers (e.g. second-order rounding or per-channel clipping)
     leave the network closest to FP32, every layer at once, on calibration samples the harm of
     single layers is not measured on. Neither wins everywhere: second-order rounding fits the
     calibration inputs of each layer, and on some nets that fit does not carry over."""
-    check = loaders[HARM_SAMPLES:HARM_SAMPLES + CHECK_SAMPLES] or loaders[:HARM_SAMPLES]
-    first = next(iter(variants.values()))
-    judge = Probe(prepared, [lp.target for lp in first if not lp.target.graph], weights, check, biases, acts)
-    losses = {name: judge({lp.target.node: _dequantized(lp) for lp in layers if _low_bit(lp, cfg)})
+    losses = {name: judge({lp.target.node: dequantized(lp) for lp in layers if _low_bit(lp, cfg)})
               for name, layers in variants.items()}
-    return RoundingChoice(losses=losses, chosen=min(losses, key=lambda k: (losses[k], k)), samples=len(check))
+    return RoundingChoice(losses=losses, chosen=min(losses, key=lambda k: (losses[k], k)),
+                          samples=len(judge.feeds))
 
 
 def protect_layers(prepared: "onnx.ModelProto", layers: list[LayerPlan], weights: Mapping[str, np.ndarray],
                    biases: Mapping[str, np.ndarray], layer_stats: Mapping[str, LayerStats],
                    loaders: Sequence[Callable[[], Feed]], cfg: ConvertConfig,
-                   acts: Mapping[str, ActQuant] | None, progress: Progress | None = None
-                   ) -> tuple[list[LayerPlan], ProtectSummary | None]:
-    """`layers` with the protected ones re-planned at 8 bits, and what the choice measured."""
+                   acts: Mapping[str, ActQuant] | None, progress: Progress | None = None,
+                   judge: Probe | None = None) -> tuple[list[LayerPlan], ProtectSummary | None]:
+    """`layers` with the protected ones re-planned at 8 bits, and what the choice measured;
+    `judge`, the check_probe when the caller already has one."""
     low = [lp for lp in layers if _low_bit(lp, cfg)]
     if not low:
         return layers, None
@@ -77,7 +75,7 @@ def protect_layers(prepared: "onnx.ModelProto", layers: list[LayerPlan], weights
     base = fit({})
     harm = {}
     for i, lp in enumerate(low):
-        harm[lp.target.node] = fit({lp.target.node: _dequantized(lp)}) - base
+        harm[lp.target.node] = fit({lp.target.node: dequantized(lp)}) - base
         if progress:
             progress("layer harm", i + 1, len(low))
     extra = {lp.target.node: _bytes(lp, PROTECT_BITS) - _bytes(lp, lp.bits) for lp in low}
@@ -98,11 +96,11 @@ def protect_layers(prepared: "onnx.ModelProto", layers: list[LayerPlan], weights
               for n in chosen}
     for n, lp in raised.items():
         lp.note = f"protected: kept at {PROTECT_BITS} bits (the most harm to the network at {cfg.bits} bits)"
-    check = loaders[HARM_SAMPLES:HARM_SAMPLES + CHECK_SAMPLES]
-    judge = Probe(prepared, targets, weights, check, biases, acts) if check else fit
-    uniform = {lp.target.node: _dequantized(lp) for lp in low}
+    if judge is None:
+        judge = check_probe(prepared, layers, weights, biases, loaders, acts) if len(loaders) > HARM_SAMPLES else fit
+    uniform = {lp.target.node: dequantized(lp) for lp in low}
     summary.check_before = judge(uniform)
-    summary.check_after = judge({**uniform, **{n: _dequantized(lp) for n, lp in raised.items()}})
+    summary.check_after = judge({**uniform, **{n: dequantized(lp) for n, lp in raised.items()}})
     if summary.check_after >= summary.check_before:
         summary.used_bytes = 0.0
         return layers, summary
