@@ -65,7 +65,7 @@ def convert(model: "str | os.PathLike | onnx.ModelProto", config: ConvertConfig 
         load(c, model)
         prepare_model(c)
         c.targets, c.skipped = find_targets(c.prepared, c.cfg.excluded, c.cfg.rules.tables)
-        c.placement = plan_placement(c.prepared, c.targets, c.cfg.rules, c.cfg.quantize_acts)
+        c.placement = plan_placement(c.prepared, c.targets, c.cfg.rules, c.cfg.quantize_acts, c.cfg.float_layer)
         data(c, calib, holdout, preprocess)
     with c.timed("calibrate"):
         calibrate(c, stats, save_stats, progress)

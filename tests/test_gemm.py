@@ -47,3 +47,23 @@ def test_every_gemm_attribute_combination_keeps_its_answer(c):
     weight_only = min(v for k, v in worst.items() if k[3] == 32)
     assert weight_only > 35, {k: round(v, 1) for k, v in worst.items() if v < 35}
     assert min(worst.values()) > 18, {k: round(v, 1) for k, v in worst.items() if v < 18}
+
+
+@pytest.mark.parametrize("c", ["none", "[O]", "[1,O]", "activation"])
+def test_every_gemm_combination_as_matmulnbits_keeps_the_generic_answer(c):
+    """ort-cpu at 4 bits emits onnxruntime's MatMulNBits (bias as its input) wherever the bias is
+    constant; its answers stay those of the generic target's weight-only 4-bit model (those of
+    its W4A8 model where C is an activation and the Gemm keeps onnxruntime's 8-bit kernel)."""
+    rng = np.random.default_rng(1)
+    worst = {}
+    for trans_b, alpha, beta in itertools.product([0, 1], [1.0, 0.5, 2.0], [0.0, 0.5, 1.0, 2.0]):
+        m, feeds = _gemm(rng, trans_b, alpha, beta, c)
+        cfg = dict(bits=4, protect=0)
+        q, _ = onnxq.convert(m, onnxq.ConvertConfig(**cfg, target="ort-cpu"), calib=feeds[:-2])
+        act_bits = 8 if c == "activation" else 32
+        generic, _ = onnxq.convert(m, onnxq.ConvertConfig(**cfg, act_bits=act_bits), calib=feeds[:-2])
+        ops = {n.op_type for n in q.graph.node}
+        assert ("MatMulNBits" in ops) == (c != "activation"), ops
+        a, b = ort.InferenceSession(q.SerializeToString()), ort.InferenceSession(generic.SerializeToString())
+        worst[(trans_b, alpha, beta)] = min(sqnr_db(b.run(None, f)[0], a.run(None, f)[0]) for f in feeds[-2:])
+    assert min(worst.values()) > 25, {k: round(v, 1) for k, v in worst.items() if v < 25}

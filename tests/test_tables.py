@@ -1,7 +1,8 @@
 """Embedding tables: a Gather on a constant table is quantized per row (per block of a row at
 4 bits; weight-only), emitted as
-DequantizeLinear -> Gather, and looks up the same rows; ort-cpu leaves tables float (its
-provider would dequantize the whole table on every run)."""
+DequantizeLinear -> Gather, and looks up the same rows; under ort-cpu the same codes go into
+onnxruntime's GatherBlockQuantized (which dequantizes only the rows it gathers), and a 4-bit
+MatMul into its MatMulNBits."""
 
 import numpy as np
 import onnx
@@ -43,9 +44,32 @@ def test_tables_are_quantized_per_row_and_look_up_the_same_rows(bits, floor_db):
         assert db > floor_db, db
 
 
-def test_ort_cpu_leaves_tables_float():
+def _codes(q: onnx.ModelProto, name: str) -> np.ndarray:
+    return onnx.numpy_helper.to_array(next(t for t in q.graph.initializer if t.name == name)).astype(np.int32)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_ort_cpu_tables_and_4_bit_matmuls_use_onnxruntimes_kernels_with_the_same_codes(bits):
     rng = np.random.default_rng(1)
-    q, rep = onnxq.convert(embedder(rng), onnxq.ConvertConfig(bits=8, target="ort-cpu"),
-                           calib=[{"ids": rng.integers(0, 50, (1, 7))} for _ in range(8)])
-    assert [l.op for l in rep.quantized] == ["MatMul"]
-    assert any(t.name == "table" and t.data_type == TensorProto.FLOAT for t in q.graph.initializer)
+    m = embedder(rng)
+    feeds = [{"ids": rng.integers(0, 50, (1, 7))} for _ in range(12)]
+    cfg = dict(bits=bits, protect=0)
+    generic, _ = onnxq.convert(m, onnxq.ConvertConfig(**cfg), calib=feeds)
+    q, rep = onnxq.convert(m, onnxq.ConvertConfig(**cfg, target="ort-cpu"), calib=feeds)
+    ops = {n.name: (n.op_type, n.domain) for n in q.graph.node}
+    assert ops["embed"] == ("GatherBlockQuantized", "com.microsoft")
+    assert ops["proj"][0] == ("MatMulNBits" if bits == 4 else "MatMul")
+    assert any(o.domain == "com.microsoft" for o in q.opset_import)
+    # the table's codes are the generic target's, stored for the kernel (uint8 with zero point
+    # 128 at 8 bits, INT4 at 4)
+    table = _codes(q, "embed/weight_q") - (128 if bits == 8 else 0)
+    assert np.array_equal(table, _codes(generic, "embed/weight_q"))
+    if bits == 4:        # 4-bit codes + 8, two to a byte, low nibble first, per output column
+        packed = _codes(q, "proj/weight_q4")                      # [N, blocks, block / 2]
+        unpacked = np.stack([packed & 15, packed >> 4], -1).reshape(8, -1)[:, :64] - 8
+        assert np.array_equal(unpacked.T, _codes(generic, "proj/weight_q"))
+        assert not any(n.op_type == "QuantizeLinear" for n in q.graph.node)   # the kernel reads float
+    f = {"ids": np.arange(49).reshape(7, 7)}
+    ref = ort.InferenceSession(m.SerializeToString()).run(None, f)[0]
+    got = ort.InferenceSession(q.SerializeToString()).run(None, f)[0]
+    assert 10 * np.log10(np.sum(ref ** 2) / np.sum((ref - got) ** 2)) > (30.0 if bits == 8 else 15.0)

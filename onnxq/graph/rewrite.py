@@ -15,9 +15,10 @@ from onnx import helper, numpy_helper
 
 from ..algos.matrix import from_matrix
 from ..algos.qmath import container_bits
-from ..plan.rules import RULES, Rules
+from ..plan.rules import RULES, Rules, float_input
 from ..plan.biases import weight_only
 from ..types import ActQuant, CodedBiases, LayerPlan, Plan
+from .kernels import DOMAIN, declare_domain, gather_blocks, matmul_nbits
 from .prepare import prune_initializers
 from .walk import graph_by_path
 
@@ -79,10 +80,12 @@ def _weight_nodes(g: onnx.GraphProto, lp: LayerPlan, coded: CodedBiases, rules: 
     """Initializers and DQ nodes for one layer; rewires the layer's node. Returns new nodes."""
     t = lp.target
     node = next(n for n in g.node if n.name == t.node)
+    bias, as_int32 = coded.float_bias, coded.layer
+    if rules.ms_kernels and as_int32 is None and _ms_kernel(g, node, lp, bias, rules):
+        return []
     dt = weight_container(lp.bits, t.op, rules)
     pre = t.node
     nodes = []
-    bias, as_int32 = coded.float_bias, coded.layer
     codes, scales = (lp.codes, lp.scales) if as_int32 is None else (as_int32.codes, as_int32.scales)
     q = _init(g, f"{pre}/weight_q", codes.astype(dt))
     s = _init(g, f"{pre}/weight_scale", scales.astype(np.float32))
@@ -106,6 +109,13 @@ def _weight_nodes(g: onnx.GraphProto, lp: LayerPlan, coded: CodedBiases, rules: 
     else:
         node.input.append(new_bias)
     return nodes
+
+
+def _ms_kernel(g: onnx.GraphProto, node: onnx.NodeProto, lp: LayerPlan, bias, rules: Rules) -> bool:
+    """onnxruntime's own kernel for a table or a float-input 4-bit Gemm/MatMul, where it fits."""
+    if lp.target.op == "Gather":
+        return gather_blocks(g, node, lp)
+    return float_input(rules, lp.target, lp.bits) and matmul_nbits(g, node, lp, bias)
 
 
 def _act_nodes(g: onnx.GraphProto, act: str, base: str, a: ActQuant) -> list[onnx.NodeProto]:
@@ -147,6 +157,7 @@ def apply_plan(model: onnx.ModelProto, plan: Plan) -> onnx.ModelProto:
             g = graphs[lp.target.graph]
             after.setdefault(lp.target.graph, {})[lp.target.node] = _branch_nodes(g, lp, plan.biases[lp.target.node])
     place(graphs, before, after)
+    declare_domain(m, graphs)
     prune_initializers(m)
     return m
 
@@ -186,6 +197,8 @@ def _shared_pairs(g: onnx.GraphProto, acts: dict[str, ActQuant], before) -> None
     reads the DQ (full node units: the producer's only reader is then the Q)."""
     done: dict[str, str] = {}
     for node in g.node:
+        if node.domain == DOMAIN:       # onnxruntime's weight kernels read float
+            continue
         for i, inp in enumerate(node.input):
             a = acts.get(inp)
             if a is None:

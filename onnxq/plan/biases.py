@@ -6,12 +6,12 @@ from __future__ import annotations
 
 from ..algos.bias import bias_safe, int32_codes
 from ..types import CodedBiases, Int32Bias, LayerPlan, Plan
-from .rules import RULES
+from .rules import RULES, float_input
 
 
 def weight_only(plan: Plan, lp: LayerPlan) -> bool:
     """Whether the target's rules keep this layer's input float (int4 weight-only kernels)."""
-    return (RULES[plan.target].int4_weight_only and lp.target.op in ("Gemm", "MatMul") and lp.bits <= 4)
+    return float_input(RULES[plan.target], lp.target, lp.bits)
 
 
 def input_scale(plan: Plan, lp: LayerPlan) -> float | None:

@@ -12,8 +12,11 @@ ort-cpu   full node units DQ -> op -> Q so onnxruntime's CPU provider fuses inte
           scale carried through data-movement ops; every reader of a quantized tensor reads the
           same DQ. u8 activations, s8 per-channel weights, int32 biases. Its Conv kernels take
           8-bit weights only, so 2- to 4-bit conv weights are stored as their 4-bit-grid values in
-          INT8 containers (the speed of W8A8 with the rounding of W4; the file is W8-sized), and
-          so are Gemm/MatMul weights whose input is quantized (its int4 kernels want a float input).
+          INT8 containers (the speed of W8A8 with the rounding of W4; the file is W8-sized).
+          2- to 4-bit Gemm/MatMul weights become its 4-bit kernel MatMulNBits (com.microsoft:
+          onnxq's codes packed two to a byte, one scale per block of K; the input stays float and
+          the kernel quantizes it to int8 per block as it runs), and embedding tables its
+          GatherBlockQuantized (8 or 4 bits, dequantized rows gathered in one kernel).
 openvino  generic placement (OpenVINO's CPU plugin runs input-side Q/DQ convs as u8) with 2- to
           4-bit conv weights in INT8 containers: INT4 conv weights make it fall back to bf16.
 tensorrt  TensorRT's explicit-quantization rules: Q/DQ on op inputs, residual Add inputs
@@ -39,6 +42,7 @@ class Rules:
     act_signed: bool = False      # symmetric int8 activations, zero point 0
     add_inputs: bool = False      # Q/DQ on both inputs of residual Adds (fused into the conv before)
     int4_weight_only: bool = False  # 2-4-bit Gemm/MatMul read a float input (int4 weight-only kernels)
+    ms_kernels: bool = False      # onnxruntime's MatMulNBits / GatherBlockQuantized (com.microsoft)
     session_options: dict[str, str] = field(default_factory=dict)   # for onnxruntime's CPU provider
     summary: str = ""
 
@@ -48,8 +52,9 @@ RULES: dict[str, Rules] = {
                      session_options={"session.disable_quant_qdq": "1"},
                      summary="Q/DQ on quantized layers' inputs; INT4 containers"),
     "ort-cpu": Rules("ort-cpu", output_units=True, all_readers=True, int4_conv=False, int4_matmul=False,
-                     fuse_hardswish=True, tables=False,
-                     summary="full node units for onnxruntime's CPU integer kernels; u8/s8, int32 bias"),
+                     fuse_hardswish=True, int4_weight_only=True, ms_kernels=True,
+                     summary="full node units for onnxruntime's CPU integer kernels; u8/s8, int32 bias; "
+                             "4-bit Gemm/MatMul as MatMulNBits, tables as GatherBlockQuantized"),
     "openvino": Rules("openvino", output_units=False, all_readers=False, int4_conv=False, int4_matmul=True,
                       session_options={"session.disable_quant_qdq": "1"},
                       summary="Q/DQ on quantized layers' inputs; conv weights in INT8 containers"),
@@ -60,6 +65,22 @@ RULES: dict[str, Rules] = {
                               "residual-Add inputs, INT8 conv weights, INT4 weight-only Gemm/MatMul"),
 }
 DEFAULT_TARGET = "generic"
+
+
+def float_input(rules: Rules, target, bits: int) -> bool:
+    """Whether a layer (a types.Target) reads its input in float under `rules`: 2- to 4-bit
+    Gemm/MatMul under weight-only kernels; with onnxruntime's MatMulNBits only where it fits
+    (X @ W, or a Gemm whose bias the quantizer may replace), else its fused 8-bit kernel."""
+    if not (rules.int4_weight_only and target.op in ("Gemm", "MatMul") and bits <= 4):
+        return False
+    return not rules.ms_kernels or nbits_fits(target)
+
+
+def nbits_fits(target) -> bool:
+    """Whether MatMulNBits can compute a Gemm/MatMul target: Y = X @ W with a constant bias."""
+    if target.op == "MatMul":
+        return target.weight_layout == "cols"
+    return target.op == "Gemm" and not target.fixed_bias
 
 # ops whose onnxruntime CPU kernels take quantized inputs and outputs (their scales may differ)
 FUSED_OPS = frozenset({"Add", "Mul", "Concat", "GlobalAveragePool", "AveragePool", "Sigmoid", "LeakyRelu"})

@@ -1,0 +1,127 @@
+"""onnxruntime's own quantized weight kernels (com.microsoft), emitted in place of DQ -> op under
+targets whose rules ask for them (plan/rules.py `ms_kernels`):
+
+MatMulNBits           Y = A @ W (+ bias) with W as 4-bit codes, two to a byte, one scale per
+                      block of K values of a column; A stays float and the CPU kernel quantizes it
+                      to int8 per block as it runs (accuracy_level 4).
+GatherBlockQuantized  rows of a table stored as 8- or 4-bit codes with one scale per block of a
+                      row, dequantized as they are gathered.
+
+Both take onnxq's own codes unchanged: a per-channel scale becomes the same scale repeated over
+the blocks, so the emitted weights equal the generic target's bit for bit.
+"""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from ..algos.matrix import to_matrix
+from ..plan.rules import nbits_fits
+from ..types import LayerPlan
+
+DOMAIN = "com.microsoft"
+MIN_BLOCK = 16            # both kernels take power-of-two blocks of at least 16
+MAX_BLOCK = 128
+ACCURACY_LEVEL = 4        # MatMulNBits: int8 compute on the float input
+
+
+def _block(k: int, plan_block: int, padded: bool) -> int:
+    """The block size along K: the plan's own (blocked scales), else the largest power of two in
+    [16, 128] that divides K (a per-channel scale is then repeated); with `padded` (the kernel pads
+    the last block) MAX_BLOCK when none divides; else 0 (not expressible)."""
+    if plan_block:
+        ok = plan_block >= MIN_BLOCK and plan_block & (plan_block - 1) == 0
+        return plan_block if ok and (padded or k % plan_block == 0) else 0
+    b = MAX_BLOCK
+    while b >= MIN_BLOCK:
+        if k % b == 0:
+            return b
+        b //= 2
+    return MAX_BLOCK if padded else 0
+
+
+def _block_scales(scales: np.ndarray, rows: int, blocks: int) -> np.ndarray:
+    """Scales as [rows, blocks]: per-row scales repeated, blocked ones as they are."""
+    s = np.asarray(scales, np.float32)
+    return s.reshape(rows, blocks) if s.size == rows * blocks else np.repeat(s.reshape(rows, 1), blocks, 1)
+
+
+def _init(g: onnx.GraphProto, name: str, value: np.ndarray) -> str:
+    g.initializer.append(numpy_helper.from_array(value, name))
+    return name
+
+
+def _constant(g: onnx.GraphProto, name: str, n: int) -> np.ndarray | None:
+    """A constant bias as a vector of n values (None when it is not an initializer of that size)."""
+    init = next((t for t in g.initializer if t.name == name), None)
+    if init is None:
+        return None
+    value = numpy_helper.to_array(init).astype(np.float32)
+    return np.broadcast_to(value.reshape(-1), (n,)).copy() if value.size in (1, n) else None
+
+
+def _become(node: onnx.NodeProto, op: str, inputs: list[str], **attrs) -> None:
+    """Turns `node` into a com.microsoft `op` in place (its name and outputs stay)."""
+    node.op_type, node.domain = op, DOMAIN
+    del node.input[:]
+    node.input.extend(inputs)
+    del node.attribute[:]
+    node.attribute.extend(helper.make_attribute(k, v) for k, v in attrs.items())
+
+
+def matmul_nbits(g: onnx.GraphProto, node: onnx.NodeProto, lp: LayerPlan, bias: np.ndarray | None) -> bool:
+    """Emits a 2- to 4-bit MatMul (X @ W) or Gemm (transA=0) as MatMulNBits; False when its shape
+    or bias does not fit the kernel (the caller then emits DQ -> op)."""
+    t = lp.target
+    w = to_matrix(lp.codes, t.weight_layout)          # [N, K]
+    n, k = w.shape
+    if bias is None and t.op == "Gemm" and len(node.input) > 2 and node.input[2]:
+        bias = _constant(g, node.input[2], n)          # the model's own C, kept as it is
+    block = _block(k, lp.block, padded=True)
+    has_c = t.op == "Gemm" and len(node.input) > 2 and bool(node.input[2])
+    if not (nbits_fits(t) and block) or (bias is None and has_c) or (bias is not None and np.asarray(bias).size != n):
+        return False
+    blocks = -(-k // block)
+    u = np.full((n, blocks * block), 8, np.uint8)       # codes + 8: the kernel's default zero point
+    u[:, :k] = (w + 8).astype(np.uint8)
+    u = u.reshape(n, blocks, block)
+    packed = (u[..., 0::2] | (u[..., 1::2] << 4)).astype(np.uint8)
+    pre = t.node
+    ins = [node.input[0], _init(g, f"{pre}/weight_q4", packed),
+           _init(g, f"{pre}/weight_scale", _block_scales(lp.scales, n, blocks))]
+    if bias is not None:
+        ins += ["", "", _init(g, f"{pre}/bias", np.asarray(bias, np.float32).reshape(n))]
+    _become(node, "MatMulNBits", ins, K=k, N=n, bits=4, block_size=block, accuracy_level=ACCURACY_LEVEL)
+    return True
+
+
+def gather_blocks(g: onnx.GraphProto, node: onnx.NodeProto, lp: LayerPlan) -> bool:
+    """Emits an embedding table (Gather along axis 0) as GatherBlockQuantized: 4-bit codes in an
+    INT4 tensor, 8-bit ones as uint8 with zero point 128; False when the row length has no block."""
+    v, d = lp.codes.shape
+    block = _block(d, lp.block, padded=False)
+    if not block:
+        return False
+    blocks = d // block
+    pre = lp.target.node
+    scales = _init(g, f"{pre}/weight_scale", _block_scales(lp.scales, v, blocks))
+    if lp.bits <= 4:
+        data = _init(g, f"{pre}/weight_q", lp.codes.astype(ml_dtypes.int4))
+        _become(node, "GatherBlockQuantized", [data, node.input[1], scales],
+                gather_axis=0, quantize_axis=1, block_size=block, bits=4)
+    else:
+        data = _init(g, f"{pre}/weight_q", (lp.codes + 128).astype(np.uint8))
+        zero = _init(g, f"{pre}/weight_zero", np.full((v, blocks), 128, np.uint8))
+        _become(node, "GatherBlockQuantized", [data, node.input[1], scales, zero],
+                gather_axis=0, quantize_axis=1, block_size=block, bits=8)
+    return True
+
+
+def declare_domain(model: onnx.ModelProto, graphs) -> None:
+    """Adds the com.microsoft opset import when an emitted node (in any graph) needs it."""
+    used = any(n.domain == DOMAIN for g in graphs.values() for n in g.node)
+    if used and all(o.domain != DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
