@@ -31,3 +31,21 @@ def string_match(a: list[str], b: list[str]) -> float:
     if len(a) != len(b):
         raise ValueError("lists differ in length")
     return float(np.mean([x == y for x, y in zip(a, b)])) if a else float("nan")
+
+
+def retrieval(ref: np.ndarray, x: np.ndarray) -> dict[str, float]:
+    """Sentence embeddings [n, d] against FP32's: the share of sentences whose nearest other
+    sentence (cosine) is the same one FP32 finds, and the mean cosine between the two embeddings
+    of each sentence."""
+    def unit(e):
+        e = np.asarray(e, np.float64)
+        return e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
+
+    a, b = unit(ref), unit(x)
+    nearest = []
+    for e in (a, b):
+        s = e @ e.T
+        np.fill_diagonal(s, -np.inf)
+        nearest.append(s.argmax(1))
+    return {"retrieval_agree": float(np.mean(nearest[0] == nearest[1])),
+            "mean_cosine": float(np.mean(np.sum(a * b, 1)))}

@@ -80,11 +80,13 @@ def _pre_process(src: Path, dst: Path) -> str:
 
 def ort_quantize(model_path: str | Path, out_path: str | Path, feeds: list[dict[str, np.ndarray]],
                  wbits: int, abits: int = 8, method: str = "minmax", preprocess: bool = True,
-                 opset: int | None = None, info: dict | None = None) -> float:
+                 opset: int | None = None, info: dict | None = None,
+                 op_types: tuple[str, ...] | None = None) -> float:
     """Quantize `model_path` to `out_path` with ORT's quantize_static; returns the seconds taken.
 
     opset: convert the model up to this opset first (default 13 for 8-bit weights, 21 for 4-bit).
     `info`, if given, receives how the model was pre-processed and the opset it was quantized at.
+    `op_types`: quantize only these ops (onnxruntime's op_types_to_quantize; default: all it knows).
     """
     opset = (21 if wbits == 4 else 13) if opset is None else opset
     info = {} if info is None else info
@@ -108,5 +110,6 @@ def ort_quantize(model_path: str | Path, out_path: str | Path, feeds: list[dict[
         del m
         quantize_static(str(src), str(out_path), ListReader(feeds), quant_format=QuantFormat.QDQ,
                         per_channel=True, activation_type=ACT_TYPES[abits],
-                        weight_type=WEIGHT_TYPES[wbits], calibrate_method=METHODS[method.lower()])
+                        weight_type=WEIGHT_TYPES[wbits], calibrate_method=METHODS[method.lower()],
+                        op_types_to_quantize=list(op_types) if op_types else None)
     return time.perf_counter() - t0

