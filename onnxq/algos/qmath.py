@@ -54,8 +54,12 @@ def fake_quant(x: np.ndarray, scale, zero_point, qmin: int, qmax: int) -> np.nda
 
 def channel_scales(w: np.ndarray, bits: int, ratio: np.ndarray | float = 1.0) -> np.ndarray:
     """Per-row symmetric scales of w [O, K] with clipping value ratio * max|w_o|. -> [O]."""
-    amax = np.abs(w).max(axis=1) * ratio
-    scale = amax / weight_qmax(bits)
+    return scales_of_amax(np.abs(w).max(axis=1), bits, ratio)
+
+
+def scales_of_amax(amax: np.ndarray, bits: int, ratio: np.ndarray | float = 1.0) -> np.ndarray:
+    """channel_scales from the rows' max|w| already known."""
+    scale = amax * ratio / weight_qmax(bits)
     return np.where(scale > 0, scale, 1.0).astype(np.float64)
 
 

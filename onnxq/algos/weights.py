@@ -18,7 +18,7 @@ from typing import Callable
 
 import numpy as np
 
-from .qmath import channel_scales, quantize, weight_qmax
+from .qmath import channel_scales, quantize, scales_of_amax, weight_qmax
 from .rounding import DEFAULT_DAMP, gptq_round
 
 CLIP_GRID = np.linspace(0.30, 1.0, 36)
@@ -48,10 +48,17 @@ def rtn(w: np.ndarray, bits: int, hessian: np.ndarray | None = None) -> WeightQu
 def _grid_search(w: np.ndarray, bits: int, loss: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
     """Per-row best clip ratio from CLIP_GRID under `loss(err [O,K]) -> [O]`. -> scales [O]."""
     best_loss = np.full(w.shape[0], np.inf)
-    best = channel_scales(w, bits)
+    amax = np.abs(w).max(axis=1)
+    best = scales_of_amax(amax, bits)
+    qm = weight_qmax(bits)
     for r in CLIP_GRID:
-        s = channel_scales(w, bits, r)
-        err = w - _codes(w, s, bits) * s[:, None]
+        s = scales_of_amax(amax, bits, r)
+        # w - codes * s, computed in place on one buffer (the codes are exact in float64)
+        err = np.divide(w, s[:, None], dtype=np.float64)
+        np.rint(err, out=err)
+        np.clip(err, -qm, qm, out=err)
+        np.multiply(err, s[:, None], out=err)
+        np.subtract(w, err, out=err)
         l = loss(err)
         better = l < best_loss
         best_loss = np.where(better, l, best_loss)
