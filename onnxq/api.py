@@ -35,7 +35,7 @@ from .search.mixed import choose_bits
 from .search.probe import Probe
 from .search.protect import check_probe, choose_rounding, protect_layers
 from .search.sequential import sequential_layers
-from .types import Conversion, Feed, Inspection, LayerInfo, Progress, Report, SkippedReport, Stats
+from .types import Conversion, Feed, Inspection, LayerInfo, Progress, Report, SkippedReport, Stats, log
 from .verify import fidelity
 
 if TYPE_CHECKING:
@@ -65,6 +65,7 @@ def convert(model: "str | os.PathLike | onnx.ModelProto", config: ConvertConfig 
         load(c, model)
         prepare_model(c)
         c.targets, c.skipped = find_targets(c.prepared, c.cfg.excluded, c.cfg.rules.tables)
+        log.info(f"{len(c.targets)} layers to quantize, {len(c.skipped)} left in float")
         c.placement = plan_placement(c.prepared, c.targets, c.cfg.rules, c.cfg.quantize_acts, c.cfg.float_layer)
         data(c, calib, holdout, preprocess)
     with c.timed("calibrate"):
@@ -218,9 +219,12 @@ def low_bits(c: Conversion, act_plan, progress: Progress | None) -> list:
         judge = check_probe(c.prepared, layers, c.weights, c.biases, c.calib, act_plan)
         c.rounding = choose_rounding(judge, variants, c.cfg)
         layers = variants[c.rounding.chosen]
+        log.info(f"rounding: {c.rounding.chosen} (network loss {c.rounding.losses})")
     if c.cfg.protect_on:
         layers, c.protect = protect_layers(c.prepared, layers, c.weights, c.biases, c.stats.layers, c.calib,
                                            c.cfg, act_plan, progress, judge)
+        log.info(f"protect: {len(c.protect.protected)} layers kept at 8 bits "
+                 f"({c.protect.used_bytes:.0f} of {c.protect.budget_bytes:.0f} bytes)")
     return layers
 
 
@@ -255,6 +259,8 @@ def search(c: Conversion, progress: Progress | None) -> None:
         acts, c.search = lapq_search(c.prepared, c.plan, c.stats.acts, feeds, reference, c.cfg,
                                      progress, check, check_ref)
     c.plan.acts = tie(acts, c.placement.tied)
+    if c.ranges is not None:
+        log.info(f"activation ranges: {c.ranges.chosen}")
 
 
 def rewrite(c: Conversion) -> None:

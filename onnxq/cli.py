@@ -63,12 +63,13 @@ def _preprocess(preset, size, mean, std, layout, channel_order, resize=None) -> 
 LOG_EVERY_S = 5.0      # without a terminal, a stage's progress line at most this often
 
 
-def _log_lines(log_file):
-    """Progress as plain timestamped lines (no terminal: a pipe, a CI job, a --log-file)."""
+def _log_lines(log_file, verbose: bool = False):
+    """Progress as plain timestamped lines (no terminal: a pipe, a CI job, a --log-file; on the
+    terminal too with --verbose)."""
     import time
 
     last: dict[str, float] = {}
-    sinks = [err] if not err.is_terminal else []
+    sinks = [err] if (verbose or not err.is_terminal) else []
     if log_file is not None:
         sinks.append(Console(file=log_file, highlight=False, soft_wrap=True, no_color=True))
 
@@ -82,11 +83,12 @@ def _log_lines(log_file):
     return cb if sinks else None
 
 
-def _progress(quiet: bool, log_file=None):
-    """(a rich bar or None, the progress callback): bars on a terminal, plain lines otherwise
-    and in the --log-file; nothing with --quiet (the log file still gets its lines)."""
-    lines = _log_lines(log_file) if (log_file is not None or (not quiet and not err.is_terminal)) else None
-    if quiet or not err.is_terminal:
+def _progress(quiet: bool, log_file=None, verbose: bool = False):
+    """(a rich bar or None, the progress callback): bars on a terminal, plain lines otherwise,
+    with --verbose and in the --log-file; nothing with --quiet (the log file still gets its lines)."""
+    plain = verbose or not err.is_terminal
+    lines = _log_lines(log_file, verbose) if (log_file is not None or (not quiet and plain)) else None
+    if quiet or plain:
         return None, lines
     bar = Progress(TextColumn("{task.description:<10}"), BarColumn(), MofNCompleteColumn(),
                    TimeElapsedColumn(), console=err, transient=True)
@@ -319,17 +321,21 @@ def _preprocess_options(f):
 @click.option("--bit-choices", default="8,4,3,2", show_default=True, help="Candidate bits for mixed precision.")
 @click.option("--bits-override", multiple=True, metavar="PATTERN=BITS",
               help="Per-layer weight bits by node-name pattern, e.g. 'conv1*=8' (repeatable).")
-@click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write the full report as JSON.")
+@click.option("--report", "report_path", type=click.Path(path_type=Path),
+              help="Write the full report: PATH.json as JSON plus a self-contained page PATH.html beside it "
+                   "(charts of every layer and activation); a PATH ending in .html writes the page alone.")
 @click.option("--save-stats", type=click.Path(path_type=Path), help="Save calibration statistics (.npz).")
 @click.option("--load-stats", type=click.Path(path_type=Path), help="Reuse saved statistics instead of calibrating.")
 @click.option("--min-agreement", type=click.FloatRange(0, 1), help="Fail (exit 3, nothing written) below this top-1 agreement.")
 @click.option("--min-cosine", type=click.FloatRange(-1, 1), help="Fail (exit 3, nothing written) below this output cosine.")
 @click.option("--layers", "show_layers", is_flag=True, help="Print a per-layer table.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress or summary (warnings and errors still print).")
+@click.option("-v", "--verbose", is_flag=True,
+              help="Timestamped progress lines, each stage's time and decisions as they happen, and the per-layer table.")
 @click.option("--log-file", type=click.File("a"), help="Also append timestamped progress lines to this file.")
 @_preprocess_options
 def convert(model, output, calib, holdout_data, report_path, save_stats, load_stats, min_agreement,
-            min_cosine, show_layers, quiet, log_file, **opts):
+            min_cosine, show_layers, quiet, verbose, log_file, **opts):
     """Quantize MODEL and write a QDQ ONNX model."""
     from . import api
     from .graph.io import check_output_path
@@ -340,10 +346,15 @@ def convert(model, output, calib, holdout_data, report_path, save_stats, load_st
     cfg = _config(opts)
     output = output or model.with_suffix(".q.onnx")
     check_output_path(output, model)
-    for extra in (report_path, save_stats):
+    for extra in (report_path, report_path and report_path.with_suffix(".html"), save_stats):
         if extra:
             check_output_path(extra, model)
-    bar, cb = _progress(quiet, log_file)
+    if quiet and verbose:
+        raise click.UsageError("--quiet and --verbose contradict each other: give one")
+    if verbose:
+        _verbose_log()
+        show_layers = True
+    bar, cb = _progress(quiet, log_file, verbose)
     if bar:
         bar.start()
     try:
@@ -354,7 +365,7 @@ def convert(model, output, calib, holdout_data, report_path, save_stats, load_st
         if bar:
             bar.stop()
     if report_path:          # written even when a fidelity gate below refuses the model
-        _write_json(report_path, report.to_dict())
+        _write_report(report_path, report)
     _gate(report.fidelity, min_agreement, min_cosine)
     api.save(qmodel, output, model)
     if not quiet:
@@ -419,14 +430,46 @@ def _overrides(items) -> tuple[tuple[str, int], ...]:
     return tuple(out)
 
 
-def _write_json(path: Path, data) -> None:
+def _verbose_log() -> None:
+    """The onnxq logger's information lines (not its warnings: the summary prints those) on stderr."""
+    log = logging.getLogger("onnxq")
+    for h in [h for h in log.handlers if getattr(h, "onnxq_verbose", False)]:
+        log.removeHandler(h)           # one handler however often convert runs in a process
+    handler = logging.StreamHandler(sys.stderr)
+    handler.onnxq_verbose = True
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    handler.addFilter(lambda rec: rec.levelno < logging.WARNING)
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False          # the root handler (--debug) would print each line twice
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Atomically (a temporary file renamed), readable like any file the user makes (umask)."""
     import os
     import tempfile
 
     fd, tmp = tempfile.mkstemp(dir=str(path.parent or "."), suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(data, fh, indent=2, default=_jsonable)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(text)
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(tmp, 0o666 & ~mask)
     os.replace(tmp, path)
+
+
+def _write_json(path: Path, data) -> None:
+    _write_text(path, json.dumps(data, indent=2, default=_jsonable))
+
+
+def _write_report(path: Path, report) -> None:
+    """PATH.html alone, or the JSON at PATH and the page beside it."""
+    from .html import render
+
+    data = json.loads(json.dumps(report.to_dict(), default=_jsonable))
+    if path.suffix.lower() != ".html":
+        _write_json(path, data)
+    _write_text(path.with_suffix(".html"), render(data))
 
 
 def _jsonable(x):

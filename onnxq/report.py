@@ -61,12 +61,29 @@ def clipped_share(a, st) -> float:
     return float(np.sum(st.counts * np.minimum(outside / width, 1.0)) / st.counts.sum())
 
 
+HISTOGRAM_BINS = 48   # the report's histogram of each activation (over its observed values)
+
+
+def histogram(st, bins: int = HISTOGRAM_BINS) -> tuple[list[int], list[float | None]]:
+    """The calibration histogram cut to the bins the observed values fall in and merged into
+    about `bins` bars -> (counts, [low edge, high edge])."""
+    if st is None or not st.counts.sum():
+        return [], [None, None]
+    edges, counts = st.edges, st.counts
+    used = np.nonzero(counts)[0]
+    first, last = int(used[0]), int(used[-1]) + 1
+    parts = np.array_split(counts[first:last], min(bins, last - first))
+    return [int(p.sum()) for p in parts], [_num(edges[first]), _num(edges[last])]
+
+
 def _activation(name: str, a, st) -> ActReport:
     obs = st.observed if st is not None else (None, None)
     clipped = clipped_share(a, st) if st is not None and st.counts.sum() else None
+    counts, span = histogram(st)
     return ActReport(tensor=name, method=a.method, bits=a.bits, signed=a.signed,
                      range=[_num(a.lo), _num(a.hi)], observed=[_num(obs[0]), _num(obs[1])],
-                     clipped_fraction=clipped, scale=float(a.scale), zero_point=int(a.zero_point))
+                     clipped_fraction=clipped, scale=float(a.scale), zero_point=int(a.zero_point),
+                     histogram=counts, histogram_range=span)
 
 
 def build_report(c: Conversion) -> Report:
@@ -87,3 +104,43 @@ def build_report(c: Conversion) -> Report:
         r.branches.bytes = initializer_bytes(c.qmodel, BRANCH_SCOPE)
     r.mixed, r.search, r.ranges, r.protect, r.rounding = c.mixed, c.search, c.ranges, c.protect, c.rounding
     return r
+
+
+def _schema_of(tp, defs: dict) -> dict:
+    """The JSON Schema of one annotated type (dataclasses become $defs)."""
+    import dataclasses
+    import types
+    import typing
+
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return {"anyOf": [_schema_of(a, defs) for a in args]}
+    if tp is type(None):
+        return {"type": "null"}
+    if dataclasses.is_dataclass(tp):
+        if tp.__name__ not in defs:
+            defs[tp.__name__] = {}
+            hints = typing.get_type_hints(tp)
+            doc = (tp.__doc__ or "").strip().split("\n")[0]
+            defs[tp.__name__] = {"type": "object", "description": "" if doc.startswith(tp.__name__ + "(") else doc,
+                                 "properties": {f.name: _schema_of(hints[f.name], defs) for f in dataclasses.fields(tp)},
+                                 "required": [f.name for f in dataclasses.fields(tp)]}
+        return {"$ref": f"#/$defs/{tp.__name__}"}
+    if origin in (list, tuple):
+        return {"type": "array", "items": _schema_of(args[0], defs) if args else {}}
+    if origin is dict:
+        return {"type": "object", "additionalProperties": _schema_of(args[1], defs) if len(args) > 1 else {}}
+    simple = {bool: "boolean", int: "integer", float: "number", str: "string"}
+    if tp in simple:
+        return {"type": simple[tp]} if tp is not float else {"type": ["number", "null"]}   # NaN/inf are written as null
+    return {}                                                                             # object: anything
+
+
+def report_schema() -> dict:
+    """The JSON Schema (draft 2020-12) of the report's JSON form, derived from the dataclasses, so
+    it cannot drift from what is written; docs/report.schema.json is this, for REPORT_SCHEMA."""
+    from .types import REPORT_SCHEMA
+    defs: dict = {}
+    root = _schema_of(Report, defs)
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", "$id": REPORT_SCHEMA,
+            "title": "onnxq conversion report", **root, "$defs": defs}

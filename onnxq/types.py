@@ -406,6 +406,8 @@ class ActReport:
     clipped_fraction: float | None
     scale: float
     zero_point: int
+    histogram: list[int] = field(default_factory=list)     # calibration counts over histogram_range
+    histogram_range: list[float | None] = field(default_factory=lambda: [None, None])
 
 
 @dataclass
@@ -441,7 +443,7 @@ class Inspection:
     target: str
 
 
-REPORT_SCHEMA = "onnxq-report/1"
+REPORT_SCHEMA = "onnxq-report/2"
 
 
 @dataclass
@@ -517,6 +519,7 @@ class Conversion:
         t0 = time.perf_counter()
         yield
         self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - t0
+        log.info(f"{stage} done in {time.perf_counter() - t0:.1f} s")
 
     def warn(self, message: str) -> None:
         self.warnings.append(message)

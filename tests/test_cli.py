@@ -50,6 +50,9 @@ def test_convert_writes_model_report_and_summary(work):
     assert "quantized: " in stdout and "fidelity on" in stdout and "size:" in stdout
     data = json.loads(rep.read_text())
     assert len(data["quantized"]) == 8 and data["fidelity"]["cosine"] > 0.99
+    page = rep.with_suffix(".html").read_text()           # the page beside the JSON
+    assert page.startswith("<!DOCTYPE html>") and data["quantized"][0]["node"] in page
+    assert oct(rep.stat().st_mode & 0o777) == oct(out.stat().st_mode & 0o777)   # readable like the model
     onnx.checker.check_model(onnx.load(out))
     code, stdout, err = onnxq("eval", work / "zoo.onnx", out, "--data", work / "calib", "--runs", 3,
                               "--json", work / "eval.json")
@@ -180,3 +183,17 @@ def test_external_data_model_converts(work, tmp_path):
                          work / "calib", "-q")
     assert code == 0, err
     onnx.checker.check_model(onnx.load(tmp_path / "q.onnx"))
+
+
+@slow
+def test_verbose_prints_timestamped_stages_decisions_and_the_layer_table(work):
+    code, stdout, err = onnxq("convert", work / "zoo.onnx", "-o", work / "v.onnx", "--bits", 4,
+                              "--calib", work / "calib", "-v")
+    assert code == 0, err
+    stamped = [line for line in err.splitlines() if line[:2].isdigit() and line[2] == ":"]
+    assert any("calibrate done in" in line for line in stamped), err
+    assert any("layers to quantize" in line for line in stamped) and any("activation ranges:" in line for line in stamped)
+    assert len([line for line in err.splitlines() if "calibrate done in" in line]) == 1     # once, not twice
+    assert "layers" in stdout and "SQNR" in stdout
+    code, _, err = onnxq("convert", work / "zoo.onnx", "-o", work / "v.onnx", "-q", "-v")
+    assert code == 2 and "contradict" in err

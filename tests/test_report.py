@@ -41,7 +41,7 @@ def number(x) -> bool:
 
 def test_one_layer_report_per_target(digits, targets):
     _, rep = digits
-    assert isinstance(rep, Report) and rep.schema == REPORT_SCHEMA == "onnxq-report/1"
+    assert isinstance(rep, Report) and rep.schema == REPORT_SCHEMA == "onnxq-report/2"
     assert [l.node for l in rep.quantized] == [t.node for t in targets] and len(targets) == 7
     by_target = {t.node: t for t in targets}
     for layer in rep.quantized:
@@ -101,7 +101,7 @@ def test_to_dict_is_json_with_the_schema(digits):
     d = rep.to_dict()
     text = json.dumps(d, allow_nan=False)                 # plain JSON: no NaN, no numpy scalars
     back = json.loads(text)
-    assert back["schema"] == "onnxq-report/1"
+    assert back["schema"] == "onnxq-report/2"
     assert back == json.loads(json.dumps(dataclasses.asdict(rep)))
     assert {f.name for f in dataclasses.fields(Report)} == set(back)
     assert len(back["quantized"]) == 7 and back["quantized"][0]["node"] == rep.quantized[0].node
@@ -151,3 +151,25 @@ def test_a_range_that_covers_the_observed_values_clips_nothing():
     for a in rep.activations:
         assert a.range == a.observed
         assert a.clipped_fraction == 0.0, a
+
+
+def test_the_report_validates_against_the_documented_schema(digits):
+    import jsonschema
+
+    from onnxq.report import report_schema
+    documented = json.loads((Path(__file__).resolve().parents[1] / "docs" / "report.schema.json").read_text())
+    assert documented == report_schema()           # the committed schema is the one the code derives
+    _, rep = digits
+    jsonschema.validate(json.loads(json.dumps(rep.to_dict())), documented)
+    bad = json.loads(json.dumps(rep.to_dict()))
+    bad["activations"][0]["range"] = ["uint8 [-1, 1]"]
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(bad, documented)
+
+
+def test_activation_histograms_cover_the_observed_values(digits):
+    _, rep = digits
+    for a in rep.activations:
+        assert a.histogram and sum(a.histogram) > 0
+        lo, hi = a.histogram_range
+        assert lo <= a.observed[0] + 1e-6 and hi >= a.observed[1] - 1e-6 and hi - lo <= 2 * (a.observed[1] - a.observed[0]) + 1e-3

@@ -1,0 +1,102 @@
+"""Conversion time on real models next to onnxruntime's quantize_static, in one run on the same
+calibration feeds: onnxruntime W8A8 (QDQ, per-channel, min-max), onnxq W8A8, W4A8 and
+`--avg-bits 4` (mixed precision at the size of uniform W4), with the ratios the tool promises:
+onnxq W8A8 within 2x of quantize_static, --avg-bits within 3x of uniform W4A8. Each conversion
+runs in this process after a garbage collection; the per-stage seconds come from onnxq's report.
+Run it on a quiet machine (it prints the other processes' CPU use during each conversion).
+
+    python benchmarks/convert_speed.py --models cls det effl1 M
+    python benchmarks/convert_speed.py --json benchmarks/results/convert_speed.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import onnxruntime as ort
+
+import onnxq
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import generalise as gen  # noqa: E402
+import targets as tg  # noqa: E402
+from ort_baseline import ort_quantize  # noqa: E402
+
+VARIANTS = {"onnxq W8A8": dict(bits=8), "onnxq W4A8": dict(bits=4), "onnxq --avg-bits 4": dict(avg_bits=4.0)}
+BARS = {"onnxq W8A8": ("ort W8A8", 2.0), "onnxq --avg-bits 4": ("onnxq W4A8", 3.0)}
+
+
+def calibration(key: str, n: int) -> tuple[Path, list[dict]]:
+    if key in tg.MODELS:
+        spec = tg.MODELS[key]
+        path = tg.model_path(spec)
+        cal, _, _ = tg.build_data(key, spec, path, n, 1, tg.HERE / "out" / "targets" / "wheels")
+        return path, cal
+    spec = gen.MODELS[key]
+    path = Path(spec["path"]) if "path" in spec else tg.package_file(spec["pkg"], spec["file"])
+    return path, gen.feeds(key, spec, path, "a", 1, n, "calib", Path(tempfile.gettempdir()) / "onnxq-gen-cache")
+
+
+def timed(fn) -> dict:
+    gc.collect()
+    bg = tg.Background().start()
+    t0 = time.perf_counter()
+    out = fn()
+    return {"s": time.perf_counter() - t0, "background_cores": bg.stop(), **(out or {})}
+
+
+def run_model(key: str, n: int) -> dict:
+    path, cal = calibration(key, n)
+    rows: dict[str, dict] = {}
+    logging.getLogger().setLevel(logging.ERROR)
+    with tempfile.TemporaryDirectory(prefix="speed.") as tmp:
+        rows["ort W8A8"] = timed(lambda: ort_quantize(path, Path(tmp) / "ort.onnx", cal, 8, 8, "minmax") and None)
+    for name, kw in VARIANTS.items():
+        def one(kw=kw):
+            _, rep = onnxq.convert(str(path), onnxq.ConvertConfig(act_bits=8, **kw), calib=cal)
+            return {"stages": {k: round(v, 2) for k, v in rep.seconds.items()}}
+        rows[name] = timed(one)
+        print(f"   {key} {name}: {rows[name]['s']:.1f} s", flush=True)
+    for name, (ref, bar) in BARS.items():
+        rows[name]["ratio"] = rows[name]["s"] / rows[ref]["s"]
+        rows[name]["bar"] = bar
+    return {"samples": len(cal), "rows": rows}
+
+
+def table(results: dict) -> str:
+    lines = ["| model | samples | ort W8A8 s | onnxq W8A8 s (x ort) | onnxq W4A8 s | --avg-bits 4 s (x W4A8) | "
+             "other processes (cores) |", "|---|---|---|---|---|---|---|"]
+    for key, r in results.items():
+        w = r["rows"]
+        busy = max(v["background_cores"] or 0.0 for v in w.values())
+        lines.append(f"| {key} | {r['samples']} | {w['ort W8A8']['s']:.1f} | {w['onnxq W8A8']['s']:.1f} "
+                     f"({w['onnxq W8A8']['ratio']:.2f}x) | {w['onnxq W4A8']['s']:.1f} | "
+                     f"{w['onnxq --avg-bits 4']['s']:.1f} ({w['onnxq --avg-bits 4']['ratio']:.2f}x) | {busy:.2f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="+", default=["cls", "det", "effl1", "M"])
+    ap.add_argument("--samples", type=int, default=64, help="calibration samples per model")
+    ap.add_argument("--json", type=Path)
+    a = ap.parse_args()
+    results = {}
+    for key in a.models:
+        results[key] = run_model(key, a.samples)
+        if a.json:
+            a.json.write_text(json.dumps({"onnxruntime": ort.__version__, "results": results}, indent=1))
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()
