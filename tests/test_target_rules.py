@@ -191,3 +191,59 @@ def test_ort_cpu_keeps_a_residual_stream_float_and_fuses_matmuls_with_float_outp
     assert ops["MatMulIntegerToFloat"] == 2 and ops["MatMul"] == 0, ops
     generic, _ = onnxq.convert(m, onnxq.ConvertConfig(bits=8), calib=feeds)
     assert _sqnr(m, q, feeds[12:]) > _sqnr(m, generic, feeds[12:]) - 0.5
+
+
+def _producers(m: onnx.ModelProto) -> dict:
+    return {y: n for n in m.graph.node for y in n.output}
+
+
+def test_qnn_output_is_fully_quantized_like_onnxruntimes_qnn_configuration(net, tmp_path):
+    """Every op between the graph's input and output reads DQs and writes one Q (a Relu/Clip
+    after a layer is absorbed into it); the activations onnxruntime's own QNN configuration
+    quantizes are quantized here too."""
+    from onnxruntime.quantization import quantize
+    from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config
+
+    m, feeds = net
+    q, rep = onnxq.convert(m, onnxq.ConvertConfig(bits=4, target="qnn"), calib=feeds)
+    assert get_metadata(q, TARGET_KEY) == "qnn"
+    prod, outputs = _producers(q), {o.name for o in q.graph.output}
+    readers: dict[str, list] = {}
+    for n in q.graph.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+    inits = {t.name for t in q.graph.initializer}
+    for n in q.graph.node:
+        if n.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        for i in (i for i in n.input if i and i not in inits):
+            src = prod.get(i)
+            absorbed = n.op_type in ("Relu", "Clip") and src is not None and src.op_type == "Conv"
+            assert (src is not None and src.op_type == "DequantizeLinear") or absorbed, (n.name, i)
+        y = n.output[0]
+        if y not in outputs and not (n.op_type == "Conv" and readers[y][0].op_type in ("Relu", "Clip")):
+            assert [r.op_type for r in readers[y]] == ["QuantizeLinear"], (n.name, [r.op_type for r in readers[y]])
+    # weights: symmetric (zero point 0) per-channel, INT4 at 4 bits
+    w = {t.name: t.data_type for t in q.graph.initializer if t.name.endswith("/weight_q")}
+    want = {f"{l.node}/weight_q": onnx.TensorProto.INT4 if l.bits <= 4 else onnx.TensorProto.INT8 for l in rep.quantized}
+    assert w == want and onnx.TensorProto.INT4 in w.values()
+    zeros = [onnx.numpy_helper.to_array(t) for t in q.graph.initializer if t.name.endswith("/weight_zero")]
+    assert all(not np.any(z.astype(np.int32)) for z in zeros)
+
+    class Reader:
+        def __init__(self):
+            self.it = iter(feeds)
+
+        def get_next(self):
+            return next(self.it, None)
+
+    src, dst = tmp_path / "m.onnx", tmp_path / "ortqnn.onnx"
+    onnx.save(m, src)
+    quantize(str(src), str(dst), get_qnn_qdq_config(str(src), Reader(), per_channel=True))
+    theirs = {n.input[0] for n in onnx.load(str(dst)).graph.node if n.op_type == "QuantizeLinear"}
+    ours = {n.input[0] for n in q.graph.node if n.op_type == "QuantizeLinear"}
+    conv_outputs = {n.output[0] for n in m.graph.node if n.op_type == "Conv"}   # ours quantize after the Relu/Clip
+    theirs = {t for t in theirs if t in {v.name for v in m.graph.value_info} | {"x"} | {n.output[0] for n in m.graph.node}}
+    assert len(theirs) >= 8 and len(ours) >= 8
+    missing = theirs - ours - conv_outputs - outputs
+    assert not missing, missing

@@ -7,7 +7,7 @@ from typing import Callable, Sequence
 
 import onnx
 
-from ..plan.rules import ABSORBED_OPS, FUSED_OPS, SAME_SCALE_OPS, UNIT_OPS, Rules
+from ..plan.rules import ABSORBED_OPS, SAME_SCALE_OPS, Rules
 
 POOLS = ("GlobalAveragePool", "GlobalMaxPool", "ReduceMean")
 from ..types import Placement, Target
@@ -59,7 +59,7 @@ def plan_placement(model: onnx.ModelProto, targets: Sequence[Target], rules: Rul
     consumers = _consumers(g)
     outputs = {o.name for o in g.output}
     inits = {t.name for t in g.initializer}
-    layers = {t.node for t in targets if not t.graph and t.act and t.op in UNIT_OPS and not float_layer(t)}
+    layers = {t.node for t in targets if not t.graph and t.act and t.op in rules.unit_ops and not float_layer(t)}
     quantized = {t.act for t in targets if not t.graph and t.act}
     extra: list[str] = []
 
@@ -70,13 +70,13 @@ def plan_placement(model: onnx.ModelProto, targets: Sequence[Target], rules: Rul
 
     pooled: set[str] = set()                 # 1x1 maps after a global pool (attention gates)
     for node in g.node:
-        if node.op_type in POOLS or (node.input and node.input[0] in pooled and node.op_type not in FUSED_OPS):
+        if node.op_type in POOLS or (node.input and node.input[0] in pooled and node.op_type not in rules.fused_ops):
             pooled.update(node.output)
             if node.op_type not in POOLS:
                 continue    # a gate's layers keep input-side Q/DQ only: an error there scales whole channels
         if node.name in layers:
             add(_unit_output(node, consumers, outputs))
-        elif node.op_type in FUSED_OPS:
+        elif node.op_type in rules.fused_ops:
             ins = [i for i in node.input if i]
             if ins and all(i in quantized for i in ins) and len(node.output) == 1:
                 add(node.output[0])

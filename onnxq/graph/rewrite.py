@@ -15,7 +15,7 @@ from onnx import helper, numpy_helper
 
 from ..algos.matrix import from_matrix
 from ..algos.qmath import container_bits
-from ..plan.rules import ABSORBED_OPS, FUSED_OPS, RULES, SAME_SCALE_OPS, Rules, float_input
+from ..plan.rules import ABSORBED_OPS, RULES, SAME_SCALE_OPS, Rules, float_input
 from ..plan.biases import weight_only
 from ..types import ActQuant, CodedBiases, LayerPlan, Plan
 from .kernels import DOMAIN, declare_domain, gather_blocks, matmul_nbits
@@ -148,7 +148,7 @@ def apply_plan(model: onnx.ModelProto, plan: Plan) -> onnx.ModelProto:
         before.setdefault(t.graph, {}).setdefault(t.node, []).extend(new)
     targets = [lp.target for lp in plan.layers if not weight_only(plan, lp)]
     if rules.all_readers:
-        _shared_pairs(graphs[""], plan.acts, {t.node for t in targets if not t.graph}, before)
+        _shared_pairs(graphs[""], plan.acts, {t.node for t in targets if not t.graph}, rules, before)
         targets = [t for t in targets if t.graph]
     act_pairs(graphs, targets, plan.acts, before, plan.readers)
     after: dict[str, dict[str, list[onnx.NodeProto]]] = {}
@@ -192,18 +192,18 @@ def _read_pair(g, path: str, node, act: str, acts, done: dict[str, str], before)
             node.input[i] = done[act]
 
 
-def _shared_pairs(g: onnx.GraphProto, acts: dict[str, ActQuant], layers: set[str], before) -> None:
+def _shared_pairs(g: onnx.GraphProto, acts: dict[str, ActQuant], layers: set[str], rules: Rules, before) -> None:
     """One Q/DQ pair per quantized main-graph tensor, put before its first reader. Quantized
     readers (the layers; fused and data-movement ops whose own output is quantized) read the DQ;
     so does every reader of a tensor a node unit produces (its producer's only reader is then the
     Q). Other readers of a float op's output keep the float tensor (a residual stream, a Shape)."""
-    unit_ops = FUSED_OPS | SAME_SCALE_OPS | ABSORBED_OPS
+    unit_ops = rules.fused_ops | SAME_SCALE_OPS | ABSORBED_OPS
     produced_by_unit = {y for n in g.node if n.name in layers or n.op_type in unit_ops for y in n.output}
     done: dict[str, str] = {}
     for node in g.node:
         if node.domain == DOMAIN:       # onnxruntime's weight kernels read float
             continue
-        quantized_reader = node.name in layers or (node.op_type in FUSED_OPS | SAME_SCALE_OPS
+        quantized_reader = node.name in layers or (node.op_type in rules.fused_ops | SAME_SCALE_OPS
                                                    and bool(node.output) and node.output[0] in acts)
         for i, inp in enumerate(node.input):
             a = acts.get(inp)

@@ -19,6 +19,12 @@ ort-cpu   full node units DQ -> op -> Q so onnxruntime's CPU provider fuses inte
           GatherBlockQuantized (8 or 4 bits, dequantized rows gathered in one kernel).
 openvino  generic placement (OpenVINO's CPU plugin runs input-side Q/DQ convs as u8) with 2- to
           4-bit conv weights in INT8 containers: INT4 conv weights make it fall back to bf16.
+qnn       fully quantized graphs as NPU backends (Qualcomm's QNN HTP and the like) run them: every
+          layer is a DQ -> op -> Q unit, Gemm/MatMul included, and so is every op the backend
+          runs on quantized tensors (element-wise, pooling, activation, normalisation, resizing,
+          softmax) when all its activation inputs are quantized; data-movement ops keep their
+          input's scale; u8 activations, symmetric per-channel INT8 weights with 2- to 4-bit
+          layers in INT4; no GPU or NPU here, so the tests check the graph structurally.
 tensorrt  TensorRT's explicit-quantization rules: Q/DQ on op inputs, residual Add inputs
           included (the Add fuses into the conv before it), symmetric int8 activations with zero
           point 0, INT8 conv weights, INT4 weights only for Gemm/MatMul, whose inputs stay float
@@ -28,6 +34,26 @@ tensorrt  TensorRT's explicit-quantization rules: Q/DQ on op inputs, residual Ad
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+
+# ops whose onnxruntime CPU kernels take quantized inputs and outputs (their scales may differ)
+FUSED_OPS = frozenset({"Add", "Mul", "Concat", "GlobalAveragePool", "AveragePool", "Sigmoid", "LeakyRelu"})
+# ops an NPU backend runs on quantized tensors (QNN HTP's quantized op set, those with float outputs)
+NPU_OPS = FUSED_OPS | frozenset({"Sub", "Div", "Relu", "Clip", "HardSwish", "HardSigmoid", "Tanh", "Softmax",
+                                 "Gelu", "Erf", "LayerNormalization", "InstanceNormalization", "ReduceMean",
+                                 "ReduceMax", "GlobalMaxPool", "Sqrt", "Pow", "Exp", "Log", "Abs", "Neg", "Max",
+                                 "Min", "PRelu", "Elu", "MatMul", "Pad"})
+# data-movement ops that run on the 8-bit tensor when their output keeps the input's scale
+SAME_SCALE_OPS = frozenset({"MaxPool", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Resize",
+                            "DepthToSpace", "SpaceToDepth"})
+# layers whose output gets a Q under full node units: onnxruntime fuses DQ -> Gemm/MatMul without
+# one into kernels with a float output (QGemm, MatMulIntegerToFloat), so rounding their outputs
+# (often a bias or residual Add's input, with outlier channels in transformers) would only cost
+# fidelity
+UNIT_OPS = frozenset({"Conv", "ConvTranspose"})
+# activations a quantized layer's kernel absorbs when the Q right after them makes them redundant
+ABSORBED_OPS = frozenset({"Relu", "Clip"})
+
 
 
 @dataclass(frozen=True)
@@ -43,6 +69,8 @@ class Rules:
     add_inputs: bool = False      # Q/DQ on both inputs of residual Adds (fused into the conv before)
     int4_weight_only: bool = False  # 2-4-bit Gemm/MatMul read a float input (int4 weight-only kernels)
     ms_kernels: bool = False      # onnxruntime's MatMulNBits / GatherBlockQuantized (com.microsoft)
+    unit_ops: frozenset = UNIT_OPS       # layers whose output gets a Q (with output_units)
+    fused_ops: frozenset = FUSED_OPS     # other ops quantized on both sides when their inputs are (output_units)
     session_options: dict[str, str] = field(default_factory=dict)   # for onnxruntime's CPU provider
     summary: str = ""
 
@@ -58,6 +86,11 @@ RULES: dict[str, Rules] = {
     "openvino": Rules("openvino", output_units=False, all_readers=False, int4_conv=False, int4_matmul=True,
                       session_options={"session.disable_quant_qdq": "1"},
                       summary="Q/DQ on quantized layers' inputs; conv weights in INT8 containers"),
+    "qnn": Rules("qnn", output_units=True, all_readers=True, int4_conv=True, int4_matmul=True,
+                 fuse_hardswish=True, unit_ops=frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"}),
+                 fused_ops=NPU_OPS, session_options={"session.disable_quant_qdq": "1"},
+                 summary="fully quantized for NPU backends: Q/DQ around every layer and every op they run "
+                         "quantized; u8 activations, symmetric per-channel INT8/INT4 weights"),
     "tensorrt": Rules("tensorrt", output_units=False, all_readers=False, int4_conv=False, int4_matmul=True,
                       act_signed=True, add_inputs=True, int4_weight_only=True, tables=False,
                       session_options={"session.disable_quant_qdq": "1"},
@@ -81,16 +114,3 @@ def nbits_fits(target) -> bool:
     if target.op == "MatMul":
         return target.weight_layout == "cols"
     return target.op == "Gemm" and not target.fixed_bias
-
-# ops whose onnxruntime CPU kernels take quantized inputs and outputs (their scales may differ)
-FUSED_OPS = frozenset({"Add", "Mul", "Concat", "GlobalAveragePool", "AveragePool", "Sigmoid", "LeakyRelu"})
-# data-movement ops that run on the 8-bit tensor when their output keeps the input's scale
-SAME_SCALE_OPS = frozenset({"MaxPool", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Resize",
-                            "DepthToSpace", "SpaceToDepth"})
-# layers whose output gets a Q under full node units: onnxruntime fuses DQ -> Gemm/MatMul without
-# one into kernels with a float output (QGemm, MatMulIntegerToFloat), so rounding their outputs
-# (often a bias or residual Add's input, with outlier channels in transformers) would only cost
-# fidelity
-UNIT_OPS = frozenset({"Conv", "ConvTranspose"})
-# activations a quantized layer's kernel absorbs when the Q right after them makes them redundant
-ABSORBED_OPS = frozenset({"Relu", "Clip"})
