@@ -223,8 +223,9 @@ def low_bits(c: Conversion, act_plan, progress: Progress | None) -> list:
     if c.cfg.protect_on:
         layers, c.protect = protect_layers(c.prepared, layers, c.weights, c.biases, c.stats.layers, c.calib,
                                            c.cfg, act_plan, progress, judge)
-        log.info(f"protect: {len(c.protect.protected)} layers kept at 8 bits "
-                 f"({c.protect.used_bytes:.0f} of {c.protect.budget_bytes:.0f} bytes)")
+        if c.protect is not None:
+            log.info(f"protect: {len(c.protect.protected)} layers kept at 8 bits "
+                     f"({c.protect.used_bytes:.0f} of {c.protect.budget_bytes:.0f} bytes)")
     return layers
 
 

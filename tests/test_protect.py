@@ -73,3 +73,13 @@ def test_cli_reports_protection_and_no_protect_turns_it_off(cli_run, tmp_path):
     assert code == 0 and "protected:" in out and "layers kept at 8 bits" in out
     code, out, _ = cli_run("convert", DIGITS, "--bits", "4", "--no-protect", "--calib", CALIB, "-o", tmp_path / "b.onnx")
     assert code == 0 and "protected" not in out
+
+
+def test_nothing_to_protect_converts_and_says_so_in_the_log(caplog):
+    """Every layer overridden to 8 bits: --protect has no low-bit layer to weigh (this crashed the
+    verbose log line once)."""
+    import logging
+    with caplog.at_level(logging.INFO, logger="onnxq"):
+        _, rep = convert(bits=4, bits_overrides=(("*", 8),))
+    assert {l.bits for l in rep.quantized} == {8} and rep.protect is None
+    assert any("activation ranges" in r.message for r in caplog.records)

@@ -45,13 +45,15 @@ def rtn(w: np.ndarray, bits: int, hessian: np.ndarray | None = None) -> WeightQu
     return WeightQuant(_codes(w, s, bits), s, "rtn")
 
 
-def _grid_search(w: np.ndarray, bits: int, loss: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
-    """Per-row best clip ratio from CLIP_GRID under `loss(err [O,K]) -> [O]`. -> scales [O]."""
+def _grid_search(w: np.ndarray, bits: int, loss: Callable[[np.ndarray], np.ndarray],
+                 floor: float = 0.0) -> np.ndarray:
+    """Per-row best clip ratio from CLIP_GRID (its ratios >= floor) under `loss(err [O,K]) -> [O]`.
+    -> scales [O]."""
     best_loss = np.full(w.shape[0], np.inf)
     amax = np.abs(w).max(axis=1)
     best = scales_of_amax(amax, bits)
     qm = weight_qmax(bits)
-    for r in CLIP_GRID:
+    for r in CLIP_GRID[CLIP_GRID >= floor - 1e-9]:
         s = scales_of_amax(amax, bits, r)
         # w - codes * s, computed in place on one buffer (the codes are exact in float64)
         err = np.divide(w, s[:, None], dtype=np.float64)
@@ -66,8 +68,8 @@ def _grid_search(w: np.ndarray, bits: int, loss: Callable[[np.ndarray], np.ndarr
     return best
 
 
-def mse(w: np.ndarray, bits: int, hessian: np.ndarray | None = None) -> WeightQuant:
-    s = _grid_search(w, bits, lambda e: np.einsum("ok,ok->o", e, e))
+def mse(w: np.ndarray, bits: int, hessian: np.ndarray | None = None, floor: float = 0.0) -> WeightQuant:
+    s = _grid_search(w, bits, lambda e: np.einsum("ok,ok->o", e, e), floor)
     return WeightQuant(_codes(w, s, bits), s, "mse")
 
 
