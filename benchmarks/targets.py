@@ -400,12 +400,14 @@ def openvino_module():
 
 
 class OVRunner:
-    """An OpenVINO CPU model compiled for one stream and one thread, reshaped to the feed's shapes."""
+    """An OpenVINO CPU model compiled for one stream and one thread, reshaped to the feed's shapes
+    (left dynamic when the feeds' shapes differ, as sentences' lengths do)."""
 
-    def __init__(self, ov, core, path: Path, feed: dict, precision: str | None):
+    def __init__(self, ov, core, path: Path, feed: dict, precision: str | None, static: bool = True):
         model = core.read_model(str(path))
-        model.reshape({inp.get_any_name(): ov.PartialShape(list(feed[inp.get_any_name()].shape))
-                       for inp in model.inputs})
+        if static:
+            model.reshape({inp.get_any_name(): ov.PartialShape(list(feed[inp.get_any_name()].shape))
+                           for inp in model.inputs})
         cfg = {"INFERENCE_NUM_THREADS": 1, "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY"}
         if precision:
             cfg["INFERENCE_PRECISION_HINT"] = precision
@@ -437,13 +439,14 @@ def openvino_part(ov, paths: dict[str, Path], ort_outs: dict[str, list], feeds: 
     onnxruntime's (the same variant's) and against FP32 (onnxruntime) on OV_CHECK_SAMPLES feeds."""
     core = ov.Core()
     out: dict = {"version": ov.__version__, "precision_hint": precision, "variants": {}}
+    static = len({tuple((k, v.shape) for k, v in sorted(f.items())) for f in feeds[:OV_CHECK_SAMPLES]}) == 1
     runners: dict[str, OVRunner] = {}
     for name in OV_VARIANTS:
         if name not in paths:
             continue
         row: dict = {}
         try:
-            runners[name] = OVRunner(ov, core, paths[name], feeds[0], precision)
+            runners[name] = OVRunner(ov, core, paths[name], feeds[0], precision, static)
             row["precision"] = runners[name].precision
             row["exec"] = runners[name].exec_precisions()
             n = min(OV_CHECK_SAMPLES, len(feeds))
@@ -457,13 +460,15 @@ def openvino_part(ov, paths: dict[str, Path], ort_outs: dict[str, list], feeds: 
         out["variants"][name] = row
     # FP32 at OpenVINO's own default precision on this CPU (bf16 where the CPU has it)
     try:
-        dflt = OVRunner(ov, core, paths["fp32"], feeds[0], None)
+        dflt = OVRunner(ov, core, paths["fp32"], feeds[0], None, static)
         if dflt.precision != runners["fp32"].precision:
             runners["fp32@default"] = dflt
             out["variants"]["fp32@default"] = {"precision": dflt.precision, "exec": dflt.exec_precisions()}
     except Exception as e:  # noqa: BLE001
         out["variants"]["fp32@default"] = {"error": f"{type(e).__name__}: {e}"[:300]}
     f0 = feeds[0]
+    if not runners:
+        return out
     out["waited_s"] = wait_quiet(quiet_wait)
     st: dict = {}
     lat = round_robin({n: (lambda r=r: r.run(f0)) for n, r in runners.items()}, *rr, stats=st)

@@ -9,7 +9,7 @@ from typing import Any
 from .algos.ranges import RANGE_METHODS, parse_method
 from .algos.weights import DEFAULT_DAMP, WEIGHT_METHODS
 from .errors import ConfigError
-from .plan.rules import DEFAULT_TARGET, RULES, float_input
+from .plan.rules import DEFAULT_TARGET, RULES
 
 VERSION = "0.1.0"
 WEIGHT_BITS = (2, 3, 4, 8)
@@ -150,10 +150,6 @@ class ConvertConfig:
     @property
     def rules(self):
         return RULES[self.target]
-
-    def float_layer(self, target) -> bool:
-        """Whether a target's kernel reads its input in float at the layer's configured bits."""
-        return float_input(self.rules, target, self.bits_for(target.node, False)[0])
 
     @property
     def sequential_on(self) -> bool:

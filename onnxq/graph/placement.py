@@ -3,7 +3,7 @@ before calibration so the streamed pass observes them all."""
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Sequence
 
 import onnx
 
@@ -47,9 +47,8 @@ def _add_inputs(model: onnx.ModelProto, targets: Sequence[Target], p: Placement)
 
 
 def plan_placement(model: onnx.ModelProto, targets: Sequence[Target], rules: Rules,
-                   quantize_acts: bool = True, float_layer: Callable[[Target], bool] = lambda t: False) -> Placement:
-    """The main graph's extra quantized tensors under `rules` (none for input-side placement);
-    layers whose kernel reads and writes float (`float_layer`) get no output unit."""
+                   quantize_acts: bool = True) -> Placement:
+    """The main graph's extra quantized tensors under `rules` (none for input-side placement)."""
     p = Placement()
     if rules.add_inputs and quantize_acts:
         _add_inputs(model, targets, p)
@@ -59,7 +58,7 @@ def plan_placement(model: onnx.ModelProto, targets: Sequence[Target], rules: Rul
     consumers = _consumers(g)
     outputs = {o.name for o in g.output}
     inits = {t.name for t in g.initializer}
-    layers = {t.node for t in targets if not t.graph and t.act and t.op in rules.unit_ops and not float_layer(t)}
+    layers = {t.node for t in targets if not t.graph and t.act and t.op in rules.unit_ops}
     quantized = {t.act for t in targets if not t.graph and t.act}
     extra: list[str] = []
 

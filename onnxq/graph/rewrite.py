@@ -198,7 +198,8 @@ def _shared_pairs(g: onnx.GraphProto, acts: dict[str, ActQuant], layers: set[str
     so does every reader of a tensor a node unit produces (its producer's only reader is then the
     Q). Other readers of a float op's output keep the float tensor (a residual stream, a Shape)."""
     unit_ops = rules.fused_ops | SAME_SCALE_OPS | ABSORBED_OPS
-    produced_by_unit = {y for n in g.node if n.name in layers or n.op_type in unit_ops for y in n.output}
+    produced_by_unit = {y for n in g.node for y in n.output
+                        if (n.name in layers and n.op_type in rules.unit_ops) or n.op_type in unit_ops}
     done: dict[str, str] = {}
     for node in g.node:
         if node.domain == DOMAIN:       # onnxruntime's weight kernels read float
