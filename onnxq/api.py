@@ -195,7 +195,7 @@ def plan(c: Conversion, progress: Progress | None) -> None:
         # on the network the user gets, not on a float one
         probe = Probe(c.prepared, c.targets, c.weights, c.calib[:PROBE_SAMPLES], c.biases, act_plan)
     c.plan = make_plan(c.targets, c.weights, c.biases, c.stats.layers, c.stats.acts, c.cfg,
-                       progress=progress, layers=layers, probe=probe, act_plan=act_plan)
+                       progress=progress, layers=layers, probe=probe, act_plan=act_plan, planned=c.planned)
     c.plan.target, c.plan.readers = c.cfg.target, dict(c.placement.readers)
 
 
@@ -230,8 +230,8 @@ def low_bits(c: Conversion, act_plan, progress: Progress | None) -> list:
 
 
 def choose_mixed(c: Conversion, progress: Progress | None) -> None:
-    overrides, c.mixed = choose_bits(c.prepared, c.targets, c.weights, c.biases, c.stats.layers,
-                                     c.calib, c.cfg, progress)
+    overrides, c.mixed, c.planned = choose_bits(c.prepared, c.targets, c.weights, c.biases, c.stats.layers,
+                                                c.calib, c.cfg, progress)
     if c.mixed.used_bits > c.mixed.budget_bits:
         c.warn(f"the size budget cannot be met: even the smallest bit choice takes "
                f"{c.mixed.used_bits / 8:.0f} bytes of weights against "

@@ -505,6 +505,7 @@ class Conversion:
     biases: dict = field(default_factory=dict)
     plan: Plan | None = None
     mixed: MixedSummary | None = None
+    planned: dict = field(default_factory=dict)       # node -> LayerPlan already made at its bits (mixed)
     search: SearchSummary | None = None
     ranges: ChoiceSummary | None = None
     protect: ProtectSummary | None = None

@@ -45,18 +45,26 @@ def _inverse_cholesky(h: np.ndarray, damp: float) -> np.ndarray:
     return damped(h, damp, _inverse_upper, "second-order rounding")
 
 
-def gptq_round(w: np.ndarray, scales: np.ndarray, bits: int, h: np.ndarray,
-               damp: float = DEFAULT_DAMP, block: int = 128, act_order: bool = True) -> np.ndarray:
-    """Codes [O, K] (int32) for W [O, K] with fixed per-row `scales` [O] and H [K, K]."""
-    w = w.astype(np.float64).copy()
+def prepare_hessian(h: np.ndarray, damp: float = DEFAULT_DAMP, act_order: bool = True):
+    """What gptq_round needs of H alone (dead columns, column order, the inverse's Cholesky
+    factor): computed once when several scales or bit-widths are rounded against one H."""
     h = h.astype(np.float64).copy()
-    o, k = w.shape
     dead = np.diag(h) <= 0
     h[dead, dead] = 1.0
+    perm = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(h.shape[0])
+    return dead, perm, _inverse_cholesky(h[np.ix_(perm, perm)], damp)
+
+
+def gptq_round(w: np.ndarray, scales: np.ndarray, bits: int, h: np.ndarray,
+               damp: float = DEFAULT_DAMP, block: int = 128, act_order: bool = True,
+               prepared=None) -> np.ndarray:
+    """Codes [O, K] (int32) for W [O, K] with fixed per-row `scales` [O] and H [K, K]
+    (`prepared`: prepare_hessian(h, damp, act_order), when it is already known)."""
+    dead, perm, u = prepared if prepared is not None else prepare_hessian(h, damp, act_order)
+    w = w.astype(np.float64).copy()
+    o, k = w.shape
     w[:, dead] = 0.0
-    perm = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(k)
-    w, h = w[:, perm], h[np.ix_(perm, perm)]
-    u = _inverse_cholesky(h, damp)
+    w = w[:, perm]
     qm = weight_qmax(bits)
     s = scales.astype(np.float64)[:, None]
     codes = np.zeros((o, k), dtype=np.int32)

@@ -19,7 +19,7 @@ from typing import Callable
 import numpy as np
 
 from .qmath import channel_scales, quantize, scales_of_amax, weight_qmax
-from .rounding import DEFAULT_DAMP, gptq_round
+from .rounding import DEFAULT_DAMP, gptq_round, prepare_hessian
 
 CLIP_GRID = np.linspace(0.30, 1.0, 36)
 # multiples of the round-to-nearest-optimal scale that second-order rounding starts from: its
@@ -93,9 +93,10 @@ def gptq(w: np.ndarray, bits: int, hessian: np.ndarray | None = None,
     base = hessian_scales(w, bits, h)
     best_err = np.full(w.shape[0], np.inf)
     codes, scales = np.zeros(w.shape, dtype=np.int32), base.copy()
+    prepared = prepare_hessian(h, damp)            # H's factorisation, shared by the starts
     for f in GPTQ_SCALE_STARTS:
         s = base * f
-        c = gptq_round(w, s, bits, h, damp=damp)
+        c = gptq_round(w, s, bits, h, damp=damp, prepared=prepared)
         err = row_errors(w - c * s[:, None], h)
         better = err < best_err
         codes[better], scales[better], best_err[better] = c[better], s[better], err[better]

@@ -198,17 +198,21 @@ def make_plan(targets: Sequence[Target], weights: Mapping[str, np.ndarray],
               biases: Mapping[str, np.ndarray | None], stats_layers: Mapping[str, LayerStats],
               acts: Mapping[str, ActStats], cfg: ConvertConfig,
               progress: Progress | None = None, layers: list[LayerPlan] | None = None,
-              probe=None, act_plan: Mapping[str, ActQuant] | None = None) -> Plan:
+              probe=None, act_plan: Mapping[str, ActQuant] | None = None,
+              planned: Mapping[str, LayerPlan] | None = None) -> Plan:
     """The whole plan; `layers` may hold layers already planned (sequential mode); `probe`
     (probe.Probe) lets the branch planner measure layers on the network's output; `act_plan`,
-    the activation parameters when the caller has already planned them from `acts`."""
+    the activation parameters when the caller has already planned them from `acts`; `planned`,
+    layers the mixed-precision search already planned at the bits the config now gives them."""
     plan = Plan(acts=dict(act_plan) if act_plan is not None else plan_acts(acts, cfg))
     if layers is not None:
         plan.layers = list(layers)
     else:
         for i, t in enumerate(targets):
-            plan.layers.append(plan_layer(t, weights[t.node], biases.get(t.node),
-                                          stats_layers.get(t.node), cfg))
+            bits, note = cfg.bits_for(t.node, t.depthwise)
+            done = (planned or {}).get(t.node)
+            plan.layers.append(dataclasses.replace(done, note=note) if done is not None and done.bits == bits
+                               else plan_layer(t, weights[t.node], biases.get(t.node), stats_layers.get(t.node), cfg))
             if progress:
                 progress("quantize", i + 1, len(targets))
     if cfg.rank_budget > 0:

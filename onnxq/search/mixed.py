@@ -13,7 +13,7 @@ from ..algos.allocation import allocate_bits, predicted_cost
 from ..algos.qmath import stored_bits
 from ..config import ConvertConfig
 from ..plan.layers import dequantized, plan_layer
-from ..types import Feed, LayerStats, MixedSummary, Progress, Target
+from ..types import Feed, LayerPlan, LayerStats, MixedSummary, Progress, Target
 from .probe import Probe
 
 if TYPE_CHECKING:
@@ -29,19 +29,25 @@ def _escape(name: str) -> str:
 def choose_bits(prepared: "onnx.ModelProto", targets: Sequence[Target], weights: Mapping[str, np.ndarray],
                 biases: Mapping[str, np.ndarray], layer_stats: Mapping[str, LayerStats],
                 loaders: Sequence[Callable[[], Feed]], cfg: ConvertConfig,
-                progress: Progress | None = None) -> tuple[tuple[tuple[str, int], ...], MixedSummary]:
-    """Per-layer bits as exact-name overrides, and what the allocation predicted."""
+                progress: Progress | None = None
+                ) -> tuple[tuple[tuple[str, int], ...], MixedSummary, dict[str, LayerPlan]]:
+    """Per-layer bits as exact-name overrides, what the allocation predicted, and the layers
+    already planned at their chosen bits (the final plan reuses them; none when branches will be
+    planned, as those need each layer's fitting statistics)."""
     choices = sorted(cfg.bit_choices, reverse=True)
     probe = Probe(prepared, targets, weights, loaders[:TRIAL_SAMPLES], biases)
     main = probe.targets
     costs = np.zeros((len(main), len(choices)))
     sizes = np.zeros((len(main), len(choices)))
     deq: dict[tuple[str, int], np.ndarray] = {}
+    planned: dict[tuple[str, int], LayerPlan] = {}
     for li, t in enumerate(main):
         for ci, b in enumerate(choices):
             c = dataclasses.replace(cfg, bits=b, depthwise_bits=min(cfg.bit_choices), bits_overrides=())
             lp = plan_layer(t, weights[t.node], biases.get(t.node), layer_stats.get(t.node), c)
             deq[(t.node, b)] = dequantized(lp)
+            if cfg.rank_budget == 0:
+                planned[(t.node, b)] = dataclasses.replace(lp, fit_hessian=None, fit_target=None, input_mean=None)
             # --avg-bits counts weight bits; --max-size counts the bytes the file will hold:
             # codes in their INT4/INT8 containers plus per-channel scales
             sizes[li, ci] = (t.params * b if cfg.avg_bits is not None
@@ -74,4 +80,5 @@ def choose_bits(prepared: "onnx.ModelProto", targets: Sequence[Target], weights:
         predicted_by_allocator={k: predicted_cost(costs, v) for k, v in cands.items()},
         layers={t.node: b for t, b in chosen},
         costs={t.node: dict(zip(map(str, choices), map(float, costs[i]))) for i, t in enumerate(main)})
-    return tuple((_escape(t.node), b) for t, b in chosen), info
+    kept = {t.node: planned[(t.node, b)] for t, b in chosen if (t.node, b) in planned}
+    return tuple((_escape(t.node), b) for t, b in chosen), info, kept
