@@ -6,7 +6,7 @@ import pytest
 from onnx import helper
 
 from onnxq.algos.ranges import RANGE_METHODS, percentile
-from onnxq.calib.collectors import RangeHistogram, SecondMoment, im2col_rows, patch_sums
+from onnxq.calib.collectors import RangeHistogram, SecondMoment, im2col_rows
 from onnxq.types import ConvGeometry
 from builders import make_model, vi
 
@@ -126,17 +126,3 @@ def test_convtranspose_tap_moments_give_its_exact_output_error():
     assert ls.hessian.shape == (1, 4 * c, 4 * c)
     assert np.isclose(np.sum(y.astype(np.float64) ** 2), len(rows) * np.einsum("ok,kl,ol->", em, ls.hessian[0], em),
                       rtol=1e-4)
-
-
-@pytest.mark.parametrize("geo, shape", [
-    (ConvGeometry((3, 3), (2, 2), (1, 1), (1, 1, 1, 1), "NOTSET", 1), (2, 8, 11, 13)),
-    (ConvGeometry((3, 3), (1, 1), (2, 2), (0, 0, 0, 0), "SAME_UPPER", 4), (1, 8, 9, 9)),
-    (ConvGeometry((5,), (3,), (1,), (2, 1), "NOTSET", 2), (2, 4, 17)),
-])
-def test_patch_sums_equal_the_sum_of_every_unfolded_patch(geo, shape):
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal(shape)
-    rows = im2col_rows(x, geo, 10**9, rng)           # every patch
-    sums, n = patch_sums(x, geo)
-    assert n == rows.shape[0] and sums.shape == rows.shape[1:]
-    np.testing.assert_allclose(sums, rows.sum(axis=0), atol=1e-12)

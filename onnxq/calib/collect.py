@@ -14,7 +14,7 @@ from ..graph.inline import inline_ifs, main_graph_names, open_ifs
 from ..graph.variants import augmented
 from ..runtime import session
 from ..types import ActQuant, ActStats, Feed, LayerStats, PairedStats, Progress, Stats, Target
-from .collectors import CrossMoment, RangeHistogram, SecondMoment, im2col_rows, patch_sums
+from .collectors import CrossMoment, RangeHistogram, SecondMoment, im2col_rows
 from .data import MAX_ABS
 
 if TYPE_CHECKING:
@@ -65,14 +65,6 @@ def layer_rows(x: np.ndarray, t: Target, rows: int, rng: np.random.Generator) ->
     return flat[:, None, :]
 
 
-def layer_sums(x: np.ndarray, t: Target) -> tuple[np.ndarray, int]:
-    """The sum of all input rows of layer t (every position, not a sample) and their number."""
-    if t.op == "Conv":
-        return patch_sums(x, t.geo)
-    rows = layer_rows(x, t, np.iinfo(np.int64).max, np.random.default_rng(0))   # all rows: no sampling
-    return rows.sum(axis=0, dtype=np.float64), rows.shape[0]
-
-
 def wants_hessian(t: Target) -> bool:
     return t.act is not None and (t.op in ("Conv", "Gemm", "MatMul")
                                   or (t.op == "ConvTranspose" and t.groups == 1))
@@ -109,10 +101,7 @@ def collect(model: "onnx.ModelProto", targets: Sequence[Target], loaders: Sequen
                                        f"calibration sample {i}: check the model and the data's scaling")
             hist[name].update(v)
             for t in by_act.get(name, ()):
-                if hessians:
-                    moments[t.node].update(layer_rows(v, t, rows_per_sample, rng))
-                else:                   # the mean only (bias correction): exact, over every row
-                    moments[t.node].add_sums(*layer_sums(v, t))
+                moments[t.node].update(layer_rows(v, t, rows_per_sample, rng))
         if progress:
             progress("calibrate", i + 1, len(loaders))
     st = Stats(samples=len(loaders))

@@ -79,32 +79,6 @@ def im2col_rows(x: np.ndarray, geo: ConvGeometry, rows: int, rng: np.random.Gene
     return patches.reshape(take, g, -1)
 
 
-def _tap_slice(tap: int, dil: int, stride: int, pad: int, size: int, out: int) -> slice | None:
-    """The input positions one kernel tap reads over all outputs (padding reads zeros: left out)."""
-    off = tap * dil - pad                          # input position of output 0
-    lo = max(0, -(-(-off) // stride))              # first output whose position is >= 0
-    hi = min(out - 1, (size - 1 - off) // stride)  # last output whose position is < size
-    return slice(lo * stride + off, hi * stride + off + 1, stride) if hi >= lo else None
-
-
-def patch_sums(x: np.ndarray, geo: ConvGeometry) -> tuple[np.ndarray, int]:
-    """The sum of every im2col patch of x [N, C, *spatial] for a conv, over all output positions,
-    without unfolding or padding: one strided slice per kernel tap. -> ([G, C/G*prod(k)] in
-    im2col_rows' order, number of patches)."""
-    nd = len(geo.kernel)
-    size = x.shape[2:]
-    pads = geo.resolve_pads(size)
-    out = [(size[i] + pads[i] + pads[i + nd] - ((geo.kernel[i] - 1) * geo.dilations[i] + 1)) // geo.strides[i] + 1
-           for i in range(nd)]
-    axes = (0,) + tuple(range(2, 2 + nd))
-    sums = np.zeros((x.shape[1], int(np.prod(geo.kernel))), np.float64)
-    for j, tap in enumerate(np.ndindex(*geo.kernel)):
-        sl = [_tap_slice(tap[i], geo.dilations[i], geo.strides[i], pads[i], size[i], out[i]) for i in range(nd)]
-        if all(v is not None for v in sl):
-            sums[:, j] = x[(slice(None), slice(None)) + tuple(sl)].sum(axis=axes, dtype=np.float64)
-    return sums.reshape(geo.group, -1), x.shape[0] * int(np.prod(out))
-
-
 class SecondMoment:
     """Accumulates H = sum x x^T [G, K, K] and sum x [G, K] (float64) over sampled input rows."""
 
@@ -122,11 +96,6 @@ class SecondMoment:
             self.h += np.matmul(r.transpose(0, 2, 1), r)
         self.s += r.sum(axis=1, dtype=np.float64)
         self.n += r.shape[1]
-
-    def add_sums(self, sums: np.ndarray, n: int) -> None:
-        """Adds n rows given by their sum [G, K] (the mean alone needs no rows)."""
-        self.s += sums
-        self.n += n
 
     @property
     def mean(self) -> np.ndarray:
