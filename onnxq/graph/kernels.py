@@ -49,8 +49,9 @@ def _block_scales(scales: np.ndarray, rows: int, blocks: int) -> np.ndarray:
     return s.reshape(rows, blocks) if s.size == rows * blocks else np.repeat(s.reshape(rows, 1), blocks, 1)
 
 
-def _init(g: onnx.GraphProto, name: str, value: np.ndarray) -> str:
-    g.initializer.append(numpy_helper.from_array(value, name))
+def add_initializer(g: onnx.GraphProto, name: str, value: np.ndarray) -> str:
+    """Appends `value` to g's initializers as `name`; returns the name."""
+    g.initializer.append(numpy_helper.from_array(np.asarray(value), name))
     return name
 
 
@@ -90,10 +91,10 @@ def matmul_nbits(g: onnx.GraphProto, node: onnx.NodeProto, lp: LayerPlan, bias: 
     u = u.reshape(n, blocks, block)
     packed = (u[..., 0::2] | (u[..., 1::2] << 4)).astype(np.uint8)
     pre = t.node
-    ins = [node.input[0], _init(g, f"{pre}/weight_q4", packed),
-           _init(g, f"{pre}/weight_scale", _block_scales(lp.scales, n, blocks))]
+    ins = [node.input[0], add_initializer(g, f"{pre}/weight_q4", packed),
+           add_initializer(g, f"{pre}/weight_scale", _block_scales(lp.scales, n, blocks))]
     if bias is not None:
-        ins += ["", "", _init(g, f"{pre}/bias", np.asarray(bias, np.float32).reshape(n))]
+        ins += ["", "", add_initializer(g, f"{pre}/bias", np.asarray(bias, np.float32).reshape(n))]
     _become(node, "MatMulNBits", ins, K=k, N=n, bits=4, block_size=block, accuracy_level=ACCURACY_LEVEL)
     return True
 
@@ -107,14 +108,14 @@ def gather_blocks(g: onnx.GraphProto, node: onnx.NodeProto, lp: LayerPlan) -> bo
         return False
     blocks = d // block
     pre = lp.target.node
-    scales = _init(g, f"{pre}/weight_scale", _block_scales(lp.scales, v, blocks))
+    scales = add_initializer(g, f"{pre}/weight_scale", _block_scales(lp.scales, v, blocks))
     if lp.bits <= 4:
-        data = _init(g, f"{pre}/weight_q", lp.codes.astype(ml_dtypes.int4))
+        data = add_initializer(g, f"{pre}/weight_q", lp.codes.astype(ml_dtypes.int4))
         _become(node, "GatherBlockQuantized", [data, node.input[1], scales],
                 gather_axis=0, quantize_axis=1, block_size=block, bits=4)
     else:
-        data = _init(g, f"{pre}/weight_q", (lp.codes + 128).astype(np.uint8))
-        zero = _init(g, f"{pre}/weight_zero", np.full((v, blocks), 128, np.uint8))
+        data = add_initializer(g, f"{pre}/weight_q", (lp.codes + 128).astype(np.uint8))
+        zero = add_initializer(g, f"{pre}/weight_zero", np.full((v, blocks), 128, np.uint8))
         _become(node, "GatherBlockQuantized", [data, node.input[1], scales, zero],
                 gather_axis=0, quantize_axis=1, block_size=block, bits=8)
     return True

@@ -11,14 +11,14 @@ from __future__ import annotations
 import ml_dtypes
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
 from ..algos.matrix import from_matrix
 from ..algos.qmath import container_bits
 from ..plan.rules import ABSORBED_OPS, RULES, SAME_SCALE_OPS, Rules, float_input
 from ..plan.biases import weight_only
 from ..types import ActQuant, CodedBiases, LayerPlan, Plan
-from .kernels import DOMAIN, declare_domain, gather_blocks, matmul_nbits
+from .kernels import DOMAIN, add_initializer, declare_domain, gather_blocks, matmul_nbits
 from .prepare import prune_initializers
 from .walk import graph_by_path
 
@@ -37,11 +37,6 @@ def act_container(a: ActQuant):
     return np.int16 if a.signed else np.uint16
 
 
-def _init(g: onnx.GraphProto, name: str, value: np.ndarray) -> str:
-    g.initializer.append(numpy_helper.from_array(np.asarray(value), name))
-    return name
-
-
 def _int32_names(base: str) -> list[str]:
     """Initializer names of an int32 bias (codes, scales; see _int32_dq)."""
     return [f"{base}_q", f"{base}_scale"]
@@ -50,9 +45,9 @@ def _int32_names(base: str) -> list[str]:
 def _int32_dq(g: onnx.GraphProto, base: str, coded: tuple[np.ndarray, np.ndarray]) -> tuple[str, onnx.NodeProto]:
     """An int32 bias as initializers behind a per-channel DQ -> (the float tensor's name, the node)."""
     q, s = _int32_names(base)
-    _init(g, q, coded[0])
-    _init(g, s, coded[1])
-    z = _init(g, f"{base}_zero", np.zeros(coded[0].shape, np.int32))
+    add_initializer(g, q, coded[0])
+    add_initializer(g, s, coded[1])
+    z = add_initializer(g, f"{base}_zero", np.zeros(coded[0].shape, np.int32))
     return f"{base}_dq", helper.make_node("DequantizeLinear", [q, s, z], [f"{base}_dq"],
                                           name=f"{base}_dequantize", axis=0)
 
@@ -87,9 +82,9 @@ def _weight_nodes(g: onnx.GraphProto, lp: LayerPlan, coded: CodedBiases, rules: 
     pre = t.node
     nodes = []
     codes, scales = (lp.codes, lp.scales) if as_int32 is None else (as_int32.codes, as_int32.scales)
-    q = _init(g, f"{pre}/weight_q", codes.astype(dt))
-    s = _init(g, f"{pre}/weight_scale", scales.astype(np.float32))
-    z = _init(g, f"{pre}/weight_zero", np.zeros(scales.shape, dtype=dt))
+    q = add_initializer(g, f"{pre}/weight_q", codes.astype(dt))
+    s = add_initializer(g, f"{pre}/weight_scale", scales.astype(np.float32))
+    z = add_initializer(g, f"{pre}/weight_zero", np.zeros(scales.shape, dtype=dt))
     blocked = {"block_size": lp.block} if lp.block else {}
     nodes.append(helper.make_node("DequantizeLinear", [q, s, z], [f"{pre}/weight_dq"],
                                   name=f"{pre}/weight_dequantize", axis=lp.axis, **blocked))
@@ -101,7 +96,7 @@ def _weight_nodes(g: onnx.GraphProto, lp: LayerPlan, coded: CodedBiases, rules: 
         new_bias, dq = _int32_dq(g, _bias_base(lp), (as_int32.bias_codes, as_int32.bias_scales))
         nodes.append(dq)
     elif lp.bias is not None:
-        new_bias = _init(g, _bias_base(lp), lp.bias.astype(np.float32))
+        new_bias = add_initializer(g, _bias_base(lp), lp.bias.astype(np.float32))
     else:
         return nodes
     if len(node.input) > 2:
@@ -121,7 +116,7 @@ def _ms_kernel(g: onnx.GraphProto, node: onnx.NodeProto, lp: LayerPlan, bias, ru
 def _act_nodes(g: onnx.GraphProto, act: str, base: str, a: ActQuant) -> list[onnx.NodeProto]:
     vals = act_param_values(base, a)
     for name, v in vals.items():
-        _init(g, name, v)
+        add_initializer(g, name, v)
     s, z = f"{base}/act_scale", f"{base}/act_zero"
     nodes = []
     if a.bits < 8:
@@ -198,13 +193,14 @@ def _shared_pairs(g: onnx.GraphProto, acts: dict[str, ActQuant], layers: set[str
     so does every reader of a tensor a node unit produces (its producer's only reader is then the
     Q). Other readers of a float op's output keep the float tensor (a residual stream, a Shape)."""
     unit_ops = rules.fused_ops | SAME_SCALE_OPS | ABSORBED_OPS
+    reader_ops = rules.fused_ops | SAME_SCALE_OPS      # quantized readers when their output is
     produced_by_unit = {y for n in g.node for y in n.output
                         if (n.name in layers and n.op_type in rules.unit_ops) or n.op_type in unit_ops}
     done: dict[str, str] = {}
     for node in g.node:
         if node.domain == DOMAIN:       # onnxruntime's weight kernels read float
             continue
-        quantized_reader = node.name in layers or (node.op_type in rules.fused_ops | SAME_SCALE_OPS
+        quantized_reader = node.name in layers or (node.op_type in reader_ops
                                                    and bool(node.output) and node.output[0] in acts)
         for i, inp in enumerate(node.input):
             a = acts.get(inp)
@@ -235,11 +231,11 @@ def _factor(g: onnx.GraphProto, name: str, value: np.ndarray, codes, scales, axi
             shape: tuple[int, ...], bits: int) -> tuple[str, list[onnx.NodeProto]]:
     """A branch factor as a float initializer, or int8/int16 codes behind a per-channel DQ."""
     if codes is None:
-        return _init(g, name, value.reshape(shape).astype(np.float32)), []
+        return add_initializer(g, name, value.reshape(shape).astype(np.float32)), []
     dt = np.int8 if bits <= 8 else np.int16
-    q = _init(g, f"{name}_q", codes.reshape(shape).astype(dt))
-    s = _init(g, f"{name}_scale", scales.astype(np.float32))
-    z = _init(g, f"{name}_zero", np.zeros(scales.shape, dt))
+    q = add_initializer(g, f"{name}_q", codes.reshape(shape).astype(dt))
+    s = add_initializer(g, f"{name}_scale", scales.astype(np.float32))
+    z = add_initializer(g, f"{name}_zero", np.zeros(scales.shape, dt))
     return f"{name}_dq", [helper.make_node("DequantizeLinear", [q, s, z], [f"{name}_dq"],
                                            name=f"{name}_dequantize", axis=axis)]
 
@@ -247,7 +243,7 @@ def _factor(g: onnx.GraphProto, name: str, value: np.ndarray, codes, scales, axi
 def _branch_a_bias(g: onnx.GraphProto, lp: LayerPlan, coded: CodedBiases) -> tuple[str, list[onnx.NodeProto]]:
     """A centred branch's A bias: int32 codes behind a DQ when the branch is integer, else float."""
     if coded.branch is None:
-        return _init(g, _branch_bias_base(lp), lp.branch.a_bias.astype(np.float32)), []
+        return add_initializer(g, _branch_bias_base(lp), lp.branch.a_bias.astype(np.float32)), []
     name, dq = _int32_dq(g, _branch_bias_base(lp), coded.branch)
     return name, [dq]
 
