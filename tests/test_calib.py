@@ -6,7 +6,7 @@ import pytest
 from onnx import helper
 
 from onnxq.algos.ranges import RANGE_METHODS, percentile
-from onnxq.calib.collectors import RangeHistogram, SecondMoment, im2col_rows
+from onnxq.calib.collectors import RangeHistogram, SecondMoment, im2col_rows, im2col_sums
 from onnxq.types import ConvGeometry
 from builders import make_model, vi
 
@@ -79,6 +79,23 @@ def test_same_upper_padding_resolves_like_onnxruntime():
     y = ort.InferenceSession(m.SerializeToString()).run(None, {"x": x})[0]
     rows = im2col_rows(x, geo, rows=10**6, rng=rng)
     assert np.allclose(rows[:, 0] @ w.reshape(-1), y.reshape(-1), atol=1e-5)
+
+
+@pytest.mark.parametrize("shape, geo", [
+    ((2, 6, 9, 11), ConvGeometry((3, 3), (2, 1), (1, 2), (1, 0, 2, 1), "NOTSET", 3)),     # asymmetric pads
+    ((1, 8, 7, 8), ConvGeometry((3, 3), (2, 2), (1, 1), (), "SAME_UPPER", 8)),            # depthwise, auto_pad
+    ((3, 4, 20), ConvGeometry((5,), (2,), (2,), (2, 2), "NOTSET", 1)),                    # 1-D, dilated
+    ((1, 16, 5, 5), ConvGeometry((1, 1), (1, 1), (1, 1), (0, 0, 0, 0), "NOTSET", 1)),     # pointwise
+])
+@pytest.mark.parametrize("rows", [40, 10**6])
+def test_mean_only_sums_equal_the_sampled_patches_summed(shape, geo, rows):
+    """The mean-only calibration path sums the patches im2col_rows would sample, with the same
+    random draws and the same order of addition: equal to the last bit."""
+    x = np.random.default_rng(2).standard_normal(shape).astype(np.float32)
+    patches = im2col_rows(x, geo, rows, np.random.default_rng(9))
+    sums, n = im2col_sums(x, geo, rows, np.random.default_rng(9))
+    assert n == patches.shape[0] and sums.shape == patches.shape[1:]
+    assert np.array_equal(sums, patches.sum(axis=0, dtype=np.float64))
 
 
 def test_statistics_round_trip_and_reuse_gives_the_same_model(tmp_path):

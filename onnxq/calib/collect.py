@@ -14,7 +14,7 @@ from ..graph.inline import inline_ifs, main_graph_names, open_ifs
 from ..graph.variants import augmented
 from ..runtime import session
 from ..types import ActQuant, ActStats, Feed, LayerStats, PairedStats, Progress, Stats, Target
-from .collectors import CrossMoment, RangeHistogram, SecondMoment, im2col_rows
+from .collectors import CrossMoment, RangeHistogram, SecondMoment, im2col_rows, im2col_sums
 from .data import MAX_ABS
 
 if TYPE_CHECKING:
@@ -65,6 +65,15 @@ def layer_rows(x: np.ndarray, t: Target, rows: int, rng: np.random.Generator) ->
     return flat[:, None, :]
 
 
+def layer_sums(x: np.ndarray, t: Target, rows: int, rng: np.random.Generator) -> tuple[np.ndarray, int]:
+    """The float64 sum of the rows layer_rows would sample (the same draws, the same values),
+    and how many: all that a mean needs, without the rows of a conv."""
+    if t.op == "Conv":
+        return im2col_sums(x, t.geo, rows, rng)
+    r = layer_rows(x, t, rows, rng)
+    return r.sum(axis=0, dtype=np.float64), r.shape[0]
+
+
 def wants_hessian(t: Target) -> bool:
     return t.act is not None and (t.op in ("Conv", "Gemm", "MatMul")
                                   or (t.op == "ConvTranspose" and t.groups == 1))
@@ -96,12 +105,17 @@ def collect(model: "onnx.ModelProto", targets: Sequence[Target], loaders: Sequen
         for name, v in values.items():
             if v.dtype.kind != "f":
                 continue
-            if not np.all(np.isfinite(v)) or (v.size and float(np.max(np.abs(v))) > MAX_ABS):
+            v = np.asarray(v, dtype=np.float32)
+            lo, hi = (float(v.min()), float(v.max())) if v.size else (0.0, 0.0)    # NaN propagates
+            if not (np.isfinite(lo) and np.isfinite(hi)) or max(-lo, hi) > MAX_ABS:
                 raise CalibrationError(f"the model computes NaN, Inf or values beyond {MAX_ABS:g} at '{name}' on "
                                        f"calibration sample {i}: check the model and the data's scaling")
-            hist[name].update(v)
+            hist[name].update(v, (lo, hi))
             for t in by_act.get(name, ()):
-                moments[t.node].update(layer_rows(v, t, rows_per_sample, rng))
+                if hessians:
+                    moments[t.node].update(layer_rows(v, t, rows_per_sample, rng))
+                else:
+                    moments[t.node].add_sums(*layer_sums(v, t, rows_per_sample, rng))
         if progress:
             progress("calibrate", i + 1, len(loaders))
     st = Stats(samples=len(loaders))

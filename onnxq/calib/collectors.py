@@ -19,11 +19,12 @@ class RangeHistogram:
         self.counts = np.zeros(bins, dtype=np.int64)
         self.lo, self.hi = np.inf, -np.inf
 
-    def update(self, x: np.ndarray) -> None:
+    def update(self, x: np.ndarray, extent: tuple[float, float] | None = None) -> None:
+        """Add x's values (`extent`: x's (min, max), when the caller already has them)."""
         x = np.asarray(x, dtype=np.float32).ravel()
         if x.size == 0:
             return
-        lo, hi = float(x.min()), float(x.max())
+        lo, hi = extent if extent is not None else (float(x.min()), float(x.max()))
         self.lo, self.hi = min(self.lo, lo), max(self.hi, hi)
         need = max(-lo, hi)
         if need <= 0:
@@ -39,8 +40,7 @@ class RangeHistogram:
         t = x + np.float32(self.radius)           # bin index floor((x + R) / 2R * bins), in place
         t /= np.float32(2 * self.radius)
         t *= np.float32(self.bins)
-        np.floor(t, out=t)
-        np.clip(t, 0, self.bins - 1, out=t)
+        np.clip(t, 0, self.bins - 1, out=t)         # then truncation is the floor
         self.counts += np.bincount(t.astype(np.intp), minlength=self.bins)
 
     @property
@@ -52,31 +52,53 @@ class RangeHistogram:
         return (float(self.lo), float(self.hi)) if self.hi >= self.lo else (0.0, 0.0)
 
 
+def _positions(x: np.ndarray, geo: ConvGeometry, rows: int, rng: np.random.Generator):
+    """Up to `rows` sampled output positions of a conv over x [N, C, *spatial]: (pads, the
+    positions' (n, *out) indices, how many)."""
+    nd = len(geo.kernel)
+    pads = geo.resolve_pads(x.shape[2:])
+    span = [(k - 1) * d + 1 for k, d in zip(geo.kernel, geo.dilations)]
+    out_shape = tuple((x.shape[2 + i] + pads[i] + pads[i + nd] - span[i]) // geo.strides[i] + 1 for i in range(nd))
+    total = x.shape[0] * int(np.prod(out_shape))
+    take = min(rows, total)
+    flat = np.sort(rng.choice(total, size=take, replace=False)) if take < total else np.arange(total)
+    return pads, np.unravel_index(flat, (x.shape[0],) + out_shape), take
+
+
 def im2col_rows(x: np.ndarray, geo: ConvGeometry, rows: int, rng: np.random.Generator) -> np.ndarray:
     """Sample up to `rows` im2col patches of x [N, C, *spatial] for a conv. -> [S, G, C/G*prod(k)].
 
     Works for 1-D and 2-D convs; padding is explicit (auto_pad resolved from x's shape).
     """
+    pads, idx, take = _positions(x, geo, rows, rng)
     nd = len(geo.kernel)
-    pads = geo.resolve_pads(x.shape[2:])
-    width = [(0, 0), (0, 0)] + [(pads[i], pads[i + nd]) for i in range(nd)]
-    xp = np.pad(x, width)
+    xp = np.pad(x, [(0, 0), (0, 0)] + [(pads[i], pads[i + nd]) for i in range(nd)])
     span = [(k - 1) * d + 1 for k, d in zip(geo.kernel, geo.dilations)]
     win = np.lib.stride_tricks.sliding_window_view(xp, span, axis=tuple(range(2, 2 + nd)))
-    sl = (slice(None), slice(None)) + tuple(slice(None, None, s) for s in geo.strides) \
-        + tuple(slice(None, None, d) for d in geo.dilations)
-    win = win[sl]                                     # [N, C, *out, *k]
-    out_shape = win.shape[2:2 + nd]
-    total = x.shape[0] * int(np.prod(out_shape))
-    take = min(rows, total)
-    flat = np.sort(rng.choice(total, size=take, replace=False)) if take < total else np.arange(total)
-    idx = np.unravel_index(flat, (x.shape[0],) + tuple(out_shape))
+    win = win[(slice(None), slice(None)) + tuple(slice(None, None, s) for s in geo.strides)
+              + tuple(slice(None, None, d) for d in geo.dilations)]              # [N, C, *out, *k]
     if nd == 1:
         patches = win[idx[0], :, idx[1]]
     else:
         patches = win[idx[0], :, idx[1], idx[2]]   # [S, C, *k]
-    g = geo.group
-    return patches.reshape(take, g, -1)
+    return patches.reshape(take, geo.group, -1)
+
+
+def im2col_sums(x: np.ndarray, geo: ConvGeometry, rows: int, rng: np.random.Generator) -> tuple[np.ndarray, int]:
+    """The float64 sum over the same sampled patches as im2col_rows (same draws of `rng`, same
+    order of addition, so the same values), without building the patches: per kernel offset one
+    gather of whole channel rows at the positions inside x (the zero padding adds nothing). -> ([G, C/G*prod(k)], S)."""
+    pads, idx, take = _positions(x, geo, rows, rng)
+    spatial = x.shape[2:]
+    last = np.ascontiguousarray(np.moveaxis(x, 1, -1)).reshape(x.shape[0], -1, x.shape[1])   # [N, pixels, C]
+    per_offset = []
+    for offset in np.ndindex(*geo.kernel):
+        at = [o * s + k * d - p for o, s, k, d, p in zip(idx[1:], geo.strides, offset, geo.dilations, pads)]
+        inside = np.logical_and.reduce([(a >= 0) & (a < n) for a, n in zip(at, spatial)])
+        pixel = np.ravel_multi_index(tuple(a[inside] for a in at), spatial)
+        per_offset.append(last[idx[0][inside], pixel].sum(axis=0, dtype=np.float64))     # [S', C] -> [C]
+    sums = np.stack(per_offset, axis=1)                            # [C, prod(k)]
+    return sums.reshape(geo.group, -1), take
 
 
 class SecondMoment:
@@ -96,6 +118,11 @@ class SecondMoment:
             self.h += np.matmul(r.transpose(0, 2, 1), r)
         self.s += r.sum(axis=1, dtype=np.float64)
         self.n += r.shape[1]
+
+    def add_sums(self, sums: np.ndarray, n: int) -> None:
+        """Rows already summed ([G, K] float64 over n rows): the mean-only update."""
+        self.s += sums
+        self.n += n
 
     @property
     def mean(self) -> np.ndarray:

@@ -1,0 +1,5 @@
+"""`python -m onnxq`: the same command line as `onnxq`."""
+
+from .cli import main
+
+main()
