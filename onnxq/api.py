@@ -27,6 +27,7 @@ from .plan.acts import plan_acts, tie
 from .plan.biases import code_biases
 from .plan.layers import make_plan, plan_layer
 from .plan.rules import DEFAULT_TARGET
+from .plan.shared import share_weights
 from .report import build_report, clipped_share
 from .runtime import session
 from .search.choose import best_method, choose_ranges
@@ -197,6 +198,7 @@ def plan(c: Conversion, progress: Progress | None) -> None:
     c.plan = make_plan(c.targets, c.weights, c.biases, c.stats.layers, c.stats.acts, c.cfg,
                        progress=progress, layers=layers, probe=probe, act_plan=act_plan, planned=c.planned)
     c.plan.target, c.plan.readers = c.cfg.target, dict(c.placement.readers)
+    c.shared_weights = share_weights(c.plan.layers, c.weights, c.stats.layers, c.cfg)
 
 
 def low_bits(c: Conversion, act_plan, progress: Progress | None) -> list:

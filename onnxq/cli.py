@@ -131,6 +131,8 @@ def print_summary(report) -> None:
         out.print(f"  low-bit rounding: {ro.chosen} (network loss on {ro.samples} unseen samples: "
                   + ", ".join(f"{k} {v:.4g}" for k, v in ro.losses.items()) + ")")
     _print_protect(r.protect)
+    if r.shared_weights:
+        out.print(f"  shared weights: {r.shared_weights} read by several layers, each stored once")
     _print_mixed(r.mixed)
     b = r.branches
     if b is not None and b.layers_with_branch:

@@ -470,6 +470,7 @@ class Report:
     ranges: ChoiceSummary | None = None
     protect: ProtectSummary | None = None
     rounding: RoundingChoice | None = None
+    shared_weights: int = 0                           # weights several layers read, stored once (plan/shared.py)
     schema: str = REPORT_SCHEMA
 
     def to_dict(self) -> dict[str, object]:
@@ -510,6 +511,7 @@ class Conversion:
     ranges: ChoiceSummary | None = None
     protect: ProtectSummary | None = None
     rounding: RoundingChoice | None = None
+    shared_weights: int = 0                           # weights several layers read, stored once (plan/shared.py)
     qmodel: "onnx.ModelProto | None" = None
     fidelity: Fidelity = field(default_factory=Fidelity)
     warnings: list[str] = field(default_factory=list)

@@ -197,3 +197,11 @@ def test_verbose_prints_timestamped_stages_decisions_and_the_layer_table(work):
     assert "layers" in stdout and "SQNR" in stdout
     code, _, err = onnxq("convert", work / "zoo.onnx", "-o", work / "v.onnx", "-q", "-v")
     assert code == 2 and "contradict" in err
+
+
+@slow
+def test_python_dash_m_onnxq_is_the_same_command_line(work):
+    r = subprocess.run([sys.executable, "-m", "onnxq", "inspect", work / "zoo.onnx"], capture_output=True,
+                       text=True, timeout=300)
+    code, out, _ = onnxq("inspect", work / "zoo.onnx")
+    assert r.returncode == code == 0 and r.stdout == out and "Conv" in out

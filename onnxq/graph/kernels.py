@@ -13,6 +13,8 @@ the blocks, so the emitted weights equal the generic target's bit for bit.
 
 from __future__ import annotations
 
+import hashlib
+
 import ml_dtypes
 import numpy as np
 import onnx
@@ -21,6 +23,7 @@ from onnx import helper, numpy_helper
 from ..algos.matrix import to_matrix
 from ..plan.rules import nbits_fits
 from ..types import LayerPlan
+from .walk import graphs, graphs_in
 
 DOMAIN = "com.microsoft"
 MIN_BLOCK = 16            # both kernels take power-of-two blocks of at least 16
@@ -126,3 +129,38 @@ def declare_domain(model: onnx.ModelProto, graphs) -> None:
     used = any(n.domain == DOMAIN for g in graphs.values() for n in g.node)
     if used and all(o.domain != DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
+
+
+WEIGHT_SUFFIXES = ("/weight_q", "/weight_q4", "/weight_scale", "/weight_zero")
+
+
+def dedupe_weights(model: onnx.ModelProto) -> int:
+    """Quantized weight initializers with equal type, shape and bytes in one graph become one:
+    the readers of a shared weight (plan/shared.py gave them the same codes and scales) read the
+    first copy, the rest are dropped. Returns how many copies were dropped."""
+    dropped = 0
+    for _, g in graphs(model):
+        first: dict[tuple, list[onnx.TensorProto]] = {}
+        rename: dict[str, str] = {}
+        for t in g.initializer:
+            if not t.name.endswith(WEIGHT_SUFFIXES) or not t.HasField("raw_data"):
+                continue
+            raw = t.raw_data
+            key = (t.data_type, tuple(t.dims), hashlib.blake2b(raw, digest_size=16).digest())
+            same = next((u for u in first.get(key, ()) if u.raw_data == raw), None)
+            if same is None:
+                first.setdefault(key, []).append(t)
+            else:
+                rename[t.name] = same.name
+        if not rename:
+            continue
+        for _, sub in graphs_in(g):
+            for node in sub.node:
+                for i, name in enumerate(node.input):
+                    if name in rename:
+                        node.input[i] = rename[name]
+        keep = [t for t in g.initializer if t.name not in rename]
+        del g.initializer[:]
+        g.initializer.extend(keep)
+        dropped += len(rename)
+    return dropped

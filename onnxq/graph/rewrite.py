@@ -18,7 +18,7 @@ from ..algos.qmath import container_bits
 from ..plan.rules import ABSORBED_OPS, RULES, SAME_SCALE_OPS, Rules, float_input
 from ..plan.biases import weight_only
 from ..types import ActQuant, CodedBiases, LayerPlan, Plan
-from .kernels import DOMAIN, add_initializer, declare_domain, gather_blocks, matmul_nbits
+from .kernels import DOMAIN, add_initializer, declare_domain, dedupe_weights, gather_blocks, matmul_nbits
 from .prepare import prune_initializers
 from .walk import graph_by_path
 
@@ -153,6 +153,7 @@ def apply_plan(model: onnx.ModelProto, plan: Plan) -> onnx.ModelProto:
             after.setdefault(lp.target.graph, {})[lp.target.node] = _branch_nodes(g, lp, plan.biases[lp.target.node])
     place(graphs, before, after)
     declare_domain(m, graphs)
+    dedupe_weights(m)
     prune_initializers(m)
     return m
 

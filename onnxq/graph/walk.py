@@ -9,7 +9,12 @@ import onnx
 
 def graphs(model: onnx.ModelProto) -> Iterator[tuple[str, onnx.GraphProto]]:
     """(path, graph) for the main graph ("") and every nested subgraph, parents first."""
-    stack: list[tuple[str, onnx.GraphProto]] = [("", model.graph)]
+    return graphs_in(model.graph)
+
+
+def graphs_in(root: onnx.GraphProto) -> Iterator[tuple[str, onnx.GraphProto]]:
+    """(path, graph) for `root` ("") and every subgraph nested in it, parents first."""
+    stack: list[tuple[str, onnx.GraphProto]] = [("", root)]
     while stack:
         path, g = stack.pop(0)
         yield path, g

@@ -1,0 +1,108 @@
+"""Weights that several layers read (tied embeddings, a layer applied twice, an unrolled loop):
+one set of codes and scales for all of them, so the file stores the weight once.
+
+Each reader was planned on its own input statistics, so their codes can differ. The codes kept
+are the readers' candidate that minimises the readers' summed output error, sum_m tr(E H_m E^T)
+(the plain weight error when a reader has no statistics); each reader then gets its bias
+corrected for those codes. Readers planned differently (other bits, a low-rank branch, input
+compensation, another layout) keep their own codes, and the report says why."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Mapping
+
+import numpy as np
+
+from ..algos.matrix import to_matrix
+from ..algos.metrics import sqnr_db
+from ..algos.weights import weighted_error
+from ..config import ConvertConfig
+from ..types import LayerPlan, LayerStats
+from .layers import _weighted_sqnr, corrected_bias
+
+SHAREABLE_OPS = ("Conv", "Gemm", "MatMul", "Gather")
+
+
+def _key(lp: LayerPlan) -> tuple:
+    t = lp.target
+    return (t.graph, t.weight)
+
+
+def _why_not(group: list[LayerPlan]) -> str | None:
+    first = group[0]
+    for lp in group:
+        t = lp.target
+        if t.op not in SHAREABLE_OPS:
+            return f"{t.op} readers keep their own codes"
+        if lp.branch is not None:
+            return "a reader has a low-rank branch"
+        if lp.method.endswith("+compensated"):
+            return "readers are fitted to different quantized inputs (sequential mode)"
+        if (lp.bits, lp.axis, lp.block, t.weight_layout, t.shape, t.op) != \
+                (first.bits, first.axis, first.block, first.target.weight_layout, first.target.shape, first.target.op):
+            return "readers take different bits or layouts"
+    return None
+
+
+def _error(lp: LayerPlan, wm: np.ndarray, w_hat: np.ndarray, weighted: bool) -> float:
+    if weighted:
+        return weighted_error(wm, w_hat, lp.fit_hessian, lp.target.row_groups)
+    return float(np.sum((wm - w_hat) ** 2))
+
+
+def share_weights(layers: list[LayerPlan], weights: Mapping[str, np.ndarray],
+                  stats: Mapping[str, LayerStats], cfg: ConvertConfig) -> int:
+    """Unify the codes of layers that read one weight, in place; every such reader's note says
+    what was shared, or why not. -> how many weights are now stored once."""
+    groups: dict[tuple, list[int]] = {}
+    for i, lp in enumerate(layers):
+        groups.setdefault(_key(lp), []).append(i)
+    shared = 0
+    for idx in groups.values():
+        if len(idx) < 2:
+            continue
+        group = [layers[i] for i in idx]
+        names = ", ".join(lp.target.node for lp in group)
+        why = _why_not(group)
+        if why is None:
+            _unify(idx, group, layers, weights, stats, cfg)
+            shared += 1
+        note = f"weight shared with {names}: stored once" if why is None else \
+            f"weight read by {names}, stored once per reader: {why}"
+        for i in idx:
+            layers[i].note = f"{layers[i].note}; {note}" if layers[i].note else note
+    return shared
+
+
+def _unify(idx: list[int], group: list[LayerPlan], layers: list[LayerPlan], weights: Mapping[str, np.ndarray],
+           stats: Mapping[str, LayerStats], cfg: ConvertConfig) -> None:
+    first = group[0]
+    if first.target.op == "Gather":          # tables: weight-only and deterministic, equal codes already
+        best = first
+        wm = None
+    else:
+        layout = first.target.weight_layout
+        wm = to_matrix(weights[first.target.node], layout).astype(np.float64)
+        weighted = all(lp.fit_hessian is not None for lp in group)
+
+        def total(cand: LayerPlan) -> float:
+            w_hat = to_matrix(cand.codes, layout) * cand.scales[:, None]
+            return sum(_error(lp, wm, w_hat, weighted) for lp in group)
+        best = min(group, key=lambda cand: (total(cand), cand.target.node))
+    for i, lp in zip(idx, group):
+        layers[i] = _adopt(lp, best, wm, stats.get(lp.target.node), cfg)
+
+
+def _adopt(lp: LayerPlan, best: LayerPlan, wm: np.ndarray | None, ls: LayerStats | None,
+           cfg: ConvertConfig) -> LayerPlan:
+    """`lp` with `best`'s codes and scales, its bias corrected for them and its SQNR re-estimated."""
+    if best is lp or wm is None:
+        return dataclasses.replace(lp, codes=best.codes, scales=best.scales)
+    t = lp.target
+    out = dataclasses.replace(lp, codes=best.codes, scales=best.scales, method=best.method)
+    w_hat = to_matrix(best.codes, t.weight_layout) * best.scales[:, None]
+    out.bias = corrected_bias(t, wm, w_hat, lp.source_bias, ls, cfg)
+    out.sqnr_db = (_weighted_sqnr(wm, w_hat, lp.fit_hessian, t.row_groups) if lp.fit_hessian is not None
+                   else sqnr_db(wm, w_hat))
+    return out

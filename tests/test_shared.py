@@ -1,0 +1,54 @@
+"""A weight that several layers read is quantized once and stored once."""
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import helper
+
+import onnxq
+from onnxq.algos.metrics import sqnr_db
+from builders import make_model, vi
+
+RNG = np.random.default_rng(0)
+W = (RNG.standard_normal((64, 64)) / 8).astype(np.float32)
+CAL = [{"x": RNG.standard_normal((8, 64)).astype(np.float32)} for _ in range(24)]
+HELD = {"x": RNG.standard_normal((64, 64)).astype(np.float32)}
+
+
+def twice(second: str = "w") -> onnx.ModelProto:
+    """y = relu(x W) W: one weight read by two MatMuls (or, with second="w2", an equal copy)."""
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["a"], name="l0"), helper.make_node("Relu", ["a"], ["r"]),
+             helper.make_node("MatMul", ["r", second], ["y"], name="l1")]
+    inits = {"w": W} if second == "w" else {"w": W, second: W.copy()}
+    return make_model(nodes, [vi("x", [None, 64])], [vi("y", [None, 64])], inits)
+
+
+def weight_bytes(m: onnx.ModelProto) -> int:
+    return sum(len(t.raw_data) for t in m.graph.initializer if "/weight_q" in t.name)
+
+
+def answer(m: onnx.ModelProto) -> np.ndarray:
+    return ort.InferenceSession(m.SerializeToString()).run(None, HELD)[0]
+
+
+@pytest.mark.parametrize("bits, target", [(8, "generic"), (4, "generic"), (4, "ort-cpu"), (4, "qnn")])
+def test_a_shared_weight_is_stored_once_and_costs_little(bits, target):
+    cfg = onnxq.ConvertConfig(bits=bits, target=target)
+    shared, rep = onnxq.convert(twice(), cfg, calib=CAL)
+    apart, _ = onnxq.convert(twice("w2"), cfg, calib=CAL)         # two equal weights, each its own
+    assert rep.shared_weights == 1
+    assert all("stored once" in lp.note for lp in rep.quantized)
+    assert weight_bytes(shared) == W.size * bits // 8              # one copy of the codes, not two
+    want = answer(twice())
+    # one set of codes fitted to both readers' inputs: close to each reader fitted alone
+    assert sqnr_db(want, answer(shared)) > sqnr_db(want, answer(apart)) - 1.0
+
+
+def test_readers_at_different_bits_keep_their_own_codes_and_say_why():
+    cfg = onnxq.ConvertConfig(bits=4, bits_overrides=(("l1", 8),))
+    q, rep = onnxq.convert(twice(), cfg, calib=CAL)
+    assert rep.shared_weights == 0
+    assert all("stored once per reader: readers take different bits" in lp.note for lp in rep.quantized)
+    assert sorted(t.name for t in q.graph.initializer if t.name.endswith("/weight_q")) == ["l0/weight_q", "l1/weight_q"]
+    assert sqnr_db(answer(twice()), answer(q)) > 15
