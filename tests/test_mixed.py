@@ -85,6 +85,24 @@ def test_every_allocation_is_measured_end_to_end_and_the_best_is_kept():
 
 
 
+@pytest.mark.parametrize("avg", [3.0, 5.0])
+def test_predicting_the_8_bit_costs_chooses_what_probing_them_chooses(monkeypatch, avg):
+    """The widest (8-bit) choice is not probed: its cost, predicted from the 4-bit one, leads to
+    the same bits per layer as measuring it does."""
+    from pathlib import Path
+    from onnxq.search import mixed
+    root = Path(__file__).parents[1] / "models"
+    cfg = onnxq.ConvertConfig(avg_bits=avg)
+    args = (str(root / "digits_cnn.onnx"), cfg)
+    _, predicted = onnxq.convert(*args, calib=str(root / "digits_calib"))
+    calls = []
+    monkeypatch.setattr(mixed, "NEAR_LOSSLESS", 99)                 # every choice probed
+    monkeypatch.setattr(mixed, "widest_costs", lambda *a: calls.append(a))
+    _, measured = onnxq.convert(*args, calib=str(root / "digits_calib"))
+    assert not calls and set(measured.mixed.layers.values()) > {8}
+    assert predicted.mixed.layers == measured.mixed.layers
+
+
 def test_max_size_counts_the_bytes_the_file_holds():
     """Under --max-size the allocator's size is the file's: 3-bit codes in INT4 containers (4 bits
     each), 8-bit in INT8, plus float32 per-channel scales."""
