@@ -103,6 +103,8 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=8)
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--bits", default="8,4")
+    ap.add_argument("--threshold", type=float, help="GB: lower onnxq's large-model threshold (default "
+                    "1.8 GB) to measure the large-model path on a smaller stand-in")
     ap.add_argument("--json")
     ap.add_argument("--keep", help="work folder to keep (default: a temporary one, removed)")
     a = ap.parse_args()
@@ -117,7 +119,10 @@ def main() -> None:
     for bits in (int(b) for b in a.bits.split(",")):
         before = leftovers()
         out = work / f"big.w{bits}.onnx"
-        cmd = [sys.executable, "-m", "onnxq", "convert", str(src), "--bits", str(bits),
+        start = ["-m", "onnxq"] if a.threshold is None else [
+            "-c", f"import sys, onnxq.graph.large as L; L.EXTERNAL_THRESHOLD = {int(a.threshold * 1e9)}; "
+                  "from onnxq.cli import main; sys.argv[0] = 'onnxq'; main()"]
+        cmd = [sys.executable, *start, "convert", str(src), "--bits", str(bits),
                "--calib", str(work / "calib"), "-o", str(out)]
         rc, secs, peak, tail = run_child(cmd)
         row = {"bits": bits, "rc": rc, "seconds": round(secs, 1), "peak_rss_gb": round(peak, 2),

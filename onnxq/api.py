@@ -12,7 +12,7 @@ import time
 import numpy as np
 from typing import TYPE_CHECKING, Sequence
 
-from .calib.collect import collect
+from .calib.collect import collect, hessian_chunks
 from .calib.data import Preprocess, constant_inputs, open_source, random_feeds
 from .config import SEARCHED_METHODS, VERSION, ConvertConfig
 from .errors import CalibrationError, InputModelError, OutputError, VerificationError
@@ -21,7 +21,8 @@ from .graph.io import (TARGET_KEY, check_model, check_output_path, float_op_coun
 from .graph.placement import plan_placement
 from .graph.prepare import fold_affine, fuse_hardswish, prepare, upgrade_opset
 from .graph.rewrite import apply_plan
-from .graph.targets import find_targets, initializer_array
+from .graph.large import model_bytes, weights_folder
+from .graph.targets import WeightMap, find_targets, initializer_array
 from .graph.tidy import tidy
 from .plan.acts import plan_acts, tie
 from .plan.biases import code_biases
@@ -29,14 +30,15 @@ from .plan.layers import make_plan, plan_layer
 from .plan.rules import DEFAULT_TARGET
 from .plan.shared import share_weights
 from .report import build_report, clipped_share
-from .runtime import session
+from .runtime import give_back_memory, session
 from .search.choose import best_method, choose_ranges
 from .search.lapq import lapq_search
 from .search.mixed import choose_bits
 from .search.probe import Probe
 from .search.protect import check_probe, choose_rounding, protect_layers
 from .search.sequential import sequential_layers
-from .types import Conversion, Feed, Inspection, LayerInfo, Progress, Report, SkippedReport, Stats, log
+from .types import (Conversion, Feed, Inspection, LayerInfo, LayerStats, Progress, Report, SkippedReport,
+                    Stats, log)
 from .verify import fidelity
 
 if TYPE_CHECKING:
@@ -51,6 +53,7 @@ ROUNDING_CANDIDATES = ("gptq", "mse")   # weight methods the low-bit layers are 
 CHOICE_SAMPLES = 8     # samples the per-tensor range choice fits (the next as many check it)
 POOR_AGREEMENT = 0.9   # below this top-1 agreement (or POOR_SQNR_DB) the summary warns loudly
 POOR_SQNR_DB = 10.0
+HESSIAN_SHARE = 0.5    # weights on disk: second moments held at once, a share of the weights' bytes
 
 
 def convert(model: "str | os.PathLike | onnx.ModelProto", config: ConvertConfig | None = None,
@@ -146,18 +149,53 @@ def calibrate(c: Conversion, stats: Stats | str | None, save_stats: str | None,
               progress: Progress | None) -> None:
     if isinstance(stats, str):
         stats = load_stats(stats)
+    on_disk = weights_folder(c.prepared) is not None
+    c.weights = (WeightMap(c.prepared, c.targets) if on_disk
+                 else {t.node: initializer_array(c.prepared, t.graph, t.weight) for t in c.targets})
+    c.biases = {t.node: initializer_array(c.prepared, t.graph, t.bias) for t in c.targets if t.bias}
     if stats is None:
         hessians = needs_hessians(c.cfg, c.targets) or bool(save_stats)
-        stats = collect(c.prepared, c.targets, c.calib, hessians=hessians, rows_per_sample=c.cfg.rows_per_sample,
-                        seed=c.cfg.seed, progress=progress, extra=c.placement.observe)
+        if hessians and on_disk and not save_stats and one_pass_plan(c.cfg):
+            stats = calibrate_in_chunks(c, progress)
+        else:
+            stats = collect(c.prepared, c.targets, c.calib, hessians=hessians, rows_per_sample=c.cfg.rows_per_sample,
+                            seed=c.cfg.seed, progress=progress, extra=c.placement.observe)
     if save_stats:
         try:
             stats.save(save_stats)
         except OSError as e:
             raise OutputError(f"could not save the statistics to {save_stats}: {e.strerror or e}") from None
     c.stats = stats
-    c.weights = {t.node: initializer_array(c.prepared, t.graph, t.weight) for t in c.targets}
-    c.biases = {t.node: initializer_array(c.prepared, t.graph, t.bias) for t in c.targets if t.bias}
+
+
+def one_pass_plan(cfg: ConvertConfig) -> bool:
+    """Each layer planned from its own statistics alone (no mixed precision, sequential mode or
+    branches, which need every layer's statistics at once)."""
+    return not (cfg.mixed or cfg.sequential_on or cfg.rank_budget > 0)
+
+
+def calibrate_in_chunks(c: Conversion, progress: Progress | None) -> Stats:
+    """For weights left on disk: one calibration pass per group of layers whose H fit in
+    HESSIAN_SHARE of the weights' bytes; each group is planned as soon as its H is known and the
+    H dropped, so second moments never take more memory than that share."""
+    budget = HESSIAN_SHARE * model_bytes(c.prepared)
+    chunks = hessian_chunks(c.targets, budget)
+    stats = None
+    for nodes in chunks:
+        part = collect(c.prepared, c.targets, c.calib, hessians=nodes, rows_per_sample=c.cfg.rows_per_sample,
+                       seed=c.cfg.seed, progress=progress, extra=c.placement.observe)
+        stats = stats or part                 # ranges and means: the same from every pass
+        for t in c.targets:
+            ls = part.layers.get(t.node)
+            if t.node in nodes and ls is not None:
+                lp = plan_layer(t, c.weights[t.node], c.biases.get(t.node), ls, c.cfg)
+                c.early[t.node] = dataclasses.replace(lp, fit_hessian=None)
+                stats.layers[t.node] = LayerStats(None, ls.mean, ls.rows)
+        del part
+        give_back_memory()
+    log.info(f"weights on disk: {len(chunks)} calibration passes, second moments of at most "
+             f"{budget / 1e9:.2f} GB at a time")
+    return stats
 
 
 def needs_hessians(cfg: ConvertConfig, targets) -> bool:
@@ -188,7 +226,14 @@ def plan(c: Conversion, progress: Progress | None) -> None:
         layers = sequential_layers(c.prepared, c.targets, c.calib, c.stats, c.weights, c.biases, c.cfg,
                                    progress)
     act_plan = plan_acts(c.stats.acts, c.cfg, c.placement.tied)
-    if layers is None and (c.cfg.protect_on or c.cfg.rounding_choice):
+    if c.early:
+        layers = [c.early.get(t.node) or plan_layer(t, c.weights[t.node], c.biases.get(t.node),
+                                                    c.stats.layers.get(t.node), c.cfg) for t in c.targets]
+        if c.cfg.protect_on or c.cfg.rounding_choice:
+            c.warn("protection of sensitive layers and the choice of rounding were skipped: the model's weights "
+                   "stay on disk (over the large-model threshold) and those network probes would hold every "
+                   "weight in memory at once")
+    elif layers is None and (c.cfg.protect_on or c.cfg.rounding_choice):
         layers = low_bits(c, act_plan, progress)
     probe = None
     if c.cfg.rank_budget > 0:
@@ -253,6 +298,7 @@ def search(c: Conversion, progress: Progress | None) -> None:
     ref_sess = session(c.prepared)
     reference = [ref_sess.run(None, f) for f in feeds]
     check_ref = [ref_sess.run(None, f) for f in check]
+    del ref_sess                     # its weights leave memory before the search session loads its own
     if c.cfg.act_method_name == "best":
         acts, c.ranges = best_method(c.prepared, c.plan, c.stats.acts, feeds + check, reference + check_ref, c.cfg)
     elif c.cfg.act_method_name == "auto":
@@ -262,6 +308,7 @@ def search(c: Conversion, progress: Progress | None) -> None:
         acts, c.search = lapq_search(c.prepared, c.plan, c.stats.acts, feeds, reference, c.cfg,
                                      progress, check, check_ref)
     c.plan.acts = tie(acts, c.placement.tied)
+    give_back_memory()
     if c.ranges is not None:
         log.info(f"activation ranges: {c.ranges.chosen}")
 

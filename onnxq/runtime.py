@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import tempfile
 import time
 from typing import TYPE_CHECKING
@@ -10,7 +11,7 @@ import numpy as np
 import onnxruntime as ort
 
 from .errors import RuntimeModelError
-from .graph.large import is_large, write_external
+from .graph.large import is_large, weights_folder, without_basepath, write_external
 
 if TYPE_CHECKING:
     import onnx
@@ -37,6 +38,11 @@ def session(model: "onnx.ModelProto | bytes | str", threads: int = THREADS,
     try:
         if isinstance(model, (bytes, str)):
             return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+        folder = weights_folder(model)
+        if folder is not None:           # weights left on disk: read from their own folder
+            so.add_session_config_entry("session.model_external_initializers_file_folder_path", folder)
+            return ort.InferenceSession(without_basepath(model).SerializeToString(), so,
+                                        providers=["CPUExecutionProvider"])
         if not is_large(model):
             return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
         with tempfile.TemporaryDirectory(prefix="onnxq-") as d:   # read at load, removed right after
@@ -46,6 +52,15 @@ def session(model: "onnx.ModelProto | bytes | str", threads: int = THREADS,
         raise
     except Exception as e:   # onnxruntime raises its own types; one line says what it found
         raise RuntimeModelError(f"onnxruntime cannot load the model: {_first_line(e)}") from None
+
+
+def give_back_memory() -> None:
+    """Hand freed heap pages back to the system. glibc keeps what a dropped session or a large
+    intermediate freed, so a large model's next stage would start from the last one's peak."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):       # not glibc: nothing to do
+        pass
 
 
 def _first_line(e: Exception) -> str:

@@ -224,7 +224,7 @@ class LayerPlan:
     target: Target
     bits: int
     method: str
-    codes: np.ndarray            # weight codes in the original weight layout (int32)
+    codes: np.ndarray            # weight codes in the original weight layout (int8: 2 to 8 bits fit)
     scales: np.ndarray           # [channels along axis]
     axis: int
     bias: np.ndarray | None      # corrected bias (float32) or None to keep the original
@@ -507,6 +507,7 @@ class Conversion:
     plan: Plan | None = None
     mixed: MixedSummary | None = None
     planned: dict = field(default_factory=dict)       # node -> LayerPlan already made at its bits (mixed)
+    early: dict = field(default_factory=dict)         # node -> LayerPlan made during chunked calibration
     search: SearchSummary | None = None
     ranges: ChoiceSummary | None = None
     protect: ProtectSummary | None = None

@@ -9,7 +9,7 @@ import numpy as np
 from .algos.metrics import compare_outputs
 from .errors import VerificationError
 from .types import Fidelity, OutputMetrics
-from .runtime import session
+from .runtime import give_back_memory, session
 
 if TYPE_CHECKING:
     import onnx
@@ -17,17 +17,21 @@ if TYPE_CHECKING:
 
 def fidelity(ref_model: "onnx.ModelProto | bytes | str", cand_model: "onnx.ModelProto | bytes | str",
              loaders: Sequence[Callable[[], dict]], labels: np.ndarray | None = None) -> Fidelity:
-    """Per-output metrics plus a summary (worst cosine, first classifier output's agreement)."""
-    ref_s, cand_s = session(ref_model), session(cand_model)
+    """Per-output metrics plus a summary (worst cosine, first classifier output's agreement).
+    One session at a time: a large model's two weight sets are never in memory together."""
+    ref_s = session(ref_model)
     names = [o.name for o in ref_s.get_outputs()]
     ref_out: dict[str, list] = {n: [] for n in names}
     cand_out: dict[str, list] = {n: [] for n in names}
     for load in loaders:
-        feed = load()
-        for n, a in zip(names, ref_s.run(names, feed)):
+        for n, a in zip(names, ref_s.run(names, load())):
             ref_out[n].append(np.asarray(a))
+    del ref_s
+    give_back_memory()
+    cand_s = session(cand_model)
+    for load in loaders:
         try:
-            res = cand_s.run(names, feed)
+            res = cand_s.run(names, load())
         except Exception as e:
             raise VerificationError(f"the quantized model failed to run in onnxruntime: "
                                     f"{str(e).splitlines()[0][:200]}") from None

@@ -28,10 +28,13 @@ def test_a_large_model_converts_through_external_data_and_leaves_nothing_behind(
     onnx.save_model(src, str(folder / "m.onnx"), save_as_external_data=True, location="m.onnx.data",
                     size_threshold=0)                                  # an external-data input
     calib = str(ROOT / "models" / "digits_calib")
-    small, _ = onnxq.convert(str(ROOT / "models" / "digits_cnn.onnx"), onnxq.ConvertConfig(bits=bits), calib=calib)
+    # weights left on disk are planned layer group by layer group, without the network probes of
+    # protection and the rounding choice: the in-memory path without them gives the same model
+    cfg = onnxq.ConvertConfig(bits=bits, protect=0.0, weight_method="gptq" if bits < 8 else "auto")
+    small, _ = onnxq.convert(str(ROOT / "models" / "digits_cnn.onnx"), cfg, calib=calib)
     before = _leftovers()
     monkeypatch.setattr(large, "EXTERNAL_THRESHOLD", 1000)
-    q, rep = onnxq.convert(str(folder / "m.onnx"), onnxq.ConvertConfig(bits=bits), calib=calib)
+    q, rep = onnxq.convert(str(folder / "m.onnx"), cfg, calib=calib)
     assert rep.size_before > 1000 and large.is_large(q)
     out = tmp_path / "out" / "m.q.onnx"
     out.parent.mkdir()
@@ -44,3 +47,15 @@ def test_a_large_model_converts_through_external_data_and_leaves_nothing_behind(
     want = ort.InferenceSession(small.SerializeToString()).run(None, feed)[0]
     np.testing.assert_array_equal(got, want)           # the same model as the in-memory path gives
     assert all(t.HasField("raw_data") or t.int32_data or t.float_data for t in q.graph.initializer)  # kept in memory
+
+
+def test_weights_on_disk_skip_the_probes_that_would_load_them_all_and_say_so(tmp_path, monkeypatch):
+    src = onnx.load(str(ROOT / "models" / "digits_cnn.onnx"))
+    onnx.save_model(src, str(tmp_path / "m.onnx"), save_as_external_data=True, location="m.onnx.data",
+                    size_threshold=0)
+    monkeypatch.setattr(large, "EXTERNAL_THRESHOLD", 1000)
+    q, rep = onnxq.convert(str(tmp_path / "m.onnx"), onnxq.ConvertConfig(bits=4),
+                           calib=str(ROOT / "models" / "digits_calib"))
+    assert rep.protect is None and rep.rounding is None
+    assert any("protection of sensitive layers" in w and "stay on disk" in w for w in rep.warnings)
+    assert rep.fidelity.top1_agreement > 0.9

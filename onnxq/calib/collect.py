@@ -80,16 +80,18 @@ def wants_hessian(t: Target) -> bool:
 
 
 def collect(model: "onnx.ModelProto", targets: Sequence[Target], loaders: Sequence[Callable[[], Feed]],
-            *, hessians: bool, rows_per_sample: int, seed: int,
+            *, hessians: "bool | set[str]", rows_per_sample: int, seed: int,
             progress: Progress | None = None, extra: Sequence[str] = ()) -> Stats:
     """Range statistics of every target's activation (and of the `extra` tensors), E[x] per
-    layer and, with `hessians`, H = E[x x^T] per layer."""
+    layer and, with `hessians` (True, or the set of layers that want it), H = E[x x^T] per layer.
+    The means are the same whichever layers gather H (the same rows are drawn)."""
     acts = sorted({t.act for t in targets if t.act} | set(extra))
     if not acts:
         return Stats(samples=len(loaders))
     router = Router(model, acts)
     hist = {a: RangeHistogram() for a in acts}
-    moments = {t.node: SecondMoment(t.row_groups, _k(t), hessians) for t in targets if wants_hessian(t)}
+    second = (lambda t: hessians) if isinstance(hessians, bool) else (lambda t: t.node in hessians)
+    moments = {t.node: SecondMoment(t.row_groups, _k(t), second(t)) for t in targets if wants_hessian(t)}
     by_act: dict[str, list[Target]] = {}
     for t in targets:
         if t.node in moments:
@@ -112,7 +114,7 @@ def collect(model: "onnx.ModelProto", targets: Sequence[Target], loaders: Sequen
                                        f"calibration sample {i}: check the model and the data's scaling")
             hist[name].update(v, (lo, hi))
             for t in by_act.get(name, ()):
-                if hessians:
+                if moments[t.node].h is not None:
                     moments[t.node].update(layer_rows(v, t, rows_per_sample, rng))
                 else:
                     moments[t.node].add_sums(*layer_sums(v, t, rows_per_sample, rng))
@@ -126,6 +128,23 @@ def collect(model: "onnx.ModelProto", targets: Sequence[Target], loaders: Sequen
         if m.n:
             st.layers[node] = LayerStats(m.hessian, m.mean, m.n)
     return st
+
+
+def hessian_chunks(targets: Sequence[Target], budget_bytes: float) -> list[set[str]]:
+    """The layers that gather H, in groups whose float64 H fit `budget_bytes` together (one layer
+    at least per group): one calibration pass per group keeps a large model's statistics small."""
+    chunks: list[set[str]] = []
+    used = budget_bytes + 1
+    for t in targets:
+        if not wants_hessian(t):
+            continue
+        size = 8.0 * t.row_groups * _k(t) ** 2
+        if used + size > budget_bytes:
+            chunks.append(set())
+            used = 0.0
+        chunks[-1].add(t.node)
+        used += size
+    return chunks
 
 
 def _k(t: Target) -> int:

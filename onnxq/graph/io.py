@@ -13,7 +13,8 @@ from google.protobuf.message import DecodeError
 
 from ..errors import InputModelError, OutputError
 from ..types import InputSpec
-from .large import is_large, write_external
+from . import large
+from .large import BASEPATH, external_bytes, is_large, weights_folder, without_basepath, write_external
 from .walk import graphs
 
 MIN_OPSET = 11
@@ -86,10 +87,31 @@ def _load_external(model: onnx.ModelProto, p: Path) -> None:
                                   "folder; onnxq reads only files beside the model")
         if not where.is_file():
             raise InputModelError(f"external data file '{loc}' of {p} is missing: keep it beside the model")
+    if _leave_on_disk(model, folder):
+        return
     try:
         onnx.load_external_data_for_model(model, str(p.parent))
     except (OSError, ValueError) as e:
         raise InputModelError(f"external data of {p} could not be read: {str(e).splitlines()[0][:160]}") from None
+
+
+def _leave_on_disk(model: onnx.ModelProto, folder: Path) -> bool:
+    """Weights of EXTERNAL_THRESHOLD or more stay in their files (graph/large.py); each main-graph
+    external tensor is marked with the folder to read it from. False when the model is small
+    enough to load whole (or keeps external tensors in subgraphs)."""
+    main = [t for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    inner = [t for path, g in graphs(model) if path for t in g.initializer
+             if t.data_location == onnx.TensorProto.EXTERNAL]
+    if inner or sum(external_bytes(t) for t in main) < large.EXTERNAL_THRESHOLD:
+        return False
+    for t in main:
+        t.external_data.add(key=BASEPATH, value=str(folder))
+        e = {x.key: x.value for x in t.external_data}
+        end = int(e.get("offset", 0)) + external_bytes(t)
+        if (folder / e["location"]).stat().st_size < end:
+            raise InputModelError(f"external data file '{e['location']}' is shorter than tensor '{t.name}' "
+                                  "needs: is it truncated?")
+    return True
 
 
 def _check_float32(model: onnx.ModelProto, p: Path) -> None:
@@ -132,6 +154,17 @@ def validate(model: onnx.ModelProto, name: str) -> None:
 def check_model(model: onnx.ModelProto) -> None:
     """onnx.checker on the model (through an external-data copy when it is too large for one
     protobuf; the model in memory is left as it is)."""
+    if weights_folder(model) is not None:
+        # weights left on disk: their files were checked at load (_leave_on_disk); the graph is
+        # checked with empty stand-ins (the checker would look for the files in the working folder)
+        m = without_basepath(model)
+        for t in m.graph.initializer:
+            if t.data_location == onnx.TensorProto.EXTERNAL:
+                del t.external_data[:], t.dims[:]
+                t.data_location = onnx.TensorProto.DEFAULT
+                t.dims.append(0)
+        onnx.checker.check_model(m)
+        return
     if not is_large(model):
         onnx.checker.check_model(model)
         return

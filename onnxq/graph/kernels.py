@@ -23,6 +23,7 @@ from onnx import helper, numpy_helper
 from ..algos.matrix import to_matrix
 from ..plan.rules import nbits_fits
 from ..types import LayerPlan
+from .large import tensor_array
 from .walk import graphs, graphs_in
 
 DOMAIN = "com.microsoft"
@@ -63,7 +64,7 @@ def _constant(g: onnx.GraphProto, name: str, n: int) -> np.ndarray | None:
     init = next((t for t in g.initializer if t.name == name), None)
     if init is None:
         return None
-    value = numpy_helper.to_array(init).astype(np.float32)
+    value = tensor_array(init).astype(np.float32)
     return np.broadcast_to(value.reshape(-1), (n,)).copy() if value.size in (1, n) else None
 
 
@@ -117,7 +118,7 @@ def gather_blocks(g: onnx.GraphProto, node: onnx.NodeProto, lp: LayerPlan) -> bo
         _become(node, "GatherBlockQuantized", [data, node.input[1], scales],
                 gather_axis=0, quantize_axis=1, block_size=block, bits=4)
     else:
-        data = add_initializer(g, f"{pre}/weight_q", (lp.codes + 128).astype(np.uint8))
+        data = add_initializer(g, f"{pre}/weight_q", (lp.codes.astype(np.int16) + 128).astype(np.uint8))
         zero = add_initializer(g, f"{pre}/weight_zero", np.full((v, blocks), 128, np.uint8))
         _become(node, "GatherBlockQuantized", [data, node.input[1], scales, zero],
                 gather_axis=0, quantize_axis=1, block_size=block, bits=8)

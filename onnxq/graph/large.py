@@ -1,11 +1,19 @@
-"""Models over the 2 GiB protobuf limit: their size without serializing them, and external-data
+"""Models over the 2 GiB protobuf limit: their size without serializing them, external-data
 copies written without touching the model in memory (onnx's own external-data saving moves the
-weights out of the in-memory model)."""
+weights out of the in-memory model), and weights left on disk.
+
+An external-data model whose weights reach EXTERNAL_THRESHOLD is loaded without them: each
+external tensor keeps its reference, plus a `basepath` entry naming the (checked) folder it was
+loaded from, and `tensor_array` reads one tensor from its file when it is needed. Sessions load
+such a model from its own folder (runtime.session), and saving copies the bytes file to file, so
+the weights are never all in memory at once."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+
+import numpy as np
 
 import onnx
 from onnx import numpy_helper
@@ -15,21 +23,78 @@ from .walk import graphs
 EXTERNAL_THRESHOLD = 1_800_000_000  # bytes; above this a model is written and run with external data
 
 
+BASEPATH = "basepath"     # external_data key: the folder a weight left on disk is read from
+
+
+def _entries(t: onnx.TensorProto) -> dict[str, str]:
+    return {e.key: e.value for e in t.external_data}
+
+
+def on_disk(t: onnx.TensorProto) -> bool:
+    """Whether the tensor's bytes were left on disk at load (read them with tensor_array)."""
+    return t.data_location == onnx.TensorProto.EXTERNAL and BASEPATH in _entries(t)
+
+
+def disk_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
+    return [t for _, g in graphs(model) for t in g.initializer if on_disk(t)]
+
+
+def external_bytes(t: onnx.TensorProto) -> int:
+    e = _entries(t)
+    if "length" in e:
+        return int(e["length"])
+    return int(np.prod(t.dims, dtype=np.int64)) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+
+
+def raw_bytes(t: onnx.TensorProto) -> bytes:
+    """A tensor's little-endian bytes, read from its file when it was left on disk."""
+    if on_disk(t):
+        e = _entries(t)
+        with open(Path(e[BASEPATH]) / e["location"], "rb") as f:
+            f.seek(int(e.get("offset", 0)))
+            return f.read(external_bytes(t))
+    return t.raw_data if t.HasField("raw_data") else numpy_helper.to_array(t).tobytes()
+
+
+def tensor_array(t: onnx.TensorProto) -> np.ndarray:
+    """numpy_helper.to_array, for tensors in memory and tensors left on disk alike."""
+    if not on_disk(t):
+        return numpy_helper.to_array(t)
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(t.data_type)
+    return np.frombuffer(raw_bytes(t), dtype=dtype).reshape(tuple(t.dims)).copy()
+
+
+def weights_folder(model: onnx.ModelProto) -> str | None:
+    """The folder the model's on-disk weights come from (None: all in memory)."""
+    return next((_entries(t)[BASEPATH] for t in disk_tensors(model)), None)
+
+
+def without_basepath(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy whose external references name only location, offset and length (what
+    onnxruntime and the checker accept), to be resolved against weights_folder(model)."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    for t in disk_tensors(m):
+        keep = [(e.key, e.value) for e in t.external_data if e.key != BASEPATH]
+        del t.external_data[:]
+        for k, v in keep:
+            t.external_data.add(key=k, value=v)
+    return m
+
+
 def model_bytes(model: onnx.ModelProto) -> int:
-    """The model's serialized size; past the protobuf limit (where ByteSize raises) the sum of its
-    tensors' bytes."""
+    """The model's serialized size with its weights (those left on disk counted too); past the
+    protobuf limit (where ByteSize raises) the sum of its tensors' bytes."""
+    outside = sum(external_bytes(t) for t in disk_tensors(model))
     try:
-        return model.ByteSize()
+        return model.ByteSize() + outside
     except Exception:
-        return sum(t.ByteSize() for _, g in graphs(model) for t in g.initializer)
+        return sum(t.ByteSize() for _, g in graphs(model) for t in g.initializer) + outside
 
 
 def is_large(model: onnx.ModelProto) -> bool:
-    return model_bytes(model) >= EXTERNAL_THRESHOLD
-
-
-def _tensor_bytes(t: onnx.TensorProto) -> bytes:
-    return t.raw_data if t.HasField("raw_data") else numpy_helper.to_array(t).tobytes()
+    """Written and run through external data: too big for one protobuf, or weights left on disk."""
+    return model_bytes(model) >= EXTERNAL_THRESHOLD or bool(disk_tensors(model))
 
 
 def write_external(model: onnx.ModelProto, folder: str | os.PathLike, name: str) -> Path:
@@ -50,7 +115,7 @@ def write_external(model: onnx.ModelProto, folder: str | os.PathLike, name: str)
     offset = 0
     with open(folder / data_name, "wb") as f:
         for t in g.initializer:
-            raw = _tensor_bytes(t)
+            raw = raw_bytes(t)
             ref = s.initializer.add()
             ref.name, ref.data_type = t.name, t.data_type
             ref.dims.extend(t.dims)

@@ -10,6 +10,7 @@ from onnx import numpy_helper, version_converter
 
 from ..errors import InputModelError
 from .io import opset_of
+from .large import tensor_array
 from .walk import attr, graphs, used_names
 
 
@@ -96,14 +97,14 @@ def fold_batchnorm(model: onnx.ModelProto) -> int:
                 continue
             if not all(n in inits for n in bn.input[1:5]):
                 continue
-            gamma, beta, mean, var = (numpy_helper.to_array(inits[n]).astype(np.float64)
+            gamma, beta, mean, var = (tensor_array(inits[n]).astype(np.float64)
                                       for n in bn.input[1:5])
             eps = float(attr(bn, "epsilon", 1e-5))
-            w = numpy_helper.to_array(inits[conv.input[1]]).astype(np.float64)
+            w = tensor_array(inits[conv.input[1]]).astype(np.float64)
             if w.dtype.kind != "f" or w.shape[0] != gamma.shape[0]:
                 continue
             k = gamma / np.sqrt(var + eps)
-            b = (numpy_helper.to_array(inits[conv.input[2]]).astype(np.float64)
+            b = (tensor_array(inits[conv.input[2]]).astype(np.float64)
                  if len(conv.input) > 2 and conv.input[2] in inits else np.zeros_like(mean))
             w_name, b_name = conv.name + "/folded_weight", conv.name + "/folded_bias"
             _replace_init(g, w_name, w * k.reshape(-1, *([1] * (w.ndim - 1))))
@@ -137,7 +138,7 @@ def _scaled_copy(g: onnx.GraphProto, inits: dict, name: str, new_name: str, k: f
     t = inits.get(name)
     if t is None or t.data_type != onnx.TensorProto.FLOAT:
         return None
-    _replace_init(g, new_name, numpy_helper.to_array(t).astype(np.float64) * k)
+    _replace_init(g, new_name, tensor_array(t).astype(np.float64) * k)
     return new_name
 
 
@@ -177,7 +178,7 @@ def _scalar(inits: dict, name: str) -> float | None:
     t = inits.get(name)
     if t is None:
         return None
-    v = numpy_helper.to_array(t)
+    v = tensor_array(t)
     return float(v.reshape(-1)[0]) if v.size == 1 else None
 
 
@@ -205,7 +206,7 @@ def _channel_constant(inits: dict, name: str, channels: int) -> np.ndarray | Non
     t = inits.get(name)
     if t is None or t.data_type != onnx.TensorProto.FLOAT:
         return None
-    v = numpy_helper.to_array(t).astype(np.float64)
+    v = tensor_array(t).astype(np.float64)
     if v.size == 1:
         return np.full(channels, float(v.reshape(-1)[0]))
     squeezed = v.reshape(-1)
@@ -227,8 +228,8 @@ def fold_affine(model: onnx.ModelProto) -> int:
     for conv in list(g.node):
         if conv.op_type != "Conv" or len(conv.input) < 2 or conv.input[1] not in inits:
             continue
-        w = numpy_helper.to_array(inits[conv.input[1]]).astype(np.float64)
-        b = (numpy_helper.to_array(inits[conv.input[2]]).astype(np.float64)
+        w = tensor_array(inits[conv.input[1]]).astype(np.float64)
+        b = (tensor_array(inits[conv.input[2]]).astype(np.float64)
              if len(conv.input) > 2 and conv.input[2] in inits else np.zeros(w.shape[0]))
         changed = False
         for op in ("Mul", "Add"):

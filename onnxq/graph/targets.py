@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Callable
 
 import onnx
-from onnx import numpy_helper
 
 from ..types import ConvGeometry, Skipped, Target
+from .large import tensor_array
 from .walk import attr, graphs, loop_scopes
 
 WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -150,7 +151,7 @@ def initializer_array(model: onnx.ModelProto, graph: str, name: str):
         if graph.startswith(path):
             for init in g.initializer:
                 if init.name == name:
-                    return numpy_helper.to_array(init)
+                    return tensor_array(init)
     raise KeyError(name)
 
 
@@ -169,3 +170,21 @@ def target_ancestors(model: onnx.ModelProto, targets) -> dict[str, set[str]]:
         for o in node.output:
             producer_anc[o] = anc
     return out
+
+
+class WeightMap(Mapping):
+    """node -> weight array of the targets, read from the model on each access: for a model whose
+    weights were left on disk (graph/large.py), so they are never all in memory at once."""
+
+    def __init__(self, model: onnx.ModelProto, targets) -> None:
+        self.model = model
+        self.where = {t.node: (t.graph, t.weight) for t in targets}
+
+    def __getitem__(self, node: str):
+        return initializer_array(self.model, *self.where[node])
+
+    def __iter__(self):
+        return iter(self.where)
+
+    def __len__(self) -> int:
+        return len(self.where)

@@ -175,7 +175,7 @@ def refine(lp: LayerPlan, wm: np.ndarray, h: np.ndarray, cfg: ConvertConfig, ite
     q, w_new, a, b = best[1]
     if lp.bias is not None and lp.input_mean is not None:
         lp.bias = (lp.bias.astype(np.float64) - (w_new - w_hat) @ lp.input_mean[0]).astype(np.float32)
-    lp.codes = from_matrix(q.codes, t.weight_layout, t.shape).astype(np.int32)
+    lp.codes = from_matrix(q.codes, t.weight_layout, t.shape).astype(np.int8)
     lp.scales = q.scales
     lp.branch = Branch(rank, 32, a, b, init=br.init)
     return before

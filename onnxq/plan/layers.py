@@ -98,7 +98,7 @@ def plan_table(t: Target, w: np.ndarray, cfg: ConvertConfig) -> LayerPlan:
     wq = mse(rows, bits, None, TABLE_CLIP_FLOOR_8BIT if bits >= 8 else 0.0)
     codes, scales = wq.codes.reshape(v, d), (wq.scales.reshape(v, d // block) if block else wq.scales)
     plan = LayerPlan(target=t, bits=bits, method=wq.method + (f" (blocks of {block})" if block else ""),
-                     codes=codes.astype(np.int32), scales=scales, axis=1 if block else 0, bias=None,
+                     codes=codes.astype(np.int8), scales=scales, axis=1 if block else 0, bias=None,
                      note=note, block=block)
     plan.sqnr_db = sqnr_db(w, dequantize_rows(codes, scales))
     return plan
@@ -131,7 +131,7 @@ def plan_layer(t: Target, w: np.ndarray, bias: np.ndarray | None, ls: LayerStats
     wq = _quantize(method, wm, bits, h, groups, cfg.damp)
     w_hat = wq.codes * wq.scales[:, None]
     plan = LayerPlan(target=t, bits=bits, method=wq.method,
-                     codes=from_matrix(wq.codes, t.weight_layout, t.shape).astype(np.int32),
+                     codes=from_matrix(wq.codes, t.weight_layout, t.shape).astype(np.int8),
                      scales=wq.scales, axis=AXIS[t.weight_layout], bias=None, note=note,
                      source_bias=bias)
     if ls is not None:
@@ -174,7 +174,7 @@ def plan_compensated(t: Target, w: np.ndarray, bias: np.ndarray | None, ps: Pair
     wq = quantize_weight(method, v, bits, hq, groups, damp=cfg.damp)
     w_hat = wq.codes * wq.scales[:, None]
     plan = LayerPlan(target=t, bits=bits, method=f"{wq.method}+compensated",
-                     codes=from_matrix(wq.codes, t.weight_layout, t.shape).astype(np.int32),
+                     codes=from_matrix(wq.codes, t.weight_layout, t.shape).astype(np.int8),
                      scales=wq.scales, axis=AXIS[t.weight_layout], bias=None, note=note,
                      source_bias=bias)
     plan.sqnr_db = _weighted_sqnr(v, w_hat, hq, groups)
