@@ -2,10 +2,10 @@
 RSS against the weights' bytes, the output's size, whether it runs in onnxruntime and agrees with
 FP32, and whether any temporary file is left.
 
-    python benchmarks/large_model.py                       # 2.55 GB: 38 MatMul layers of 4096 x 4096
+    python benchmarks/large_model.py --layers 152 --width 2048   # 2.55 GB (the default: 38 layers of 4096)
     python benchmarks/large_model.py --layers 4 --json out.json
 
-The model is a stack of MatMul + bias + Tanh layers with random (seeded) weights scaled like a
+The model is a stack of residual blocks x + tanh(x W + b) with random (seeded) weights scaled like a
 trained layer's, written straight into external data (the builder never holds the whole model).
 Each conversion runs in its own child process; its peak RSS comes from the kernel (wait4).
 """
@@ -22,44 +22,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-import onnx
-from onnx import TensorProto, helper
 
-
-def build(folder: Path, layers: int, width: int, seed: int = 0) -> tuple[Path, int]:
-    """`folder/big.onnx` + `folder/big.onnx.data`; returns the model path and the weights' bytes."""
-    rng = np.random.default_rng(seed)
-    nodes, inits = [], []
-    offset = 0
-    data = folder / "big.onnx.data"
-    with open(data, "wb") as f:
-        def external(name: str, arr: np.ndarray) -> None:
-            nonlocal offset
-            raw = arr.astype(np.float32).tobytes()
-            t = TensorProto(name=name, data_type=TensorProto.FLOAT, dims=arr.shape)
-            t.data_location = TensorProto.EXTERNAL
-            for k, v in (("location", data.name), ("offset", str(offset)), ("length", str(len(raw)))):
-                t.external_data.add(key=k, value=v)
-            f.write(raw)
-            offset += len(raw)
-            inits.append(t)
-
-        x = "x"
-        for i in range(layers):
-            w = rng.standard_normal((width, width), dtype=np.float32) * np.float32(1.5 / np.sqrt(width))
-            external(f"w{i}", w)
-            external(f"b{i}", rng.standard_normal(width, dtype=np.float32) * np.float32(0.1))
-            del w
-            nodes += [helper.make_node("MatMul", [x, f"w{i}"], [f"m{i}"], name=f"mm{i}"),
-                      helper.make_node("Add", [f"m{i}", f"b{i}"], [f"a{i}"], name=f"add{i}"),
-                      helper.make_node("Tanh", [f"a{i}"], [f"h{i}"], name=f"tanh{i}")]
-            x = f"h{i}"
-    graph = helper.make_graph(nodes, "big", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "T", width])],
-                              [helper.make_tensor_value_info(x, TensorProto.FLOAT, [1, "T", width])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    path = folder / "big.onnx"
-    path.write_bytes(model.SerializeToString())
-    return path, offset
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from builders import matmul_stack  # noqa: E402
 
 
 def samples(folder: Path, n: int, width: int, tokens: int, seed: int) -> None:
@@ -111,7 +76,7 @@ def main() -> None:
     work = Path(a.keep or tempfile.mkdtemp(prefix="large-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    src, weight_bytes = build(work, a.layers, a.width)
+    src, weight_bytes = matmul_stack(work, a.layers, a.width)
     samples(work / "calib", a.samples, a.width, a.tokens, 1)
     print(f"built {src} ({weight_bytes / 1e9:.2f} GB of weights) in {time.perf_counter() - t0:.0f} s", flush=True)
     feed = {"x": np.random.default_rng(99).standard_normal((1, a.tokens, a.width)).astype(np.float32)}
@@ -138,7 +103,7 @@ def main() -> None:
         print(json.dumps(row), flush=True)
         for p in work.glob(f"big.w{bits}.onnx*"):
             p.unlink()
-    print(f"\n| bits | weights GB | exit | conv s | peak RSS GB | peak / weights | output GB | cosine | temp left |")
+    print("\n| bits | weights GB | exit | conv s | peak RSS GB | peak / weights | output GB | cosine | temp left |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| W{r['bits']} | {r['weights_gb']} | {r['rc']} | {r['seconds']} | {r['peak_rss_gb']} | "

@@ -316,6 +316,10 @@ def search(c: Conversion, progress: Progress | None) -> None:
 def rewrite(c: Conversion) -> None:
     c.qmodel = tidy(apply_plan(c.prepared, code_biases(c.plan)))
     c.qmodel.producer_name, c.qmodel.producer_version = "onnxq", VERSION
+    if c.early:               # weights on disk: the codes now live in the model; the plan's copy goes
+        for lp in c.plan.layers:
+            lp.codes = np.zeros(0, np.int8)
+        give_back_memory()
     if c.cfg.target != DEFAULT_TARGET:
         set_metadata(c.qmodel, TARGET_KEY, c.cfg.target)
 

@@ -38,16 +38,17 @@ def session(model: "onnx.ModelProto | bytes | str", threads: int = THREADS,
     try:
         if isinstance(model, (bytes, str)):
             return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+        if not is_large(model):
+            return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        # a large model's quantized weights stay quantized in memory (dequantized per run, not
+        # constant-folded to float at load): memory, not speed, is what bounds a large model
+        light = {"providers": ["CPUExecutionProvider"], "disabled_optimizers": ["ConstantFolding"]}
         folder = weights_folder(model)
         if folder is not None:           # weights left on disk: read from their own folder
             so.add_session_config_entry("session.model_external_initializers_file_folder_path", folder)
-            return ort.InferenceSession(without_basepath(model).SerializeToString(), so,
-                                        providers=["CPUExecutionProvider"])
-        if not is_large(model):
-            return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+            return ort.InferenceSession(without_basepath(model).SerializeToString(), so, **light)
         with tempfile.TemporaryDirectory(prefix="onnxq-") as d:   # read at load, removed right after
-            return ort.InferenceSession(str(write_external(model, d, "m.onnx")), so,
-                                        providers=["CPUExecutionProvider"])
+            return ort.InferenceSession(str(write_external(model, d, "m.onnx")), so, **light)
     except RuntimeModelError:
         raise
     except Exception as e:   # onnxruntime raises its own types; one line says what it found

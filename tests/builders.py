@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
@@ -52,3 +54,42 @@ def conv_zoo(rng: np.random.Generator, opset: int = 13) -> onnx.ModelProto:
         helper.make_node("Transpose", ["m2"], ["y"], perm=[1, 0]),
     ]
     return make_model(nodes, [vi("x", ["N", 3, 12, 12])], [vi("y", ["N", 6])], inits, opset=opset)
+
+
+def matmul_stack(folder: Path, layers: int, width: int, seed: int = 0) -> tuple[Path, int]:
+    """`folder/big.onnx` + `folder/big.onnx.data`: `layers` residual blocks x + tanh(x W + b)
+    with seeded weights scaled like a trained layer's, written straight into external data (the
+    whole model is never in memory). Returns the model path and the weights' bytes."""
+    rng = np.random.default_rng(seed)
+    nodes, inits = [], []
+    offset = 0
+    data = folder / "big.onnx.data"
+    with open(data, "wb") as f:
+        def external(name: str, arr: np.ndarray) -> None:
+            nonlocal offset
+            raw = arr.astype(np.float32).tobytes()
+            t = TensorProto(name=name, data_type=TensorProto.FLOAT, dims=arr.shape)
+            t.data_location = TensorProto.EXTERNAL
+            for k, v in (("location", data.name), ("offset", str(offset)), ("length", str(len(raw)))):
+                t.external_data.add(key=k, value=v)
+            f.write(raw)
+            offset += len(raw)
+            inits.append(t)
+
+        x = "x"
+        for i in range(layers):
+            w = rng.standard_normal((width, width), dtype=np.float32) * np.float32(1.0 / np.sqrt(width))
+            external(f"w{i}", w)
+            external(f"b{i}", rng.standard_normal(width, dtype=np.float32) * np.float32(0.1))
+            del w
+            nodes += [helper.make_node("MatMul", [x, f"w{i}"], [f"m{i}"], name=f"mm{i}"),
+                      helper.make_node("Add", [f"m{i}", f"b{i}"], [f"a{i}"], name=f"add{i}"),
+                      helper.make_node("Tanh", [f"a{i}"], [f"t{i}"], name=f"tanh{i}"),
+                      helper.make_node("Add", [x, f"t{i}"], [f"h{i}"], name=f"res{i}")]
+            x = f"h{i}"
+    graph = helper.make_graph(nodes, "big", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "T", width])],
+                              [helper.make_tensor_value_info(x, TensorProto.FLOAT, [1, "T", width])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    path = folder / "big.onnx"
+    path.write_bytes(model.SerializeToString())
+    return path, offset

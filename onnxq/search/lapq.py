@@ -61,7 +61,9 @@ class SearchSession:
                     self.biased.append(lp)
                     params += list(bound)
         self.inputs = params
-        self.sess = session(weights_as_inputs(model, self.inputs))
+        model = weights_as_inputs(model, self.inputs)        # one copy of the quantized weights at a time
+        self.sess = session(model)
+        del model
         # a target may emit no Q/DQ for some planned tensor or code no int32 bias (tensorrt's
         # weight-only Gemm): those parameters are not in the graph, and changing them changes nothing
         self.known = {i.name for i in self.sess.get_inputs()}
