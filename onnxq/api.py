@@ -319,6 +319,7 @@ def rewrite(c: Conversion) -> None:
     if c.early:               # weights on disk: the codes now live in the model; the plan's copy goes
         for lp in c.plan.layers:
             lp.codes = np.zeros(0, np.int8)
+        c.plan.biases = {}
         give_back_memory()
     if c.cfg.target != DEFAULT_TARGET:
         set_metadata(c.qmodel, TARGET_KEY, c.cfg.target)

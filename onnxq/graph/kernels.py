@@ -24,6 +24,7 @@ from ..algos.matrix import to_matrix
 from ..plan.rules import nbits_fits
 from ..types import LayerPlan
 from .large import tensor_array
+from .prepare import drop_initializers
 from .walk import graphs, graphs_in
 
 DOMAIN = "com.microsoft"
@@ -160,8 +161,6 @@ def dedupe_weights(model: onnx.ModelProto) -> int:
                 for i, name in enumerate(node.input):
                     if name in rename:
                         node.input[i] = rename[name]
-        keep = [t for t in g.initializer if t.name not in rename]
-        del g.initializer[:]
-        g.initializer.extend(keep)
+        drop_initializers(g, [i for i, t in enumerate(g.initializer) if t.name in rename])
         dropped += len(rename)
     return dropped

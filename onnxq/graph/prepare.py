@@ -127,10 +127,14 @@ def prune_initializers(model: onnx.ModelProto) -> None:
     """Drop initializers no node (in the graph or its subgraphs) reads any more."""
     for _, g in graphs(model):
         used = used_names(g) | {i.name for i in g.input}
-        keep = [t for t in g.initializer if t.name in used]
-        if len(keep) != len(g.initializer):
-            del g.initializer[:]
-            g.initializer.extend(keep)
+        drop_initializers(g, [i for i, t in enumerate(g.initializer) if t.name not in used])
+
+
+def drop_initializers(g: onnx.GraphProto, indices: list[int]) -> None:
+    """Remove initializers by position, in place: re-extending a kept list would copy every kept
+    tensor's bytes once more into the model's memory (a large model's weights twice)."""
+    for i in sorted(indices, reverse=True):
+        del g.initializer[i]
 
 
 def _scaled_copy(g: onnx.GraphProto, inits: dict, name: str, new_name: str, k: float) -> str | None:

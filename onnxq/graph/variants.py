@@ -9,6 +9,7 @@ import onnx
 from onnx import helper
 
 from ..types import ActQuant
+from .prepare import drop_initializers
 from .rewrite import act_pairs, place
 from .walk import graph_by_path
 
@@ -30,14 +31,12 @@ def weights_as_inputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelPro
     m = onnx.ModelProto()
     m.CopyFrom(model)
     wanted = set(names)
-    keep = []
-    for t in m.graph.initializer:
+    moved = []
+    for i, t in enumerate(m.graph.initializer):
         if t.name in wanted:
             m.graph.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
-        else:
-            keep.append(t)
-    del m.graph.initializer[:]
-    m.graph.initializer.extend(keep)
+            moved.append(i)
+    drop_initializers(m.graph, moved)
     return m
 
 
