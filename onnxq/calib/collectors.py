@@ -52,12 +52,17 @@ class RangeHistogram:
         return (float(self.lo), float(self.hi)) if self.hi >= self.lo else (0.0, 0.0)
 
 
+def _span(geo: ConvGeometry) -> list[int]:
+    """The input extent one output position reads along each spatial axis."""
+    return [(k - 1) * d + 1 for k, d in zip(geo.kernel, geo.dilations)]
+
+
 def _positions(x: np.ndarray, geo: ConvGeometry, rows: int, rng: np.random.Generator):
     """Up to `rows` sampled output positions of a conv over x [N, C, *spatial]: (pads, the
     positions' (n, *out) indices, how many)."""
     nd = len(geo.kernel)
     pads = geo.resolve_pads(x.shape[2:])
-    span = [(k - 1) * d + 1 for k, d in zip(geo.kernel, geo.dilations)]
+    span = _span(geo)
     out_shape = tuple((x.shape[2 + i] + pads[i] + pads[i + nd] - span[i]) // geo.strides[i] + 1 for i in range(nd))
     total = x.shape[0] * int(np.prod(out_shape))
     take = min(rows, total)
@@ -73,8 +78,7 @@ def im2col_rows(x: np.ndarray, geo: ConvGeometry, rows: int, rng: np.random.Gene
     pads, idx, take = _positions(x, geo, rows, rng)
     nd = len(geo.kernel)
     xp = np.pad(x, [(0, 0), (0, 0)] + [(pads[i], pads[i + nd]) for i in range(nd)])
-    span = [(k - 1) * d + 1 for k, d in zip(geo.kernel, geo.dilations)]
-    win = np.lib.stride_tricks.sliding_window_view(xp, span, axis=tuple(range(2, 2 + nd)))
+    win = np.lib.stride_tricks.sliding_window_view(xp, _span(geo), axis=tuple(range(2, 2 + nd)))
     win = win[(slice(None), slice(None)) + tuple(slice(None, None, s) for s in geo.strides)
               + tuple(slice(None, None, d) for d in geo.dilations)]              # [N, C, *out, *k]
     if nd == 1:

@@ -106,7 +106,7 @@ def _leave_on_disk(model: onnx.ModelProto, folder: Path) -> bool:
         return False
     for t in main:
         t.external_data.add(key=BASEPATH, value=str(folder))
-        e = {x.key: x.value for x in t.external_data}
+        e = large.entries(t)
         end = int(e.get("offset", 0)) + external_bytes(t)
         if (folder / e["location"]).stat().st_size < end:
             raise InputModelError(f"external data file '{e['location']}' is shorter than tensor '{t.name}' "

@@ -26,13 +26,13 @@ EXTERNAL_THRESHOLD = 1_800_000_000  # bytes; above this a model is written and r
 BASEPATH = "basepath"     # external_data key: the folder a weight left on disk is read from
 
 
-def _entries(t: onnx.TensorProto) -> dict[str, str]:
+def entries(t: onnx.TensorProto) -> dict[str, str]:
     return {e.key: e.value for e in t.external_data}
 
 
 def on_disk(t: onnx.TensorProto) -> bool:
     """Whether the tensor's bytes were left on disk at load (read them with tensor_array)."""
-    return t.data_location == onnx.TensorProto.EXTERNAL and BASEPATH in _entries(t)
+    return t.data_location == onnx.TensorProto.EXTERNAL and BASEPATH in entries(t)
 
 
 def disk_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
@@ -40,7 +40,7 @@ def disk_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
 
 
 def external_bytes(t: onnx.TensorProto) -> int:
-    e = _entries(t)
+    e = entries(t)
     if "length" in e:
         return int(e["length"])
     return int(np.prod(t.dims, dtype=np.int64)) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
@@ -49,7 +49,7 @@ def external_bytes(t: onnx.TensorProto) -> int:
 def raw_bytes(t: onnx.TensorProto) -> bytes:
     """A tensor's little-endian bytes, read from its file when it was left on disk."""
     if on_disk(t):
-        e = _entries(t)
+        e = entries(t)
         with open(Path(e[BASEPATH]) / e["location"], "rb") as f:
             f.seek(int(e.get("offset", 0)))
             return f.read(external_bytes(t))
@@ -66,7 +66,7 @@ def tensor_array(t: onnx.TensorProto) -> np.ndarray:
 
 def weights_folder(model: onnx.ModelProto) -> str | None:
     """The folder the model's on-disk weights come from (None: all in memory)."""
-    return next((_entries(t)[BASEPATH] for t in disk_tensors(model)), None)
+    return next((entries(t)[BASEPATH] for t in disk_tensors(model)), None)
 
 
 def without_basepath(model: onnx.ModelProto) -> onnx.ModelProto:
