@@ -34,7 +34,7 @@ from .runtime import give_back_memory, session
 from .search.choose import best_method, choose_ranges
 from .search.lapq import lapq_search
 from .search.mixed import choose_bits
-from .search.probe import Probe
+from .search.probe import TAILS, Probe
 from .search.protect import check_probe, choose_rounding, protect_layers
 from .search.sequential import sequential_layers
 from .types import (Conversion, Feed, Inspection, LayerInfo, LayerStats, Progress, Report, SkippedReport,
@@ -239,7 +239,7 @@ def plan(c: Conversion, progress: Progress | None) -> None:
     if c.cfg.rank_budget > 0:
         # the probe carries the activation QDQ the emitted model will have: a branch is judged
         # on the network the user gets, not on a float one
-        probe = Probe(c.prepared, c.targets, c.weights, c.calib[:PROBE_SAMPLES], c.biases, act_plan)
+        probe = Probe(c.prepared, c.targets, c.weights, c.calib[:PROBE_SAMPLES], c.biases, act_plan, tails=TAILS)
     c.plan = make_plan(c.targets, c.weights, c.biases, c.stats.layers, c.stats.acts, c.cfg,
                        progress=progress, layers=layers, probe=probe, act_plan=act_plan, planned=c.planned)
     c.plan.target, c.plan.readers = c.cfg.target, dict(c.placement.readers)

@@ -11,7 +11,7 @@ from onnx import helper
 from ..types import ActQuant
 from .prepare import drop_initializers
 from .rewrite import act_pairs, place
-from .walk import graph_by_path
+from .walk import graph_by_path, used_names
 
 
 def augmented(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
@@ -49,4 +49,49 @@ def with_act_qdq(model: onnx.ModelProto, targets, acts: dict[str, ActQuant]) -> 
     before: dict[str, dict[str, list[onnx.NodeProto]]] = {}
     act_pairs(graphs, targets, acts, before)
     place(graphs, before, {})
+    return m
+
+
+def node_reads(node: onnx.NodeProto) -> set[str]:
+    """Every tensor name a node reads, outer-scope names read by its subgraphs included."""
+    names = {i for i in node.input if i}
+    for a in node.attribute:
+        if a.type == onnx.AttributeProto.GRAPH:
+            names |= used_names(a.g)
+        elif a.type == onnx.AttributeProto.GRAPHS:
+            for sub in a.graphs:
+                names |= used_names(sub)
+    return names
+
+
+def cut_names(model: onnx.ModelProto, start: int) -> list[str]:
+    """The tensors made by the main graph's nodes before `start` that nodes from `start` on
+    read: what a tail from `start` needs fed besides the graph's own inputs."""
+    g = model.graph
+    before = {o for n in g.node[:start] for o in n.output if o}
+    reads = set().union(*(node_reads(n) for n in g.node[start:]))
+    return sorted(before & reads)
+
+
+def tail(model: onnx.ModelProto, start: int, types: dict[str, int]) -> onnx.ModelProto:
+    """The main graph from node `start` on as a model of its own: its inputs are the graph
+    inputs it reads and the cut tensors (cut_names, with element types `types`), it keeps the
+    initializers it reads and returns the graph outputs it computes."""
+    g = model.graph
+    nodes = g.node[start:]
+    reads = set().union(*(node_reads(n) for n in nodes))
+    made = {o for n in nodes for o in n.output if o}
+    m = onnx.ModelProto()
+    m.ir_version = model.ir_version
+    m.opset_import.extend(model.opset_import)
+    m.functions.extend(model.functions)
+    t = m.graph
+    t.name = g.name
+    t.node.extend(nodes)
+    t.input.extend(i for i in g.input if i.name in reads)
+    t.input.extend(helper.make_tensor_value_info(n, types[n], None) for n in cut_names(model, start))
+    t.initializer.extend(i for i in g.initializer if i.name in reads)
+    t.sparse_initializer.extend(i for i in g.sparse_initializer if i.values.name in reads)
+    t.output.extend(o for o in g.output if o.name in made)
+    t.value_info.extend(v for v in g.value_info if v.name in made)
     return m

@@ -14,7 +14,7 @@ from ..algos.qmath import stored_bits
 from ..config import ConvertConfig
 from ..plan.layers import dequantized, plan_layer
 from ..types import Feed, LayerPlan, LayerStats, MixedSummary, Progress, Target
-from .probe import Probe
+from .probe import TAILS, Probe
 
 if TYPE_CHECKING:
     import onnx
@@ -45,7 +45,7 @@ def choose_bits(prepared: "onnx.ModelProto", targets: Sequence[Target], weights:
     already planned at their chosen bits (the final plan reuses them; none when branches will be
     planned, as those need each layer's fitting statistics)."""
     choices = sorted(cfg.bit_choices, reverse=True)
-    probe = Probe(prepared, targets, weights, loaders[:TRIAL_SAMPLES], biases)
+    probe = Probe(prepared, targets, weights, loaders[:TRIAL_SAMPLES], biases, tails=TAILS)
     main = probe.targets
     skip_widest = len(choices) > 1 and choices[0] >= NEAR_LOSSLESS
     costs = np.zeros((len(main), len(choices)))

@@ -1,21 +1,41 @@
 """A network-level probe: one onnxruntime session of the float model whose weights are graph
 inputs, so "how far from FP32 are the outputs if these layers get these weights?" is one feed,
 never a rebuilt model. Mixed precision (bit costs) and the low-rank branches (per-layer
-sensitivity, end-to-end check) both ask it."""
+sensitivity, end-to-end check) both ask it.
+
+A probe asked about single layers again and again (`tails`) also keeps sessions of the graph's
+tails: a trial whose layers all sit late in the graph runs from the latest cut before them, fed
+the float tensors cached at that cut, instead of from the graph's inputs. Nothing before a
+changed layer can change, so the answer is the same; a layer halfway down costs half a run."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 import numpy as np
+from onnx import helper
 
 from ..algos.metrics import divergence
-from ..graph.variants import weights_as_inputs, with_act_qdq
+from ..graph.large import is_large
+from ..graph.variants import augmented, cut_names, node_reads, tail, weights_as_inputs, with_act_qdq
 from ..runtime import session
 from ..types import ActQuant, Feed, Target
 
 if TYPE_CHECKING:
     import onnx
+
+TAILS = 8                  # tail sessions a single-layer probe keeps (cuts spread over its layers)
+TAIL_CACHE = 256 << 20     # most bytes of cut tensors a probe caches over all its samples
+
+
+@dataclasses.dataclass
+class Tail:
+    start: int                        # index of the tail's first node in the main graph
+    sess: object                      # its onnxruntime session
+    cached: list[dict[str, np.ndarray]]   # per sample: the cut tensors' float values
+    inputs: set[str]                  # every name it takes (graph inputs and cut tensors)
+    outputs: list[str]                # the graph outputs it computes
 
 
 class Probe:
@@ -27,16 +47,17 @@ class Probe:
     def __init__(self, prepared: "onnx.ModelProto", targets: Sequence[Target],
                  weights: Mapping[str, np.ndarray], loaders: Sequence[Callable[[], Feed]],
                  biases: Mapping[str, np.ndarray] | None = None,
-                 acts: Mapping[str, ActQuant] | None = None):
+                 acts: Mapping[str, ActQuant] | None = None, tails: int = 0):
         """With `acts`, the probed model carries those activation QDQ pairs (weights stay
         inputs), so what it measures includes activation quantization; the reference is still
-        the FP32 model."""
+        the FP32 model. `tails`: how many tail sessions to keep for single-layer trials (0: none)."""
         self.targets = [t for t in targets if not t.graph]
         biases = biases or {}
         self.bias_of = {t.node: t.bias for t in self.targets if t.bias and t.node in biases}
         params = [t.weight for t in self.targets] + list(self.bias_of.values())
         probed = with_act_qdq(prepared, self.targets, dict(acts)) if acts else prepared
-        self.sess = session(weights_as_inputs(probed, params))
+        model = weights_as_inputs(probed, params)
+        self.sess = session(model)
         self.names = [o.name for o in self.sess.get_outputs()]
         self.feeds = [load() for load in loaders]
         self.base = {t.weight: np.asarray(weights[t.node], np.float32) for t in self.targets}
@@ -47,6 +68,59 @@ class Probe:
             self.ref = [ref.run(self.names, f) for f in self.feeds]
         else:
             self.ref = [self.sess.run(self.names, {**f, **self.base}) for f in self.feeds]
+        self.first: dict[str, int] = {}
+        self.tails: list[Tail] = []
+        self.base_out = self.ref
+        if tails > 1 and len(self.targets) > 1 and not is_large(model):
+            if acts:   # outputs a tail does not compute are taken from the probed model's own run
+                self.base_out = [self.sess.run(self.names, {**f, **self.base}) for f in self.feeds]
+            self._keep_tails(model, tails)
+
+    def _keep_tails(self, model: "onnx.ModelProto", count: int) -> None:
+        """Cuts at the first reader of evenly spaced layers; a cut whose tensors would take the
+        cache over TAIL_CACHE is not kept."""
+        readers: dict[str, int] = {}
+        for i, node in enumerate(model.graph.node):
+            for name in node_reads(node):
+                readers.setdefault(name, i)
+        params = {n: [self.weight_of[n]] + ([self.bias_of[n]] if n in self.bias_of else []) for n in self.weight_of}
+        self.first = {n: min(readers.get(p, len(model.graph.node)) for p in ps) for n, ps in params.items()}
+        order = sorted(set(self.first.values()))
+        starts = sorted({order[j * len(order) // count] for j in range(1, count)} - {0})
+        cuts = {s: cut_names(model, s) for s in starts}
+        wanted = sorted(set().union(*cuts.values())) if cuts else []
+        if not wanted:
+            return
+        aug = session(augmented(model, wanted))
+        values = [dict(zip(wanted, aug.run(wanted, {**f, **self.base}))) for f in self.feeds]
+        del aug
+        types = {n: helper.np_dtype_to_tensor_dtype(v.dtype) for n, v in values[0].items()}
+        used = 0
+        for s in starts:
+            size = sum(v[n].nbytes for v in values for n in cuts[s])
+            if used + size > TAIL_CACHE:
+                continue
+            used += size
+            tm = tail(model, s, types)
+            sess = session(tm)
+            self.tails.append(Tail(s, sess, [{n: v[n] for n in cuts[s]} for v in values],
+                                   {i.name for i in tm.graph.input}, [o.name for o in tm.graph.output]))
+
+    def _tail_for(self, nodes) -> Tail | None:
+        """The latest kept tail that starts at or before the first reader of every layer in `nodes`."""
+        if not nodes or not self.tails:
+            return None
+        first = min(self.first[n] for n in nodes)
+        fit = [t for t in self.tails if t.start <= first]
+        return fit[-1] if fit else None
+
+    def _run(self, i: int, feed: Feed, trial: dict, t: Tail | None) -> list[np.ndarray]:
+        if t is None:
+            return self.sess.run(self.names, {**feed, **trial})
+        given = {**t.cached[i], **{k: v for k, v in feed.items() if k in t.inputs},
+                 **{k: v for k, v in trial.items() if k in t.inputs}}
+        got = dict(zip(t.outputs, t.sess.run(t.outputs, given)))
+        return [got[n] if n in got else b for n, b in zip(self.names, self.base_out[i])]
 
     def __call__(self, layer_weights: Mapping[str, "np.ndarray | tuple"]) -> float:
         """Mean divergence over the probe's samples; `layer_weights` maps node -> weight, or
@@ -58,5 +132,6 @@ class Probe:
                 if b is not None and node in self.bias_of:
                     trial[self.bias_of[node]] = np.asarray(b, np.float32).reshape(trial[self.bias_of[node]].shape)
             trial[self.weight_of[node]] = np.asarray(w, np.float32)
-        return float(np.mean([divergence(r, self.sess.run(self.names, {**f, **trial}))
-                              for f, r in zip(self.feeds, self.ref)]))
+        t = self._tail_for(list(layer_weights))
+        return float(np.mean([divergence(r, self._run(i, f, trial, t))
+                              for i, (f, r) in enumerate(zip(self.feeds, self.ref))]))

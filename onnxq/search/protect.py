@@ -20,7 +20,7 @@ from ..algos.qmath import stored_bits
 from ..config import ConvertConfig
 from ..plan.layers import dequantized, plan_layer
 from ..types import ActQuant, Feed, LayerPlan, LayerStats, ProtectSummary, Progress, RoundingChoice
-from .probe import Probe
+from .probe import TAILS, Probe
 
 if TYPE_CHECKING:
     import onnx
@@ -71,7 +71,7 @@ def protect_layers(prepared: "onnx.ModelProto", layers: list[LayerPlan], weights
     if not low:
         return layers, None
     targets = [lp.target for lp in layers if not lp.target.graph]
-    fit = Probe(prepared, targets, weights, loaders[:HARM_SAMPLES], biases, acts)
+    fit = Probe(prepared, targets, weights, loaders[:HARM_SAMPLES], biases, acts, tails=TAILS)
     base = fit({})
     harm = {}
     for i, lp in enumerate(low):
