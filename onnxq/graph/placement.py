@@ -8,9 +8,10 @@ from typing import Sequence
 import onnx
 
 from ..plan.rules import ABSORBED_OPS, SAME_SCALE_OPS, Rules
+from ..types import Placement, Target
+from .norms import normalisation_nodes
 
 POOLS = ("GlobalAveragePool", "GlobalMaxPool", "ReduceMean")
-from ..types import Placement, Target
 
 
 def _consumers(g: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
@@ -39,9 +40,10 @@ def _add_inputs(model: onnx.ModelProto, targets: Sequence[Target], p: Placement)
     into the conv before it when they do)."""
     inits = {t.name for t in model.graph.initializer}
     layer_inputs = {t.act for t in targets if not t.graph and t.act}
+    norms = normalisation_nodes(model.graph)
     for node in model.graph.node:
         ins = [i for i in node.input if i]
-        if node.op_type == "Add" and len(ins) == 2 and not set(ins) & inits:
+        if node.op_type == "Add" and len(ins) == 2 and not set(ins) & inits and node.name not in norms:
             p.readers[node.name] = ins
             p.observe += [i for i in ins if i not in layer_inputs and i not in p.observe]
 
@@ -68,7 +70,10 @@ def plan_placement(model: onnx.ModelProto, targets: Sequence[Target], rules: Rul
             extra.append(name)
 
     pooled: set[str] = set()                 # 1x1 maps after a global pool (attention gates)
+    norms = normalisation_nodes(g)           # their statistics stay float (graph/norms.py)
     for node in g.node:
+        if node.name in norms:
+            continue
         if node.op_type in POOLS or (node.input and node.input[0] in pooled and node.op_type not in rules.fused_ops):
             pooled.update(node.output)
             if node.op_type not in POOLS:
