@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from .graph.floats import float_nodes
 from .graph.io import opset_of
 from .graph.large import model_bytes
 from .plan.biases import weight_only
@@ -104,6 +105,9 @@ def build_report(c: Conversion) -> Report:
         r.branches.bytes = initializer_bytes(c.qmodel, BRANCH_SCOPE)
     r.mixed, r.search, r.ranges, r.protect, r.rounding = c.mixed, c.search, c.ranges, c.protect, c.rounding
     r.shared_weights = c.shared_weights
+    if c.prepared is not None:
+        done = {t.node for t in c.targets} | {s.node for s in c.skipped}
+        r.float_ops = [SkippedReport(*f) for f in float_nodes(c.prepared, done, set(c.plan.acts), c.cfg.rules)]
     return r
 
 

@@ -443,7 +443,7 @@ class Inspection:
     target: str
 
 
-REPORT_SCHEMA = "onnxq-report/2"
+REPORT_SCHEMA = "onnxq-report/3"
 
 
 @dataclass
@@ -471,6 +471,7 @@ class Report:
     protect: ProtectSummary | None = None
     rounding: RoundingChoice | None = None
     shared_weights: int = 0                           # weights several layers read, stored once (plan/shared.py)
+    float_ops: list[SkippedReport] = field(default_factory=list)   # nodes without weights left in float, and why
     schema: str = REPORT_SCHEMA
 
     def to_dict(self) -> dict[str, object]:

@@ -11,7 +11,7 @@ from builders import make_model, vi
 from realdata import ocr_path
 
 import onnxq
-from onnxq.graph.norms import normalisation_nodes
+from onnxq.graph.norms import REASON, normalisation_nodes
 from onnxq.graph.prepare import name_nodes
 
 TARGETS = ["generic", "ort-cpu", "qnn", "tensorrt", "openvino"]
@@ -90,3 +90,19 @@ def test_the_real_recogniser_norms_keep_their_statistics_float_under_qnn():
     quantized = _quantized(q)
     assert len(quantized) > 50             # the rest of the net is fully quantized
     assert not quantized & inside
+
+
+def test_the_report_names_every_node_left_in_float_with_its_reason():
+    m = _layer_norm_model()
+    rng = np.random.default_rng(4)
+    cal = [{"x": rng.standard_normal((1, 8, 16)).astype(np.float32)} for _ in range(16)]
+    _, rep = onnxq.convert(m, onnxq.ConvertConfig(bits=8, target="ort-cpu"), calib=cal)
+    why = {f.node: f.reason for f in rep.float_ops}
+    layers = {l.node for l in rep.quantized}
+    assert len(layers) == 2 and not layers & set(why)
+    # every other node is named, the normalisation's own with theirs
+    assert set(why) == {n.name for n in m.graph.node} - layers
+    norms = normalisation_nodes(m.graph)
+    assert all(why[n] == REASON for n in norms)
+    assert all(why[n] and why[n] != REASON for n in set(why) - norms)
+    assert rep.to_dict()["float_ops"][0].keys() == {"node", "op", "reason"}

@@ -41,7 +41,7 @@ def number(x) -> bool:
 
 def test_one_layer_report_per_target(digits, targets):
     _, rep = digits
-    assert isinstance(rep, Report) and rep.schema == REPORT_SCHEMA == "onnxq-report/2"
+    assert isinstance(rep, Report) and rep.schema == REPORT_SCHEMA == "onnxq-report/3"
     assert [l.node for l in rep.quantized] == [t.node for t in targets] and len(targets) == 7
     by_target = {t.node: t for t in targets}
     for layer in rep.quantized:
@@ -101,7 +101,7 @@ def test_to_dict_is_json_with_the_schema(digits):
     d = rep.to_dict()
     text = json.dumps(d, allow_nan=False)                 # plain JSON: no NaN, no numpy scalars
     back = json.loads(text)
-    assert back["schema"] == "onnxq-report/2"
+    assert back["schema"] == "onnxq-report/3"
     assert back == json.loads(json.dumps(dataclasses.asdict(rep)))
     assert {f.name for f in dataclasses.fields(Report)} == set(back)
     assert len(back["quantized"]) == 7 and back["quantized"][0]["node"] == rep.quantized[0].node
