@@ -136,3 +136,21 @@ def test_compensation_with_bias_correction_leaves_a_pure_offset_to_the_bias():
     assert np.abs(lp.fit_target - w).max() < 0.05 * bent    # only the solve's small ridge is left
     y_hat = xq @ (lp.codes * lp.scales[:, None]).T + lp.bias
     assert np.allclose(y_hat.mean(0), (x @ w.T).mean(0), atol=1e-3)
+
+
+@pytest.mark.parametrize("groups,rows,k", [(96, 1, 9), (60, 1, 25), (8, 4, 9), (16, 2, 18)])
+def test_grouped_second_order_rounding_equals_the_per_group_loop(groups, rows, k):
+    """All groups at once (a depthwise layer's hundreds of 9-weight problems) give the codes and
+    scales of rounding each group on its own, dead input columns included."""
+    from onnxq.algos import weights as W
+    from onnxq.algos.grouped import gptq_groups
+    rng = np.random.default_rng(groups + k)
+    x = rng.standard_normal((groups, 200, k)) * rng.random((groups, 1, k)) * 3
+    x[:, :, 0] *= (rng.random(groups) > 0.2)[:, None]
+    h = np.einsum("gnk,gnl->gkl", x, x)
+    w = (rng.standard_normal((groups * rows, k)) * 0.2).astype(np.float32)
+    for bits in (4, 2):
+        per = [W.gptq(w[g * rows:(g + 1) * rows], bits, h[g]) for g in range(groups)]
+        codes, scales = gptq_groups(w, bits, h, W.GPTQ_SCALE_STARTS, W.CLIP_GRID, W.DEFAULT_DAMP)
+        np.testing.assert_array_equal(codes, np.concatenate([p.codes for p in per]))
+        np.testing.assert_array_equal(scales, np.concatenate([p.scales for p in per]))

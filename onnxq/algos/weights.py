@@ -18,6 +18,7 @@ from typing import Callable
 
 import numpy as np
 
+from .grouped import MAX_K, gptq_groups
 from .qmath import channel_scales, quantize, scales_of_amax, weight_qmax
 from .rounding import DEFAULT_DAMP, gptq_round, prepare_hessian
 
@@ -115,6 +116,9 @@ def quantize_weight(method: str, w: np.ndarray, bits: int, hessians: np.ndarray 
         fn = partial(gptq, damp=damp)
     if hessians is None:
         return fn(w, bits, None)
+    if method == "gptq" and groups > 1 and w.shape[1] <= MAX_K:
+        codes, scales = gptq_groups(w, bits, hessians, GPTQ_SCALE_STARTS, CLIP_GRID, damp)
+        return WeightQuant(codes, scales, "gptq")
     rows = w.shape[0] // groups
     parts = [fn(w[g * rows:(g + 1) * rows], bits, hessians[g]) for g in range(groups)]
     return WeightQuant(np.concatenate([p.codes for p in parts]),
