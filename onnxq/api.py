@@ -53,7 +53,7 @@ ROUNDING_CANDIDATES = ("gptq", "mse")   # weight methods the low-bit layers are 
 CHOICE_SAMPLES = 8     # samples the per-tensor range choice fits (the next as many check it)
 POOR_AGREEMENT = 0.9   # below this top-1 agreement (or POOR_SQNR_DB) the summary warns loudly
 POOR_SQNR_DB = 10.0
-HESSIAN_SHARE = 0.5    # weights on disk: second moments held at once, a share of the weights' bytes
+HESSIAN_SHARE = 0.25   # weights on disk: second moments held at once, a share of the weights' bytes
 
 
 def convert(model: "str | os.PathLike | onnx.ModelProto", config: ConvertConfig | None = None,

@@ -97,6 +97,7 @@ def collect(model: "onnx.ModelProto", targets: Sequence[Target], loaders: Sequen
         if t.node in moments:
             by_act.setdefault(t.act, []).append(t)
     rng = np.random.default_rng(seed)
+    values: dict[str, np.ndarray] = {}
     for i, load in enumerate(loaders):
         feed = load()
         try:
@@ -120,13 +121,14 @@ def collect(model: "onnx.ModelProto", targets: Sequence[Target], loaders: Sequen
                     moments[t.node].add_sums(*layer_sums(v, t, rows_per_sample, rng))
         if progress:
             progress("calibrate", i + 1, len(loaders))
+    del router, values                    # the sessions leave memory before the statistics are assembled
     st = Stats(samples=len(loaders))
     for a, h in hist.items():
         if h.counts.sum():
             st.acts[a] = ActStats(h.counts, h.edges, h.observed)
     for node, m in moments.items():
         if m.n:
-            st.layers[node] = LayerStats(m.hessian, m.mean, m.n)
+            st.layers[node] = LayerStats(m.hand_over(), m.mean, m.n)
     return st
 
 

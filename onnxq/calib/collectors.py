@@ -137,6 +137,14 @@ class SecondMoment:
         """E[x x^T], normalised per row so layers are comparable (None: mean only)."""
         return None if self.h is None else self.h / max(self.n, 1)
 
+    def hand_over(self) -> np.ndarray | None:
+        """`hessian` without a copy: the sum is normalised in place and the accumulator lets go
+        of it (a large model's second moments are never held twice)."""
+        h, self.h = self.h, None
+        if h is not None:
+            h /= max(self.n, 1)
+        return h
+
 
 class CrossMoment:
     """Paired rows of the FP32 input x and the input x^ the quantized model feeds the same layer
