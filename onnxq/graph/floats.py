@@ -7,7 +7,7 @@ import onnx
 
 from ..plan.rules import SAME_SCALE_OPS, Rules
 from .norms import REASON as NORM_REASON
-from .norms import normalisation_nodes
+from .norms import constant_names, normalisation_nodes
 from .walk import graphs
 
 SHAPE_OPS = frozenset({"Shape", "Size", "Range", "ConstantOfShape", "NonZero"})
@@ -38,7 +38,7 @@ def float_nodes(model: onnx.ModelProto, done: set[str], quantized: set[str], rul
     activation inputs and its output in `quantized`)."""
     out = []
     for _, g in graphs(model):
-        consts = {t.name for t in g.initializer} | {o for n in g.node if n.op_type == "Constant" for o in n.output}
+        consts = constant_names(g)
         norms = normalisation_nodes(g)
         outputs = {o.name for o in g.output}
         shapes: set[str] = set()

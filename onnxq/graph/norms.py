@@ -17,7 +17,8 @@ APPLY_OPS = frozenset({"Sub", "Div", "Mul"})
 REASON = "inside a hand-decomposed normalisation (its statistics stay float)"
 
 
-def _constants(g: onnx.GraphProto) -> set[str]:
+def constant_names(g: onnx.GraphProto) -> set[str]:
+    """Initializers and Constant nodes' outputs of g."""
     names = {t.name for t in g.initializer}
     names.update(o for n in g.node if n.op_type == "Constant" for o in n.output)
     return names
@@ -35,7 +36,7 @@ def normalisation_nodes(g: onnx.GraphProto) -> set[str]:
     turns them into a statistic (eps, square root, reciprocal), the squares they average, and the
     Sub/Div/Mul that apply a statistic to a full tensor. A reduction whose result never meets a
     full tensor again (a global pool feeding a layer) is not one."""
-    consts = _constants(g)
+    consts = constant_names(g)
     producer = {o: n for n in g.node for o in n.output if o}
     stat: dict[str, set[str]] = {}      # statistic tensor -> the nodes that made it
     found: set[str] = set()

@@ -11,7 +11,7 @@ from onnx import helper
 from ..types import ActQuant
 from .prepare import drop_initializers
 from .rewrite import act_pairs, place
-from .walk import graph_by_path, used_names
+from .walk import graph_by_path, node_reads
 
 
 def augmented(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
@@ -50,18 +50,6 @@ def with_act_qdq(model: onnx.ModelProto, targets, acts: dict[str, ActQuant]) -> 
     act_pairs(graphs, targets, acts, before)
     place(graphs, before, {})
     return m
-
-
-def node_reads(node: onnx.NodeProto) -> set[str]:
-    """Every tensor name a node reads, outer-scope names read by its subgraphs included."""
-    names = {i for i in node.input if i}
-    for a in node.attribute:
-        if a.type == onnx.AttributeProto.GRAPH:
-            names |= used_names(a.g)
-        elif a.type == onnx.AttributeProto.GRAPHS:
-            for sub in a.graphs:
-                names |= used_names(sub)
-    return names
 
 
 def cut_names(model: onnx.ModelProto, start: int) -> list[str]:

@@ -57,13 +57,19 @@ def used_names(g: onnx.GraphProto) -> set[str]:
     """Every tensor name read inside g, its subgraphs included (outer-scope references)."""
     names: set[str] = {o.name for o in g.output}
     for node in g.node:
-        names.update(i for i in node.input if i)
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                names |= used_names(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for sub in attr.graphs:
-                    names |= used_names(sub)
+        names |= node_reads(node)
+    return names
+
+
+def node_reads(node: onnx.NodeProto) -> set[str]:
+    """Every tensor name a node reads, outer-scope names read by its subgraphs included."""
+    names = {i for i in node.input if i}
+    for a in node.attribute:
+        if a.type == onnx.AttributeProto.GRAPH:
+            names |= used_names(a.g)
+        elif a.type == onnx.AttributeProto.GRAPHS:
+            for sub in a.graphs:
+                names |= used_names(sub)
     return names
 
 

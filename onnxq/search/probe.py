@@ -18,7 +18,8 @@ from onnx import helper
 
 from ..algos.metrics import divergence
 from ..graph.large import is_large
-from ..graph.variants import augmented, cut_names, node_reads, tail, weights_as_inputs, with_act_qdq
+from ..graph.variants import augmented, cut_names, tail, weights_as_inputs, with_act_qdq
+from ..graph.walk import node_reads
 from ..runtime import session
 from ..types import ActQuant, Feed, Target
 
