@@ -226,14 +226,16 @@ def plan(c: Conversion, progress: Progress | None) -> None:
         layers = sequential_layers(c.prepared, c.targets, c.calib, c.stats, c.weights, c.biases, c.cfg,
                                    progress)
     act_plan = plan_acts(c.stats.acts, c.cfg, c.placement.tied)
-    if c.early:
+    probes = c.cfg.protect_on or c.cfg.rounding_choice
+    # weights on disk: planned without the network probes, whether or not calibration was chunked
+    if layers is None and (c.early or (probes and weights_folder(c.prepared) is not None)):
         layers = [c.early.get(t.node) or plan_layer(t, c.weights[t.node], c.biases.get(t.node),
                                                     c.stats.layers.get(t.node), c.cfg) for t in c.targets]
-        if c.cfg.protect_on or c.cfg.rounding_choice:
+        if probes:
             c.warn("protection of sensitive layers and the choice of rounding were skipped: the model's weights "
                    "stay on disk (over the large-model threshold) and those network probes would hold every "
                    "weight in memory at once")
-    elif layers is None and (c.cfg.protect_on or c.cfg.rounding_choice):
+    elif layers is None and probes:
         layers = low_bits(c, act_plan, progress)
     probe = None
     if c.cfg.rank_budget > 0:

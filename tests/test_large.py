@@ -49,12 +49,15 @@ def test_a_large_model_converts_through_external_data_and_leaves_nothing_behind(
     assert all(t.HasField("raw_data") or t.int32_data or t.float_data for t in q.graph.initializer)  # kept in memory
 
 
-def test_weights_on_disk_skip_the_probes_that_would_load_them_all_and_say_so(tmp_path, monkeypatch):
+@pytest.mark.parametrize("method", [None, "rtn"])
+def test_weights_on_disk_skip_the_probes_that_would_load_them_all_and_say_so(tmp_path, monkeypatch, method):
+    """With second-order rounding calibration is chunked; with rtn it is not, and the probes
+    must be skipped all the same."""
     src = onnx.load(str(ROOT / "models" / "digits_cnn.onnx"))
     onnx.save_model(src, str(tmp_path / "m.onnx"), save_as_external_data=True, location="m.onnx.data",
                     size_threshold=0)
     monkeypatch.setattr(large, "EXTERNAL_THRESHOLD", 1000)
-    q, rep = onnxq.convert(str(tmp_path / "m.onnx"), onnxq.ConvertConfig(bits=4),
+    q, rep = onnxq.convert(str(tmp_path / "m.onnx"), onnxq.ConvertConfig(bits=4, weight_method=method),
                            calib=str(ROOT / "models" / "digits_calib"))
     assert rep.protect is None and rep.rounding is None
     assert any("protection of sensitive layers" in w and "stay on disk" in w for w in rep.warnings)
