@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 
 from builders import make_model, vi
 from realdata import ocr_path
@@ -79,6 +79,6 @@ def test_a_tail_feeds_a_branch_that_reads_a_tensor_made_before_the_cut():
     assert cut_names(m, 2) == ["a", "h"]
     x = r(2, 4)
     h, a, y = ort.InferenceSession(augmented(m, ["h", "a"]).SerializeToString()).run(["h", "a", "y"], {"x": x})
-    t = tail(m, 2, {"h": TensorProto.FLOAT, "a": TensorProto.FLOAT})
+    t = tail(m, 2, {"h": np.float32, "a": np.float32})
     got = ort.InferenceSession(t.SerializeToString()).run(None, {"h": h, "a": a})[0]
     np.testing.assert_array_equal(got, y)

@@ -14,7 +14,6 @@ import dataclasses
 from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 import numpy as np
-from onnx import helper
 
 from ..algos.metrics import divergence
 from ..graph.large import is_large
@@ -95,7 +94,7 @@ class Probe:
         aug = session(augmented(model, wanted))
         values = [dict(zip(wanted, aug.run(wanted, {**f, **self.base}))) for f in self.feeds]
         del aug
-        types = {n: helper.np_dtype_to_tensor_dtype(v.dtype) for n, v in values[0].items()}
+        types = {n: v.dtype for n, v in values[0].items()}
         used = 0
         for s in starts:
             size = sum(v[n].nbytes for v in values for n in cuts[s])
