@@ -143,7 +143,6 @@ def test_grouped_second_order_rounding_equals_the_per_group_loop(groups, rows, k
     """All groups at once (a depthwise layer's hundreds of 9-weight problems) give the codes and
     scales of rounding each group on its own, dead input columns included."""
     from onnxq.algos import weights as W
-    from onnxq.algos.grouped import gptq_groups
     rng = np.random.default_rng(groups + k)
     x = rng.standard_normal((groups, 200, k)) * rng.random((groups, 1, k)) * 3
     x[:, :, 0] *= (rng.random(groups) > 0.2)[:, None]
@@ -151,6 +150,7 @@ def test_grouped_second_order_rounding_equals_the_per_group_loop(groups, rows, k
     w = (rng.standard_normal((groups * rows, k)) * 0.2).astype(np.float32)
     for bits in (4, 2):
         per = [W.gptq(w[g * rows:(g + 1) * rows], bits, h[g]) for g in range(groups)]
-        codes, scales = gptq_groups(w, bits, h, W.GPTQ_SCALE_STARTS, W.CLIP_GRID, W.DEFAULT_DAMP)
+        q = W.quantize_weight("gptq", w, bits, h, groups=groups)
+        codes, scales = q.codes, q.scales
         np.testing.assert_array_equal(codes, np.concatenate([p.codes for p in per]))
         np.testing.assert_array_equal(scales, np.concatenate([p.scales for p in per]))

@@ -1,7 +1,8 @@
 """Second-order rounding of a grouped layer (a depthwise conv: one output channel and nine
 weights per group) for all its groups at once: the same steps as weights.gptq on each group
-(clipping on the group's objective, factorisation of its H, column-by-column rounding from a few
-starting scales, per row the best start kept), as array operations over the groups. One
+(factorisation of its H, column-by-column rounding from a few starting scales around the
+clipping weights._grid_search chose on the group's objective, per row the best start kept), as
+array operations over the groups. One
 EfficientNet layer has hundreds of groups, and a Python loop of tiny problems spent most of
 mixed precision's time there."""
 
@@ -9,29 +10,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from .qmath import scales_of_amax, weight_qmax
+from .qmath import weight_qmax
 from .rounding import _inverse_cholesky
 
 MAX_K = 128          # one rounding block: wider groups take the per-group path
 
 
-def _objective(e: np.ndarray, h: np.ndarray) -> np.ndarray:
+def group_objective(e: np.ndarray, h: np.ndarray) -> np.ndarray:
     """Each row's e H e^T per group. e [G, r, K], h [G, K, K] -> [G, r]."""
     return np.einsum("grk,grk->gr", np.matmul(e, h), e)
-
-
-def _clip_scales(w: np.ndarray, h: np.ndarray, bits: int, grid: np.ndarray) -> np.ndarray:
-    """Per row, the scale from `grid` (clip ratios) lowest on the objective. -> [G, r]."""
-    qm = weight_qmax(bits)
-    amax = np.abs(w).max(axis=2)
-    best, best_loss = scales_of_amax(amax, bits), np.full(amax.shape, np.inf)
-    for ratio in grid:
-        s = scales_of_amax(amax, bits, ratio)
-        err = w - np.clip(np.rint(w / s[..., None]), -qm, qm) * s[..., None]
-        loss = _objective(err, h)
-        better = loss < best_loss
-        best_loss, best = np.where(better, loss, best_loss), np.where(better, s, best)
-    return best
 
 
 def _factor(hp: np.ndarray, damp: float) -> np.ndarray:
@@ -48,13 +35,11 @@ def _factor(hp: np.ndarray, damp: float) -> np.ndarray:
         return np.stack([_inverse_cholesky(x, damp) for x in hp])
 
 
-def gptq_groups(w: np.ndarray, bits: int, hessians: np.ndarray, starts, grid: np.ndarray,
+def gptq_groups(wg: np.ndarray, bits: int, h: np.ndarray, base: np.ndarray, starts,
                 damp: float) -> tuple[np.ndarray, np.ndarray]:
-    """Codes [O, K] (int32) and scales [O] of W [O, K] whose G row groups have H [G, K, K]."""
-    g, k = hessians.shape[0], w.shape[1]
-    wg = w.reshape(g, -1, k).astype(np.float64)
-    h = hessians.astype(np.float64)
-    base = _clip_scales(wg, h, bits, grid)
+    """Codes [G, r, K] (int32) and scales [G, r] of the groups' weights wg [G, r, K] (float64)
+    with H [G, K, K], rounded from the clipped scales `base` [G, r] times each of `starts`."""
+    k = wg.shape[-1]
     diag = np.einsum("gkk->gk", h).copy()
     dead = diag <= 0
     hd = h.copy()
@@ -77,7 +62,7 @@ def gptq_groups(w: np.ndarray, bits: int, hessians: np.ndarray, starts, grid: np
             x[:, :, j:] -= err[:, :, None] * u[:, None, j, j:]
         back = np.empty_like(c)
         np.put_along_axis(back, np.broadcast_to(perm[:, None, :], c.shape), c, axis=2)
-        loss = _objective(wg - back * s[..., None], h)
+        loss = group_objective(wg - back * s[..., None], h)
         better = loss < best
         codes[better], scales[better], best[better] = back[better], s[better], loss[better]
-    return codes.reshape(w.shape), scales.reshape(-1)
+    return codes, scales

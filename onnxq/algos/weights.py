@@ -18,7 +18,7 @@ from typing import Callable
 
 import numpy as np
 
-from .grouped import MAX_K, gptq_groups
+from .grouped import MAX_K, gptq_groups, group_objective
 from .qmath import channel_scales, quantize, scales_of_amax, weight_qmax
 from .rounding import DEFAULT_DAMP, gptq_round, prepare_hessian
 
@@ -48,19 +48,19 @@ def rtn(w: np.ndarray, bits: int, hessian: np.ndarray | None = None) -> WeightQu
 
 def _grid_search(w: np.ndarray, bits: int, loss: Callable[[np.ndarray], np.ndarray],
                  floor: float = 0.0) -> np.ndarray:
-    """Per-row best clip ratio from CLIP_GRID (its ratios >= floor) under `loss(err [O,K]) -> [O]`.
-    -> scales [O]."""
-    best_loss = np.full(w.shape[0], np.inf)
-    amax = np.abs(w).max(axis=1)
+    """Per-row best clip ratio from CLIP_GRID (its ratios >= floor) under `loss(err [..., O, K]) -> [..., O]`.
+    -> scales [..., O] (leading dims: groups done at once)."""
+    amax = np.abs(w).max(axis=-1)
+    best_loss = np.full(amax.shape, np.inf)
     best = scales_of_amax(amax, bits)
     qm = weight_qmax(bits)
     for r in CLIP_GRID[CLIP_GRID >= floor - 1e-9]:
         s = scales_of_amax(amax, bits, r)
         # w - codes * s, computed in place on one buffer (the codes are exact in float64)
-        err = np.divide(w, s[:, None], dtype=np.float64)
+        err = np.divide(w, s[..., None], dtype=np.float64)
         np.rint(err, out=err)
         np.clip(err, -qm, qm, out=err)
-        np.multiply(err, s[:, None], out=err)
+        np.multiply(err, s[..., None], out=err)
         np.subtract(w, err, out=err)
         l = loss(err)
         better = l < best_loss
@@ -116,9 +116,11 @@ def quantize_weight(method: str, w: np.ndarray, bits: int, hessians: np.ndarray 
         fn = partial(gptq, damp=damp)
     if hessians is None:
         return fn(w, bits, None)
-    if method == "gptq" and groups > 1 and w.shape[1] <= MAX_K:
-        codes, scales = gptq_groups(w, bits, hessians, GPTQ_SCALE_STARTS, CLIP_GRID, damp)
-        return WeightQuant(codes, scales, "gptq")
+    if method == "gptq" and groups > 1 and w.shape[1] <= MAX_K:      # all groups at once (algos/grouped.py)
+        wg, h = w.reshape(groups, -1, w.shape[1]).astype(np.float64), hessians.astype(np.float64)
+        base = _grid_search(wg, bits, lambda e: group_objective(e, h))
+        codes, scales = gptq_groups(wg, bits, h, base, GPTQ_SCALE_STARTS, damp)
+        return WeightQuant(codes.reshape(w.shape), scales.reshape(-1), "gptq")
     rows = w.shape[0] // groups
     parts = [fn(w[g * rows:(g + 1) * rows], bits, hessians[g]) for g in range(groups)]
     return WeightQuant(np.concatenate([p.codes for p in parts]),

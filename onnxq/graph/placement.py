@@ -35,12 +35,11 @@ def _unit_output(node: onnx.NodeProto, consumers, outputs: set[str]) -> str | No
     return y
 
 
-def _add_inputs(model: onnx.ModelProto, targets: Sequence[Target], p: Placement) -> None:
+def _add_inputs(model: onnx.ModelProto, targets: Sequence[Target], p: Placement, norms: set[str]) -> None:
     """Both inputs of every Add of two activations read Q/DQ pairs (TensorRT fuses a residual Add
     into the conv before it when they do)."""
     inits = {t.name for t in model.graph.initializer}
     layer_inputs = {t.act for t in targets if not t.graph and t.act}
-    norms = normalisation_nodes(model.graph)
     for node in model.graph.node:
         ins = [i for i in node.input if i]
         if node.op_type == "Add" and len(ins) == 2 and not set(ins) & inits and node.name not in norms:
@@ -52,8 +51,9 @@ def plan_placement(model: onnx.ModelProto, targets: Sequence[Target], rules: Rul
                    quantize_acts: bool = True) -> Placement:
     """The main graph's extra quantized tensors under `rules` (none for input-side placement)."""
     p = Placement()
+    norms = normalisation_nodes(model.graph)     # their statistics stay float (graph/norms.py)
     if rules.add_inputs and quantize_acts:
-        _add_inputs(model, targets, p)
+        _add_inputs(model, targets, p, norms)
     if not rules.output_units or not quantize_acts:
         return p
     g = model.graph
@@ -70,7 +70,6 @@ def plan_placement(model: onnx.ModelProto, targets: Sequence[Target], rules: Rul
             extra.append(name)
 
     pooled: set[str] = set()                 # 1x1 maps after a global pool (attention gates)
-    norms = normalisation_nodes(g)           # their statistics stay float (graph/norms.py)
     for node in g.node:
         if node.name in norms:
             continue

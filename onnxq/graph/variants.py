@@ -62,9 +62,9 @@ def cut_names(model: onnx.ModelProto, start: int) -> list[str]:
     return sorted(before & reads)
 
 
-def tail(model: onnx.ModelProto, start: int, types: dict) -> onnx.ModelProto:
+def tail(model: onnx.ModelProto, start: int, cut: dict) -> onnx.ModelProto:
     """The main graph from node `start` on as a model of its own: its inputs are the graph
-    inputs it reads and the cut tensors (cut_names, of the numpy dtypes `types`), it keeps the
+    inputs it reads and the cut tensors (`cut`: cut_names -> numpy dtype), it keeps the
     initializers it reads and returns the graph outputs it computes."""
     g = model.graph
     nodes = g.node[start:]
@@ -78,8 +78,8 @@ def tail(model: onnx.ModelProto, start: int, types: dict) -> onnx.ModelProto:
     t.name = g.name
     t.node.extend(nodes)
     t.input.extend(i for i in g.input if i.name in reads)
-    t.input.extend(helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(np.dtype(types[n])), None)
-                   for n in cut_names(model, start))
+    t.input.extend(helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(np.dtype(d)), None)
+                   for n, d in cut.items())
     t.initializer.extend(i for i in g.initializer if i.name in reads)
     t.sparse_initializer.extend(i for i in g.sparse_initializer if i.values.name in reads)
     t.output.extend(o for o in g.output if o.name in made)

@@ -94,14 +94,13 @@ class Probe:
         aug = session(augmented(model, wanted))
         values = [dict(zip(wanted, aug.run(wanted, {**f, **self.base}))) for f in self.feeds]
         del aug
-        types = {n: v.dtype for n, v in values[0].items()}
         used = 0
         for s in starts:
             size = sum(v[n].nbytes for v in values for n in cuts[s])
             if used + size > TAIL_CACHE:
                 continue
             used += size
-            tm = tail(model, s, types)
+            tm = tail(model, s, {n: values[0][n].dtype for n in cuts[s]})
             sess = session(tm)
             self.tails.append(Tail(s, sess, [{n: v[n] for n in cuts[s]} for v in values],
                                    {i.name for i in tm.graph.input}, [o.name for o in tm.graph.output]))
