@@ -41,7 +41,11 @@ def session(model: "onnx.ModelProto | bytes | str", threads: int = THREADS,
         if not is_large(model):
             return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
         # a large model's quantized weights stay quantized in memory (dequantized per run, not
-        # constant-folded to float at load): memory, not speed, is what bounds a large model
+        # constant-folded to float at load): memory, not speed, is what bounds a large model.
+        # onnxruntime's default order runs every weight's DequantizeLinear first (they read only
+        # constants), so all the dequantized weights were alive at once: 2.4x the float weights
+        # on a 4-bit stack. Priority order runs each one next to its reader: 0.3x.
+        so.execution_order = ort.ExecutionOrder.PRIORITY_BASED
         light = {"providers": ["CPUExecutionProvider"], "disabled_optimizers": ["ConstantFolding"]}
         folder = weights_folder(model)
         if folder is not None:           # weights left on disk: read from their own folder

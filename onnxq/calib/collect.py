@@ -12,7 +12,7 @@ from ..algos.qmath import act_qrange, fake_quant
 from ..errors import CalibrationError
 from ..graph.inline import inline_ifs, main_graph_names, open_ifs
 from ..graph.variants import augmented
-from ..runtime import session
+from ..runtime import give_back_memory, session
 from ..types import ActQuant, ActStats, Feed, LayerStats, PairedStats, Progress, Stats, Target
 from .collectors import CrossMoment, RangeHistogram, SecondMoment, im2col_rows, im2col_sums
 from .data import MAX_ABS
@@ -122,6 +122,7 @@ def collect(model: "onnx.ModelProto", targets: Sequence[Target], loaders: Sequen
         if progress:
             progress("calibrate", i + 1, len(loaders))
     del router, values                    # the sessions leave memory before the statistics are assembled
+    give_back_memory()                    # and the heap they and the samples' temporaries grew
     st = Stats(samples=len(loaders))
     for a, h in hist.items():
         if h.counts.sum():
