@@ -100,3 +100,35 @@ def test_a_model_over_2_gib_converts_at_8_bits_within_twice_its_weights_in_memor
     got = ort.InferenceSession(str(out)).run(None, feed)[0].ravel()
     want = ort.InferenceSession(str(src)).run(None, feed)[0].ravel()
     assert got @ want / (np.linalg.norm(got) * np.linalg.norm(want)) > 0.99
+
+
+def test_a_large_4_bit_model_never_holds_all_its_dequantized_weights_at_once(tmp_path, monkeypatch):
+    """onnxruntime's default order runs every weight's DequantizeLinear before any MatMul (they
+    read only constants): a 4-bit stack ran with 2.4x its float weights resident. The sessions
+    onnxq opens on a large model must dequantize each weight next to its reader. W4A8: a
+    weight-only 4-bit DequantizeLinear -> MatMul is fused by onnxruntime and never showed it."""
+    import subprocess
+    import sys
+
+    from builders import matmul_stack
+
+    src, weight_bytes = matmul_stack(tmp_path, 24, 1024)            # 0.1 GB of float weights
+    monkeypatch.setattr(large, "EXTERNAL_THRESHOLD", 1000)
+    feeds = [{"x": np.random.default_rng(i).standard_normal((1, 4, 1024)).astype(np.float32)} for i in range(3)]
+    q, _ = onnxq.convert(str(src), onnxq.ConvertConfig(bits=4, weight_method="rtn", protect=0.0),
+                         calib=feeds)
+    out = tmp_path / "q" / "big.q.onnx"
+    out.parent.mkdir()
+    onnxq.save(q, out)
+    # the peak is reset after the session is built (VmHWM, /proc/self/clear_refs): running alone is measured
+    child = ("import sys, re, numpy as np, onnx; import onnxq.graph.large as L; L.EXTERNAL_THRESHOLD = 1000\n"
+             "from onnxq.runtime import session\n"
+             "s = session(onnx.load(sys.argv[1]))\n"
+             "hwm = lambda: int(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read())[1]) * 1024\n"
+             "open('/proc/self/clear_refs', 'w').write('5')\n"
+             "before = hwm()\n"
+             "s.run(None, {'x': np.ones((1, 4, 1024), np.float32)})\n"
+             "print(hwm() - before)\n")
+    grown = int(subprocess.run([sys.executable, "-c", child, str(out)], capture_output=True, text=True,
+                               check=True).stdout)
+    assert grown < 0.6 * weight_bytes, f"running grew RSS by {grown / weight_bytes:.2f}x the float weights"
