@@ -19,7 +19,7 @@ from .errors import CalibrationError, InputModelError, OutputError, Verification
 from .graph.io import (TARGET_KEY, check_model, check_output_path, float_op_counts, input_specs, load_model,
                        opset_of, save_model, set_metadata, tensor_infos, validate)
 from .graph.placement import plan_placement
-from .graph.prepare import fold_affine, fuse_hardswish, prepare, upgrade_opset
+from .graph.prepare import drop_identity_casts, fold_affine, fuse_hardswish, prepare, upgrade_opset
 from .graph.rewrite import apply_plan
 from .graph.large import model_bytes, weights_folder
 from .graph.targets import WeightMap, find_targets, initializer_array
@@ -99,13 +99,14 @@ def needed_opset(cfg: ConvertConfig) -> int:
     """21 where int4 weights or int16 activations are emitted, else 13 (per-channel QDQ)."""
     low = (cfg.bits <= 4 or any(b <= 4 for _, b in cfg.bits_overrides) or cfg.act_bits == 16
            or (cfg.mixed and min(cfg.bit_choices) <= 4))
-    return 21 if low else (14 if cfg.rules.fuse_hardswish else 13)
+    return 21 if low else (14 if cfg.rules.simplify else 13)
 
 
 def prepare_model(c: Conversion) -> None:
     prepared, c.prep_info = prepare(c.source)
     c.prepared = upgrade_opset(prepared, needed_opset(c.cfg))
-    if c.cfg.rules.fuse_hardswish:
+    if c.cfg.rules.simplify:
+        c.prep_info["casts_dropped"] = drop_identity_casts(c.prepared)
         c.prep_info["affine_folded"] = fold_affine(c.prepared)
         c.prep_info["hardswish_fused"] = fuse_hardswish(c.prepared)
 

@@ -121,23 +121,78 @@ def test_unknown_target_is_a_config_error():
         onnxq.ConvertConfig(target="tensorrt-9")
 
 
+def _same_outputs(a: onnx.ModelProto, b: onnx.ModelProto, feed: dict) -> None:
+    np.testing.assert_allclose(ort.InferenceSession(a.SerializeToString()).run(None, feed)[0],
+                               ort.InferenceSession(b.SerializeToString()).run(None, feed)[0], rtol=1e-5, atol=1e-5)
+
+
 def test_a_constant_affine_block_after_a_conv_folds_into_it_exactly():
     from onnxq.graph.prepare import fold_affine
     rng = np.random.default_rng(2)
     inits = {"w": rng.standard_normal((6, 3, 3, 3)).astype(np.float32), "b": rng.standard_normal(6).astype(np.float32),
              "s": rng.uniform(0.5, 2, (6, 1, 1)).astype(np.float32), "t": rng.standard_normal((1, 6, 1, 1)).astype(np.float32),
-             "k": np.array(0.7, np.float32)}
+             "k": np.array(0.7, np.float32), "sp": rng.standard_normal((1, 1, 8, 8)).astype(np.float32)}
     nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1] * 4, name="conv"),
              helper.make_node("Mul", ["c", "s"], ["m"]), helper.make_node("Add", ["t", "m"], ["a"]),
-             helper.make_node("Mul", ["a", "k"], ["y"])]          # a second Mul is not right after the Conv
+             helper.make_node("Mul", ["a", "k"], ["d"]),
+             helper.make_node("Mul", ["d", "sp"], ["y"])]          # per pixel, not per channel: stays
     m = make_model(nodes, [vi("x", [1, 3, 8, 8])], [vi("y", [1, 6, 8, 8])], inits)
     folded = onnx.ModelProto()
     folded.CopyFrom(m)
-    assert fold_affine(folded) == 2
+    assert fold_affine(folded) == 3
     assert [n.op_type for n in folded.graph.node] == ["Conv", "Mul"]
-    x = {"x": rng.standard_normal((1, 3, 8, 8)).astype(np.float32)}
-    np.testing.assert_allclose(ort.InferenceSession(folded.SerializeToString()).run(None, x)[0],
-                               ort.InferenceSession(m.SerializeToString()).run(None, x)[0], rtol=1e-5, atol=1e-5)
+    _same_outputs(folded, m, {"x": rng.standard_normal((1, 3, 8, 8)).astype(np.float32)})
+
+
+def test_an_affine_block_past_a_channels_last_transpose_folds_and_the_transpose_stays():
+    """A TensorFlow export's NHWC conv: Conv, Transpose to NHWC, identity Casts, then the bias and
+    a BatchNorm as Add / Sub / Mul / Div by [C] constants, then ReLU."""
+    from onnxq.graph.prepare import fold_affine
+    rng = np.random.default_rng(3)
+    inits = {"w": rng.standard_normal((6, 3, 3, 3)).astype(np.float32),
+             "bias": rng.standard_normal(6).astype(np.float32), "mean": rng.standard_normal(6).astype(np.float32),
+             "g": rng.uniform(0.5, 2, 6).astype(np.float32), "sd": rng.uniform(0.5, 2, (1, 1, 1, 6)).astype(np.float32)}
+    cast = lambda i, o: helper.make_node("Cast", [i], [o], to=onnx.TensorProto.FLOAT)  # noqa: E731
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1] * 4, name="conv"),
+             helper.make_node("Transpose", ["c"], ["t"], perm=[0, 2, 3, 1]), cast("t", "t2"),
+             helper.make_node("Add", ["t2", "bias"], ["a"]), cast("a", "a2"),
+             helper.make_node("Sub", ["a2", "mean"], ["s"]), helper.make_node("Mul", ["s", "g"], ["m"]),
+             helper.make_node("Div", ["m", "sd"], ["d"]), cast("d", "d2"),
+             helper.make_node("Relu", ["d2"], ["y"])]
+    m = make_model(nodes, [vi("x", [1, 3, 8, 8])], [vi("y", [1, 8, 8, 6])], inits)
+    folded = onnx.ModelProto()
+    folded.CopyFrom(m)
+    assert fold_affine(folded) == 4
+    assert [n.op_type for n in folded.graph.node] == ["Conv", "Transpose", "Cast", "Relu"]
+    _same_outputs(folded, m, {"x": rng.standard_normal((1, 3, 8, 8)).astype(np.float32)})
+    # a constant along another axis of the NHWC tensor is not per channel: nothing folds
+    inits["bias"] = rng.standard_normal((8, 1)).astype(np.float32)
+    m = make_model(nodes[:4], [vi("x", [1, 3, 8, 8])], [vi("a", [1, 8, 8, 6])], inits)
+    assert fold_affine(m) == 0 and len(m.graph.node) == 4
+
+
+def test_ort_cpu_fuses_a_channels_last_exports_conv_relu_chain_without_requantizing(tmp_path):
+    """Conv -> Transpose to NHWC -> Cast -> bias and BatchNorm as [C] Add / Sub / Mul -> Relu ->
+    Transpose back -> Conv: after the affine fold, the first conv's output Q goes after the Relu
+    (past the Transpose), so onnxruntime runs it as a QLinearConv with no DQ -> Q after it (the
+    last conv, whose output is the model's, stays a float Conv on a dequantized input)."""
+    rng = np.random.default_rng(4)
+    r = lambda *s: (rng.standard_normal(s) * 0.3).astype(np.float32)  # noqa: E731
+    inits = {"w0": r(8, 3, 3, 3), "w1": r(4, 8, 3, 3), "b": r(8), "mean": r(8), "g": rng.uniform(0.5, 2, 8).astype(np.float32)}
+    nodes = [helper.make_node("Conv", ["x", "w0"], ["c0"], pads=[1] * 4, name="conv0"),
+             helper.make_node("Transpose", ["c0"], ["t0"], perm=[0, 2, 3, 1]),
+             helper.make_node("Cast", ["t0"], ["k0"], to=onnx.TensorProto.FLOAT),
+             helper.make_node("Add", ["k0", "b"], ["a0"]), helper.make_node("Sub", ["a0", "mean"], ["s0"]),
+             helper.make_node("Mul", ["s0", "g"], ["m0"]), helper.make_node("Relu", ["m0"], ["r0"]),
+             helper.make_node("Transpose", ["r0"], ["t1"], perm=[0, 3, 1, 2]),
+             helper.make_node("Conv", ["t1", "w1"], ["y"], pads=[1] * 4, name="conv1")]
+    m = make_model(nodes, [vi("x", [1, 3, 8, 8])], [vi("y", [1, 4, 8, 8])], inits)
+    feeds = [{"x": rng.standard_normal((1, 3, 8, 8)).astype(np.float32)} for _ in range(8)]
+    q, rep = onnxq.convert(m, onnxq.ConvertConfig(bits=8, target="ort-cpu"), calib=feeds)
+    assert rep.prepare["affine_folded"] == 3 and rep.prepare["casts_dropped"] == 1
+    ops = optimized_ops(q, tmp_path)
+    assert ops["QLinearConv"] == 1 and ops["QuantizeLinear"] == 1, ops     # the input's Q only
+    assert _sqnr(m, q, feeds) > 30
 
 
 def test_tensorrt_rules_hold_in_the_emitted_graph(net):

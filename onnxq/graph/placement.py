@@ -25,14 +25,22 @@ def _consumers(g: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
 
 def _unit_output(node: onnx.NodeProto, consumers, outputs: set[str]) -> str | None:
     """The tensor a quantized layer's output Q goes on: after a Relu/Clip that is its only reader
-    (the fused kernel absorbs it), else its own output; None for a graph output."""
+    (the fused kernel absorbs it), also past Transposes between them (a channels-last export's
+    layout, which onnxruntime's transpose optimizer removes); else its own output; None for a
+    graph output."""
     y = node.output[0]
     if y in outputs:
         return None
-    readers = consumers.get(y, [])
-    if len(readers) == 1 and readers[0].op_type in ABSORBED_OPS and readers[0].output[0] not in outputs:
-        return readers[0].output[0]
-    return y
+    z = y
+    while True:
+        readers = consumers.get(z, [])
+        if len(readers) != 1 or readers[0].output[0] in outputs:
+            return y
+        if readers[0].op_type in ABSORBED_OPS:
+            return readers[0].output[0]
+        if readers[0].op_type != "Transpose":
+            return y
+        z = readers[0].output[0]
 
 
 def _add_inputs(model: onnx.ModelProto, targets: Sequence[Target], p: Placement, norms: set[str]) -> None:

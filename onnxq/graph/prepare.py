@@ -11,7 +11,7 @@ from onnx import numpy_helper, version_converter
 from ..errors import InputModelError
 from .io import opset_of
 from .large import tensor_array
-from .walk import attr, graphs, used_names
+from .walk import attr, graphs, node_reads, tensor_types, used_names
 
 
 def name_nodes(model: onnx.ModelProto) -> None:
@@ -205,29 +205,55 @@ def _drop_nodes(model: onnx.ModelProto, drop: set[int]) -> None:
         prune_initializers(model)
 
 
-def _channel_constant(inits: dict, name: str, channels: int) -> np.ndarray | None:
-    """A constant that broadcasts as one value per output channel of an NC... tensor, as [C]."""
+def _channel_constant(inits: dict, name: str, channels: int, from_end: int, rank: int) -> np.ndarray | None:
+    """A float constant that broadcasts against a rank-`rank` tensor as one value per channel, the
+    channel axis being `from_end` places from the last (3 for NCHW, 1 for NHWC), as [C]."""
     t = inits.get(name)
     if t is None or t.data_type != onnx.TensorProto.FLOAT:
         return None
     v = tensor_array(t).astype(np.float64)
-    if v.size == 1:
+    if v.size == 1 and v.ndim <= rank:
         return np.full(channels, float(v.reshape(-1)[0]))
-    squeezed = v.reshape(-1)
-    if squeezed.size == channels and v.ndim >= 2 and v.shape[-1] == 1 and v.shape[-2] in (1, channels) \
-            and v.ndim <= 4 and max(v.shape) == channels and list(v.shape).index(channels) == v.ndim - 3:
-        return squeezed
+    axis = v.ndim - from_end
+    if v.ndim > rank or axis < 0 or v.shape[axis] != channels or v.size != channels:
+        return None
+    return v.reshape(-1)
+
+
+# per-channel affine ops a Conv's output may pass through, folded as y -> y * k + c
+_AFFINE = ("Mul", "Div", "Add", "Sub")
+
+
+def _affine_step(node: onnx.NodeProto, y: str, k: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """(scale, shift) of `node` applied to y, whose other input is the per-channel constant k."""
+    first = node.input[0] == y
+    if node.op_type == "Mul":
+        return k, np.zeros_like(k)
+    if node.op_type == "Add":
+        return np.ones_like(k), k
+    if node.op_type == "Sub" and first:
+        return np.ones_like(k), -k
+    if node.op_type == "Div" and first and np.all(k != 0):
+        return 1.0 / k, np.zeros_like(k)
     return None
 
 
+def _float_cast(node: onnx.NodeProto) -> bool:
+    """A Cast to float32 of a float32 tensor (the chain after a Conv holds nothing else): an identity."""
+    return node.op_type == "Cast" and any(a.name == "to" and a.i == onnx.TensorProto.FLOAT for a in node.attribute)
+
+
 def fold_affine(model: onnx.ModelProto) -> int:
-    """Fold a constant per-channel Mul and/or Add right after a Conv (an affine block, as some
-    exporters write a BatchNorm or a learnable scale) into the Conv's weight and bias: exact, and
-    it removes float ops between quantized kernels. Main graph; returns how many ops folded."""
+    """Fold the constant per-channel Mul / Div / Add / Sub ops that follow a Conv (an affine block,
+    as some exporters write a BatchNorm or a learnable scale) into the Conv's weight and bias, also
+    past one Transpose to channels-last and identity Casts (a TensorFlow export's NHWC layout):
+    exact up to float rounding, and it removes float ops between quantized kernels. The Transpose
+    stays, after the Conv. Main graph; returns how many ops were folded."""
     g = model.graph
     inits = _inits(g)
     readers = _readers(g)
     outputs = {o.name for o in g.output}
+    only = lambda t: readers[t][0] if len(readers.get(t, [])) == 1 and t not in outputs else None  # noqa: E731
     drop, folded = set(), 0
     for conv in list(g.node):
         if conv.op_type != "Conv" or len(conv.input) < 2 or conv.input[1] not in inits:
@@ -235,34 +261,76 @@ def fold_affine(model: onnx.ModelProto) -> int:
         w = tensor_array(inits[conv.input[1]]).astype(np.float64)
         b = (tensor_array(inits[conv.input[2]]).astype(np.float64)
              if len(conv.input) > 2 and conv.input[2] in inits else np.zeros(w.shape[0]))
-        changed = False
-        for op in ("Mul", "Add"):
-            y = conv.output[0]
-            nxt = readers.get(y, [])
-            if len(nxt) != 1 or nxt[0].op_type != op or y in outputs or len(nxt[0].input) != 2:
-                continue
-            node = nxt[0]
-            other = node.input[1] if node.input[0] == y else node.input[0]
-            k = _channel_constant(inits, other, w.shape[0])
-            if k is None:
-                continue
-            if op == "Mul":
-                w, b = w * k.reshape(-1, *([1] * (w.ndim - 1))), b * k
+        rank, from_end = w.ndim, w.ndim - 1
+        y, chain, transpose, used = conv.output[0], [], None, 0
+        while (node := only(y)) is not None and node.output:
+            if _float_cast(node):
+                pass
+            elif node.op_type == "Transpose" and transpose is None:
+                perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+                if perm is None or len(perm) != rank:
+                    break
+                transpose, from_end = node, rank - perm.index(1)
+            elif node.op_type in _AFFINE and len(node.input) == 2:
+                other = node.input[1] if node.input[0] == y else node.input[0]
+                k = _channel_constant(inits, other, w.shape[0], from_end, rank)
+                step = None if k is None else _affine_step(node, y, k)
+                if step is None:
+                    break
+                w, b = w * step[0].reshape(-1, *([1] * (rank - 1))), b * step[0] + step[1]
+                used = len(chain) + 1
             else:
-                b = b + k
-            conv.output[0] = node.output[0]
-            drop.add(id(node))
-            changed, folded = True, folded + 1
-        if changed:
-            w_name, b_name = conv.name + "/affine_weight", conv.name + "/affine_bias"
-            _replace_init(g, w_name, w)
-            _replace_init(g, b_name, b)
-            inputs = [conv.input[0], w_name, b_name]
-            del conv.input[:]
-            conv.input.extend(inputs)
-            inits = _inits(g)
+                break
+            chain.append(node)
+            y = node.output[0]
+        chain = chain[:used]                  # up to the last op folded (trailing Casts stay)
+        if not chain:
+            continue
+        last = chain[-1].output[0]
+        if any(n is transpose for n in chain):
+            transpose.input[0] = conv.output[0]
+            transpose.output[0] = last
+        else:
+            conv.output[0] = last
+        drop |= {id(n) for n in chain if n is not transpose}
+        folded += sum(n.op_type in _AFFINE for n in chain)
+        w_name, b_name = conv.name + "/affine_weight", conv.name + "/affine_bias"
+        _replace_init(g, w_name, w)
+        _replace_init(g, b_name, b)
+        inputs = [conv.input[0], w_name, b_name]
+        del conv.input[:]
+        conv.input.extend(inputs)
+        inits = _inits(g)
     _drop_nodes(model, drop)
     return folded
+
+
+def drop_identity_casts(model: onnx.ModelProto) -> int:
+    """Remove the Casts whose input already has the target type (exporters write float-to-float
+    Casts around every op): they sit between a layer and the ops its fused kernel would absorb.
+    Main graph, typed tensors only; returns how many."""
+    g = model.graph
+    types = tensor_types(model)
+    types.update({t.name: t.data_type for t in g.initializer})
+    nodes = list(g.node)             # held: the drop list is by id(), stable only while referenced
+    keep = {o.name for o in g.output}                      # and names read inside subgraphs
+    for node in nodes:
+        keep |= node_reads(node) - set(node.input)
+    rename, drop = {}, set()
+    for node in nodes:
+        if node.op_type != "Cast" or node.output[0] in keep:
+            continue
+        src = rename.get(node.input[0], node.input[0])
+        to = attr(node, "to", None)
+        if to is not None and types.get(node.input[0]) == to:
+            rename[node.output[0]] = src
+            drop.add(id(node))
+    for node in nodes:
+        for i, name in enumerate(node.input):
+            if name in rename:
+                node.input[i] = rename[name]
+    _drop_nodes(model, drop)
+    return len(drop)
 
 
 def fuse_hardswish(model: onnx.ModelProto) -> int:

@@ -9,22 +9,11 @@ import onnx
 
 from ..types import ConvGeometry, Skipped, Target
 from .large import tensor_array
-from .walk import attr, graphs, loop_scopes
+from .walk import attr, graphs, loop_scopes, tensor_types
 
 WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 TABLE_OPS = ("Gather",)      # embedding lookups in a constant table (weight-only)
 RECURRENT_OPS = ("LSTM", "GRU", "RNN")
-
-
-def _float_inputs(model: onnx.ModelProto) -> dict[str, int]:
-    """elem_type of every main-graph tensor that shape inference can type."""
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
-    except Exception:  # shape inference is best effort; unknown types are treated as float
-        inferred = model
-    g = inferred.graph
-    return {v.name: v.type.tensor_type.elem_type
-            for v in list(g.value_info) + list(g.input) + list(g.output)}
 
 
 def _geometry(node: onnx.NodeProto, w_shape: tuple[int, ...]) -> ConvGeometry:
@@ -116,7 +105,7 @@ def find_targets(model: onnx.ModelProto, excluded: Callable[[str], bool] = lambd
     (`excluded(node name)` marks the nodes the user leaves in float); with `tables`, embedding
     lookups (Gather on a constant 2-D float table) too."""
     ops = WEIGHT_OPS + (TABLE_OPS if tables else ())
-    types = _float_inputs(model)
+    types = tensor_types(model)
     loops = loop_scopes(model)
     targets: list[Target] = []
     skipped: list[Skipped] = []

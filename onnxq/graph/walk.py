@@ -83,3 +83,15 @@ def attr(node: onnx.NodeProto, name: str, default=None):
 def initializer_bytes(model: onnx.ModelProto, marker: str) -> int:
     """Serialized bytes of every initializer whose name contains `marker`, in every graph."""
     return sum(t.ByteSize() for _, g in graphs(model) for t in g.initializer if marker in t.name)
+
+
+def tensor_types(model: onnx.ModelProto) -> dict[str, int]:
+    """elem_type of every main-graph tensor that shape inference can type (best effort: a model it
+    fails on, e.g. one over the protobuf limit, gives the inputs' and outputs' types only)."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    except Exception:
+        inferred = model
+    g = inferred.graph
+    return {v.name: v.type.tensor_type.elem_type
+            for v in list(g.value_info) + list(g.input) + list(g.output)}

@@ -63,7 +63,8 @@ class Rules:
     all_readers: bool             # every reader of a quantized tensor reads its one DQ
     int4_conv: bool               # 2-4-bit Conv/ConvTranspose weights in INT4 containers (else INT8)
     int4_matmul: bool             # 2-4-bit Gemm/MatMul weights in INT4 containers (else INT8)
-    fuse_hardswish: bool = False  # decomposed hard-swish made one HardSwish node (opset 14)
+    simplify: bool = False        # exact rewrites for fused kernels: identity Casts dropped, affine
+                                  # blocks folded into convs, decomposed hard-swish one node (opset 14)
     tables: bool = True           # embedding tables quantized (DQ -> Gather, folded at load)
     act_signed: bool = False      # symmetric int8 activations, zero point 0
     add_inputs: bool = False      # Q/DQ on both inputs of residual Adds (fused into the conv before)
@@ -80,14 +81,14 @@ RULES: dict[str, Rules] = {
                      session_options={"session.disable_quant_qdq": "1"},
                      summary="Q/DQ on quantized layers' inputs; INT4 containers"),
     "ort-cpu": Rules("ort-cpu", output_units=True, all_readers=True, int4_conv=False, int4_matmul=False,
-                     fuse_hardswish=True, int4_weight_only=True, ms_kernels=True,
+                     simplify=True, int4_weight_only=True, ms_kernels=True,
                      summary="full node units for onnxruntime's CPU integer kernels; u8/s8, int32 bias; "
                              "4-bit Gemm/MatMul as MatMulNBits, tables as GatherBlockQuantized"),
     "openvino": Rules("openvino", output_units=False, all_readers=False, int4_conv=False, int4_matmul=True,
                       session_options={"session.disable_quant_qdq": "1"},
                       summary="Q/DQ on quantized layers' inputs; conv weights in INT8 containers"),
     "qnn": Rules("qnn", output_units=True, all_readers=True, int4_conv=True, int4_matmul=True,
-                 fuse_hardswish=True, unit_ops=frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"}),
+                 simplify=True, unit_ops=frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"}),
                  fused_ops=NPU_OPS, session_options={"session.disable_quant_qdq": "1"},
                  summary="fully quantized for NPU backends: Q/DQ around every layer and every op they run "
                          "quantized; u8 activations, symmetric per-channel INT8/INT4 weights"),
