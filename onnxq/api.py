@@ -19,7 +19,7 @@ from .errors import CalibrationError, InputModelError, OutputError, Verification
 from .graph.io import (TARGET_KEY, check_model, check_output_path, float_op_counts, input_specs, load_model,
                        opset_of, save_model, set_metadata, tensor_infos, validate)
 from .graph.placement import plan_placement
-from .graph.prepare import drop_identity_casts, fold_affine, fuse_hardswish, prepare, upgrade_opset
+from .graph.prepare import drop_identities, fold_affine, fuse_hardswish, prepare, upgrade_opset
 from .graph.rewrite import apply_plan
 from .graph.large import model_bytes, weights_folder
 from .graph.targets import WeightMap, find_targets, initializer_array
@@ -106,7 +106,7 @@ def prepare_model(c: Conversion) -> None:
     prepared, c.prep_info = prepare(c.source)
     c.prepared = upgrade_opset(prepared, needed_opset(c.cfg))
     if c.cfg.rules.simplify:
-        c.prep_info["casts_dropped"] = drop_identity_casts(c.prepared)
+        c.prep_info["identities_dropped"] = drop_identities(c.prepared)
         c.prep_info["affine_folded"] = fold_affine(c.prepared)
         c.prep_info["hardswish_fused"] = fuse_hardswish(c.prepared)
 

@@ -172,14 +172,16 @@ def test_an_affine_block_past_a_channels_last_transpose_folds_and_the_transpose_
 
 
 def test_ort_cpu_fuses_a_channels_last_exports_conv_relu_chain_without_requantizing(tmp_path):
-    """Conv -> Transpose to NHWC -> Cast -> bias and BatchNorm as [C] Add / Sub / Mul -> Relu ->
+    """Conv -> Transpose to NHWC -> Cast -> bias and BatchNorm as [C] Add / Sub / Mul (one constant
+    behind an Identity) -> Relu ->
     Transpose back -> Conv: after the affine fold, the first conv's output Q goes after the Relu
     (past the Transpose), so onnxruntime runs it as a QLinearConv with no DQ -> Q after it (the
     last conv, whose output is the model's, stays a float Conv on a dequantized input)."""
     rng = np.random.default_rng(4)
     r = lambda *s: (rng.standard_normal(s) * 0.3).astype(np.float32)  # noqa: E731
-    inits = {"w0": r(8, 3, 3, 3), "w1": r(4, 8, 3, 3), "b": r(8), "mean": r(8), "g": rng.uniform(0.5, 2, 8).astype(np.float32)}
-    nodes = [helper.make_node("Conv", ["x", "w0"], ["c0"], pads=[1] * 4, name="conv0"),
+    inits = {"w0": r(8, 3, 3, 3), "w1": r(4, 8, 3, 3), "b": r(8), "m": r(8), "g": rng.uniform(0.5, 2, 8).astype(np.float32)}
+    nodes = [helper.make_node("Identity", ["m"], ["mean"]),                  # a constant behind an Identity
+             helper.make_node("Conv", ["x", "w0"], ["c0"], pads=[1] * 4, name="conv0"),
              helper.make_node("Transpose", ["c0"], ["t0"], perm=[0, 2, 3, 1]),
              helper.make_node("Cast", ["t0"], ["k0"], to=onnx.TensorProto.FLOAT),
              helper.make_node("Add", ["k0", "b"], ["a0"]), helper.make_node("Sub", ["a0", "mean"], ["s0"]),
@@ -189,7 +191,7 @@ def test_ort_cpu_fuses_a_channels_last_exports_conv_relu_chain_without_requantiz
     m = make_model(nodes, [vi("x", [1, 3, 8, 8])], [vi("y", [1, 4, 8, 8])], inits)
     feeds = [{"x": rng.standard_normal((1, 3, 8, 8)).astype(np.float32)} for _ in range(8)]
     q, rep = onnxq.convert(m, onnxq.ConvertConfig(bits=8, target="ort-cpu"), calib=feeds)
-    assert rep.prepare["affine_folded"] == 3 and rep.prepare["casts_dropped"] == 1
+    assert rep.prepare["affine_folded"] == 3 and rep.prepare["identities_dropped"] == 2
     ops = optimized_ops(q, tmp_path)
     assert ops["QLinearConv"] == 1 and ops["QuantizeLinear"] == 1, ops     # the input's Q only
     assert _sqnr(m, q, feeds) > 30

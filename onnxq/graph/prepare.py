@@ -305,10 +305,11 @@ def fold_affine(model: onnx.ModelProto) -> int:
     return folded
 
 
-def drop_identity_casts(model: onnx.ModelProto) -> int:
-    """Remove the Casts whose input already has the target type (exporters write float-to-float
-    Casts around every op): they sit between a layer and the ops its fused kernel would absorb.
-    Main graph, typed tensors only; returns how many."""
+def drop_identities(model: onnx.ModelProto) -> int:
+    """Remove Identity nodes and the Casts whose input already has the target type (exporters
+    write float-to-float Casts around every op, and Identity copies of constants): they sit
+    between a layer and the ops its fused kernel would absorb, and hide constants from the
+    affine fold. Main graph, typed tensors only for Casts; returns how many."""
     g = model.graph
     types = tensor_types(model)
     types.update({t.name: t.data_type for t in g.initializer})
@@ -318,11 +319,10 @@ def drop_identity_casts(model: onnx.ModelProto) -> int:
         keep |= node_reads(node) - set(node.input)
     rename, drop = {}, set()
     for node in nodes:
-        if node.op_type != "Cast" or node.output[0] in keep:
+        if node.op_type not in ("Cast", "Identity") or node.output[0] in keep or not node.input:
             continue
         src = rename.get(node.input[0], node.input[0])
-        to = attr(node, "to", None)
-        if to is not None and types.get(node.input[0]) == to:
+        if node.op_type == "Identity" or types.get(node.input[0]) == attr(node, "to", None):
             rename[node.output[0]] = src
             drop.add(id(node))
     for node in nodes:
