@@ -238,17 +238,13 @@ def _affine_step(node: onnx.NodeProto, y: str, k: np.ndarray) -> tuple[np.ndarra
     return None
 
 
-def _float_cast(node: onnx.NodeProto) -> bool:
-    """A Cast to float32 of a float32 tensor (the chain after a Conv holds nothing else): an identity."""
-    return node.op_type == "Cast" and any(a.name == "to" and a.i == onnx.TensorProto.FLOAT for a in node.attribute)
-
-
 def fold_affine(model: onnx.ModelProto) -> int:
     """Fold the constant per-channel Mul / Div / Add / Sub ops that follow a Conv (an affine block,
     as some exporters write a BatchNorm or a learnable scale) into the Conv's weight and bias, also
-    past one Transpose to channels-last and identity Casts (a TensorFlow export's NHWC layout):
-    exact up to float rounding, and it removes float ops between quantized kernels. The Transpose
-    stays, after the Conv. Main graph; returns how many ops were folded."""
+    past one Transpose to channels-last (a TensorFlow export's NHWC layout; its identity Casts go
+    first, drop_identities): exact up to float rounding, and it removes float ops between
+    quantized kernels. The Transpose stays, after the Conv. Main graph; returns how many ops
+    were folded."""
     g = model.graph
     inits = _inits(g)
     readers = _readers(g)
@@ -264,9 +260,7 @@ def fold_affine(model: onnx.ModelProto) -> int:
         rank, from_end = w.ndim, w.ndim - 1
         y, chain, transpose, used = conv.output[0], [], None, 0
         while (node := only(y)) is not None and node.output:
-            if _float_cast(node):
-                pass
-            elif node.op_type == "Transpose" and transpose is None:
+            if node.op_type == "Transpose" and transpose is None:
                 perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
                 if perm is None or len(perm) != rank:
                     break
@@ -283,7 +277,7 @@ def fold_affine(model: onnx.ModelProto) -> int:
                 break
             chain.append(node)
             y = node.output[0]
-        chain = chain[:used]                  # up to the last op folded (trailing Casts stay)
+        chain = chain[:used]                  # up to the last op folded (a trailing Transpose stays)
         if not chain:
             continue
         last = chain[-1].output[0]
