@@ -18,7 +18,9 @@ ort-cpu   full node units DQ -> op -> Q so onnxruntime's CPU provider fuses inte
           the kernel quantizes it to int8 per block as it runs), and embedding tables its
           GatherBlockQuantized (8 or 4 bits, dequantized rows gathered in one kernel).
 openvino  generic placement (OpenVINO's CPU plugin runs input-side Q/DQ convs as u8) with 2- to
-          4-bit conv weights in INT8 containers: INT4 conv weights make it fall back to bf16.
+          4-bit conv weights in INT8 containers: INT4 conv weights make it fall back to bf16;
+          the graph simplified first as for ort-cpu (affine chains folded into convs, identity
+          Casts dropped, hard-swish fused).
 qnn       fully quantized graphs as NPU backends (Qualcomm's QNN HTP and the like) run them: every
           layer is a DQ -> op -> Q unit, Gemm/MatMul included, and so is every op the backend
           runs on quantized tensors (element-wise, pooling, activation, normalisation, resizing,
@@ -85,7 +87,7 @@ RULES: dict[str, Rules] = {
                      summary="full node units for onnxruntime's CPU integer kernels; u8/s8, int32 bias; "
                              "4-bit Gemm/MatMul as MatMulNBits, tables as GatherBlockQuantized"),
     "openvino": Rules("openvino", output_units=False, all_readers=False, int4_conv=False, int4_matmul=True,
-                      session_options={"session.disable_quant_qdq": "1"},
+                      simplify=True, session_options={"session.disable_quant_qdq": "1"},
                       summary="Q/DQ on quantized layers' inputs; conv weights in INT8 containers"),
     "qnn": Rules("qnn", output_units=True, all_readers=True, int4_conv=True, int4_matmul=True,
                  simplify=True, unit_ops=frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"}),
