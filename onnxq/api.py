@@ -70,7 +70,8 @@ def convert(model: "str | os.PathLike | onnx.ModelProto", config: ConvertConfig 
         prepare_model(c)
         c.targets, c.skipped = find_targets(c.prepared, c.cfg.excluded, c.cfg.rules.tables)
         log.info(f"{len(c.targets)} layers to quantize, {len(c.skipped)} left in float")
-        c.placement = plan_placement(c.prepared, c.targets, c.cfg.rules, c.cfg.quantize_acts)
+        c.placement = plan_placement(c.prepared, c.targets, c.cfg.rules, c.cfg.quantize_acts,
+                                     c.cfg.quantize_attention)
         data(c, calib, holdout, preprocess)
     with c.timed("calibrate"):
         calibrate(c, stats, save_stats, progress)

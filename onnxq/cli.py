@@ -317,6 +317,10 @@ def _preprocess_options(f):
 @click.option("--target", type=click.Choice(list(TARGETS)), default=DEFAULT_TARGET, show_default=True,
               help="Runtime the model is for; decides where Q/DQ go and the weight containers. "
                    + " ".join(f"{k}: {v.summary}." for k, v in TARGETS.items()))
+@click.option("--quantize-attention", is_flag=True,
+              help="Also 8-bit Q/DQ on both inputs of every MatMul of two activations (attention's Q.K^T "
+                   "and A.V), ranges from the same calibration pass; off by default (MiniLM: "
+                   "docs/results.md). Input-side targets only.")
 @click.option("--avg-bits", type=click.FloatRange(2, 8),
               help="Mixed precision: choose each layer's bits so the parameter-weighted average is at most this.")
 @click.option("--max-size", help="Mixed precision: quantized weights at most this big, e.g. 2.5MB or 800KB.")
@@ -392,6 +396,7 @@ def _config(o: dict) -> ConvertConfig:
         branch_init=o["branch_init"], branch_bits=int(o["branch_bits"]), branch_weighting=o["branch_weighting"],
         max_rank=o["max_rank"], branch_refine=o["branch_refine"], bits_overrides=_overrides(o["bits_override"]),
         avg_bits=o["avg_bits"], max_size=_size(o["max_size"]), target=o["target"],
+        quantize_attention=o["quantize_attention"],
         bit_choices=tuple(int(b) for b in _floats(o["bit_choices"], "--bit-choices")))
 
 

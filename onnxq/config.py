@@ -68,6 +68,7 @@ class ConvertConfig:
     search_samples: int = 64               # lapq: samples the search fits (the next as many check it)
     protect: float = 0.10                  # <= 4 bits: extra weight bytes (fraction) for layers kept at 8 bits
     target: str = DEFAULT_TARGET           # emission rules of the runtime the model is for (plan/rules.py)
+    quantize_attention: bool = False       # 8-bit Q/DQ on both inputs of MatMuls of two activations
 
     def __post_init__(self) -> None:
         if self.target not in RULES:
@@ -86,6 +87,9 @@ class ConvertConfig:
                 why = str(e) if "parameter" in str(e) else f"unknown activation method '{self.act_method}'"
                 raise ConfigError(f"{why}; known: {', '.join(RANGE_METHODS)}, best, auto (chosen per tensor), lapq (percentile:PCT with "
                                   "PCT in (50, 100], lp:P with P in [1, 10], interval:EPS with EPS in (0, 1])") from None
+        if self.quantize_attention and RULES[self.target].all_readers:
+            raise ConfigError(f"--quantize-attention is for the input-side targets (generic, openvino, tensorrt); "
+                              f"'{self.target}' places Q/DQ around every op it runs quantized by its own rules")
         if self.search_samples < 1 or self.search_evals < 0:
             raise ConfigError("--search-samples must be at least 1 and --search-evals at least 0")
         if not 0.0 <= self.protect <= 1.0:

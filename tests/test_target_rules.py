@@ -332,3 +332,36 @@ def test_qnn_output_is_fully_quantized_like_onnxruntimes_qnn_configuration(net, 
     assert len(theirs) >= 8 and len(ours) >= 8
     missing = theirs - ours - conv_outputs - outputs
     assert not missing, missing
+
+
+def attention_head(rng) -> onnx.ModelProto:
+    """One attention head: Q, K, V projections, softmax(Q K^T / 4) V."""
+    r = lambda *s: (rng.standard_normal(s) * 0.3).astype(np.float32)  # noqa: E731
+    inits = {"wq": r(16, 16), "wk": r(16, 16), "wv": r(16, 16), "t": np.array(0.25, np.float32)}
+    nodes = [helper.make_node("MatMul", ["x", w], [o], name=o) for w, o in (("wq", "q"), ("wk", "k"), ("wv", "v"))]
+    nodes += [helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 2, 1]),
+              helper.make_node("MatMul", ["q", "kt"], ["s"], name="scores"),
+              helper.make_node("Mul", ["s", "t"], ["st"]), helper.make_node("Softmax", ["st"], ["p"], axis=-1),
+              helper.make_node("MatMul", ["p", "v"], ["y"], name="mix")]
+    return make_model(nodes, [vi("x", ["N", 8, 16])], [vi("y", ["N", 8, 16])], inits, opset=17)
+
+
+@pytest.mark.parametrize("target", ["generic", "tensorrt"])
+def test_quantize_attention_puts_qdq_on_both_inputs_of_activation_matmuls(target):
+    rng = np.random.default_rng(7)
+    m = attention_head(rng)
+    feeds = [{"x": rng.standard_normal((1, 8, 16)).astype(np.float32)} for _ in range(12)]
+    plain, _ = onnxq.convert(m, onnxq.ConvertConfig(bits=8, target=target), calib=feeds)
+    q, _ = onnxq.convert(m, onnxq.ConvertConfig(bits=8, target=target, quantize_attention=True), calib=feeds)
+    for model, want in ((plain, False), (q, True)):
+        producer = _producers(model)
+        for name in ("scores", "mix"):
+            node = next(n for n in model.graph.node if n.name == name)
+            assert all((producer.get(i) is not None and producer[i].op_type == "DequantizeLinear") == want
+                       for i in node.input), (name, want)
+    assert _sqnr(m, q, feeds) > 30
+
+
+def test_quantize_attention_is_refused_where_the_target_places_every_op():
+    with pytest.raises(onnxq.OnnxqError, match="--quantize-attention is for the input-side targets"):
+        onnxq.ConvertConfig(target="ort-cpu", quantize_attention=True)

@@ -60,25 +60,29 @@ def _saturating(y: str, consumers) -> str | None:
     return None
 
 
-def _add_inputs(model: onnx.ModelProto, targets: Sequence[Target], p: Placement, norms: set[str]) -> None:
-    """Both inputs of every Add of two activations read Q/DQ pairs (TensorRT fuses a residual Add
-    into the conv before it when they do)."""
+def _paired_inputs(model: onnx.ModelProto, targets: Sequence[Target], p: Placement, norms: set[str],
+                   op: str) -> None:
+    """Both inputs of every main-graph `op` of two activations read Q/DQ pairs: residual Adds
+    (TensorRT fuses one into the conv before it when they do), attention MatMuls (Q.K^T, A.V)."""
     inits = {t.name for t in model.graph.initializer}
     layer_inputs = {t.act for t in targets if not t.graph and t.act}
     for node in model.graph.node:
         ins = [i for i in node.input if i]
-        if node.op_type == "Add" and len(ins) == 2 and not set(ins) & inits and node.name not in norms:
+        if node.op_type == op and len(ins) == 2 and not set(ins) & inits and node.name not in norms:
             p.readers[node.name] = ins
             p.observe += [i for i in ins if i not in layer_inputs and i not in p.observe]
 
 
 def plan_placement(model: onnx.ModelProto, targets: Sequence[Target], rules: Rules,
-                   quantize_acts: bool = True) -> Placement:
-    """The main graph's extra quantized tensors under `rules` (none for input-side placement)."""
+                   quantize_acts: bool = True, attention: bool = False) -> Placement:
+    """The main graph's extra quantized tensors under `rules` (none for input-side placement),
+    with `attention` the inputs of MatMuls of two activations."""
     p = Placement()
     norms = normalisation_nodes(model.graph)     # their statistics stay float (graph/norms.py)
     if rules.add_inputs and quantize_acts:
-        _add_inputs(model, targets, p, norms)
+        _paired_inputs(model, targets, p, norms, "Add")
+    if attention and quantize_acts:
+        _paired_inputs(model, targets, p, norms, "MatMul")
     if not rules.output_units or not quantize_acts:
         return p
     g = model.graph
