@@ -60,8 +60,8 @@ def lp(counts, edges, bits, signed, *, observed=None, p: float = 2.0,
        grid: int = 100) -> tuple[float, float]:
     """Minimise E|Q(x) - x|^p over clipping intervals: the observed interval shrunk by a common
     ratio, then, for affine (unsigned) codes, each end moved alone, in turn. The common ratio
-    alone clipped a small one-sided mass together with the long tail: a GELU output's values in
-    [-0.17, 0], a fifth of them, went with a positive tail at 20."""
+    ties the ends together, where a skewed tensor (a long tail on one side, a short one on the
+    other) wants a different share clipped at each end."""
     lo0, hi0 = observed if observed is not None else _span(counts, edges)
     if hi0 - lo0 <= 0:
         return lo0, hi0
