@@ -48,21 +48,6 @@ def test_mse_clips_outliers_but_minmax_does_not():
     assert 3.0 < ms[1] < 12.0
 
 
-def test_mse_on_affine_codes_clips_each_side_of_a_skewed_tensor_on_its_own():
-    """A long negative tail and a short positive side want different shares clipped: each end
-    moved alone reaches less error than any common shrink of both ends."""
-    from onnxq.algos import ranges
-    rng = np.random.default_rng(8)
-    x = np.concatenate([-rng.exponential(2.0, 100_000), rng.exponential(0.3, 100_000)])
-    counts, edges, obs = _hist(x)
-    lo, hi = ranges.mse(counts, edges, 8, False, observed=obs)
-    centers = 0.5 * (edges[:-1] + edges[1:])
-    err = lambda a, b: ranges._expected_error(centers, counts, a, b, 8, False, 2.0)  # noqa: E731
-    shared = min(((obs[0] * r, obs[1] * r) for r in np.linspace(0.01, 1, 100)), key=lambda t: err(*t))
-    assert abs(lo / obs[0] - hi / obs[1]) > 0.1       # not one ratio for both ends
-    assert err(lo, hi) < 0.99 * err(*shared)
-
-
 @pytest.mark.parametrize("through", ["silu", "hardswish"])
 def test_a_range_read_by_a_saturating_activation_drops_the_tail_it_flattens(through):
     """A conv's pre-activation with a long negative tail: the floor chosen through the activation

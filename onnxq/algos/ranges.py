@@ -53,32 +53,21 @@ def _expected_error(centers, counts, lo, hi, bits, signed, p: float) -> float:
     return float(np.sum(counts * np.abs(centers - (q - zp) * scale) ** p))
 
 
-SIDE_ROUNDS = 2   # lp on affine codes: rounds of moving each end alone after the common shrink
-
-
 def lp(counts, edges, bits, signed, *, observed=None, p: float = 2.0,
        grid: int = 100) -> tuple[float, float]:
-    """Minimise E|Q(x) - x|^p over clipping intervals: the observed interval shrunk by a common
-    ratio, then, for affine (unsigned) codes, each end moved alone, in turn. The common ratio
-    ties the ends together, where a skewed tensor (a long tail on one side, a short one on the
-    other) wants a different share clipped at each end."""
+    """Shrink the observed interval by a common ratio to minimise E|Q(x) - x|^p."""
     lo0, hi0 = observed if observed is not None else _span(counts, edges)
     if hi0 - lo0 <= 0:
         return lo0, hi0
     centers = 0.5 * (edges[:-1] + edges[1:])
     used = counts > 0
     c, n = centers[used], counts[used]
-    error = lambda lo, hi: _expected_error(c, n, lo, hi, bits, signed, p)  # noqa: E731
-    best = min(((lo0 * r, hi0 * r) for r in np.linspace(1.0 / grid, 1.0, grid)), key=lambda t: error(*t))
-    if signed:
-        return best
-    lo, hi = best
-    for _ in range(SIDE_ROUNDS):
-        if lo0 < 0:
-            lo = min(np.linspace(lo0, 0.0, grid, endpoint=False), key=lambda v: error(v, hi))
-        if hi0 > 0:
-            hi = min(np.linspace(hi0 / grid, hi0, grid), key=lambda v: error(lo, v))
-    return float(lo), float(hi)
+    best, best_err = (lo0, hi0), np.inf
+    for r in np.linspace(1.0 / grid, 1.0, grid):
+        err = _expected_error(c, n, lo0 * r, hi0 * r, bits, signed, p)
+        if err < best_err:
+            best, best_err = (lo0 * r, hi0 * r), err
+    return best
 
 
 def mse(counts, edges, bits, signed, *, observed=None) -> tuple[float, float]:
