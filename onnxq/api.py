@@ -167,8 +167,6 @@ def calibrate(c: Conversion, stats: Stats | str | None, save_stats: str | None,
             stats.save(save_stats)
         except OSError as e:
             raise OutputError(f"could not save the statistics to {save_stats}: {e.strerror or e}") from None
-    for name, st in stats.acts.items():        # this target's marks (reused statistics carry a last run's)
-        st.through = c.placement.through.get(name)
     c.stats = stats
 
 

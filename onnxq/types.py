@@ -106,7 +106,6 @@ class ActStats:
     counts: np.ndarray
     edges: np.ndarray
     observed: tuple[float, float]
-    through: str | None = None    # a saturating activation that alone reads it (algos/ranges.ACTIVATIONS)
 
 
 @dataclass
@@ -486,7 +485,6 @@ class Placement:
     observe: list[str] = field(default_factory=list)       # tensors to calibrate beyond the layers' inputs
     tied: dict[str, str] = field(default_factory=dict)     # tensor -> the tensor whose Q/DQ params it takes
     readers: dict[str, list[str]] = field(default_factory=dict)   # non-layer node -> inputs it reads quantized
-    through: dict[str, str] = field(default_factory=dict)    # layer output -> the saturating activation reading it
 
 
 @dataclass

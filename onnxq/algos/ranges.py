@@ -145,38 +145,6 @@ PARAMETER = {"percentile": "pct", "lp": "p", "interval": "eps"}
 PARAMETER_RANGE = {"pct": (50.0, 100.0), "p": (1.0, 10.0), "eps": (0.0, 1.0)}
 
 
-# saturating activations a quantized tensor may feed: below some value their output hardly moves
-ACTIVATIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
-    "silu": lambda x: x * 0.5 * (1.0 + np.tanh(0.5 * x)),
-    "hardswish": lambda x: x * np.clip(x / 6.0 + 0.5, 0.0, 1.0),
-    "sigmoid": lambda x: 0.5 * (1.0 + np.tanh(0.5 * x)),
-}
-FLOOR_GRID = 64
-
-
-def floor_through(counts, edges, lo: float, hi: float, bits: int, signed: bool, through: str) -> float:
-    """The lower bound in [lo, 0] that minimises E[(f(x) - f(Q(x)))^2] over the histogram with hi
-    kept, f the saturating activation that reads the tensor: the negative tail f flattens
-    costs almost nothing to clip, and the step it frees refines every other value (a SiLU
-    conv's pre-activation reaches -20 where silu(-8) is already -0.003)."""
-    if lo >= 0 or signed:
-        return lo
-    f = ACTIVATIONS[through]
-    centers = 0.5 * (edges[:-1] + edges[1:])
-    used = counts > 0
-    c, n = centers[used], counts[used]
-    fc = f(c)
-    qmin, qmax = act_qrange(bits, signed)
-    best, best_err = lo, np.inf
-    for cand in np.linspace(lo, 0.0, FLOOR_GRID, endpoint=False):
-        scale, zp = act_params(cand, hi, bits, signed)
-        xq = (np.clip(np.rint(c / scale) + zp, qmin, qmax) - zp) * scale
-        err = float(np.sum(n * (fc - f(xq)) ** 2))
-        if err < best_err:
-            best, best_err = float(cand), err
-    return best
-
-
 def parse_method(spec: str) -> tuple[str, dict]:
     """'percentile:99.9' -> ('percentile', {'pct': 99.9}). Raises ValueError."""
     name, _, arg = spec.partition(":")

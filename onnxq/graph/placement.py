@@ -43,23 +43,6 @@ def _unit_output(node: onnx.NodeProto, consumers, outputs: set[str]) -> str | No
         z = readers[0].output[0]
 
 
-def _saturating(y: str, consumers) -> str | None:
-    """The saturating activation that alone reads y (SiLU as Sigmoid(y) and y * Sigmoid(y),
-    HardSwish, Sigmoid), by its name in algos/ranges.ACTIVATIONS."""
-    readers = consumers.get(y, [])
-    ops = sorted(n.op_type for n in readers)
-    if ops == ["HardSwish"]:
-        return "hardswish"
-    if ops == ["Sigmoid"]:
-        return "sigmoid"
-    if ops == ["Mul", "Sigmoid"]:
-        sig = next(n for n in readers if n.op_type == "Sigmoid")
-        mul = next(n for n in readers if n.op_type == "Mul")
-        if sorted(mul.input) == sorted([y, sig.output[0]]):
-            return "silu"
-    return None
-
-
 def _paired_inputs(model: onnx.ModelProto, targets: Sequence[Target], p: Placement, norms: set[str],
                    op: str) -> None:
     """Both inputs of every main-graph `op` of two activations read Q/DQ pairs: residual Adds
@@ -107,11 +90,7 @@ def plan_placement(model: onnx.ModelProto, targets: Sequence[Target], rules: Rul
             if node.op_type not in POOLS:
                 continue    # a gate's layers keep input-side Q/DQ only: an error there scales whole channels
         if node.name in layers:
-            y = _unit_output(node, consumers, outputs)
-            add(y)
-            kind = _saturating(y, consumers) if y else None
-            if kind:
-                p.through[y] = kind
+            add(_unit_output(node, consumers, outputs))
         elif node.op_type in rules.fused_ops:
             ins = [i for i in node.input if i]
             if ins and all(i in quantized for i in ins) and len(node.output) == 1:

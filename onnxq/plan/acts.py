@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Mapping
 
 from ..algos.qmath import act_params
-from ..algos.ranges import RANGE_METHODS, floor_through, parse_method
+from ..algos.ranges import RANGE_METHODS, parse_method
 from ..config import SEARCHED_METHODS, START_RANGE, ConvertConfig
 from ..types import ActQuant, ActStats
 
@@ -21,10 +21,7 @@ def act_quant(lo: float, hi: float, bits: int, signed: bool, method: str) -> Act
 def method_range(st: ActStats, spec: str, bits: int, signed: bool) -> tuple[float, float]:
     """(lo, hi) of one tensor by the range method `spec` (e.g. 'percentile:99.9')."""
     method, params = parse_method(spec)
-    lo, hi = RANGE_METHODS[method](st.counts, st.edges, bits, signed, observed=st.observed, **params)
-    if st.through is not None:      # judged by the error after the activation that reads it
-        lo = floor_through(st.counts, st.edges, lo, hi, bits, signed, st.through)
-    return lo, hi
+    return RANGE_METHODS[method](st.counts, st.edges, bits, signed, observed=st.observed, **params)
 
 
 def method_acts(stats: Mapping[str, ActStats], names, base: Mapping[str, ActQuant], cfg: ConvertConfig,
