@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 
 import onnxq
@@ -53,13 +54,14 @@ MODELS = {
                   kind="imagenet", counts=(64, 120)),
     "rec": dict(title="PP-OCRv4 text recogniser (rapidocr-onnxruntime 1.4.4)", pkg="rapidocr_onnxruntime",
                 file="models/ch_PP-OCRv4_rec_infer.onnx", kind="rec", counts=(64, 120)),
+    "M": dict(tg.MODELS["M"], counts=(64, 400)),
 }
 CONFIGS = {
     "w8a8": dict(bits=8, act_bits=8),
     "w4a8": dict(bits=4, act_bits=8),
 }
 FIDELITY_KEY = {"orient": "top1_fp32", "cls": "top1_fp32", "imagenet": "top1_fp32", "yolo": "f1_fp32", "det": "iou_fp32",
-                "rec": "strings_fp32"}
+                "rec": "strings_fp32", "text": "retrieval_agree"}
 
 
 def feeds(key: str, spec: dict, path: Path, dataset: str, seed: int, n: int, split: str, cache: Path):
@@ -77,6 +79,16 @@ def feeds(key: str, spec: dict, path: Path, dataset: str, seed: int, n: int, spl
         return [f for f, _ in ocr_data.cls_samples(n, seed + (0 if split == "calib" else 1000), font)]
     if kind == "det":
         return ocr_data.det_samples(n, seed + (0 if split == "calib" else 1000), font_path=font)
+    if kind == "text":
+        # set a: licence sentences, set b: standard-library docstrings; evaluation is the pool's
+        # last n sentences, calibration a seeded draw from the rest
+        texts = tg.text_data.sentences("licences" if dataset == "a" else "docs")
+        names = tuple(i.name for i in onnx.load(str(path), load_external_data=False).graph.input)
+        if split == "eval":
+            return tg.text_data.feeds(texts[-n:], names)
+        rest = texts[:-max(MODELS[key]["counts"][1], 100)]
+        pick = np.random.default_rng(seed).choice(len(rest), size=n, replace=False)
+        return tg.text_data.feeds([rest[i] for i in sorted(pick)], names)
     if kind == "rec":
         return [f for f, _ in ocr_data.rec_samples(n, seed + (0 if split == "calib" else 1000), font_path=font)]
     raise ValueError(kind)

@@ -12,6 +12,9 @@ import time
 import numpy as np
 from typing import TYPE_CHECKING, Sequence
 
+from .algos.matrix import to_matrix
+from .algos.smoothing import choose_smoothing
+from .calib.channels import channel_stats
 from .calib.collect import collect, hessian_chunks
 from .calib.data import Preprocess, constant_inputs, open_source, random_feeds
 from .config import SEARCHED_METHODS, VERSION, ConvertConfig
@@ -21,13 +24,14 @@ from .graph.io import (TARGET_KEY, check_model, check_output_path, float_op_coun
 from .graph.placement import plan_placement
 from .graph.prepare import drop_identities, fold_affine, fuse_hardswish, prepare, upgrade_opset
 from .graph.rewrite import apply_plan
+from .graph.smooth import apply_smoothing, smoothable
 from .graph.large import model_bytes, weights_folder
 from .graph.targets import WeightMap, find_targets, initializer_array
 from .graph.tidy import tidy
 from .plan.acts import plan_acts, tie
 from .plan.biases import code_biases
 from .plan.layers import make_plan, plan_layer
-from .plan.rules import DEFAULT_TARGET
+from .plan.rules import DEFAULT_TARGET, float_input
 from .plan.shared import share_weights
 from .report import build_report, clipped_share
 from .runtime import give_back_memory, session
@@ -38,7 +42,7 @@ from .search.probe import TAILS, Probe
 from .search.protect import check_probe, choose_rounding, protect_layers
 from .search.sequential import sequential_layers
 from .types import (Conversion, Feed, Inspection, LayerInfo, LayerStats, Progress, Report, SkippedReport,
-                    Stats, log)
+                    SmoothReport, Stats, log)
 from .verify import fidelity
 
 if TYPE_CHECKING:
@@ -53,6 +57,8 @@ ROUNDING_CANDIDATES = ("gptq", "mse")   # weight methods the low-bit layers are 
 CHOICE_SAMPLES = 8     # samples the per-tensor range choice fits (the next as many check it)
 POOR_AGREEMENT = 0.9   # below this top-1 agreement (or POOR_SQNR_DB) the summary warns loudly
 POOR_SQNR_DB = 10.0
+SMOOTH_SAMPLES = 32    # calibration samples of the smoothing choice (half fit the maxima, half judge)
+SMOOTH_ROWS = 1024     # input rows the choice is judged on
 HESSIAN_SHARE = 0.25   # weights on disk: second moments held at once, a share of the weights' bytes
 
 
@@ -73,6 +79,8 @@ def convert(model: "str | os.PathLike | onnx.ModelProto", config: ConvertConfig 
         c.placement = plan_placement(c.prepared, c.targets, c.cfg.rules, c.cfg.quantize_acts,
                                      c.cfg.quantize_attention)
         data(c, calib, holdout, preprocess)
+    with c.timed("smooth"):
+        smooth(c)
     with c.timed("calibrate"):
         calibrate(c, stats, save_stats, progress)
     with c.timed("quantize"):
@@ -128,6 +136,35 @@ def data(c: Conversion, calib, holdout, preprocess: Preprocess | None) -> None:
     if constant:
         c.warn(f"calibration input(s) {', '.join(constant)} hold a single value in every sample checked "
                "(all zeros?): the ranges and the fidelity figures will not reflect real data")
+
+
+def smooth(c: Conversion) -> None:
+    """Per-channel smoothing of the quantized Gemm/MatMul inputs where the readers' quantized
+    outputs come closer to float (algos/smoothing.py), judged on samples the channel maxima were
+    not taken from; then the layers and placement are found again on the rewritten graph."""
+    if not (c.cfg.smooth and c.cfg.quantize_acts) or weights_folder(c.prepared) is not None:
+        return
+    bits = {t.node: c.cfg.bits_for(t.node, t.depthwise)[0] for t in c.targets}
+    groups = {a: ts for a, ts in smoothable(c.prepared, c.targets).items()
+              if not any(float_input(c.cfg.rules, t, bits[t.node]) for t in ts)}
+    if not groups:
+        return
+    found = channel_stats(c.prepared, list(groups), c.calib[:SMOOTH_SAMPLES], SMOOTH_ROWS, c.cfg.seed)
+    for act, readers in groups.items():
+        if act not in found:
+            continue
+        weights = [to_matrix(initializer_array(c.prepared, "", t.weight), t.weight_layout) for t in readers]
+        ch = choose_smoothing(*found[act], weights, [bits[t.node] for t in readers], c.cfg.act_bits,
+                              c.cfg.rules.act_signed)
+        new = apply_smoothing(c.prepared, act, readers, ch.scales) if ch.alpha is not None else ""
+        c.smoothing.append(SmoothReport(act, [t.node for t in readers], ch.alpha, ch.error_before, ch.error_after,
+                                        new))
+    if any(s.alpha is not None for s in c.smoothing):
+        c.targets, c.skipped = find_targets(c.prepared, c.cfg.excluded, c.cfg.rules.tables)
+        c.placement = plan_placement(c.prepared, c.targets, c.cfg.rules, c.cfg.quantize_acts,
+                                     c.cfg.quantize_attention)
+        log.info(f"smoothing: {sum(s.alpha is not None for s in c.smoothing)} of {len(c.smoothing)} "
+                 f"Gemm/MatMul inputs smoothed")
 
 
 def split(loaders: list, cfg: ConvertConfig, holdout_source) -> tuple[list, list, list[str]]:

@@ -131,6 +131,7 @@ def print_summary(report) -> None:
         out.print(f"  low-bit rounding: {ro.chosen} (network loss on {ro.samples} unseen samples: "
                   + ", ".join(f"{k} {v:.4g}" for k, v in ro.losses.items()) + ")")
     _print_protect(r.protect)
+    _print_smoothing(r.smoothing)
     if r.shared_weights:
         out.print(f"  shared weights: {r.shared_weights} read by several layers, each stored once")
     _print_mixed(r.mixed)
@@ -177,6 +178,15 @@ def _print_ranges(ch) -> None:
                                                if ch.changed else ""))
     out.print(f"  activation ranges chosen per tensor: {ch.tried} of {ch.tensors} tried in {ch.evaluations} "
               f"evaluations; {verdict}")
+
+
+def _print_smoothing(items) -> None:
+    done = [s for s in items if s.alpha is not None]
+    if items:
+        out.print(f"  smoothing: {len(done)} of {len(items)} Gemm/MatMul inputs smoothed"
+                  + (f" (their layers' quantized output error cut to "
+                     f"{sum(s.error_after / s.error_before for s in done) / len(done):.0%} on average)"
+                     if done else ""))
 
 
 def _print_protect(p) -> None:
@@ -321,6 +331,10 @@ def _preprocess_options(f):
               help="Also 8-bit Q/DQ on both inputs of every MatMul of two activations (attention's Q.K^T "
                    "and A.V), ranges from the same calibration pass; off by default (MiniLM: "
                    "docs/results.md). Input-side targets only.")
+@click.option("--no-smooth", is_flag=True,
+              help="Leave Gemm/MatMul inputs as they are. By default a quantized input with outlier channels "
+                   "(transformers) is divided per channel by s and the weights it meets multiplied by s (exact in "
+                   "float), where that cuts the layers' quantized output error on samples not fitted on.")
 @click.option("--avg-bits", type=click.FloatRange(2, 8),
               help="Mixed precision: choose each layer's bits so the parameter-weighted average is at most this.")
 @click.option("--max-size", help="Mixed precision: quantized weights at most this big, e.g. 2.5MB or 800KB.")
@@ -396,7 +410,7 @@ def _config(o: dict) -> ConvertConfig:
         branch_init=o["branch_init"], branch_bits=int(o["branch_bits"]), branch_weighting=o["branch_weighting"],
         max_rank=o["max_rank"], branch_refine=o["branch_refine"], bits_overrides=_overrides(o["bits_override"]),
         avg_bits=o["avg_bits"], max_size=_size(o["max_size"]), target=o["target"],
-        quantize_attention=o["quantize_attention"],
+        quantize_attention=o["quantize_attention"], smooth=not o["no_smooth"],
         bit_choices=tuple(int(b) for b in _floats(o["bit_choices"], "--bit-choices")))
 
 

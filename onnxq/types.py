@@ -443,6 +443,19 @@ class Inspection:
     target: str
 
 
+@dataclass
+class SmoothReport:
+    """Per-channel smoothing of one Gemm/MatMul input (algos/smoothing.py): alpha None = left as
+    it is; the readers' relative output error with both sides quantized, without and with it."""
+
+    tensor: str
+    readers: list[str]
+    alpha: float | None
+    error_before: float
+    error_after: float
+    smoothed: str = ""        # the tensor the readers now read (the Mul's output), "" if none
+
+
 REPORT_SCHEMA = "onnxq-report/3"
 
 
@@ -470,6 +483,7 @@ class Report:
     ranges: ChoiceSummary | None = None
     protect: ProtectSummary | None = None
     rounding: RoundingChoice | None = None
+    smoothing: list[SmoothReport] = field(default_factory=list)
     shared_weights: int = 0                           # weights several layers read, stored once (plan/shared.py)
     float_ops: list[SkippedReport] = field(default_factory=list)   # nodes without weights left in float, and why
     schema: str = REPORT_SCHEMA
@@ -513,6 +527,7 @@ class Conversion:
     ranges: ChoiceSummary | None = None
     protect: ProtectSummary | None = None
     rounding: RoundingChoice | None = None
+    smoothing: list[SmoothReport] = field(default_factory=list)
     shared_weights: int = 0                           # weights several layers read, stored once (plan/shared.py)
     qmodel: "onnx.ModelProto | None" = None
     fidelity: Fidelity = field(default_factory=Fidelity)

@@ -2,6 +2,7 @@
 of real models: classifier logits, per-step probabilities, a YOLO-style detector head."""
 
 import numpy as np
+import pytest
 
 from onnxq.algos.metrics import classifier_like, compare_outputs, divergence
 
@@ -18,6 +19,18 @@ def test_class_scores_are_told_from_detector_heads():
     head = np.concatenate([rng.uniform(0, 320, (1, 4, 2100)), rng.uniform(0, 1, (1, 18, 2100))], 1)
     assert not classifier_like(head.astype(np.float32))                                   # boxes + scores
     assert "top1_agreement" not in compare_outputs([head], [head])
+
+
+def test_a_normalised_embedding_is_not_taken_for_class_scores():
+    """A sentence encoder's unit-length rows: their softmax is near uniform, so KL and top-1
+    would say nothing; the searches compare them by relative error and verify by cosine."""
+    rng = np.random.default_rng(2)
+    e = rng.standard_normal((3, 384))
+    e /= np.linalg.norm(e, axis=1, keepdims=True)
+    assert not classifier_like(e.astype(np.float32))
+    assert "top1_agreement" not in compare_outputs([e], [e])
+    assert divergence([e], [e * 0.9]) == pytest.approx(0.01, rel=1e-6)     # relative MSE, not KL
+    assert classifier_like((e * 3).astype(np.float32))                      # other rank-2 scores stay class scores
 
 
 def test_a_detector_heads_small_rows_count_as_much_as_its_large_ones():

@@ -54,8 +54,9 @@ def test_one_layer_report_per_target(digits, targets):
                               if layer.node in rep.protect.protected else "")
         assert layer.method == ("mse" if t.depthwise or layer.node in rep.protect.protected else "gptq")
         assert number(layer.sqnr_db) and number(layer.sqnr_rtn_db) and layer.sqnr_db >= layer.sqnr_rtn_db - 1e-3
-        # every layer reads a quantized input, named by its tensor
-        assert (layer.activation, layer.activation_bits, layer.float_input_reason) == (t.act, 8, "")
+        # every layer reads a quantized input, named by its tensor (the smoothed one where smoothed)
+        read = next((s.smoothed for s in rep.smoothing if layer.node in s.readers and s.smoothed), t.act)
+        assert (layer.activation, layer.activation_bits, layer.float_input_reason) == (read, 8, "")
         assert layer.branch_rank == layer.branch_params == 0 and layer.sqnr_with_branch_db is None
     assert rep.params == sum(t.params for t in targets)
     assert rep.skipped == []

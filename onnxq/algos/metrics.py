@@ -42,13 +42,21 @@ def probabilities(x: np.ndarray) -> np.ndarray:
     return e / e.sum(-1, keepdims=True)
 
 
+def _is_unit_rows(x: np.ndarray) -> bool:
+    """Rows of L2 norm one: a normalised embedding (a sentence encoder's output)."""
+    return bool(np.allclose(np.linalg.norm(x.astype(np.float64), axis=-1), 1.0, atol=1e-3))
+
+
 def classifier_like(x: np.ndarray) -> bool:
     """Float outputs whose last axis holds class scores: rank-2 logits or probabilities, or a
     rank-3 tensor whose last axis already sums to one (per-step probabilities). A rank-3 tensor
-    of other values is a detector head or a feature map, whose argmax means nothing."""
+    of other values is a detector head or a feature map, whose argmax means nothing; rows of
+    unit L2 norm are embeddings, compared by direction, not by their largest entry."""
     if x.dtype.kind != "f" or x.ndim not in (2, 3) or x.shape[-1] < 2:
         return False
-    return x.ndim == 2 or _is_probabilities(x)
+    if _is_probabilities(x):
+        return True
+    return x.ndim == 2 and not _is_unit_rows(x)
 
 
 def kl_rows(p: np.ndarray, q: np.ndarray) -> np.ndarray:

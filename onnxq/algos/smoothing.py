@@ -1,0 +1,106 @@
+"""Per-channel smoothing of a quantized Gemm/MatMul input: X W^T = (X / s) (W s)^T exactly, so a
+channel whose activations are far larger than the rest (transformers keep a few such channels)
+can hand part of its range to the weight columns it multiplies, where per-channel weight scales
+absorb it.
+
+    s_j = a_j^alpha / w_j^(1 - alpha)
+
+a_j: max |x_j| over calibration rows; w_j: max |W[:, j]| over every layer reading x. alpha is
+chosen per input tensor from ALPHAS, or no smoothing at all, by the error of the readers'
+outputs with both sides quantized (round-to-nearest weights at the layer's bits, a per-tensor
+activation grid fitted on the rows the channel maxima came from) on rows that neither the maxima
+nor the grid saw. Too few rows to know a channel's maximum: no smoothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .qmath import act_params, act_qrange, channel_scales, fake_quant, weight_qmax
+
+ALPHAS = (0.25, 0.5, 0.75)
+CLIPS = np.linspace(0.5, 1.0, 11)   # activation clipping ratios the proxy grid is fitted over
+GAIN = 0.9                          # smoothing is kept only where it cuts the output error by 10%
+MIN_ROWS = 128                      # rows both to fit and to judge on, at least
+
+
+@dataclass
+class Smoothing:
+    """The choice for one input tensor: alpha (None: left as it is), the scales s [K] (divide
+    the input, multiply the weights' columns), and the relative output error before and after."""
+
+    alpha: float | None
+    scales: np.ndarray | None
+    error_before: float
+    error_after: float
+
+
+def _fake_weight(w: np.ndarray, bits: int) -> np.ndarray:
+    """Round-to-nearest with per-row symmetric scales: w [O, K]."""
+    s = channel_scales(w, bits)[:, None]
+    q = weight_qmax(bits)
+    return np.clip(np.rint(w / s), -q, q) * s
+
+
+def _act_grid(fit: np.ndarray, bits: int, signed: bool) -> tuple[float, int]:
+    """The per-tensor grid (scale, zero point) of the fit rows: clipped min-max, the clipping
+    ratio by least squares."""
+    lo, hi = float(fit.min()), float(fit.max())
+    qmin, qmax = act_qrange(bits, signed)
+    best, best_err = act_params(lo, hi, bits, signed), np.inf
+    for r in CLIPS:
+        scale, zp = act_params(lo * r, hi * r, bits, signed)
+        err = float(np.sum((fake_quant(fit, scale, zp, qmin, qmax) - fit) ** 2))
+        if err < best_err:
+            best, best_err = (scale, zp), err
+    return best
+
+
+def output_error(fit: np.ndarray, x: np.ndarray, weights: list[np.ndarray], bits: list[int], act_bits: int,
+                 signed: bool, s: np.ndarray | None) -> float:
+    """sum_i |Q(x / s) Q(W_i s)^T - x W_i^T|^2 / sum_i |x W_i^T|^2 over rows x [S, K], the
+    activation grid fitted on rows `fit`."""
+    div = 1.0 if s is None else s
+    scale, zp = _act_grid((fit / div).astype(np.float32), act_bits, signed)
+    xq = fake_quant((x / div).astype(np.float32), scale, zp, *act_qrange(act_bits, signed)).astype(np.float64)
+    num = den = 0.0
+    for w, b in zip(weights, bits):
+        ref = x @ w.T
+        wq = _fake_weight(w if s is None else w * s, b)
+        num += float(np.sum((xq @ wq.T - ref) ** 2))
+        den += float(np.sum(ref ** 2))
+    return num / max(den, 1e-30)
+
+
+def smoothing_scales(amax: np.ndarray, weights: list[np.ndarray], alpha: float) -> np.ndarray:
+    """s [K] for channel maxima amax [K] and the readers' weights [O_i, K]; channels that never
+    fire (or have no weight) keep s = 1. Normalised to geometric mean 1 (a common factor is
+    absorbed by the per-tensor and per-channel scales anyway)."""
+    wmax = np.max([np.abs(w).max(axis=0) for w in weights], axis=0)
+    a = np.asarray(amax, np.float64)
+    live = (a > 1e-6 * max(a.max(), 1e-30)) & (wmax > 0)
+    s = np.ones_like(a)
+    s[live] = a[live] ** alpha / wmax[live] ** (1 - alpha)
+    s[live] /= np.exp(np.mean(np.log(s[live])))
+    return s
+
+
+def choose_smoothing(amax: np.ndarray, fit: np.ndarray, rows: np.ndarray, weights: list[np.ndarray],
+                     bits: list[int], act_bits: int, signed: bool = False) -> Smoothing:
+    """The alpha (or none) whose quantized outputs of every reader are closest to float on
+    `rows` [S, K] (rows not used for `amax` or the grid, which come from `fit`); a candidate
+    must beat no smoothing by GAIN."""
+    x, f = np.asarray(rows, np.float64), np.asarray(fit, np.float64)
+    ws = [np.asarray(w, np.float64) for w in weights]
+    before = output_error(f, x, ws, bits, act_bits, signed, None)
+    best = Smoothing(None, None, before, before)
+    if min(len(x), len(f)) < MIN_ROWS:
+        return best
+    for alpha in ALPHAS:
+        s = smoothing_scales(amax, ws, alpha)
+        err = output_error(f, x, ws, bits, act_bits, signed, s)
+        if err < GAIN * before and err < best.error_after:
+            best = Smoothing(alpha, s, before, err)
+    return best

@@ -1,0 +1,129 @@
+"""Per-channel smoothing of Gemm/MatMul inputs: the rewrite is exact in float, it is chosen only
+where the quantized layer outputs come closer to float, and an input with an outlier channel (as
+transformers' LayerNorm outputs have) converts W8A8 closer to FP32 with it than without."""
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from builders import make_model, vi
+from onnx import helper
+
+import onnxq
+from onnxq.algos.smoothing import choose_smoothing, smoothing_scales
+from onnxq.graph.prepare import prepare
+from onnxq.graph.smooth import apply_smoothing, smoothable
+from onnxq.graph.targets import find_targets
+
+D, H = 32, 48
+
+
+def block(rng, outlier: float = 40.0, shared_weight: bool = False):
+    """x -> LayerNorm (one channel's gain `outlier` times the rest) -> MatMul (X @ W) and Gemm
+    (transB) -> Relu -> MatMul; the LayerNorm output also feeds a residual Add."""
+    gain = np.ones(D, np.float32)
+    gain[5] = outlier
+    w1 = (rng.standard_normal((D, H)) * 0.2).astype(np.float32)
+    nodes = [helper.make_node("LayerNormalization", ["x", "gain", "shift"], ["n"], name="norm", axis=-1),
+             helper.make_node("MatMul", ["n", "w1"], ["a"], name="up"),
+             helper.make_node("Gemm", ["n", "w2"], ["b"], name="side", transB=1),
+             helper.make_node("Add", ["a", "b"], ["ab"], name="join"),
+             helper.make_node("Relu", ["ab"], ["r"], name="act"),
+             helper.make_node("MatMul", ["r", "w3"], ["c"], name="down"),
+             helper.make_node("Add", ["c", "n"], ["y"], name="residual")]
+    inits = {"gain": gain, "shift": (rng.standard_normal(D) * 0.1).astype(np.float32), "w1": w1,
+             "w2": (rng.standard_normal((H, D)) * 0.2).astype(np.float32),
+             "w3": (rng.standard_normal((H, D)) * 0.2).astype(np.float32)}
+    outputs = [vi("y", ["N", D])]
+    if shared_weight:                       # a second layer reads w1 too
+        nodes.append(helper.make_node("MatMul", ["x", "w1"], ["z"], name="other"))
+        outputs.append(vi("z", ["N", H]))
+    return make_model(nodes, [vi("x", ["N", D])], outputs, inits, opset=17)
+
+
+def feeds(rng, n):
+    return [{"x": rng.standard_normal((16, D)).astype(np.float32)} for _ in range(n)]
+
+
+def test_the_rewrite_is_exact_and_other_readers_keep_the_input():
+    rng = np.random.default_rng(0)
+    m, _ = prepare(block(rng))
+    targets, _ = find_targets(m, lambda name: False, True)
+    groups = smoothable(m, targets)
+    assert set(groups) == {"n", "r"} and {t.node for t in groups["n"]} == {"up", "side"}
+    s = np.exp(rng.standard_normal(D)).astype(np.float64)
+    before = ort.InferenceSession(m.SerializeToString())
+    new = apply_smoothing(m, "n", groups["n"], s)
+    after = ort.InferenceSession(m.SerializeToString())
+    for f in feeds(rng, 3):
+        np.testing.assert_allclose(after.run(None, f)[0], before.run(None, f)[0], rtol=1e-4, atol=1e-4)
+    readers = {n.name: list(n.input) for n in m.graph.node}
+    assert readers["up"][0] == readers["side"][0] == new != "n"
+    assert readers["residual"][1] == "n"                  # the residual stream is not divided
+    muls = [n for n in m.graph.node if n.op_type == "Mul"]
+    assert len(muls) == 1 and list(muls[0].input)[0] == "n" and muls[0].output[0] == new
+
+
+def test_a_weight_another_node_reads_is_not_smoothed():
+    rng = np.random.default_rng(1)
+    m, _ = prepare(block(rng, shared_weight=True))
+    targets, _ = find_targets(m, lambda name: False, True)
+    assert {t.node for t in targets} >= {"up", "side", "other"}
+    groups = smoothable(m, targets)
+    assert {t.node for t in groups["n"]} == {"side"} and "x" not in groups
+
+
+def test_the_choice_smooths_an_outlier_channel_and_leaves_flat_inputs_alone():
+    rng = np.random.default_rng(2)
+    w = [rng.standard_normal((H, D)) * 0.2]
+    flat = rng.standard_normal((1024, D))
+    keep = choose_smoothing(np.abs(flat[:512]).max(0), flat[:512], flat[512:], w, [8], 8)
+    assert keep.alpha is None and keep.scales is None and keep.error_after == keep.error_before
+    spiky = flat.copy()
+    spiky[:, 3] *= 60.0
+    chosen = choose_smoothing(np.abs(spiky[:512]).max(0), spiky[:512], spiky[512:], w, [8], 8)
+    assert chosen.alpha is not None and chosen.error_after < 0.5 * chosen.error_before
+    assert chosen.scales[3] == chosen.scales.max() and chosen.scales[3] > 5 * np.median(chosen.scales)
+    # too few rows to know each channel's maximum: left alone however spiky
+    few = choose_smoothing(np.abs(spiky[:40]).max(0), spiky[:40], spiky[40:80], w, [8], 8)
+    assert few.alpha is None and few.error_after == few.error_before
+
+
+def test_channels_that_never_fire_keep_a_unit_scale():
+    amax = np.array([0.0, 1.0, 4.0, 0.0])
+    s = smoothing_scales(amax, [np.ones((3, 4))], 0.5)
+    assert s[0] == s[3] == 1.0 and s[2] > s[1] > 0
+
+
+def sqnr(m, q, fs):
+    a, b = ort.InferenceSession(m.SerializeToString()), ort.InferenceSession(q.SerializeToString())
+    ref = np.concatenate([a.run(None, f)[0] for f in fs])
+    out = np.concatenate([b.run(None, f)[0] for f in fs])
+    return 10 * np.log10(np.sum(ref ** 2) / np.sum((ref - out) ** 2))
+
+
+def test_an_outlier_channel_converts_closer_to_fp32_with_smoothing():
+    """One range method for both (mse), so the comparison is of smoothing alone."""
+    rng = np.random.default_rng(3)
+    m = block(rng)
+    cal, held = feeds(rng, 24), feeds(rng, 12)
+    q_on, rep_on = onnxq.convert(m, onnxq.ConvertConfig(bits=8, act_bits=8, act_method="mse"), calib=cal)
+    q_off, rep_off = onnxq.convert(m, onnxq.ConvertConfig(bits=8, act_bits=8, act_method="mse", smooth=False),
+                                   calib=cal)
+    chosen = {s.tensor: s for s in rep_on.smoothing}
+    assert chosen["n"].alpha is not None and sorted(chosen["n"].readers) == ["side", "up"]
+    assert chosen["n"].error_after < chosen["n"].error_before
+    assert rep_off.smoothing == []
+    assert any(n.op_type == "Mul" and n.input[0] == "n" for n in q_on.graph.node)
+    assert not any(n.op_type == "Mul" for n in q_off.graph.node)
+    assert sqnr(m, q_on, held) > sqnr(m, q_off, held) + 3.0
+
+
+@pytest.mark.parametrize("cfg", [dict(bits=8, act_bits=32), dict(bits=4, act_bits=8, target="ort-cpu")])
+def test_no_smoothing_where_the_input_stays_float(cfg):
+    """Weight-only conversions, and 4-bit MatMuls under ort-cpu (MatMulNBits reads a float
+    input), have no activation grid for smoothing to help."""
+    rng = np.random.default_rng(4)
+    m = block(rng)
+    q, rep = onnxq.convert(m, onnxq.ConvertConfig(protect=0.0, **cfg), calib=feeds(rng, 16))
+    assert not any(s.tensor == "n" and s.alpha is not None for s in rep.smoothing)
+    assert not any(n.op_type == "Mul" and n.input[0] == "n" for n in q.graph.node)
