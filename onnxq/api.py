@@ -1,6 +1,6 @@
 """convert(): the pipeline as a list of stage calls.
 
-load -> prepare -> targets -> data -> calibrate -> plan -> search -> rewrite -> verify -> report.
+load -> prepare -> targets -> data -> smooth -> calibrate -> plan -> search -> rewrite -> verify -> report.
 Each stage is a function below; the packages hold the work (README, "How it works")."""
 
 from __future__ import annotations

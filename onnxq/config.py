@@ -22,6 +22,7 @@ SEARCHED_METHODS = ("auto", "best", "lapq")   # activation methods that measure 
 # with each of search/choose.BEST_OF and keeps the best (docs/experiments/generalisation.md)
 START_RANGE = "percentile:99.999"
 DEFAULT_RANGE = "best"
+BLOCKS = (0, 32, 64, 128)      # --block choices (0: one scale per output channel)
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,7 @@ class ConvertConfig:
     target: str = DEFAULT_TARGET           # emission rules of the runtime the model is for (plan/rules.py)
     quantize_attention: bool = False       # 8-bit Q/DQ on both inputs of MatMuls of two activations
     smooth: bool = True                    # per-channel smoothing of Gemm/MatMul inputs where it pays
+    block: int = 0                         # <= 4-bit Gemm/MatMul: one scale per this many K values (0: per channel)
 
     def __post_init__(self) -> None:
         if self.target not in RULES:
@@ -91,6 +93,8 @@ class ConvertConfig:
         if self.quantize_attention and RULES[self.target].all_readers:
             raise ConfigError(f"--quantize-attention is for the input-side targets (generic, openvino, tensorrt); "
                               f"'{self.target}' places Q/DQ around every op it runs quantized by its own rules")
+        if self.block not in BLOCKS:
+            raise ConfigError(f"--block must be one of {', '.join(map(str, BLOCKS))}, got {self.block}")
         if self.search_samples < 1 or self.search_evals < 0:
             raise ConfigError("--search-samples must be at least 1 and --search-evals at least 0")
         if not 0.0 <= self.protect <= 1.0:

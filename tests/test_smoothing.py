@@ -76,15 +76,15 @@ def test_the_choice_smooths_an_outlier_channel_and_leaves_flat_inputs_alone():
     rng = np.random.default_rng(2)
     w = [rng.standard_normal((H, D)) * 0.2]
     flat = rng.standard_normal((1024, D))
-    keep = choose_smoothing(np.abs(flat[:512]).max(0), flat[:512], flat[512:], w, [8], 8)
+    keep = choose_smoothing(np.abs(flat[:512]).max(0), 512, flat[512:], w, [8], 8)
     assert keep.alpha is None and keep.scales is None and keep.error_after == keep.error_before
     spiky = flat.copy()
     spiky[:, 3] *= 60.0
-    chosen = choose_smoothing(np.abs(spiky[:512]).max(0), spiky[:512], spiky[512:], w, [8], 8)
+    chosen = choose_smoothing(np.abs(spiky[:512]).max(0), 512, spiky[512:], w, [8], 8)
     assert chosen.alpha is not None and chosen.error_after < 0.5 * chosen.error_before
     assert chosen.scales[3] == chosen.scales.max() and chosen.scales[3] > 5 * np.median(chosen.scales)
     # too few rows to know each channel's maximum: left alone however spiky
-    few = choose_smoothing(np.abs(spiky[:40]).max(0), spiky[:40], spiky[40:80], w, [8], 8)
+    few = choose_smoothing(np.abs(spiky[:40]).max(0), 40, spiky[40:80], w, [8], 8)
     assert few.alpha is None and few.error_after == few.error_before
 
 

@@ -58,15 +58,17 @@ def prepare_hessian(h: np.ndarray, damp: float = DEFAULT_DAMP, act_order: bool =
 def gptq_round(w: np.ndarray, scales: np.ndarray, bits: int, h: np.ndarray,
                damp: float = DEFAULT_DAMP, block: int = 128, act_order: bool = True,
                prepared=None) -> np.ndarray:
-    """Codes [O, K] (int32) for W [O, K] with fixed per-row `scales` [O] and H [K, K]
-    (`prepared`: prepare_hessian(h, damp, act_order), when it is already known)."""
+    """Codes [O, K] (int32) for W [O, K] with fixed `scales`, per row [O] or per weight [O, K]
+    (blocked scales expanded), and H [K, K] (`prepared`: prepare_hessian(h, damp, act_order),
+    when it is already known)."""
     dead, perm, u = prepared if prepared is not None else prepare_hessian(h, damp, act_order)
     w = w.astype(np.float64).copy()
     o, k = w.shape
     w[:, dead] = 0.0
     w = w[:, perm]
     qm = weight_qmax(bits)
-    s = scales.astype(np.float64)[:, None]
+    s = scales.astype(np.float64)
+    s = s[:, perm] if s.ndim == 2 else np.broadcast_to(s[:, None], (o, k))
     codes = np.zeros((o, k), dtype=np.int32)
     for i1 in range(0, k, block):
         i2 = min(i1 + block, k)
@@ -74,10 +76,10 @@ def gptq_round(w: np.ndarray, scales: np.ndarray, bits: int, h: np.ndarray,
         errs = np.zeros_like(wb)
         ub = u[i1:i2, i1:i2]
         for j in range(i2 - i1):
-            col = wb[:, j]
-            q = np.clip(np.rint(col / s[:, 0]), -qm, qm)
+            col, sc = wb[:, j], s[:, i1 + j]
+            q = np.clip(np.rint(col / sc), -qm, qm)
             codes[:, i1 + j] = q
-            err = (col - q * s[:, 0]) / ub[j, j]
+            err = (col - q * sc) / ub[j, j]
             wb[:, j:] -= np.outer(err, ub[j, j:])
             errs[:, j] = err
         w[:, i2:] -= errs @ u[i1:i2, i2:]

@@ -32,7 +32,7 @@ GPTQ_SCALE_STARTS = (1.0, 0.9, 1.1)
 @dataclass(frozen=True)
 class WeightQuant:
     codes: np.ndarray   # [O, K] int32
-    scales: np.ndarray  # [O] float64
+    scales: np.ndarray  # [O] float64, or [O, K / block] for blocked scales
     method: str         # the method actually used (after any fallback)
 
 
@@ -107,10 +107,41 @@ def gptq(w: np.ndarray, bits: int, hessian: np.ndarray | None = None,
 WEIGHT_METHODS: dict[str, Callable[..., WeightQuant]] = {"rtn": rtn, "mse": mse, "gptq": gptq}
 
 
+def blocked(method: str, w: np.ndarray, bits: int, hessian: np.ndarray | None, block: int,
+            damp: float = DEFAULT_DAMP) -> WeightQuant:
+    """One scale per run of `block` consecutive columns of W [O, K] (K a multiple of block):
+    scales [O, K / block]. gptq: each block's clipping on its own part of the objective (H's
+    diagonal block), then second-order rounding over the whole row with those scales fixed;
+    the other methods: each block quantized as a row of its own."""
+    o, k = w.shape
+    nb = k // block
+    if method != "gptq" or hessian is None:
+        q = WEIGHT_METHODS["rtn" if method == "rtn" else "mse"](w.reshape(o * nb, block), bits)
+        return WeightQuant(q.codes.reshape(o, k), q.scales.reshape(o, nb),
+                           q.method + ("" if method != "gptq" else " (no input statistics)"))
+    h = hessian.astype(np.float64)
+    hb = np.stack([h[i:i + block, i:i + block] for i in range(0, k, block)])            # [nb, block, block]
+    base = _grid_search(w.reshape(o, nb, block), bits, lambda e: np.einsum("obk,bkl,obl->ob", e, hb, e))
+    best_err = np.full(o, np.inf)
+    codes, scales = np.zeros(w.shape, dtype=np.int32), base.copy()
+    prepared = prepare_hessian(h, damp)
+    for f in GPTQ_SCALE_STARTS:
+        s = base * f
+        full = np.repeat(s, block, axis=1)
+        c = gptq_round(w, full, bits, h, damp=damp, prepared=prepared)
+        err = row_errors(w - c * full, h)
+        better = err < best_err
+        codes[better], scales[better], best_err[better] = c[better], s[better], err[better]
+    return WeightQuant(codes, scales, "gptq")
+
+
 def quantize_weight(method: str, w: np.ndarray, bits: int, hessians: np.ndarray | None,
-                    groups: int = 1, damp: float = DEFAULT_DAMP) -> WeightQuant:
+                    groups: int = 1, damp: float = DEFAULT_DAMP, block: int = 0) -> WeightQuant:
     """Apply `method` to W [O, K]; grouped layers pass hessians [G, K, K] and are done per group.
-    `damp` is gptq's damping of H (the other methods have none)."""
+    `damp` is gptq's damping of H (the other methods have none). `block` > 0: blocked scales
+    (ungrouped layers only)."""
+    if block:
+        return blocked(method, w, bits, None if hessians is None else hessians[0], block, damp)
     fn = WEIGHT_METHODS[method]
     if method == "gptq":
         fn = partial(gptq, damp=damp)

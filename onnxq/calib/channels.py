@@ -1,6 +1,6 @@
 """A short float pass for the smoothing choice: per input tensor of a Gemm/MatMul, the maximum
-|x| of every channel (last axis) over the first half of the samples with rows sampled from it
-(the fit), and rows sampled from the second half, on which the choice is judged."""
+|x| of every channel (last axis) over the first half of the samples (and over how many rows),
+and rows sampled from the second half, on which the choice is judged."""
 
 from __future__ import annotations
 
@@ -16,16 +16,17 @@ if TYPE_CHECKING:
 
 
 def channel_stats(model: "onnx.ModelProto", acts: Sequence[str], loaders: Sequence[Callable[[], Feed]],
-                  rows: int, seed: int) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """{tensor: (channel maxima [K], fit rows [S, K], check rows [S', K])} for the tensors whose
-    last axis is the same on every sample (others are left out); none with one sample."""
+                  rows: int, seed: int) -> dict[str, tuple[np.ndarray, int, np.ndarray]]:
+    """{tensor: (channel maxima [K], the rows they were taken over, check rows [S, K])} for the
+    tensors whose last axis is the same on every sample (others are left out); none with one
+    sample."""
     router = Router(model, acts)
     rng = np.random.default_rng(seed)
     fit = max(1, len(loaders) // 2)
     per = max(1, rows // max(1, len(loaders) - fit))
     amax: dict[str, np.ndarray] = {}
     taken: dict[str, list[np.ndarray]] = {a: [] for a in acts}
-    fitted: dict[str, list[np.ndarray]] = {a: [] for a in acts}
+    fitted: dict[str, int] = {a: 0 for a in acts}
     bad: set[str] = set()
     for i, load in enumerate(loaders):
         for a, v in router.run(load()).items():
@@ -37,12 +38,12 @@ def channel_stats(model: "onnx.ModelProto", acts: Sequence[str], loaders: Sequen
             if a in amax and amax[a].shape[0] != flat.shape[1]:
                 bad.add(a)
                 continue
-            pick = np.sort(rng.choice(flat.shape[0], size=min(per, flat.shape[0]), replace=False))
             if i < fit:
                 m = np.abs(flat).max(axis=0)
                 amax[a] = m if a not in amax else np.maximum(amax[a], m)
-                fitted[a].append(flat[pick])
+                fitted[a] += flat.shape[0]
             else:
+                pick = np.sort(rng.choice(flat.shape[0], size=min(per, flat.shape[0]), replace=False))
                 taken[a].append(flat[pick])
-    return {a: (amax[a], np.concatenate(fitted[a]), np.concatenate(taken[a])) for a in acts
+    return {a: (amax[a], fitted[a], np.concatenate(taken[a])) for a in acts
             if a not in bad and a in amax and taken[a] and taken[a][0].shape[1] == amax[a].shape[0]}

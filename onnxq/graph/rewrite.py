@@ -83,6 +83,8 @@ def _weight_nodes(g: onnx.GraphProto, lp: LayerPlan, coded: CodedBiases, rules: 
     nodes = []
     codes, scales = (lp.codes, lp.scales) if as_int32 is None else (as_int32.codes, as_int32.scales)
     q = add_initializer(g, f"{pre}/weight_q", codes.astype(dt))
+    if lp.block and t.weight_layout == "cols":     # scales [O, K / block] stored along the weight's [K, O]
+        scales = scales.T
     s = add_initializer(g, f"{pre}/weight_scale", scales.astype(np.float32))
     z = add_initializer(g, f"{pre}/weight_zero", np.zeros(scales.shape, dtype=dt))
     blocked = {"block_size": lp.block} if lp.block else {}

@@ -68,16 +68,32 @@ def tap_moments(t: Target, ls: LayerStats) -> LayerStats:
                       np.repeat(ls.mean, eye.shape[0], axis=-1), ls.rows)
 
 
-def _quantize(method: str, wm: np.ndarray, bits: int, h: np.ndarray | None, groups: int, damp: float):
+def _quantize(method: str, wm: np.ndarray, bits: int, h: np.ndarray | None, groups: int, damp: float,
+              block: int = 0):
     """quantize_weight, falling back to the statistics-free method when the statistics cannot be
     factorised (degenerate layers: every input dead or enormous)."""
     if h is not None and not np.all(np.isfinite(h)):
         h = None
     try:
-        return quantize_weight(method, wm, bits, h, groups, damp=damp)
+        return quantize_weight(method, wm, bits, h, groups, damp=damp, block=block)
     except np.linalg.LinAlgError:
-        q = quantize_weight("mse", wm, bits, None, groups)
+        q = quantize_weight("mse", wm, bits, None, groups, block=block)
         return dataclasses.replace(q, method="mse (input statistics unusable)")
+
+
+# blocked Gemm/MatMul weights: the stored tensor's axis that runs along K (the DQ's block axis)
+BLOCK_AXIS = {"cols": 0, "rows": 1}
+
+
+def weight_block(t: Target, bits: int, cfg: ConvertConfig) -> int:
+    """Scales per block of cfg.block columns of K for a 2- to 4-bit Gemm/MatMul where the
+    target's rules allow blocked weights and K holds more than one block; else 0 (per channel).
+    Layers with low-rank branches stay per channel (the branch refits on per-channel codes)."""
+    k = t.shape[0] if t.weight_layout == "cols" else t.shape[-1]
+    if (not cfg.block or bits > 4 or t.op not in ("Gemm", "MatMul") or t.weight_layout not in BLOCK_AXIS
+            or not cfg.rules.blocked_weights or cfg.rank_budget > 0 or k % cfg.block or k <= cfg.block):
+        return 0
+    return cfg.block
 
 
 TABLE_BLOCK = 32   # embedding tables at <= 4 bits: one scale per 32 values of a row
@@ -128,19 +144,20 @@ def plan_layer(t: Target, w: np.ndarray, bias: np.ndarray | None, ls: LayerStats
     if ls is not None and ls.hessian is not None:
         fit = input_covariance(ls) if _bias_corrects(t, wm, bias, cfg) else ls.hessian
         h = regularized_hessian(fit, ls.rows)
-    wq = _quantize(method, wm, bits, h, groups, cfg.damp)
-    w_hat = wq.codes * wq.scales[:, None]
-    plan = LayerPlan(target=t, bits=bits, method=wq.method,
+    block = weight_block(t, bits, cfg)
+    wq = _quantize(method, wm, bits, h, groups, cfg.damp, block)
+    w_hat = dequantize_rows(wq.codes, wq.scales)
+    plan = LayerPlan(target=t, bits=bits, method=wq.method + (f" (blocks of {block})" if block else ""),
                      codes=from_matrix(wq.codes, t.weight_layout, t.shape).astype(np.int8),
-                     scales=wq.scales, axis=AXIS[t.weight_layout], bias=None, note=note,
-                     source_bias=bias)
+                     scales=wq.scales, axis=BLOCK_AXIS[t.weight_layout] if block else AXIS[t.weight_layout],
+                     bias=None, note=note, source_bias=bias, block=block)
     if ls is not None:
         plan.input_mean = ls.mean
     if h is not None:
         plan.fit_hessian = h
         plan.sqnr_db = _weighted_sqnr(wm, w_hat, h, groups)
-        r = rtn(wm, bits)
-        plan.sqnr_rtn_db = _weighted_sqnr(wm, r.codes * r.scales[:, None], h, groups)
+        r = quantize_weight("rtn", wm, bits, None, groups, block=block)      # plain rounding, same scale grid
+        plan.sqnr_rtn_db = _weighted_sqnr(wm, dequantize_rows(r.codes, r.scales), h, groups)
     else:
         plan.sqnr_db = sqnr_db(wm, w_hat)
     plan.bias = corrected_bias(t, wm, w_hat, bias, ls, cfg, float_mean)

@@ -72,6 +72,7 @@ class Rules:
     add_inputs: bool = False      # Q/DQ on both inputs of residual Adds (fused into the conv before)
     int4_weight_only: bool = False  # 2-4-bit Gemm/MatMul read a float input (int4 weight-only kernels)
     ms_kernels: bool = False      # onnxruntime's MatMulNBits / GatherBlockQuantized (com.microsoft)
+    blocked_weights: bool = False  # 2-4-bit Gemm/MatMul weights may take one scale per block of K (--block)
     unit_ops: frozenset = UNIT_OPS       # layers whose output gets a Q (with output_units)
     fused_ops: frozenset = FUSED_OPS     # other ops quantized on both sides when their inputs are (output_units)
     session_options: dict[str, str] = field(default_factory=dict)   # for onnxruntime's CPU provider
@@ -80,14 +81,15 @@ class Rules:
 
 RULES: dict[str, Rules] = {
     "generic": Rules("generic", output_units=False, all_readers=False, int4_conv=True, int4_matmul=True,
+                     blocked_weights=True,
                      session_options={"session.disable_quant_qdq": "1"},
                      summary="Q/DQ on quantized layers' inputs; INT4 containers"),
     "ort-cpu": Rules("ort-cpu", output_units=True, all_readers=True, int4_conv=False, int4_matmul=False,
-                     simplify=True, int4_weight_only=True, ms_kernels=True,
+                     simplify=True, int4_weight_only=True, ms_kernels=True, blocked_weights=True,
                      summary="full node units for onnxruntime's CPU integer kernels; u8/s8, int32 bias; "
                              "4-bit Gemm/MatMul as MatMulNBits, tables as GatherBlockQuantized"),
     "openvino": Rules("openvino", output_units=False, all_readers=False, int4_conv=False, int4_matmul=True,
-                      simplify=True, session_options={"session.disable_quant_qdq": "1"},
+                      simplify=True, blocked_weights=True, session_options={"session.disable_quant_qdq": "1"},
                       summary="Q/DQ on quantized layers' inputs; conv weights in INT8 containers"),
     "qnn": Rules("qnn", output_units=True, all_readers=True, int4_conv=True, int4_matmul=True,
                  simplify=True, unit_ops=frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"}),
