@@ -331,6 +331,9 @@ def _preprocess_options(f):
               help="Also 8-bit Q/DQ on both inputs of every MatMul of two activations (attention's Q.K^T "
                    "and A.V), ranges from the same calibration pass; off by default (MiniLM: "
                    "docs/results.md). Input-side targets only.")
+@click.option("--block", type=click.Choice(["0", "32", "64", "128"]), default="0", show_default=True,
+              help="2- to 4-bit Gemm/MatMul weights: one scale per this many values along K (0: one per "
+                   "output channel). Smaller blocks keep more of the weight and cost 32 bits of scale per block.")
 @click.option("--no-smooth", is_flag=True,
               help="Leave Gemm/MatMul inputs as they are. By default a quantized input with outlier channels "
                    "(transformers) is divided per channel by s and the weights it meets multiplied by s (exact in "
@@ -410,7 +413,7 @@ def _config(o: dict) -> ConvertConfig:
         branch_init=o["branch_init"], branch_bits=int(o["branch_bits"]), branch_weighting=o["branch_weighting"],
         max_rank=o["max_rank"], branch_refine=o["branch_refine"], bits_overrides=_overrides(o["bits_override"]),
         avg_bits=o["avg_bits"], max_size=_size(o["max_size"]), target=o["target"],
-        quantize_attention=o["quantize_attention"], smooth=not o["no_smooth"],
+        quantize_attention=o["quantize_attention"], smooth=not o["no_smooth"], block=int(o["block"]),
         bit_choices=tuple(int(b) for b in _floats(o["bit_choices"], "--bit-choices")))
 
 

@@ -2,6 +2,7 @@
 in a real headless browser (Debian's Chromium: the README's test command installs it)."""
 
 import json
+from html import escape
 import re
 import shutil
 import subprocess
@@ -38,6 +39,9 @@ def test_the_page_holds_a_bar_per_layer_and_a_histogram_per_activation(report):
     assert chart.count("<rect") == len(report["quantized"]) > 0
     assert page.count('class="spark"') == sum(1 for a in report["activations"] if a["histogram"]) > 0
     assert "&lt;stem&gt; &amp; co" in page and "<stem>" not in page
+    # every Gemm/MatMul input the smoothing considered is listed, smoothed or not
+    assert report["smoothing"] and all(escape(m["tensor"]) in page for m in report["smoothing"])
+    assert page.count("<h2>Smoothing</h2>") == 1
     for a in report["activations"]:          # numbers, not formatted strings
         assert all(isinstance(v, (int, float)) for v in a["range"] + a["observed"] + a["histogram"])
 
