@@ -63,6 +63,16 @@ def test_convert_writes_model_report_and_summary(work):
     assert ev["candidate_session_options"] == {"session.disable_quant_qdq": "1"}
 
 
+@slow
+def test_smoothing_and_blocks_are_set_from_the_command_line(work):
+    rep = work / "flags.json"
+    code, stdout, err = onnxq("convert", work / "zoo.onnx", "-o", work / "flags.onnx", "--calib", work / "calib",
+                              "--no-smooth", "--block", 64, "--report", rep)
+    assert code == 0, err
+    cfg = json.loads(rep.read_text())["config"]
+    assert cfg["smooth"] is False and cfg["block"] == 64
+
+
 def test_sessions_can_skip_qdq_fusion(tmp_path):
     """What `eval --no-qdq-fusion` asks of runtime.session (in process: no subprocess)."""
     from onnxq.runtime import session
@@ -153,12 +163,13 @@ def bad_cases(work):
         "bad bits": (["convert", zoo, "--bits", "5"], "--bits"),
         "bad damping": (["convert", zoo, "--damp", "0"], "--damp"),
         "bad max rank": (["convert", zoo, "--rank-budget", "0.02", "--max-rank", "0"], "--max-rank"),
+        "bad block": (["convert", zoo, "--block", "48"], "--block"),
     }
 
 
 CASES = ["missing file", "not onnx", "truncated", "opset 10", "wrong input name", "wrong rank",
          "wrong dtype", "nan", "empty folder", "output folder missing", "output under a file", "output is input", "unknown method",
-         "bad bits", "bad damping", "bad max rank"]
+         "bad bits", "bad damping", "bad max rank", "bad block"]
 
 
 @slow
