@@ -337,7 +337,7 @@ def _preprocess_options(f):
 @click.option("--no-smooth", is_flag=True,
               help="Leave Gemm/MatMul inputs as they are. By default a quantized input with outlier channels "
                    "(transformers) is divided per channel by s and the weights it meets multiplied by s (exact in "
-                   "float), where that cuts the layers' quantized output error on samples not fitted on.")
+                   "float), where that halves the layers' quantized output error on samples not fitted on.")
 @click.option("--avg-bits", type=click.FloatRange(2, 8),
               help="Mixed precision: choose each layer's bits so the parameter-weighted average is at most this.")
 @click.option("--max-size", help="Mixed precision: quantized weights at most this big, e.g. 2.5MB or 800KB.")
