@@ -63,8 +63,8 @@ def test_blocked_weights_are_emitted_as_blocked_dequantize_and_answer_closer():
     m = mlp(rng)
     cal, held = feeds(rng, 16), feeds(rng, 6)
     cfg = dict(bits=4, act_bits=32, protect=0.0)
-    q_pc, _ = onnxq.convert(m, onnxq.ConvertConfig(**cfg), calib=cal)
-    q_b, rep = onnxq.convert(m, onnxq.ConvertConfig(block=32, **cfg), calib=cal)
+    q_pc, _ = onnxq.convert(m, onnxq.ConvertConfig(block=0, **cfg), calib=cal)
+    q_b, rep = onnxq.convert(m, onnxq.ConvertConfig(**cfg), calib=cal)       # blocks of 32: the default
     assert {l.node: l.method for l in rep.quantized} == {"up": "gptq (blocks of 32)", "head": "gptq (blocks of 32)"}
     dq = {n.name: n for n in q_b.graph.node if n.op_type == "DequantizeLinear"}
     attrs = {k: {a.name: helper.get_attribute_value(a) for a in dq[f"{k}/weight_dequantize"].attribute}
