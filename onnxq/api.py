@@ -13,7 +13,7 @@ import numpy as np
 from typing import TYPE_CHECKING, Sequence
 
 from .algos.matrix import to_matrix
-from .algos.smoothing import choose_smoothing
+from .algos.smoothing import Smoothing, choose_smoothing
 from .calib.channels import channel_stats
 from .calib.collect import collect, hessian_chunks
 from .calib.data import Preprocess, constant_inputs, open_source, random_feeds
@@ -79,8 +79,10 @@ def convert(model: "str | os.PathLike | onnx.ModelProto", config: ConvertConfig 
         c.placement = plan_placement(c.prepared, c.targets, c.cfg.rules, c.cfg.quantize_acts,
                                      c.cfg.quantize_attention)
         data(c, calib, holdout, preprocess)
+    if isinstance(stats, str):
+        stats = load_stats(stats)
     with c.timed("smooth"):
-        smooth(c)
+        smooth(c, stats)
     with c.timed("calibrate"):
         calibrate(c, stats, save_stats, progress)
     with c.timed("quantize"):
@@ -138,10 +140,11 @@ def data(c: Conversion, calib, holdout, preprocess: Preprocess | None) -> None:
                "(all zeros?): the ranges and the fidelity figures will not reflect real data")
 
 
-def smooth(c: Conversion) -> None:
+def smooth(c: Conversion, stats: Stats | None) -> None:
     """Per-channel smoothing of the quantized Gemm/MatMul inputs where the readers' quantized
     outputs come closer to float (algos/smoothing.py), judged on samples the channel maxima were
-    not taken from; then the layers and placement are found again on the rewritten graph."""
+    not taken from; then the layers and placement are found again on the rewritten graph.
+    Statistics loaded from a file bring the smoothing they were collected under."""
     if not (c.cfg.smooth and c.cfg.quantize_acts) or weights_folder(c.prepared) is not None:
         return
     bits = {t.node: c.cfg.bits_for(t.node, t.depthwise)[0] for t in c.targets}
@@ -149,13 +152,17 @@ def smooth(c: Conversion) -> None:
               if not any(float_input(c.cfg.rules, t, bits[t.node]) for t in ts)}
     if not groups:
         return
-    found = channel_stats(c.prepared, list(groups), c.calib[:SMOOTH_SAMPLES], SMOOTH_ROWS, c.cfg.seed)
-    for act, readers in groups.items():
-        if act not in found:
-            continue
-        weights = [to_matrix(initializer_array(c.prepared, "", t.weight), t.weight_layout) for t in readers]
-        ch = choose_smoothing(*found[act], weights, [bits[t.node] for t in readers], c.cfg.act_bits,
-                              c.cfg.rules.act_signed)
+    if stats is not None:
+        chosen = {a: Smoothing(*v) for a, v in stats.smoothing.items() if a in groups}
+    else:
+        found = channel_stats(c.prepared, list(groups), c.calib[:SMOOTH_SAMPLES], SMOOTH_ROWS, c.cfg.seed)
+        chosen = {a: choose_smoothing(*found[a], [to_matrix(initializer_array(c.prepared, "", t.weight),
+                                                            t.weight_layout) for t in ts],
+                                      [bits[t.node] for t in ts], c.cfg.act_bits, c.cfg.rules.act_signed)
+                  for a, ts in groups.items() if a in found}
+    c.smoothed = {a: ch for a, ch in chosen.items() if ch.alpha is not None}
+    for act, ch in chosen.items():
+        readers = groups[act]
         new = apply_smoothing(c.prepared, act, readers, ch.scales) if ch.alpha is not None else ""
         c.smoothing.append(SmoothReport(act, [t.node for t in readers], ch.alpha, ch.error_before, ch.error_after,
                                         new))
@@ -184,10 +191,8 @@ def split(loaders: list, cfg: ConvertConfig, holdout_source) -> tuple[list, list
             [f for i, f in enumerate(loaders) if i in picked], [])
 
 
-def calibrate(c: Conversion, stats: Stats | str | None, save_stats: str | None,
+def calibrate(c: Conversion, stats: Stats | None, save_stats: str | None,
               progress: Progress | None) -> None:
-    if isinstance(stats, str):
-        stats = load_stats(stats)
     on_disk = weights_folder(c.prepared) is not None
     c.weights = (WeightMap(c.prepared, c.targets) if on_disk
                  else {t.node: initializer_array(c.prepared, t.graph, t.weight) for t in c.targets})
@@ -199,6 +204,7 @@ def calibrate(c: Conversion, stats: Stats | str | None, save_stats: str | None,
         else:
             stats = collect(c.prepared, c.targets, c.calib, hessians=hessians, rows_per_sample=c.cfg.rows_per_sample,
                             seed=c.cfg.seed, progress=progress, extra=c.placement.observe)
+    stats.smoothing = {a: (ch.alpha, ch.scales, ch.error_before, ch.error_after) for a, ch in c.smoothed.items()}
     if save_stats:
         try:
             stats.save(save_stats)

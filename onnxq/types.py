@@ -134,9 +134,15 @@ class Stats:
     acts: dict[str, ActStats] = field(default_factory=dict)
     layers: dict[str, LayerStats] = field(default_factory=dict)
     samples: int = 0
+    # the smoothing the statistics were collected under: input tensor -> (alpha, scales [K],
+    # error before, error after); reused as it is, so the tensors keep the names the stats know
+    smoothing: dict[str, tuple[float, np.ndarray, float, float]] = field(default_factory=dict)
 
     def save(self, path: str) -> None:
         arrays: dict[str, np.ndarray] = {"__samples": np.array(self.samples)}
+        for i, (k, (alpha, scales, before, after)) in enumerate(sorted(self.smoothing.items())):
+            arrays[f"s{i}/name"], arrays[f"s{i}/scales"] = np.array(k), scales
+            arrays[f"s{i}/numbers"] = np.array([alpha, before, after])
         for i, (k, a) in enumerate(sorted(self.acts.items())):
             arrays[f"a{i}/name"] = np.array(k)
             arrays[f"a{i}/counts"], arrays[f"a{i}/edges"] = a.counts, a.edges
@@ -161,6 +167,11 @@ class Stats:
         while f"l{i}/name" in keys:
             st.layers[str(z[f"l{i}/name"])] = LayerStats(z[f"l{i}/hessian"], z[f"l{i}/mean"],
                                                         int(z[f"l{i}/rows"]))
+            i += 1
+        i = 0
+        while f"s{i}/name" in keys:
+            alpha, before, after = (float(v) for v in z[f"s{i}/numbers"])
+            st.smoothing[str(z[f"s{i}/name"])] = (alpha, z[f"s{i}/scales"], before, after)
             i += 1
         return st
 
@@ -528,6 +539,7 @@ class Conversion:
     protect: ProtectSummary | None = None
     rounding: RoundingChoice | None = None
     smoothing: list[SmoothReport] = field(default_factory=list)
+    smoothed: dict = field(default_factory=dict)      # input tensor -> its algos.smoothing.Smoothing (applied)
     shared_weights: int = 0                           # weights several layers read, stored once (plan/shared.py)
     qmodel: "onnx.ModelProto | None" = None
     fidelity: Fidelity = field(default_factory=Fidelity)

@@ -127,3 +127,18 @@ def test_no_smoothing_where_the_input_stays_float(cfg):
     q, rep = onnxq.convert(m, onnxq.ConvertConfig(protect=0.0, **cfg), calib=feeds(rng, 16))
     assert not any(s.tensor == "n" and s.alpha is not None for s in rep.smoothing)
     assert not any(n.op_type == "Mul" and n.input[0] == "n" for n in q.graph.node)
+
+
+def test_saved_statistics_bring_their_smoothing_along(tmp_path):
+    """Statistics saved by a smoothed conversion name the smoothed tensors; reused with other
+    calibration data (or none) they apply the same smoothing, and give the same model."""
+    rng = np.random.default_rng(5)
+    m = block(rng)
+    cfg = onnxq.ConvertConfig(bits=8, act_bits=8, act_method="mse")
+    path = str(tmp_path / "stats.npz")
+    a, rep_a = onnxq.convert(m, cfg, calib=feeds(rng, 24), save_stats=path)
+    assert any(s.alpha is not None for s in rep_a.smoothing)
+    b, rep_b = onnxq.convert(m, cfg, calib=feeds(np.random.default_rng(6), 4), stats=path)
+    assert [(s.tensor, s.alpha, s.smoothed) for s in rep_b.smoothing] == \
+        [(s.tensor, s.alpha, s.smoothed) for s in rep_a.smoothing if s.alpha is not None]
+    assert a.SerializeToString(deterministic=True) == b.SerializeToString(deterministic=True)
