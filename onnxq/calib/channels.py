@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
+from ..errors import CalibrationError
 from ..types import Feed
 from .collect import Router
 
@@ -18,8 +19,8 @@ if TYPE_CHECKING:
 def channel_stats(model: "onnx.ModelProto", acts: Sequence[str], loaders: Sequence[Callable[[], Feed]],
                   rows: int, seed: int) -> dict[str, tuple[np.ndarray, int, np.ndarray]]:
     """{tensor: (channel maxima [K], the rows they were taken over, check rows [S, K])} for the
-    tensors whose last axis is the same on every sample (others are left out); none with one
-    sample."""
+    tensors whose last axis is the same on every sample and whose values are finite (others are
+    left out); none with one sample."""
     router = Router(model, acts)
     rng = np.random.default_rng(seed)
     fit = max(1, len(loaders) // 2)
@@ -29,13 +30,20 @@ def channel_stats(model: "onnx.ModelProto", acts: Sequence[str], loaders: Sequen
     fitted: dict[str, int] = {a: 0 for a in acts}
     bad: set[str] = set()
     for i, load in enumerate(loaders):
-        for a, v in router.run(load()).items():
+        feed = load()
+        try:
+            values = router.run(feed)
+        except Exception as e:
+            raise CalibrationError(f"calibration sample {i} failed in onnxruntime: "
+                                   f"{str(e).splitlines()[0][:200]}") from None
+        for a, v in values.items():
             v = np.asarray(v)
             if a in bad or v.dtype != np.float32 or v.ndim < 2:
                 bad.add(a)
                 continue
             flat = v.reshape(-1, v.shape[-1])
-            if a in amax and amax[a].shape[0] != flat.shape[1]:
+            # a model computing NaN or Inf is refused by the calibration pass, in one line
+            if (a in amax and amax[a].shape[0] != flat.shape[1]) or not np.isfinite(flat).all():
                 bad.add(a)
                 continue
             if i < fit:

@@ -14,7 +14,7 @@ from typing import Mapping
 
 import numpy as np
 
-from ..algos.matrix import to_matrix
+from ..algos.matrix import dequantize_rows, to_matrix
 from ..algos.metrics import sqnr_db
 from ..algos.weights import weighted_error
 from ..config import ConvertConfig
@@ -87,7 +87,7 @@ def _unify(idx: list[int], group: list[LayerPlan], layers: list[LayerPlan], weig
         weighted = all(lp.fit_hessian is not None for lp in group)
 
         def total(cand: LayerPlan) -> float:
-            w_hat = to_matrix(cand.codes, layout) * cand.scales[:, None]
+            w_hat = dequantize_rows(to_matrix(cand.codes, layout), cand.scales)
             return sum(_error(lp, wm, w_hat, weighted) for lp in group)
         best = min(group, key=lambda cand: (total(cand), cand.target.node))
     for i, lp in zip(idx, group):
@@ -101,7 +101,7 @@ def _adopt(lp: LayerPlan, best: LayerPlan, wm: np.ndarray | None, ls: LayerStats
         return dataclasses.replace(lp, codes=best.codes, scales=best.scales)
     t = lp.target
     out = dataclasses.replace(lp, codes=best.codes, scales=best.scales, method=best.method)
-    w_hat = to_matrix(best.codes, t.weight_layout) * best.scales[:, None]
+    w_hat = dequantize_rows(to_matrix(best.codes, t.weight_layout), best.scales)
     out.bias = corrected_bias(t, wm, w_hat, lp.source_bias, ls, cfg)
     out.sqnr_db = (_weighted_sqnr(wm, w_hat, lp.fit_hessian, t.row_groups) if lp.fit_hessian is not None
                    else sqnr_db(wm, w_hat))
