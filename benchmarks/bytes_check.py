@@ -20,6 +20,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import onnxq  # noqa: E402
 from onnxq import ConvertConfig  # noqa: E402
+from checkout import require_checkout  # noqa: E402
 
 CONFIGS = {
     "w8a8": dict(bits=8),
@@ -50,6 +51,7 @@ def models():
 
 
 def main() -> None:
+    require_checkout()
     ap = argparse.ArgumentParser()
     ap.add_argument("--json")
     ap.add_argument("--compare")

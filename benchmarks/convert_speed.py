@@ -30,6 +30,7 @@ sys.path.insert(0, str(HERE))
 import generalise as gen  # noqa: E402
 import targets as tg  # noqa: E402
 from ort_baseline import ort_quantize  # noqa: E402
+from checkout import require_checkout  # noqa: E402
 
 VARIANTS = {"onnxq W8A8": dict(bits=8), "onnxq W4A8": dict(bits=4), "onnxq --avg-bits 4": dict(avg_bits=4.0)}
 BARS = {"onnxq W8A8": ("ort W8A8", 2.0), "onnxq --avg-bits 4": ("onnxq W4A8", 3.0)}
@@ -87,6 +88,7 @@ def table(results: dict) -> str:
 
 
 def main() -> None:
+    require_checkout()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["cls", "det", "effl1", "M"])
     ap.add_argument("--samples", type=int, default=64, help="calibration samples per model")

@@ -25,6 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from builders import matmul_stack  # noqa: E402
+from checkout import require_checkout  # noqa: E402
 
 
 def samples(folder: Path, n: int, width: int, tokens: int, seed: int) -> None:
@@ -62,6 +63,7 @@ def agreement(src: Path, out: Path, feed: dict) -> float:
 
 
 def main() -> None:
+    require_checkout()
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--layers", type=int, default=38)
     ap.add_argument("--width", type=int, default=4096)

@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run import MODEL_FILES, build_data, models_dir  # noqa: E402
 
 from onnxq.runtime import session  # noqa: E402
+from checkout import require_checkout  # noqa: E402
 
 
 def folded(path: Path) -> bytes:
@@ -54,6 +55,7 @@ def folded(path: Path) -> bytes:
 
 
 def main() -> None:
+    require_checkout()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model", choices=sorted(MODEL_FILES))
     ap.add_argument("folder", type=Path, help="a run.py output folder (benchmarks/out/MODEL)")

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from onnxq.algos.metrics import cosine, kl_rows, sqnr_db  # noqa: F401  (the same figures as onnxq's)
+from checkout import require_checkout
+
+require_checkout()          # every benchmark imports this module: none measures a stale copy
+
+from onnxq.algos.metrics import cosine, kl_rows, sqnr_db  # noqa: E402,F401  (the same figures as onnxq's)
 
 
 def top1_agreement(ref: np.ndarray, x: np.ndarray, axis: int = -1) -> float:

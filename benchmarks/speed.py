@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+from checkout import require_checkout  # noqa: E402
 
 # (expansion, channels, repeats, stride) of MobileNetV2
 BLOCKS = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1),
@@ -102,6 +103,7 @@ def peak_child(cmd: list[str]) -> tuple[float, float, int]:
 
 
 def main() -> int:
+    require_checkout()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--samples", type=int, default=128)
     ap.add_argument("--width", type=float, default=1.4)
