@@ -8,7 +8,6 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
-from ..errors import CalibrationError
 from ..types import Feed
 from .collect import Router
 
@@ -30,13 +29,7 @@ def channel_stats(model: "onnx.ModelProto", acts: Sequence[str], loaders: Sequen
     fitted: dict[str, int] = {a: 0 for a in acts}
     bad: set[str] = set()
     for i, load in enumerate(loaders):
-        feed = load()
-        try:
-            values = router.run(feed)
-        except Exception as e:
-            raise CalibrationError(f"calibration sample {i} failed in onnxruntime: "
-                                   f"{str(e).splitlines()[0][:200]}") from None
-        for a, v in values.items():
+        for a, v in router.run_sample(load(), i).items():
             v = np.asarray(v)
             if a in bad or v.dtype != np.float32 or v.ndim < 2:
                 bad.add(a)
@@ -54,4 +47,4 @@ def channel_stats(model: "onnx.ModelProto", acts: Sequence[str], loaders: Sequen
                 pick = np.sort(rng.choice(flat.shape[0], size=min(per, flat.shape[0]), replace=False))
                 taken[a].append(flat[pick])
     return {a: (amax[a], fitted[a], np.concatenate(taken[a])) for a in acts
-            if a not in bad and a in amax and taken[a] and taken[a][0].shape[1] == amax[a].shape[0]}
+            if a not in bad and a in amax and taken[a]}

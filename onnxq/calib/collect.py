@@ -41,6 +41,14 @@ class Router:
             self.cache[key] = (session(augmented(m, outs)), [n.name for n in ifs], conds, acts, outs)
         return self.cache[key]
 
+    def run_sample(self, feed: Feed, i: int) -> dict[str, np.ndarray]:
+        """run() on calibration sample i, an onnxruntime failure said in one line."""
+        try:
+            return self.run(feed)
+        except Exception as e:
+            raise CalibrationError(f"calibration sample {i} failed in onnxruntime: "
+                                   f"{str(e).splitlines()[0][:200]}") from None
+
     def run(self, feed: Feed) -> dict[str, np.ndarray]:
         choose: dict[str, bool] = {}
         while True:
@@ -99,12 +107,7 @@ def collect(model: "onnx.ModelProto", targets: Sequence[Target], loaders: Sequen
     rng = np.random.default_rng(seed)
     values: dict[str, np.ndarray] = {}
     for i, load in enumerate(loaders):
-        feed = load()
-        try:
-            values = router.run(feed)
-        except Exception as e:
-            raise CalibrationError(f"calibration sample {i} failed in onnxruntime: "
-                                   f"{str(e).splitlines()[0][:200]}") from None
+        values = router.run_sample(load(), i)
         for name, v in values.items():
             if v.dtype.kind != "f":
                 continue

@@ -11,7 +11,7 @@ import numpy as np
 from ..algos.bias import mean_shift_bias
 from ..algos.matrix import AXIS, dequantize_rows, from_matrix, to_matrix
 from ..algos.metrics import sqnr_db
-from ..algos.weights import mse, quantize_weight, regularized_hessian, rtn, weighted_error
+from ..algos.weights import blocked, mse, quantize_weight, regularized_hessian, weighted_error
 from ..config import ConvertConfig
 from ..types import ActQuant, ActStats, LayerPlan, LayerStats, PairedStats, Plan, Progress, Target
 from .acts import plan_acts
@@ -110,9 +110,10 @@ def plan_table(t: Target, w: np.ndarray, cfg: ConvertConfig) -> LayerPlan:
     bits, note = cfg.bits_for(t.node, False)
     v, d = w.shape
     block = TABLE_BLOCK if bits <= 4 and d % TABLE_BLOCK == 0 and d > TABLE_BLOCK else 0
-    rows = w.astype(np.float64).reshape(v * d // block, block) if block else w.astype(np.float64)
-    wq = mse(rows, bits, None, TABLE_CLIP_FLOOR_8BIT if bits >= 8 else 0.0)
-    codes, scales = wq.codes.reshape(v, d), (wq.scales.reshape(v, d // block) if block else wq.scales)
+    wm = w.astype(np.float64)
+    wq = blocked("mse", wm, bits, None, block) if block else mse(wm, bits, None,
+                                                                 TABLE_CLIP_FLOOR_8BIT if bits >= 8 else 0.0)
+    codes, scales = wq.codes, wq.scales
     plan = LayerPlan(target=t, bits=bits, method=wq.method + (f" (blocks of {block})" if block else ""),
                      codes=codes.astype(np.int8), scales=scales, axis=1 if block else 0, bias=None,
                      note=note, block=block)
