@@ -46,10 +46,18 @@ def _layer(c: Conversion, lp) -> LayerReport:
         node=t.node, op=t.op, graph=t.graph or "main", bits=lp.bits, method=lp.method, params=t.params,
         groups=t.groups, sqnr_db=_num(lp.sqnr_db), sqnr_rtn_db=_num(lp.sqnr_rtn_db),
         bias_corrected=lp.bias is not None, activation=t.act if act is not None else None,
-        activation_bits=bits, float_input_reason=why, note=lp.note,
+        activation_bits=bits, float_input_reason=why, note=_note(c, lp),
         branch_rank=lp.branch.rank if lp.branch else 0,
         branch_params=(lp.branch.a.size + lp.branch.b.size) if lp.branch else 0,
         sqnr_with_branch_db=_num(lp.sqnr_branch_db))
+
+
+def _note(c: Conversion, lp) -> str:
+    if c.placement is None or lp.target.node not in c.placement.float_outputs:
+        return lp.note
+    why = (f"output not rounded: it decides the answer (a Sigmoid/Softmax ahead of an output), so the "
+           f"layer runs in float under the {c.plan.target} target")
+    return f"{lp.note}; {why}" if lp.note else why
 
 
 def clipped_share(a, st) -> float:

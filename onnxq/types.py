@@ -510,6 +510,7 @@ class Placement:
     observe: list[str] = field(default_factory=list)       # tensors to calibrate beyond the layers' inputs
     tied: dict[str, str] = field(default_factory=dict)     # tensor -> the tensor whose Q/DQ params it takes
     readers: dict[str, list[str]] = field(default_factory=dict)   # non-layer node -> inputs it reads quantized
+    float_outputs: list[str] = field(default_factory=list)  # unit layers whose output decides the answer: no Q
 
 
 @dataclass

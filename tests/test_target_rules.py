@@ -337,3 +337,42 @@ def test_quantize_attention_puts_qdq_on_both_inputs_of_activation_matmuls(target
 def test_quantize_attention_is_refused_where_the_target_places_every_op():
     with pytest.raises(onnxq.OnnxqError, match="--quantize-attention is for the input-side targets"):
         onnxq.ConvertConfig(target="ort-cpu", quantize_attention=True)
+
+
+def detector_head(rng) -> onnx.ModelProto:
+    """conv -> Relu, then a box conv and a class conv, concatenated along channels and split
+    again: boxes out as they are, class logits through a Sigmoid (a YOLOv8-style head)."""
+    r = lambda *s: (rng.standard_normal(s) * 0.4).astype(np.float32)  # noqa: E731
+    inits = {"w0": r(8, 3, 3, 3), "wb": r(4, 8, 1, 1), "wc": r(3, 8, 1, 1), "bc": np.full(3, -2.0, np.float32),
+             "parts": np.array([4, 3], np.int64)}
+    nodes = [helper.make_node("Conv", ["x", "w0"], ["c0"], pads=[1] * 4, name="conv0"),
+             helper.make_node("Relu", ["c0"], ["r0"]),
+             helper.make_node("Conv", ["r0", "wb"], ["box"], name="box_conv"),
+             helper.make_node("Conv", ["r0", "wc", "bc"], ["logit"], name="cls_conv"),
+             helper.make_node("Concat", ["box", "logit"], ["cat"], axis=1),
+             helper.make_node("Split", ["cat", "parts"], ["b", "l"], axis=1),
+             helper.make_node("Sigmoid", ["l"], ["score"]),
+             helper.make_node("Concat", ["b", "score"], ["y"], axis=1)]
+    return make_model(nodes, [vi("x", [1, 3, 8, 8])], [vi("y", [1, 7, 8, 8])], inits)
+
+
+def test_ort_cpu_leaves_the_scores_ahead_of_an_outputs_sigmoid_unrounded(tmp_path):
+    """Input-side placement never rounds a head's class logits; an output Q on the class conv
+    under ort-cpu would (on a real YOLOv8n its calibrated range clipped the confident detections
+    calibration never saw). The head's convs run in float, the first conv as an integer kernel,
+    and the scores are the input-side placement's."""
+    rng = np.random.default_rng(11)
+    m = detector_head(rng)
+    feeds = [{"x": rng.standard_normal((1, 3, 8, 8)).astype(np.float32)} for _ in range(24)]
+    q, rep = onnxq.convert(m, onnxq.ConvertConfig(bits=8, target="ort-cpu"), calib=feeds[:16])
+    generic, _ = onnxq.convert(m, onnxq.ConvertConfig(bits=8), calib=feeds[:16])
+    quantized = {n.input[0] for n in q.graph.node if n.op_type == "QuantizeLinear"}
+    assert not quantized & {"box", "logit", "cat"}, quantized
+    notes = {layer.node: layer.note for layer in rep.quantized}
+    assert "decides the answer" in notes["cls_conv"] and "decides the answer" in notes["box_conv"]
+    assert "decides" not in notes["conv0"]
+    ops = optimized_ops(q, tmp_path)
+    assert ops["QLinearConv"] == 1 and ops["Conv"] == 2, ops
+    outs = [np.concatenate([ort.InferenceSession(model.SerializeToString()).run(None, f)[0] for f in feeds[16:]])
+            for model in (q, generic)]
+    np.testing.assert_allclose(outs[0], outs[1], atol=1e-6)

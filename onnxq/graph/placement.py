@@ -7,7 +7,7 @@ from typing import Sequence
 
 import onnx
 
-from ..plan.rules import ABSORBED_OPS, SAME_SCALE_OPS, Rules
+from ..plan.rules import ABSORBED_OPS, DECISION_OPS, SAME_SCALE_OPS, Rules
 from ..types import Placement, Target
 from .norms import normalisation_nodes
 
@@ -100,6 +100,32 @@ def plan_placement(model: onnx.ModelProto, targets: Sequence[Target], rules: Rul
             if len(node.output) == 1 and y not in outputs:
                 p.tied[y] = p.tied.get(node.input[0], node.input[0])
                 add(y)
-    p.observe = [n for n in extra if n not in p.tied]
+    if rules.float_decisions:
+        deciding = _deciding(g, {t.node for t in targets if not t.graph})
+        p.float_outputs = [n.name for n in g.node if n.name in layers
+                           and _unit_output(n, consumers, outputs) in deciding]
+        extra = [n for n in extra if n not in deciding]
+        p.tied = {k: v for k, v in p.tied.items() if k not in deciding}
+    p.observe += [n for n in extra if n not in p.tied and n not in p.observe]
     return p
+
+
+def _deciding(g: onnx.GraphProto, layers: set[str]) -> set[str]:
+    """The tensors that flow, through no quantized layer, into a Sigmoid or Softmax whose output
+    reaches a graph output through no quantized layer either: the scores that decide the answer
+    (a detector's class logits, a segmentation head's last map). Input-side placement never
+    rounds them; an output-side Q would, and its calibrated range clips what calibration never
+    saw (a YOLOv8n's class logits: calibrated maximum 0.3, confident detections at 3 and more).
+    The layers that produce them run in float."""
+    tail = {o.name for o in g.output}            # tensors that reach an output through no layer
+    for node in reversed(g.node):
+        if node.name not in layers and any(o in tail for o in node.output):
+            tail.update(i for i in node.input if i)
+    deciding: set[str] = set()
+    for node in reversed(g.node):
+        if node.name in layers:
+            continue
+        if (node.op_type in DECISION_OPS and node.output[0] in tail) or any(o in deciding for o in node.output):
+            deciding.update(i for i in node.input if i)
+    return deciding
 

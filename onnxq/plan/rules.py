@@ -13,6 +13,8 @@ ort-cpu   full node units DQ -> op -> Q so onnxruntime's CPU provider fuses inte
           same DQ. u8 activations, s8 per-channel weights, int32 biases. Its Conv kernels take
           8-bit weights only, so 2- to 4-bit conv weights are stored as their 4-bit-grid values in
           INT8 containers (the speed of W8A8 with the rounding of W4; the file is W8-sized).
+          Scores that flow through no quantized layer into a Sigmoid/Softmax ahead of an output
+          (a detector's class logits) get no output Q: the layers making them run in float.
           2- to 4-bit Gemm/MatMul weights become its 4-bit kernel MatMulNBits (com.microsoft:
           onnxq's codes packed two to a byte, one scale per block of K; the input stays float and
           the kernel quantizes it to int8 per block as it runs), and embedding tables its
@@ -55,6 +57,8 @@ SAME_SCALE_OPS = frozenset({"MaxPool", "Reshape", "Transpose", "Flatten", "Squee
 UNIT_OPS = frozenset({"Conv", "ConvTranspose"})
 # activations a quantized layer's kernel absorbs when the Q right after them makes them redundant
 ABSORBED_OPS = frozenset({"Relu", "Clip"})
+# ops that turn scores into the network's answer: the values ahead of them decide it
+DECISION_OPS = frozenset({"Sigmoid", "Softmax", "LogSoftmax"})
 
 
 
@@ -75,6 +79,7 @@ class Rules:
     blocked_weights: bool = False  # 2-4-bit Gemm/MatMul weights may take one scale per block of K (--block)
     unit_ops: frozenset = UNIT_OPS       # layers whose output gets a Q (with output_units)
     fused_ops: frozenset = FUSED_OPS     # other ops quantized on both sides when their inputs are (output_units)
+    float_decisions: bool = False        # no output-side Q ahead of an output's Sigmoid/Softmax (output_units)
     session_options: dict[str, str] = field(default_factory=dict)   # for onnxruntime's CPU provider
     summary: str = ""
 
@@ -86,6 +91,7 @@ RULES: dict[str, Rules] = {
                      summary="Q/DQ on quantized layers' inputs; INT4 containers"),
     "ort-cpu": Rules("ort-cpu", output_units=True, all_readers=True, int4_conv=False, int4_matmul=False,
                      simplify=True, int4_weight_only=True, ms_kernels=True, blocked_weights=True,
+                     float_decisions=True,
                      summary="full node units for onnxruntime's CPU integer kernels; u8/s8, int32 bias; "
                              "4-bit Gemm/MatMul as MatMulNBits, tables as GatherBlockQuantized"),
     "openvino": Rules("openvino", output_units=False, all_readers=False, int4_conv=False, int4_matmul=True,
