@@ -61,13 +61,16 @@ def _note(c: Conversion, lp) -> str:
 
 
 def clipped_share(a, st) -> float:
-    """The fraction of calibration values outside an activation's range [lo, hi]."""
+    """The fraction of calibration values outside an activation's range [lo, hi]. A bin cut by an
+    end counts in proportion to its part outside, except at an end that reaches the observed
+    extreme: nothing lies beyond it (a floor such as a shifted ReLU's zeros sits in one bin)."""
     if st is None or not st.counts.sum() or (a.lo <= st.observed[0] and a.hi >= st.observed[1]):
         return 0.0
     left, right = st.edges[:-1], st.edges[1:]
     width = np.maximum(right - left, 1e-30)
-    outside = (np.clip(np.minimum(right, a.lo) - left, 0, None) + np.clip(right - np.maximum(left, a.hi), 0, None))
-    return float(np.sum(st.counts * np.minimum(outside / width, 1.0)) / st.counts.sum())
+    below = np.clip(np.minimum(right, a.lo) - left, 0, None) if a.lo > st.observed[0] else 0.0
+    above = np.clip(right - np.maximum(left, a.hi), 0, None) if a.hi < st.observed[1] else 0.0
+    return float(np.sum(st.counts * np.minimum((below + above) / width, 1.0)) / st.counts.sum())
 
 
 HISTOGRAM_BINS = 48   # the report's histogram of each activation (over its observed values)

@@ -10,10 +10,13 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import onnxq
+from onnxq.calib.collectors import RangeHistogram
 from onnxq.graph.io import load_model
 from onnxq.graph.prepare import prepare
 from onnxq.graph.targets import find_targets
-from onnxq.types import REPORT_SCHEMA, ActReport, Fidelity, LayerReport, OutputMetrics, Report, SkippedReport
+from onnxq.plan.acts import act_quant
+from onnxq.report import clipped_share
+from onnxq.types import REPORT_SCHEMA, ActReport, ActStats, Fidelity, LayerReport, OutputMetrics, Report, SkippedReport
 from builders import make_model, vi
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
@@ -174,3 +177,17 @@ def test_activation_histograms_cover_the_observed_values(digits):
         assert a.histogram and sum(a.histogram) > 0
         lo, hi = a.histogram_range
         assert lo <= a.observed[0] + 1e-6 and hi >= a.observed[1] - 1e-6 and hi - lo <= 2 * (a.observed[1] - a.observed[0]) + 1e-3
+
+
+def test_clipped_share_counts_nothing_beyond_an_end_at_the_observed_extreme():
+    """A third of the values sit on a floor (a shifted ReLU's zeros): a range whose low end is
+    that floor clips none of them, though the floor shares its histogram bin with values above;
+    the top end, cut at the 99th percentile, clips about 1%."""
+    rng = np.random.default_rng(3)
+    x = np.concatenate([np.full(100_000, -0.0628), rng.exponential(0.5, 200_000) - 0.0628]).astype(np.float32)
+    h = RangeHistogram()
+    h.update(x)
+    st = ActStats(h.counts, h.edges, h.observed)
+    hi = float(np.percentile(x, 99.0))
+    share = clipped_share(act_quant(float(x.min()), hi, 8, False, "test"), st)
+    assert abs(share - float(np.mean(x > hi))) < 2e-3, share
