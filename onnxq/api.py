@@ -13,7 +13,7 @@ import numpy as np
 from typing import TYPE_CHECKING, Sequence
 
 from .algos.matrix import to_matrix
-from .algos.smoothing import Smoothing, choose_smoothing
+from .algos.smoothing import ALPHAS, DEPTHWISE_ALPHAS, Smoothing, choose_smoothing, depthwise_proxy
 from .calib.channels import channel_stats
 from .calib.collect import collect, hessian_chunks
 from .calib.data import Preprocess, constant_inputs, open_source, random_feeds
@@ -24,7 +24,7 @@ from .graph.io import (TARGET_KEY, check_model, check_output_path, float_op_coun
 from .graph.placement import plan_placement
 from .graph.prepare import drop_identities, fold_affine, fuse_hardswish, prepare, upgrade_opset
 from .graph.rewrite import apply_plan
-from .graph.smooth import apply_smoothing, smoothable
+from .graph.smooth import apply_smoothing, channel_axis, smoothable
 from .graph.large import model_bytes, weights_folder
 from .graph.targets import WeightMap, find_targets, initializer_array
 from .graph.tidy import tidy
@@ -141,24 +141,29 @@ def data(c: Conversion, calib, holdout, preprocess: Preprocess | None) -> None:
 
 
 def smooth(c: Conversion, stats: Stats | None) -> None:
-    """Per-channel smoothing of the quantized Gemm/MatMul inputs where the readers' quantized
+    """Per-channel smoothing of the quantized Gemm/MatMul and depthwise-conv inputs where the readers' quantized
     outputs come closer to float (algos/smoothing.py), judged on samples the channel maxima were
     not taken from; then the layers and placement are found again on the rewritten graph.
     Statistics loaded from a file bring the smoothing they were collected under."""
     if not (c.cfg.smooth and c.cfg.quantize_acts) or weights_folder(c.prepared) is not None:
         return
     bits = {t.node: c.cfg.bits_for(t.node, t.depthwise)[0] for t in c.targets}
-    groups = {a: ts for a, ts in smoothable(c.prepared, c.targets).items()
+    # depthwise convs only under input-side placement (under full node units the float Mul would
+    # part a conv from the Q its kernel fuses) and in 8-bit conversions: at W4A8 it gained on
+    # PP-LCNet and lost on PP-OCR cls (docs/results.md, round 8)
+    convs = not c.cfg.rules.output_units and c.cfg.bits >= 8
+    groups = {a: ts for a, ts in smoothable(c.prepared, c.targets, convs).items()
               if not any(float_input(c.cfg.rules, t, bits[t.node]) for t in ts)}
     if not groups:
         return
     if stats is not None:
         chosen = {a: Smoothing(*v) for a, v in stats.smoothing.items() if a in groups}
     else:
-        found = channel_stats(c.prepared, list(groups), c.calib[:SMOOTH_SAMPLES], SMOOTH_ROWS, c.cfg.seed)
-        chosen = {a: choose_smoothing(*found[a], [to_matrix(initializer_array(c.prepared, "", t.weight),
-                                                            t.weight_layout) for t in ts],
-                                      [bits[t.node] for t in ts], c.cfg.act_bits, c.cfg.rules.act_signed)
+        found = channel_stats(c.prepared, list(groups), c.calib[:SMOOTH_SAMPLES], SMOOTH_ROWS, c.cfg.seed,
+                              {a: channel_axis(ts[0]) for a, ts in groups.items()})
+        chosen = {a: choose_smoothing(*found[a], [_proxy_weight(c.prepared, t) for t in ts],
+                                      [bits[t.node] for t in ts], c.cfg.act_bits, c.cfg.rules.act_signed,
+                                      DEPTHWISE_ALPHAS if ts[0].depthwise else ALPHAS)
                   for a, ts in groups.items() if a in found}
     c.smoothed = {a: ch for a, ch in chosen.items() if ch.alpha is not None}
     for act, ch in chosen.items():
@@ -171,7 +176,13 @@ def smooth(c: Conversion, stats: Stats | None) -> None:
         c.placement = plan_placement(c.prepared, c.targets, c.cfg.rules, c.cfg.quantize_acts,
                                      c.cfg.quantize_attention)
         log.info(f"smoothing: {sum(s.alpha is not None for s in c.smoothing)} of {len(c.smoothing)} "
-                 f"Gemm/MatMul inputs smoothed")
+                 f"Gemm/MatMul and depthwise-conv inputs smoothed")
+
+
+def _proxy_weight(model, t) -> np.ndarray:
+    """The weight a smoothing proxy multiplies a reader's input by: [O, K]."""
+    w = initializer_array(model, "", t.weight)
+    return depthwise_proxy(w, t.groups) if t.depthwise else to_matrix(w, t.weight_layout)
 
 
 def split(loaders: list, cfg: ConvertConfig, holdout_source) -> tuple[list, list, list[str]]:

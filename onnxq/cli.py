@@ -183,7 +183,7 @@ def _print_ranges(ch) -> None:
 def _print_smoothing(items) -> None:
     done = [s for s in items if s.alpha is not None]
     if items:
-        out.print(f"  smoothing: {len(done)} of {len(items)} Gemm/MatMul inputs smoothed"
+        out.print(f"  smoothing: {len(done)} of {len(items)} Gemm/MatMul/depthwise-conv inputs smoothed"
                   + (f" (their layers' quantized output error cut to "
                      f"{sum(s.error_after / s.error_before for s in done) / len(done):.0%} on average)"
                      if done else ""))
@@ -336,9 +336,11 @@ def _preprocess_options(f):
                    "output channel). Each block costs a 32-bit scale (32: +25% on those weights' bytes); "
                    "measured to pay on MiniLM and EfficientNet-Lite1 (docs/results.md).")
 @click.option("--no-smooth", is_flag=True,
-              help="Leave Gemm/MatMul inputs as they are. By default a quantized input with outlier channels "
-                   "(transformers) is divided per channel by s and the weights it meets multiplied by s (exact in "
-                   "float), where that halves the layers' quantized output error on samples not fitted on.")
+              help="Leave Gemm/MatMul and depthwise-conv inputs as they are. By default a quantized input with "
+                   "outlier channels (transformers; a depthwise conv after a BatchNorm or affine block) is divided "
+                   "per channel by s and the weights it meets multiplied by s (exact in float), where that halves "
+                   "the layers' quantized output error on samples not fitted on. Depthwise convs only in 8-bit "
+                   "conversions under the input-side targets (generic, openvino, tensorrt).")
 @click.option("--avg-bits", type=click.FloatRange(2, 8),
               help="Mixed precision: choose each layer's bits so the parameter-weighted average is at most this.")
 @click.option("--max-size", help="Mixed precision: quantized weights at most this big, e.g. 2.5MB or 800KB.")

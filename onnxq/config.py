@@ -70,7 +70,7 @@ class ConvertConfig:
     protect: float = 0.10                  # <= 4 bits: extra weight bytes (fraction) for layers kept at 8 bits
     target: str = DEFAULT_TARGET           # emission rules of the runtime the model is for (plan/rules.py)
     quantize_attention: bool = False       # 8-bit Q/DQ on both inputs of MatMuls of two activations
-    smooth: bool = True                    # per-channel smoothing of Gemm/MatMul inputs where it pays
+    smooth: bool = True                    # per-channel smoothing of Gemm/MatMul/depthwise inputs where it pays
     block: int = 32                        # <= 4-bit Gemm/MatMul: one scale per this many K values (0: per channel)
 
     def __post_init__(self) -> None:

@@ -142,3 +142,56 @@ def test_saved_statistics_bring_their_smoothing_along(tmp_path):
     assert [(s.tensor, s.alpha, s.smoothed) for s in rep_b.smoothing] == \
         [(s.tensor, s.alpha, s.smoothed) for s in rep_a.smoothing if s.alpha is not None]
     assert a.SerializeToString(deterministic=True) == b.SerializeToString(deterministic=True)
+
+
+C = 8
+
+
+def depthwise_block(rng, multiplier: int = 1, outlier: float = 40.0):
+    """x -> BatchNormalization (one channel's gain `outlier` times the rest, as a reparameterised
+    backbone's can be) -> depthwise 3x3 conv (`multiplier` filters a channel) -> Relu -> 1x1 conv."""
+    gain = np.ones(C, np.float32)
+    gain[3] = outlier
+    r = lambda *s: (rng.standard_normal(s) * 0.3).astype(np.float32)  # noqa: E731
+    nodes = [helper.make_node("BatchNormalization", ["x", "gain", "shift", "mean", "var"], ["n"], name="bn"),
+             helper.make_node("Conv", ["n", "wd"], ["d"], name="dw", group=C, pads=[1] * 4),
+             helper.make_node("Relu", ["d"], ["r"], name="act"),
+             helper.make_node("Conv", ["r", "wp"], ["y"], name="pw")]
+    inits = {"gain": gain, "shift": r(C), "mean": np.zeros(C, np.float32), "var": np.ones(C, np.float32),
+             "wd": r(C * multiplier, 1, 3, 3), "wp": r(4, C * multiplier, 1, 1)}
+    return make_model(nodes, [vi("x", ["N", C, 10, 10])], [vi("y", ["N", 4, 10, 10])], inits)
+
+
+def image_feeds(rng, n):
+    return [{"x": rng.standard_normal((2, C, 10, 10)).astype(np.float32)} for _ in range(n)]
+
+
+@pytest.mark.parametrize("multiplier", [1, 2])
+def test_a_depthwise_conv_input_rewrites_exactly(multiplier):
+    rng = np.random.default_rng(8)
+    m, _ = prepare(depthwise_block(rng, multiplier))
+    targets, _ = find_targets(m, lambda name: False, True)
+    groups = smoothable(m, targets)
+    assert [t.node for t in groups["n"]] == ["dw"] and "r" not in groups        # the 1x1 conv is not depthwise
+    assert smoothable(m, targets, convs=False) == {}
+    s = np.exp(rng.standard_normal(C))
+    before = ort.InferenceSession(m.SerializeToString())
+    apply_smoothing(m, "n", groups["n"], s)
+    after = ort.InferenceSession(m.SerializeToString())
+    for f in image_feeds(rng, 2):
+        np.testing.assert_allclose(after.run(None, f)[0], before.run(None, f)[0], rtol=1e-4, atol=1e-4)
+
+
+def test_a_depthwise_input_with_an_outlier_channel_converts_closer_to_fp32_smoothed():
+    """Input-side placement smooths it (fully: the filters' per-channel scales absorb s); under
+    ort-cpu the float Mul would part the conv before it from its fused Q, so it is left alone."""
+    rng = np.random.default_rng(9)
+    m = depthwise_block(rng)
+    cal, held = image_feeds(rng, 24), image_feeds(rng, 8)
+    q_on, rep_on = onnxq.convert(m, onnxq.ConvertConfig(bits=8, act_bits=8, act_method="mse"), calib=cal)
+    q_off, _ = onnxq.convert(m, onnxq.ConvertConfig(bits=8, act_bits=8, act_method="mse", smooth=False), calib=cal)
+    chosen = {s.tensor: s for s in rep_on.smoothing}
+    assert chosen["n"].alpha is not None and chosen["n"].readers == ["dw"]
+    assert sqnr(m, q_on, held) > sqnr(m, q_off, held) + 3.0
+    _, rep_ort = onnxq.convert(m, onnxq.ConvertConfig(bits=8, act_bits=8, target="ort-cpu"), calib=cal)
+    assert rep_ort.smoothing == []

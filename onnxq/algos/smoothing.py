@@ -23,6 +23,17 @@ import numpy as np
 from .qmath import act_params, act_qrange, channel_scales, fake_quant, weight_qmax
 
 ALPHAS = (0.25, 0.5, 0.75)
+# a depthwise conv's per-channel weight scales absorb any s exactly, so its input may be
+# equalised fully; its readers stand in the proxy as diag(|w_c|) (exact on the grid: only the
+# input's rounding counts, weighted by the filter it meets)
+DEPTHWISE_ALPHAS = ALPHAS + (1.0,)
+
+
+def depthwise_proxy(w: np.ndarray, channels: int) -> np.ndarray:
+    """The proxy weight [C, C] of a depthwise conv's filters w [C*m, 1, k...] over C input
+    channels: diag of the norm of each input channel's m filters."""
+    per = np.sqrt(np.sum(w.reshape(channels, -1).astype(np.float64) ** 2, axis=1))
+    return np.diag(per)
 CLIPS = np.linspace(0.5, 1.0, 11)   # activation clipping ratios the proxy grid is fitted over
 # smoothing is kept only where it halves the proxy's output error: the proxy (round-to-nearest
 # weights, a least-squares grid) is rough, and smaller gains were noise end to end (at 0.9, PP-OCR
@@ -93,7 +104,8 @@ def smoothing_scales(amax: np.ndarray, weights: list[np.ndarray], alpha: float) 
 
 
 def choose_smoothing(amax: np.ndarray, fitted: int, rows: np.ndarray, weights: list[np.ndarray],
-                     bits: list[int], act_bits: int, signed: bool = False) -> Smoothing:
+                     bits: list[int], act_bits: int, signed: bool = False,
+                     alphas: tuple[float, ...] = ALPHAS) -> Smoothing:
     """The alpha (or none) whose quantized outputs of every reader are closest to float on
     `rows` [S, K] (rows not among the `fitted` rows `amax` was taken over); a candidate must
     beat no smoothing by GAIN."""
@@ -103,7 +115,7 @@ def choose_smoothing(amax: np.ndarray, fitted: int, rows: np.ndarray, weights: l
     best = Smoothing(None, None, before, before)
     if min(len(x), fitted) < MIN_ROWS:
         return best
-    for alpha in ALPHAS:
+    for alpha in alphas:
         s = smoothing_scales(amax, ws, alpha)
         err = output_error(x, ws, bits, act_bits, signed, s)
         if err < GAIN * before and err < best.error_after:

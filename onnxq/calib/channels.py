@@ -1,10 +1,11 @@
-"""A short float pass for the smoothing choice: per input tensor of a Gemm/MatMul, the maximum
-|x| of every channel (last axis) over the first half of the samples (and over how many rows),
-and rows sampled from the second half, on which the choice is judged."""
+"""A short float pass for the smoothing choice: per input tensor of a Gemm/MatMul (channels on the
+last axis) or of a depthwise conv (channels on axis 1), the maximum |x| of every channel over the
+first half of the samples (and over how many rows), and rows sampled from the second half, on
+which the choice is judged."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -16,10 +17,11 @@ if TYPE_CHECKING:
 
 
 def channel_stats(model: "onnx.ModelProto", acts: Sequence[str], loaders: Sequence[Callable[[], Feed]],
-                  rows: int, seed: int) -> dict[str, tuple[np.ndarray, int, np.ndarray]]:
+                  rows: int, seed: int, axes: Mapping[str, int] | None = None
+                  ) -> dict[str, tuple[np.ndarray, int, np.ndarray]]:
     """{tensor: (channel maxima [K], the rows they were taken over, check rows [S, K])} for the
-    tensors whose last axis is the same on every sample and whose values are finite (others are
-    left out); none with one sample."""
+    tensors whose channel axis (`axes`, default the last) is the same on every sample and whose
+    values are finite (others are left out); none with one sample."""
     router = Router(model, acts)
     rng = np.random.default_rng(seed)
     fit = max(1, len(loaders) // 2)
@@ -34,6 +36,9 @@ def channel_stats(model: "onnx.ModelProto", acts: Sequence[str], loaders: Sequen
             if a in bad or v.dtype != np.float32 or v.ndim < 2:
                 bad.add(a)
                 continue
+            axis = (axes or {}).get(a, -1)
+            if axis != -1:
+                v = np.moveaxis(v, axis, -1)
             flat = v.reshape(-1, v.shape[-1])
             # a model computing NaN or Inf is refused by the calibration pass, in one line
             if (a in amax and amax[a].shape[0] != flat.shape[1]) or not np.isfinite(flat).all():

@@ -1,6 +1,7 @@
-"""The graph side of smoothing (algos/smoothing.py): which Gemm/MatMul inputs can be smoothed,
-and the exact rewrite x -> Mul(x, 1/s) read by those layers, whose weight columns are scaled
-by s. Other readers of x (a residual Add) still read x."""
+"""The graph side of smoothing (algos/smoothing.py): which Gemm/MatMul and depthwise-conv inputs
+can be smoothed, and the exact rewrite x -> Mul(x, 1/s) read by those layers, whose weight
+columns (a depthwise conv: its filters of channel c) are scaled by s. Other readers of x (a
+residual Add) still read x."""
 
 from __future__ import annotations
 
@@ -17,10 +18,16 @@ from .prepare import _replace_init
 from .walk import node_reads, used_names
 
 
-def smoothable(model: onnx.ModelProto, targets: list[Target]) -> dict[str, list[Target]]:
-    """{input tensor: its Gemm/MatMul readers} for main-graph layers whose input's last axis is
-    what the weight reads (Gemm, MatMul with the weight on the right) and whose weight no other
-    node reads."""
+def channel_axis(t: Target) -> int:
+    """The axis of a smoothable layer's input that holds its channels."""
+    return 1 if t.op == "Conv" else -1
+
+
+def smoothable(model: onnx.ModelProto, targets: list[Target], convs: bool = True) -> dict[str, list[Target]]:
+    """{input tensor: its readers} for main-graph layers whose weight no other node reads: Gemm
+    and MatMul with the weight on the right (the input's last axis is what the weight reads),
+    and with `convs` depthwise convs (channel c of the input meets only channel c's filters).
+    An input read by both kinds is left out."""
     g = model.graph
     reads: dict[str, int] = defaultdict(int)
     for node in g.node:
@@ -29,10 +36,11 @@ def smoothable(model: onnx.ModelProto, targets: list[Target]) -> dict[str, list[
     outputs = {o.name for o in g.output}
     groups: dict[str, list[Target]] = defaultdict(list)
     for t in targets:
-        if (not t.graph and t.act and len(t.shape) == 2 and reads[t.weight] == 1 and t.weight not in outputs
-                and (t.op == "Gemm" or (t.op == "MatMul" and t.weight_layout == "cols"))):
+        if (not t.graph and t.act and reads[t.weight] == 1 and t.weight not in outputs
+                and ((len(t.shape) == 2 and (t.op == "Gemm" or (t.op == "MatMul" and t.weight_layout == "cols")))
+                     or (convs and t.depthwise))):
             groups[t.act].append(t)
-    return dict(groups)
+    return {a: ts for a, ts in groups.items() if len({channel_axis(t) for t in ts}) == 1}
 
 
 def _unique(g: onnx.GraphProto, base: str) -> str:
@@ -49,7 +57,10 @@ def apply_smoothing(model: onnx.ModelProto, act: str, readers: list[Target], sca
     g = model.graph
     new = _unique(g, f"{act}_smooth")
     inv = _unique(g, f"{act}_smooth_inverse")
-    g.initializer.append(numpy_helper.from_array((1.0 / scales).astype(np.float32), inv))
+    t0 = readers[0]
+    # a conv's input is [N, C, spatial...]: the scales broadcast along axis 1
+    shape = (1, -1) + (1,) * (len(t0.shape) - 2) if channel_axis(t0) == 1 else (-1,)
+    g.initializer.append(numpy_helper.from_array((1.0 / scales).reshape(shape).astype(np.float32), inv))
     names = {t.node: t for t in readers}
     first = min(i for i, n in enumerate(g.node) if n.name in names)
     inits = {i.name: i for i in g.initializer}
@@ -58,7 +69,12 @@ def apply_smoothing(model: onnx.ModelProto, act: str, readers: list[Target], sca
         if t is None:
             continue
         node.input[0] = new
-        m = to_matrix(tensor_array(inits[t.weight]).astype(np.float64), t.weight_layout)
+        w = tensor_array(inits[t.weight]).astype(np.float64)
+        if channel_axis(t) == 1:     # depthwise: output channel o filters input channel o // multiplier
+            per = np.repeat(scales, t.shape[0] // len(scales)).reshape((-1,) + (1,) * (len(t.shape) - 1))
+            _replace_init(g, t.weight, w * per)
+            continue
+        m = to_matrix(w, t.weight_layout)
         _replace_init(g, t.weight, from_matrix(m * scales[None, :], t.weight_layout, t.shape))
     node_name, i = f"{act}/smooth", 1
     while any(n.name == node_name for n in g.node):
