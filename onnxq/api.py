@@ -148,10 +148,10 @@ def smooth(c: Conversion, stats: Stats | None) -> None:
     if not (c.cfg.smooth and c.cfg.quantize_acts) or weights_folder(c.prepared) is not None:
         return
     bits = {t.node: c.cfg.bits_for(t.node, t.depthwise)[0] for t in c.targets}
-    # depthwise convs only under input-side placement (under full node units the float Mul would
-    # part a conv from the Q its kernel fuses) and in 8-bit conversions: at W4A8 it gained on
-    # PP-LCNet and lost on PP-OCR cls (docs/results.md, round 8)
-    convs = not c.cfg.rules.output_units and c.cfg.bits >= 8
+    # depthwise convs in 8-bit conversions under the generic target only: at W4A8 and under
+    # ort-cpu it gained on some models and lost on PP-OCR cls; under openvino it cost 3-8% of the
+    # latency the target is for (docs/results.md, round 8)
+    convs = c.cfg.bits >= 8 and c.cfg.rules.smooth_depthwise
     groups = {a: ts for a, ts in smoothable(c.prepared, c.targets, convs).items()
               if not any(float_input(c.cfg.rules, t, bits[t.node]) for t in ts)}
     if not groups:

@@ -340,7 +340,7 @@ def _preprocess_options(f):
                    "outlier channels (transformers; a depthwise conv after a BatchNorm or affine block) is divided "
                    "per channel by s and the weights it meets multiplied by s (exact in float), where that halves "
                    "the layers' quantized output error on samples not fitted on. Depthwise convs only in 8-bit "
-                   "conversions under the input-side targets (generic, openvino, tensorrt).")
+                   "conversions for the generic target.")
 @click.option("--avg-bits", type=click.FloatRange(2, 8),
               help="Mixed precision: choose each layer's bits so the parameter-weighted average is at most this.")
 @click.option("--max-size", help="Mixed precision: quantized weights at most this big, e.g. 2.5MB or 800KB.")

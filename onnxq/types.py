@@ -464,7 +464,8 @@ class SmoothReport:
     alpha: float | None
     error_before: float
     error_after: float
-    smoothed: str = ""        # the tensor the readers now read (the Mul's output), "" if none
+    smoothed: str = ""        # the tensor the readers now read (the Mul's output, or the input itself
+                              # when the scales were folded into the ops that make it), "" if none
 
 
 REPORT_SCHEMA = "onnxq-report/3"

@@ -52,23 +52,49 @@ def _unique(g: onnx.GraphProto, base: str) -> str:
 
 
 def apply_smoothing(model: onnx.ModelProto, act: str, readers: list[Target], scales: np.ndarray) -> str:
-    """Insert Mul(act, 1/scales) before the first reader, point the readers at it, and scale
-    their weights' input columns by `scales` [K]. -> the new tensor's name."""
+    """Divide `act` by `scales` [K] for its `readers`, whose weights' input columns (a depthwise
+    conv: its filters of channel c) are multiplied by them; exact in float. Folded into the ops
+    that make `act` where that is exact and only the readers read it (_fold_plan), else a
+    Mul(act, 1/scales) before the first reader, which the readers read instead. -> the tensor
+    the readers read."""
     g = model.graph
+    edits = _fold_plan(g, act, readers, scales)
+    if edits is not None:
+        for node, index, value in edits:
+            name = _unique(g, f"{node.input[index]}_smoothed")
+            g.initializer.append(numpy_helper.from_array(value.astype(np.float32), name))
+            node.input[index] = name
+        _scale_readers(g, readers, scales, act)
+        return act
     new = _unique(g, f"{act}_smooth")
     inv = _unique(g, f"{act}_smooth_inverse")
-    t0 = readers[0]
-    # a conv's input is [N, C, spatial...]: the scales broadcast along axis 1
-    shape = (1, -1) + (1,) * (len(t0.shape) - 2) if channel_axis(t0) == 1 else (-1,)
-    g.initializer.append(numpy_helper.from_array((1.0 / scales).reshape(shape).astype(np.float32), inv))
-    names = {t.node: t for t in readers}
+    g.initializer.append(numpy_helper.from_array((1.0 / scales).reshape(_broadcast(readers[0])).astype(np.float32),
+                                                 inv))
+    names = {t.node for t in readers}
     first = min(i for i, n in enumerate(g.node) if n.name in names)
+    _scale_readers(g, readers, scales, new)
+    node_name, i = f"{act}/smooth", 1
+    while any(n.name == node_name for n in g.node):
+        node_name, i = f"{act}/smooth_{i}", i + 1
+    g.node.insert(first, onnx.helper.make_node("Mul", [act, inv], [new], name=node_name))
+    return new
+
+
+def _broadcast(t: Target) -> tuple[int, ...]:
+    """The shape per-channel scales take to broadcast over a reader's input: a conv's is
+    [N, C, spatial...], a Gemm/MatMul's channels are its last axis."""
+    return (1, -1) + (1,) * (len(t.shape) - 2) if channel_axis(t) == 1 else (-1,)
+
+
+def _scale_readers(g: onnx.GraphProto, readers: list[Target], scales: np.ndarray, source: str) -> None:
+    """Point the readers at `source` and multiply their weights' input channels by `scales`."""
+    names = {t.node: t for t in readers}
     inits = {i.name: i for i in g.initializer}
     for node in g.node:
         t = names.get(node.name)
         if t is None:
             continue
-        node.input[0] = new
+        node.input[0] = source
         w = tensor_array(inits[t.weight]).astype(np.float64)
         if channel_axis(t) == 1:     # depthwise: output channel o filters input channel o // multiplier
             per = np.repeat(scales, t.shape[0] // len(scales)).reshape((-1,) + (1,) * (len(t.shape) - 1))
@@ -76,8 +102,73 @@ def apply_smoothing(model: onnx.ModelProto, act: str, readers: list[Target], sca
             continue
         m = to_matrix(w, t.weight_layout)
         _replace_init(g, t.weight, from_matrix(m * scales[None, :], t.weight_layout, t.shape))
-    node_name, i = f"{act}/smooth", 1
-    while any(n.name == node_name for n in g.node):
-        node_name, i = f"{act}/smooth_{i}", i + 1
-    g.node.insert(first, onnx.helper.make_node("Mul", [act, inv], [new], name=node_name))
-    return new
+
+
+# ops that commute with a positive per-channel scale: f(x / s) = f(x) / s
+HOMOGENEOUS_OPS = ("Relu", "LeakyRelu")
+
+
+def _fold_plan(g: onnx.GraphProto, act: str, readers: list[Target], scales: np.ndarray
+               ) -> list[tuple[onnx.NodeProto, int, np.ndarray]] | None:
+    """The constant inputs to replace so that `act` itself comes out divided by `scales`, walking
+    up through Add/Sub of a constant and Relu to a Conv (its filters and bias), a
+    BatchNormalization (its scale and shift), or a Mul/Div by a constant; None when the chain
+    meets anything else, a tensor another node reads, or a constant that does not broadcast
+    per channel. Conv inputs only (channels on axis 1)."""
+    if channel_axis(readers[0]) != 1:
+        return None
+    inits = {i.name: i for i in g.initializer}
+    producer = {o: n for n in g.node for o in n.output}
+    reads: dict[str, int] = defaultdict(int)
+    for node in g.node:
+        for name in node_reads(node):
+            reads[name] += 1
+    outputs = {o.name for o in g.output}
+    per = scales.reshape(_broadcast(readers[0]))
+    if reads[act] != len(readers):
+        return None
+    edits: list[tuple[onnx.NodeProto, int, np.ndarray]] = []
+
+    def const(node: onnx.NodeProto, i: int) -> np.ndarray | None:
+        name = node.input[i] if i < len(node.input) else ""
+        return tensor_array(inits[name]).astype(np.float64) if name in inits else None
+
+    def per_channel(k: np.ndarray) -> bool:
+        try:
+            return np.broadcast_shapes(k.shape, per.shape) == per.shape
+        except ValueError:
+            return False
+
+    t = act
+    while True:
+        node = producer.get(t)
+        if node is None or t in outputs or (t != act and reads[t] != 1):
+            return None
+        op = node.op_type
+        if op == "Conv":
+            w, b = const(node, 1), const(node, 2)
+            if w is None or reads[node.input[1]] != 1 or w.shape[0] != scales.size:
+                return None
+            edits.append((node, 1, w / scales.reshape((-1,) + (1,) * (w.ndim - 1))))
+            if b is not None:
+                edits.append((node, 2, b / scales))
+            return edits
+        if op == "BatchNormalization":
+            gamma, beta = const(node, 1), const(node, 2)
+            if gamma is None or beta is None:
+                return None
+            return edits + [(node, 1, gamma / scales), (node, 2, beta / scales)]
+        if op in ("Mul", "Div", "Add", "Sub"):
+            k_at = next((i for i in (1, 0) if const(node, i) is not None), None)
+            if k_at is None or (op in ("Div", "Sub") and k_at == 0) or not per_channel(const(node, k_at)):
+                return None
+            k = const(node, k_at)
+            edits.append((node, k_at, k * per if op == "Div" else k / per))
+            if op in ("Mul", "Div"):
+                return edits
+            t = node.input[1 - k_at]
+            continue
+        if op in HOMOGENEOUS_OPS:
+            t = node.input[0]
+            continue
+        return None

@@ -2,7 +2,7 @@
 runtime wants, and the session options it runs the result with.
 
 generic   Q/DQ on the inputs of quantized layers only, read only by those layers; INT4 weights in
-          INT4 containers. The smallest file; runtimes that fuse input-side Q/DQ (TensorRT-style,
+          INT4 containers; at 8 bits depthwise-conv inputs may be smoothed per channel. The smallest file; runtimes that fuse input-side Q/DQ (TensorRT-style,
           OpenVINO for 8-bit layers) run it fast. On onnxruntime's CPU provider it runs at FP32
           speed with `session.disable_quant_qdq` (weights folded at load).
 ort-cpu   full node units DQ -> op -> Q so onnxruntime's CPU provider fuses integer kernels
@@ -80,13 +80,14 @@ class Rules:
     unit_ops: frozenset = UNIT_OPS       # layers whose output gets a Q (with output_units)
     fused_ops: frozenset = FUSED_OPS     # other ops quantized on both sides when their inputs are (output_units)
     float_decisions: bool = False        # no output-side Q ahead of an output's Sigmoid/Softmax (output_units)
+    smooth_depthwise: bool = False       # depthwise-conv inputs may be smoothed (8-bit conversions)
     session_options: dict[str, str] = field(default_factory=dict)   # for onnxruntime's CPU provider
     summary: str = ""
 
 
 RULES: dict[str, Rules] = {
     "generic": Rules("generic", output_units=False, all_readers=False, int4_conv=True, int4_matmul=True,
-                     blocked_weights=True,
+                     blocked_weights=True, smooth_depthwise=True,
                      session_options={"session.disable_quant_qdq": "1"},
                      summary="Q/DQ on quantized layers' inputs; INT4 containers"),
     "ort-cpu": Rules("ort-cpu", output_units=True, all_readers=True, int4_conv=False, int4_matmul=False,
