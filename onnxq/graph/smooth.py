@@ -108,8 +108,10 @@ def _scale_readers(g: onnx.GraphProto, readers: list[Target], scales: np.ndarray
 HOMOGENEOUS_OPS = ("Relu", "LeakyRelu")
 
 
-def _fold_plan(g: onnx.GraphProto, act: str, readers: list[Target], scales: np.ndarray
-               ) -> list[tuple[onnx.NodeProto, int, np.ndarray]] | None:
+Edit = tuple[onnx.NodeProto, int, np.ndarray]      # (node, input index, new constant value)
+
+
+def _fold_plan(g: onnx.GraphProto, act: str, readers: list[Target], scales: np.ndarray) -> list[Edit] | None:
     """The constant inputs to replace so that `act` itself comes out divided by `scales`, walking
     up through Add/Sub of a constant and Relu to a Conv (its filters and bias), a
     BatchNormalization (its scale and shift), or a Mul/Div by a constant; None when the chain
@@ -117,58 +119,68 @@ def _fold_plan(g: onnx.GraphProto, act: str, readers: list[Target], scales: np.n
     per channel. Conv inputs only (channels on axis 1)."""
     if channel_axis(readers[0]) != 1:
         return None
-    inits = {i.name: i for i in g.initializer}
     producer = {o: n for n in g.node for o in n.output}
     reads: dict[str, int] = defaultdict(int)
     for node in g.node:
         for name in node_reads(node):
             reads[name] += 1
     outputs = {o.name for o in g.output}
-    per = scales.reshape(_broadcast(readers[0]))
     if reads[act] != len(readers):
         return None
-    edits: list[tuple[onnx.NodeProto, int, np.ndarray]] = []
-
-    def const(node: onnx.NodeProto, i: int) -> np.ndarray | None:
-        name = node.input[i] if i < len(node.input) else ""
-        return tensor_array(inits[name]).astype(np.float64) if name in inits else None
-
-    def per_channel(k: np.ndarray) -> bool:
-        try:
-            return np.broadcast_shapes(k.shape, per.shape) == per.shape
-        except ValueError:
-            return False
-
-    t = act
-    while True:
+    consts = _Constants(g, scales.reshape(_broadcast(readers[0])))
+    edits: list[Edit] = []
+    t: str | None = act
+    while t is not None:
         node = producer.get(t)
         if node is None or t in outputs or (t != act and reads[t] != 1):
             return None
-        op = node.op_type
-        if op == "Conv":
-            w, b = const(node, 1), const(node, 2)
-            if w is None or reads[node.input[1]] != 1 or w.shape[0] != scales.size:
-                return None
-            edits.append((node, 1, w / scales.reshape((-1,) + (1,) * (w.ndim - 1))))
-            if b is not None:
-                edits.append((node, 2, b / scales))
-            return edits
-        if op == "BatchNormalization":
-            gamma, beta = const(node, 1), const(node, 2)
-            if gamma is None or beta is None:
-                return None
-            return edits + [(node, 1, gamma / scales), (node, 2, beta / scales)]
-        if op in ("Mul", "Div", "Add", "Sub"):
-            k_at = next((i for i in (1, 0) if const(node, i) is not None), None)
-            if k_at is None or (op in ("Div", "Sub") and k_at == 0) or not per_channel(const(node, k_at)):
-                return None
-            k = const(node, k_at)
-            edits.append((node, k_at, k * per if op == "Div" else k / per))
-            if op in ("Mul", "Div"):
-                return edits
-            t = node.input[1 - k_at]
-            continue
-        if op in HOMOGENEOUS_OPS:
-            t = node.input[0]
-            continue
-        return None
+        step = _fold_step(node, consts, reads)
+        if step is None:
+            return None
+        found, t = step
+        edits += found
+    return edits
+
+
+class _Constants:
+    """A graph's constant inputs as float64 arrays, and the per-channel scales in the shape that
+    broadcasts over the smoothed input."""
+
+    def __init__(self, g: onnx.GraphProto, per: np.ndarray) -> None:
+        self.inits = {i.name: i for i in g.initializer}
+        self.per = per
+
+    def of(self, node: onnx.NodeProto, i: int) -> np.ndarray | None:
+        name = node.input[i] if i < len(node.input) else ""
+        return tensor_array(self.inits[name]).astype(np.float64) if name in self.inits else None
+
+    def per_channel(self, k: np.ndarray) -> bool:
+        try:
+            return np.broadcast_shapes(k.shape, self.per.shape) == self.per.shape
+        except ValueError:
+            return False
+
+
+def _fold_step(node: onnx.NodeProto, c: _Constants, reads) -> tuple[list[Edit], str | None] | None:
+    """One node of a fold: (its edits, the tensor to walk up to, or None when the fold ends
+    here), or None when the node does not fold."""
+    op, s = node.op_type, c.per.ravel()
+    if op == "Conv":
+        w, b = c.of(node, 1), c.of(node, 2)
+        if w is None or reads[node.input[1]] != 1 or w.shape[0] != s.size:
+            return None
+        edits = [(node, 1, w / s.reshape((-1,) + (1,) * (w.ndim - 1)))]
+        return edits + ([(node, 2, b / s)] if b is not None else []), None
+    if op == "BatchNormalization":
+        gamma, beta = c.of(node, 1), c.of(node, 2)
+        return None if gamma is None or beta is None else ([(node, 1, gamma / s), (node, 2, beta / s)], None)
+    if op in ("Mul", "Div", "Add", "Sub"):
+        k_at = next((i for i in (1, 0) if c.of(node, i) is not None), None)
+        if k_at is None or (op in ("Div", "Sub") and k_at == 0) or not c.per_channel(c.of(node, k_at)):
+            return None
+        k = c.of(node, k_at)
+        edit = [(node, k_at, k * c.per if op == "Div" else k / c.per)]
+        return edit, (None if op in ("Mul", "Div") else node.input[1 - k_at])
+    if op in HOMOGENEOUS_OPS:
+        return [], node.input[0]
+    return None
