@@ -141,9 +141,10 @@ def data(c: Conversion, calib, holdout, preprocess: Preprocess | None) -> None:
 
 
 def smooth(c: Conversion, stats: Stats | None) -> None:
-    """Per-channel smoothing of the quantized Gemm/MatMul and depthwise-conv inputs where the readers' quantized
-    outputs come closer to float (algos/smoothing.py), judged on samples the channel maxima were
-    not taken from; then the layers and placement are found again on the rewritten graph.
+    """Per-channel smoothing of the quantized Gemm/MatMul and depthwise-conv inputs where the
+    readers' quantized outputs come closer to float (algos/smoothing.py), judged on samples the
+    channel maxima were not taken from; then the layers and placement are found again on the
+    rewritten graph.
     Statistics loaded from a file bring the smoothing they were collected under."""
     if not (c.cfg.smooth and c.cfg.quantize_acts) or weights_folder(c.prepared) is not None:
         return

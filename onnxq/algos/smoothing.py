@@ -1,7 +1,8 @@
 """Per-channel smoothing of a quantized Gemm/MatMul input: X W^T = (X / s) (W s)^T exactly, so a
 channel whose activations are far larger than the rest (transformers keep a few such channels)
 can hand part of its range to the weight columns it multiplies, where per-channel weight scales
-absorb it.
+absorb it. A depthwise conv's input likewise (filter c times s_c), where the filter's own scale
+absorbs all of it.
 
     s_j = a_j^alpha / w_j^(1 - alpha)
 
@@ -23,17 +24,6 @@ import numpy as np
 from .qmath import act_params, act_qrange, channel_scales, fake_quant, weight_qmax
 
 ALPHAS = (0.25, 0.5, 0.75)
-# a depthwise conv's per-channel weight scales absorb any s exactly, so its input may be
-# equalised fully; its readers stand in the proxy as diag(|w_c|) (exact on the grid: only the
-# input's rounding counts, weighted by the filter it meets)
-DEPTHWISE_ALPHAS = ALPHAS + (1.0,)
-
-
-def depthwise_proxy(w: np.ndarray, channels: int) -> np.ndarray:
-    """The proxy weight [C, C] of a depthwise conv's filters w [C*m, 1, k...] over C input
-    channels: diag of the norm of each input channel's m filters."""
-    per = np.sqrt(np.sum(w.reshape(channels, -1).astype(np.float64) ** 2, axis=1))
-    return np.diag(per)
 CLIPS = np.linspace(0.5, 1.0, 11)   # activation clipping ratios the proxy grid is fitted over
 # smoothing is kept only where it halves the proxy's output error: the proxy (round-to-nearest
 # weights, a least-squares grid) is rough, and smaller gains were noise end to end (at 0.9, PP-OCR
@@ -41,6 +31,10 @@ CLIPS = np.linspace(0.5, 1.0, 11)   # activation clipping ratios the proxy grid 
 # without smoothing and MiniLM keeps its gain: docs/results.md, round 7)
 GAIN = 0.5
 MIN_ROWS = 128                      # rows both to fit and to judge on, at least
+# a depthwise conv's per-channel weight scales absorb any s exactly, so its input may be
+# equalised fully; its readers stand in the proxy as diag(|w_c|) (exact on the grid: only the
+# input's rounding counts, weighted by the filter it meets)
+DEPTHWISE_ALPHAS = ALPHAS + (1.0,)
 
 
 @dataclass
@@ -52,6 +46,13 @@ class Smoothing:
     scales: np.ndarray | None
     error_before: float
     error_after: float
+
+
+def depthwise_proxy(w: np.ndarray, channels: int) -> np.ndarray:
+    """The proxy weight [C, C] of a depthwise conv's filters w [C*m, 1, k...] over C input
+    channels: diag of the norm of each input channel's m filters."""
+    per = np.sqrt(np.sum(w.reshape(channels, -1).astype(np.float64) ** 2, axis=1))
+    return np.diag(per)
 
 
 def _fake_weight(w: np.ndarray, bits: int) -> np.ndarray:

@@ -1,7 +1,8 @@
 """The graph side of smoothing (algos/smoothing.py): which Gemm/MatMul and depthwise-conv inputs
-can be smoothed, and the exact rewrite x -> Mul(x, 1/s) read by those layers, whose weight
-columns (a depthwise conv: its filters of channel c) are scaled by s. Other readers of x (a
-residual Add) still read x."""
+can be smoothed, and the exact rewrite: the layers' weight columns (a depthwise conv: its filters
+of channel c) times s, and x divided by s, inside the ops that make x where that is exact and
+nothing else reads x, else by a Mul(x, 1/s) that only those layers read (other readers of x, a
+residual Add, still read x)."""
 
 from __future__ import annotations
 
