@@ -223,3 +223,16 @@ def test_a_depthwise_input_that_cannot_fold_reads_a_mul():
     smoothed = {s.tensor: s for s in rep.smoothing}
     assert smoothed["n"].alpha is not None and smoothed["n"].smoothed not in ("", "n")
     assert any(n.op_type == "Mul" and list(n.input)[0] == "n" for n in q.graph.node)
+
+
+@pytest.mark.parametrize("producer", ["bn", "hardswish"])
+def test_saved_statistics_bring_depthwise_smoothing_along(tmp_path, producer):
+    """Folded (BatchNorm) or a Mul (HardSwish), reused statistics give the same model."""
+    rng = np.random.default_rng(12)
+    m = depthwise_block(rng, producer=producer)
+    cfg = onnxq.ConvertConfig(bits=8, act_bits=8, act_method="mse")
+    path = str(tmp_path / "stats.npz")
+    a, rep = onnxq.convert(m, cfg, calib=image_feeds(rng, 24), save_stats=path)
+    assert [s.smoothed for s in rep.smoothing] == (["n"] if producer == "bn" else ["n_smooth"])
+    b, _ = onnxq.convert(m, cfg, calib=image_feeds(rng, 3), stats=path)
+    assert a.SerializeToString(deterministic=True) == b.SerializeToString(deterministic=True)
