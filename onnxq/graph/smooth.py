@@ -30,10 +30,7 @@ def smoothable(model: onnx.ModelProto, targets: list[Target], convs: bool = True
     and with `convs` depthwise convs (channel c of the input meets only channel c's filters).
     An input read by both kinds is left out."""
     g = model.graph
-    reads: dict[str, int] = defaultdict(int)
-    for node in g.node:
-        for name in node_reads(node):
-            reads[name] += 1
+    reads = _read_counts(g)
     outputs = {o.name for o in g.output}
     groups: dict[str, list[Target]] = defaultdict(list)
     for t in targets:
@@ -42,6 +39,15 @@ def smoothable(model: onnx.ModelProto, targets: list[Target], convs: bool = True
                      or (convs and t.depthwise))):
             groups[t.act].append(t)
     return {a: ts for a, ts in groups.items() if len({channel_axis(t) for t in ts}) == 1}
+
+
+def _read_counts(g: onnx.GraphProto) -> dict[str, int]:
+    """How many nodes read each tensor (subgraphs' outer-scope reads included)."""
+    reads: dict[str, int] = defaultdict(int)
+    for node in g.node:
+        for name in node_reads(node):
+            reads[name] += 1
+    return reads
 
 
 def _unique(g: onnx.GraphProto, base: str) -> str:
@@ -98,11 +104,15 @@ def _scale_readers(g: onnx.GraphProto, readers: list[Target], scales: np.ndarray
         node.input[0] = source
         w = tensor_array(inits[t.weight]).astype(np.float64)
         if channel_axis(t) == 1:     # depthwise: output channel o filters input channel o // multiplier
-            per = np.repeat(scales, t.shape[0] // len(scales)).reshape((-1,) + (1,) * (len(t.shape) - 1))
-            _replace_init(g, t.weight, w * per)
-            continue
-        m = to_matrix(w, t.weight_layout)
-        _replace_init(g, t.weight, from_matrix(m * scales[None, :], t.weight_layout, t.shape))
+            _replace_init(g, t.weight, _times_rows(w, np.repeat(scales, t.shape[0] // len(scales))))
+        else:
+            m = to_matrix(w, t.weight_layout)
+            _replace_init(g, t.weight, from_matrix(m * scales[None, :], t.weight_layout, t.shape))
+
+
+def _times_rows(w: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """w with row (output channel) o multiplied by v[o]."""
+    return w * v.reshape((-1,) + (1,) * (w.ndim - 1))
 
 
 # ops that commute with a positive per-channel scale: f(x / s) = f(x) / s
@@ -121,10 +131,7 @@ def _fold_plan(g: onnx.GraphProto, act: str, readers: list[Target], scales: np.n
     if channel_axis(readers[0]) != 1:
         return None
     producer = {o: n for n in g.node for o in n.output}
-    reads: dict[str, int] = defaultdict(int)
-    for node in g.node:
-        for name in node_reads(node):
-            reads[name] += 1
+    reads = _read_counts(g)
     outputs = {o.name for o in g.output}
     if reads[act] != len(readers):
         return None
@@ -170,16 +177,17 @@ def _fold_step(node: onnx.NodeProto, c: _Constants, reads) -> tuple[list[Edit], 
         w, b = c.of(node, 1), c.of(node, 2)
         if w is None or reads[node.input[1]] != 1 or w.shape[0] != s.size:
             return None
-        edits = [(node, 1, w / s.reshape((-1,) + (1,) * (w.ndim - 1)))]
-        return edits + ([(node, 2, b / s)] if b is not None else []), None
+        return [(node, 1, _times_rows(w, 1.0 / s))] + ([(node, 2, b / s)] if b is not None else []), None
     if op == "BatchNormalization":
         gamma, beta = c.of(node, 1), c.of(node, 2)
         return None if gamma is None or beta is None else ([(node, 1, gamma / s), (node, 2, beta / s)], None)
     if op in ("Mul", "Div", "Add", "Sub"):
-        k_at = next((i for i in (1, 0) if c.of(node, i) is not None), None)
-        if k_at is None or (op in ("Div", "Sub") and k_at == 0) or not c.per_channel(c.of(node, k_at)):
+        found = [(i, k) for i in (1, 0) if (k := c.of(node, i)) is not None]
+        if not found:
             return None
-        k = c.of(node, k_at)
+        k_at, k = found[0]
+        if (op in ("Div", "Sub") and k_at == 0) or not c.per_channel(k):
+            return None
         edit = [(node, k_at, k * c.per if op == "Div" else k / c.per)]
         return edit, (None if op in ("Mul", "Div") else node.input[1 - k_at])
     if op in HOMOGENEOUS_OPS:
