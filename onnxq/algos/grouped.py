@@ -47,7 +47,7 @@ def gptq_groups(wg: np.ndarray, bits: int, h: np.ndarray, base: np.ndarray, star
     perm = np.argsort(-np.where(dead, 1.0, diag), axis=1, kind="stable")
     hp = np.take_along_axis(np.take_along_axis(hd, perm[:, :, None], 1), perm[:, None, :], 2)
     u = _factor(hp, damp)
-    moved = np.take_along_axis(np.where(dead[:, None, :], 0.0, wg), perm[:, None, :], 2)
+    moved = np.take_along_axis(wg, perm[:, None, :], 2)
     qm = weight_qmax(bits)
     codes, scales = np.zeros(wg.shape, np.int32), base.copy()
     best = np.full(base.shape, np.inf)

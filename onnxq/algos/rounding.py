@@ -64,7 +64,6 @@ def gptq_round(w: np.ndarray, scales: np.ndarray, bits: int, h: np.ndarray,
     dead, perm, u = prepared if prepared is not None else prepare_hessian(h, damp, act_order)
     w = w.astype(np.float64).copy()
     o, k = w.shape
-    w[:, dead] = 0.0
     w = w[:, perm]
     qm = weight_qmax(bits)
     s = scales.astype(np.float64)
