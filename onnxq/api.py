@@ -210,9 +210,9 @@ def calibrate(c: Conversion, stats: Stats | None, save_stats: str | None,
                  else {t.node: initializer_array(c.prepared, t.graph, t.weight) for t in c.targets})
     c.biases = {t.node: initializer_array(c.prepared, t.graph, t.bias) for t in c.targets if t.bias}
     if stats is None:
-        hessians = needs_hessians(c.cfg, c.targets) or bool(save_stats)
+        hessians = True if save_stats else needs_hessians(c.cfg, c.targets)
         if hessians and on_disk and not save_stats and one_pass_plan(c.cfg):
-            stats = calibrate_in_chunks(c, progress)
+            stats = calibrate_in_chunks(c, hessians, progress)
         else:
             stats = collect(c.prepared, c.targets, c.calib, hessians=hessians, rows_per_sample=c.cfg.rows_per_sample,
                             seed=c.cfg.seed, progress=progress, extra=c.placement.observe)
@@ -231,12 +231,12 @@ def one_pass_plan(cfg: ConvertConfig) -> bool:
     return not (cfg.mixed or cfg.sequential_on or cfg.rank_budget > 0)
 
 
-def calibrate_in_chunks(c: Conversion, progress: Progress | None) -> Stats:
+def calibrate_in_chunks(c: Conversion, hessians: bool | set[str], progress: Progress | None) -> Stats:
     """For weights left on disk: one calibration pass per group of layers whose H fit in
     HESSIAN_SHARE of the weights' bytes; each group is planned as soon as its H is known and the
     H dropped, so second moments never take more memory than that share."""
     budget = HESSIAN_SHARE * model_bytes(c.prepared)
-    chunks = hessian_chunks(c.targets, budget)
+    chunks = hessian_chunks([t for t in c.targets if hessians is True or t.node in hessians], budget)
     stats = None
     for nodes in chunks:
         part = collect(c.prepared, c.targets, c.calib, hessians=nodes, rows_per_sample=c.cfg.rows_per_sample,
@@ -255,12 +255,14 @@ def calibrate_in_chunks(c: Conversion, progress: Progress | None) -> Stats:
     return stats
 
 
-def needs_hessians(cfg: ConvertConfig, targets) -> bool:
-    """Whether any stage uses second moments: second-order rounding, branches, mixed precision,
-    sequential mode. Plain 8-bit conversions need only the means (bias correction), and gathering
-    K x K moments per layer is most of their calibration time."""
-    return (cfg.mixed or cfg.rank_budget > 0 or cfg.sequential_on
-            or any(cfg.weight_method_for(cfg.bits_for(t.node, t.depthwise)[0]) == "gptq" for t in targets))
+def needs_hessians(cfg: ConvertConfig, targets) -> bool | set[str]:
+    """The layers that gather second moments: all (True) for branches, mixed precision, sequential
+    mode and low-bit second-order rounding (its report weighs every layer's error by H); in an
+    8-bit conversion only those that gptq rounds. Plain 8-bit layers need only their means (bias
+    correction), and gathering K x K moments is most of a layer's calibration time."""
+    gptq = {t.node for t in targets
+            if cfg.weight_method_for(cfg.bits_for(t.node, t.depthwise)[0], t.op, t.row_groups) == "gptq"}
+    return cfg.mixed or cfg.rank_budget > 0 or cfg.sequential_on or (cfg.bits < 8 and bool(gptq)) or gptq
 
 
 def load_stats(path: str) -> Stats:

@@ -192,3 +192,29 @@ def test_bias_of_a_channel_with_near_zero_weights_survives(abits, feeds):
     np.testing.assert_allclose(out[:, 1], ref[:, 1], atol=1e-3)      # the dead channel: its bias
     cos = float(np.sum(ref * out) / np.linalg.norm(ref) / np.linalg.norm(out))
     assert cos > 0.99
+
+
+def test_eight_bit_default_rounds_ungrouped_convs_second_order_and_gathers_only_their_moments(feeds):
+    """W8A8 defaults: ungrouped convs take gptq (it measured better on held-out data), depthwise
+    and grouped convs, ConvTranspose and Gemm/MatMul mse; only the gptq layers gather K x K
+    moments, and the rounding beats round-to-nearest on their own objective."""
+    from onnxq.api import needs_hessians
+    from onnxq.graph.prepare import constants_to_initializers, name_nodes
+    from onnxq.graph.targets import find_targets
+    m = conv_zoo(np.random.default_rng(0))
+    named = onnx.ModelProto()
+    named.CopyFrom(m)
+    name_nodes(named)
+    constants_to_initializers(named)
+    targets, _ = find_targets(named)
+    plain = {t.node for t in targets if t.op == "Conv" and t.groups == 1}
+    assert len(plain) == 2 and len(targets) > 6
+    cfg = onnxq.ConvertConfig(bits=8, act_bits=8)
+    _, rep = onnxq.convert(m, cfg, calib=feeds(12))
+    assert {l.node: l.method for l in rep.quantized} == {t.node: "gptq" if t.node in plain else "mse" for t in targets}
+    for layer in rep.quantized:
+        if layer.method == "gptq":
+            assert layer.sqnr_db >= layer.sqnr_rtn_db - 1e-6
+    assert rep.config["weight_method"] == "gptq for ungrouped convs, mse for the rest"
+    assert needs_hessians(cfg, targets) == plain
+    assert needs_hessians(onnxq.ConvertConfig(bits=8, rank_budget=0.02), targets) is True

@@ -142,12 +142,10 @@ def quantize_weight(method: str, w: np.ndarray, bits: int, hessians: np.ndarray 
     (ungrouped layers only)."""
     if block:
         return blocked(method, w, bits, None if hessians is None else hessians[0], block, damp)
-    fn = WEIGHT_METHODS[method]
-    if method == "gptq":
-        fn = partial(gptq, damp=damp)
-    if hessians is None:
-        return fn(w, bits, None)
-    if method == "gptq" and groups > 1 and w.shape[1] <= MAX_K:      # all groups at once (algos/grouped.py)
+    if method != "gptq" or hessians is None:      # rtn and mse treat every row alike, without H
+        return WEIGHT_METHODS[method](w, bits, None)
+    fn = partial(gptq, damp=damp)
+    if groups > 1 and w.shape[1] <= MAX_K:      # all groups at once (algos/grouped.py)
         wg, h = w.reshape(groups, -1, w.shape[1]).astype(np.float64), hessians.astype(np.float64)
         base = _grid_search(wg, bits, lambda e: group_objective(e, h))
         codes, scales = gptq_groups(wg, bits, h, base, GPTQ_SCALE_STARTS, damp)

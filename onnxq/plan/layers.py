@@ -138,7 +138,7 @@ def plan_layer(t: Target, w: np.ndarray, bias: np.ndarray | None, ls: LayerStats
     if ls is not None and t.op == "ConvTranspose":
         ls = tap_moments(t, ls)
     bits, note = cfg.bits_for(t.node, t.depthwise)
-    method = cfg.weight_method_for(bits)
+    method = cfg.weight_method_for(bits, t.op, t.row_groups)
     wm = to_matrix(w, t.weight_layout).astype(np.float64)               # [O, K]
     groups = t.row_groups
     h = None
@@ -173,7 +173,7 @@ def plan_compensated(t: Target, w: np.ndarray, bias: np.ndarray | None, ps: Pair
     When the bias is corrected, C and Hq are taken about the means (covariances), as in
     plan_layer: the bias cancels what the means would add."""
     bits, note = cfg.bits_for(t.node, t.depthwise)
-    method = cfg.weight_method_for(bits)
+    method = cfg.weight_method_for(bits, t.op, t.row_groups)
     wm = to_matrix(w, t.weight_layout).astype(np.float64)               # [O, K]
     groups = t.row_groups
     rows = wm.shape[0] // groups

@@ -36,6 +36,12 @@ def widest_costs(next_costs: np.ndarray, widest: int, next_bits: int) -> np.ndar
     return next_costs * 4.0 ** (next_bits - widest)
 
 
+def _at_bits(cfg: ConvertConfig, b: int) -> ConvertConfig:
+    """A layer's configuration at candidate width b: the conversion's weight method at b bits."""
+    return dataclasses.replace(cfg, bits=b, depthwise_bits=min(cfg.bit_choices), bits_overrides=(),
+                               weight_method=cfg.weight_method_for(b))
+
+
 def choose_bits(prepared: "onnx.ModelProto", targets: Sequence[Target], weights: Mapping[str, np.ndarray],
                 biases: Mapping[str, np.ndarray], layer_stats: Mapping[str, LayerStats],
                 loaders: Sequence[Callable[[], Feed]], cfg: ConvertConfig,
@@ -54,8 +60,7 @@ def choose_bits(prepared: "onnx.ModelProto", targets: Sequence[Target], weights:
     planned: dict[tuple[str, int], LayerPlan] = {}
     for li, t in enumerate(main):
         for ci, b in enumerate(choices):
-            c = dataclasses.replace(cfg, bits=b, depthwise_bits=min(cfg.bit_choices), bits_overrides=())
-            lp = plan_layer(t, weights[t.node], biases.get(t.node), layer_stats.get(t.node), c)
+            lp = plan_layer(t, weights[t.node], biases.get(t.node), layer_stats.get(t.node), _at_bits(cfg, b))
             deq[(t.node, b)] = dequantized(lp)
             if cfg.rank_budget == 0:
                 planned[(t.node, b)] = dataclasses.replace(lp, fit_hessian=None, fit_target=None, input_mean=None)

@@ -91,7 +91,9 @@ def protect_layers(prepared: "onnx.ModelProto", layers: list[LayerPlan], weights
     if not chosen:
         return layers, summary
     by_node = {lp.target.node: lp for lp in layers}
-    eight = dataclasses.replace(cfg, bits=PROTECT_BITS)
+    # the low-bit conversion's method at 8 bits (mse by default: second-order rounding of the raised
+    # layers measured mixed), not an 8-bit conversion's
+    eight = dataclasses.replace(cfg, bits=PROTECT_BITS, weight_method=cfg.weight_method_for(PROTECT_BITS))
     raised = {n: plan_layer(by_node[n].target, weights[n], biases.get(n), layer_stats.get(n), eight)
               for n in chosen}
     for n, lp in raised.items():
