@@ -310,7 +310,7 @@ def plan(c: Conversion, progress: Progress | None) -> None:
 def low_bits(c: Conversion, act_plan, progress: Progress | None) -> list:
     """Every layer planned at its bits (by each candidate weight method, the one that leaves the
     network closest to FP32 kept), then the most harmful low-bit layers moved to 8 bits."""
-    # the default's own plan (gptq at low bits, mse at 8) and the other candidates' for every layer
+    # the default's own plan (cfg.weight_method_for) and the other candidates' for every layer
     methods = [c.cfg.weight_method_name] + [m for m in ROUNDING_CANDIDATES if m != c.cfg.weight_method_name
                                             and c.cfg.rounding_choice]
     variants = {}

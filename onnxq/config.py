@@ -31,7 +31,7 @@ class ConvertConfig:
 
     bits: weight bits (2, 3, 4 or 8); act_bits: activation bits (32 = weight-only).
     weight_method / act_method: names from WEIGHT_METHODS / RANGE_METHODS; None = default
-    (gptq at <= 4 bits, mse at 8; activations: percentile at 8 and 16 bits, the interval rule at
+    (weights: weight_method_for; activations: percentile at 8 and 16 bits, the interval rule at
     4 and 6 bits, where percentile clips too little: docs/experiments/activation-ranges.md).
     depthwise_bits: depthwise convs keep this many bits (9 weights a channel: the error of a
     4-bit depthwise conv dominates the network's while its size is negligible).
