@@ -262,7 +262,9 @@ def needs_hessians(cfg: ConvertConfig, targets) -> bool | set[str]:
     correction), and gathering K x K moments is most of a layer's calibration time."""
     gptq = {t.node for t in targets
             if cfg.weight_method_for(cfg.bits_for(t.node, t.depthwise)[0], t.op, t.row_groups) == "gptq"}
-    return cfg.mixed or cfg.rank_budget > 0 or cfg.sequential_on or (cfg.bits < 8 and bool(gptq)) or gptq
+    if cfg.mixed or cfg.rank_budget > 0 or cfg.sequential_on or (cfg.bits < 8 and gptq):
+        return True
+    return gptq
 
 
 def load_stats(path: str) -> Stats:

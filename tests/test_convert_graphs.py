@@ -199,14 +199,10 @@ def test_eight_bit_default_rounds_ungrouped_convs_second_order_and_gathers_only_
     and grouped convs, ConvTranspose and Gemm/MatMul mse; only the gptq layers gather K x K
     moments, and the rounding beats round-to-nearest on their own objective."""
     from onnxq.api import needs_hessians
-    from onnxq.graph.prepare import constants_to_initializers, name_nodes
+    from onnxq.graph.prepare import prepare
     from onnxq.graph.targets import find_targets
     m = conv_zoo(np.random.default_rng(0))
-    named = onnx.ModelProto()
-    named.CopyFrom(m)
-    name_nodes(named)
-    constants_to_initializers(named)
-    targets, _ = find_targets(named)
+    targets, _ = find_targets(prepare(m)[0])
     plain = {t.node for t in targets if t.op == "Conv" and t.groups == 1}
     assert len(plain) == 2 and len(targets) > 6
     cfg = onnxq.ConvertConfig(bits=8, act_bits=8)
