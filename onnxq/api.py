@@ -41,6 +41,7 @@ from .search.mixed import choose_bits
 from .search.probe import TAILS, Probe
 from .search.protect import check_probe, choose_rounding, protect_layers
 from .search.sequential import sequential_layers
+from .search.wide import widen_acts
 from .types import (Conversion, Feed, Inspection, LayerInfo, LayerStats, Progress, Report, SkippedReport,
                     SmoothReport, Stats, log)
 from .verify import fidelity
@@ -54,6 +55,7 @@ HOLDOUT_MAX = 16       # held-out samples taken from the calibration data at mos
 HOLDOUT_FRACTION = 8   # ... and at most one in this many
 HOLDOUT_STREAM = 7     # random stream of the held-out pick (independent of the other seeded draws)
 ROUNDING_CANDIDATES = ("gptq", "mse")   # weight methods the low-bit layers are planned with and judged by
+WIDE_SAMPLES = 8       # samples the harm of 8-bit activations is measured on (the next as many check it)
 CHOICE_SAMPLES = 8     # samples the per-tensor range choice fits (the next as many check it)
 POOR_AGREEMENT = 0.9   # below this top-1 agreement (or POOR_SQNR_DB) the summary warns loudly
 POOR_SQNR_DB = 10.0
@@ -88,6 +90,7 @@ def convert(model: "str | os.PathLike | onnx.ModelProto", config: ConvertConfig 
     with c.timed("quantize"):
         plan(c, progress)
         search(c, progress)
+        widen(c, progress)
         rewrite(c)
     with c.timed("verify"):
         verify(c)
@@ -107,8 +110,8 @@ def load(c: Conversion, model) -> None:
 
 
 def needed_opset(cfg: ConvertConfig) -> int:
-    """21 where int4 weights or int16 activations are emitted, else 13 (per-channel QDQ)."""
-    low = (cfg.bits <= 4 or any(b <= 4 for _, b in cfg.bits_overrides) or cfg.act_bits == 16
+    """21 where int4 weights or int16 activations may be emitted, else 13 (per-channel QDQ)."""
+    low = (cfg.bits <= 4 or any(b <= 4 for _, b in cfg.bits_overrides) or cfg.act_bits == 16 or cfg.protect_acts_on
            or (cfg.mixed and min(cfg.bit_choices) <= 4))
     return 21 if low else (14 if cfg.rules.simplify else 13)
 
@@ -374,6 +377,20 @@ def search(c: Conversion, progress: Progress | None) -> None:
     give_back_memory()
     if c.ranges is not None:
         log.info(f"activation ranges: {c.ranges.chosen}")
+
+
+def widen(c: Conversion, progress: Progress | None) -> None:
+    """The 8-bit activations that cost the network most kept at 16 bits (search/wide.py), judged
+    on the calibration samples after the ones their harm is measured on."""
+    if not c.cfg.protect_acts_on or not c.plan.acts or len(c.calib) < 2:
+        return
+    n = min(WIDE_SAMPLES, len(c.calib) // 2)
+    fit = [load() for load in c.calib[:n]]
+    check = [load() for load in c.calib[n:2 * n]]
+    acts, c.wide = widen_acts(c.prepared, c.plan, c.stats.acts, fit, check, c.cfg, progress)
+    c.plan.acts = tie(acts, c.placement.tied)
+    if c.wide.widened:
+        log.info(f"activations kept at 16 bits: {len(c.wide.widened)} of {c.wide.tensors}")
 
 
 def rewrite(c: Conversion) -> None:

@@ -131,6 +131,7 @@ def print_summary(report) -> None:
         out.print(f"  low-bit rounding: {ro.chosen} (network loss on {ro.samples} unseen samples: "
                   + ", ".join(f"{k} {v:.4g}" for k, v in ro.losses.items()) + ")")
     _print_protect(r.protect)
+    _print_wide(r.wide)
     _print_smoothing(r.smoothing)
     if r.shared_weights:
         out.print(f"  shared weights: {r.shared_weights} read by several layers, each stored once")
@@ -199,6 +200,18 @@ def _print_protect(p) -> None:
     else:
         out.print("  protected: none (" + ("did not help on samples it was not chosen on)" if p.check_before
                                              is not None else "no layer's harm paid for its bytes)"))
+
+
+def _print_wide(w) -> None:
+    if w is None or w.budget < 1:
+        return
+    if w.widened:
+        out.print(f"  activations kept at 16 bits: {len(w.widened)} of {w.tensors} (at most {w.budget}); "
+                  f"network loss on unseen samples {w.check_before:.4g} -> {w.check_after:.4g}")
+    else:
+        out.print("  activations kept at 16 bits: none (" + ("did not help on samples it was not chosen on)"
+                                                          if w.check_before is not None else
+                                                          "no tensor's rounding cost the network enough)"))
 
 
 def _print_mixed(mx) -> None:
@@ -307,6 +320,11 @@ def _preprocess_options(f):
                    "the layers that harm the network most at 8 bits; kept only if it helps on samples it "
                    "was not chosen on.")
 @click.option("--no-protect", is_flag=True, help="Uniform low-bit weights (same as --protect 0).")
+@click.option("--protect-acts", type=click.FloatRange(0, 1), default=0.25, show_default=True,
+              help="8-bit activations (generic target): the share of them that may be kept at 16 bits where "
+                   "rounding them costs the network most; kept only if it helps on samples it was not "
+                   "chosen on. Runtimes without 16-bit kernels run their readers in float.")
+@click.option("--no-protect-acts", is_flag=True, help="Every activation at --act-bits (same as --protect-acts 0).")
 @click.option("--rank-budget", type=click.FloatRange(0, 1), default=0.0, show_default=True,
               help="Low-rank residual branches: extra parameters as a fraction of the weights "
                    "(0 = none). 0.02 measured best at 4 bits, 0.05 at 3 (docs/experiments/branches.md). "
@@ -414,6 +432,7 @@ def _config(o: dict) -> ConvertConfig:
         exclude=tuple(o["exclude"]), damp=o["damp"], bias_correction=not o["no_bias_correction"],
         sequential=o["sequential"], stages=o["stages"], rank_budget=o["rank_budget"],
         protect=0.0 if o["no_protect"] else o["protect"],
+        protect_acts=0.0 if o["no_protect_acts"] else o["protect_acts"],
         branch_init=o["branch_init"], branch_bits=int(o["branch_bits"]), branch_weighting=o["branch_weighting"],
         max_rank=o["max_rank"], branch_refine=o["branch_refine"], bits_overrides=_overrides(o["bits_override"]),
         avg_bits=o["avg_bits"], max_size=_size(o["max_size"]), target=o["target"],

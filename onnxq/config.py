@@ -71,6 +71,7 @@ class ConvertConfig:
     target: str = DEFAULT_TARGET           # emission rules of the runtime the model is for (plan/rules.py)
     quantize_attention: bool = False       # 8-bit Q/DQ on both inputs of MatMuls of two activations
     smooth: bool = True                    # per-channel smoothing of Gemm/MatMul/depthwise inputs where it pays
+    protect_acts: float = 0.25             # 8-bit activations: share of them that may be kept at 16 bits
     block: int = 32                        # <= 4-bit Gemm/MatMul: one scale per this many K values (0: per channel)
 
     def __post_init__(self) -> None:
@@ -97,6 +98,8 @@ class ConvertConfig:
             raise ConfigError(f"--block must be one of {', '.join(map(str, BLOCKS))}, got {self.block}")
         if self.search_samples < 1 or self.search_evals < 0:
             raise ConfigError("--search-samples must be at least 1 and --search-evals at least 0")
+        if not 0.0 <= self.protect_acts <= 1.0:
+            raise ConfigError(f"--protect-acts is a fraction of the 8-bit activations (0..1), got {self.protect_acts}")
         if not 0.0 <= self.protect <= 1.0:
             raise ConfigError(f"--protect is a fraction of the low-bit weight bytes (0..1), got {self.protect}")
         if not 0 < self.damp <= 1:
@@ -174,6 +177,11 @@ class ConvertConfig:
         """Protection applies to uniform low-bit conversions (mixed precision and the sequential
         mode choose or plan bits their own way)."""
         return self.protect > 0 and self.bits < 8 and not self.mixed and not self.sequential_on
+
+    @property
+    def protect_acts_on(self) -> bool:
+        """Activations may be kept at 16 bits where the target's runtime takes them (search/wide.py)."""
+        return self.protect_acts > 0 and self.act_bits == 8 and self.rules.wide_acts
 
     @property
     def rounding_choice(self) -> bool:

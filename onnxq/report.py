@@ -115,6 +115,7 @@ def build_report(c: Conversion) -> Report:
         # factor codes, their scales and zero points, middle-activation and A-bias parameters
         r.branches.bytes = initializer_bytes(c.qmodel, BRANCH_SCOPE)
     r.mixed, r.search, r.ranges, r.protect, r.rounding = c.mixed, c.search, c.ranges, c.protect, c.rounding
+    r.wide = c.wide
     r.smoothing = c.smoothing
     r.shared_weights = c.shared_weights
     if c.prepared is not None:

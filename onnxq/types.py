@@ -356,6 +356,19 @@ class ProtectSummary:
 
 
 @dataclass
+class WideSummary:
+    """Activations kept at 16 bits under --protect-acts (search/wide.py)."""
+
+    tensors: int                    # quantized main-graph activations at the conversion's bits
+    budget: int                     # at most this many may be widened
+    harm: dict[str, float]          # tensor -> network loss its rounding adds (every other rounded)
+    widened: list[str]              # empty when nothing paid or the check rejected the choice
+    loss: float | None = None       # network loss on the fitting samples, every activation rounded
+    check_before: float | None = None   # on calibration samples the harm was not measured on
+    check_after: float | None = None    # the same with the widened tensors at 16 bits
+
+
+@dataclass
 class OutputMetrics:
     """One output of the quantized model against the reference, over the held-out samples."""
 
@@ -494,6 +507,7 @@ class Report:
     search: SearchSummary | None = None
     ranges: ChoiceSummary | None = None
     protect: ProtectSummary | None = None
+    wide: WideSummary | None = None
     rounding: RoundingChoice | None = None
     smoothing: list[SmoothReport] = field(default_factory=list)
     shared_weights: int = 0                           # weights several layers read, stored once (plan/shared.py)
@@ -539,6 +553,7 @@ class Conversion:
     search: SearchSummary | None = None
     ranges: ChoiceSummary | None = None
     protect: ProtectSummary | None = None
+    wide: WideSummary | None = None
     rounding: RoundingChoice | None = None
     smoothing: list[SmoothReport] = field(default_factory=list)
     smoothed: dict = field(default_factory=dict)      # input tensor -> its algos.smoothing.Smoothing (applied)

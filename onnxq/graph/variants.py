@@ -85,3 +85,33 @@ def tail(model: onnx.ModelProto, start: int, cut: dict) -> onnx.ModelProto:
     t.output.extend(o for o in g.output if o.name in made)
     t.value_info.extend(v for v in g.value_info if v.name in made)
     return m
+
+
+def mask_name(act: str) -> str:
+    return f"{act}/mask"
+
+
+def with_act_masks(model: onnx.ModelProto, acts: Sequence[str]) -> onnx.ModelProto:
+    """A copy of a quantized model in which each main-graph activation of `acts` that has a Q/DQ
+    pair is read as x + m * (DQ(Q(x)) - x), m a scalar graph input (mask_name): 1 is the model
+    as emitted, 0 the tensor left unrounded. One session then measures the network with any
+    subset of its activations unrounded."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    g = m.graph
+    wanted = {f"{a}/dq": a for a in acts}
+    nodes = []
+    for node in g.node:
+        nodes.append(node)
+        act = wanted.get(node.output[0]) if node.op_type == "DequantizeLinear" and node.output else None
+        if act is None:
+            continue
+        node.output[0] = f"{act}/dq_rounded"
+        g.input.append(helper.make_tensor_value_info(mask_name(act), onnx.TensorProto.FLOAT, []))
+        nodes += [helper.make_node("Sub", [f"{act}/dq_rounded", act], [f"{act}/dq_error"], name=f"{act}/mask_sub"),
+                  helper.make_node("Mul", [f"{act}/dq_error", mask_name(act)], [f"{act}/dq_kept"],
+                                   name=f"{act}/mask_mul"),
+                  helper.make_node("Add", [act, f"{act}/dq_kept"], [f"{act}/dq"], name=f"{act}/mask_add")]
+    del g.node[:]
+    g.node.extend(nodes)
+    return m

@@ -82,13 +82,14 @@ class Rules:
     fused_ops: frozenset = FUSED_OPS     # other ops quantized on both sides when their inputs are (output_units)
     float_decisions: bool = False        # no output-side Q ahead of an output's Sigmoid/Softmax (output_units)
     smooth_depthwise: bool = False       # depthwise-conv inputs may be smoothed (8-bit conversions)
+    wide_acts: bool = False              # the most harmful 8-bit activations may be int16 (--protect-acts)
     session_options: dict[str, str] = field(default_factory=dict)   # for onnxruntime's CPU provider
     summary: str = ""
 
 
 RULES: dict[str, Rules] = {
     "generic": Rules("generic", output_units=False, all_readers=False, int4_conv=True, int4_matmul=True,
-                     blocked_weights=True, smooth_depthwise=True,
+                     blocked_weights=True, smooth_depthwise=True, wide_acts=True,
                      session_options={"session.disable_quant_qdq": "1"},
                      summary="Q/DQ on quantized layers' inputs; INT4 containers"),
     "ort-cpu": Rules("ort-cpu", output_units=True, all_readers=True, int4_conv=False, int4_matmul=False,

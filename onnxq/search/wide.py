@@ -1,0 +1,93 @@
+"""Activations kept at 16 bits where 8 bits cost the network most (--protect-acts).
+
+At W8A8 the activations, not the weights, carry most of the error on every family measured
+(docs/experiments/wide-activations.md: 16-bit activations everywhere lift PP-OCR rec 0.81 -> 0.94
+of its strings, MiniLM 22.8 -> 28.2 dB), and a few tensors carry most of that: a GELU output
+with outlier channels, a ReLU6 output with a point mass at 6 read by a depthwise conv, a
+detector's score path. Each quantized activation's harm is measured on the network as it will
+be emitted (every other tensor rounded): one feed of a session in which any activation can be
+left unrounded (graph/variants.with_act_masks). The most harmful ones, at most a fraction of
+the quantized tensors, move to 16 bits (int16 Q/DQ, range min-max: 16 bits have resolution to
+spare, and clipping the tail is the harm being removed). The set is kept only if the network is
+closer to FP32 with it on calibration samples the harm was not measured on.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Mapping, Sequence
+
+import numpy as np
+
+from ..algos.metrics import divergence
+from ..config import ConvertConfig
+from ..graph.rewrite import apply_plan
+from ..graph.variants import mask_name, with_act_masks
+from ..plan.acts import act_quant, method_range
+from ..plan.biases import code_biases
+from ..runtime import session
+from ..types import ActQuant, ActStats, Feed, Plan, Progress, WideSummary
+from .lapq import _batched, _in_subgraph
+
+if TYPE_CHECKING:
+    import onnx
+
+WIDE_BITS = 16
+MIN_SHARE = 0.02      # a tensor whose harm is under this share of the network loss stays at 8 bits
+
+
+class MaskSession:
+    """The emitted model with every candidate activation's rounding switchable, and the network
+    loss on a set of samples."""
+
+    def __init__(self, prepared: "onnx.ModelProto", plan: Plan, names: Sequence[str]):
+        self.names = list(names)
+        self.sess = session(with_act_masks(apply_plan(prepared, code_biases(plan)), self.names))
+        self.outputs = [o.name for o in self.sess.get_outputs()]
+        self.evals = 0
+
+    def loss(self, feeds, reference, unrounded=frozenset()) -> float:
+        masks = {mask_name(a): np.array(0.0 if a in unrounded else 1.0, np.float32) for a in self.names}
+        self.evals += 1
+        return float(np.mean([divergence(r, self.sess.run(self.outputs, {**f, **masks}))
+                              for f, r in zip(feeds, reference)]))
+
+
+def candidates(plan: Plan, cfg: ConvertConfig) -> list[str]:
+    """Main-graph activations at the conversion's activation bits."""
+    return sorted(a for a, q in plan.acts.items() if q.bits == cfg.act_bits and not _in_subgraph(plan, a))
+
+
+def widen_acts(prepared: "onnx.ModelProto", plan: Plan, stats: Mapping[str, ActStats],
+               fit: Sequence[Feed], check: Sequence[Feed], cfg: ConvertConfig,
+               progress: Progress | None = None) -> tuple[dict[str, ActQuant], WideSummary]:
+    """`plan.acts` with the most harmful activations at 16 bits, and what was measured."""
+    names = candidates(plan, cfg)
+    budget = int(np.floor(cfg.protect_acts * len(names)))
+    summary = WideSummary(tensors=len(names), budget=budget, harm={}, widened=[])
+    if not names or budget < 1 or not fit:
+        return dict(plan.acts), summary
+    ref = session(prepared)
+    fit_ref, check_ref = ([ref.run(None, f) for f in fs] for fs in (fit, check))
+    del ref
+    ms = MaskSession(prepared, plan, names)
+    fit_b, fit_r = _batched(ms.sess, fit, fit_ref)
+    summary.loss = base = ms.loss(fit_b, fit_r)
+    for i, a in enumerate(names):
+        summary.harm[a] = base - ms.loss(fit_b, fit_r, {a})
+        if progress:
+            progress("protect activations", i + 1, len(names))
+    ranked = sorted(names, key=lambda a: (-summary.harm[a], a))[:budget]
+    chosen = [a for a in ranked if summary.harm[a] > MIN_SHARE * base]
+    if not chosen:
+        return dict(plan.acts), summary
+    check_b, check_r = _batched(ms.sess, check, check_ref) if check else (fit_b, fit_r)
+    summary.check_before = ms.loss(check_b, check_r)
+    summary.check_after = ms.loss(check_b, check_r, frozenset(chosen))
+    if summary.check_after >= summary.check_before:
+        return dict(plan.acts), summary
+    summary.widened = chosen
+    out = dict(plan.acts)
+    for a in chosen:
+        lo, hi = method_range(stats[a], "minmax", WIDE_BITS, True)
+        out[a] = act_quant(lo, hi, WIDE_BITS, True, "minmax")
+    return out, summary
