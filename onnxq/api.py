@@ -110,8 +110,8 @@ def load(c: Conversion, model) -> None:
 
 
 def needed_opset(cfg: ConvertConfig) -> int:
-    """21 where int4 weights or int16 activations may be emitted, else 13 (per-channel QDQ)."""
-    low = (cfg.bits <= 4 or any(b <= 4 for _, b in cfg.bits_overrides) or cfg.act_bits == 16 or cfg.protect_acts_on
+    """21 where int4 weights or int16 activations are emitted, else 13 (per-channel QDQ)."""
+    low = (cfg.bits <= 4 or any(b <= 4 for _, b in cfg.bits_overrides) or cfg.act_bits == 16
            or (cfg.mixed and min(cfg.bit_choices) <= 4))
     return 21 if low else (14 if cfg.rules.simplify else 13)
 
@@ -388,9 +388,16 @@ def widen(c: Conversion, progress: Progress | None) -> None:
     fit = [load() for load in c.calib[:n]]
     check = [load() for load in c.calib[n:2 * n]]
     acts, c.wide = widen_acts(c.prepared, c.plan, c.stats.acts, fit, check, c.cfg, progress)
+    if not c.wide.widened:
+        return
+    try:                      # int16 Q/DQ need opset 21; the model is raised only when it gets some
+        c.prepared = upgrade_opset(c.prepared, 21)
+    except InputModelError:
+        c.warn("activations stay at 8 bits: the model cannot be raised to opset 21, which int16 Q/DQ need")
+        c.wide.widened = []
+        return
     c.plan.acts = tie(acts, c.placement.tied)
-    if c.wide.widened:
-        log.info(f"activations kept at 16 bits: {len(c.wide.widened)} of {c.wide.tensors}")
+    log.info(f"activations kept at 16 bits: {len(c.wide.widened)} of {c.wide.tensors}")
 
 
 def rewrite(c: Conversion) -> None:

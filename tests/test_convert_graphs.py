@@ -39,9 +39,10 @@ def test_zoo_converts_runs_and_stays_close(opset, bits, feeds):
         assert {t.data_type for t in w4} == {TensorProto.INT4, TensorProto.INT8}  # depthwise at 8
         dw = next(t for t in w4 if t.data_type == TensorProto.INT8)
         assert dw.name.startswith("Conv_5")
-    else:
-        assert opset_of(q) == max(opset, 13)
+    else:     # int16 Q/DQ on the activations kept at 16 bits (--protect-acts) need opset 21
+        assert opset_of(q) == (21 if rep.wide.widened else max(opset, 13))
         assert {t.data_type for t in w4} == {TensorProto.INT8}
+        assert {a.tensor for a in rep.activations if a.bits == 16} == set(rep.wide.widened)
     assert all(t.data_type == TensorProto.INT32 for t in q.graph.initializer if t.name.endswith("/bias_q"))
     x = feeds(1, seed=99)[0]
     ref, out = run(m, x), run(q, x)
