@@ -361,7 +361,7 @@ class WideSummary:
 
     tensors: int                    # quantized main-graph activations at the conversion's bits
     budget: int                     # at most this many may be widened
-    harm: dict[str, float]          # tensor -> network loss its rounding adds (every other rounded)
+    harm: dict[str, float]          # tensor -> network loss its rounding alone adds (others unrounded)
     widened: list[str]              # empty when nothing paid or the check rejected the choice
     loss: float | None = None       # network loss on the fitting samples, every activation rounded
     check_before: float | None = None   # on calibration samples the harm was not measured on

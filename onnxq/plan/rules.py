@@ -5,7 +5,8 @@ generic   Q/DQ on the inputs of quantized layers only, read only by those layers
           INT4 containers; at 8 bits depthwise-conv inputs may be smoothed per channel. The
           smallest file; runtimes that fuse input-side Q/DQ (TensorRT-style, OpenVINO for 8-bit
           layers) run it fast. On onnxruntime's CPU provider it runs at FP32
-          speed with `session.disable_quant_qdq` (weights folded at load).
+          speed with `session.disable_quant_qdq` (weights folded at load). At 8-bit
+          activations the few whose rounding costs the network most may be int16 (--protect-acts).
 ort-cpu   full node units DQ -> op -> Q so onnxruntime's CPU provider fuses integer kernels
           (QLinearConv, QLinearMatMul, QLinearAdd, QLinearConcat, QLinearGlobalAveragePool, ...):
           Q/DQ also on the outputs of quantized layers (after a Relu/Clip they feed, which the
