@@ -3,6 +3,7 @@ at 16 bits (int16 Q/DQ), at most a stated share of them, only when that helps on
 samples the choice was not made on."""
 
 import copy
+import json
 import sys
 from pathlib import Path
 
@@ -79,7 +80,7 @@ def test_widened_activations_are_int16_within_budget_and_lift_held_out_fidelity(
     assert set(act_zero_types(q0).values()) == {onnx.TensorProto.UINT8}
     bits = {a.tensor: a.bits for a in rep.activations}
     assert all(bits[a] == 16 for a in w.widened)
-    # on 40 held-out lines: +6.7 dB measured (26 of 104 tensors widened)
+    # on 40 held-out lines: 14.6 -> 22.2 dB measured (11 of 47 tensors widened)
     assert db > db0 + 3.0, (db, db0)
     assert rep.size_after <= rep0.size_after * 1.001
 
@@ -128,3 +129,15 @@ def test_no_widening_when_off_or_where_the_target_runs_8_bit_kernels(cfg):
 def test_the_share_is_checked():
     with pytest.raises(ConfigError, match="protect-acts"):
         onnxq.ConvertConfig(protect_acts=1.5)
+
+
+def test_the_command_line_reports_the_widened_set_and_turns_it_off(tmp_path, cli_run):
+    out = tmp_path / "q.onnx"
+    report = tmp_path / "r.json"
+    code, stdout, _ = cli_run("convert", DIGITS, "-o", out, "--bits", "8", "--calib", CALIB, "--report", report)
+    assert code == 0 and "activations kept at 16 bits:" in stdout
+    wide = json.loads(report.read_text())["wide"]
+    assert wide["tensors"] == 7 and wide["budget"] == 1 and set(wide["harm"]) and "widened" in wide
+    code, stdout, _ = cli_run("convert", DIGITS, "-o", out, "--bits", "8", "--calib", CALIB, "--no-protect-acts")
+    assert code == 0 and "16 bits" not in stdout
+    assert set(act_zero_types(onnx.load(out)).values()) == {onnx.TensorProto.UINT8}
