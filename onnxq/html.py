@@ -1,6 +1,7 @@
 """The conversion report as one self-contained HTML page (no network, no external files): the
 summary, the fidelity table, a per-layer chart of SQNR coloured by bit width, the layers ranked
-by their harm at low bits (when --protect measured it), every layer with its bits, method and
+by their harm at low bits (when --protect measured it), the activations by their harm at 8
+bits (--protect-acts), every layer with its bits, method and
 branch, every quantized activation with its histogram, range and clipping, and what stayed float.
 Input is the report's JSON form (Report.to_dict()); a small script sorts the tables."""
 
@@ -73,17 +74,25 @@ def _layer_chart(r: dict) -> str:
 
 
 def _harm_chart(r: dict) -> str:
-    p = r.get("protect") or {}
-    harm = sorted((p.get("harm") or {}).items(), key=lambda kv: -kv[1])[:40]
+    """The layers by the harm --protect measured, and the activations by --protect-acts'."""
+    layers = _ranked(r.get("protect"), "protected", "at low bits", "kept at 8 bits",
+                     "<h2>Layers by harm at low bits</h2><p>The network loss each layer adds when it alone is "
+                     "at low bits, activations quantized (blue: kept at 8 bits by --protect).</p>")
+    acts = _ranked(r.get("wide"), "widened", "at 8 bits", "kept at 16 bits",
+                   "<h2>Activations by harm at 8 bits</h2><p>The network loss each activation's rounding adds "
+                   "when it alone is rounded (blue: kept at 16 bits by --protect-acts).</p>")
+    return layers + acts
+
+
+def _ranked(p: dict | None, kept_key: str, at: str, kept_text: str, head: str) -> str:
+    harm = sorted(((p or {}).get("harm") or {}).items(), key=lambda kv: -kv[1])[:40]
     if not harm:
         return ""
-    kept = set(p.get("protected") or ())
+    kept = set(p.get(kept_key) or ())
     top = max(v for _, v in harm) or 1.0
-    items = [(n, v, "#4393c3" if n in kept else "#f4a582", f"{n}: network loss {v:.3g} at low bits"
-              + (" (kept at 8 bits)" if n in kept else "")) for n, v in harm]
-    return ("<h2>Layers by harm at low bits</h2><p>The network loss each layer adds when it alone is "
-            "at low bits, activations quantized (blue: kept at 8 bits by --protect).</p>"
-            + _bar_chart(items, "", top, ".3g"))
+    items = [(n, v, "#4393c3" if n in kept else "#f4a582", f"{n}: network loss {v:.3g} {at}"
+              + (f" ({kept_text})" if n in kept else "")) for n, v in harm]
+    return head + _bar_chart(items, "", top, ".3g")
 
 
 def _spark(a: dict) -> str:

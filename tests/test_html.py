@@ -42,6 +42,9 @@ def test_the_page_holds_a_bar_per_layer_and_a_histogram_per_activation(report):
     # every Gemm/MatMul input the smoothing considered is listed, smoothed or not
     assert report["smoothing"] and all(escape(m["tensor"]) in page for m in report["smoothing"])
     assert page.count("<h2>Smoothing</h2>") == 1
+    # the 8-bit activations ranked by the harm --protect-acts measured, one bar each
+    harm = re.search(r"<h2>Activations by harm at 8 bits</h2>.*?<svg[^>]*>(.*?)</svg>", page, re.S).group(1)
+    assert harm.count("<rect") == len(report["wide"]["harm"]) > 0
     for a in report["activations"]:          # numbers, not formatted strings
         assert all(isinstance(v, (int, float)) for v in a["range"] + a["observed"] + a["histogram"])
 
