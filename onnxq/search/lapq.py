@@ -45,7 +45,7 @@ class SearchSession:
 
     def __init__(self, prepared: "onnx.ModelProto", plan: Plan, feeds: Sequence[Feed],
                  reference: Sequence[Sequence[np.ndarray]]) -> None:
-        self.names = sorted(a for a in plan.acts if not _in_subgraph(plan, a))
+        self.names = sorted(a for a in plan.acts if not in_subgraph(plan, a))
         model = apply_plan(prepared, code_biases(plan))
         params = [n for a in self.names for n in act_param_names(a, plan.acts[a])]
         # int32 biases (the layer's and its branch's) are coded in units of s_x * s_w, so they
@@ -68,13 +68,13 @@ class SearchSession:
         # weight-only Gemm): those parameters are not in the graph, and changing them changes nothing
         self.known = {i.name for i in self.sess.get_inputs()}
         self.outputs = [o.name for o in self.sess.get_outputs()]
-        self.feeds, self.reference = _batched(self.sess, feeds, reference)
+        self.feeds, self.reference = batched(self.sess, feeds, reference)
         self.evals = 0
 
     def on(self, feeds: Sequence[Feed], reference: Sequence[Sequence[np.ndarray]]) -> "SearchSession":
         """The same session measuring the loss on other samples."""
         other = copy.copy(self)
-        other.feeds, other.reference = _batched(self.sess, feeds, reference)
+        other.feeds, other.reference = batched(self.sess, feeds, reference)
         other.evals = 0
         return other
 
@@ -92,7 +92,7 @@ class SearchSession:
                               for f, r in zip(self.feeds, self.reference)]))
 
 
-def _batched(sess, feeds: Sequence[Feed], reference: Sequence[Sequence[np.ndarray]]):
+def batched(sess, feeds: Sequence[Feed], reference: Sequence[Sequence[np.ndarray]]):
     """Samples of equal shapes stacked into one run each (fewer, larger runs are much faster on
     small models) when every graph input and output has a free leading batch axis."""
     ins = [i for i in sess.get_inputs() if i.name in feeds[0]] if feeds else []
@@ -109,7 +109,7 @@ def _batched(sess, feeds: Sequence[Feed], reference: Sequence[Sequence[np.ndarra
     return out_f, out_r
 
 
-def _in_subgraph(plan: Plan, act: str) -> bool:
+def in_subgraph(plan: Plan, act: str) -> bool:
     return all(lp.target.graph for lp in plan.layers if lp.target.act == act)
 
 

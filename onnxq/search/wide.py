@@ -32,7 +32,7 @@ from ..plan.acts import act_quant, method_range
 from ..plan.biases import code_biases
 from ..runtime import session
 from ..types import ActQuant, ActStats, Feed, Plan, Progress, WideSummary
-from .lapq import _batched, _in_subgraph
+from .lapq import batched, in_subgraph
 
 if TYPE_CHECKING:
     import onnx
@@ -49,18 +49,16 @@ class MaskSession:
         self.names = list(names)
         self.sess = session(with_act_masks(apply_plan(prepared, code_biases(plan)), self.names))
         self.outputs = [o.name for o in self.sess.get_outputs()]
-        self.evals = 0
 
     def loss(self, feeds, reference, unrounded=frozenset()) -> float:
         masks = {mask_name(a): np.array(0.0 if a in unrounded else 1.0, np.float32) for a in self.names}
-        self.evals += 1
         return float(np.mean([divergence(r, self.sess.run(self.outputs, {**f, **masks}))
                               for f, r in zip(feeds, reference)]))
 
 
 def candidates(plan: Plan, cfg: ConvertConfig) -> list[str]:
     """Main-graph activations at the conversion's activation bits."""
-    return sorted(a for a, q in plan.acts.items() if q.bits == cfg.act_bits and not _in_subgraph(plan, a))
+    return sorted(a for a, q in plan.acts.items() if q.bits == cfg.act_bits and not in_subgraph(plan, a))
 
 
 def prefixes(names, harm: Mapping[str, float], base: float, budget: int) -> list[list[str]]:
@@ -88,7 +86,7 @@ def widen_acts(prepared: "onnx.ModelProto", plan: Plan, stats: Mapping[str, ActS
     fit_ref, check_ref = ([ref.run(None, f) for f in fs] for fs in (fit, check))
     del ref
     ms = MaskSession(prepared, plan, names)
-    fit_b, fit_r = _batched(ms.sess, fit, fit_ref)
+    fit_b, fit_r = batched(ms.sess, fit, fit_ref)
     summary.loss = base = ms.loss(fit_b, fit_r)
     unrounded = frozenset(names)
     floor = ms.loss(fit_b, fit_r, unrounded)       # the weights' share of the loss
@@ -101,7 +99,7 @@ def widen_acts(prepared: "onnx.ModelProto", plan: Plan, stats: Mapping[str, ActS
         return dict(plan.acts), summary
     # the check measures a few sizes of the most harmful set and keeps the best, if it beats
     # every activation at 8 bits
-    check_b, check_r = _batched(ms.sess, check, check_ref) if check else (fit_b, fit_r)
+    check_b, check_r = batched(ms.sess, check, check_ref) if check else (fit_b, fit_r)
     summary.check_before = ms.loss(check_b, check_r)
     losses = [ms.loss(check_b, check_r, frozenset(c)) for c in sets]
     i = int(np.argmin(losses))
