@@ -115,6 +115,16 @@ def test_mask_session_is_the_emitted_model_and_unrounds_what_it_is_told(feeds, m
         assert rounding > 30 * tol and np.abs(out(set(names), f) - plain).max() < rounding / 20
         one = out({names[0]}, f)                                 # one tensor unrounded: in between
         assert not np.array_equal(one, out(set(), f)) and np.abs(one - plain).max() > rounding / 20
+    # trials with one tensor rounded run from a cut after the tensors before it, same loss
+    ref = [session(prepared).run(None, f) for f in cal]
+    tails = MaskSession(prepared, plan, names, cache=cal, tails=4)
+    last = max(names, key=tails.first.get)                     # the tensor latest in the graph
+    assert tails.tails and tails._tail_for(tails.cached, [last]) is not None
+    every = frozenset(names)
+    for a in names:
+        want = ms.loss(cal, ref, every - {a})
+        assert np.isclose(tails.loss(tails.cached, ref, every - {a}), want, rtol=1e-5, atol=1e-12), a
+    assert tails._tail_for(list(cal), [last]) is None              # other samples: the whole graph
 
 
 @pytest.mark.parametrize("cfg", [dict(bits=8, protect_acts=0), dict(bits=8, target="ort-cpu"),

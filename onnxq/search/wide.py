@@ -27,12 +27,14 @@ import numpy as np
 from ..algos.metrics import divergence
 from ..config import ConvertConfig
 from ..graph.rewrite import apply_plan
-from ..graph.variants import mask_name, with_act_masks
+from ..graph.large import is_large
+from ..graph.variants import augmented, cut_names, mask_name, tail, with_act_masks
 from ..plan.acts import act_quant, method_range
 from ..plan.biases import code_biases
 from ..runtime import session
 from ..types import ActQuant, ActStats, Feed, Plan, Progress, WideSummary
 from .lapq import batched, in_subgraph
+from .probe import TAIL_CACHE, TAILS
 
 if TYPE_CHECKING:
     import onnx
@@ -43,17 +45,64 @@ MIN_SHARE = 0.02      # a tensor whose harm is under this share of the network l
 
 class MaskSession:
     """The emitted model with every candidate activation's rounding switchable, and the network
-    loss on a set of samples."""
+    loss on a set of samples. With `tails`, a trial in which only tensors late in the graph are
+    rounded runs from the latest cut before them, fed the unrounded network's tensors at that cut
+    (cached for the samples of `cache`): nothing before it differs, so the loss is the same."""
 
-    def __init__(self, prepared: "onnx.ModelProto", plan: Plan, names: Sequence[str]):
+    def __init__(self, prepared: "onnx.ModelProto", plan: Plan, names: Sequence[str],
+                 cache: Sequence[Feed] = (), tails: int = 0):
         self.names = list(names)
-        self.sess = session(with_act_masks(apply_plan(prepared, code_biases(plan)), self.names))
+        model = with_act_masks(apply_plan(prepared, code_biases(plan)), self.names)
+        self.sess = session(model)
         self.outputs = [o.name for o in self.sess.get_outputs()]
+        self.tails: list[tuple[int, object, list[dict]]] = []    # (start, session, cached cut values)
+        self.cached = list(cache)
+        where = {n.name: i for i, n in enumerate(model.graph.node)}
+        self.first = {a: where[f"{a}/mask_sub"] for a in self.names if f"{a}/mask_sub" in where}
+        if tails > 1 and self.cached and not is_large(model):
+            self._keep_tails(model, tails)
+
+    def _masks(self, unrounded) -> dict[str, np.ndarray]:
+        return {mask_name(a): np.array(0.0 if a in unrounded else 1.0, np.float32) for a in self.names}
+
+    def _keep_tails(self, model: "onnx.ModelProto", count: int) -> None:
+        order = sorted(set(self.first.values()))
+        starts = sorted({order[j * len(order) // count] for j in range(1, count)} - {0})
+        cuts = {st: cut_names(model, st) for st in starts}
+        wanted = sorted(set().union(*cuts.values())) if cuts else []
+        if not wanted:
+            return
+        aug = session(augmented(model, wanted))
+        values = [dict(zip(wanted, aug.run(wanted, {**f, **self._masks(self.names)}))) for f in self.cached]
+        del aug
+        used = 0
+        for st in starts:
+            size = sum(v[n].nbytes for v in values for n in cuts[st])
+            tm = tail(model, st, {n: values[0][n].dtype for n in cuts[st]})
+            if used + size > TAIL_CACHE or len(tm.graph.output) != len(self.outputs):
+                continue
+            used += size
+            self.tails.append((st, session(tm), [{n: v[n] for n in cuts[st]} for v in values]))
+
+    def _tail_for(self, feeds, rounded) -> tuple | None:
+        """The latest kept tail before every rounded tensor, when `feeds` are the cached samples."""
+        if not self.tails or feeds is not self.cached or not rounded or any(a not in self.first for a in rounded):
+            return None
+        first = min(self.first[a] for a in rounded)
+        fit = [t for t in self.tails if t[0] <= first]
+        return fit[-1] if fit else None
 
     def loss(self, feeds, reference, unrounded=frozenset()) -> float:
-        masks = {mask_name(a): np.array(0.0 if a in unrounded else 1.0, np.float32) for a in self.names}
-        return float(np.mean([divergence(r, self.sess.run(self.outputs, {**f, **masks}))
-                              for f, r in zip(feeds, reference)]))
+        masks = self._masks(unrounded)
+        t = self._tail_for(feeds, [a for a in self.names if a not in unrounded])
+        if t is None:
+            outs = [self.sess.run(self.outputs, {**f, **masks}) for f in feeds]
+        else:
+            start, sess, values = t
+            ins = {x.name for x in sess.get_inputs()}
+            outs = [sess.run(self.outputs, {**v, **{k: x for k, x in {**f, **masks}.items() if k in ins}})
+                    for f, v in zip(feeds, values)]
+        return float(np.mean([divergence(r, o) for o, r in zip(outs, reference)]))
 
 
 def candidates(plan: Plan, cfg: ConvertConfig) -> list[str]:
@@ -84,9 +133,10 @@ def widen_acts(prepared: "onnx.ModelProto", plan: Plan, stats: Mapping[str, ActS
         return dict(plan.acts), summary
     ref = session(prepared)
     fit_ref, check_ref = ([ref.run(None, f) for f in fs] for fs in (fit, check))
+    (fit_b, fit_r), (check_b, check_r) = batched(ref, fit, fit_ref), batched(ref, check, check_ref)
     del ref
-    ms = MaskSession(prepared, plan, names)
-    fit_b, fit_r = batched(ms.sess, fit, fit_ref)
+    ms = MaskSession(prepared, plan, names, cache=fit_b, tails=TAILS)
+    fit_b = ms.cached
     summary.loss = base = ms.loss(fit_b, fit_r)
     unrounded = frozenset(names)
     floor = ms.loss(fit_b, fit_r, unrounded)       # the weights' share of the loss
@@ -99,7 +149,8 @@ def widen_acts(prepared: "onnx.ModelProto", plan: Plan, stats: Mapping[str, ActS
         return dict(plan.acts), summary
     # the check measures a few sizes of the most harmful set and keeps the best, if it beats
     # every activation at 8 bits
-    check_b, check_r = batched(ms.sess, check, check_ref) if check else (fit_b, fit_r)
+    if not check:
+        check_b, check_r = fit_b, fit_r
     summary.check_before = ms.loss(check_b, check_r)
     losses = [ms.loss(check_b, check_r, frozenset(c)) for c in sets]
     i = int(np.argmin(losses))
