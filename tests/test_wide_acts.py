@@ -151,3 +151,14 @@ def test_the_command_line_reports_the_widened_set_and_turns_it_off(tmp_path, cli
     code, stdout, _ = cli_run("convert", DIGITS, "-o", out, "--bits", "8", "--calib", CALIB, "--no-protect-acts")
     assert code == 0 and "16 bits" not in stdout
     assert set(act_zero_types(onnx.load(out)).values()) == {onnx.TensorProto.UINT8}
+
+
+def test_a_failing_harm_measurement_leaves_the_8_bit_model_and_says_why(monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("[ONNXRuntimeError] : 1 : FAIL : a kernel this runtime lacks\nsecond line")
+
+    monkeypatch.setattr(api, "widen_acts", broken)
+    q, rep = onnxq.convert(DIGITS, onnxq.ConvertConfig(bits=8), calib=CALIB)
+    assert rep.wide is None and set(act_zero_types(q).values()) == {onnx.TensorProto.UINT8}
+    assert any(w.startswith("activations stay at 8 bits: measuring their harm failed") and "second line" not in w
+               for w in rep.warnings)
