@@ -38,6 +38,44 @@ class Tail:
     outputs: list[str]                # the graph outputs it computes
 
 
+def keep_tails(model: "onnx.ModelProto", positions, count: int, feeds: Sequence[Feed],
+               all_outputs: bool = False) -> list[Tail]:
+    """Tails of `model` from up to count - 1 cuts spread over `positions` (node indices where
+    trials begin to differ), with the tensors at each cut cached for `feeds` (the whole graph's
+    inputs, the trial inputs at their base values). A cut whose tensors would take the cache over
+    TAIL_CACHE is not kept, nor with `all_outputs` one that does not compute every graph output."""
+    order = sorted(set(positions))
+    starts = sorted({order[j * len(order) // count] for j in range(1, count)} - {0})
+    cuts = {s: cut_names(model, s) for s in starts}
+    wanted = sorted(set().union(*cuts.values())) if cuts else []
+    if not wanted:
+        return []
+    aug = session(augmented(model, wanted))
+    values = [dict(zip(wanted, aug.run(wanted, f))) for f in feeds]
+    del aug
+    used, out = 0, []
+    for s in starts:
+        size = sum(v[n].nbytes for v in values for n in cuts[s])
+        if used + size > TAIL_CACHE:
+            continue
+        tm = tail(model, s, {n: values[0][n].dtype for n in cuts[s]})
+        if all_outputs and len(tm.graph.output) != len(model.graph.output):
+            continue
+        used += size
+        out.append(Tail(s, session(tm), [{n: v[n] for n in cuts[s]} for v in values],
+                        {i.name for i in tm.graph.input}, [o.name for o in tm.graph.output]))
+    return out
+
+
+def latest_tail(tails: Sequence[Tail], positions) -> Tail | None:
+    """The latest of `tails` that starts at or before every one of `positions`."""
+    if not positions or not tails:
+        return None
+    first = min(positions)
+    fit = [t for t in tails if t.start <= first]
+    return fit[-1] if fit else None
+
+
 class Probe:
     """Divergence of the network's outputs from FP32 when some main-graph layers take other
     weights (in their original layout) and biases; the rest keep their float values. Biases
@@ -77,41 +115,18 @@ class Probe:
             self._keep_tails(model, tails)
 
     def _keep_tails(self, model: "onnx.ModelProto", count: int) -> None:
-        """Cuts at the first reader of evenly spaced layers; a cut whose tensors would take the
-        cache over TAIL_CACHE is not kept."""
+        """Cuts at the first reader of evenly spaced layers."""
         readers: dict[str, int] = {}
         for i, node in enumerate(model.graph.node):
             for name in node_reads(node):
                 readers.setdefault(name, i)
         params = {n: [self.weight_of[n]] + ([self.bias_of[n]] if n in self.bias_of else []) for n in self.weight_of}
         self.first = {n: min(readers.get(p, len(model.graph.node)) for p in ps) for n, ps in params.items()}
-        order = sorted(set(self.first.values()))
-        starts = sorted({order[j * len(order) // count] for j in range(1, count)} - {0})
-        cuts = {s: cut_names(model, s) for s in starts}
-        wanted = sorted(set().union(*cuts.values())) if cuts else []
-        if not wanted:
-            return
-        aug = session(augmented(model, wanted))
-        values = [dict(zip(wanted, aug.run(wanted, {**f, **self.base}))) for f in self.feeds]
-        del aug
-        used = 0
-        for s in starts:
-            size = sum(v[n].nbytes for v in values for n in cuts[s])
-            if used + size > TAIL_CACHE:
-                continue
-            used += size
-            tm = tail(model, s, {n: values[0][n].dtype for n in cuts[s]})
-            sess = session(tm)
-            self.tails.append(Tail(s, sess, [{n: v[n] for n in cuts[s]} for v in values],
-                                   {i.name for i in tm.graph.input}, [o.name for o in tm.graph.output]))
+        self.tails = keep_tails(model, self.first.values(), count, [{**f, **self.base} for f in self.feeds])
 
     def _tail_for(self, nodes) -> Tail | None:
         """The latest kept tail that starts at or before the first reader of every layer in `nodes`."""
-        if not nodes or not self.tails:
-            return None
-        first = min(self.first[n] for n in nodes)
-        fit = [t for t in self.tails if t.start <= first]
-        return fit[-1] if fit else None
+        return latest_tail(self.tails, [self.first[n] for n in nodes]) if self.tails else None
 
     def _run(self, i: int, feed: Feed, trial: dict, t: Tail | None) -> list[np.ndarray]:
         if t is None:

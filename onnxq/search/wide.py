@@ -28,13 +28,13 @@ from ..algos.metrics import divergence
 from ..config import ConvertConfig
 from ..graph.rewrite import apply_plan
 from ..graph.large import is_large
-from ..graph.variants import augmented, cut_names, mask_name, tail, with_act_masks
+from ..graph.variants import mask_name, with_act_masks
 from ..plan.acts import act_quant, method_range
 from ..plan.biases import code_biases
 from ..runtime import session
 from ..types import ActQuant, ActStats, Feed, Plan, Progress, WideSummary
 from .lapq import batched, in_subgraph
-from .probe import TAIL_CACHE, TAILS
+from .probe import TAILS, Tail, keep_tails, latest_tail
 
 if TYPE_CHECKING:
     import onnx
@@ -55,42 +55,23 @@ class MaskSession:
         model = with_act_masks(apply_plan(prepared, code_biases(plan)), self.names)
         self.sess = session(model)
         self.outputs = [o.name for o in self.sess.get_outputs()]
-        self.tails: list[tuple[int, object, list[dict]]] = []    # (start, session, cached cut values)
+        self.tails: list[Tail] = []
         self.cached = list(cache)
         where = {n.name: i for i, n in enumerate(model.graph.node)}
         self.first = {a: where[f"{a}/mask_sub"] for a in self.names if f"{a}/mask_sub" in where}
         if tails > 1 and self.cached and not is_large(model):
-            self._keep_tails(model, tails)
+            unrounded = self._masks(self.names)
+            self.tails = keep_tails(model, self.first.values(), tails, [{**f, **unrounded} for f in self.cached],
+                                    all_outputs=True)
 
     def _masks(self, unrounded) -> dict[str, np.ndarray]:
         return {mask_name(a): np.array(0.0 if a in unrounded else 1.0, np.float32) for a in self.names}
 
-    def _keep_tails(self, model: "onnx.ModelProto", count: int) -> None:
-        order = sorted(set(self.first.values()))
-        starts = sorted({order[j * len(order) // count] for j in range(1, count)} - {0})
-        cuts = {st: cut_names(model, st) for st in starts}
-        wanted = sorted(set().union(*cuts.values())) if cuts else []
-        if not wanted:
-            return
-        aug = session(augmented(model, wanted))
-        values = [dict(zip(wanted, aug.run(wanted, {**f, **self._masks(self.names)}))) for f in self.cached]
-        del aug
-        used = 0
-        for st in starts:
-            size = sum(v[n].nbytes for v in values for n in cuts[st])
-            tm = tail(model, st, {n: values[0][n].dtype for n in cuts[st]})
-            if used + size > TAIL_CACHE or len(tm.graph.output) != len(self.outputs):
-                continue
-            used += size
-            self.tails.append((st, session(tm), [{n: v[n] for n in cuts[st]} for v in values]))
-
-    def _tail_for(self, feeds, rounded) -> tuple | None:
+    def _tail_for(self, feeds, rounded) -> Tail | None:
         """The latest kept tail before every rounded tensor, when `feeds` are the cached samples."""
-        if not self.tails or feeds is not self.cached or not rounded or any(a not in self.first for a in rounded):
+        if not self.tails or feeds is not self.cached or any(a not in self.first for a in rounded):
             return None
-        first = min(self.first[a] for a in rounded)
-        fit = [t for t in self.tails if t[0] <= first]
-        return fit[-1] if fit else None
+        return latest_tail(self.tails, [self.first[a] for a in rounded])
 
     def loss(self, feeds, reference, unrounded=frozenset()) -> float:
         masks = self._masks(unrounded)
@@ -98,10 +79,8 @@ class MaskSession:
         if t is None:
             outs = [self.sess.run(self.outputs, {**f, **masks}) for f in feeds]
         else:
-            start, sess, values = t
-            ins = {x.name for x in sess.get_inputs()}
-            outs = [sess.run(self.outputs, {**v, **{k: x for k, x in {**f, **masks}.items() if k in ins}})
-                    for f, v in zip(feeds, values)]
+            outs = [t.sess.run(self.outputs, {**v, **{k: x for k, x in {**f, **masks}.items() if k in t.inputs}})
+                    for f, v in zip(feeds, t.cached)]
         return float(np.mean([divergence(r, o) for o, r in zip(outs, reference)]))
 
 
