@@ -315,10 +315,10 @@ def _preprocess_options(f):
               help="Quantize stage by stage, compensating the error earlier stages leave "
                    "(off by default: one pass measured better on the benchmark models).")
 @click.option("--stages", type=click.IntRange(min=1), default=3, show_default=True, help="Stages of sequential mode.")
-@click.option("--protect", type=click.FloatRange(0, 1), default=0.10, show_default=True,
-              help="At 4 bits and below: extra weight bytes (fraction of the low-bit weights) spent keeping "
-                   "the layers that harm the network most at 8 bits; kept only if it helps on samples it "
-                   "was not chosen on.")
+@click.option("--protect", type=click.FloatRange(0, 1), default=0.15, show_default=True,
+              help="At 4 bits and below: how much larger (fraction) the weights may be than with one scale "
+                   "per output channel. Blocked scales (--block) come first; what is left keeps the layers "
+                   "that harm the network most at 8 bits, only if that helps on samples it was not chosen on.")
 @click.option("--no-protect", is_flag=True, help="Uniform low-bit weights (same as --protect 0).")
 @click.option("--protect-acts", type=click.FloatRange(0, 1), default=0.25, show_default=True,
               help="8-bit activations (generic target): the share of them that may be kept at 16 bits where "
@@ -351,9 +351,10 @@ def _preprocess_options(f):
                    "and A.V), ranges from the same calibration pass; off by default (MiniLM: "
                    "docs/results.md). Input-side targets only.")
 @click.option("--block", type=click.Choice(["0", "32", "64", "128"]), default="32", show_default=True,
-              help="2- to 4-bit Gemm/MatMul weights: one scale per this many values along K (0: one per "
-                   "output channel). Each block costs a 32-bit scale (32: +25% on those weights' bytes); "
-                   "measured to pay on MiniLM and EfficientNet-Lite1 (docs/results.md).")
+              help="2- to 4-bit weights: one scale per this many values along K of a Gemm/MatMul (a 32-bit "
+                   "scale: +25% on its bytes at 32), and under --target generic per this many input channels "
+                   "at each kernel tap of a conv (a 16-bit scale: +12.5%); 0: one per output channel. Counted "
+                   "in --protect's budget. Measured: docs/results.md.")
 @click.option("--no-smooth", is_flag=True,
               help="Leave Gemm/MatMul and depthwise-conv inputs as they are. By default a quantized input with "
                    "outlier channels (transformers; a depthwise conv after a BatchNorm or affine block) is divided "

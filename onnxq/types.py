@@ -240,7 +240,8 @@ class LayerPlan:
     axis: int
     bias: np.ndarray | None      # corrected bias (float32) or None to keep the original
     source_bias: np.ndarray | None = None   # the model's own bias (float)
-    block: int = 0               # > 0: scales [O, K / block], one per run of `block` columns (tables)
+    block: int = 0               # > 0: scales [O, K / block], one per run of `block` columns (tables,
+                                 # Gemm/MatMul), or a conv's [O, C / block, *kernel] (per kernel tap)
     sqnr_db: float | None = None  # layer output SQNR estimate from H (None without H)
     sqnr_rtn_db: float | None = None
     note: str = ""
@@ -251,6 +252,12 @@ class LayerPlan:
     fit_target: np.ndarray | None = None
     fit_hessian: np.ndarray | None = None
     input_mean: np.ndarray | None = None
+
+    @property
+    def half_scales(self) -> bool:
+        """A blocked conv's scales are stored in float16 (DequantizeLinear, then Cast to float):
+        at blocks of 32 they would otherwise add a bit to every 4-bit weight."""
+        return bool(self.block) and self.target.weight_layout == "conv"
 
 
 @dataclass

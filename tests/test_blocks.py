@@ -1,7 +1,7 @@
-"""Blocked scales for 2- to 4-bit Gemm/MatMul weights (--block): one scale per run of B values
-along K, rounded by second-order rounding with those scales; emitted as a blocked
-DequantizeLinear (generic), onnxruntime's MatMulNBits with the same blocks (ort-cpu), and run by
-OpenVINO too."""
+"""Blocked scales for 2- to 4-bit weights (--block): one scale per run of B values along K
+(Gemm/MatMul) or of B input channels at each kernel tap (ungrouped convs, generic target),
+rounded by second-order rounding with those scales; emitted as a blocked DequantizeLinear
+(generic), onnxruntime's MatMulNBits with the same blocks (ort-cpu), and run by OpenVINO too."""
 
 import numpy as np
 import onnxruntime as ort
@@ -11,8 +11,11 @@ from onnx import helper, numpy_helper
 
 import onnxq
 from onnxq.algos.metrics import sqnr_db
-from onnxq.algos.weights import blocked, gptq, weighted_error
+from onnxq.algos.matrix import dequantize_rows
+from onnxq.algos.weights import blocked, blocked_taps, gptq, weighted_error
 from onnxq.errors import ConfigError
+from onnxq.graph.targets import find_targets
+from onnxq.plan.layers import weight_block
 
 K, H, O = 128, 96, 64
 
@@ -118,3 +121,99 @@ def test_openvino_runs_blocked_weights_like_onnxruntime(tmp_path):
     want = outputs(q, [{"x": x}], {"session.disable_quant_qdq": "1"})
     compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     assert sqnr_db(want, compiled(x)[compiled.output(0)]) > 30.0
+
+
+def conv_pair(rng, c=64):
+    """x [N, c, 8, 8] -> 3x3 Conv (c -> c) -> Relu -> 1x1 Conv (c -> 32); input channels of very
+    different size, as trained layers see them."""
+    w1 = rng.standard_normal((c, c, 3, 3)) * np.exp(rng.standard_normal((1, c, 1, 1)) * 0.7) * 0.05
+    w2 = rng.standard_normal((32, c, 1, 1)) * np.exp(rng.standard_normal((1, c, 1, 1)) * 0.7) * 0.1
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["h"], name="c3", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["h"], ["r"], name="act"),
+             helper.make_node("Conv", ["r", "w2"], ["y"], name="c1")]
+    return make_model(nodes, [vi("x", ["N", c, 8, 8])], [vi("y", ["N", 32, 8, 8])],
+                      {"w1": w1.astype(np.float32), "w2": w2.astype(np.float32)})
+
+
+def conv_feeds(rng, n, c=64):
+    return [{"x": (rng.standard_normal((2, c, 8, 8)) * np.exp(rng.standard_normal((1, c, 1, 1)))).astype(np.float32)}
+            for _ in range(n)]
+
+
+def test_conv_blocks_run_along_input_channels_at_each_tap():
+    """blocked_taps: one scale per 32 input channels at each of the 9 taps, codes in im2col's
+    channel-major column order; without taps it is plain `blocked`, and it beats one scale a row."""
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((16, 64 * 9)) * np.exp(rng.standard_normal((1, 64 * 9)) * 0.5)
+    x = rng.standard_normal((3000, 64 * 9))
+    h = x.T @ x / len(x)
+    q = blocked_taps("gptq", w, 4, h, 32, 9)
+    assert q.scales.shape == (16, 2, 9) and q.codes.shape == (16, 64 * 9)
+    by_tap = q.codes.reshape(16, 64, 9) * np.repeat(q.scales, 32, axis=1)       # scale of (channel // 32, tap)
+    np.testing.assert_array_equal(dequantize_rows(q.codes, q.scales), by_tap.reshape(16, -1))
+    plain = blocked("gptq", w, 4, h, 32)
+    one_tap = blocked_taps("gptq", w, 4, h, 32, 1)
+    np.testing.assert_array_equal(one_tap.codes, plain.codes)
+    np.testing.assert_array_equal(one_tap.scales[:, :, 0], plain.scales)
+    per_channel = gptq(w, 4, h)
+    assert weighted_error(w, dequantize_rows(q.codes, q.scales), h[None]) < \
+        0.8 * weighted_error(w, dequantize_rows(per_channel.codes, per_channel.scales), h[None])
+
+
+def test_generic_convs_take_float16_blocked_scales_that_onnxruntime_and_openvino_run(tmp_path):
+    """Blocks of 32 input channels at each tap: a DequantizeLinear blocked along axis 1 with
+    float16 scales [O, C / 32, kh, kw], cast to float; closer to FP32 than one scale a channel,
+    and OpenVINO gives onnxruntime's answers."""
+    rng = np.random.default_rng(6)
+    m = conv_pair(rng)
+    cal, held = conv_feeds(rng, 12), conv_feeds(rng, 4)
+    cfg = dict(bits=4, act_bits=8, protect=0.0, protect_acts=0.0)
+    q_pc, _ = onnxq.convert(m, onnxq.ConvertConfig(block=0, **cfg), calib=cal)
+    q_b, rep = onnxq.convert(m, onnxq.ConvertConfig(**cfg), calib=cal)
+    assert {l.node: l.method for l in rep.quantized} == {"c3": "gptq (blocks of 32)", "c1": "gptq (blocks of 32)"}
+    inits = {t.name: numpy_helper.to_array(t) for t in q_b.graph.initializer}
+    assert inits["c3/weight_scale"].shape == (64, 2, 3, 3) and inits["c1/weight_scale"].shape == (32, 2, 1, 1)
+    assert inits["c3/weight_scale"].dtype == np.float16 and inits["c3/weight_scale"].nbytes == 64 * 2 * 9 * 2
+    nodes = {n.name: n for n in q_b.graph.node}
+    for layer in ("c3", "c1"):
+        dq = nodes[f"{layer}/weight_dequantize"]
+        assert {a.name: helper.get_attribute_value(a) for a in dq.attribute} == {"axis": 1, "block_size": 32}
+        cast = nodes[f"{layer}/weight_cast"]
+        assert list(cast.input) == list(dq.output) and list(cast.output) == [f"{layer}/weight_dq"]
+        assert nodes[layer].input[1] == f"{layer}/weight_dq"
+    ref = outputs(m, held)
+    assert sqnr_db(ref, outputs(q_b, held)) > sqnr_db(ref, outputs(q_pc, held)) + 1.0
+    ov = pytest.importorskip("openvino")
+    path = tmp_path / "q.onnx"
+    onnxq.save(q_b, path)
+    compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    x = held[0]["x"]
+    assert sqnr_db(outputs(q_b, [{"x": x}]), compiled(x)[compiled.output(0)]) > 30.0
+
+
+def test_protect_budget_pays_for_the_blocks_first():
+    """--protect bounds the weights' growth over one scale per channel: blocked scales use part
+    of it (16-bit scales, one per 32 weights: +12.5% at 4 bits), layers at 8 bits the rest."""
+    rng = np.random.default_rng(8)
+    m, cal = conv_pair(rng), conv_feeds(rng, 16)
+    for protect in (0.15, 0.5):
+        q, rep = onnxq.convert(m, onnxq.ConvertConfig(bits=4, act_bits=8, protect=protect, protect_acts=0.0), calib=cal)
+        per_channel = (64 * 64 * 9 + 32 * 64) / 2 + (64 + 32) * 4
+        blocks = (64 * 2 * 9 + 32 * 2) * 2 - (64 + 32) * 4
+        assert rep.protect.budget_bytes == pytest.approx(protect * per_channel - blocks)
+        assert rep.protect.used_bytes <= rep.protect.budget_bytes
+
+
+def test_conv_blocks_only_where_the_target_runs_them():
+    """ort-cpu (QLinearConv), openvino (u8 convs), qnn and tensorrt keep one scale per output
+    channel; so do 8-bit layers and rows of one block."""
+    rng = np.random.default_rng(7)
+    m, cal = conv_pair(rng), conv_feeds(rng, 8)
+    for target in ("ort-cpu", "openvino", "qnn", "tensorrt"):
+        _, rep = onnxq.convert(m, onnxq.ConvertConfig(bits=4, act_bits=8, protect=0.0, target=target), calib=cal)
+        assert not any("blocks" in l.method for l in rep.quantized), target
+    small = {t.node: t for t in find_targets(conv_pair(rng, c=32))[0]}   # the 1x1 row is one block; the 3x3 has 9
+    cfg = onnxq.ConvertConfig(bits=4)
+    assert weight_block(small["c3"], 4, cfg) == 32 and weight_block(small["c1"], 4, cfg) == 0
+    assert weight_block(small["c3"], 8, cfg) == 0
+    assert weight_block(small["c3"], 4, onnxq.ConvertConfig(bits=4, target="openvino")) == 0

@@ -201,7 +201,9 @@ def test_network_weighting_spends_the_budget_where_the_output_feels_it(weighting
 
 def test_end_to_end_check_keeps_only_branches_that_help_on_the_shipped_model():
     cal = sorted(Path(__file__).parents[1].joinpath("models", "digits_calib").glob("*.npz"))
-    cfg = onnxq.ConvertConfig(bits=3, rank_budget=0.05)
+    # protect at 0.10: a larger budget keeps all but one of this small net's 3-bit layers at 8 bits,
+    # which leaves the branches nothing to compensate
+    cfg = onnxq.ConvertConfig(bits=3, rank_budget=0.05, protect=0.10)
     q, rep = onnxq.convert(str(Path(__file__).parents[1] / "models" / "digits_cnn.onnx"), cfg,
                            calib=str(cal[0].parent))
     b = rep.branches

@@ -92,7 +92,8 @@ def test_targets_choose_weight_containers(net):
     m, feeds = net
     containers = {}
     for target in ("generic", "ort-cpu", "openvino"):
-        q, _ = onnxq.convert(m, onnxq.ConvertConfig(bits=4, target=target), calib=feeds)
+        # every layer at 4 bits (no layer kept at 8 by --protect): the containers of 4-bit codes
+        q, _ = onnxq.convert(m, onnxq.ConvertConfig(bits=4, target=target, protect=0.0), calib=feeds)
         types = {t.name: t.data_type for t in q.graph.initializer}
         containers[target] = (types["conv1/weight_q"], types.get("fc/weight_q", types.get("fc/weight_q4")))
     int4, int8, u8 = onnx.TensorProto.INT4, onnx.TensorProto.INT8, onnx.TensorProto.UINT8

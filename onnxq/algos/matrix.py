@@ -27,11 +27,17 @@ def to_matrix(w: np.ndarray, layout: str) -> np.ndarray:
 
 
 def dequantize_rows(codes: np.ndarray, scales: np.ndarray) -> np.ndarray:
-    """codes [O, K] times per-row scales [O], or per-block scales [O, K / block] (each scale
-    covering a run of consecutive columns)."""
+    """codes [O, K] times per-row scales [O], per-block scales [O, K / block] (each scale
+    covering a run of consecutive columns), or a conv's [O, C / block, *kernel] (one scale per
+    run of input channels at each kernel tap; K = C * taps, channel-major)."""
     if scales.ndim == 1:
         return codes * scales[:, None]
-    return codes * np.repeat(scales, codes.shape[1] // scales.shape[1], axis=1)
+    if scales.ndim == 2:
+        return codes * np.repeat(scales, codes.shape[1] // scales.shape[1], axis=1)
+    o, nb = scales.shape[:2]
+    taps = scales[0, 0].size
+    per_tap = np.repeat(scales.reshape(o, nb, 1, taps), codes.shape[1] // (nb * taps), axis=2)
+    return codes * per_tap.reshape(o, -1)
 
 
 def from_matrix(m: np.ndarray, layout: str, shape: tuple[int, ...]) -> np.ndarray:

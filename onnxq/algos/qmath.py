@@ -23,9 +23,9 @@ def container_bits(bits: int) -> int:
     return 4 if bits <= 4 else 8
 
 
-def stored_bits(params: int, bits: int, n_scales: int) -> int:
-    """Bits a quantized weight takes in the file: codes in their containers plus float32 scales."""
-    return params * container_bits(bits) + n_scales * 32
+def stored_bits(params: int, bits: int, n_scales: int, scale_bits: int = 32) -> int:
+    """Bits a quantized weight takes in the file: codes in their containers plus the scales."""
+    return params * container_bits(bits) + n_scales * scale_bits
 
 
 def act_qrange(bits: int, signed: bool) -> tuple[int, int]:

@@ -32,7 +32,7 @@ GPTQ_SCALE_STARTS = (1.0, 0.9, 1.1)
 @dataclass(frozen=True)
 class WeightQuant:
     codes: np.ndarray   # [O, K] int32
-    scales: np.ndarray  # [O] float64, or [O, K / block] for blocked scales
+    scales: np.ndarray  # [O] float64, [O, K / block] for blocked scales, [O, C / block, taps] for a conv's
     method: str         # the method actually used (after any fallback)
 
 
@@ -135,13 +135,33 @@ def blocked(method: str, w: np.ndarray, bits: int, hessian: np.ndarray | None, b
     return WeightQuant(codes, scales, "gptq")
 
 
+def blocked_taps(method: str, w: np.ndarray, bits: int, hessian: np.ndarray | None, block: int, taps: int,
+                 damp: float = DEFAULT_DAMP) -> WeightQuant:
+    """A conv's W [O, C * taps] (columns channel-major, as im2col reads them) with one scale per
+    run of `block` input channels at each kernel tap: what a DequantizeLinear blocked along the
+    weight's input-channel axis stores. The columns are put tap-major so each block is a run of
+    consecutive columns, quantized by `blocked`, and put back. -> scales [O, C / block, taps]."""
+    o, k = w.shape
+    c = k // taps
+    perm = np.arange(k).reshape(c, taps).T.reshape(-1)            # tap-major position -> column
+    h = None if hessian is None else hessian[np.ix_(perm, perm)]
+    q = blocked(method, w[:, perm], bits, h, block, damp)
+    codes = np.empty_like(q.codes)
+    codes[:, perm] = q.codes
+    return WeightQuant(codes, q.scales.reshape(o, taps, c // block).transpose(0, 2, 1), q.method)
+
+
 def quantize_weight(method: str, w: np.ndarray, bits: int, hessians: np.ndarray | None,
-                    groups: int = 1, damp: float = DEFAULT_DAMP, block: int = 0) -> WeightQuant:
+                    groups: int = 1, damp: float = DEFAULT_DAMP, block: int = 0, taps: int = 0) -> WeightQuant:
     """Apply `method` to W [O, K]; grouped layers pass hessians [G, K, K] and are done per group.
     `damp` is gptq's damping of H (the other methods have none). `block` > 0: blocked scales
-    (ungrouped layers only)."""
+    (ungrouped layers only); `taps` > 0: W is a conv's with that many kernel taps, blocked along
+    its input channels at each tap (blocked_taps)."""
     if block:
-        return blocked(method, w, bits, None if hessians is None else hessians[0], block, damp)
+        h = None if hessians is None else hessians[0]
+        if taps:
+            return blocked_taps(method, w, bits, h, block, taps, damp)
+        return blocked(method, w, bits, h, block, damp)
     if method != "gptq" or hessians is None:      # rtn and mse treat every row alike, without H
         return WEIGHT_METHODS[method](w, bits, None)
     fn = partial(gptq, damp=damp)

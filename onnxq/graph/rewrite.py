@@ -85,11 +85,16 @@ def _weight_nodes(g: onnx.GraphProto, lp: LayerPlan, coded: CodedBiases, rules: 
     q = add_initializer(g, f"{pre}/weight_q", codes.astype(dt))
     if lp.block and t.weight_layout == "cols":     # scales [O, K / block] stored along the weight's [K, O]
         scales = scales.T
-    s = add_initializer(g, f"{pre}/weight_scale", scales.astype(np.float32))
+    half = lp.half_scales                          # float16 scales: the DQ's output is cast to float
+    s = add_initializer(g, f"{pre}/weight_scale", scales.astype(np.float16 if half else np.float32))
     z = add_initializer(g, f"{pre}/weight_zero", np.zeros(scales.shape, dtype=dt))
     blocked = {"block_size": lp.block} if lp.block else {}
-    nodes.append(helper.make_node("DequantizeLinear", [q, s, z], [f"{pre}/weight_dq"],
+    dq_out = f"{pre}/weight_dq16" if half else f"{pre}/weight_dq"
+    nodes.append(helper.make_node("DequantizeLinear", [q, s, z], [dq_out],
                                   name=f"{pre}/weight_dequantize", axis=lp.axis, **blocked))
+    if half:
+        nodes.append(helper.make_node("Cast", [dq_out], [f"{pre}/weight_dq"], name=f"{pre}/weight_cast",
+                                      to=onnx.TensorProto.FLOAT))
     w_index = list(node.input).index(t.weight)
     node.input[w_index] = f"{pre}/weight_dq"
     if bias is None:

@@ -11,6 +11,7 @@ import numpy as np
 from ..algos.bias import mean_shift_bias
 from ..algos.matrix import AXIS, dequantize_rows, from_matrix, to_matrix
 from ..algos.metrics import sqnr_db
+from ..algos.qmath import stored_bits
 from ..algos.weights import blocked, mse, quantize_weight, regularized_hessian, weighted_error
 from ..config import ConvertConfig
 from ..types import ActQuant, ActStats, LayerPlan, LayerStats, PairedStats, Plan, Progress, Target
@@ -69,31 +70,51 @@ def tap_moments(t: Target, ls: LayerStats) -> LayerStats:
 
 
 def _quantize(method: str, wm: np.ndarray, bits: int, h: np.ndarray | None, groups: int, damp: float,
-              block: int = 0):
+              block: int = 0, taps: int = 0):
     """quantize_weight, falling back to the statistics-free method when the statistics cannot be
     factorised (degenerate layers: every input dead or enormous)."""
     if h is not None and not np.all(np.isfinite(h)):
         h = None
     try:
-        return quantize_weight(method, wm, bits, h, groups, damp=damp, block=block)
+        return quantize_weight(method, wm, bits, h, groups, damp=damp, block=block, taps=taps)
     except np.linalg.LinAlgError:
-        q = quantize_weight("mse", wm, bits, None, groups, block=block)
+        q = quantize_weight("mse", wm, bits, None, groups, block=block, taps=taps)
         return dataclasses.replace(q, method="mse (input statistics unusable)")
 
 
-# blocked Gemm/MatMul weights: the stored tensor's axis that runs along K (the DQ's block axis)
-BLOCK_AXIS = {"cols": 0, "rows": 1}
+# blocked weights: the stored tensor's axis that runs along K (the DQ's block axis): a Gemm/MatMul's
+# K, a conv's input channels
+BLOCK_AXIS = {"cols": 0, "rows": 1, "conv": 1}
 
 
 def weight_block(t: Target, bits: int, cfg: ConvertConfig) -> int:
-    """Scales per block of cfg.block columns of K for a 2- to 4-bit Gemm/MatMul where the
-    target's rules allow blocked weights and K holds more than one block; else 0 (per channel).
-    Layers with low-rank branches stay per channel (the branch refits on per-channel codes)."""
+    """Scales per block of cfg.block values along K for a 2- to 4-bit layer where the target's
+    rules allow blocked weights and a row holds more than one block; else 0 (per channel).
+    Gemm/MatMul: blocks of K. An ungrouped Conv (rules.blocked_convs): blocks of its input
+    channels at each kernel tap. Layers with low-rank branches stay per channel (the branch
+    refits on per-channel codes)."""
+    if not cfg.block or bits > 4 or cfg.rank_budget > 0:
+        return 0
+    if t.op == "Conv":
+        c, taps = t.shape[1], int(np.prod(t.shape[2:]))
+        ok = cfg.rules.blocked_convs and t.groups == 1 and c % cfg.block == 0 and c * taps > cfg.block
+        return cfg.block if ok else 0
     k = t.shape[0] if t.weight_layout == "cols" else t.shape[-1]
-    if (not cfg.block or bits > 4 or t.op not in ("Gemm", "MatMul") or t.weight_layout not in BLOCK_AXIS
-            or not cfg.rules.blocked_weights or cfg.rank_budget > 0 or k % cfg.block or k <= cfg.block):
+    if (t.op not in ("Gemm", "MatMul") or t.weight_layout not in BLOCK_AXIS or not cfg.rules.blocked_weights
+            or k % cfg.block or k <= cfg.block):
         return 0
     return cfg.block
+
+
+def per_channel_bytes(lp: LayerPlan, bits: int | None = None) -> float:
+    """What the layer's weights would take at `bits` (default: its own) with one float32 scale
+    per output channel."""
+    return stored_bits(lp.target.params, bits or lp.bits, lp.target.shape[AXIS[lp.target.weight_layout]]) / 8
+
+
+def weight_bytes(lp: LayerPlan) -> float:
+    """What the layer's codes and scales take in the file."""
+    return stored_bits(lp.target.params, lp.bits, lp.scales.size, 16 if lp.half_scales else 32) / 8
 
 
 TABLE_BLOCK = 32   # embedding tables at <= 4 bits: one scale per 32 values of a row
@@ -146,18 +167,22 @@ def plan_layer(t: Target, w: np.ndarray, bias: np.ndarray | None, ls: LayerStats
         fit = input_covariance(ls) if _bias_corrects(t, wm, bias, cfg) else ls.hessian
         h = regularized_hessian(fit, ls.rows)
     block = weight_block(t, bits, cfg)
-    wq = _quantize(method, wm, bits, h, groups, cfg.damp, block)
+    taps = int(np.prod(t.shape[2:])) if block and t.op == "Conv" else 0
+    wq = _quantize(method, wm, bits, h, groups, cfg.damp, block, taps)
+    if taps:       # a conv's block scales are stored in float16 (half their bytes; 2^-11 relative)
+        wq = dataclasses.replace(wq, scales=wq.scales.astype(np.float16).astype(np.float64))
     w_hat = dequantize_rows(wq.codes, wq.scales)
+    scales = wq.scales.reshape(wq.scales.shape[:2] + t.shape[2:]) if taps else wq.scales   # [O, C / block, *kernel]
     plan = LayerPlan(target=t, bits=bits, method=wq.method + (f" (blocks of {block})" if block else ""),
                      codes=from_matrix(wq.codes, t.weight_layout, t.shape).astype(np.int8),
-                     scales=wq.scales, axis=BLOCK_AXIS[t.weight_layout] if block else AXIS[t.weight_layout],
+                     scales=scales, axis=BLOCK_AXIS[t.weight_layout] if block else AXIS[t.weight_layout],
                      bias=None, note=note, source_bias=bias, block=block)
     if ls is not None:
         plan.input_mean = ls.mean
     if h is not None:
         plan.fit_hessian = h
         plan.sqnr_db = _weighted_sqnr(wm, w_hat, h, groups)
-        r = quantize_weight("rtn", wm, bits, None, groups, block=block)      # plain rounding, same scale grid
+        r = quantize_weight("rtn", wm, bits, None, groups, block=block, taps=taps)      # plain rounding, same scale grid
         plan.sqnr_rtn_db = _weighted_sqnr(wm, dequantize_rows(r.codes, r.scales), h, groups)
     else:
         plan.sqnr_db = sqnr_db(wm, w_hat)

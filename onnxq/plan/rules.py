@@ -79,6 +79,8 @@ class Rules:
     int4_weight_only: bool = False  # 2-4-bit Gemm/MatMul read a float input (int4 weight-only kernels)
     ms_kernels: bool = False      # onnxruntime's MatMulNBits / GatherBlockQuantized (com.microsoft)
     blocked_weights: bool = False  # 2-4-bit Gemm/MatMul weights may take one scale per block of K (--block)
+    blocked_convs: bool = False    # 2-4-bit ungrouped conv weights may take one scale per block of input
+                                   # channels at each kernel tap (--block)
     unit_ops: frozenset = UNIT_OPS       # layers whose output gets a Q (with output_units)
     fused_ops: frozenset = FUSED_OPS     # other ops quantized on both sides when their inputs are (output_units)
     float_decisions: bool = False        # no output-side Q ahead of an output's Sigmoid/Softmax (output_units)
@@ -90,7 +92,7 @@ class Rules:
 
 RULES: dict[str, Rules] = {
     "generic": Rules("generic", output_units=False, all_readers=False, int4_conv=True, int4_matmul=True,
-                     blocked_weights=True, smooth_depthwise=True, wide_acts=True,
+                     blocked_weights=True, blocked_convs=True, smooth_depthwise=True, wide_acts=True,
                      session_options={"session.disable_quant_qdq": "1"},
                      summary="Q/DQ on quantized layers' inputs; INT4 containers"),
     "ort-cpu": Rules("ort-cpu", output_units=True, all_readers=True, int4_conv=False, int4_matmul=False,

@@ -10,9 +10,8 @@ from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 import numpy as np
 
 from ..algos.allocation import allocate_bits, predicted_cost
-from ..algos.qmath import stored_bits
 from ..config import ConvertConfig
-from ..plan.layers import dequantized, plan_layer
+from ..plan.layers import dequantized, plan_layer, weight_bytes
 from ..types import Feed, LayerPlan, LayerStats, MixedSummary, Progress, Target
 from .probe import TAILS, Probe
 
@@ -65,9 +64,8 @@ def choose_bits(prepared: "onnx.ModelProto", targets: Sequence[Target], weights:
             if cfg.rank_budget == 0:
                 planned[(t.node, b)] = dataclasses.replace(lp, fit_hessian=None, fit_target=None, input_mean=None)
             # --avg-bits counts weight bits; --max-size counts the bytes the file will hold:
-            # codes in their INT4/INT8 containers plus per-channel scales
-            sizes[li, ci] = (t.params * b if cfg.avg_bits is not None
-                             else stored_bits(t.params, b, lp.scales.size))
+            # codes in their INT4/INT8 containers plus their scales
+            sizes[li, ci] = t.params * b if cfg.avg_bits is not None else 8 * weight_bytes(lp)
             if ci > 0 or not skip_widest:
                 costs[li, ci] = probe({t.node: deq[(t.node, b)]})
         if progress:

@@ -16,9 +16,8 @@ from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 import numpy as np
 
-from ..algos.qmath import stored_bits
 from ..config import ConvertConfig
-from ..plan.layers import dequantized, plan_layer
+from ..plan.layers import dequantized, per_channel_bytes, plan_layer, weight_bytes
 from ..types import ActQuant, Feed, LayerPlan, LayerStats, ProtectSummary, Progress, RoundingChoice
 from .probe import TAILS, Probe
 
@@ -30,8 +29,13 @@ CHECK_SAMPLES = 8      # the next samples, on which the protected set must beat 
 PROTECT_BITS = 8
 
 
-def _bytes(lp: LayerPlan, bits: int) -> float:
-    return stored_bits(lp.target.params, bits, lp.scales.size) / 8
+def budget_bytes(layers: Sequence[LayerPlan], cfg: ConvertConfig) -> float:
+    """What --protect may spend: cfg.protect of the bytes the quantized weights would take with
+    one scale per output channel, less what blocked scales already add over that (the file
+    stays within cfg.protect of a uniform per-channel conversion's weights)."""
+    coded = [lp for lp in layers if lp.codes is not None]
+    uniform = sum(per_channel_bytes(lp) for lp in coded)
+    return max(cfg.protect * uniform - sum(weight_bytes(lp) - per_channel_bytes(lp) for lp in coded), 0.0)
 
 
 def _low_bit(lp: LayerPlan, cfg: ConvertConfig) -> bool:
@@ -78,8 +82,8 @@ def protect_layers(prepared: "onnx.ModelProto", layers: list[LayerPlan], weights
         harm[lp.target.node] = fit({lp.target.node: dequantized(lp)}) - base
         if progress:
             progress("layer harm", i + 1, len(low))
-    extra = {lp.target.node: _bytes(lp, PROTECT_BITS) - _bytes(lp, lp.bits) for lp in low}
-    budget = cfg.protect * sum(_bytes(lp, lp.bits) for lp in layers if lp.codes is not None)
+    extra = {lp.target.node: per_channel_bytes(lp, PROTECT_BITS) - weight_bytes(lp) for lp in low}
+    budget = budget_bytes(layers, cfg)
     chosen, used = [], 0.0
     for node in sorted(harm, key=lambda n: (-harm[n] / max(extra[n], 1.0), n)):
         if harm[node] <= 0:
