@@ -316,9 +316,10 @@ def _preprocess_options(f):
                    "(off by default: one pass measured better on the benchmark models).")
 @click.option("--stages", type=click.IntRange(min=1), default=3, show_default=True, help="Stages of sequential mode.")
 @click.option("--protect", type=click.FloatRange(0, 1), default=0.15, show_default=True,
-              help="At 4 bits and below: how much larger (fraction) the weights may be than with one scale "
-                   "per output channel. Blocked scales (--block) come first; what is left keeps the layers "
-                   "that harm the network most at 8 bits, only if that helps on samples it was not chosen on.")
+              help="At 4 bits and below: how much larger (fraction) the weights may be than uniform low bits "
+                   "(convs with one scale per output channel). The convs' blocked scales (--block) come "
+                   "first; what is left keeps the layers that harm the network most at 8 bits, only if that "
+                   "helps on samples it was not chosen on.")
 @click.option("--no-protect", is_flag=True, help="Uniform low-bit weights (same as --protect 0).")
 @click.option("--protect-acts", type=click.FloatRange(0, 1), default=0.25, show_default=True,
               help="8-bit activations (generic target): the share of them that may be kept at 16 bits where "

@@ -2,7 +2,8 @@
 runtime wants, and the session options it runs the result with.
 
 generic   Q/DQ on the inputs of quantized layers only, read only by those layers; INT4 weights in
-          INT4 containers; at 8 bits depthwise-conv inputs may be smoothed per channel. The
+          INT4 containers, ungrouped convs' with one float16 scale per --block input channels at
+          each kernel tap; at 8 bits depthwise-conv inputs may be smoothed per channel. The
           smallest file; runtimes that fuse input-side Q/DQ (TensorRT-style, OpenVINO for 8-bit
           layers) run it fast. On onnxruntime's CPU provider it runs at FP32
           speed with `session.disable_quant_qdq` (weights folded at load). At 8-bit

@@ -30,12 +30,14 @@ PROTECT_BITS = 8
 
 
 def budget_bytes(layers: Sequence[LayerPlan], cfg: ConvertConfig) -> float:
-    """What --protect may spend: cfg.protect of the bytes the quantized weights would take with
-    one scale per output channel, less what blocked scales already add over that (the file
-    stays within cfg.protect of a uniform per-channel conversion's weights)."""
+    """What --protect may spend: cfg.protect of the bytes the quantized weights take in the
+    uniform format (convs with one scale per output channel; Gemm/MatMul and tables in their
+    own blocks, as every conversion has them), less what the convs' blocked scales add over that.
+    The weights stay within cfg.protect of that uniform conversion's."""
     coded = [lp for lp in layers if lp.codes is not None]
-    uniform = sum(per_channel_bytes(lp) for lp in coded)
-    return max(cfg.protect * uniform - sum(weight_bytes(lp) - per_channel_bytes(lp) for lp in coded), 0.0)
+    conv_blocks = sum(weight_bytes(lp) - per_channel_bytes(lp) for lp in coded if lp.half_scales)
+    uniform = sum(weight_bytes(lp) for lp in coded) - conv_blocks
+    return max(cfg.protect * uniform - conv_blocks, 0.0)
 
 
 def _low_bit(lp: LayerPlan, cfg: ConvertConfig) -> bool:
