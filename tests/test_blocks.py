@@ -202,6 +202,12 @@ def test_protect_budget_pays_for_the_blocks_first():
         blocks = (64 * 2 * 9 + 32 * 2) * 2 - (64 + 32) * 4
         assert rep.protect.budget_bytes == pytest.approx(protect * per_channel - blocks)
         assert rep.protect.used_bytes <= rep.protect.budget_bytes
+    # Gemm/MatMul blocks are paid from the same budget: 32-bit scales, 4 a column of W1 [128, 96]
+    # and 3 a row of W2 [64, 96], against one a channel
+    _, rep = onnxq.convert(mlp(rng), onnxq.ConvertConfig(bits=4, act_bits=32, protect=0.5), calib=feeds(rng, 8))
+    per_channel = (K * H + O * H) / 2 + (H + O) * 4
+    blocks = (4 * H + 3 * O) * 4 - (H + O) * 4
+    assert rep.protect.budget_bytes == pytest.approx(0.5 * per_channel - blocks)
 
 
 def test_conv_blocks_only_where_the_target_runs_them():

@@ -31,13 +31,13 @@ PROTECT_BITS = 8
 
 def budget_bytes(layers: Sequence[LayerPlan], cfg: ConvertConfig) -> float:
     """What --protect may spend: cfg.protect of the bytes the quantized weights take in the
-    uniform format (convs with one scale per output channel; Gemm/MatMul and tables in their
-    own blocks, as every conversion has them), less what the convs' blocked scales add over that.
-    The weights stay within cfg.protect of that uniform conversion's."""
+    uniform format (one scale per output channel; tables in their own blocks, which --block does
+    not set), less what --block's blocked scales (Gemm/MatMul, convs) add over that: the weights
+    stay within cfg.protect of a uniform conversion's."""
     coded = [lp for lp in layers if lp.codes is not None]
-    conv_blocks = sum(weight_bytes(lp) - per_channel_bytes(lp) for lp in coded if lp.half_scales)
-    uniform = sum(weight_bytes(lp) for lp in coded) - conv_blocks
-    return max(cfg.protect * uniform - conv_blocks, 0.0)
+    blocks = sum(weight_bytes(lp) - per_channel_bytes(lp) for lp in coded if lp.block and lp.target.op != "Gather")
+    uniform = sum(weight_bytes(lp) for lp in coded) - blocks
+    return max(cfg.protect * uniform - blocks, 0.0)
 
 
 def _low_bit(lp: LayerPlan, cfg: ConvertConfig) -> bool:
