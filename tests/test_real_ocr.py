@@ -92,8 +92,10 @@ def test_rank4_whitened_branch_gives_back_a_plainly_rounded_1x1_layer_on_held_ou
     path, layer = str(ocr_path("det")), "p2o.Conv.10"
     layers = [n.name for n in onnx.load(path).graph.node if n.op_type in ("Conv", "ConvTranspose", "MatMul", "Gemm")]
     cal, held = det_samples(8, seed=0, side=320), det_samples(4, seed=1, side=320)
+    # block=0: one scale per output channel with or without a branch (the branch-free layer would
+    # otherwise take blocked scales)
     base = dict(bits=4, act_bits=32, weight_method="rtn", exclude=tuple(n for n in layers if n != layer),
-                branch_weighting="layer", max_rank=4)
+                branch_weighting="layer", max_rank=4, block=0)
     sqnr, ranks = {}, {}
     for init, budget in (("none", 0.0), ("whitened", 0.09), ("svd", 0.09)):
         cfg = onnxq.ConvertConfig(**base, rank_budget=budget, branch_init="whitened" if init == "none" else init)
