@@ -255,9 +255,13 @@ class LayerPlan:
 
     @property
     def half_scales(self) -> bool:
-        """A blocked conv's scales are stored in float16 (DequantizeLinear, then Cast to float):
-        at blocks of 32 they would otherwise add a bit to every 4-bit weight."""
-        return bool(self.block) and self.target.weight_layout == "conv"
+        return half_scales(self.target, self.block)
+
+
+def half_scales(target: Target, block: int) -> bool:
+    """A blocked conv's scales are stored in float16 (DequantizeLinear, then Cast to float): at
+    blocks of 32 they would otherwise add a bit to every 4-bit weight."""
+    return bool(block) and target.weight_layout == "conv"
 
 
 @dataclass

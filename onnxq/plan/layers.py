@@ -14,7 +14,7 @@ from ..algos.metrics import sqnr_db
 from ..algos.qmath import stored_bits
 from ..algos.weights import blocked, mse, quantize_weight, regularized_hessian, weighted_error
 from ..config import ConvertConfig
-from ..types import ActQuant, ActStats, LayerPlan, LayerStats, PairedStats, Plan, Progress, Target
+from ..types import ActQuant, ActStats, LayerPlan, LayerStats, PairedStats, Plan, Progress, Target, half_scales
 from .acts import plan_acts
 from .branches import plan_branches
 
@@ -64,7 +64,7 @@ def tap_moments(t: Target, ls: LayerStats) -> LayerStats:
     different taps land on different outputs, so H = H_pixel (x) I_T. Exact when the stride is
     at least the kernel (no overlap, as in the usual 2x2 stride-2 upsampler); with overlapping
     taps the cross terms between neighbouring pixels are left out."""
-    eye = np.eye(int(np.prod(t.shape[2:])))
+    eye = np.eye(kernel_taps(t))
     return LayerStats(None if ls.hessian is None else np.stack([np.kron(h, eye) for h in ls.hessian]),
                       np.repeat(ls.mean, eye.shape[0], axis=-1), ls.rows)
 
@@ -96,14 +96,19 @@ def weight_block(t: Target, bits: int, cfg: ConvertConfig) -> int:
     if not cfg.block or bits > 4 or cfg.rank_budget > 0:
         return 0
     if t.op == "Conv":
-        c, taps = t.shape[1], int(np.prod(t.shape[2:]))
-        ok = cfg.rules.blocked_convs and t.groups == 1 and c % cfg.block == 0 and c * taps > cfg.block
+        c = t.shape[1]
+        ok = cfg.rules.blocked_convs and t.groups == 1 and c % cfg.block == 0 and c * kernel_taps(t) > cfg.block
         return cfg.block if ok else 0
     k = t.shape[0] if t.weight_layout == "cols" else t.shape[-1]
     if (t.op not in ("Gemm", "MatMul") or t.weight_layout not in BLOCK_AXIS or not cfg.rules.blocked_weights
             or k % cfg.block or k <= cfg.block):
         return 0
     return cfg.block
+
+
+def kernel_taps(t: Target) -> int:
+    """Kernel positions of a conv's or transposed conv's weight [.., .., *kernel] (1 for 1x1)."""
+    return int(np.prod(t.shape[2:]))
 
 
 def per_channel_bytes(lp: LayerPlan, bits: int | None = None) -> float:
@@ -167,9 +172,9 @@ def plan_layer(t: Target, w: np.ndarray, bias: np.ndarray | None, ls: LayerStats
         fit = input_covariance(ls) if _bias_corrects(t, wm, bias, cfg) else ls.hessian
         h = regularized_hessian(fit, ls.rows)
     block = weight_block(t, bits, cfg)
-    taps = int(np.prod(t.shape[2:])) if block and t.op == "Conv" else 0
+    taps = kernel_taps(t) if block and t.op == "Conv" else 0
     wq = _quantize(method, wm, bits, h, groups, cfg.damp, block, taps)
-    if taps:       # a conv's block scales are stored in float16 (half their bytes; 2^-11 relative)
+    if half_scales(t, block):      # rounded to what the file stores (2^-11 relative)
         wq = dataclasses.replace(wq, scales=wq.scales.astype(np.float16).astype(np.float64))
     w_hat = dequantize_rows(wq.codes, wq.scales)
     scales = wq.scales.reshape(wq.scales.shape[:2] + t.shape[2:]) if taps else wq.scales   # [O, C / block, *kernel]
