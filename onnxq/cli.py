@@ -356,6 +356,10 @@ def _preprocess_options(f):
                    "scale: +25% on its bytes at 32), and under --target generic per this many input channels "
                    "at each kernel tap of a conv (a 16-bit scale: +12.5%); 0: one per output channel. Counted "
                    "in --protect's budget. Measured: docs/results.md.")
+@click.option("--zero-points/--no-zero-points", default=True, show_default=True,
+              help="Blocked weights (--block) on affine grids: each block's codes span its own [min, max], "
+                   "with a zero point (4 bits a block) beside its scale. Under --target generic and openvino; "
+                   "the other targets' kernels take symmetric weights.")
 @click.option("--no-smooth", is_flag=True,
               help="Leave Gemm/MatMul and depthwise-conv inputs as they are. By default a quantized input with "
                    "outlier channels (transformers; a depthwise conv after a BatchNorm or affine block) is divided "
@@ -439,6 +443,7 @@ def _config(o: dict) -> ConvertConfig:
         max_rank=o["max_rank"], branch_refine=o["branch_refine"], bits_overrides=_overrides(o["bits_override"]),
         avg_bits=o["avg_bits"], max_size=_size(o["max_size"]), target=o["target"],
         quantize_attention=o["quantize_attention"], smooth=not o["no_smooth"], block=int(o["block"]),
+        zero_points=o["zero_points"],
         bit_choices=tuple(int(b) for b in _floats(o["bit_choices"], "--bit-choices")))
 
 

@@ -74,6 +74,7 @@ class ConvertConfig:
     smooth: bool = True                    # per-channel smoothing of Gemm/MatMul/depthwise inputs where it pays
     protect_acts: float = 0.25             # 8-bit activations: share of them that may be kept at 16 bits
     block: int = 32                        # <= 4-bit Gemm/MatMul: one scale per this many K values (0: per channel)
+    zero_points: bool = True               # blocked weights on affine grids, a zero point per block
 
     def __post_init__(self) -> None:
         if self.target not in RULES:

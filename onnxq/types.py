@@ -242,6 +242,7 @@ class LayerPlan:
     source_bias: np.ndarray | None = None   # the model's own bias (float)
     block: int = 0               # > 0: scales [O, K / block], one per run of `block` columns (tables,
                                  # Gemm/MatMul), or a conv's [O, C / block, *kernel] (per kernel tap)
+    zero_points: np.ndarray | None = None   # blocked affine grids: one per scale (codes are relative to it)
     sqnr_db: float | None = None  # layer output SQNR estimate from H (None without H)
     sqnr_rtn_db: float | None = None
     note: str = ""

@@ -68,7 +68,7 @@ def test_blocked_weights_are_emitted_as_blocked_dequantize_and_answer_closer():
     cfg = dict(bits=4, act_bits=32, protect=0.0)
     q_pc, _ = onnxq.convert(m, onnxq.ConvertConfig(block=0, **cfg), calib=cal)
     q_b, rep = onnxq.convert(m, onnxq.ConvertConfig(**cfg), calib=cal)       # blocks of 32: the default
-    assert {l.node: l.method for l in rep.quantized} == {"up": "gptq (blocks of 32)", "head": "gptq (blocks of 32)"}
+    assert {l.node: l.method for l in rep.quantized} == {"up": "gptq (blocks of 32, zero points)", "head": "gptq (blocks of 32, zero points)"}
     dq = {n.name: n for n in q_b.graph.node if n.op_type == "DequantizeLinear"}
     attrs = {k: {a.name: helper.get_attribute_value(a) for a in dq[f"{k}/weight_dequantize"].attribute}
              for k in ("up", "head")}
@@ -170,7 +170,7 @@ def test_generic_convs_take_float16_blocked_scales_that_onnxruntime_and_openvino
     cfg = dict(bits=4, act_bits=8, protect=0.0, protect_acts=0.0)
     q_pc, _ = onnxq.convert(m, onnxq.ConvertConfig(block=0, **cfg), calib=cal)
     q_b, rep = onnxq.convert(m, onnxq.ConvertConfig(**cfg), calib=cal)
-    assert {l.node: l.method for l in rep.quantized} == {"c3": "gptq (blocks of 32)", "c1": "gptq (blocks of 32)"}
+    assert {l.node: l.method for l in rep.quantized} == {"c3": "gptq (blocks of 32, zero points)", "c1": "gptq (blocks of 32, zero points)"}
     inits = {t.name: numpy_helper.to_array(t) for t in q_b.graph.initializer}
     assert inits["c3/weight_scale"].shape == (64, 2, 3, 3) and inits["c1/weight_scale"].shape == (32, 2, 1, 1)
     assert inits["c3/weight_scale"].dtype == np.float16 and inits["c3/weight_scale"].nbytes == 64 * 2 * 9 * 2
@@ -192,21 +192,22 @@ def test_generic_convs_take_float16_blocked_scales_that_onnxruntime_and_openvino
 
 
 def test_protect_budget_pays_for_the_blocks_first():
-    """--protect bounds the weights' growth over one scale per channel: blocked scales use part
-    of it (16-bit scales, one per 32 weights: +12.5% at 4 bits), layers at 8 bits the rest."""
+    """--protect bounds the weights' growth over one scale per channel: blocked scales and their
+    zero points use part of it (a 16-bit scale and a 4-bit zero point per 32 weights: +15.6% at 4
+    bits), layers at 8 bits the rest."""
     rng = np.random.default_rng(8)
     m, cal = conv_pair(rng), conv_feeds(rng, 16)
     for protect in (0.15, 0.5):
         q, rep = onnxq.convert(m, onnxq.ConvertConfig(bits=4, act_bits=8, protect=protect, protect_acts=0.0), calib=cal)
         per_channel = (64 * 64 * 9 + 32 * 64) / 2 + (64 + 32) * 4
-        blocks = (64 * 2 * 9 + 32 * 2) * 2 - (64 + 32) * 4
+        blocks = (64 * 2 * 9 + 32 * 2) * (2 + 0.5) - (64 + 32) * 4
         assert rep.protect.budget_bytes == pytest.approx(protect * per_channel - blocks)
         assert rep.protect.used_bytes <= rep.protect.budget_bytes
-    # Gemm/MatMul blocks are paid from the same budget: 32-bit scales, 4 a column of W1 [128, 96]
-    # and 3 a row of W2 [64, 96], against one a channel
+    # Gemm/MatMul blocks are paid from the same budget: 32-bit scales and 4-bit zero points, 4 a
+    # column of W1 [128, 96] and 3 a row of W2 [64, 96], against one scale a channel
     _, rep = onnxq.convert(mlp(rng), onnxq.ConvertConfig(bits=4, act_bits=32, protect=0.5), calib=feeds(rng, 8))
     per_channel = (K * H + O * H) / 2 + (H + O) * 4
-    blocks = (4 * H + 3 * O) * 4 - (H + O) * 4
+    blocks = (4 * H + 3 * O) * (4 + 0.5) - (H + O) * 4
     assert rep.protect.budget_bytes == pytest.approx(0.5 * per_channel - blocks)
 
 

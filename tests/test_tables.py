@@ -64,10 +64,13 @@ def test_ort_cpu_tables_and_4_bit_matmuls_use_onnxruntimes_kernels_with_the_same
     # 128 at 8 bits, INT4 at 4)
     table = _codes(q, "embed/weight_q") - (128 if bits == 8 else 0)
     assert np.array_equal(table, _codes(generic, "embed/weight_q"))
-    if bits == 4:        # 4-bit codes + 8, two to a byte, low nibble first, per output column
+    if bits == 4:        # 4-bit codes + their block's zero point, two to a byte, low nibble first, per output column
         packed = _codes(q, "proj/weight_q4")                      # [N, blocks, block / 2]
-        unpacked = np.stack([packed & 15, packed >> 4], -1).reshape(8, -1)[:, :64] - 8
-        assert np.array_equal(unpacked.T, _codes(generic, "proj/weight_q"))
+        zeros = _codes(q, "proj/weight_zero")                     # [N, blocks / 2]: 2 blocks of 32
+        unpacked = np.stack([packed & 15, packed >> 4], -1).reshape(8, 2, 32)
+        zero = np.stack([zeros & 15, zeros >> 4], -1).reshape(8, 2, 1)
+        assert np.array_equal((unpacked - zero).reshape(8, 64).T,         # the generic DQ's codes [K, N] less its zero points
+                              _codes(generic, "proj/weight_q") - np.repeat(_codes(generic, "proj/weight_zero"), 32, axis=0))
         assert not any(n.op_type == "QuantizeLinear" for n in q.graph.node)   # the kernel reads float
     f = {"ids": np.arange(49).reshape(7, 7)}
     ref = ort.InferenceSession(m.SerializeToString()).run(None, f)[0]

@@ -17,15 +17,27 @@ def weight_qmax(bits: int) -> int:
     return 2 ** (bits - 1) - 1
 
 
+def affine_params(lo: np.ndarray, hi: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """Scales and zero points of an unsigned `bits`-bit weight grid over [lo, hi] (widened to
+    contain 0). A weight's code relative to its zero point, c = clip(rint(w / s), -z, 2^b - 1 - z),
+    dequantizes as c * s, as a symmetric code does. -> (scales float64, zero points float64)."""
+    top = 2**bits - 1
+    lo, hi = np.minimum(lo, 0.0), np.maximum(hi, 0.0)
+    s = (hi - lo) / top
+    s = np.where(s > 0, s, 1.0).astype(np.float64)
+    return s, np.clip(np.rint(-lo / s), 0, top)
+
+
 def container_bits(bits: int) -> int:
     """Bits a weight of `bits` bits occupies in the file: 2- to 4-bit codes are stored in INT4
     containers, wider ones in INT8."""
     return 4 if bits <= 4 else 8
 
 
-def stored_bits(params: int, bits: int, n_scales: int, scale_bits: int = 32) -> int:
-    """Bits a quantized weight takes in the file: codes in their containers plus the scales."""
-    return params * container_bits(bits) + n_scales * scale_bits
+def stored_bits(params: int, bits: int, n_scales: int, scale_bits: int = 32, zero_points: bool = False) -> int:
+    """Bits a quantized weight takes in the file: codes in their containers plus the scales (and
+    one zero point in the codes' container per scale, when the grid is affine)."""
+    return params * container_bits(bits) + n_scales * (scale_bits + (container_bits(bits) if zero_points else 0))
 
 
 def act_qrange(bits: int, signed: bool) -> tuple[int, int]:

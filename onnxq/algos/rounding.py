@@ -57,15 +57,17 @@ def prepare_hessian(h: np.ndarray, damp: float = DEFAULT_DAMP, act_order: bool =
 
 def gptq_round(w: np.ndarray, scales: np.ndarray, bits: int, h: np.ndarray,
                damp: float = DEFAULT_DAMP, block: int = 128, act_order: bool = True,
-               prepared=None) -> np.ndarray:
+               prepared=None, bounds: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
     """Codes [O, K] (int32) for W [O, K] with fixed `scales`, per row [O] or per weight [O, K]
     (blocked scales expanded), and H [K, K] (`prepared`: prepare_hessian(h, damp, act_order),
-    when it is already known)."""
+    when it is already known). `bounds`: each code's (lowest, highest) [O, K] on an affine grid
+    (codes relative to the zero point); else the symmetric +-weight_qmax(bits)."""
     dead, perm, u = prepared if prepared is not None else prepare_hessian(h, damp, act_order)
     w = w.astype(np.float64).copy()
     o, k = w.shape
     w = w[:, perm]
     qm = weight_qmax(bits)
+    lo, hi = (np.full((o, k), -qm), np.full((o, k), qm)) if bounds is None else (b[:, perm] for b in bounds)
     s = scales.astype(np.float64)
     s = s[:, perm] if s.ndim == 2 else np.broadcast_to(s[:, None], (o, k))
     codes = np.zeros((o, k), dtype=np.int32)
@@ -76,7 +78,7 @@ def gptq_round(w: np.ndarray, scales: np.ndarray, bits: int, h: np.ndarray,
         ub = u[i1:i2, i1:i2]
         for j in range(i2 - i1):
             col, sc = wb[:, j], s[:, i1 + j]
-            q = np.clip(np.rint(col / sc), -qm, qm)
+            q = np.clip(np.rint(col / sc), lo[:, i1 + j], hi[:, i1 + j])
             codes[:, i1 + j] = q
             err = (col - q * sc) / ub[j, j]
             wb[:, j:] -= np.outer(err, ub[j, j:])

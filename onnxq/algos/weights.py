@@ -19,7 +19,7 @@ from typing import Callable
 import numpy as np
 
 from .grouped import MAX_K, gptq_groups, group_objective
-from .qmath import channel_scales, quantize, scales_of_amax, weight_qmax
+from .qmath import affine_params, channel_scales, quantize, scales_of_amax, weight_qmax
 from .rounding import DEFAULT_DAMP, gptq_round, prepare_hessian
 
 CLIP_GRID = np.linspace(0.30, 1.0, 36)
@@ -34,6 +34,7 @@ class WeightQuant:
     codes: np.ndarray   # [O, K] int32
     scales: np.ndarray  # [O] float64, [O, K / block] for blocked scales, [O, C / block, taps] for a conv's
     method: str         # the method actually used (after any fallback)
+    zero_points: np.ndarray | None = None   # an affine grid's, shaped as scales (codes are relative to them)
 
 
 def _codes(w: np.ndarray, scales: np.ndarray, bits: int) -> np.ndarray:
@@ -67,6 +68,28 @@ def _grid_search(w: np.ndarray, bits: int, loss: Callable[[np.ndarray], np.ndarr
         best_loss = np.where(better, l, best_loss)
         best = np.where(better, s, best)
     return best
+
+
+def _affine_search(w: np.ndarray, bits: int, loss: Callable[[np.ndarray], np.ndarray],
+                   grid: np.ndarray = CLIP_GRID) -> tuple[np.ndarray, np.ndarray]:
+    """Per-row best affine grid (both ends of [min, max] shrunk by one ratio from `grid`) under
+    `loss(err [..., O, K]) -> [..., O]`. -> (scales, zero points) [..., O]."""
+    lo, hi = w.min(axis=-1), w.max(axis=-1)
+    best_loss = np.full(lo.shape, np.inf)
+    best_s, best_z = affine_params(lo, hi, bits)
+    for r in grid:
+        s, z = affine_params(lo * r, hi * r, bits)
+        err = w - affine_codes(w, s, z, bits) * s[..., None]
+        l = loss(err)
+        better = l < best_loss
+        best_loss = np.where(better, l, best_loss)
+        best_s, best_z = np.where(better, s, best_s), np.where(better, z, best_z)
+    return best_s, best_z
+
+
+def affine_codes(w: np.ndarray, s: np.ndarray, z: np.ndarray, bits: int) -> np.ndarray:
+    """Codes of w [..., O, K] relative to the zero points: clip(rint(w / s), -z, 2^b - 1 - z)."""
+    return np.clip(np.rint(w / s[..., None]), -z[..., None], (2**bits - 1) - z[..., None])
 
 
 def mse(w: np.ndarray, bits: int, hessian: np.ndarray | None = None, floor: float = 0.0) -> WeightQuant:
@@ -108,35 +131,54 @@ WEIGHT_METHODS: dict[str, Callable[..., WeightQuant]] = {"rtn": rtn, "mse": mse,
 
 
 def blocked(method: str, w: np.ndarray, bits: int, hessian: np.ndarray | None, block: int,
-            damp: float = DEFAULT_DAMP) -> WeightQuant:
+            damp: float = DEFAULT_DAMP, affine: bool = False) -> WeightQuant:
     """One scale per run of `block` consecutive columns of W [O, K] (K a multiple of block):
     scales [O, K / block]. gptq: each block's clipping on its own part of the objective (H's
     diagonal block), then second-order rounding over the whole row with those scales fixed;
-    the other methods: each block quantized as a row of its own."""
+    the other methods: each block quantized as a row of its own. `affine`: each block's grid
+    spans its own [min, max] with a zero point (zero_points [O, K / block])."""
     o, k = w.shape
     nb = k // block
     if method != "gptq" or hessian is None:
+        if affine:
+            return _affine_rows(method, w, bits, block)
         q = WEIGHT_METHODS["rtn" if method == "rtn" else "mse"](w.reshape(o * nb, block), bits)
         return WeightQuant(q.codes.reshape(o, k), q.scales.reshape(o, nb),
                            q.method + ("" if method != "gptq" else " (no input statistics)"))
     h = hessian.astype(np.float64)
     hb = np.stack([h[i:i + block, i:i + block] for i in range(0, k, block)])            # [nb, block, block]
-    base = _grid_search(w.reshape(o, nb, block), bits, lambda e: np.einsum("obk,bkl,obl->ob", e, hb, e))
+    loss = lambda e: np.einsum("obk,bkl,obl->ob", e, hb, e)    # noqa: E731
+    wb = w.reshape(o, nb, block)
+    base, zeros = _affine_search(wb, bits, loss) if affine else (_grid_search(wb, bits, loss), None)
+    bounds = None if zeros is None else (-np.repeat(zeros, block, axis=1), np.repeat(2**bits - 1 - zeros, block, axis=1))
     best_err = np.full(o, np.inf)
     codes, scales = np.zeros(w.shape, dtype=np.int32), base.copy()
     prepared = prepare_hessian(h, damp)
     for f in GPTQ_SCALE_STARTS:
         s = base * f
         full = np.repeat(s, block, axis=1)
-        c = gptq_round(w, full, bits, h, damp=damp, prepared=prepared)
+        c = gptq_round(w, full, bits, h, damp=damp, prepared=prepared, bounds=bounds)
         err = row_errors(w - c * full, h)
         better = err < best_err
         codes[better], scales[better], best_err[better] = c[better], s[better], err[better]
-    return WeightQuant(codes, scales, "gptq")
+    return WeightQuant(codes, scales, "gptq", zeros)
+
+
+def _affine_rows(method: str, w: np.ndarray, bits: int, block: int) -> WeightQuant:
+    """Blocks of `block` columns on affine grids without input statistics: min-max (rtn) or the
+    clipping of least squared error."""
+    o, k = w.shape
+    rows = w.reshape(o * (k // block), block).astype(np.float64)
+    s, z = _affine_search(rows, bits, lambda e: np.einsum("ok,ok->o", e, e),
+                          CLIP_GRID[-1:] if method == "rtn" else CLIP_GRID)
+    codes = affine_codes(rows, s, z, bits).astype(np.int32)
+    name = "rtn" if method == "rtn" else "mse"
+    return WeightQuant(codes.reshape(o, k), s.reshape(o, -1), name + ("" if method != "gptq" else " (no input statistics)"),
+                       z.reshape(o, -1))
 
 
 def blocked_taps(method: str, w: np.ndarray, bits: int, hessian: np.ndarray | None, block: int, taps: int,
-                 damp: float = DEFAULT_DAMP) -> WeightQuant:
+                 damp: float = DEFAULT_DAMP, affine: bool = False) -> WeightQuant:
     """A conv's W [O, C * taps] (columns channel-major, as im2col reads them) with one scale per
     run of `block` input channels at each kernel tap: what a DequantizeLinear blocked along the
     weight's input-channel axis stores. The columns are put tap-major so each block is a run of
@@ -145,23 +187,25 @@ def blocked_taps(method: str, w: np.ndarray, bits: int, hessian: np.ndarray | No
     c = k // taps
     perm = np.arange(k).reshape(c, taps).T.reshape(-1)            # tap-major position -> column
     h = None if hessian is None else hessian[np.ix_(perm, perm)]
-    q = blocked(method, w[:, perm], bits, h, block, damp)
+    q = blocked(method, w[:, perm], bits, h, block, damp, affine)
     codes = np.empty_like(q.codes)
     codes[:, perm] = q.codes
-    return WeightQuant(codes, q.scales.reshape(o, taps, c // block).transpose(0, 2, 1), q.method)
+    per_tap = lambda a: None if a is None else a.reshape(o, taps, c // block).transpose(0, 2, 1)   # noqa: E731
+    return WeightQuant(codes, per_tap(q.scales), q.method, per_tap(q.zero_points))
 
 
 def quantize_weight(method: str, w: np.ndarray, bits: int, hessians: np.ndarray | None,
-                    groups: int = 1, damp: float = DEFAULT_DAMP, block: int = 0, taps: int = 0) -> WeightQuant:
+                    groups: int = 1, damp: float = DEFAULT_DAMP, block: int = 0, taps: int = 0,
+                    affine: bool = False) -> WeightQuant:
     """Apply `method` to W [O, K]; grouped layers pass hessians [G, K, K] and are done per group.
     `damp` is gptq's damping of H (the other methods have none). `block` > 0: blocked scales
     (ungrouped layers only); `taps` > 0: W is a conv's with that many kernel taps, blocked along
-    its input channels at each tap (blocked_taps)."""
+    its input channels at each tap (blocked_taps); `affine`: the blocks' grids take zero points."""
     if block:
         h = None if hessians is None else hessians[0]
         if taps:
-            return blocked_taps(method, w, bits, h, block, taps, damp)
-        return blocked(method, w, bits, h, block, damp)
+            return blocked_taps(method, w, bits, h, block, taps, damp, affine)
+        return blocked(method, w, bits, h, block, damp, affine)
     if method != "gptq" or hessians is None:      # rtn and mse treat every row alike, without H
         return WEIGHT_METHODS[method](w, bits, None)
     fn = partial(gptq, damp=damp)

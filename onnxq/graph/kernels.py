@@ -91,17 +91,25 @@ def matmul_nbits(g: onnx.GraphProto, node: onnx.NodeProto, lp: LayerPlan, bias: 
     if not (nbits_fits(t) and block) or (bias is None and has_c) or (bias is not None and np.asarray(bias).size != n):
         return False
     blocks = -(-k // block)
-    u = np.full((n, blocks * block), 8, np.uint8)       # codes + 8: the kernel's default zero point
-    u[:, :k] = (w + 8).astype(np.uint8)
-    u = u.reshape(n, blocks, block)
-    packed = (u[..., 0::2] | (u[..., 1::2] << 4)).astype(np.uint8)
+    # codes + their zero point: the plan's (affine blocks) or 8, the kernel's default
+    zeros = np.full((n, blocks), 8, np.uint8) if lp.zero_points is None else lp.zero_points.reshape(n, blocks).astype(np.uint8)
+    u = np.repeat(zeros, block, axis=1)                 # a padded tail dequantizes to 0
+    u[:, :k] = w + u[:, :k]
+    packed = _nibbles(u.reshape(n, blocks, block))
     pre = t.node
     ins = [node.input[0], add_initializer(g, f"{pre}/weight_q4", packed),
            add_initializer(g, f"{pre}/weight_scale", _block_scales(lp.scales, n, blocks))]
+    if lp.zero_points is not None:                      # 4-bit zero points, two to a byte per row
+        ins.append(add_initializer(g, f"{pre}/weight_zero", _nibbles(np.pad(zeros, ((0, 0), (0, blocks % 2))))))
     if bias is not None:
-        ins += ["", "", add_initializer(g, f"{pre}/bias", np.asarray(bias, np.float32).reshape(n))]
+        ins += [""] * (4 - len(ins) + 1) + [add_initializer(g, f"{pre}/bias", np.asarray(bias, np.float32).reshape(n))]
     _become(node, "MatMulNBits", ins, K=k, N=n, bits=4, block_size=block, accuracy_level=ACCURACY_LEVEL)
     return True
+
+
+def _nibbles(u: np.ndarray) -> np.ndarray:
+    """4-bit values [..., 2m] packed two to a byte along the last axis, low nibble first."""
+    return (u[..., 0::2] | (u[..., 1::2] << 4)).astype(np.uint8)
 
 
 def gather_blocks(g: onnx.GraphProto, node: onnx.NodeProto, lp: LayerPlan) -> bool:

@@ -23,10 +23,13 @@ from .prepare import prune_initializers
 from .walk import graph_by_path
 
 
-def weight_container(bits: int, op: str = "Conv", rules: Rules = RULES["generic"]):
-    """INT4 for 2-4-bit codes where the target's rules allow it, else INT8."""
+def weight_container(bits: int, op: str = "Conv", rules: Rules = RULES["generic"], unsigned: bool = False):
+    """INT4 for 2-4-bit codes where the target's rules allow it, else INT8 (UINT4 / UINT8 for
+    codes on affine grids, stored with their zero points added)."""
     int4 = rules.int4_conv if op in ("Conv", "ConvTranspose") else rules.int4_matmul
-    return ml_dtypes.int4 if container_bits(bits) == 4 and int4 else np.int8
+    if container_bits(bits) == 4 and int4:
+        return ml_dtypes.uint4 if unsigned else ml_dtypes.int4
+    return np.uint8 if unsigned else np.int8
 
 
 def act_container(a: ActQuant):
@@ -78,16 +81,20 @@ def _weight_nodes(g: onnx.GraphProto, lp: LayerPlan, coded: CodedBiases, rules: 
     bias, as_int32 = coded.float_bias, coded.layer
     if rules.ms_kernels and as_int32 is None and _ms_kernel(g, node, lp, bias, rules):
         return []
-    dt = weight_container(lp.bits, t.op, rules)
+    affine = lp.zero_points is not None and as_int32 is None
+    dt = weight_container(lp.bits, t.op, rules, affine)
     pre = t.node
     nodes = []
     codes, scales = (lp.codes, lp.scales) if as_int32 is None else (as_int32.codes, as_int32.scales)
-    q = add_initializer(g, f"{pre}/weight_q", codes.astype(dt))
+    zeros = lp.zero_points if affine else np.zeros(scales.shape, dtype=np.int8)
     if lp.block and t.weight_layout == "cols":     # scales [O, K / block] stored along the weight's [K, O]
-        scales = scales.T
+        scales, zeros = scales.T, zeros.T
+    if affine:                                     # codes are relative to their block's zero point
+        codes = codes.astype(np.int16) + np.repeat(zeros, lp.block, axis=lp.axis)
+    q = add_initializer(g, f"{pre}/weight_q", codes.astype(dt))
     half = lp.half_scales                          # float16 scales: the DQ's output is cast to float
     s = add_initializer(g, f"{pre}/weight_scale", scales.astype(np.float16 if half else np.float32))
-    z = add_initializer(g, f"{pre}/weight_zero", np.zeros(scales.shape, dtype=dt))
+    z = add_initializer(g, f"{pre}/weight_zero", zeros.astype(dt))
     blocked = {"block_size": lp.block} if lp.block else {}
     dq_out = f"{pre}/weight_dq16" if half else f"{pre}/weight_dq"
     nodes.append(helper.make_node("DequantizeLinear", [q, s, z], [dq_out],

@@ -70,15 +70,15 @@ def tap_moments(t: Target, ls: LayerStats) -> LayerStats:
 
 
 def _quantize(method: str, wm: np.ndarray, bits: int, h: np.ndarray | None, groups: int, damp: float,
-              block: int = 0, taps: int = 0):
+              block: int = 0, taps: int = 0, affine: bool = False):
     """quantize_weight, falling back to the statistics-free method when the statistics cannot be
     factorised (degenerate layers: every input dead or enormous)."""
     if h is not None and not np.all(np.isfinite(h)):
         h = None
     try:
-        return quantize_weight(method, wm, bits, h, groups, damp=damp, block=block, taps=taps)
+        return quantize_weight(method, wm, bits, h, groups, damp=damp, block=block, taps=taps, affine=affine)
     except np.linalg.LinAlgError:
-        q = quantize_weight("mse", wm, bits, None, groups, block=block, taps=taps)
+        q = quantize_weight("mse", wm, bits, None, groups, block=block, taps=taps, affine=affine)
         return dataclasses.replace(q, method="mse (input statistics unusable)")
 
 
@@ -106,6 +106,12 @@ def weight_block(t: Target, bits: int, cfg: ConvertConfig) -> int:
     return cfg.block
 
 
+def block_zero_points(block: int, cfg: ConvertConfig) -> bool:
+    """Whether a blocked layer's grids are affine, one zero point per block (--zero-points, where
+    the target's runtime takes them)."""
+    return bool(block) and cfg.zero_points and cfg.rules.zero_points
+
+
 def kernel_taps(t: Target) -> int:
     """Kernel positions of a conv's or transposed conv's weight [.., .., *kernel] (1 for 1x1)."""
     return int(np.prod(t.shape[2:]))
@@ -118,8 +124,14 @@ def per_channel_bytes(lp: LayerPlan, bits: int | None = None) -> float:
 
 
 def weight_bytes(lp: LayerPlan) -> float:
-    """What the layer's codes and scales take in the file."""
-    return stored_bits(lp.target.params, lp.bits, lp.scales.size, 16 if lp.half_scales else 32) / 8
+    """What the layer's codes, scales and zero points take in the file."""
+    return stored_bits(lp.target.params, lp.bits, lp.scales.size, 16 if lp.half_scales else 32,
+                       lp.zero_points is not None) / 8
+
+
+def block_suffix(block: int, affine: bool = False) -> str:
+    """What the report adds to a blocked layer's method."""
+    return f" (blocks of {block}{', zero points' if affine else ''})" if block else ""
 
 
 TABLE_BLOCK = 32   # embedding tables at <= 4 bits: one scale per 32 values of a row
@@ -140,7 +152,7 @@ def plan_table(t: Target, w: np.ndarray, cfg: ConvertConfig) -> LayerPlan:
     wq = blocked("mse", wm, bits, None, block) if block else mse(wm, bits, None,
                                                                  TABLE_CLIP_FLOOR_8BIT if bits >= 8 else 0.0)
     codes, scales = wq.codes, wq.scales
-    plan = LayerPlan(target=t, bits=bits, method=wq.method + (f" (blocks of {block})" if block else ""),
+    plan = LayerPlan(target=t, bits=bits, method=wq.method + block_suffix(block),
                      codes=codes.astype(np.int8), scales=scales, axis=1 if block else 0, bias=None,
                      note=note, block=block)
     plan.sqnr_db = sqnr_db(w, dequantize_rows(codes, scales))
@@ -171,28 +183,51 @@ def plan_layer(t: Target, w: np.ndarray, bias: np.ndarray | None, ls: LayerStats
     if ls is not None and ls.hessian is not None:
         fit = input_covariance(ls) if _bias_corrects(t, wm, bias, cfg) else ls.hessian
         h = regularized_hessian(fit, ls.rows)
-    block = weight_block(t, bits, cfg)
-    taps = kernel_taps(t) if block and t.op == "Conv" else 0
-    wq = _quantize(method, wm, bits, h, groups, cfg.damp, block, taps)
-    if half_scales(t, block):      # rounded to what the file stores (2^-11 relative)
-        wq = dataclasses.replace(wq, scales=wq.scales.astype(np.float16).astype(np.float64))
+    wq, block, taps, affine = _code(t, wm, bits, h, cfg, method)
     w_hat = dequantize_rows(wq.codes, wq.scales)
-    scales = wq.scales.reshape(wq.scales.shape[:2] + t.shape[2:]) if taps else wq.scales   # [O, C / block, *kernel]
-    plan = LayerPlan(target=t, bits=bits, method=wq.method + (f" (blocks of {block})" if block else ""),
-                     codes=from_matrix(wq.codes, t.weight_layout, t.shape).astype(np.int8),
-                     scales=scales, axis=BLOCK_AXIS[t.weight_layout] if block else AXIS[t.weight_layout],
-                     bias=None, note=note, source_bias=bias, block=block)
+    plan = LayerPlan(target=t, bits=bits, bias=None, note=note, source_bias=bias,
+                     **_coded_fields(t, wq, block, taps, affine))
     if ls is not None:
         plan.input_mean = ls.mean
     if h is not None:
         plan.fit_hessian = h
         plan.sqnr_db = _weighted_sqnr(wm, w_hat, h, groups)
-        r = quantize_weight("rtn", wm, bits, None, groups, block=block, taps=taps)      # plain rounding, same scale grid
+        r = quantize_weight("rtn", wm, bits, None, groups, block=block, taps=taps, affine=affine)   # plain rounding, same grid
         plan.sqnr_rtn_db = _weighted_sqnr(wm, dequantize_rows(r.codes, r.scales), h, groups)
     else:
         plan.sqnr_db = sqnr_db(wm, w_hat)
     plan.bias = corrected_bias(t, wm, w_hat, bias, ls, cfg, float_mean)
     return plan
+
+
+def _code(t: Target, wm: np.ndarray, bits: int, h: np.ndarray | None, cfg: ConvertConfig, method: str):
+    """A layer's codes and scales on its grid (blocks, taps, zero points as cfg and its target
+    allow), scales rounded to what the file stores. -> (WeightQuant, block, taps, affine)."""
+    block = weight_block(t, bits, cfg)
+    taps = kernel_taps(t) if block and t.op == "Conv" else 0
+    affine = block_zero_points(block, cfg)
+    wq = _quantize(method, wm, bits, h, t.row_groups, cfg.damp, block, taps, affine)
+    if half_scales(t, block):      # rounded to what the file stores (2^-11 relative)
+        wq = dataclasses.replace(wq, scales=wq.scales.astype(np.float16).astype(np.float64))
+    return wq, block, taps, affine
+
+
+def _coded_fields(t: Target, wq, block: int, taps: int, affine: bool) -> dict:
+    """The LayerPlan fields of a coded weight: codes in the weight's layout, scales (and zero
+    points) shaped as its DequantizeLinear reads them."""
+    per_tap = lambda a: a.reshape(a.shape[:2] + t.shape[2:]) if taps and a is not None else a   # noqa: E731
+    return dict(method=wq.method + block_suffix(block, affine), block=block,
+                codes=from_matrix(wq.codes, t.weight_layout, t.shape).astype(np.int8), scales=per_tap(wq.scales),
+                axis=BLOCK_AXIS[t.weight_layout] if block else AXIS[t.weight_layout],
+                zero_points=None if wq.zero_points is None else per_tap(wq.zero_points).astype(np.int8))
+
+
+def recoded(lp: LayerPlan, w: np.ndarray, h: np.ndarray, cfg: ConvertConfig) -> LayerPlan:
+    """`lp` with its weight W [O, K] coded again on H [G, K, K] at its bits and on its grid (a
+    shared weight on its readers' summed objective)."""
+    t = lp.target
+    wq, block, taps, affine = _code(t, w, lp.bits, h, cfg, cfg.weight_method_for(lp.bits, t.op, t.row_groups))
+    return dataclasses.replace(lp, **_coded_fields(t, wq, block, taps, affine))
 
 
 def plan_compensated(t: Target, w: np.ndarray, bias: np.ndarray | None, ps: PairedStats,

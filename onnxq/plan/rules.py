@@ -3,10 +3,11 @@ runtime wants, and the session options it runs the result with.
 
 generic   Q/DQ on the inputs of quantized layers only, read only by those layers; INT4 weights in
           INT4 containers, ungrouped convs' with one float16 scale per --block input channels at
-          each kernel tap; at 8 bits depthwise-conv inputs may be smoothed per channel. The
-          smallest file; runtimes that fuse input-side Q/DQ (TensorRT-style, OpenVINO for 8-bit
-          layers) run it fast. On onnxruntime's CPU provider it runs at FP32
-          speed with `session.disable_quant_qdq` (weights folded at load). At 8-bit
+          each kernel tap; blocked weights as UINT4 codes with a zero point per block (--zero-points);
+          at 8 bits depthwise-conv inputs may be smoothed per channel. The smallest file; runtimes
+          that fuse input-side Q/DQ (TensorRT-style, OpenVINO for 8-bit layers) run it fast. On
+          onnxruntime's CPU provider it runs at FP32 speed with `session.disable_quant_qdq`
+          (weights folded at load). At 8-bit
           activations the few whose rounding costs the network most may be int16 (--protect-acts).
 ort-cpu   full node units DQ -> op -> Q so onnxruntime's CPU provider fuses integer kernels
           (QLinearConv, QLinearMatMul, QLinearAdd, QLinearConcat, QLinearGlobalAveragePool, ...):
@@ -19,13 +20,14 @@ ort-cpu   full node units DQ -> op -> Q so onnxruntime's CPU provider fuses inte
           Scores that flow through no quantized layer into a Sigmoid/Softmax ahead of an output
           (a detector's class logits) get no output Q: the layers making them run in float.
           2- to 4-bit Gemm/MatMul weights become its 4-bit kernel MatMulNBits (com.microsoft:
-          onnxq's codes packed two to a byte, one scale per block of K; the input stays float and
-          the kernel quantizes it to int8 per block as it runs), and embedding tables its
-          GatherBlockQuantized (8 or 4 bits, dequantized rows gathered in one kernel).
+          onnxq's codes packed two to a byte, one scale and zero point per block of K; the input
+          stays float and the kernel quantizes it to int8 per block as it runs), and embedding
+          tables its GatherBlockQuantized (8 or 4 bits, dequantized rows gathered in one kernel).
 openvino  generic placement (OpenVINO's CPU plugin runs input-side Q/DQ convs as u8) with 2- to
-          4-bit conv weights in INT8 containers: INT4 conv weights make it fall back to bf16;
-          the graph simplified first as for ort-cpu (affine chains folded into convs, identity
-          Casts dropped, hard-swish fused).
+          4-bit conv weights in INT8 containers: INT4 conv weights make it fall back to bf16
+          (blocked Gemm/MatMul weights keep INT4 codes with zero points); the graph simplified
+          first as for ort-cpu (affine chains folded into convs, identity Casts dropped,
+          hard-swish fused).
 qnn       fully quantized graphs as NPU backends (Qualcomm's QNN HTP and the like) run them: every
           layer is a DQ -> op -> Q unit, Gemm/MatMul included, and so is every op the backend
           runs on quantized tensors (element-wise, pooling, activation, normalisation, resizing,
@@ -82,6 +84,7 @@ class Rules:
     blocked_weights: bool = False  # 2-4-bit Gemm/MatMul weights may take one scale per block of K (--block)
     blocked_convs: bool = False    # 2-4-bit ungrouped conv weights may take one scale per block of input
                                    # channels at each kernel tap (--block)
+    zero_points: bool = False      # blocked weights may sit on affine grids, a zero point per block (--zero-points)
     unit_ops: frozenset = UNIT_OPS       # layers whose output gets a Q (with output_units)
     fused_ops: frozenset = FUSED_OPS     # other ops quantized on both sides when their inputs are (output_units)
     float_decisions: bool = False        # no output-side Q ahead of an output's Sigmoid/Softmax (output_units)
@@ -93,16 +96,17 @@ class Rules:
 
 RULES: dict[str, Rules] = {
     "generic": Rules("generic", output_units=False, all_readers=False, int4_conv=True, int4_matmul=True,
-                     blocked_weights=True, blocked_convs=True, smooth_depthwise=True, wide_acts=True,
+                     blocked_weights=True, blocked_convs=True, zero_points=True, smooth_depthwise=True, wide_acts=True,
                      session_options={"session.disable_quant_qdq": "1"},
                      summary="Q/DQ on quantized layers' inputs; INT4 containers"),
     "ort-cpu": Rules("ort-cpu", output_units=True, all_readers=True, int4_conv=False, int4_matmul=False,
                      simplify=True, int4_weight_only=True, ms_kernels=True, blocked_weights=True,
-                     float_decisions=True,
+                     zero_points=True, float_decisions=True,
                      summary="full node units for onnxruntime's CPU integer kernels; u8/s8, int32 bias; "
                              "4-bit Gemm/MatMul as MatMulNBits, tables as GatherBlockQuantized"),
     "openvino": Rules("openvino", output_units=False, all_readers=False, int4_conv=False, int4_matmul=True,
-                      simplify=True, blocked_weights=True, session_options={"session.disable_quant_qdq": "1"},
+                      simplify=True, blocked_weights=True, zero_points=True,
+                      session_options={"session.disable_quant_qdq": "1"},
                       summary="Q/DQ on quantized layers' inputs; conv weights in INT8 containers"),
     "qnn": Rules("qnn", output_units=True, all_readers=True, int4_conv=True, int4_matmul=True,
                  simplify=True, unit_ops=frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"}),

@@ -2,8 +2,9 @@
 one set of codes and scales for all of them, so the file stores the weight once.
 
 Each reader was planned on its own input statistics, so their codes can differ. The codes kept
-are the readers' candidate that minimises the readers' summed output error, sum_m tr(E H_m E^T)
-(the plain weight error when a reader has no statistics); each reader then gets its bias
+are those that minimise the readers' summed output error, sum_m tr(E H_m E^T) (the plain weight
+error when a reader has no statistics), among each reader's own and, where every reader has
+statistics, the weight coded again on sum_m H_m; each reader then gets its bias
 corrected for those codes. Readers planned differently (other bits, a low-rank branch, input
 compensation, another layout) keep their own codes, and the report says why."""
 
@@ -19,7 +20,7 @@ from ..algos.metrics import sqnr_db
 from ..algos.weights import weighted_error
 from ..config import ConvertConfig
 from ..types import LayerPlan, LayerStats
-from .layers import _weighted_sqnr, corrected_bias
+from .layers import _weighted_sqnr, corrected_bias, recoded
 
 SHAREABLE_OPS = ("Conv", "Gemm", "MatMul", "Gather")
 
@@ -89,7 +90,8 @@ def _unify(idx: list[int], group: list[LayerPlan], layers: list[LayerPlan], weig
         def total(cand: LayerPlan) -> float:
             w_hat = dequantize_rows(to_matrix(cand.codes, layout), cand.scales)
             return sum(_error(lp, wm, w_hat, weighted) for lp in group)
-        best = min(group, key=lambda cand: (total(cand), cand.target.node))
+        cands = group + ([recoded(first, wm, sum(lp.fit_hessian for lp in group), cfg)] if weighted else [])
+        best = min(cands, key=lambda cand: (total(cand), cand is not first, cand.target.node))
     for i, lp in zip(idx, group):
         layers[i] = _adopt(lp, best, wm, stats.get(lp.target.node), cfg)
 
@@ -98,9 +100,10 @@ def _adopt(lp: LayerPlan, best: LayerPlan, wm: np.ndarray | None, ls: LayerStats
            cfg: ConvertConfig) -> LayerPlan:
     """`lp` with `best`'s codes and scales, its bias corrected for them and its SQNR re-estimated."""
     if best is lp or wm is None:
-        return dataclasses.replace(lp, codes=best.codes, scales=best.scales)
+        return dataclasses.replace(lp, codes=best.codes, scales=best.scales, zero_points=best.zero_points)
     t = lp.target
-    out = dataclasses.replace(lp, codes=best.codes, scales=best.scales, method=best.method)
+    out = dataclasses.replace(lp, codes=best.codes, scales=best.scales, zero_points=best.zero_points,
+                              method=best.method)
     w_hat = dequantize_rows(to_matrix(best.codes, t.weight_layout), best.scales)
     out.bias = corrected_bias(t, wm, w_hat, lp.source_bias, ls, cfg)
     out.sqnr_db = (_weighted_sqnr(wm, w_hat, lp.fit_hessian, t.row_groups) if lp.fit_hessian is not None
