@@ -315,9 +315,10 @@ def _preprocess_options(f):
               help="Quantize stage by stage, compensating the error earlier stages leave "
                    "(off by default: one pass measured better on the benchmark models).")
 @click.option("--stages", type=click.IntRange(min=1), default=3, show_default=True, help="Stages of sequential mode.")
-@click.option("--protect", type=click.FloatRange(0, 1), default=0.15, show_default=True,
+@click.option("--protect", type=click.FloatRange(0, 1), default=0.18, show_default=True,
               help="At 4 bits and below: how much larger (fraction) the weights may be than uniform low bits "
-                   "(one scale per output channel). The blocked scales of --block (convs, Gemm/MatMul) come "
+                   "(one scale per output channel). The blocked scales and zero points of --block (convs, "
+                   "Gemm/MatMul) come "
                    "first; what is left keeps the layers that harm the network most at 8 bits, only if that "
                    "helps on samples it was not chosen on.")
 @click.option("--no-protect", is_flag=True, help="Uniform low-bit weights (same as --protect 0).")

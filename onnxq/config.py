@@ -67,8 +67,9 @@ class ConvertConfig:
     bit_choices: tuple[int, ...] = (8, 4, 3, 2)
     search_evals: int = 120                # lapq: network-loss evaluations at most (det W4A4: ~1 s each)
     search_samples: int = 64               # lapq: samples the search fits (the next as many check it)
-    protect: float = 0.15                  # <= 4 bits: weight bytes (fraction) over uniform low bits for
-                                           # --block's blocked scales and layers kept at 8 bits (search/protect.py)
+    protect: float = 0.18                  # <= 4 bits: weight bytes (fraction) over uniform low bits for
+                                           # --block's blocked scales and zero points, then layers kept at
+                                           # 8 bits (search/protect.py; 0.18: docs/results.md, round 12)
     target: str = DEFAULT_TARGET           # emission rules of the runtime the model is for (plan/rules.py)
     quantize_attention: bool = False       # 8-bit Q/DQ on both inputs of MatMuls of two activations
     smooth: bool = True                    # per-channel smoothing of Gemm/MatMul/depthwise inputs where it pays
