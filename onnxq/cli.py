@@ -318,9 +318,8 @@ def _preprocess_options(f):
 @click.option("--protect", type=click.FloatRange(0, 1), default=0.18, show_default=True,
               help="At 4 bits and below: how much larger (fraction) the weights may be than uniform low bits "
                    "(one scale per output channel). The blocked scales and zero points of --block (convs, "
-                   "Gemm/MatMul) come "
-                   "first; what is left keeps the layers that harm the network most at 8 bits, only if that "
-                   "helps on samples it was not chosen on.")
+                   "Gemm/MatMul) come first; what is left keeps the layers that harm the network most at 8 "
+                   "bits, only if that helps on samples it was not chosen on.")
 @click.option("--no-protect", is_flag=True, help="Uniform low-bit weights (same as --protect 0).")
 @click.option("--protect-acts", type=click.FloatRange(0, 1), default=0.25, show_default=True,
               help="8-bit activations (generic target): the share of them that may be kept at 16 bits where "
@@ -359,8 +358,8 @@ def _preprocess_options(f):
                    "in --protect's budget. Measured: docs/results.md.")
 @click.option("--zero-points/--no-zero-points", default=True, show_default=True,
               help="Blocked weights (--block) on affine grids: each block's codes span its own [min, max], "
-                   "with a zero point (4 bits a block) beside its scale. Under --target generic and openvino; "
-                   "the other targets' kernels take symmetric weights.")
+                   "with a zero point (4 bits a block) beside its scale. Under --target generic and openvino, "
+                   "and inside ort-cpu's MatMulNBits; tensorrt and qnn keep symmetric weights.")
 @click.option("--no-smooth", is_flag=True,
               help="Leave Gemm/MatMul and depthwise-conv inputs as they are. By default a quantized input with "
                    "outlier channels (transformers; a depthwise conv after a BatchNorm or affine block) is divided "

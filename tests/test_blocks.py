@@ -111,16 +111,20 @@ def test_a_block_size_that_is_not_offered_is_refused():
 
 
 def test_openvino_runs_blocked_weights_like_onnxruntime(tmp_path):
-    ov = pytest.importorskip("openvino")
     rng = np.random.default_rng(4)
     m = mlp(rng)
     q, _ = onnxq.convert(m, onnxq.ConvertConfig(bits=4, act_bits=8, block=32, target="openvino"), calib=feeds(rng, 8))
-    path = tmp_path / "q.onnx"
-    onnxq.save(q, path)
     x = feeds(rng, 1)[0]["x"]
-    want = outputs(q, [{"x": x}], {"session.disable_quant_qdq": "1"})
+    assert openvino_sqnr(q, x, tmp_path, {"session.disable_quant_qdq": "1"}) > 30.0
+
+
+def openvino_sqnr(model, x: np.ndarray, tmp_path, options=None) -> float:
+    """SQNR of OpenVINO's CPU answer for input x against onnxruntime's (skips without openvino)."""
+    ov = pytest.importorskip("openvino")
+    path = tmp_path / "q.onnx"
+    onnxq.save(model, path)
     compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
-    assert sqnr_db(want, compiled(x)[compiled.output(0)]) > 30.0
+    return sqnr_db(outputs(model, [{"x": x}], options), compiled(x)[compiled.output(0)])
 
 
 def conv_pair(rng, c=64):
@@ -183,12 +187,7 @@ def test_generic_convs_take_float16_blocked_scales_that_onnxruntime_and_openvino
         assert nodes[layer].input[1] == f"{layer}/weight_dq"
     ref = outputs(m, held)
     assert sqnr_db(ref, outputs(q_b, held)) > sqnr_db(ref, outputs(q_pc, held)) + 1.0
-    ov = pytest.importorskip("openvino")
-    path = tmp_path / "q.onnx"
-    onnxq.save(q_b, path)
-    compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
-    x = held[0]["x"]
-    assert sqnr_db(outputs(q_b, [{"x": x}]), compiled(x)[compiled.output(0)]) > 30.0
+    assert openvino_sqnr(q_b, held[0]["x"], tmp_path) > 30.0
 
 
 def test_protect_budget_pays_for_the_blocks_first():

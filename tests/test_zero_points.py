@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import onnx
 from onnx import numpy_helper
-from test_blocks import conv_feeds, conv_pair, feeds, mlp, outputs
+from test_blocks import conv_feeds, conv_pair, feeds, mlp, openvino_sqnr, outputs
 
 import onnxq
 from onnxq.algos.matrix import dequantize_rows
@@ -98,12 +98,7 @@ def test_generic_emits_unsigned_codes_with_zero_points_that_runtimes_run(tmp_pat
         np.testing.assert_allclose(outputs(q, held), outputs(same, held), rtol=1e-4, atol=1e-4)
         ref = outputs(m, held)
         assert sqnr_db(ref, outputs(q, held)) > sqnr_db(ref, outputs(q_sym, held))
-    ov = pytest.importorskip("openvino")
-    path = tmp_path / "q.onnx"
-    onnxq.save(q, path)
-    compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
-    x = held[0]["x"]
-    assert sqnr_db(outputs(q, [{"x": x}]), compiled(x)[compiled.output(0)]) > 30.0
+    assert openvino_sqnr(q, held[0]["x"], tmp_path) > 30.0
 
 
 @pytest.mark.parametrize("target", ["tensorrt", "qnn"])
