@@ -18,7 +18,8 @@ from onnxq.algos.weights import blocked, blocked_taps, weighted_error
 def skewed(rng, o=48, k=256):
     """Rows whose blocks are lopsided (a shifted, heavy-tailed half), as trained filters often are."""
     w = rng.standard_normal((o, k)) * np.exp(rng.standard_normal((1, k)) * 0.5)
-    return w + 0.8 * np.abs(rng.standard_normal((o, k))) * (rng.random((o, k // 32, 1)) < 0.5).repeat(32, axis=2).reshape(o, k)
+    lopsided = (rng.random((o, k // 32, 1)) < 0.5).repeat(32, axis=2).reshape(o, k)     # half the blocks
+    return w + 0.8 * np.abs(rng.standard_normal((o, k))) * lopsided
 
 
 def test_affine_params_cover_the_range_and_keep_zero_exact():

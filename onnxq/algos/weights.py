@@ -150,7 +150,9 @@ def blocked(method: str, w: np.ndarray, bits: int, hessian: np.ndarray | None, b
     loss = lambda e: np.einsum("obk,bkl,obl->ob", e, hb, e)    # noqa: E731
     wb = w.reshape(o, nb, block)
     base, zeros = _affine_search(wb, bits, loss) if affine else (_grid_search(wb, bits, loss), None)
-    bounds = None if zeros is None else (-np.repeat(zeros, block, axis=1), np.repeat(2**bits - 1 - zeros, block, axis=1))
+    bounds = None
+    if zeros is not None:                      # each code between its block's -z and 2^b - 1 - z
+        bounds = (-np.repeat(zeros, block, axis=1), np.repeat(2**bits - 1 - zeros, block, axis=1))
     best_err = np.full(o, np.inf)
     codes, scales = np.zeros(w.shape, dtype=np.int32), base.copy()
     prepared = prepare_hessian(h, damp)
@@ -172,9 +174,8 @@ def _affine_rows(method: str, w: np.ndarray, bits: int, block: int) -> WeightQua
     s, z = _affine_search(rows, bits, lambda e: np.einsum("ok,ok->o", e, e),
                           CLIP_GRID[-1:] if method == "rtn" else CLIP_GRID)
     codes = affine_codes(rows, s, z, bits).astype(np.int32)
-    name = "rtn" if method == "rtn" else "mse"
-    return WeightQuant(codes.reshape(o, k), s.reshape(o, -1), name + ("" if method != "gptq" else " (no input statistics)"),
-                       z.reshape(o, -1))
+    name = "rtn" if method == "rtn" else "mse" + ("" if method != "gptq" else " (no input statistics)")
+    return WeightQuant(codes.reshape(o, k), s.reshape(o, -1), name, z.reshape(o, -1))
 
 
 def blocked_taps(method: str, w: np.ndarray, bits: int, hessian: np.ndarray | None, block: int, taps: int,

@@ -92,7 +92,8 @@ def matmul_nbits(g: onnx.GraphProto, node: onnx.NodeProto, lp: LayerPlan, bias: 
         return False
     blocks = -(-k // block)
     # codes + their zero point: the plan's (affine blocks) or 8, the kernel's default
-    zeros = np.full((n, blocks), 8, np.uint8) if lp.zero_points is None else lp.zero_points.reshape(n, blocks).astype(np.uint8)
+    zeros = (np.full((n, blocks), 8, np.uint8) if lp.zero_points is None
+             else lp.zero_points.reshape(n, blocks).astype(np.uint8))
     u = np.repeat(zeros, block, axis=1)                 # a padded tail dequantizes to 0
     u[:, :k] = w + u[:, :k]
     packed = _nibbles(u.reshape(n, blocks, block))

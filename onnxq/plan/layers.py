@@ -192,7 +192,8 @@ def plan_layer(t: Target, w: np.ndarray, bias: np.ndarray | None, ls: LayerStats
     if h is not None:
         plan.fit_hessian = h
         plan.sqnr_db = _weighted_sqnr(wm, w_hat, h, groups)
-        r = quantize_weight("rtn", wm, bits, None, groups, block=block, taps=taps, affine=affine)   # plain rounding, same grid
+        # plain rounding on the same grid
+        r = quantize_weight("rtn", wm, bits, None, groups, block=block, taps=taps, affine=affine)
         plan.sqnr_rtn_db = _weighted_sqnr(wm, dequantize_rows(r.codes, r.scales), h, groups)
     else:
         plan.sqnr_db = sqnr_db(wm, w_hat)
