@@ -67,7 +67,7 @@ def gptq_round(w: np.ndarray, scales: np.ndarray, bits: int, h: np.ndarray,
     o, k = w.shape
     w = w[:, perm]
     qm = weight_qmax(bits)
-    lo, hi = (np.full((o, k), -qm), np.full((o, k), qm)) if bounds is None else (b[:, perm] for b in bounds)
+    lo, hi = (None, None) if bounds is None else (b[:, perm] for b in bounds)
     s = scales.astype(np.float64)
     s = s[:, perm] if s.ndim == 2 else np.broadcast_to(s[:, None], (o, k))
     codes = np.zeros((o, k), dtype=np.int32)
@@ -78,7 +78,8 @@ def gptq_round(w: np.ndarray, scales: np.ndarray, bits: int, h: np.ndarray,
         ub = u[i1:i2, i1:i2]
         for j in range(i2 - i1):
             col, sc = wb[:, j], s[:, i1 + j]
-            q = np.clip(np.rint(col / sc), lo[:, i1 + j], hi[:, i1 + j])
+            low, high = (-qm, qm) if lo is None else (lo[:, i1 + j], hi[:, i1 + j])
+            q = np.clip(np.rint(col / sc), low, high)
             codes[:, i1 + j] = q
             err = (col - q * sc) / ub[j, j]
             wb[:, j:] -= np.outer(err, ub[j, j:])

@@ -186,7 +186,7 @@ def plan_layer(t: Target, w: np.ndarray, bias: np.ndarray | None, ls: LayerStats
     wq, block, taps, affine = _code(t, wm, bits, h, cfg, method)
     w_hat = dequantize_rows(wq.codes, wq.scales)
     plan = LayerPlan(target=t, bits=bits, bias=None, note=note, source_bias=bias,
-                     **_coded_fields(t, wq, block, taps, affine))
+                     **_coded_fields(t, wq, block, taps))
     if ls is not None:
         plan.input_mean = ls.mean
     if h is not None:
@@ -213,11 +213,11 @@ def _code(t: Target, wm: np.ndarray, bits: int, h: np.ndarray | None, cfg: Conve
     return wq, block, taps, affine
 
 
-def _coded_fields(t: Target, wq, block: int, taps: int, affine: bool) -> dict:
+def _coded_fields(t: Target, wq, block: int, taps: int) -> dict:
     """The LayerPlan fields of a coded weight: codes in the weight's layout, scales (and zero
     points) shaped as its DequantizeLinear reads them."""
     per_tap = lambda a: a.reshape(a.shape[:2] + t.shape[2:]) if taps and a is not None else a   # noqa: E731
-    return dict(method=wq.method + block_suffix(block, affine), block=block,
+    return dict(method=wq.method + block_suffix(block, wq.zero_points is not None), block=block,
                 codes=from_matrix(wq.codes, t.weight_layout, t.shape).astype(np.int8), scales=per_tap(wq.scales),
                 axis=BLOCK_AXIS[t.weight_layout] if block else AXIS[t.weight_layout],
                 zero_points=None if wq.zero_points is None else per_tap(wq.zero_points).astype(np.int8))
@@ -227,8 +227,8 @@ def recoded(lp: LayerPlan, w: np.ndarray, h: np.ndarray, cfg: ConvertConfig) -> 
     """`lp` with its weight W [O, K] coded again on H [G, K, K] at its bits and on its grid (a
     shared weight on its readers' summed objective)."""
     t = lp.target
-    wq, block, taps, affine = _code(t, w, lp.bits, h, cfg, cfg.weight_method_for(lp.bits, t.op, t.row_groups))
-    return dataclasses.replace(lp, **_coded_fields(t, wq, block, taps, affine))
+    wq, block, taps, _ = _code(t, w, lp.bits, h, cfg, cfg.weight_method_for(lp.bits, t.op, t.row_groups))
+    return dataclasses.replace(lp, **_coded_fields(t, wq, block, taps))
 
 
 def plan_compensated(t: Target, w: np.ndarray, bias: np.ndarray | None, ps: PairedStats,
