@@ -91,6 +91,7 @@ def convert(model: "str | os.PathLike | onnx.ModelProto", config: ConvertConfig 
         plan(c, progress)
         search(c, progress)
         widen(c, progress)
+        reconstruct(c, progress)
         rewrite(c)
     with c.timed("verify"):
         verify(c)
@@ -286,9 +287,6 @@ def plan(c: Conversion, progress: Progress | None) -> None:
     if c.cfg.mixed:
         choose_mixed(c, progress)
     layers = None
-    if c.cfg.sequential_on and any(t.act for t in c.targets):
-        layers = sequential_layers(c.prepared, c.targets, c.calib, c.stats, c.weights, c.biases, c.cfg,
-                                   progress)
     act_plan = plan_acts(c.stats.acts, c.cfg, c.placement.tied)
     probes = c.cfg.protect_on or c.cfg.rounding_choice
     # weights on disk: planned without the network probes, whether or not calibration was chunked
@@ -402,6 +400,15 @@ def widen(c: Conversion, progress: Progress | None) -> None:
         return
     c.plan.acts = tie(acts, c.placement.tied)
     log.info(f"activations kept at 16 bits: {len(c.wide.widened)} of {c.wide.tensors}")
+
+
+def reconstruct(c: Conversion, progress: Progress | None) -> None:
+    """Sequential mode, once the activations' ranges and widths are final: the layers coded again
+    stage by stage on the input they really receive (search/sequential.py)."""
+    if not c.cfg.sequential_on or c.early or c.cfg.rank_budget > 0 or not any(t.act for t in c.targets):
+        return
+    cfg = c.cfg if c.rounding is None else dataclasses.replace(c.cfg, weight_method=c.rounding.chosen)
+    c.plan.layers = sequential_layers(c.prepared, c.plan, c.calib, c.weights, c.biases, cfg, progress)
 
 
 def rewrite(c: Conversion) -> None:

@@ -177,9 +177,9 @@ class ConvertConfig:
 
     @property
     def protect_on(self) -> bool:
-        """Protection applies to uniform low-bit conversions (mixed precision and the sequential
-        mode choose or plan bits their own way)."""
-        return self.protect > 0 and self.bits < 8 and not self.mixed and not self.sequential_on
+        """Protection applies to uniform low-bit conversions (mixed precision chooses bits its own
+        way)."""
+        return self.protect > 0 and self.bits < 8 and not self.mixed
 
     @property
     def protect_acts_on(self) -> bool:
@@ -190,7 +190,7 @@ class ConvertConfig:
     def rounding_choice(self) -> bool:
         """--weight-method auto: low-bit layers planned by each candidate method, the one the
         network prefers kept (api.low_bits)."""
-        return self.weight_method == "auto" and self.bits < 8 and not self.mixed and not self.sequential_on
+        return self.weight_method == "auto" and self.bits < 8 and not self.mixed
 
     @property
     def quantize_acts(self) -> bool:

@@ -122,11 +122,22 @@ class LayerStats:
 class PairedStats:
     """Statistics for input-error compensation (sequential mode): the quantized model's input
     x^ (hessian = E[x^ x^T], mean = E[x^]) against the FP32 input x (cross = E[x x^T],
-    fp_mean = E[x]). [G, K, K] / [G, K]."""
+    fp_mean = E[x]). [G, K, K] / [G, K]. `halves`: the same from two disjoint halves of the
+    samples, so a fit on one can be judged on the other."""
 
     quant: LayerStats
     cross: np.ndarray
     fp_mean: np.ndarray
+    halves: "tuple[PairedStats, PairedStats] | None" = None
+
+    @staticmethod
+    def merged(a: "PairedStats", b: "PairedStats") -> "PairedStats":
+        """The statistics of a's and b's rows together, with a and b as its halves."""
+        wa, wb = a.quant.rows / (a.quant.rows + b.quant.rows), b.quant.rows / (a.quant.rows + b.quant.rows)
+        mix = lambda x, y: wa * x + wb * y   # noqa: E731
+        quant = LayerStats(mix(a.quant.hessian, b.quant.hessian), mix(a.quant.mean, b.quant.mean),
+                           a.quant.rows + b.quant.rows)
+        return PairedStats(quant, mix(a.cross, b.cross), mix(a.fp_mean, b.fp_mean), (a, b))
 
 
 @dataclass

@@ -152,11 +152,28 @@ def test_sequential_compensates_stage_first_layers_and_stays_close(feeds):
     m = conv_zoo(np.random.default_rng(0))
     q, rep = onnxq.convert(m, onnxq.ConvertConfig(bits=4, sequential=True, stages=4), calib=feeds())
     methods = [l.method for l in rep.quantized]
-    assert any(x.endswith("+compensated") for x in methods)
-    assert not methods[0].endswith("+compensated")            # stage 0 has no quantized upstream
+    assert any("+compensated" in x for x in methods)
+    assert "+compensated" in methods[0]       # stage 0: fitted to its own input's QDQ
     convt = next(l for l in rep.quantized if l.op == "ConvTranspose")
     assert convt.method == "gptq"          # rounded on its FP32 statistics spread over the taps
     assert rep.fidelity.cosine > 0.99
+
+
+def test_sequential_compensates_only_layers_with_enough_rows_for_their_inputs():
+    """V = W C Hq^-1 needs rows well beyond the layer's inputs K (search/sequential.FIT_ROWS): with
+    80 one-row samples the K = 64 layer keeps its one-pass codes, the K = 16 layer is fitted."""
+    from onnxq.search.sequential import FIT_ROWS
+    rng = np.random.default_rng(0)
+    inits = {"w1": (rng.standard_normal((64, 16)) * 0.2).astype(np.float32),
+             "w2": (rng.standard_normal((16, 8)) * 0.3).astype(np.float32)}
+    m = make_model([helper.make_node("Gemm", ["x", "w1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+                    helper.make_node("Gemm", ["r", "w2"], ["y"])],
+                   [vi("x", ["N", 64])], [vi("y", ["N", 8])], inits)
+    cal = [{"x": rng.standard_normal((1, 64)).astype(np.float32)} for _ in range(80)]
+    assert 16 * FIT_ROWS <= 80 < 64 * FIT_ROWS
+    _, rep = onnxq.convert(m, onnxq.ConvertConfig(bits=4, sequential=True, stages=2, protect=0), calib=cal)
+    first, second = rep.quantized
+    assert "+compensated" not in first.method and "+compensated" in second.method
 
 
 @pytest.mark.parametrize("abits", [4, 6])

@@ -54,8 +54,7 @@ def test_a_chosen_weight_method_is_not_second_guessed(pair):
     assert rep.rounding is None is default.rounding and all(l.method in ("rtn", "mse") for l in rep.quantized)
 
 
-@pytest.mark.parametrize("cfg", [dict(bits=8), dict(bits=4, protect=0), dict(bits=4, avg_bits=4.5),
-                                 dict(bits=4, sequential=True, stages=2)])
+@pytest.mark.parametrize("cfg", [dict(bits=8), dict(bits=4, protect=0), dict(bits=4, avg_bits=4.5)])
 def test_no_protection_at_8_bits_when_off_or_when_bits_are_chosen_otherwise(cfg):
     _, rep = convert(**cfg)
     assert rep.protect is None
@@ -83,3 +82,13 @@ def test_nothing_to_protect_converts_and_says_so_in_the_log(caplog):
         _, rep = convert(bits=4, bits_overrides=(("*", 8),))
     assert {l.bits for l in rep.quantized} == {8} and rep.protect is None
     assert any("activation ranges" in r.message for r in caplog.records)
+
+
+def test_sequential_mode_codes_again_the_layers_protection_chose(pair):
+    """Sequential mode starts from the one-pass plan, protected layers included: it changes codes,
+    never bits."""
+    (_, rep), _ = pair
+    _, seq = convert(bits=4, sequential=True, stages=2)
+    assert seq.protect is not None and seq.protect.protected == rep.protect.protected
+    assert {l.node: l.bits for l in seq.quantized} == {l.node: l.bits for l in rep.quantized}
+    assert any("+compensated" in l.method for l in seq.quantized)

@@ -174,9 +174,10 @@ def collect_paired(reference: "onnx.ModelProto", partial: "onnx.ModelProto", tar
     if not targets:
         return {}
     ref, part = Router(reference, wanted), Router(partial, wanted)
-    moments = {t.node: CrossMoment(t.row_groups, _k(t)) for t in targets}
+    # two halves of the samples (alternating), so a compensation fitted on one is judged on the other
+    moments = {t.node: (CrossMoment(t.row_groups, _k(t)), CrossMoment(t.row_groups, _k(t))) for t in targets}
     rng = np.random.default_rng(seed)
-    for load in loaders:
+    for i, load in enumerate(loaders):
         feed = load()
         xf, xq = ref.run(feed), part.run(feed)
         for t in targets:
@@ -188,10 +189,16 @@ def collect_paired(reference: "onnx.ModelProto", partial: "onnx.ModelProto", tar
                 lo, hi = act_qrange(q.bits, q.signed)
                 b = fake_quant(b, q.scale, q.zero_point, lo, hi).astype(np.float32)
             pick = int(rng.integers(2**31))           # the same positions in both
-            moments[t.node].update(layer_rows(a, t, rows_per_sample, np.random.default_rng(pick)),
-                                   layer_rows(b, t, rows_per_sample, np.random.default_rng(pick)))
+            moments[t.node][i % 2].update(layer_rows(a, t, rows_per_sample, np.random.default_rng(pick)),
+                                          layer_rows(b, t, rows_per_sample, np.random.default_rng(pick)))
     out = {}
-    for node, m in moments.items():
-        if m.n:
-            out[node] = PairedStats(LayerStats(m.hq.hessian, m.hq.mean, m.n), m.c / m.n, m.s_fp / m.n)
+    for node, (ma, mb) in moments.items():
+        if ma.n and mb.n:
+            out[node] = PairedStats.merged(_paired(ma), _paired(mb))
+        elif ma.n:
+            out[node] = _paired(ma)
     return out
+
+
+def _paired(m: CrossMoment) -> PairedStats:
+    return PairedStats(LayerStats(m.hq.hessian, m.hq.mean, m.n), m.c / m.n, m.s_fp / m.n)

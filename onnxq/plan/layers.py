@@ -232,40 +232,70 @@ def recoded(lp: LayerPlan, w: np.ndarray, h: np.ndarray, cfg: ConvertConfig) -> 
 
 
 def plan_compensated(t: Target, w: np.ndarray, bias: np.ndarray | None, ps: PairedStats,
-                     cfg: ConvertConfig) -> LayerPlan:
+                     cfg: ConvertConfig, bits: int | None = None, note: str | None = None) -> LayerPlan:
     """Quantize a layer so that its output on the input it really receives, x^, matches the FP32
     layer on the FP32 input x: V = W C Hq^-1 (least squares, C = E[x x^'], Hq = E[x^ x^']) is
-    the best float weight for x^, then V is rounded on Hq; the bias takes the mean difference.
-    When the bias is corrected, C and Hq are taken about the means (covariances), as in
-    plan_layer: the bias cancels what the means would add."""
-    bits, note = cfg.bits_for(t.node, t.depthwise)
-    method = cfg.weight_method_for(bits, t.op, t.row_groups)
+    the best float weight for x^, then V is coded on Hq on the layer's grid (blocks, zero points
+    as plan_layer would) at `bits` (default: cfg's for the layer); the bias takes the mean
+    difference. When the bias is corrected, C and Hq are taken about the means (covariances), as
+    in plan_layer: the bias cancels what the means would add."""
+    own_bits, own_note = cfg.bits_for(t.node, t.depthwise)
+    bits, note = bits or own_bits, own_note if note is None else note
     wm = to_matrix(w, t.weight_layout).astype(np.float64)               # [O, K]
-    groups = t.row_groups
-    rows = wm.shape[0] // groups
-    hq, cross = ps.quant.hessian, ps.cross
     centred = _bias_corrects(t, wm, bias, cfg)
-    if centred:   # the bias takes the mean difference, so fit and round on the covariances
-        hq = _about_means(hq, ps.quant.mean)
-        cross = _about_means(cross, ps.fp_mean, ps.quant.mean)
-    hq = regularized_hessian(hq, ps.quant.rows)
-    cross = regularized_hessian(cross, ps.quant.rows)       # same shrinkage: x^ = x gives V = W
-    k = hq.shape[-1]
-    ridge = COMPENSATION_RIDGE * np.maximum(np.einsum("gkk->g", hq) / k, 1e-12)
-    v = np.concatenate([np.linalg.solve(hq[g] + ridge[g] * np.eye(k),
-                                        cross[g].T @ wm[g * rows:(g + 1) * rows].T).T
-                        for g in range(groups)])
-    wq = quantize_weight(method, v, bits, hq, groups, damp=cfg.damp)
-    w_hat = wq.codes * wq.scales[:, None]
-    plan = LayerPlan(target=t, bits=bits, method=f"{wq.method}+compensated",
-                     codes=from_matrix(wq.codes, t.weight_layout, t.shape).astype(np.int8),
-                     scales=wq.scales, axis=AXIS[t.weight_layout], bias=None, note=note,
-                     source_bias=bias)
-    plan.sqnr_db = _weighted_sqnr(v, w_hat, hq, groups)
+    hq, cross = _paired_moments(ps, centred)
+    share = _held_out_share(wm, ps, centred, t.row_groups)
+    v = wm + share * (_compensated_weight(wm, hq, cross, t.row_groups) - wm)
+    wq, block, taps, _ = _code(t, v, bits, hq, cfg, cfg.weight_method_for(bits, t.op, t.row_groups))
+    w_hat = dequantize_rows(wq.codes, wq.scales)
+    plan = LayerPlan(target=t, bits=bits, bias=None, note=note, source_bias=bias,
+                     **_coded_fields(t, wq, block, taps))
+    plan.method += f"+compensated ({share:.0%})"
+    plan.sqnr_db = _weighted_sqnr(v, w_hat, hq, t.row_groups)
     plan.fit_target, plan.fit_hessian, plan.input_mean = v, hq, ps.quant.mean
     if centred:
         plan.bias = mean_shift_bias(bias, w_hat, ps.quant.mean, wm, ps.fp_mean)
     return plan
+
+
+def _paired_moments(ps: PairedStats, centred: bool, shrink: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """(Hq, C) of the compensation: about the means when the bias takes the mean difference;
+    with `shrink`, both shrunk toward their diagonals alike (x^ = x still gives V = W)."""
+    hq, cross = ps.quant.hessian, ps.cross
+    if centred:
+        hq = _about_means(hq, ps.quant.mean)
+        cross = _about_means(cross, ps.fp_mean, ps.quant.mean)
+    if shrink:
+        hq, cross = regularized_hessian(hq, ps.quant.rows), regularized_hessian(cross, ps.quant.rows)
+    return hq, cross
+
+
+def _held_out_share(wm: np.ndarray, ps: PairedStats, centred: bool, groups: int) -> float:
+    """The share of the compensation D = V - W to apply: D fitted on one half of the samples, the
+    output error E||W x - (W + g D) x^||^2 on the other half is least at
+    g = (tr(W C D') - tr(W Hq D')) / tr(D Hq D'); both ways summed, clipped to [0, 1]. Where the
+    upstream error is mostly noise the fit finds spurious correlations and g goes to 0
+    (docs/experiments/weights.md, "Sequential mode"). Without halves, all of it."""
+    if ps.halves is None:
+        return 1.0
+    num = den = 0.0
+    w3 = wm.reshape(groups, -1, wm.shape[1])
+    for fit, check in (ps.halves, ps.halves[::-1]):
+        hq, cross = _paired_moments(fit, centred)
+        d = (_compensated_weight(wm, hq, cross, groups) - wm).reshape(w3.shape)
+        hq, cross = _paired_moments(check, centred, shrink=False)
+        num += float(np.sum((w3 @ cross - w3 @ hq) * d))
+        den += float(np.sum((d @ hq) * d))
+    return float(np.clip(num / den, 0.0, 1.0)) if den > 0 else 0.0
+
+
+def _compensated_weight(wm: np.ndarray, hq: np.ndarray, cross: np.ndarray, groups: int) -> np.ndarray:
+    """V = W C Hq^-1 per row group, with a small ridge on Hq."""
+    k, rows = hq.shape[-1], wm.shape[0] // groups
+    ridge = COMPENSATION_RIDGE * np.maximum(np.einsum("gkk->g", hq) / k, 1e-12)
+    return np.concatenate([np.linalg.solve(hq[g] + ridge[g] * np.eye(k),
+                                           cross[g].T @ wm[g * rows:(g + 1) * rows].T).T
+                           for g in range(groups)])
 
 
 def corrected_bias(t: Target, wm: np.ndarray, w_eff: np.ndarray, bias: np.ndarray | None,
