@@ -405,7 +405,10 @@ def widen(c: Conversion, progress: Progress | None) -> None:
 def reconstruct(c: Conversion, progress: Progress | None) -> None:
     """Sequential mode, once the activations' ranges and widths are final: the layers coded again
     stage by stage on the input they really receive (search/sequential.py)."""
-    if not c.cfg.sequential_on or c.early or c.cfg.rank_budget > 0 or not any(t.act for t in c.targets):
+    if not c.cfg.sequential_on or c.early or not any(t.act for t in c.targets):
+        return
+    if c.cfg.rank_budget > 0:
+        c.warn("sequential mode skipped: the low-rank branches are fitted to the one-pass codes")
         return
     cfg = c.cfg if c.rounding is None else dataclasses.replace(c.cfg, weight_method=c.rounding.chosen)
     c.plan.layers = sequential_layers(c.prepared, c.plan, c.calib, c.weights, c.biases, cfg, progress)

@@ -160,3 +160,32 @@ def test_grouped_second_order_rounding_equals_the_per_group_loop(groups, rows, k
         codes, scales = q.codes, q.scales
         np.testing.assert_array_equal(codes, np.concatenate([p.codes for p in per]))
         np.testing.assert_array_equal(scales, np.concatenate([p.scales for p in per]))
+
+
+def _paired_half(x, xq):
+    from onnxq.types import LayerStats, PairedStats
+    n = len(x)
+    return PairedStats(LayerStats((xq.T @ xq / n)[None], xq.mean(0)[None], n), (x.T @ xq / n)[None], x.mean(0)[None])
+
+
+@pytest.mark.parametrize("case", ["systematic", "unpredictable"])
+def test_compensation_share_is_what_holds_on_the_other_half(case):
+    """x^ = 0.7 x (an error the input predicts): the fit holds on the other half and is kept whole.
+    x = x^ + e with e independent of x^ (nothing to predict, V = W in expectation): what a fit on
+    150 rows for 40 inputs finds is noise, and the other half gives it a small share."""
+    from onnxq.plan.layers import _held_out_share
+    from onnxq.types import PairedStats
+    rng = np.random.default_rng(0)
+    o, k, n = 16, 40, 150
+    w = rng.standard_normal((o, k))
+    halves = []
+    for _ in range(2):
+        if case == "systematic":
+            x = rng.standard_normal((n, k))
+            xq = 0.7 * x
+        else:
+            xq = rng.standard_normal((n, k))
+            x = xq + rng.standard_normal((n, k))
+        halves.append(_paired_half(x, xq))
+    share = _held_out_share(w, PairedStats.merged(*halves), False, 1)
+    assert share > 0.95 if case == "systematic" else share < 0.3

@@ -159,6 +159,14 @@ def test_sequential_compensates_stage_first_layers_and_stays_close(feeds):
     assert rep.fidelity.cosine > 0.99
 
 
+def test_sequential_mode_with_branches_says_it_was_skipped(feeds):
+    m = conv_zoo(np.random.default_rng(0))
+    _, rep = onnxq.convert(m, onnxq.ConvertConfig(bits=4, sequential=True, stages=4, rank_budget=0.05),
+                           calib=feeds())
+    assert any(w.startswith("sequential mode skipped") for w in rep.warnings)
+    assert not any("+compensated" in l.method for l in rep.quantized)
+
+
 def test_sequential_compensates_only_layers_with_enough_rows_for_their_inputs():
     """V = W C Hq^-1 needs rows well beyond the layer's inputs K (search/sequential.FIT_ROWS): with
     80 one-row samples the K = 64 layer keeps its one-pass codes, the K = 16 layer is fitted."""
