@@ -230,9 +230,10 @@ def calibrate(c: Conversion, stats: Stats | None, save_stats: str | None,
 
 
 def one_pass_plan(cfg: ConvertConfig) -> bool:
-    """Each layer planned from its own statistics alone (no mixed precision, sequential mode or
-    branches, which need every layer's statistics at once)."""
-    return not (cfg.mixed or cfg.sequential_on or cfg.rank_budget > 0)
+    """Each layer planned from its own statistics alone (no mixed precision, sequential mode asked
+    for, or branches, which need every layer's statistics at once). The default sequential mode
+    of a model whose weights stay on disk is skipped, like the network probes."""
+    return not (cfg.mixed or cfg.sequential is True or cfg.rank_budget > 0)
 
 
 def calibrate_in_chunks(c: Conversion, hessians: bool | set[str], progress: Progress | None) -> Stats:
@@ -294,7 +295,8 @@ def plan(c: Conversion, progress: Progress | None) -> None:
         layers = [c.early.get(t.node) or plan_layer(t, c.weights[t.node], c.biases.get(t.node),
                                                     c.stats.layers.get(t.node), c.cfg) for t in c.targets]
         if probes:
-            c.warn("protection of sensitive layers and the choice of rounding were skipped: the model's weights "
+            also = "" if c.cfg.sequential or not c.cfg.sequential_on else " and sequential mode"
+            c.warn(f"protection of sensitive layers, the choice of rounding{also} were skipped: the model's weights "
                    "stay on disk (over the large-model threshold) and those network probes would hold every "
                    "weight in memory at once")
     elif layers is None and probes:
@@ -405,10 +407,12 @@ def widen(c: Conversion, progress: Progress | None) -> None:
 def reconstruct(c: Conversion, progress: Progress | None) -> None:
     """Sequential mode, once the activations' ranges and widths are final: the layers coded again
     stage by stage on the input they really receive (search/sequential.py)."""
-    if not c.cfg.sequential_on or c.early or not any(t.act for t in c.targets):
+    on_disk = weights_folder(c.prepared) is not None and not c.cfg.sequential   # skipped unless asked for
+    if not c.cfg.sequential_on or c.early or on_disk or not any(t.act for t in c.targets):
         return
     if c.cfg.rank_budget > 0:
-        c.warn("sequential mode skipped: the low-rank branches are fitted to the one-pass codes")
+        if c.cfg.sequential:
+            c.warn("sequential mode skipped: the low-rank branches are fitted to the one-pass codes")
         return
     cfg = c.cfg if c.rounding is None else dataclasses.replace(c.cfg, weight_method=c.rounding.chosen)
     c.plan.layers = sequential_layers(c.prepared, c.plan, c.calib, c.weights, c.biases, cfg, progress)

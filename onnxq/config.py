@@ -53,7 +53,7 @@ class ConvertConfig:
     exclude: tuple[str, ...] = ()
     bits_overrides: tuple[tuple[str, int], ...] = field(default_factory=tuple)
     verify: bool = True
-    sequential: bool = False               # not a clear gain on held-out data: docs/experiments/weights.md
+    sequential: bool | None = None         # None: on for uniform W<8A8 (docs/experiments/weights.md)
     stages: int = 16
     sequential_samples: int = 64           # samples of each extra sequential pass
     rank_budget: float = 0.0
@@ -173,6 +173,11 @@ class ConvertConfig:
 
     @property
     def sequential_on(self) -> bool:
+        """Sequential mode: as asked, else by default where it was measured to pay, uniform low-bit
+        weights with 8-bit activations (no mixed precision, no branches)."""
+        if self.sequential is None:
+            return (self.bits < 8 and self.act_bits == 8 and not self.mixed and self.rank_budget == 0
+                    and self.stages > 1)
         return self.sequential and self.stages > 1
 
     @property
@@ -211,4 +216,5 @@ class ConvertConfig:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["weight_method"], d["act_method"] = self.weight_method_name, self.act_method_name
+        d["sequential"] = self.sequential_on
         return d

@@ -87,8 +87,9 @@ def test_ort_cpu_runs_the_same_blocks_in_matmulnbits():
     m = mlp(rng)
     cal, held = feeds(rng, 16), feeds(rng, 6)
     generic, _ = onnxq.convert(m, onnxq.ConvertConfig(bits=4, act_bits=32, protect=0.0, block=32), calib=cal)
-    q, _ = onnxq.convert(m, onnxq.ConvertConfig(bits=4, act_bits=8, protect=0.0, block=32, target="ort-cpu"),
-                         calib=cal)
+    # sequential mode off as in the weight-only generic conversion (its default is on at A8 only)
+    q, _ = onnxq.convert(m, onnxq.ConvertConfig(bits=4, act_bits=8, protect=0.0, block=32, target="ort-cpu",
+                                                sequential=False), calib=cal)
     nbits = [n for n in q.graph.node if n.op_type == "MatMulNBits"]
     assert {n.name for n in nbits} == {"up", "head"}
     assert all(helper.get_attribute_value(next(a for a in n.attribute if a.name == "block_size")) == 32 for n in nbits)
@@ -171,7 +172,7 @@ def test_generic_convs_take_float16_blocked_scales_that_onnxruntime_and_openvino
     rng = np.random.default_rng(6)
     m = conv_pair(rng)
     cal, held = conv_feeds(rng, 12), conv_feeds(rng, 4)
-    cfg = dict(bits=4, act_bits=8, protect=0.0, protect_acts=0.0)
+    cfg = dict(bits=4, act_bits=8, protect=0.0, protect_acts=0.0, sequential=False)
     q_pc, _ = onnxq.convert(m, onnxq.ConvertConfig(block=0, **cfg), calib=cal)
     q_b, rep = onnxq.convert(m, onnxq.ConvertConfig(**cfg), calib=cal)
     assert {l.node: l.method for l in rep.quantized} == {"c3": "gptq (blocks of 32, zero points)", "c1": "gptq (blocks of 32, zero points)"}

@@ -30,7 +30,8 @@ def test_a_large_model_converts_through_external_data_and_leaves_nothing_behind(
     calib = str(ROOT / "models" / "digits_calib")
     # weights left on disk are planned layer group by layer group, without the network probes of
     # protection and the rounding choice: the in-memory path without them gives the same model
-    cfg = onnxq.ConvertConfig(bits=bits, protect=0.0, weight_method="gptq" if bits < 8 else "auto")
+    # sequential mode off: it is skipped by default for weights on disk, like protection
+    cfg = onnxq.ConvertConfig(bits=bits, protect=0.0, weight_method="gptq" if bits < 8 else "auto", sequential=False)
     small, _ = onnxq.convert(str(ROOT / "models" / "digits_cnn.onnx"), cfg, calib=calib)
     before = _leftovers()
     monkeypatch.setattr(large, "EXTERNAL_THRESHOLD", 1000)

@@ -45,13 +45,13 @@ def test_the_rounding_the_network_prefers_is_kept():
     assert set(ro.losses) == {"gptq", "mse"} and ro.samples > 0
     assert ro.losses[ro.chosen] == min(ro.losses.values())
     low = [l for l in rep.quantized if l.bits == 4]
-    assert low and all(l.method == ro.chosen for l in low)
+    assert low and all(l.method.split("+")[0] == ro.chosen for l in low)     # sequential may add "+compensated"
 
 
 def test_a_chosen_weight_method_is_not_second_guessed(pair):
     (_, default), _ = pair
     _, rep = convert(bits=4, weight_method="rtn")
-    assert rep.rounding is None is default.rounding and all(l.method in ("rtn", "mse") for l in rep.quantized)
+    assert rep.rounding is None is default.rounding and all(l.method.split("+")[0] in ("rtn", "mse") for l in rep.quantized)
 
 
 @pytest.mark.parametrize("cfg", [dict(bits=8), dict(bits=4, protect=0), dict(bits=4, avg_bits=4.5)])

@@ -192,13 +192,17 @@ def plan_layer(t: Target, w: np.ndarray, bias: np.ndarray | None, ls: LayerStats
     if h is not None:
         plan.fit_hessian = h
         plan.sqnr_db = _weighted_sqnr(wm, w_hat, h, groups)
-        # plain rounding on the same grid
-        r = quantize_weight("rtn", wm, bits, None, groups, block=block, taps=taps, affine=affine)
-        plan.sqnr_rtn_db = _weighted_sqnr(wm, dequantize_rows(r.codes, r.scales), h, groups)
+        plan.sqnr_rtn_db = _rtn_sqnr(wm, bits, h, groups, block, taps, affine)
     else:
         plan.sqnr_db = sqnr_db(wm, w_hat)
     plan.bias = corrected_bias(t, wm, w_hat, bias, ls, cfg, float_mean)
     return plan
+
+
+def _rtn_sqnr(wm: np.ndarray, bits: int, h: np.ndarray, groups: int, block: int, taps: int, affine: bool) -> float:
+    """What plain rounding on the same grid would read (the report's baseline for the layer)."""
+    r = quantize_weight("rtn", wm, bits, None, groups, block=block, taps=taps, affine=affine)
+    return _weighted_sqnr(wm, dequantize_rows(r.codes, r.scales), h, groups)
 
 
 def _code(t: Target, wm: np.ndarray, bits: int, h: np.ndarray | None, cfg: ConvertConfig, method: str):
@@ -246,12 +250,13 @@ def plan_compensated(t: Target, w: np.ndarray, bias: np.ndarray | None, ps: Pair
     hq, cross = _paired_moments(ps, centred)
     share = _held_out_share(wm, ps, centred, t.row_groups)
     v = wm + share * (_compensated_weight(wm, hq, cross, t.row_groups) - wm)
-    wq, block, taps, _ = _code(t, v, bits, hq, cfg, cfg.weight_method_for(bits, t.op, t.row_groups))
+    wq, block, taps, affine = _code(t, v, bits, hq, cfg, cfg.weight_method_for(bits, t.op, t.row_groups))
     w_hat = dequantize_rows(wq.codes, wq.scales)
     plan = LayerPlan(target=t, bits=bits, bias=None, note=note, source_bias=bias,
                      **_coded_fields(t, wq, block, taps))
     plan.method += f"+compensated ({share:.0%})"
     plan.sqnr_db = _weighted_sqnr(v, w_hat, hq, t.row_groups)
+    plan.sqnr_rtn_db = _rtn_sqnr(v, bits, hq, t.row_groups, block, taps, affine)
     plan.fit_target, plan.fit_hessian, plan.input_mean = v, hq, ps.quant.mean
     if centred:
         plan.bias = mean_shift_bias(bias, w_hat, ps.quant.mean, wm, ps.fp_mean)

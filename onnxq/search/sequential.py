@@ -20,7 +20,7 @@ from ..calib.collect import collect_paired
 from ..config import ConvertConfig
 from ..graph.rewrite import apply_plan
 from ..graph.targets import target_ancestors
-from ..plan.biases import code_biases
+from ..plan.biases import code_biases, weight_only
 from ..plan.layers import plan_compensated
 from ..types import Feed, LayerPlan, Plan, Progress, Target
 
@@ -64,7 +64,9 @@ def sequential_layers(prepared: "onnx.ModelProto", plan: Plan, loaders: Sequence
         first = [t for t in chunk if t.node in ancestors and not (ancestors[t.node] & names)
                  and out[t.node].codes is not None and t.op != "Gather" and readers[(t.graph, t.weight)] == 1]
         partial = apply_plan(prepared, code_biases(dataclasses.replace(plan, layers=done, biases={})))
-        paired = collect_paired(prepared, partial, first, loaders[:cfg.sequential_samples], plan.acts,
+        # a layer the target runs on float input (int4 weight-only kernels) sees no QDQ of its own
+        own = {t.act: plan.acts[t.act] for t in first if t.act in plan.acts and not weight_only(plan, out[t.node])}
+        paired = collect_paired(prepared, partial, first, loaders[:cfg.sequential_samples], own,
                                 rows_per_sample=cfg.rows_per_sample, seed=cfg.seed + s)
         for t in first:
             if t.node in paired and paired[t.node].quant.rows >= FIT_ROWS * paired[t.node].cross.shape[-1]:
