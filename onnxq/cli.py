@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
 import sys
 from collections import Counter
 from pathlib import Path
@@ -132,6 +133,7 @@ def print_summary(report) -> None:
                   + ", ".join(f"{k} {v:.4g}" for k, v in ro.losses.items()) + ")")
     _print_protect(r.protect)
     _print_wide(r.wide)
+    _print_sequential(r)
     _print_smoothing(r.smoothing)
     if r.shared_weights:
         out.print(f"  shared weights: {r.shared_weights} read by several layers, each stored once")
@@ -200,6 +202,16 @@ def _print_protect(p) -> None:
     else:
         out.print("  protected: none (" + ("did not help on samples it was not chosen on)" if p.check_before
                                              is not None else "no layer's harm paid for its bytes)"))
+
+
+def _print_sequential(r) -> None:
+    """How many layers sequential mode coded again (their methods end in "+compensated (share)")."""
+    if not r.config.get("sequential"):
+        return
+    shares = [float(m.group(1)) for q in r.quantized if (m := re.search(r"\+compensated \((\d+)%\)", q.method))]
+    out.print(f"  sequential: {len(shares)} layers coded again on their quantized input in "
+              f"{r.config.get('stages')} stages" + (f", {sum(shares) / len(shares):.0f}% of the compensation kept on "
+                                                    "average (judged on held-out samples)" if shares else ""))
 
 
 def _print_wide(w) -> None:
