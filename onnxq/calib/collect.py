@@ -173,13 +173,15 @@ def collect_paired(reference: "onnx.ModelProto", partial: "onnx.ModelProto", tar
     wanted = sorted({t.act for t in targets})
     if not targets:
         return {}
-    ref, part = Router(reference, wanted), Router(partial, wanted)
+    ref = Router(reference, wanted)
+    part = ref if partial is reference else Router(partial, wanted)
     # two halves of the samples (alternating), so a compensation fitted on one is judged on the other
     moments = {t.node: (CrossMoment(t.row_groups, _k(t)), CrossMoment(t.row_groups, _k(t))) for t in targets}
     rng = np.random.default_rng(seed)
     for i, load in enumerate(loaders):
         feed = load()
-        xf, xq = ref.run(feed), part.run(feed)
+        xf = ref.run(feed)
+        xq = xf if part is ref else part.run(feed)
         for t in targets:
             a, b = xf.get(t.act), xq.get(t.act)
             if a is None or b is None or a.shape != b.shape or a.dtype.kind != "f":

@@ -25,7 +25,8 @@ from .layers import _weighted_sqnr, corrected_bias, recoded
 SHAREABLE_OPS = ("Conv", "Gemm", "MatMul", "Gather")
 
 
-def _key(lp: LayerPlan) -> tuple:
+def weight_key(lp: LayerPlan) -> tuple:
+    """Which stored weight a layer reads: layers with equal keys read one tensor."""
     t = lp.target
     return (t.graph, t.weight)
 
@@ -58,7 +59,7 @@ def share_weights(layers: list[LayerPlan], weights: Mapping[str, np.ndarray],
     what was shared, or why not. -> how many weights are now stored once."""
     groups: dict[tuple, list[int]] = {}
     for i, lp in enumerate(layers):
-        groups.setdefault(_key(lp), []).append(i)
+        groups.setdefault(weight_key(lp), []).append(i)
     shared = 0
     for idx in groups.values():
         if len(idx) < 2:

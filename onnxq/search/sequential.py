@@ -22,6 +22,7 @@ from ..graph.rewrite import apply_plan
 from ..graph.targets import target_ancestors
 from ..plan.biases import code_biases, weight_only
 from ..plan.layers import plan_compensated
+from ..plan.shared import weight_key
 from ..types import Feed, LayerPlan, Plan, Progress, Target
 
 if TYPE_CHECKING:
@@ -55,15 +56,17 @@ def sequential_layers(prepared: "onnx.ModelProto", plan: Plan, loaders: Sequence
     layers = plan.layers
     targets = [lp.target for lp in layers]
     ancestors = target_ancestors(prepared, targets)
-    readers = Counter((t.graph, t.weight) for t in targets)
+    readers = Counter(weight_key(lp) for lp in layers)
     out = {lp.target.node: lp for lp in layers}
     groups = stages(targets, cfg.stages)
     done: list[LayerPlan] = []
     for s, chunk in enumerate(groups):
         names = {t.node for t in chunk}
         first = [t for t in chunk if t.node in ancestors and not (ancestors[t.node] & names)
-                 and out[t.node].codes is not None and t.op != "Gather" and readers[(t.graph, t.weight)] == 1]
-        partial = apply_plan(prepared, code_biases(dataclasses.replace(plan, layers=done, biases={})))
+                 and out[t.node].codes is not None and t.op != "Gather" and readers[weight_key(out[t.node])] == 1]
+        # nothing quantized yet: the partial model is the FP32 one (its run is shared)
+        partial = apply_plan(prepared, code_biases(dataclasses.replace(plan, layers=done, biases={}))) if done \
+            else prepared
         # a layer the target runs on float input (int4 weight-only kernels) sees no QDQ of its own
         own = {t.act: plan.acts[t.act] for t in first if t.act in plan.acts and not weight_only(plan, out[t.node])}
         paired = collect_paired(prepared, partial, first, loaders[:cfg.sequential_samples], own,
