@@ -161,6 +161,28 @@ def test_sequential_compensates_stage_first_layers_and_stays_close(feeds):
     assert rep.fidelity.cosine > 0.99
 
 
+def test_sequential_stages_are_whole_levels_of_layers_that_never_read_each_other():
+    """a -> (b, c in parallel) -> add -> d: b and c share a level; with as many stages as levels
+    every layer starts its own stage; with fewer, whole levels are merged."""
+    from onnxq.graph.targets import find_targets, target_ancestors
+    from onnxq.search.sequential import levels, stages
+    rng = np.random.default_rng(0)
+    inits = {f"w_{k}": (rng.standard_normal((8, 8)) * 0.3).astype(np.float32) for k in "abcd"}
+    m = make_model([helper.make_node("MatMul", ["x", "w_a"], ["ya"], name="a"),
+                    helper.make_node("MatMul", ["ya", "w_b"], ["yb"], name="b"),
+                    helper.make_node("MatMul", ["ya", "w_c"], ["yc"], name="c"),
+                    helper.make_node("Add", ["yb", "yc"], ["s"], name="add"),
+                    helper.make_node("MatMul", ["s", "w_d"], ["y"], name="d")],
+                   [vi("x", ["N", 8])], [vi("y", ["N", 8])], inits)
+    targets, _ = find_targets(m)
+    ancestors = target_ancestors(m, targets)
+    assert levels(targets, ancestors) == {"a": 0, "b": 1, "c": 1, "d": 2}
+    as_names = lambda groups: [[t.node for t in g] for g in groups]    # noqa: E731
+    assert as_names(stages(targets, ancestors, 16)) == [["a"], ["b", "c"], ["d"]]
+    assert as_names(stages(targets, ancestors, 2)) == [["a", "b", "c"], ["d"]]
+    assert as_names(stages(targets, ancestors, 1)) == [["a", "b", "c", "d"]]
+
+
 def test_sequential_mode_with_branches_says_it_was_skipped(feeds):
     m = conv_zoo(np.random.default_rng(0))
     _, rep = onnxq.convert(m, onnxq.ConvertConfig(bits=4, sequential=True, stages=4, rank_budget=0.05),

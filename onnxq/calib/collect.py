@@ -11,7 +11,8 @@ import numpy as np
 from ..algos.qmath import act_qrange, fake_quant
 from ..errors import CalibrationError
 from ..graph.inline import inline_ifs, main_graph_names, open_ifs
-from ..graph.variants import augmented
+from ..graph.variants import changed_tensors, cut, pruned
+from ..graph.walk import node_reads
 from ..runtime import give_back_memory, session
 from ..types import ActQuant, ActStats, Feed, LayerStats, PairedStats, Progress, Stats, Target
 from .collectors import CrossMoment, RangeHistogram, SecondMoment, im2col_rows, im2col_sums
@@ -38,7 +39,7 @@ class Router:
             acts = [a for a in self.wanted if a in present]
             conds = [n.input[0] for n in ifs]
             outs = list(dict.fromkeys(conds + acts))
-            self.cache[key] = (session(augmented(m, outs)), [n.name for n in ifs], conds, acts, outs)
+            self.cache[key] = (session(pruned(m, outs)), [n.name for n in ifs], conds, acts, outs)
         return self.cache[key]
 
     def run_sample(self, feed: Feed, i: int) -> dict[str, np.ndarray]:
@@ -57,6 +58,63 @@ class Router:
             if not if_names:
                 return {a: values[a] for a in acts}
             choose.update({n: bool(np.asarray(values[c]).reshape(-1)[0]) for n, c in zip(if_names, conds)})
+
+
+class Frontier:
+    """A model run again and again on the same samples as it changes (sequential mode's partly
+    quantized model, one more stage quantized each time): each run computes only the nodes whose
+    values the tensors kept from earlier runs cannot give, so a sequence of stages costs about one
+    pass over the model instead of one per stage. Main graphs without If nodes only (Router
+    inlines those per sample)."""
+
+    def __init__(self, loaders: Sequence[Callable[[], Feed]]) -> None:
+        self.values = [dict(load()) for load in loaders]     # per sample: tensor -> value
+        self.feeds = set(self.values[0]) if self.values else set()
+        self.model: "onnx.ModelProto | None" = None
+
+    @staticmethod
+    def fits(model: "onnx.ModelProto") -> bool:
+        return not open_ifs(model)
+
+    def run(self, model: "onnx.ModelProto", wanted: Sequence[str]) -> list[dict[str, np.ndarray]]:
+        """Per sample, the wanted tensors present in the model's main graph."""
+        if self.model is not None and self.model is not model:
+            stale = changed_tensors(self.model, model)
+            for v in self.values:
+                for k in stale & v.keys():
+                    del v[k]
+        self.model = model
+        present = main_graph_names(model)
+        wanted = [w for w in wanted if w in present]
+        first = self.values[0] if self.values else {}
+        sub = cut(model, wanted, {k: (v.dtype, v.shape) for k, v in first.items()})
+        if sub.graph.output:
+            sess = session(sub)
+            outs = [o.name for o in sub.graph.output]
+            ins = [i.name for i in sub.graph.input]
+            for i, v in enumerate(self.values):
+                try:
+                    v.update(zip(outs, sess.run(outs, {k: v[k] for k in ins})))
+                except Exception as e:
+                    raise CalibrationError(f"calibration sample {i} failed in onnxruntime: "
+                                           f"{str(e).splitlines()[0][:200]}") from None
+        out = [{w: v[w] for w in wanted} for v in self.values]
+        self._forget(model)
+        return out
+
+    def _forget(self, model: "onnx.ModelProto") -> None:
+        """Keep only the tensors a node not yet computed reads (a dropped one is computed again
+        if a later stage needs it)."""
+        if not self.values:
+            return
+        have = self.values[0].keys()
+        live = set(self.feeds)
+        for node in model.graph.node:
+            if not all(o in have for o in node.output if o):
+                live |= node_reads(node)
+        for v in self.values:
+            for k in [k for k in v if k not in live]:
+                del v[k]
 
 
 def layer_rows(x: np.ndarray, t: Target, rows: int, rng: np.random.Generator) -> np.ndarray:
@@ -163,25 +221,22 @@ def _k(t: Target) -> int:
 
 def collect_paired(reference: "onnx.ModelProto", partial: "onnx.ModelProto", targets: Sequence[Target],
                    loaders: Sequence[Callable[[], Feed]], acts: dict[str, ActQuant], *,
-                   rows_per_sample: int, seed: int) -> dict[str, PairedStats]:
+                   rows_per_sample: int, seed: int,
+                   frontiers: "tuple[Frontier, Frontier] | None" = None) -> dict[str, PairedStats]:
     """Run the FP32 and the partly quantized model on the same samples and pair each target's
     input rows: x from FP32, x^ = the partial model's input after this layer's own activation
-    QDQ (applied here in numpy). Main-graph targets only."""
+    QDQ (applied here in numpy). Main-graph targets only. `frontiers` (FP32, partial) keep what
+    earlier stages computed, for a partial model that changes stage by stage on the same loaders."""
     # a ConvTranspose's statistics are per input pixel, not per unfolded patch: it keeps the
     # FP32 ones (plan_layer)
     targets = [t for t in targets if wants_hessian(t) and t.op != "ConvTranspose" and not t.graph]
     wanted = sorted({t.act for t in targets})
     if not targets:
         return {}
-    ref = Router(reference, wanted)
-    part = ref if partial is reference else Router(partial, wanted)
     # two halves of the samples (alternating), so a compensation fitted on one is judged on the other
     moments = {t.node: (CrossMoment(t.row_groups, _k(t)), CrossMoment(t.row_groups, _k(t))) for t in targets}
     rng = np.random.default_rng(seed)
-    for i, load in enumerate(loaders):
-        feed = load()
-        xf = ref.run(feed)
-        xq = xf if part is ref else part.run(feed)
+    for i, (xf, xq) in enumerate(_paired_runs(reference, partial, wanted, loaders, frontiers)):
         for t in targets:
             a, b = xf.get(t.act), xq.get(t.act)
             if a is None or b is None or a.shape != b.shape or a.dtype.kind != "f":
@@ -200,6 +255,22 @@ def collect_paired(reference: "onnx.ModelProto", partial: "onnx.ModelProto", tar
         elif ma.n:
             out[node] = _paired(ma)
     return out
+
+
+def _paired_runs(reference: "onnx.ModelProto", partial: "onnx.ModelProto", wanted: Sequence[str],
+                 loaders: Sequence[Callable[[], Feed]], frontiers: "tuple[Frontier, Frontier] | None"):
+    """Per sample, the wanted tensors of the FP32 and of the partial model (one run when they are
+    the same model)."""
+    if frontiers is not None:
+        xf = frontiers[0].run(reference, wanted)
+        yield from zip(xf, xf if partial is reference else frontiers[1].run(partial, wanted))
+        return
+    ref = Router(reference, wanted)
+    part = ref if partial is reference else Router(partial, wanted)
+    for load in loaders:
+        feed = load()
+        xf = ref.run(feed)
+        yield xf, (xf if part is ref else part.run(feed))
 
 
 def _paired(m: CrossMoment) -> PairedStats:

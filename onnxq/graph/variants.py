@@ -26,6 +26,67 @@ def augmented(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
     return m
 
 
+def pruned(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
+    """A copy whose graph outputs are `names` and whose main graph keeps only the nodes they
+    depend on (onnxruntime runs every node of a session, whatever the run asks for)."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    g = m.graph
+    needed = set(names)
+    keep = []
+    for node in reversed(g.node):
+        if any(o in needed for o in node.output):
+            keep.append(node)
+            needed |= node_reads(node)
+    keep.reverse()
+    del g.node[:]
+    g.node.extend(keep)
+    del g.output[:]
+    g.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names)
+    return m
+
+
+def changed_tensors(old: onnx.ModelProto, new: onnx.ModelProto) -> set[str]:
+    """Main-graph tensors of `new` whose values may differ from `old`'s on the same input: initializers
+    that differ, and the outputs of every node that is new, changed, or reads a changed tensor."""
+    before = {n.SerializeToString() for n in old.graph.node}
+    was = {t.name: t.SerializeToString() for t in old.graph.initializer}
+    changed = {t.name for t in new.graph.initializer if was.get(t.name) != t.SerializeToString()}
+    for node in new.graph.node:
+        if node.SerializeToString() not in before or node_reads(node) & changed:
+            changed.update(o for o in node.output if o)
+    return changed
+
+
+def cut(model: onnx.ModelProto, wanted: Sequence[str], given: dict[str, tuple[np.dtype, tuple]]) -> onnx.ModelProto:
+    """A model computing `wanted` with the tensors `given` (name -> dtype, shape) fed as graph
+    inputs: only the main-graph nodes between them, only the initializers those read. Tensors
+    that are not given nor computed by a node come from the model's inputs and initializers."""
+    needed = {w for w in wanted if w not in given}
+    keep = []
+    for node in reversed(model.graph.node):
+        if any(o in needed for o in node.output):
+            keep.append(node)
+            needed |= {r for r in node_reads(node) if r not in given}
+    reads = set().union(*(node_reads(n) for n in keep)) if keep else set()
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    g = m.graph
+    del g.node[:]
+    g.node.extend(reversed(keep))
+    inits = [t for t in g.initializer if t.name in reads and t.name not in given]
+    del g.initializer[:]
+    g.initializer.extend(inits)
+    inputs = [i for i in g.input if i.name in reads and i.name not in given]
+    del g.input[:]
+    g.input.extend(inputs)
+    g.input.extend(helper.make_tensor_value_info(k, helper.np_dtype_to_tensor_dtype(np.dtype(d)), list(shape))
+                   for k, (d, shape) in given.items() if k in reads)
+    del g.output[:]
+    g.output.extend(helper.make_empty_tensor_value_info(w) for w in wanted if w not in given)
+    return m
+
+
 def weights_as_inputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
     """A copy whose main-graph initializers `names` are graph inputs instead (same name, type
     and shape), so one onnxruntime session can try many weight variants."""

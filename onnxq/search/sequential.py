@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 import numpy as np
 
-from ..calib.collect import collect_paired
+from ..calib.collect import Frontier, collect_paired
 from ..config import ConvertConfig
 from ..graph.rewrite import apply_plan
 from ..graph.targets import target_ancestors
@@ -35,16 +35,30 @@ if TYPE_CHECKING:
 FIT_ROWS = 4
 
 
-def stages(targets: Sequence[Target], n: int) -> list[list[Target]]:
-    """Split targets (in graph order) into at most n stages of about equal weight count."""
+def levels(targets: Sequence[Target], ancestors: Mapping[str, set[str]]) -> dict[str, int]:
+    """Each target's depth among the targets: 0 with none upstream, else one more than the deepest
+    upstream. Targets of one level never read each other's output."""
+    level: dict[str, int] = {}
+    for t in targets:                                     # graph order: upstream ones first
+        level[t.node] = 1 + max((level[a] for a in ancestors.get(t.node, ()) if a in level), default=-1)
+    return level
+
+
+def stages(targets: Sequence[Target], ancestors: Mapping[str, set[str]], n: int) -> list[list[Target]]:
+    """Split targets into at most n stages of whole levels, of about equal weight count; with n
+    at least the depth, one stage per level, so every layer is first in its stage."""
+    level = levels(targets, ancestors)
+    units: dict[int, list[Target]] = {}
+    for t in targets:
+        units.setdefault(level[t.node], []).append(t)
     total = sum(t.params for t in targets) or 1
     out: list[list[Target]] = [[]]
     acc = 0
-    for t in targets:
+    for k in sorted(units):
         if acc >= total * len(out) / n and out[-1]:
             out.append([])
-        out[-1].append(t)
-        acc += t.params
+        out[-1].extend(units[k])
+        acc += sum(t.params for t in units[k])
     return out
 
 
@@ -58,8 +72,10 @@ def sequential_layers(prepared: "onnx.ModelProto", plan: Plan, loaders: Sequence
     ancestors = target_ancestors(prepared, targets)
     readers = Counter(weight_key(lp) for lp in layers)
     out = {lp.target.node: lp for lp in layers}
-    groups = stages(targets, cfg.stages)
+    groups = stages(targets, ancestors, cfg.stages)
     done: list[LayerPlan] = []
+    samples = loaders[:cfg.sequential_samples]
+    frontiers = (Frontier(samples), Frontier(samples)) if Frontier.fits(prepared) else None
     for s, chunk in enumerate(groups):
         names = {t.node for t in chunk}
         first = [t for t in chunk if t.node in ancestors and not (ancestors[t.node] & names)
@@ -69,8 +85,8 @@ def sequential_layers(prepared: "onnx.ModelProto", plan: Plan, loaders: Sequence
             else prepared
         # a layer the target runs on float input (int4 weight-only kernels) sees no QDQ of its own
         own = {t.act: plan.acts[t.act] for t in first if t.act in plan.acts and not weight_only(plan, out[t.node])}
-        paired = collect_paired(prepared, partial, first, loaders[:cfg.sequential_samples], own,
-                                rows_per_sample=cfg.rows_per_sample, seed=cfg.seed + s)
+        paired = collect_paired(prepared, partial, first, samples, own, rows_per_sample=cfg.rows_per_sample,
+                                seed=cfg.seed + s, frontiers=frontiers)
         for t in first:
             if t.node in paired and paired[t.node].quant.rows >= FIT_ROWS * paired[t.node].cross.shape[-1]:
                 lp = out[t.node]
