@@ -54,7 +54,7 @@ class ConvertConfig:
     bits_overrides: tuple[tuple[str, int], ...] = field(default_factory=tuple)
     verify: bool = True
     sequential: bool | None = None         # None: on for uniform W<8A8 (docs/experiments/weights.md)
-    stages: int = 16
+    stages: int | None = None              # sequential passes at most; None: one per level (every layer)
     sequential_samples: int = 64           # samples of each extra sequential pass
     rank_budget: float = 0.0
     branch_init: str = "whitened"
@@ -99,6 +99,8 @@ class ConvertConfig:
                               f"'{self.target}' places Q/DQ around every op it runs quantized by its own rules")
         if self.block not in BLOCKS:
             raise ConfigError(f"--block must be one of {', '.join(map(str, BLOCKS))}, got {self.block}")
+        if self.stages is not None and self.stages < 1:
+            raise ConfigError(f"stages must be at least 1, got {self.stages}")
         if self.search_samples < 1 or self.search_evals < 0:
             raise ConfigError("--search-samples must be at least 1 and --search-evals at least 0")
         if not 0.0 <= self.protect_acts <= 1.0:
@@ -177,8 +179,8 @@ class ConvertConfig:
         weights with 8-bit activations (no mixed precision, no branches)."""
         if self.sequential is None:
             return (self.bits < 8 and self.act_bits == 8 and not self.mixed and self.rank_budget == 0
-                    and self.stages > 1)
-        return self.sequential and self.stages > 1
+                    and self.stages != 1)
+        return self.sequential and self.stages != 1
 
     @property
     def protect_on(self) -> bool:

@@ -3,10 +3,14 @@ input it really receives. Before each stage, the model with the earlier stages q
 every activation QDQ before them) and the FP32 model run side by side on calibration samples,
 and the stage's first layers (those with no target of the same stage upstream) are solved to map
 their quantized input, own activation QDQ included, back onto the FP32 output
-(plan.layers.plan_compensated), at the bits and on the grid the one-pass plan gave them. Later
-layers of a stage keep their one-pass codes: once the stage's first layers have absorbed the
-upstream error, their inputs are close to FP32 again, and compensating the same error twice
-would overshoot. A few passes over groups of layers, not one pass per layer."""
+(plan.layers.plan_compensated), at the bits and on the grid the one-pass plan gave them.
+
+A stage is made of whole levels (layers that never read each other's output). By default there is
+one stage per level, so every layer is first in its stage and is compensated; the runs of a stage
+compute only the part of the model past what earlier stages kept (calib.collect.Frontier), so the
+whole sequence costs about one extra pass over the model. With fewer stages (`stages`), a stage's
+later layers keep their one-pass codes: once its first layers have absorbed the upstream error,
+their inputs are close to FP32 again, and compensating the same error twice would overshoot."""
 
 from __future__ import annotations
 
@@ -72,7 +76,7 @@ def sequential_layers(prepared: "onnx.ModelProto", plan: Plan, loaders: Sequence
     ancestors = target_ancestors(prepared, targets)
     readers = Counter(weight_key(lp) for lp in layers)
     out = {lp.target.node: lp for lp in layers}
-    groups = stages(targets, ancestors, cfg.stages)
+    groups = stages(targets, ancestors, cfg.stages or len(targets))
     done: list[LayerPlan] = []
     samples = loaders[:cfg.sequential_samples]
     frontiers = (Frontier(samples), Frontier(samples)) if Frontier.fits(prepared) else None
