@@ -143,3 +143,36 @@ def test_convtranspose_tap_moments_give_its_exact_output_error():
     assert ls.hessian.shape == (1, 4 * c, 4 * c)
     assert np.isclose(np.sum(y.astype(np.float64) ** 2), len(rows) * np.einsum("ok,kl,ol->", em, ls.hessian[0], em),
                       rtol=1e-4)
+
+
+def _chain(ws):
+    """x -> MatMul w0 -> Relu -> MatMul w1 -> Relu -> MatMul w2 -> y, with a residual Add of h0."""
+    nodes = [helper.make_node("MatMul", ["x", "w0"], ["h0"], name="m0"), helper.make_node("Relu", ["h0"], ["r0"]),
+             helper.make_node("MatMul", ["r0", "w1"], ["h1"], name="m1"), helper.make_node("Relu", ["h1"], ["r1"]),
+             helper.make_node("Add", ["r1", "h0"], ["s"]), helper.make_node("MatMul", ["s", "w2"], ["y"], name="m2")]
+    return make_model(nodes, [vi("x", ["N", 6])], [vi("y", ["N", 6])], {f"w{i}": w for i, w in enumerate(ws)})
+
+
+def test_frontier_runs_only_what_changed_and_gives_the_whole_models_values():
+    """Sequential mode's partial model changes one layer a stage: the tensors upstream of the change
+    are kept, the ones downstream are computed again, and every value equals a full session's."""
+    from onnxq.calib.collect import Frontier
+    from onnxq.graph.variants import augmented, changed_tensors, cut
+    rng = np.random.default_rng(0)
+    ws = [rng.standard_normal((6, 6)).astype(np.float32) for _ in range(3)]
+    first = _chain(ws)
+    second = _chain([ws[0], ws[1] * 0.5, ws[2]])
+    assert changed_tensors(first, second) == {"w1", "h1", "r1", "s", "y"}
+    assert changed_tensors(first, first) == set()
+    sub = cut(second, ["y"], {"r0": (np.float32, (2, 6)), "h0": (np.float32, (2, 6))})
+    assert [n.name or n.op_type for n in sub.graph.node] == ["m1", "Relu", "Add", "m2"]
+    assert {i.name for i in sub.graph.input} == {"r0", "h0"} and {t.name for t in sub.graph.initializer} == {"w1", "w2"}
+    feeds = [{"x": rng.standard_normal((2, 6)).astype(np.float32)} for _ in range(3)]
+    fr = Frontier([lambda f=f: f for f in feeds])
+    early = fr.run(first, ["r0"])
+    assert set(fr.values[0]) == {"x", "h0", "r0"}          # what a node not yet run reads, and the feed
+    late = fr.run(second, ["r1", "y"])
+    full = ort.InferenceSession(augmented(second, ["r0", "r1"]).SerializeToString())
+    for f, e, l in zip(feeds, early, late):
+        r0, r1, y = full.run(["r0", "r1", "y"], f)
+        assert np.array_equal(e["r0"], r0) and np.array_equal(l["r1"], r1) and np.array_equal(l["y"], y)
