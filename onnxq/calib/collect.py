@@ -87,7 +87,7 @@ class Frontier:
         present = main_graph_names(model)
         wanted = [w for w in wanted if w in present]
         first = self.values[0] if self.values else {}
-        sub = cut(model, wanted, {k: (v.dtype, v.shape) for k, v in first.items()})
+        sub = cut(model, wanted, {k: v.dtype for k, v in first.items()})
         if sub.graph.output:
             sess = session(sub)
             outs = [o.name for o in sub.graph.output]

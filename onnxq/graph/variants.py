@@ -58,17 +58,22 @@ def changed_tensors(old: onnx.ModelProto, new: onnx.ModelProto) -> set[str]:
     return changed
 
 
-def cut(model: onnx.ModelProto, wanted: Sequence[str], given: dict[str, tuple[np.dtype, tuple]]) -> onnx.ModelProto:
-    """A model computing `wanted` with the tensors `given` (name -> dtype, shape) fed as graph
-    inputs: only the main-graph nodes between them, only the initializers those read. Tensors
-    that are not given nor computed by a node come from the model's inputs and initializers."""
+def cut(model: onnx.ModelProto, wanted: Sequence[str], given: dict[str, np.dtype]) -> onnx.ModelProto:
+    """A model computing `wanted` with the tensors `given` (name -> dtype) fed as graph inputs of
+    any shape: only the main-graph nodes between them, only the initializers those read. Tensors
+    that are not given nor computed by a node come from the model's inputs and initializers. Its
+    outputs: the wanted tensors, then those of its nodes' outputs that a node left out reads."""
     needed = {w for w in wanted if w not in given}
-    keep = []
+    keep, rest = [], []
     for node in reversed(model.graph.node):
         if any(o in needed for o in node.output):
             keep.append(node)
             needed |= {r for r in node_reads(node) if r not in given}
+        else:
+            rest.append(node)
     reads = set().union(*(node_reads(n) for n in keep)) if keep else set()
+    later = set().union(*(node_reads(n) for n in rest)) if rest else set()
+    made = [o for n in reversed(keep) for o in n.output if o in later and o not in wanted]
     m = onnx.ModelProto()
     m.CopyFrom(model)
     g = m.graph
@@ -80,10 +85,10 @@ def cut(model: onnx.ModelProto, wanted: Sequence[str], given: dict[str, tuple[np
     inputs = [i for i in g.input if i.name in reads and i.name not in given]
     del g.input[:]
     g.input.extend(inputs)
-    g.input.extend(helper.make_tensor_value_info(k, helper.np_dtype_to_tensor_dtype(np.dtype(d)), list(shape))
-                   for k, (d, shape) in given.items() if k in reads)
+    g.input.extend(helper.make_tensor_value_info(k, helper.np_dtype_to_tensor_dtype(np.dtype(d)), None)
+                   for k, d in given.items() if k in reads)
     del g.output[:]
-    g.output.extend(helper.make_empty_tensor_value_info(w) for w in wanted if w not in given)
+    g.output.extend(helper.make_empty_tensor_value_info(w) for w in [*(w for w in wanted if w not in given), *made])
     return m
 
 
