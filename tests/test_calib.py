@@ -153,10 +153,14 @@ def _chain(ws):
     return make_model(nodes, [vi("x", ["N", 6])], [vi("y", ["N", 6])], {f"w{i}": w for i, w in enumerate(ws)})
 
 
-def test_frontier_runs_only_what_changed_and_gives_the_whole_models_values():
+@pytest.mark.parametrize("budget", [1 << 30, 0])
+def test_frontier_runs_only_what_changed_and_gives_the_whole_models_values(budget, monkeypatch):
     """Sequential mode's partial model changes one layer a stage: the tensors upstream of the change
-    are kept, the ones downstream are computed again, and every value equals a full session's."""
+    are kept (within a memory budget: with none, only the feeds), the ones downstream are computed
+    again, and every value equals a full session's."""
+    from onnxq.calib import collect
     from onnxq.calib.collect import Frontier
+    monkeypatch.setattr(collect, "FRONTIER_BYTES", budget)
     from onnxq.graph.variants import augmented, changed_tensors, cut
     rng = np.random.default_rng(0)
     ws = [rng.standard_normal((6, 6)).astype(np.float32) for _ in range(3)]
@@ -171,7 +175,8 @@ def test_frontier_runs_only_what_changed_and_gives_the_whole_models_values():
     feeds = [{"x": rng.standard_normal((n, 6)).astype(np.float32)} for n in (2, 3, 1)]     # any batch
     fr = Frontier([lambda f=f: f for f in feeds])
     early = fr.run(first, ["r0"])
-    assert set(fr.values[0]) == {"x", "h0", "r0"}          # what a node not yet run reads, and the feed
+    # what a node not yet run reads, and the feed
+    assert set(fr.values[0]) == ({"x", "h0", "r0"} if budget else {"x"})
     late = fr.run(second, ["r1", "y"])
     full = ort.InferenceSession(augmented(second, ["r0", "r1"]).SerializeToString())
     for f, e, l in zip(feeds, early, late):

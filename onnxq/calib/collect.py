@@ -60,6 +60,10 @@ class Router:
             choose.update({n: bool(np.asarray(values[c]).reshape(-1)[0]) for n, c in zip(if_names, conds)})
 
 
+# what one Frontier keeps at most over all samples, feeds aside
+FRONTIER_BYTES = 1 << 30
+
+
 class Frontier:
     """A model run again and again on the same samples as it changes (sequential mode's partly
     quantized model, one more stage quantized each time): each run computes only the nodes whose
@@ -112,9 +116,20 @@ class Frontier:
         for node in model.graph.node:
             if not all(o in have for o in node.output if o):
                 live |= node_reads(node)
+        size: dict[str, int] = {}
         for v in self.values:
             for k in [k for k in v if k not in live]:
                 del v[k]
+            for k in v.keys() - self.feeds:
+                size[k] = size.get(k, 0) + v[k].nbytes
+        # bounded memory: the largest kept tensors go first (computed again when needed)
+        over = sum(size.values()) - FRONTIER_BYTES
+        for k in sorted(size, key=size.get, reverse=True):
+            if over <= 0:
+                break
+            over -= size[k]
+            for v in self.values:
+                v.pop(k, None)
 
 
 def layer_rows(x: np.ndarray, t: Target, rows: int, rng: np.random.Generator) -> np.ndarray:
