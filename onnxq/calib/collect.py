@@ -11,7 +11,7 @@ import numpy as np
 from ..algos.qmath import act_qrange, fake_quant
 from ..errors import CalibrationError
 from ..graph.inline import inline_ifs, main_graph_names, open_ifs
-from ..graph.variants import changed_tensors, cut, pruned
+from ..graph.variants import changed_tensors, cut, pruned, signature
 from ..graph.walk import node_reads
 from ..runtime import give_back_memory, session
 from ..types import ActQuant, ActStats, Feed, LayerStats, PairedStats, Progress, Stats, Target
@@ -75,6 +75,7 @@ class Frontier:
         self.values = [dict(load()) for load in loaders]     # per sample: tensor -> value
         self.feeds = set(self.values[0]) if self.values else set()
         self.model: "onnx.ModelProto | None" = None
+        self.signature: tuple[set[bytes], dict[str, bytes]] = (set(), {})
 
     @staticmethod
     def fits(model: "onnx.ModelProto") -> bool:
@@ -82,12 +83,14 @@ class Frontier:
 
     def run(self, model: "onnx.ModelProto", wanted: Sequence[str]) -> list[dict[str, np.ndarray]]:
         """Per sample, the wanted tensors present in the model's main graph."""
-        if self.model is not None and self.model is not model:
-            stale = changed_tensors(self.model, model)
-            for v in self.values:
-                for k in stale & v.keys():
-                    del v[k]
-        self.model = model
+        if self.model is not model:
+            now = signature(model)
+            if self.model is not None:
+                stale = changed_tensors(self.signature, model, now)
+                for v in self.values:
+                    for k in stale & v.keys():
+                        del v[k]
+            self.model, self.signature = model, now
         present = main_graph_names(model)
         wanted = [w for w in wanted if w in present]
         first = self.values[0] if self.values else {}

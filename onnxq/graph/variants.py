@@ -3,6 +3,7 @@ graph inputs so one session tries many weight variants, activation QDQ without w
 
 from __future__ import annotations
 
+import hashlib
 from typing import Sequence
 
 import numpy as np
@@ -46,14 +47,24 @@ def pruned(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
     return m
 
 
-def changed_tensors(old: onnx.ModelProto, new: onnx.ModelProto) -> set[str]:
-    """Main-graph tensors of `new` whose values may differ from `old`'s on the same input: initializers
-    that differ, and the outputs of every node that is new, changed, or reads a changed tensor."""
-    before = {n.SerializeToString() for n in old.graph.node}
-    was = {t.name: t.SerializeToString() for t in old.graph.initializer}
-    changed = {t.name for t in new.graph.initializer if was.get(t.name) != t.SerializeToString()}
-    for node in new.graph.node:
-        if node.SerializeToString() not in before or node_reads(node) & changed:
+def signature(model: onnx.ModelProto) -> tuple[set[bytes], dict[str, bytes]]:
+    """What changed_tensors compares a later version of the model with: each main-graph node, and
+    a digest of each initializer."""
+    nodes = {n.SerializeToString() for n in model.graph.node}
+    inits = {t.name: hashlib.blake2b(t.SerializeToString(), digest_size=16).digest() for t in model.graph.initializer}
+    return nodes, inits
+
+
+def changed_tensors(before: tuple[set[bytes], dict[str, bytes]], model: onnx.ModelProto,
+                    now: tuple[set[bytes], dict[str, bytes]] | None = None) -> set[str]:
+    """Main-graph tensors of `model` whose values may differ from those of the model `before` is the
+    signature of, on the same input: initializers that differ, and the outputs of every node that
+    is new, changed, or reads a changed tensor. `now`: the model's own signature, if known."""
+    nodes, inits = before
+    now_inits = (now or signature(model))[1]
+    changed = {k for k, d in now_inits.items() if inits.get(k) != d}
+    for node in model.graph.node:
+        if node.SerializeToString() not in nodes or node_reads(node) & changed:
             changed.update(o for o in node.output if o)
     return changed
 
