@@ -33,13 +33,7 @@ def pruned(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
     m = onnx.ModelProto()
     m.CopyFrom(model)
     g = m.graph
-    needed = set(names)
-    keep = []
-    for node in reversed(g.node):
-        if any(o in needed for o in node.output):
-            keep.append(node)
-            needed |= node_reads(node)
-    keep.reverse()
+    keep, _ = _upstream(model, names, {})
     del g.node[:]
     g.node.extend(keep)
     del g.output[:]
@@ -74,22 +68,15 @@ def cut(model: onnx.ModelProto, wanted: Sequence[str], given: dict[str, np.dtype
     any shape: only the main-graph nodes between them, only the initializers those read. Tensors
     that are not given nor computed by a node come from the model's inputs and initializers. Its
     outputs: the wanted tensors, then those of its nodes' outputs that a node left out reads."""
-    needed = {w for w in wanted if w not in given}
-    keep, rest = [], []
-    for node in reversed(model.graph.node):
-        if any(o in needed for o in node.output):
-            keep.append(node)
-            needed |= {r for r in node_reads(node) if r not in given}
-        else:
-            rest.append(node)
+    keep, rest = _upstream(model, wanted, given)
     reads = set().union(*(node_reads(n) for n in keep)) if keep else set()
     later = set().union(*(node_reads(n) for n in rest)) if rest else set()
-    made = [o for n in reversed(keep) for o in n.output if o in later and o not in wanted]
+    made = [o for n in keep for o in n.output if o in later and o not in wanted]
     m = onnx.ModelProto()
     m.CopyFrom(model)
     g = m.graph
     del g.node[:]
-    g.node.extend(reversed(keep))
+    g.node.extend(keep)
     inits = [t for t in g.initializer if t.name in reads and t.name not in given]
     del g.initializer[:]
     g.initializer.extend(inits)
@@ -101,6 +88,20 @@ def cut(model: onnx.ModelProto, wanted: Sequence[str], given: dict[str, np.dtype
     del g.output[:]
     g.output.extend(helper.make_empty_tensor_value_info(w) for w in [*(w for w in wanted if w not in given), *made])
     return m
+
+
+def _upstream(model: onnx.ModelProto, wanted: Sequence[str], given) -> tuple[list, list]:
+    """The main-graph nodes (in graph order) that `wanted` needs when the tensors `given` are
+    known, and the others."""
+    needed = {w for w in wanted if w not in given}
+    keep, rest = [], []
+    for node in reversed(model.graph.node):
+        if any(o in needed for o in node.output):
+            keep.append(node)
+            needed |= {r for r in node_reads(node) if r not in given}
+        else:
+            rest.append(node)
+    return keep[::-1], rest[::-1]
 
 
 def weights_as_inputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
