@@ -84,19 +84,29 @@ def sequential_layers(prepared: "onnx.ModelProto", plan: Plan, loaders: Sequence
         names = {t.node for t in chunk}
         first = [t for t in chunk if t.node in ancestors and not (ancestors[t.node] & names)
                  and out[t.node].codes is not None and t.op != "Gather" and readers[weight_key(out[t.node])] == 1]
-        # nothing quantized yet: the partial model is the FP32 one (its run is shared)
-        partial = apply_plan(prepared, code_biases(dataclasses.replace(plan, layers=done, biases={}))) if done \
-            else prepared
-        # a layer the target runs on float input (int4 weight-only kernels) sees no QDQ of its own
-        own = {t.act: plan.acts[t.act] for t in first if t.act in plan.acts and not weight_only(plan, out[t.node])}
-        paired = collect_paired(prepared, partial, first, samples, own, rows_per_sample=cfg.rows_per_sample,
-                                seed=cfg.seed + s, frontiers=frontiers)
-        for t in first:
-            if t.node in paired and paired[t.node].quant.rows >= FIT_ROWS * paired[t.node].cross.shape[-1]:
-                lp = out[t.node]
-                out[t.node] = plan_compensated(t, weights[t.node], biases.get(t.node), paired[t.node], cfg,
-                                               bits=lp.bits, note=lp.note)
+        if first:                   # else nothing this stage can fit: no partial model to build
+            _fit_stage(prepared, plan, done, first, out, samples, frontiers, weights, biases, cfg, cfg.seed + s)
         done.extend(out[t.node] for t in chunk)
         if progress:
             progress("sequential", s + 1, len(groups))
     return [out[lp.target.node] for lp in layers]
+
+
+def _fit_stage(prepared: "onnx.ModelProto", plan: Plan, done: list[LayerPlan], first: list[Target],
+               out: dict[str, LayerPlan], samples: Sequence[Callable[[], Feed]], frontiers,
+               weights: Mapping[str, np.ndarray], biases: Mapping[str, np.ndarray], cfg: ConvertConfig,
+               seed: int) -> None:
+    """Code the stage's first layers again (in `out`) on the input the model with `done` quantized
+    feeds them."""
+    # nothing quantized yet: the partial model is the FP32 one (its run is shared)
+    partial = apply_plan(prepared, code_biases(dataclasses.replace(plan, layers=done, biases={}))) if done \
+        else prepared
+    # a layer the target runs on float input (int4 weight-only kernels) sees no QDQ of its own
+    own = {t.act: plan.acts[t.act] for t in first if t.act in plan.acts and not weight_only(plan, out[t.node])}
+    paired = collect_paired(prepared, partial, first, samples, own, rows_per_sample=cfg.rows_per_sample,
+                            seed=seed, frontiers=frontiers)
+    for t in first:
+        if t.node in paired and paired[t.node].quant.rows >= FIT_ROWS * paired[t.node].cross.shape[-1]:
+            lp = out[t.node]
+            out[t.node] = plan_compensated(t, weights[t.node], biases.get(t.node), paired[t.node], cfg,
+                                           bits=lp.bits, note=lp.note)
