@@ -211,7 +211,7 @@ def _print_sequential(r) -> None:
     shares = [float(m.group(1)) for q in r.quantized if (m := re.search(r"\+compensated \((\d+)%\)", q.method))]
     n = r.config.get("stages")
     out.print(f"  sequential: {len(shares)} layers coded again on their quantized input, "
-              + (f"in {n} stages" if n else "one stage per level of layers")
+              + (f"in at most {n} stages" if n else "in stages of whole levels of layers")
               + (f", {sum(shares) / len(shares):.0f}% of the compensation kept on average (judged on held-out "
                  "samples)" if shares else ""))
 
@@ -326,15 +326,17 @@ def _preprocess_options(f):
 @click.option("--exclude", multiple=True, metavar="PATTERN", help="Leave matching nodes in float (repeatable).")
 @click.option("--no-bias-correction", is_flag=True, help="Do not correct the output mean shift.")
 @click.option("--sequential/--no-sequential", default=None,
-              help="After the one-pass plan, code the layers again in graph order, each on the input the partly "
-                   "quantized model feeds it, so it undoes the error upstream layers leave (as much of it as "
+              help="After the one-pass plan, code the layers again stage by stage in graph order, each stage's "
+                   "first layers on the input the partly quantized model feeds them, so they undo the error "
+                   "upstream layers leave (as much of it as "
                    "holds on samples the fit did not see). Costs about one more calibration pass over the model "
                    "plus the layers' statistics. Default: on for W4A8 and other uniform low-bit weights with "
                    "8-bit activations (docs/results.md, rounds 13-14), off otherwise.")
 @click.option("--stages", type=click.IntRange(min=1), default=None,
               help="Sequential mode in at most this many stages: only each stage's first layers are coded again. "
-                   "Default: one stage per level of layers that never read each other's output, so every layer "
-                   "is (each stage runs only the part of the model past the last one).")
+                   "Stages are whole levels of layers that never read each other's output, of about equal "
+                   "weight count. Default: as many as layers (light consecutive levels share a stage; each "
+                   "stage runs only the part of the model past the last one).")
 @click.option("--protect", type=click.FloatRange(0, 1), default=0.18, show_default=True,
               help="At 4 bits and below: how much larger (fraction) the weights may be than uniform low bits "
                    "(one scale per output channel). The blocked scales and zero points of --block (convs, "

@@ -54,7 +54,7 @@ class ConvertConfig:
     bits_overrides: tuple[tuple[str, int], ...] = field(default_factory=tuple)
     verify: bool = True
     sequential: bool | None = None         # None: on for uniform W<8A8 (docs/experiments/weights.md)
-    stages: int | None = None              # sequential passes at most; None: one per level (every layer)
+    stages: int | None = None              # sequential passes at most; None: as many as layers (search/sequential.py)
     sequential_samples: int = 64           # samples of each extra sequential pass
     rank_budget: float = 0.0
     branch_init: str = "whitened"

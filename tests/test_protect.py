@@ -97,7 +97,7 @@ def test_sequential_mode_codes_again_the_layers_protection_chose(pair):
 def test_cli_reports_sequential_mode_by_default_at_w4a8_and_no_sequential_turns_it_off(cli_run, tmp_path):
     code, out, _ = cli_run("convert", DIGITS, "--bits", "4", "--calib", CALIB, "-o", tmp_path / "a.onnx")
     line = next(x for x in out.splitlines() if x.strip().startswith("sequential:"))
-    assert code == 0 and "coded again on their quantized input, one stage per level of layers" in line and "% of the compensation" in line
+    assert code == 0 and "coded again on their quantized input, in stages of whole levels of layers" in line and "% of the compensation" in line
     code, out, _ = cli_run("convert", DIGITS, "--bits", "4", "--no-sequential", "--calib", CALIB,
                            "-o", tmp_path / "b.onnx")
     assert code == 0 and "sequential:" not in out

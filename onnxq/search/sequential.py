@@ -5,12 +5,14 @@ and the stage's first layers (those with no target of the same stage upstream) a
 their quantized input, own activation QDQ included, back onto the FP32 output
 (plan.layers.plan_compensated), at the bits and on the grid the one-pass plan gave them.
 
-A stage is made of whole levels (layers that never read each other's output). By default there is
-one stage per level, so every layer is first in its stage and is compensated; the runs of a stage
-compute only the part of the model past what earlier stages kept (calib.collect.Frontier), so the
-whole sequence costs about one extra pass over the model. With fewer stages (`stages`), a stage's
-later layers keep their one-pass codes: once its first layers have absorbed the upstream error,
-their inputs are close to FP32 again, and compensating the same error twice would overshoot."""
+A stage is made of whole levels (layers that never read each other's output) and closes once it
+holds its share of the weights: by default as many stages as layers, so a heavy level stands
+alone and consecutive light ones share a stage (rec: 29 stages for 47 layers, EfficientNet-Lite1
+30 for 65, YOLOv8n 36 for 64, MiniLM 25 for 39, its depth). The runs of a stage compute only the
+part of the model past what earlier stages kept (calib.collect.Frontier), so the whole sequence
+costs about one extra pass over the model. A stage's later layers keep their one-pass codes: once
+its first layers have absorbed the upstream error, their inputs are close to FP32 again, and
+compensating the same error twice would overshoot."""
 
 from __future__ import annotations
 
@@ -49,8 +51,8 @@ def levels(targets: Sequence[Target], ancestors: Mapping[str, set[str]]) -> dict
 
 
 def stages(targets: Sequence[Target], ancestors: Mapping[str, set[str]], n: int) -> list[list[Target]]:
-    """Split targets into at most n stages of whole levels, of about equal weight count; with n
-    at least the depth, one stage per level, so every layer is first in its stage."""
+    """Split targets into at most n stages of whole levels, of about equal weight count (a stage
+    closes once it holds its 1/n share: light consecutive levels share one)."""
     level = levels(targets, ancestors)
     units: dict[int, list[Target]] = {}
     for t in targets:
