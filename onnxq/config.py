@@ -177,10 +177,11 @@ class ConvertConfig:
     def sequential_on(self) -> bool:
         """Sequential mode: as asked, else by default where it was measured to pay, uniform low-bit
         weights with 8-bit activations (no mixed precision, no branches)."""
+        if self.stages == 1:
+            return False
         if self.sequential is None:
-            return (self.bits < 8 and self.act_bits == 8 and not self.mixed and self.rank_budget == 0
-                    and self.stages != 1)
-        return self.sequential and self.stages != 1
+            return self.bits < 8 and self.act_bits == 8 and not self.mixed and self.rank_budget == 0
+        return self.sequential
 
     @property
     def protect_on(self) -> bool:

@@ -173,7 +173,7 @@ def test_frontier_runs_only_what_changed_and_gives_the_whole_models_values(budge
     assert {i.name for i in sub.graph.input} == {"r0", "h0"} and {t.name for t in sub.graph.initializer} == {"w1", "w2"}
     assert [o.name for o in cut(first, ["r0"], {"x": np.float32}).graph.output] == ["r0", "h0"]   # the Add reads h0
     feeds = [{"x": rng.standard_normal((n, 6)).astype(np.float32)} for n in (2, 3, 1)]     # any batch
-    fr = Frontier([lambda f=f: f for f in feeds])
+    fr = Frontier(feeds)
     early = fr.run(first, ["r0"])
     # what a node not yet run reads, and the feed
     assert set(fr.values[0]) == ({"x", "h0", "r0"} if budget else {"x"})

@@ -47,8 +47,7 @@ class Router:
         try:
             return self.run(feed)
         except Exception as e:
-            raise CalibrationError(f"calibration sample {i} failed in onnxruntime: "
-                                   f"{str(e).splitlines()[0][:200]}") from None
+            raise _sample_failed(i, e) from None
 
     def run(self, feed: Feed) -> dict[str, np.ndarray]:
         choose: dict[str, bool] = {}
@@ -58,6 +57,10 @@ class Router:
             if not if_names:
                 return {a: values[a] for a in acts}
             choose.update({n: bool(np.asarray(values[c]).reshape(-1)[0]) for n, c in zip(if_names, conds)})
+
+
+def _sample_failed(i: int, e: Exception) -> CalibrationError:
+    return CalibrationError(f"calibration sample {i} failed in onnxruntime: {str(e).splitlines()[0][:200]}")
 
 
 # what one Frontier keeps at most over all samples, feeds aside
@@ -71,8 +74,8 @@ class Frontier:
     pass over the model instead of one per stage. Main graphs without If nodes only (Router
     inlines those per sample)."""
 
-    def __init__(self, loaders: Sequence[Callable[[], Feed]]) -> None:
-        self.values = [dict(load()) for load in loaders]     # per sample: tensor -> value
+    def __init__(self, feeds: Sequence[Feed]) -> None:
+        self.values = [dict(f) for f in feeds]                # per sample: tensor -> value
         self.feeds = set(self.values[0]) if self.values else set()
         self.model: "onnx.ModelProto | None" = None
         self.signature: tuple[set[bytes], dict[str, bytes]] = (set(), {})
@@ -103,8 +106,7 @@ class Frontier:
                 try:
                     v.update(zip(outs, sess.run(outs, {k: v[k] for k in ins})))
                 except Exception as e:
-                    raise CalibrationError(f"calibration sample {i} failed in onnxruntime: "
-                                           f"{str(e).splitlines()[0][:200]}") from None
+                    raise _sample_failed(i, e) from None
         out = [{w: v[w] for w in wanted} for v in self.values]
         self._forget(model)
         return out

@@ -72,22 +72,17 @@ def cut(model: onnx.ModelProto, wanted: Sequence[str], given: dict[str, np.dtype
     reads = set().union(*(node_reads(n) for n in keep)) if keep else set()
     later = set().union(*(node_reads(n) for n in rest)) if rest else set()
     made = [o for n in keep for o in n.output if o in later and o not in wanted]
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    g = m.graph
-    del g.node[:]
-    g.node.extend(keep)
-    inits = [t for t in g.initializer if t.name in reads and t.name not in given]
-    del g.initializer[:]
-    g.initializer.extend(inits)
-    inputs = [i for i in g.input if i.name in reads and i.name not in given]
-    del g.input[:]
-    g.input.extend(inputs)
+    src = model.graph
+    # built from the pieces it keeps: a copy of the whole model would copy every weight each stage
+    g = onnx.GraphProto(name=src.name, node=keep, value_info=src.value_info,
+                        sparse_initializer=src.sparse_initializer,
+                        initializer=[t for t in src.initializer if t.name in reads and t.name not in given],
+                        input=[i for i in src.input if i.name in reads and i.name not in given])
     g.input.extend(helper.make_tensor_value_info(k, helper.np_dtype_to_tensor_dtype(np.dtype(d)), None)
                    for k, d in given.items() if k in reads)
-    del g.output[:]
     g.output.extend(helper.make_empty_tensor_value_info(w) for w in [*(w for w in wanted if w not in given), *made])
-    return m
+    return onnx.ModelProto(ir_version=model.ir_version, opset_import=model.opset_import, graph=g,
+                           functions=model.functions)
 
 
 def _upstream(model: onnx.ModelProto, wanted: Sequence[str], given) -> tuple[list, list]:

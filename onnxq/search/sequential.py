@@ -81,7 +81,8 @@ def sequential_layers(prepared: "onnx.ModelProto", plan: Plan, loaders: Sequence
     groups = stages(targets, ancestors, cfg.stages or len(targets))
     done: list[LayerPlan] = []
     samples = loaders[:cfg.sequential_samples]
-    frontiers = (Frontier(samples), Frontier(samples)) if Frontier.fits(prepared) else None
+    feeds = [load() for load in samples] if Frontier.fits(prepared) else None
+    frontiers = (Frontier(feeds), Frontier(feeds)) if feeds is not None else None
     for s, chunk in enumerate(groups):
         names = {t.node for t in chunk}
         first = [t for t in chunk if t.node in ancestors and not (ancestors[t.node] & names)
