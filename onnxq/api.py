@@ -28,7 +28,7 @@ from .graph.smooth import apply_smoothing, channel_axis, smoothable
 from .graph.large import model_bytes, weights_folder
 from .graph.targets import WeightMap, find_targets, initializer_array
 from .graph.tidy import tidy
-from .plan.acts import plan_acts, tie
+from .plan.acts import plan_acts, saturate, tie
 from .plan.biases import code_biases
 from .plan.layers import make_plan, plan_layer
 from .plan.rules import DEFAULT_TARGET, float_input
@@ -220,6 +220,7 @@ def calibrate(c: Conversion, stats: Stats | None, save_stats: str | None,
         else:
             stats = collect(c.prepared, c.targets, c.calib, hessians=hessians, rows_per_sample=c.cfg.rows_per_sample,
                             seed=c.cfg.seed, progress=progress, extra=c.placement.observe)
+    stats.acts = saturate(stats.acts, c.placement.bounds)
     stats.smoothing = {a: (ch.alpha, ch.scales, ch.error_before, ch.error_after) for a, ch in c.smoothed.items()}
     if save_stats:
         try:
@@ -308,7 +309,7 @@ def plan(c: Conversion, progress: Progress | None) -> None:
         probe = Probe(c.prepared, c.targets, c.weights, c.calib[:PROBE_SAMPLES], c.biases, act_plan, tails=TAILS)
     c.plan = make_plan(c.targets, c.weights, c.biases, c.stats.layers, c.stats.acts, c.cfg,
                        progress=progress, layers=layers, probe=probe, act_plan=act_plan, planned=c.planned)
-    c.plan.target, c.plan.readers = c.cfg.target, dict(c.placement.readers)
+    c.plan.target, c.plan.readers, c.plan.tied = c.cfg.target, dict(c.placement.readers), dict(c.placement.tied)
     c.shared_weights = share_weights(c.plan.layers, c.weights, c.stats.layers, c.cfg)
 
 
@@ -388,7 +389,7 @@ def widen(c: Conversion, progress: Progress | None) -> None:
     fit = [load() for load in c.calib[:n]]
     check = [load() for load in c.calib[n:2 * n]]
     try:
-        acts, c.wide = widen_acts(c.prepared, c.plan, c.stats.acts, fit, check, c.cfg, progress)
+        acts, c.wide = widen_acts(c.prepared, c.plan, c.stats.acts, fit, check, c.cfg, progress, c.placement.units)
     except Exception as e:    # an optional refinement: the 8-bit model stands without it
         c.warn(f"activations stay at 8 bits: measuring their harm failed ({str(e).splitlines()[0][:160]})")
         return

@@ -284,6 +284,7 @@ class Plan:
     biases: dict[str, CodedBiases] = field(default_factory=dict)   # node -> coded (plan/biases.py)
     target: str = "generic"      # emission rules (plan/rules.py)
     readers: dict[str, list[str]] = field(default_factory=dict)   # other nodes that read Q/DQ'd inputs
+    tied: dict[str, str] = field(default_factory=dict)   # tensor -> the tensor whose Q/DQ params it takes
 
 
 @dataclass
@@ -389,6 +390,8 @@ class WideSummary:
     loss: float | None = None       # network loss on the fitting samples, every activation rounded
     check_before: float | None = None   # on calibration samples the harm was not measured on
     check_after: float | None = None    # the same with the widened tensors at 16 bits
+    unfused: float | None = None        # share of the layers' multiply-adds that run without an integer
+                                        # kernel because of them (targets with a budget for it)
 
 
 @dataclass
@@ -549,6 +552,8 @@ class Placement:
     tied: dict[str, str] = field(default_factory=dict)     # tensor -> the tensor whose Q/DQ params it takes
     readers: dict[str, list[str]] = field(default_factory=dict)   # non-layer node -> inputs it reads quantized
     float_outputs: list[str] = field(default_factory=list)  # unit layers whose output decides the answer: no Q
+    bounds: dict[str, tuple[float, float]] = field(default_factory=dict)  # tensor -> where every reader saturates
+    units: dict[str, str] = field(default_factory=dict)    # a unit layer's output Q tensor -> the layer
 
 
 @dataclass

@@ -19,7 +19,8 @@ from onnxq.graph.rewrite import apply_plan
 from onnxq.graph.variants import mask_name
 from onnxq.plan.biases import code_biases
 from onnxq.runtime import session
-from onnxq.search.wide import MIN_SHARE, MaskSession, candidates, widen_acts
+from onnxq.plan.rules import ORT_WIDE_MACS
+from onnxq.search.wide import MIN_SHARE, MaskSession, candidates, layer_macs, widen_acts
 from onnxq.types import Plan
 
 from builders import conv_zoo
@@ -127,13 +128,67 @@ def test_mask_session_is_the_emitted_model_and_unrounds_what_it_is_told(feeds, m
     assert tails._tail_for(list(cal), [last]) is None              # other samples: the whole graph
 
 
-@pytest.mark.parametrize("cfg", [dict(bits=8, protect_acts=0), dict(bits=8, target="ort-cpu"),
+@pytest.mark.parametrize("cfg", [dict(bits=8, protect_acts=0), dict(bits=8, target="openvino"),
                                  dict(bits=8, act_bits=16), dict(bits=8, act_bits=32)])
 def test_no_widening_when_off_or_where_the_target_runs_8_bit_kernels(cfg):
     q, rep = onnxq.convert(DIGITS, onnxq.ConvertConfig(**cfg), calib=CALIB)
     assert rep.wide is None
     if cfg.get("act_bits", 8) == 8:
         assert set(act_zero_types(q).values()) == {onnx.TensorProto.UINT8}
+
+
+def _spy_plan(monkeypatch) -> dict:
+    seen = {}
+
+    def keep(prepared, plan, stats, *args, **kwargs):
+        seen.update(plan=copy.deepcopy(plan), stats=stats)
+        return widen_acts(prepared, plan, stats, *args, **kwargs)
+
+    monkeypatch.setattr(api, "widen_acts", keep)
+    return seen
+
+
+def test_layer_multiply_adds_come_from_the_input_values_seen(monkeypatch):
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from test_target_rules import relu_net
+
+    seen = _spy_plan(monkeypatch)
+    rng = np.random.default_rng(3)
+    feeds = [{"x": rng.standard_normal((1, 3, 16, 16)).astype(np.float32)} for _ in range(6)]
+    onnxq.convert(relu_net(rng), onnxq.ConvertConfig(bits=8), calib=feeds)
+    macs = layer_macs(seen["plan"], seen["stats"])
+    # per sample: 3x3 'same' convs over 16x16 and 8x8 maps, a 1x1 conv, a Gemm 8 -> 5; over the
+    # samples calibration ran (one of six is held out to check the result)
+    n = macs["fc"] / 40
+    assert n in (5, 6)
+    assert macs == pytest.approx({"conv0": n * 256 * 8 * 27, "conv1": n * 256 * 8 * 72, "conv2": n * 256 * 8 * 8,
+                                  "conv3": n * 64 * 8 * 144, "fc": n * 40})
+
+
+@pytest.mark.slow
+def test_ort_cpu_widens_only_what_its_multiply_add_budget_lets(monkeypatch, tmp_path):
+    """Under ort-cpu a unit with an int16 input or output loses its integer kernel: the widened
+    tensors touch at most ORT_WIDE_MACS of the multiply-adds, every other conv still fuses."""
+    path = str(ocr_path("rec"))
+    cal = [f for f, _ in rec_samples(32, seed=0)]
+    seen = _spy_plan(monkeypatch)
+    q, rep = onnxq.convert(path, onnxq.ConvertConfig(bits=8, target="ort-cpu"), calib=cal)
+    w = rep.wide
+    assert w is not None and w.widened and 0 < w.unfused <= ORT_WIDE_MACS
+    types = act_zero_types(q)
+    assert {a for a, t in types.items() if t == onnx.TensorProto.INT16} >= set(w.widened)
+    # the ranking is by harm, skipping what the budget cannot take: nothing more harmful fits
+    ranked = sorted(w.harm, key=lambda a: -w.harm[a])
+    assert ranked.index(w.widened[-1]) >= len(w.widened) - 1
+    macs = layer_macs(seen["plan"], seen["stats"])
+    convs = [lp.target.node for lp in seen["plan"].layers if lp.target.op == "Conv"]
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    ort.InferenceSession(q.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node]
+    unfused = sum(op in ("Conv", "FusedConv") for op in ops)
+    assert ops.count("QLinearConv") >= len(convs) - unfused and unfused >= 1
+    assert sum(macs.values()) > 0
 
 
 def test_the_share_is_checked():

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import math
+
 import onnx
+from onnx import numpy_helper
 
 from ..plan.rules import ABSORBED_OPS, DECISION_OPS, SAME_SCALE_OPS, Rules
 from ..types import Placement, Target
@@ -90,7 +93,10 @@ def plan_placement(model: onnx.ModelProto, targets: Sequence[Target], rules: Rul
             if node.op_type not in POOLS:
                 continue    # a gate's layers keep input-side Q/DQ only: an error there scales whole channels
         if node.name in layers:
-            add(_unit_output(node, consumers, outputs))
+            y = _unit_output(node, consumers, outputs)
+            if y:
+                p.units[y] = node.name
+            add(y)
         elif node.op_type in rules.fused_ops:
             ins = [i for i in node.input if i]
             if ins and all(i in quantized for i in ins) and len(node.output) == 1:
@@ -104,10 +110,58 @@ def plan_placement(model: onnx.ModelProto, targets: Sequence[Target], rules: Rul
         deciding = _deciding(g, {t.node for t in targets if not t.graph})
         p.float_outputs = [n.name for n in g.node if n.name in layers
                            and _unit_output(n, consumers, outputs) in deciding]
+        p.units = {y: n for y, n in p.units.items() if y not in deciding}
         extra = [n for n in extra if n not in deciding]
         p.tied = {k: v for k, v in p.tied.items() if k not in deciding}
     p.observe += [n for n in extra if n not in p.tied and n not in p.observe]
+    p.bounds = _bounds(g, [n for n in extra if n not in p.tied], consumers)
     return p
+
+
+def _saturation(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> tuple[float, float] | None:
+    """(lo, hi) outside which `node`'s output no longer changes with its first input (it
+    saturates), or None: HardSwish is 0 below -3, HardSigmoid flat outside [-b/a, (1-b)/a],
+    Relu 0 below 0, Clip flat outside its constant bounds."""
+    op = node.op_type
+    if op == "HardSwish":
+        return -3.0, math.inf
+    if op == "Relu":
+        return 0.0, math.inf
+    if op == "HardSigmoid":
+        a, b = _attr(node, "alpha", 0.2), _attr(node, "beta", 0.5)
+        return (-b / a, (1.0 - b) / a) if a > 0 else None
+    if op == "Clip":
+        ends = [_attr(node, "min", -math.inf), _attr(node, "max", math.inf)]
+        for k, name in enumerate(node.input[1:3]):
+            if name and name not in inits:
+                return None
+            if name:
+                v = numpy_helper.to_array(inits[name])
+                if v.size != 1:
+                    return None
+                ends[k] = float(v.reshape(()))
+        return ends[0], ends[1]
+    return None
+
+
+def _attr(node: onnx.NodeProto, name: str, default: float) -> float:
+    return next((a.f for a in node.attribute if a.name == name), default)
+
+
+def _bounds(g: onnx.GraphProto, names: Sequence[str], consumers) -> dict[str, tuple[float, float]]:
+    """Output-side tensors every reader of which saturates outside some interval: rounding
+    clipped to it changes no reader's output, so their ranges need not cover more (a conv's
+    pre-activation before a HardSwish: what lies below -3 is all read as 0)."""
+    inits = {t.name: t for t in g.initializer}
+    out = {}
+    for name in names:
+        ends = [_saturation(n, inits) if n.input[0] == name and name not in n.input[1:] else None
+                for n in consumers.get(name, [])]
+        if ends and all(e is not None for e in ends):
+            lo, hi = max(e[0] for e in ends), min(e[1] for e in ends)
+            if lo < hi and (lo > -math.inf or hi < math.inf):
+                out[name] = (lo, hi)
+    return out
 
 
 def _deciding(g: onnx.GraphProto, layers: set[str]) -> set[str]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Mapping
 
+import numpy as np
+
 from ..algos.qmath import act_params
 from ..algos.ranges import RANGE_METHODS, parse_method
 from ..config import SEARCHED_METHODS, START_RANGE, ConvertConfig
@@ -51,6 +53,28 @@ def plan_acts(acts: Mapping[str, ActStats], cfg: ConvertConfig,
                            cfg.act_method_name)
            for name, st in sorted(acts.items())}
     return tie(out, tied)
+
+
+def saturate(acts: Mapping[str, ActStats], bounds: Mapping[str, tuple[float, float]]) -> dict[str, ActStats]:
+    """`acts` as their readers see them: a tensor whose every reader saturates outside (lo, hi)
+    has the values beyond moved onto the bound (graph/placement.py), so every range method sizes
+    it by what can change the network's output."""
+    out = dict(acts)
+    for name, (lo, hi) in bounds.items():
+        st = acts.get(name)
+        if st is None:
+            continue
+        counts = st.counts.copy()
+        centers = 0.5 * (st.edges[:-1] + st.edges[1:])
+        for below, end in ((centers < lo, lo), (centers > hi, hi)):
+            if np.isfinite(end) and below.any() and counts[below].any():
+                k = int(np.clip(np.searchsorted(st.edges, end, side="right") - 1, 0, counts.size - 1))
+                moved = counts[below].sum()
+                counts[below] = 0
+                counts[k] += moved
+        seen = (min(max(st.observed[0], lo), hi), max(min(st.observed[1], hi), lo))
+        out[name] = ActStats(counts, st.edges, seen)
+    return out
 
 
 def tie(acts: dict[str, ActQuant], tied: Mapping[str, str] | None) -> dict[str, ActQuant]:

@@ -19,6 +19,10 @@ ort-cpu   full node units DQ -> op -> Q so onnxruntime's CPU provider fuses inte
           INT8 containers (the speed of W8A8 with the rounding of W4; the file is W8-sized).
           Scores that flow through no quantized layer into a Sigmoid/Softmax ahead of an output
           (a detector's class logits) get no output Q: the layers making them run in float.
+          An output-side tensor read only by ops that saturate (HardSwish below -3, HardSigmoid,
+          Clip, Relu) is ranged only where they do not. At 8-bit activations the few whose
+          rounding costs the network most may be int16 (--protect-acts): the layers reading or
+          making them then run in float, so they may hold at most 5% of the multiply-adds.
           2- to 4-bit Gemm/MatMul weights become its 4-bit kernel MatMulNBits (com.microsoft:
           onnxq's codes packed two to a byte, one scale and zero point per block of K; the input
           stays float and the kernel quantizes it to int8 per block as it runs), and embedding
@@ -64,6 +68,9 @@ UNIT_OPS = frozenset({"Conv", "ConvTranspose"})
 ABSORBED_OPS = frozenset({"Relu", "Clip"})
 # ops that turn scores into the network's answer: the values ahead of them decide it
 DECISION_OPS = frozenset({"Sigmoid", "Softmax", "LogSoftmax"})
+# ort-cpu: the share of the multiply-adds that int16 activations may take off the integer kernels
+# (a unit with an int16 input or output runs in float; docs/results.md, round 15)
+ORT_WIDE_MACS = 0.05
 
 
 
@@ -90,6 +97,9 @@ class Rules:
     float_decisions: bool = False        # no output-side Q ahead of an output's Sigmoid/Softmax (output_units)
     smooth_depthwise: bool = False       # depthwise-conv inputs may be smoothed (8-bit conversions)
     wide_acts: bool = False              # the most harmful 8-bit activations may be int16 (--protect-acts)
+    wide_macs: float | None = None       # ... as long as the layers that then lose their integer kernels
+                                         # (reading or making an int16 tensor) hold at most this share
+                                         # of the quantized layers' multiply-adds (None: no limit)
     session_options: dict[str, str] = field(default_factory=dict)   # for onnxruntime's CPU provider
     summary: str = ""
 
@@ -101,7 +111,7 @@ RULES: dict[str, Rules] = {
                      summary="Q/DQ on quantized layers' inputs; INT4 containers"),
     "ort-cpu": Rules("ort-cpu", output_units=True, all_readers=True, int4_conv=False, int4_matmul=False,
                      simplify=True, int4_weight_only=True, ms_kernels=True, blocked_weights=True,
-                     zero_points=True, float_decisions=True,
+                     zero_points=True, float_decisions=True, wide_acts=True, wide_macs=ORT_WIDE_MACS,
                      summary="full node units for onnxruntime's CPU integer kernels; u8/s8, int32 bias; "
                              "4-bit Gemm/MatMul as MatMulNBits, tables as GatherBlockQuantized"),
     "openvino": Rules("openvino", output_units=False, all_readers=False, int4_conv=False, int4_matmul=True,

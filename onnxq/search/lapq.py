@@ -45,9 +45,11 @@ class SearchSession:
 
     def __init__(self, prepared: "onnx.ModelProto", plan: Plan, feeds: Sequence[Feed],
                  reference: Sequence[Sequence[np.ndarray]]) -> None:
-        self.names = sorted(a for a in plan.acts if not in_subgraph(plan, a))
+        self.names = searched(plan)
+        # a tied tensor (data movement's output) takes its source's parameters in every trial
+        self.source = {a: s for a, s in plan.tied.items() if a in plan.acts and s in self.names}
         model = apply_plan(prepared, code_biases(plan))
-        params = [n for a in self.names for n in act_param_names(a, plan.acts[a])]
+        params = [n for a in [*self.names, *self.source] for n in act_param_names(a, plan.acts[a])]
         # int32 biases (the layer's and its branch's) are coded in units of s_x * s_w, so they
         # follow the input's scale: the session takes them as inputs too, or it would measure
         # biases rounded on the start's grid (docs/experiments/activation-ranges.md). The
@@ -55,7 +57,7 @@ class SearchSession:
         self.biased = []
         for lp in plan.layers:
             t = lp.target
-            if not t.graph and t.act in self.names:
+            if not t.graph and (t.act in self.names or t.act in self.source):
                 bound = bias_param_values(lp, coded_biases(lp, plan.acts[t.act].scale))
                 if bound:
                     self.biased.append(lp)
@@ -80,10 +82,11 @@ class SearchSession:
 
     def outputs_for(self, acts: Mapping[str, ActQuant], feed: Feed) -> list[np.ndarray]:
         extra = {}
-        for a in self.names:
-            extra.update(act_param_values(a, acts[a]))
+        for a in [*self.names, *self.source]:
+            extra.update(act_param_values(a, acts[self.source.get(a, a)]))
         for lp in self.biased:
-            extra.update(bias_param_values(lp, coded_biases(lp, acts[lp.target.act].scale)))
+            a = lp.target.act
+            extra.update(bias_param_values(lp, coded_biases(lp, acts[self.source.get(a, a)].scale)))
         return self.sess.run(self.outputs, {**feed, **{k: v for k, v in extra.items() if k in self.known}})
 
     def loss(self, acts: Mapping[str, ActQuant]) -> float:
@@ -109,8 +112,13 @@ def batched(sess, feeds: Sequence[Feed], reference: Sequence[Sequence[np.ndarray
     return out_f, out_r
 
 
-def in_subgraph(plan: Plan, act: str) -> bool:
-    return all(lp.target.graph for lp in plan.layers if lp.target.act == act)
+def searched(plan: Plan) -> list[str]:
+    """The activations whose ranges the searches move: the main graph's, tied ones left out
+    (they take their source's after the search). A tensor no layer reads (a layer's output-side
+    Q under full node units) is a main-graph one."""
+    inner = {lp.target.act for lp in plan.layers if lp.target.graph}
+    outer = {lp.target.act for lp in plan.layers if not lp.target.graph}
+    return sorted(a for a in plan.acts if a not in plan.tied and (a in outer or a not in inner))
 
 
 def _scaled(start: Mapping[str, ActQuant], names, cfg: ConvertConfig, x: np.ndarray) -> dict[str, ActQuant]:

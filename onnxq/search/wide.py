@@ -20,10 +20,11 @@ network is closer to FP32 with them.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Mapping, Sequence
+from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 import numpy as np
 
+from ..algos.matrix import AXIS
 from ..algos.metrics import divergence
 from ..config import ConvertConfig
 from ..graph.rewrite import apply_plan
@@ -33,7 +34,7 @@ from ..plan.acts import act_quant, method_range
 from ..plan.biases import code_biases
 from ..runtime import session
 from ..types import ActQuant, ActStats, Feed, Plan, Progress, WideSummary
-from .lapq import batched, in_subgraph
+from .lapq import batched, searched
 from .probe import TAILS, Tail, keep_tails, latest_tail
 
 if TYPE_CHECKING:
@@ -86,13 +87,59 @@ class MaskSession:
 
 def candidates(plan: Plan, cfg: ConvertConfig) -> list[str]:
     """Main-graph activations at the conversion's activation bits."""
-    return sorted(a for a, q in plan.acts.items() if q.bits == cfg.act_bits and not in_subgraph(plan, a))
+    return [a for a in searched(plan) if plan.acts[a].bits == cfg.act_bits]
 
 
-def prefixes(names, harm: Mapping[str, float], base: float, budget: int) -> list[list[str]]:
-    """The most harmful tensors (harm above MIN_SHARE of the loss), the first `budget`, half as
-    many, a quarter, ... down to one: the sets the check chooses among."""
-    ranked = [a for a in sorted(names, key=lambda a: (-harm[a], a)) if harm[a] > MIN_SHARE * base][:budget]
+def layer_macs(plan: Plan, stats: Mapping[str, ActStats]) -> dict[str, float]:
+    """Each main-graph layer's multiply-adds over the calibration samples, from the number of
+    values its input held (padding and borders aside)."""
+    out = {}
+    for lp in plan.layers:
+        t = lp.target
+        st = stats.get(t.act) if t.act and not t.graph else None
+        if st is not None:
+            out[t.node] = float(st.counts.sum()) * _per_input(t)
+    return out
+
+
+def _per_input(t) -> float:
+    """Multiply-adds per input value of a layer (0 for a table lookup)."""
+    if t.op == "Conv":
+        strides = float(np.prod(t.geo.strides)) if t.geo else 1.0
+        return t.params / (t.shape[1] * t.groups) / strides
+    if t.op == "ConvTranspose":
+        return t.params / t.shape[0]
+    if t.op in ("Gemm", "MatMul"):
+        return float(t.shape[AXIS[t.weight_layout]])
+    return 0.0
+
+
+def affordable(ranked: Sequence[str], plan: Plan, macs: Mapping[str, float], units: Mapping[str, str],
+               share: float) -> tuple[list[str], Callable[[Sequence[str]], float]]:
+    """The tensors of `ranked`, in order, that fit together while the layers losing their
+    integer kernels to them (the ones reading them, the unit making one) hold at most `share`
+    of the multiply-adds; and the share a set of them takes."""
+    readers: dict[str, set[str]] = {}
+    for lp in plan.layers:
+        if lp.target.act and not lp.target.graph:
+            readers.setdefault(lp.target.act, set()).add(lp.target.node)
+    total = sum(macs.values()) or 1.0
+
+    def taken(chosen: Sequence[str]) -> float:
+        nodes = set().union(*(readers.get(a, set()) | ({units[a]} if a in units else set()) for a in chosen))
+        return sum(macs.get(n, 0.0) for n in nodes) / total
+
+    out: list[str] = []
+    for a in ranked:
+        if taken(out + [a]) <= share:
+            out.append(a)
+    return out, taken
+
+
+def prefixes(ranked: Sequence[str], budget: int) -> list[list[str]]:
+    """The first `budget` tensors of `ranked`, half as many, a quarter, ... down to one: the
+    sets the check chooses among."""
+    ranked = list(ranked[:budget])
     sizes = []
     k = len(ranked)
     while k >= 1:
@@ -103,8 +150,11 @@ def prefixes(names, harm: Mapping[str, float], base: float, budget: int) -> list
 
 def widen_acts(prepared: "onnx.ModelProto", plan: Plan, stats: Mapping[str, ActStats],
                fit: Sequence[Feed], check: Sequence[Feed], cfg: ConvertConfig,
-               progress: Progress | None = None) -> tuple[dict[str, ActQuant], WideSummary]:
-    """`plan.acts` with the most harmful activations at 16 bits, and what was measured."""
+               progress: Progress | None = None, units: Mapping[str, str] | None = None
+               ) -> tuple[dict[str, ActQuant], WideSummary]:
+    """`plan.acts` with the most harmful activations at 16 bits, and what was measured; under a
+    target whose integer kernels take 8 bits only, as many as the multiply-add budget lets
+    (`units`: a unit layer's output tensor -> the layer)."""
     names = candidates(plan, cfg)
     budget = int(np.floor(cfg.protect_acts * len(names)))
     summary = WideSummary(tensors=len(names), budget=budget, harm={}, widened=[])
@@ -123,7 +173,11 @@ def widen_acts(prepared: "onnx.ModelProto", plan: Plan, stats: Mapping[str, ActS
         summary.harm[a] = ms.loss(fit_b, fit_r, unrounded - {a}) - floor
         if progress:
             progress("protect activations", i + 1, len(names))
-    sets = prefixes(names, summary.harm, base, budget)
+    ranked = [a for a in sorted(names, key=lambda a: (-summary.harm[a], a)) if summary.harm[a] > MIN_SHARE * base]
+    share = None
+    if cfg.rules.wide_macs is not None:
+        ranked, share = affordable(ranked, plan, layer_macs(plan, stats), units or {}, cfg.rules.wide_macs)
+    sets = prefixes(ranked, budget)
     if not sets:
         return dict(plan.acts), summary
     # the check measures a few sizes of the most harmful set and keeps the best, if it beats
@@ -138,6 +192,7 @@ def widen_acts(prepared: "onnx.ModelProto", plan: Plan, stats: Mapping[str, ActS
         return dict(plan.acts), summary
     chosen = sets[i]
     summary.widened = chosen
+    summary.unfused = share(chosen) if share else None
     out = dict(plan.acts)
     for a in chosen:
         lo, hi = method_range(stats[a], "minmax", WIDE_BITS, True)

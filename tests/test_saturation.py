@@ -1,0 +1,93 @@
+"""Output-side tensors under full node units: their ranges stop where every reader saturates,
+and the range choice and the 16-bit protection see them like the layers' inputs."""
+
+import math
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from builders import make_model, vi
+from onnx import helper, numpy_helper
+
+import onnxq
+from onnxq.graph.placement import plan_placement
+from onnxq.graph.targets import find_targets
+from onnxq.plan.acts import method_range, saturate
+from onnxq.plan.rules import RULES
+from onnxq.types import ActStats
+from test_target_rules import relu_net
+
+
+def hardswish_net(rng) -> onnx.ModelProto:
+    """conv0 (a bias that pushes most of its output far below -3) -> HardSwish -> conv1; conv1 ->
+    Clip(-1, 2) and HardSigmoid, added: the conv outputs are read only by saturating ops."""
+    r = lambda *s: (rng.standard_normal(s) * 0.5).astype(np.float32)  # noqa: E731
+    inits = {"w0": r(8, 3, 3, 3), "b0": np.linspace(-12, 2, 8).astype(np.float32), "w1": r(8, 8, 1, 1),
+             "lo": np.array(-1, np.float32), "hi": np.array(2, np.float32)}
+    nodes = [helper.make_node("Conv", ["x", "w0", "b0"], ["c0"], pads=[1] * 4, name="conv0"),
+             helper.make_node("HardSwish", ["c0"], ["h0"]),
+             helper.make_node("Conv", ["h0", "w1"], ["c1"], name="conv1"),
+             helper.make_node("Clip", ["c1", "lo", "hi"], ["k1"]),
+             helper.make_node("HardSigmoid", ["c1"], ["s1"], alpha=0.25, beta=0.5),
+             helper.make_node("Add", ["k1", "s1"], ["y"])]
+    return make_model(nodes, [vi("x", [1, 3, 8, 8])], [vi("y", [1, 8, 8, 8])], inits, opset=14)
+
+
+def test_placement_bounds_tensors_whose_every_reader_saturates():
+    m = hardswish_net(np.random.default_rng(0))
+    p = plan_placement(m, find_targets(m)[0], RULES["ort-cpu"])
+    assert p.bounds["c0"] == (-3.0, math.inf)
+    # Clip flat outside [-1, 2], HardSigmoid outside [-2, 2]: both read c1, so [-1, 2]
+    assert p.bounds["c1"] == (-1.0, 2.0)
+    assert plan_placement(m, find_targets(m)[0], RULES["generic"]).bounds == {}
+
+
+def test_saturate_moves_the_mass_beyond_a_bound_onto_it():
+    edges = np.linspace(-16, 16, 33)
+    counts = np.zeros(32, np.int64)
+    counts[:8] = 10                       # values in [-16, -8)
+    counts[16:20] = 5                     # values in [0, 4)
+    st = {"t": ActStats(counts, edges, (-15.5, 3.9)), "u": ActStats(counts, edges, (-15.5, 3.9))}
+    out = saturate(st, {"t": (-3.0, math.inf)})
+    t = out["t"]
+    assert t.counts.sum() == counts.sum() and t.observed == (-3.0, 3.9)
+    assert t.counts[13] == 80 and not t.counts[:13].any()     # bin [-3, -2) holds what lay below -3
+    assert out["u"] is st["u"]
+    for spec in ("minmax", "percentile:99.99", "mse"):
+        lo, hi = method_range(t, spec, 8, False)
+        assert -3.0 - 1e-6 <= lo and hi <= 4.0, (spec, lo, hi)
+
+
+def test_ort_cpu_range_of_a_pre_hardswish_tensor_ends_at_minus_three():
+    rng = np.random.default_rng(1)
+    m = hardswish_net(rng)
+    feeds = [{"x": rng.standard_normal((1, 3, 8, 8)).astype(np.float32) * 2} for _ in range(24)]
+    extra = onnx.ModelProto()
+    extra.CopyFrom(m)
+    extra.graph.output.append(vi("c0", None))
+    low = min(float(ort.InferenceSession(extra.SerializeToString()).run(["c0"], f)[0].min()) for f in feeds)
+    assert low < -10.0
+    q, _ = onnxq.convert(m, onnxq.ConvertConfig(bits=8, target="ort-cpu", act_method="minmax", protect_acts=0),
+                         calib=feeds)
+    inits = {t.name: numpy_helper.to_array(t) for t in q.graph.initializer}
+    qn = next(n for n in q.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "c0")
+    scale, zp = float(inits[qn.input[1]]), int(inits[qn.input[2]])
+    assert -3.0 - scale <= -zp * scale <= -3.0 + scale, (scale, zp)
+
+
+def test_searches_see_output_side_tensors_and_move_tied_ones_with_their_source():
+    """Under ort-cpu a conv's output feeding a residual Add, the Add's and the pool's outputs
+    are quantized though no layer reads them: the per-tensor range choice measures them; the
+    MaxPool's output keeps its source's parameters."""
+    rng = np.random.default_rng(2)
+    m = relu_net(rng)
+    feeds = [{"x": rng.standard_normal((1, 3, 16, 16)).astype(np.float32)} for _ in range(24)]
+    q, rep = onnxq.convert(m, onnxq.ConvertConfig(bits=8, target="ort-cpu", act_method="auto", protect_acts=0),
+                           calib=feeds)
+    quantized = {n.input[0] for n in q.graph.node if n.op_type == "QuantizeLinear"}
+    assert {"c2", "a", "g", "p", "f"} <= quantized, quantized
+    assert rep.ranges.tensors == len(quantized - {"p"})
+    inits = {t.name: numpy_helper.to_array(t) for t in q.graph.initializer}
+    qs = {n.input[0]: (float(inits[n.input[1]]), int(inits[n.input[2]])) for n in q.graph.node
+          if n.op_type == "QuantizeLinear" and n.input[0] in quantized}
+    assert qs["p"] == qs["a"]
