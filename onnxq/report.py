@@ -55,8 +55,8 @@ def _layer(c: Conversion, lp) -> LayerReport:
 def _note(c: Conversion, lp) -> str:
     if c.placement is None or lp.target.node not in c.placement.float_outputs:
         return lp.note
-    why = (f"output not rounded: it decides the answer (a Sigmoid/Softmax ahead of an output), so the "
-           f"layer runs in float under the {c.plan.target} target")
+    why = (f"output not rounded: it decides the answer (it reaches an output, or a Sigmoid/Softmax ahead of "
+           f"one, through no other layer), so the layer runs in float under the {c.plan.target} target")
     return f"{lp.note}; {why}" if lp.note else why
 
 

@@ -20,16 +20,18 @@ from test_target_rules import relu_net
 
 def hardswish_net(rng) -> onnx.ModelProto:
     """conv0 (a bias that pushes most of its output far below -3) -> HardSwish -> conv1; conv1 ->
-    Clip(-1, 2) and HardSigmoid, added: the conv outputs are read only by saturating ops."""
+    Clip(-1, 2) and HardSigmoid, added, -> conv2: the first two convs' outputs are read only by
+    saturating ops."""
     r = lambda *s: (rng.standard_normal(s) * 0.5).astype(np.float32)  # noqa: E731
-    inits = {"w0": r(8, 3, 3, 3), "b0": np.linspace(-12, 2, 8).astype(np.float32), "w1": r(8, 8, 1, 1),
+    inits = {"w0": r(8, 3, 3, 3), "b0": np.linspace(-12, 2, 8).astype(np.float32), "w1": r(8, 8, 1, 1), "w2": r(8, 8, 1, 1),
              "lo": np.array(-1, np.float32), "hi": np.array(2, np.float32)}
     nodes = [helper.make_node("Conv", ["x", "w0", "b0"], ["c0"], pads=[1] * 4, name="conv0"),
              helper.make_node("HardSwish", ["c0"], ["h0"]),
              helper.make_node("Conv", ["h0", "w1"], ["c1"], name="conv1"),
              helper.make_node("Clip", ["c1", "lo", "hi"], ["k1"]),
              helper.make_node("HardSigmoid", ["c1"], ["s1"], alpha=0.25, beta=0.5),
-             helper.make_node("Add", ["k1", "s1"], ["y"])]
+             helper.make_node("Add", ["k1", "s1"], ["a"]),
+             helper.make_node("Conv", ["a", "w2"], ["y"], name="conv2")]
     return make_model(nodes, [vi("x", [1, 3, 8, 8])], [vi("y", [1, 8, 8, 8])], inits, opset=14)
 
 
@@ -91,3 +93,24 @@ def test_searches_see_output_side_tensors_and_move_tied_ones_with_their_source()
     qs = {n.input[0]: (float(inits[n.input[1]]), int(inits[n.input[2]])) for n in q.graph.node
           if n.op_type == "QuantizeLinear" and n.input[0] in quantized}
     assert qs["p"] == qs["a"]
+
+
+def test_ort_cpu_leaves_a_last_layers_output_unrounded_when_it_reaches_an_output_through_other_ops():
+    """A YOLOv8 box head's last conv feeds reshapes and the box arithmetic, not another layer: an
+    output Q there would clip what calibration never saw (distances of larger boxes)."""
+    rng = np.random.default_rng(4)
+    r = lambda *s: (rng.standard_normal(s) * 0.5).astype(np.float32)  # noqa: E731
+    inits = {"w0": r(8, 3, 3, 3), "w1": r(4, 8, 1, 1), "shape": np.array([1, 4, 64], np.int64),
+             "stride": np.array(8.0, np.float32)}
+    nodes = [helper.make_node("Conv", ["x", "w0"], ["c0"], pads=[1] * 4, name="conv0"),
+             helper.make_node("Relu", ["c0"], ["r0"]),
+             helper.make_node("Conv", ["r0", "w1"], ["c1"], name="conv1"),
+             helper.make_node("Reshape", ["c1", "shape"], ["flat"]),
+             helper.make_node("Mul", ["flat", "stride"], ["y"])]
+    m = make_model(nodes, [vi("x", [1, 3, 8, 8])], [vi("y", [1, 4, 64])], inits)
+    feeds = [{"x": rng.standard_normal((1, 3, 8, 8)).astype(np.float32)} for _ in range(16)]
+    q, rep = onnxq.convert(m, onnxq.ConvertConfig(bits=8, target="ort-cpu"), calib=feeds)
+    quantized = {n.input[0] for n in q.graph.node if n.op_type == "QuantizeLinear"}
+    assert "r0" in quantized and not quantized & {"c1", "flat"}, quantized
+    notes = {layer.node: layer.note for layer in rep.quantized}
+    assert "reaches an output" in notes["conv1"] and "output not rounded" not in notes["conv0"]

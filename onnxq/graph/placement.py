@@ -165,12 +165,13 @@ def _bounds(g: onnx.GraphProto, names: Sequence[str], consumers) -> dict[str, tu
 
 
 def _deciding(g: onnx.GraphProto, layers: set[str]) -> set[str]:
-    """The tensors that flow, through no quantized layer, into a Sigmoid or Softmax whose output
-    reaches a graph output through no quantized layer either: the scores that decide the answer
-    (a detector's class logits, a segmentation head's last map). Input-side placement never
-    rounds them; an output-side Q would, and its calibrated range clips what calibration never
-    saw (a YOLOv8n's class logits: calibrated maximum 0.3, confident detections at 3 and more).
-    The layers that produce them run in float."""
+    """The tensors that reach a graph output through no quantized layer (the network's final
+    values: a detector's box distances), and those that flow, through no quantized layer, into a
+    Sigmoid or Softmax whose output reaches one (the scores that decide the answer: a detector's
+    class logits, a segmentation head's last map). Input-side placement never rounds them; an
+    output-side Q would, and its calibrated range clips what calibration never saw (a YOLOv8n's
+    class logits: calibrated maximum 0.3, confident detections at 3 and more; its box
+    distances: calibrated maximum 8.7 bins of 16). The layers that produce them run in float."""
     tail = {o.name for o in g.output}            # tensors that reach an output through no layer
     for node in reversed(g.node):
         if node.name not in layers and any(o in tail for o in node.output):
@@ -181,5 +182,5 @@ def _deciding(g: onnx.GraphProto, layers: set[str]) -> set[str]:
             continue
         if (node.op_type in DECISION_OPS and node.output[0] in tail) or any(o in deciding for o in node.output):
             deciding.update(i for i in node.input if i)
-    return deciding
+    return deciding | tail
 
