@@ -90,10 +90,13 @@ VARIANTS = [
     ("onnxq-generic-w8a8", "onnxq", 8, "generic"),
     ("onnxq-generic-w4a8", "onnxq", 4, "generic"),
     ("onnxq-ort-cpu-w8a8", "onnxq", 8, "ort-cpu"),
+    ("onnxq-ort-cpu-w8a8-a8", "onnxq", 8, "ort-cpu"),
     ("onnxq-ort-cpu-w4a8", "onnxq", 4, "ort-cpu"),
     ("onnxq-openvino-w8a8", "onnxq", 8, "openvino"),
     ("onnxq-openvino-w4a8", "onnxq", 4, "openvino"),
 ]
+# variants converted with more than bits and target: every activation at 8 bits (the cost of --protect-acts)
+EXTRA = {"onnxq-ort-cpu-w8a8-a8": {"protect_acts": 0.0}}
 OV_VARIANTS = ("fp32", "ort-qdq-w8a8", "onnxq-generic-w8a8", "onnxq-generic-w4a8",
                "onnxq-openvino-w8a8", "onnxq-openvino-w4a8")
 BUSY_CORES = 0.25             # conversions during which other processes used more are flagged '*'
@@ -171,7 +174,8 @@ def check_disjoint(cal: list[dict], ev: list[dict]) -> int:
 
 # ----------------------------------------------------------------------------- conversion
 
-def convert(kind: str, bits: int, target: str | None, src: Path, dst: Path, cal: list[dict]) -> dict:
+def convert(kind: str, bits: int, target: str | None, src: Path, dst: Path, cal: list[dict],
+            extra: dict | None = None) -> dict:
     """Convert in this process; the row gets conv_s (wall seconds) and conv_background_cores (CPU
     other processes used meanwhile: conversion times on a busy machine are inflated)."""
     bg = Background().start()
@@ -188,13 +192,16 @@ def convert(kind: str, bits: int, target: str | None, src: Path, dst: Path, cal:
             ort_quantize(src, dst, cal, bits, 8, "minmax", info=info, op_types=CMG if target == "cmg" else None)
             r["ort_info"] = info
         else:
-            q, rep = onnxq.convert(str(src), onnxq.ConvertConfig(bits=bits, act_bits=8, target=target), calib=cal)
+            cfg = onnxq.ConvertConfig(bits=bits, act_bits=8, target=target, **(extra or {}))
+            q, rep = onnxq.convert(str(src), cfg, calib=cal)
             onnxq.save(q, dst)
             r["layers_quantized"] = len(rep.quantized)
             r["layers_skipped"] = len(rep.skipped)
             r["bits_hist"] = dict(Counter(int(l.bits) for l in rep.quantized))
             r["check_cosine"] = rep.fidelity.cosine
             r["warnings"] = list(rep.warnings)[:5]
+            r["acts_16bit"] = len(rep.wide.widened) if rep.wide else 0
+            r["unfused_macs"] = rep.wide.unfused if rep.wide else None
             del q
     except Exception as e:  # noqa: BLE001 - one failed variant must not end the run
         r["error"] = f"{type(e).__name__}: {e}"[:300]
@@ -517,7 +524,7 @@ def bench_model(key: str, args, ov) -> dict:
                 row["conv_s"], row["reused"] = None, True
             else:
                 dst.unlink(missing_ok=True)
-                row.update(convert(vkind, bits, target, src, dst, cal))
+                row.update(convert(vkind, bits, target, src, dst, cal, EXTRA.get(name)))
             if "error" not in row:
                 paths[name] = dst
             print(f"   {name}: " + (row.get("error") or fmt(row["conv_s"], ".1f") + " s")

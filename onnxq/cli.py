@@ -349,7 +349,7 @@ def _preprocess_options(f):
               help="8-bit activations (generic and ort-cpu targets): the share of them that may be kept at 16 "
                    "bits where rounding them costs the network most; kept only if it helps on samples it was "
                    "not chosen on. Runtimes without 16-bit kernels run their readers in float: under ort-cpu "
-                   "only as many as leave at most 5% of the multiply-adds without integer kernels.")
+                   "only as many as leave at most 2% of the multiply-adds without integer kernels.")
 @click.option("--no-protect-acts", is_flag=True, help="Every activation at --act-bits (same as --protect-acts 0).")
 @click.option("--rank-budget", type=click.FloatRange(0, 1), default=0.0, show_default=True,
               help="Low-rank residual branches: extra parameters as a fraction of the weights "
