@@ -86,14 +86,20 @@ def test_widened_activations_are_int16_within_budget_and_lift_held_out_fidelity(
     assert rep.size_after <= rep0.size_after * 1.001
 
 
-def test_mask_session_is_the_emitted_model_and_unrounds_what_it_is_told(feeds, monkeypatch):
+def _spy_plan(monkeypatch) -> dict:
+    """What the conversion hands the 16-bit protection (prepared model, plan, statistics)."""
     seen = {}
 
     def keep(prepared, plan, stats, *args, **kwargs):
-        seen.update(prepared=prepared, plan=copy.deepcopy(plan))
+        seen.update(prepared=prepared, plan=copy.deepcopy(plan), stats=stats)
         return widen_acts(prepared, plan, stats, *args, **kwargs)
 
     monkeypatch.setattr(api, "widen_acts", keep)
+    return seen
+
+
+def test_mask_session_is_the_emitted_model_and_unrounds_what_it_is_told(feeds, monkeypatch):
+    seen = _spy_plan(monkeypatch)
     cal = feeds(8)
     onnxq.convert(conv_zoo(np.random.default_rng(0)), onnxq.ConvertConfig(bits=8), calib=cal)
     prepared, plan = seen["prepared"], seen["plan"]
@@ -135,17 +141,6 @@ def test_no_widening_when_off_or_where_the_target_runs_8_bit_kernels(cfg):
     assert rep.wide is None
     if cfg.get("act_bits", 8) == 8:
         assert set(act_zero_types(q).values()) == {onnx.TensorProto.UINT8}
-
-
-def _spy_plan(monkeypatch) -> dict:
-    seen = {}
-
-    def keep(prepared, plan, stats, *args, **kwargs):
-        seen.update(plan=copy.deepcopy(plan), stats=stats)
-        return widen_acts(prepared, plan, stats, *args, **kwargs)
-
-    monkeypatch.setattr(api, "widen_acts", keep)
-    return seen
 
 
 def test_layer_multiply_adds_come_from_the_input_values_seen(monkeypatch):

@@ -8,11 +8,12 @@ from typing import Sequence
 import math
 
 import onnx
-from onnx import numpy_helper
 
 from ..plan.rules import ABSORBED_OPS, DECISION_OPS, SAME_SCALE_OPS, Rules
 from ..types import Placement, Target
 from .norms import normalisation_nodes
+from .prepare import scalar
+from .walk import attr
 
 POOLS = ("GlobalAveragePool", "GlobalMaxPool", "ReduceMean")
 
@@ -108,8 +109,7 @@ def plan_placement(model: onnx.ModelProto, targets: Sequence[Target], rules: Rul
                 add(y)
     if rules.float_decisions:
         deciding = _deciding(g, {t.node for t in targets if not t.graph})
-        p.float_outputs = [n.name for n in g.node if n.name in layers
-                           and _unit_output(n, consumers, outputs) in deciding]
+        p.float_outputs = [n for y, n in p.units.items() if y in deciding]
         p.units = {y: n for y, n in p.units.items() if y not in deciding}
         extra = [n for n in extra if n not in deciding]
         p.tied = {k: v for k, v in p.tied.items() if k not in deciding}
@@ -128,24 +128,15 @@ def _saturation(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> tup
     if op == "Relu":
         return 0.0, math.inf
     if op == "HardSigmoid":
-        a, b = _attr(node, "alpha", 0.2), _attr(node, "beta", 0.5)
+        a, b = attr(node, "alpha", 0.2), attr(node, "beta", 0.5)
         return (-b / a, (1.0 - b) / a) if a > 0 else None
-    if op == "Clip":
-        ends = [_attr(node, "min", -math.inf), _attr(node, "max", math.inf)]
+    if op == "Clip":                 # opset < 11: attributes; later: optional constant inputs
+        ends = [attr(node, "min", -math.inf), attr(node, "max", math.inf)]
         for k, name in enumerate(node.input[1:3]):
-            if name and name not in inits:
-                return None
             if name:
-                v = numpy_helper.to_array(inits[name])
-                if v.size != 1:
-                    return None
-                ends[k] = float(v.reshape(()))
-        return ends[0], ends[1]
+                ends[k] = scalar(inits, name)
+        return None if None in ends else (ends[0], ends[1])
     return None
-
-
-def _attr(node: onnx.NodeProto, name: str, default: float) -> float:
-    return next((a.f for a in node.attribute if a.name == name), default)
 
 
 def _bounds(g: onnx.GraphProto, names: Sequence[str], consumers) -> dict[str, tuple[float, float]]:

@@ -178,7 +178,8 @@ def normalize_gemms(model: onnx.ModelProto) -> int:
     return changed
 
 
-def _scalar(inits: dict, name: str) -> float | None:
+def scalar(inits: dict, name: str) -> float | None:
+    """A one-value initializer's value (None when `name` is not one)."""
     t = inits.get(name)
     if t is None:
         return None
@@ -338,18 +339,18 @@ def fuse_hardswish(model: onnx.ModelProto) -> int:
     only = lambda t: readers.get(t, [None])[0] if len(readers.get(t, [])) == 1 and t not in outputs else None  # noqa: E731
     drop, fused = set(), 0
     for add in g.node:
-        if add.op_type != "Add" or len(add.input) != 2 or _scalar(inits, add.input[1]) != 3.0:
+        if add.op_type != "Add" or len(add.input) != 2 or scalar(inits, add.input[1]) != 3.0:
             continue
         x = add.input[0]
         clip = only(add.output[0])
         if clip is None or clip.op_type != "Clip" or len(clip.input) != 3 or \
-                (_scalar(inits, clip.input[1]), _scalar(inits, clip.input[2])) != (0.0, 6.0):
+                (scalar(inits, clip.input[1]), scalar(inits, clip.input[2])) != (0.0, 6.0):
             continue
         mul = only(clip.output[0])
         if mul is None or mul.op_type != "Mul" or x not in mul.input:
             continue
         div = only(mul.output[0])
-        if div is None or div.op_type != "Div" or div.input[0] != mul.output[0] or _scalar(inits, div.input[1]) != 6.0:
+        if div is None or div.op_type != "Div" or div.input[0] != mul.output[0] or scalar(inits, div.input[1]) != 6.0:
             continue
         drop |= {id(add), id(clip), id(mul)}
         div.op_type, div.name = "HardSwish", f"{div.name}/hardswish"
