@@ -145,24 +145,40 @@ def declare_domain(model: onnx.ModelProto, graphs) -> None:
 WEIGHT_SUFFIXES = ("/weight_q", "/weight_q4", "/weight_scale", "/weight_zero")
 
 
+def _weight_sets(g: onnx.GraphProto) -> dict[str, dict[str, onnx.TensorProto]]:
+    """A layer's quantized weight initializers (codes, scales, zero points) by the layer's prefix."""
+    sets: dict[str, dict[str, onnx.TensorProto]] = {}
+    for t in g.initializer:
+        suffix = next((s for s in WEIGHT_SUFFIXES if t.name.endswith(s)), None)
+        if suffix and t.HasField("raw_data"):
+            sets.setdefault(t.name[:-len(suffix)], {})[suffix] = t
+    return sets
+
+
+def _same_set(a: dict[str, onnx.TensorProto], b: dict[str, onnx.TensorProto]) -> bool:
+    return a.keys() == b.keys() and all(a[k].data_type == b[k].data_type and a[k].dims == b[k].dims
+                                        and a[k].raw_data == b[k].raw_data for k in a)
+
+
 def dedupe_weights(model: onnx.ModelProto) -> int:
-    """Quantized weight initializers with equal type, shape and bytes in one graph become one:
-    the readers of a shared weight (plan/shared.py gave them the same codes and scales) read the
-    first copy, the rest are dropped. Returns how many copies were dropped."""
+    """Layers whose quantized weight initializers (codes, scales and zero points together) have equal
+    type, shape and bytes in one graph store them once: the readers of a shared weight (plan/shared.py
+    gave them the same codes and scales) read the first layer's copies, the rest are dropped. Only
+    whole layers merge: a zero-point vector equal to another layer's by chance stays its own, since
+    OpenVINO's CPU plugin runs a conv in float when its weight dequantization shares a constant
+    with another conv's (docs/results.md, round 16). Returns how many initializers were dropped."""
     dropped = 0
     for _, g in graphs(model):
-        first: dict[tuple, list[onnx.TensorProto]] = {}
+        first: dict[tuple, list[dict[str, onnx.TensorProto]]] = {}
         rename: dict[str, str] = {}
-        for t in g.initializer:
-            if not t.name.endswith(WEIGHT_SUFFIXES) or not t.HasField("raw_data"):
-                continue
-            raw = t.raw_data
-            key = (t.data_type, tuple(t.dims), hashlib.blake2b(raw, digest_size=16).digest())
-            same = next((u for u in first.get(key, ()) if u.raw_data == raw), None)
+        for layer in _weight_sets(g).values():
+            key = tuple(sorted((k, t.data_type, tuple(t.dims), hashlib.blake2b(t.raw_data, digest_size=16).digest())
+                               for k, t in layer.items()))
+            same = next((u for u in first.get(key, ()) if _same_set(u, layer)), None)
             if same is None:
-                first.setdefault(key, []).append(t)
+                first.setdefault(key, []).append(layer)
             else:
-                rename[t.name] = same.name
+                rename.update({t.name: same[k].name for k, t in layer.items()})
         if not rename:
             continue
         for _, sub in graphs_in(g):
