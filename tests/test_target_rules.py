@@ -90,6 +90,43 @@ def test_ort_cpu_ties_data_movement_outputs_to_their_input_scale(net):
     assert inits["f/act_scale"] == inits["g/act_scale"]
 
 
+def split_net(rng) -> onnx.ModelProto:
+    """A C2f-style block (YOLOv8): a conv's output split in two, one half through another conv,
+    both halves and that conv's output concatenated and read by a last conv."""
+    r = lambda *s: (rng.standard_normal(s) * 0.3).astype(np.float32)  # noqa: E731
+    inits = {"w0": r(8, 3, 3, 3), "w1": r(4, 4, 3, 3), "w2": r(6, 12, 1, 1), "parts": np.array([4, 4], np.int64)}
+    nodes = [
+        helper.make_node("Conv", ["x", "w0"], ["c0"], pads=[1] * 4, name="conv0"),
+        helper.make_node("Relu", ["c0"], ["r0"]),
+        helper.make_node("Split", ["r0", "parts"], ["s0", "s1"], axis=1),
+        helper.make_node("Conv", ["s1", "w1"], ["c1"], pads=[1] * 4, name="conv1"),
+        helper.make_node("Relu", ["c1"], ["r1"]),
+        helper.make_node("Concat", ["s0", "s1", "r1"], ["cat"], axis=1),
+        helper.make_node("Conv", ["cat", "w2"], ["y"], name="conv2"),
+    ]
+    return make_model(nodes, [vi("x", ["N", 3, 12, 12])], [vi("y", ["N", 6, 12, 12])], inits)
+
+
+def test_ort_cpu_splits_and_concatenates_on_quantized_tensors(tmp_path):
+    """A Split's outputs keep its input's scale, so onnxruntime splits the 8-bit tensor and the
+    Concat after it runs as QLinearConcat, with no float Split or Concat between the kernels."""
+    rng = np.random.default_rng(1)
+    m = split_net(rng)
+    feeds = [{"x": rng.standard_normal((1, 3, 12, 12)).astype(np.float32)} for _ in range(16)]
+    q, _ = onnxq.convert(m, onnxq.ConvertConfig(bits=8, target="ort-cpu", protect_acts=0), calib=feeds)
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in q.graph.initializer}
+    for part in ("s0", "s1"):
+        assert inits[f"{part}/act_scale"] == inits["r0/act_scale"] and inits[f"{part}/act_zero"] == inits["r0/act_zero"]
+    ops = optimized_ops(q, tmp_path)       # (the last conv makes the graph's output: float, the tail rule)
+    assert ops["QLinearConv"] == 2 and ops["QLinearConcat"] == 1 and ops["Concat"] == 0 and ops["Split"] == 1, ops
+    g = onnx.load(str(tmp_path / "optimized.onnx")).graph
+    made_by = {y: n.op_type for n in g.node for y in n.output}
+    split = next(n for n in g.node if n.op_type == "Split")
+    assert made_by[split.input[0]] == "QLinearConv"                  # the 8-bit tensor, not a DQ's output
+    readers = [n.op_type for n in g.node if set(n.input) & set(split.output)]
+    assert sorted(readers) == ["QLinearConcat", "QLinearConv"], readers
+
+
 def test_targets_choose_weight_containers(net):
     m, feeds = net
     containers = {}

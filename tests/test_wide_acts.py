@@ -163,7 +163,17 @@ def test_layer_multiply_adds_come_from_the_input_values_seen(monkeypatch):
 @pytest.mark.slow
 def test_ort_cpu_widens_only_what_its_multiply_add_budget_lets(monkeypatch, tmp_path):
     """Under ort-cpu a unit with an int16 input or output loses its integer kernel: the widened
-    tensors touch at most ORT_WIDE_MACS of the multiply-adds, every other conv still fuses."""
+    tensors touch at most ORT_WIDE_MACS of the multiply-adds, every other conv still fuses.
+    Whether the check keeps a widened set depends on the machine's 8-bit kernels (on a CPU with
+    VNNI, onnxruntime's 8-bit rec loses less and the check declines it), so here the check
+    always takes the largest set the budget lets: what is tested is the budget."""
+    from onnxq.search import wide
+
+    def take_largest(ms, sets, check, summary):
+        summary.check_before = summary.check_after = ms.loss(*check)
+        return list(sets[0])
+
+    monkeypatch.setattr(wide, "checked", take_largest)
     path = str(ocr_path("rec"))
     cal = [f for f, _ in rec_samples(32, seed=0)]
     seen = _spy_plan(monkeypatch)

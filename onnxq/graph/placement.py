@@ -103,10 +103,10 @@ def plan_placement(model: onnx.ModelProto, targets: Sequence[Target], rules: Rul
             if ins and all(i in quantized for i in ins) and len(node.output) == 1:
                 add(node.output[0])
         elif node.op_type in SAME_SCALE_OPS and node.input and node.input[0] in quantized:
-            y = node.output[0]
-            if len(node.output) == 1 and y not in outputs:
-                p.tied[y] = p.tied.get(node.input[0], node.input[0])
-                add(y)
+            for y in node.output:          # every part of a Split keeps the scale too
+                if y and y not in outputs:
+                    p.tied[y] = p.tied.get(node.input[0], node.input[0])
+                    add(y)
     if rules.float_decisions:
         deciding = _deciding(g, {t.node for t in targets if not t.graph})
         p.float_outputs = [n for y, n in p.units.items() if y in deciding]

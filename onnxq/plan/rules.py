@@ -58,7 +58,7 @@ NPU_OPS = FUSED_OPS | frozenset({"Sub", "Div", "Relu", "Clip", "HardSwish", "Har
                                  "Min", "PRelu", "Elu", "MatMul", "Pad"})
 # data-movement ops that run on the 8-bit tensor when their output keeps the input's scale
 SAME_SCALE_OPS = frozenset({"MaxPool", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Resize",
-                            "DepthToSpace", "SpaceToDepth"})
+                            "DepthToSpace", "SpaceToDepth", "Split"})
 # layers whose output gets a Q under full node units: onnxruntime fuses DQ -> Gemm/MatMul without
 # one into kernels with a float output (QGemm, MatMulIntegerToFloat), so rounding their outputs
 # (often a bias or residual Add's input, with outlier channels in transformers) would only cost

@@ -148,6 +148,17 @@ def prefixes(ranked: Sequence[str], budget: int) -> list[list[str]]:
     return [ranked[:k] for k in sizes]
 
 
+def checked(ms: MaskSession, sets: Sequence[Sequence[str]], check, summary: WideSummary) -> list[str] | None:
+    """The check: the loss on samples the harm was not measured on of each of `sets` (a few sizes
+    of the most harmful set); the best of them, if it beats every activation at 8 bits, else None.
+    `check`: (batched feeds, reference outputs)."""
+    summary.check_before = ms.loss(*check)
+    losses = [ms.loss(*check, frozenset(c)) for c in sets]
+    i = int(np.argmin(losses))
+    summary.check_after = losses[i]
+    return list(sets[i]) if summary.check_after < summary.check_before else None
+
+
 def widen_acts(prepared: "onnx.ModelProto", plan: Plan, stats: Mapping[str, ActStats],
                fit: Sequence[Feed], check: Sequence[Feed], cfg: ConvertConfig,
                progress: Progress | None = None, units: Mapping[str, str] | None = None
@@ -180,17 +191,9 @@ def widen_acts(prepared: "onnx.ModelProto", plan: Plan, stats: Mapping[str, ActS
     sets = prefixes(ranked, budget)
     if not sets:
         return dict(plan.acts), summary
-    # the check measures a few sizes of the most harmful set and keeps the best, if it beats
-    # every activation at 8 bits
-    if not check:
-        check_b, check_r = fit_b, fit_r
-    summary.check_before = ms.loss(check_b, check_r)
-    losses = [ms.loss(check_b, check_r, frozenset(c)) for c in sets]
-    i = int(np.argmin(losses))
-    summary.check_after = losses[i]
-    if summary.check_after >= summary.check_before:
+    chosen = checked(ms, sets, (check_b, check_r) if check else (fit_b, fit_r), summary)
+    if chosen is None:
         return dict(plan.acts), summary
-    chosen = sets[i]
     summary.widened = chosen
     summary.unfused = share(chosen) if share else None
     out = dict(plan.acts)
