@@ -28,7 +28,7 @@ from .graph.smooth import apply_smoothing, channel_axis, smoothable
 from .graph.large import model_bytes, weights_folder
 from .graph.targets import WeightMap, find_targets, initializer_array
 from .graph.tidy import tidy
-from .plan.acts import plan_acts, saturate, tie
+from .plan.acts import keep_tails, plan_acts, saturate, tie
 from .plan.biases import code_biases
 from .plan.layers import make_plan, plan_layer
 from .plan.rules import DEFAULT_TARGET, float_input
@@ -374,7 +374,7 @@ def search(c: Conversion, progress: Progress | None) -> None:
     else:
         acts, c.search = lapq_search(c.prepared, c.plan, c.stats.acts, feeds, reference, c.cfg,
                                      progress, check, check_ref)
-    c.plan.acts = tie(acts, c.placement.tied)
+    c.plan.acts = tie(keep_tails(acts, c.stats.acts, c.placement.tails, c.cfg), c.placement.tied)
     give_back_memory()
     if c.ranges is not None:
         log.info(f"activation ranges: {c.ranges.chosen}")

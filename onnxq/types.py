@@ -554,6 +554,7 @@ class Placement:
     float_outputs: list[str] = field(default_factory=list)  # unit layers whose output decides the answer: no Q
     bounds: dict[str, tuple[float, float]] = field(default_factory=dict)  # tensor -> where every reader saturates
     units: dict[str, str] = field(default_factory=dict)    # a unit layer's output Q tensor -> the layer
+    tails: list[str] = field(default_factory=list)         # tensors just ahead of a thresholded score: min-max ranges
 
 
 @dataclass

@@ -9,7 +9,7 @@ import math
 
 import onnx
 
-from ..plan.rules import ABSORBED_OPS, DECISION_OPS, SAME_SCALE_OPS, Rules
+from ..plan.rules import ABSORBED_OPS, BRANCH_LAYERS, DECISION_OPS, SAME_SCALE_OPS, Rules
 from ..types import Placement, Target
 from .norms import normalisation_nodes
 from .prepare import scalar
@@ -65,6 +65,7 @@ def plan_placement(model: onnx.ModelProto, targets: Sequence[Target], rules: Rul
     """The main graph's extra quantized tensors under `rules` (none for input-side placement),
     with `attention` the inputs of MatMuls of two activations."""
     p = Placement()
+    p.tails = score_branch(model.graph, {t.node for t in targets if not t.graph})
     norms = normalisation_nodes(model.graph)     # their statistics stay float (graph/norms.py)
     if rules.add_inputs and quantize_acts:
         _paired_inputs(model, targets, p, norms, "Add")
@@ -155,6 +156,47 @@ def _bounds(g: onnx.GraphProto, names: Sequence[str], consumers) -> dict[str, tu
     return out
 
 
+SHAPE_READERS = frozenset({"Shape", "Size"})   # read a tensor's shape, not its values
+
+
+def _tail(g: onnx.GraphProto, layers: set[str]) -> set[str]:
+    """The tensors that reach a graph output through no layer of `layers`."""
+    tail = {o.name for o in g.output}
+    for node in reversed(g.node):
+        if node.name not in layers and any(o in tail for o in node.output):
+            tail.update(i for i in node.input if i)
+    return tail
+
+
+def score_branch(g: onnx.GraphProto, layers: set[str], depth: int = BRANCH_LAYERS) -> list[str]:
+    """The tensors of a branch that ends in a Sigmoid whose output reaches a graph output (a
+    detector's class scores, a segmentation mask), up to `depth` layers ahead of the score, where
+    nothing outside the branch reads them. A thresholded score is decided by values calibration
+    seldom sees (a YOLOv8n's confident detections), so these tensors keep min-max ranges instead
+    of the searched ones that clip the tail (docs/results.md, round 16). Classifiers' Softmax
+    (an argmax of logits) is left alone."""
+    tail = _tail(g, layers)
+    readers = _consumers(g)
+    scores = [n for n in g.node if n.op_type == "Sigmoid" and n.output[0] in tail]
+    inside = {n.name for n in scores}
+    level = {n.input[0]: 0 for n in scores}
+    consts = {t.name for t in g.initializer} | {y for n in g.node if n.op_type == "Constant" for y in n.output}
+    for node in reversed(g.node):
+        for y in node.output:        # every reader of a branch tensor is in the branch (they come later)
+            if y in level and not all(r.name in inside or r.op_type in SHAPE_READERS for r in readers.get(y, [])):
+                del level[y]
+        outs = [level[y] for y in node.output if y in level]
+        if not outs:
+            continue
+        inside.add(node.name)
+        d = min(outs) + (node.name in layers)
+        if d > depth:
+            continue
+        for x in (node.input[:1] if node.name in layers else [i for i in node.input if i and i not in consts]):
+            level[x] = min(level.get(x, d), d)
+    return sorted(x for x, d in level.items() if 0 < d <= depth and x not in consts)
+
+
 def _deciding(g: onnx.GraphProto, layers: set[str]) -> set[str]:
     """The tensors that reach a graph output through no quantized layer (the network's final
     values: a detector's box distances), and those that flow, through no quantized layer, into a
@@ -163,10 +205,7 @@ def _deciding(g: onnx.GraphProto, layers: set[str]) -> set[str]:
     output-side Q would, and its calibrated range clips what calibration never saw (a YOLOv8n's
     class logits: calibrated maximum 0.3, confident detections at 3 and more; its box
     distances: calibrated maximum 8.7 bins of 16). The layers that produce them run in float."""
-    tail = {o.name for o in g.output}            # tensors that reach an output through no layer
-    for node in reversed(g.node):
-        if node.name not in layers and any(o in tail for o in node.output):
-            tail.update(i for i in node.input if i)
+    tail = _tail(g, layers)                      # tensors that reach an output through no layer
     deciding: set[str] = set()
     for node in reversed(g.node):
         if node.name in layers:

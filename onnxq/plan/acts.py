@@ -36,6 +36,14 @@ def method_acts(stats: Mapping[str, ActStats], names, base: Mapping[str, ActQuan
     return out
 
 
+def keep_tails(acts: Mapping[str, ActQuant], stats: Mapping[str, ActStats], names, cfg: ConvertConfig
+               ) -> dict[str, ActQuant]:
+    """`acts` with the tensors of `names` (graph/placement.score_branch: just ahead of a
+    thresholded score) on min-max ranges, keeping the tail calibration saw where it decides."""
+    names = [a for a in names if a in acts and a in stats]
+    return method_acts(stats, names, acts, cfg, "minmax", "minmax (score branch)") if names else dict(acts)
+
+
 def act_signed(cfg: ConvertConfig) -> bool:
     """Symmetric int activations when asked for, at 16 bits, and where the target wants them."""
     return cfg.act_symmetric or cfg.act_bits == 16 or cfg.rules.act_signed

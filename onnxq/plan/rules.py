@@ -66,6 +66,9 @@ SAME_SCALE_OPS = frozenset({"MaxPool", "Reshape", "Transpose", "Flatten", "Squee
 UNIT_OPS = frozenset({"Conv", "ConvTranspose"})
 # activations a quantized layer's kernel absorbs when the Q right after them makes them redundant
 ABSORBED_OPS = frozenset({"Relu", "Clip"})
+# layers ahead of a thresholded score (a Sigmoid that reaches an output) whose outputs keep min-max
+# ranges (graph/placement.score_branch; docs/results.md, round 16)
+BRANCH_LAYERS = 2
 # ops that turn scores into the network's answer: the values ahead of them decide it
 DECISION_OPS = frozenset({"Sigmoid", "Softmax", "LogSoftmax"})
 # ort-cpu: the share of the multiply-adds that int16 activations may take off the integer kernels
