@@ -11,7 +11,7 @@ import onnx
 
 from ..plan.rules import ABSORBED_OPS, BRANCH_LAYERS, DECISION_OPS, SAME_SCALE_OPS, Rules
 from ..types import Placement, Target
-from .norms import normalisation_nodes
+from .norms import constant_names, normalisation_nodes
 from .prepare import scalar
 from .walk import attr
 
@@ -65,7 +65,8 @@ def plan_placement(model: onnx.ModelProto, targets: Sequence[Target], rules: Rul
     """The main graph's extra quantized tensors under `rules` (none for input-side placement),
     with `attention` the inputs of MatMuls of two activations."""
     p = Placement()
-    p.tails = score_branch(model.graph, {t.node for t in targets if not t.graph})
+    main_layers = {t.node for t in targets if not t.graph}
+    p.tails = score_branch(model.graph, main_layers)
     norms = normalisation_nodes(model.graph)     # their statistics stay float (graph/norms.py)
     if rules.add_inputs and quantize_acts:
         _paired_inputs(model, targets, p, norms, "Add")
@@ -109,7 +110,7 @@ def plan_placement(model: onnx.ModelProto, targets: Sequence[Target], rules: Rul
                     p.tied[y] = p.tied.get(node.input[0], node.input[0])
                     add(y)
     if rules.float_decisions:
-        deciding = _deciding(g, {t.node for t in targets if not t.graph})
+        deciding = _deciding(g, main_layers)
         p.float_outputs = [n for y, n in p.units.items() if y in deciding]
         p.units = {y: n for y, n in p.units.items() if y not in deciding}
         extra = [n for n in extra if n not in deciding]
@@ -180,7 +181,7 @@ def score_branch(g: onnx.GraphProto, layers: set[str], depth: int = BRANCH_LAYER
     scores = [n for n in g.node if n.op_type == "Sigmoid" and n.output[0] in tail]
     inside = {n.name for n in scores}
     level = {n.input[0]: 0 for n in scores}
-    consts = {t.name for t in g.initializer} | {y for n in g.node if n.op_type == "Constant" for y in n.output}
+    consts = constant_names(g)
     for node in reversed(g.node):
         for y in node.output:        # every reader of a branch tensor is in the branch (they come later)
             if y in level and not all(r.name in inside or r.op_type in SHAPE_READERS for r in readers.get(y, [])):
