@@ -8,8 +8,8 @@ lines are rendered in DejaVu Serif instead of Pillow's built-in font. Each confi
 converted in this process with the same calibration feeds as onnxruntime's quantize_static
 (W8A8, per-channel, min-max), and judged against FP32 on the held-out feeds by the model's own
 answer: top-1 agreement (classifiers), F1 of confident detections (YOLOv8n), text-mask IoU
-(PP-OCR det), strings equal to FP32 (PP-OCR rec). Prints mean and spread (min..max) over the
-seeds per data set, and writes JSON.
+(PP-OCR det), strings equal to FP32 (PP-OCR rec, the CRNN captcha reader: captcha_data.py).
+Prints mean and spread (min..max) over the seeds per data set, and writes JSON.
 
     python benchmarks/generalise.py --models A D --configs w8a8 w4a8 --quick
     python benchmarks/generalise.py --json benchmarks/results/generalise.json
@@ -37,6 +37,7 @@ from onnxq import runtime
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+import captcha_data  # noqa: E402
 import ocr_data  # noqa: E402
 import target_data as td  # noqa: E402
 import targets as tg  # noqa: E402
@@ -55,13 +56,15 @@ MODELS = {
     "rec": dict(title="PP-OCRv4 text recogniser (rapidocr-onnxruntime 1.4.4)", pkg="rapidocr_onnxruntime",
                 file="models/ch_PP-OCRv4_rec_infer.onnx", kind="rec", counts=(64, 120)),
     "M": dict(tg.MODELS["M"], counts=(64, 400)),
+    "crnn": dict(title="CRNN + BiLSTM captcha reader (captcha-whisperer 0.1.0)", pkg="captcha_whisperer",
+                 file="models/captcha_crnn.onnx", kind="captcha", counts=(64, 120)),
 }
 CONFIGS = {
     "w8a8": dict(bits=8, act_bits=8),
     "w4a8": dict(bits=4, act_bits=8),
 }
 FIDELITY_KEY = {"orient": "top1_fp32", "cls": "top1_fp32", "imagenet": "top1_fp32", "yolo": "f1_fp32", "det": "iou_fp32",
-                "rec": "strings_fp32", "text": "retrieval_agree"}
+                "rec": "strings_fp32", "text": "retrieval_agree", "captcha": "strings_fp32"}
 
 
 def feeds(key: str, spec: dict, path: Path, dataset: str, seed: int, n: int, split: str, cache: Path):
@@ -89,6 +92,8 @@ def feeds(key: str, spec: dict, path: Path, dataset: str, seed: int, n: int, spl
         rest = texts[:-max(MODELS[key]["counts"][1], 100)]
         pick = np.random.default_rng(seed).choice(len(rest), size=n, replace=False)
         return tg.text_data.feeds([rest[i] for i in sorted(pick)], names)
+    if kind == "captcha":
+        return [f for f, _ in captcha_data.samples(n, seed + (0 if split == "calib" else 1000), dataset, name)]
     if kind == "rec":
         return [f for f, _ in ocr_data.rec_samples(n, seed + (0 if split == "calib" else 1000), font_path=font)]
     raise ValueError(kind)
@@ -99,6 +104,8 @@ def score(kind: str, outs, ref, charset=None) -> float:
         a = [ocr_data.ctc_decode(o[0], charset)[0] for o in outs]
         b = [ocr_data.ctc_decode(o[0], charset)[0] for o in ref]
         return float(np.mean([x == y for x, y in zip(a, b)]))
+    if kind == "captcha":
+        return float(np.mean([captcha_data.decode(o[0]) == captcha_data.decode(r[0]) for o, r in zip(outs, ref)]))
     ref_dets = [tg.yolo_detections(o[0]) for o in ref] if kind == "yolo" else None
     fkind = "cls" if kind == "imagenet" else kind
     return float(tg.fidelity(fkind, outs, ref, None, ref_dets)[FIDELITY_KEY[kind]])
