@@ -30,9 +30,9 @@ from .graph.targets import WeightMap, find_targets, initializer_array
 from .graph.tidy import tidy
 from .plan.acts import keep_tails, plan_acts, saturate, tie
 from .plan.biases import code_biases
-from .plan.layers import make_plan, plan_layer
+from .plan.layers import make_plan, plan_layer, plan_once
 from .plan.rules import DEFAULT_TARGET, float_input
-from .plan.shared import share_weights
+from .plan.shared import pool_stats, share_weights
 from .report import build_report, clipped_share
 from .runtime import give_back_memory, session
 from .search.choose import best_method, choose_ranges
@@ -227,6 +227,7 @@ def calibrate(c: Conversion, stats: Stats | None, save_stats: str | None,
             stats.save(save_stats)
         except OSError as e:
             raise OutputError(f"could not save the statistics to {save_stats}: {e.strerror or e}") from None
+    pool_stats(c.targets, stats.layers)
     c.stats = stats
 
 
@@ -293,8 +294,9 @@ def plan(c: Conversion, progress: Progress | None) -> None:
     probes = c.cfg.protect_on or c.cfg.rounding_choice
     # weights on disk: planned without the network probes, whether or not calibration was chunked
     if layers is None and (c.early or (probes and weights_folder(c.prepared) is not None)):
-        layers = [c.early.get(t.node) or plan_layer(t, c.weights[t.node], c.biases.get(t.node),
-                                                    c.stats.layers.get(t.node), c.cfg) for t in c.targets]
+        memo: dict = {}
+        layers = [c.early.get(t.node) or plan_once(memo, t, c.weights[t.node], c.biases.get(t.node),
+                                                   c.stats.layers.get(t.node), c.cfg) for t in c.targets]
         if probes:
             also = "" if c.cfg.sequential or not c.cfg.sequential_on else " and sequential mode"
             c.warn(f"protection of sensitive layers, the choice of rounding{also} were skipped: the model's weights "
@@ -322,8 +324,9 @@ def low_bits(c: Conversion, act_plan, progress: Progress | None) -> list:
     variants = {}
     for m in methods:
         cfg = c.cfg if m == c.cfg.weight_method_name else dataclasses.replace(c.cfg, weight_method=m)
+        memo: dict = {}
         variants[m] = [
-            plan_layer(t, c.weights[t.node], c.biases.get(t.node), c.stats.layers.get(t.node), cfg)
+            plan_once(memo, t, c.weights[t.node], c.biases.get(t.node), c.stats.layers.get(t.node), cfg)
             for t in c.targets]
         if progress:
             progress("quantize", len(variants), len(methods))

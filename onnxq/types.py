@@ -86,6 +86,13 @@ class Target:
         return int(np.prod(self.shape))
 
     @property
+    def weight_terms(self) -> tuple:
+        """Layers with equal terms read one weight and bias the same way (an unrolled loop's
+        steps, a layer applied twice): their inputs' statistics pool and the weight is coded once."""
+        return (self.graph, self.weight, self.bias, self.op, self.weight_layout, self.shape, self.groups,
+                repr(self.geo))
+
+    @property
     def row_groups(self) -> int:
         """Independent blocks of the weight matrix's rows: a Conv's groups, else 1 (a grouped
         ConvTranspose has no statistics, and Gemm/MatMul have no groups)."""
@@ -111,11 +118,14 @@ class ActStats:
 @dataclass
 class LayerStats:
     """Input statistics of one layer: H = E[x x^T] per group [G, K, K] (None when only the mean
-    was gathered), mean E[x] [G, K]."""
+    was gathered), mean E[x] [G, K]. `pooled`: where several layers read one weight on equal terms
+    (Target.weight_terms), the statistics of all their inputs together, which the weight is coded
+    on once (`hessian` is then that pooled H; `mean` stays the layer's own, for its bias)."""
 
     hessian: np.ndarray | None
     mean: np.ndarray
     rows: int
+    pooled: "LayerStats | None" = None
 
 
 @dataclass

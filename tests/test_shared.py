@@ -52,3 +52,36 @@ def test_readers_at_different_bits_keep_their_own_codes_and_say_why():
     assert all("stored once per reader: readers take different bits" in lp.note for lp in rep.quantized)
     assert sorted(t.name for t in q.graph.initializer if t.name.endswith("/weight_q")) == ["l0/weight_q", "l1/weight_q"]
     assert sqnr_db(answer(twice()), answer(q)) > 15
+
+
+
+def unrolled(copies: bool = False, steps: int = 6) -> onnx.ModelProto:
+    """h_{k+1} = tanh(x + h_k W + b), the step weight and bias read by every step (an RNN
+    unrolled by an exporter), or with `copies`, each step reading its own equal copy."""
+    nodes, h, inits = [], "x", {}
+    b = (np.random.default_rng(1).standard_normal(64) / 8).astype(np.float32)
+    for k in range(steps):
+        w, bb = (f"w{k}", f"b{k}") if copies else ("w", "b")
+        inits.update({w: W.copy(), bb: b.copy()})
+        nodes += [helper.make_node("Gemm", [h, w, bb], [f"g{k}"], name=f"step{k}"),
+                  helper.make_node("Add", [f"g{k}", "x"], [f"s{k}"]),
+                  helper.make_node("Tanh", [f"s{k}"], [f"h{k}"])]
+        h = f"h{k}"
+    return make_model(nodes, [vi("x", [None, 64])], [vi(h, [None, 64])], inits)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_the_steps_of_an_unrolled_loop_are_coded_once(monkeypatch, bits):
+    import onnxq.plan.layers as layers
+    coded = []
+    real = layers.plan_layer
+    monkeypatch.setattr(layers, "plan_layer", lambda t, *a, **k: coded.append(t.node) or real(t, *a, **k))
+    cfg = onnxq.ConvertConfig(bits=bits, act_bits=32)       # weight-only: the codes' own error
+    q, rep = onnxq.convert(unrolled(), cfg, calib=CAL)
+    assert rep.shared_weights == 1 and len(rep.quantized) == 6
+    assert coded and set(coded) == {"step0"}                  # the weight is coded for one step, not six
+    assert weight_bytes(q) == W.size * bits // 8
+    monkeypatch.setattr(layers, "plan_layer", real)
+    apart, _ = onnxq.convert(unrolled(copies=True), cfg, calib=CAL)        # six copies, each fitted alone
+    want = answer(unrolled())
+    assert sqnr_db(want, answer(q)) > sqnr_db(want, answer(apart)) - 1.0

@@ -65,6 +65,8 @@ def _sample_failed(i: int, e: Exception) -> CalibrationError:
 
 # what one Frontier keeps at most over all samples, feeds aside
 FRONTIER_BYTES = 1 << 30
+# rows that readers of one shared weight gather before they enter its pooled H in one product
+POOL_BATCH = 512
 
 
 class Frontier:
@@ -176,8 +178,7 @@ def collect(model: "onnx.ModelProto", targets: Sequence[Target], loaders: Sequen
         return Stats(samples=len(loaders))
     router = Router(model, acts)
     hist = {a: RangeHistogram() for a in acts}
-    second = (lambda t: hessians) if isinstance(hessians, bool) else (lambda t: t.node in hessians)
-    moments = {t.node: SecondMoment(t.row_groups, _k(t), second(t)) for t in targets if wants_hessian(t)}
+    moments, pools = _moments(targets, hessians)
     by_act: dict[str, list[Target]] = {}
     for t in targets:
         if t.node in moments:
@@ -196,7 +197,11 @@ def collect(model: "onnx.ModelProto", targets: Sequence[Target], loaders: Sequen
                                        f"calibration sample {i}: check the model and the data's scaling")
             hist[name].update(v, (lo, hi))
             for t in by_act.get(name, ()):
-                if moments[t.node].h is not None:
+                if t.node in pools:
+                    rows = layer_rows(v, t, rows_per_sample, rng)
+                    pools[t.node].update(rows)
+                    moments[t.node].update(rows)
+                elif moments[t.node].h is not None:
                     moments[t.node].update(layer_rows(v, t, rows_per_sample, rng))
                 else:
                     moments[t.node].add_sums(*layer_sums(v, t, rows_per_sample, rng))
@@ -208,10 +213,37 @@ def collect(model: "onnx.ModelProto", targets: Sequence[Target], loaders: Sequen
     for a, h in hist.items():
         if h.counts.sum():
             st.acts[a] = ActStats(h.counts, h.edges, h.observed)
+    made: dict[int, LayerStats] = {}
     for node, m in moments.items():
-        if m.n:
+        if not m.n:
+            continue
+        p = pools.get(node)
+        if p is None:
             st.layers[node] = LayerStats(m.hand_over(), m.mean, m.n)
+            continue
+        if id(p) not in made:
+            made[id(p)] = LayerStats(p.hand_over(), p.mean, p.n)
+        st.layers[node] = LayerStats(made[id(p)].hessian, m.mean, m.n, pooled=made[id(p)])
     return st
+
+
+def _moments(targets: Sequence[Target], hessians: "bool | set[str]"
+             ) -> tuple[dict[str, SecondMoment], dict[str, SecondMoment]]:
+    """(an accumulator per layer that wants statistics, the pooled H accumulator of each layer
+    that shares its weight). In one pass over all layers, readers of one weight on equal terms
+    share one H (one, not one per unrolled step) and keep their own means."""
+    second = (lambda t: hessians) if isinstance(hessians, bool) else (lambda t: t.node in hessians)
+    wanting = [t for t in targets if wants_hessian(t)]
+    groups: dict[tuple, list[Target]] = {}
+    for t in wanting:
+        groups.setdefault(t.weight_terms, []).append(t)
+    pools: dict[str, SecondMoment] = {}
+    for group in groups.values():
+        if hessians is True and len(group) > 1:
+            p = SecondMoment(group[0].row_groups, _k(group[0]), True, batch=POOL_BATCH)
+            pools.update({t.node: p for t in group})
+    moments = {t.node: SecondMoment(t.row_groups, _k(t), second(t) and t.node not in pools) for t in wanting}
+    return moments, pools
 
 
 def hessian_chunks(targets: Sequence[Target], budget_bytes: float) -> list[set[str]]:

@@ -108,20 +108,40 @@ def im2col_sums(x: np.ndarray, geo: ConvGeometry, rows: int, rng: np.random.Gene
 class SecondMoment:
     """Accumulates H = sum x x^T [G, K, K] and sum x [G, K] (float64) over sampled input rows."""
 
-    def __init__(self, groups: int, k: int, second: bool = True) -> None:
-        """Without `second`, only the mean is kept (all that bias correction needs)."""
+    def __init__(self, groups: int, k: int, second: bool = True, batch: int = 0) -> None:
+        """Without `second`, only the mean is kept (all that bias correction needs). With `batch`,
+        rows wait until that many have come and enter H in one product (many readers pooled into
+        one H, each giving a row or two per sample: one pass over H per batch, not per row)."""
         self.h = np.zeros((groups, k, k), dtype=np.float64) if second else None
         self.s = np.zeros((groups, k), dtype=np.float64)
         self.n = 0
+        self.batch = batch
+        self._waiting: list[np.ndarray] = []
 
     def update(self, rows: np.ndarray) -> None:
         """rows [S, G, K]."""
         r = np.ascontiguousarray(rows.transpose(1, 0, 2), dtype=np.float32)   # [G, S, K]
+        if self.batch and self.h is not None:
+            self._waiting.append(r)
+            if sum(w.shape[1] for w in self._waiting) >= self.batch:
+                self._flush()
+            return
+        self._add(r)
+
+    def _add(self, r: np.ndarray) -> None:
         # one sample's rows are few: a float32 product is exact enough, the running sum is float64
         if self.h is not None:
             self.h += np.matmul(r.transpose(0, 2, 1), r)
         self.s += r.sum(axis=1, dtype=np.float64)
         self.n += r.shape[1]
+
+    def _flush(self) -> None:
+        if self._waiting:
+            r = np.concatenate(self._waiting, axis=1)
+            self._waiting = []
+            self.h += np.matmul(r.transpose(0, 2, 1).astype(np.float64), r.astype(np.float64))
+            self.s += r.sum(axis=1, dtype=np.float64)
+            self.n += r.shape[1]
 
     def add_sums(self, sums: np.ndarray, n: int) -> None:
         """Rows already summed ([G, K] float64 over n rows): the mean-only update."""
@@ -130,16 +150,19 @@ class SecondMoment:
 
     @property
     def mean(self) -> np.ndarray:
+        self._flush()
         return self.s / max(self.n, 1)
 
     @property
     def hessian(self) -> np.ndarray | None:
         """E[x x^T], normalised per row so layers are comparable (None: mean only)."""
+        self._flush()
         return None if self.h is None else self.h / max(self.n, 1)
 
     def hand_over(self) -> np.ndarray | None:
         """`hessian` without a copy: the sum is normalised in place and the accumulator lets go
         of it (a large model's second moments are never held twice)."""
+        self._flush()
         h, self.h = self.h, None
         if h is not None:
             h /= max(self.n, 1)

@@ -199,6 +199,23 @@ def plan_layer(t: Target, w: np.ndarray, bias: np.ndarray | None, ls: LayerStats
     return plan
 
 
+def plan_once(memo: dict, t: Target, w: np.ndarray, bias: np.ndarray | None, ls: LayerStats | None,
+              cfg: ConvertConfig) -> LayerPlan:
+    """plan_layer, with the weight of readers that pool their statistics (LayerStats.pooled: an
+    unrolled loop's steps, a layer applied twice) coded once on all their inputs; each reader
+    then gets those codes with its own corrected bias. `memo` lives for one planning of all layers."""
+    if ls is None or ls.pooled is None or t.op == "Gather":
+        return plan_layer(t, w, bias, ls, cfg)
+    key = (t.weight_terms, id(ls.pooled), cfg.bits_for(t.node, t.depthwise))
+    if key not in memo:
+        memo[key] = plan_layer(t, w, bias, ls.pooled, cfg)
+    done = memo[key]
+    wm = to_matrix(w, t.weight_layout).astype(np.float64)
+    w_hat = dequantize_rows(to_matrix(done.codes, t.weight_layout), done.scales)
+    return dataclasses.replace(done, target=t, source_bias=bias, input_mean=ls.mean,
+                               bias=corrected_bias(t, wm, w_hat, bias, ls, cfg))
+
+
 def _rtn_sqnr(wm: np.ndarray, bits: int, h: np.ndarray, groups: int, block: int, taps: int, affine: bool) -> float:
     """What plain rounding on the same grid would read (the report's baseline for the layer)."""
     r = quantize_weight("rtn", wm, bits, None, groups, block=block, taps=taps, affine=affine)
@@ -327,11 +344,13 @@ def make_plan(targets: Sequence[Target], weights: Mapping[str, np.ndarray],
     if layers is not None:
         plan.layers = list(layers)
     else:
+        memo: dict = {}
         for i, t in enumerate(targets):
             bits, note = cfg.bits_for(t.node, t.depthwise)
             done = (planned or {}).get(t.node)
             plan.layers.append(dataclasses.replace(done, note=note) if done is not None and done.bits == bits
-                               else plan_layer(t, weights[t.node], biases.get(t.node), stats_layers.get(t.node), cfg))
+                               else plan_once(memo, t, weights[t.node], biases.get(t.node), stats_layers.get(t.node),
+                                              cfg))
             if progress:
                 progress("quantize", i + 1, len(targets))
     if cfg.rank_budget > 0:

@@ -19,7 +19,7 @@ from ..algos.matrix import dequantize_rows, to_matrix
 from ..algos.metrics import sqnr_db
 from ..algos.weights import weighted_error
 from ..config import ConvertConfig
-from ..types import LayerPlan, LayerStats
+from ..types import LayerPlan, LayerStats, Target
 from .layers import _weighted_sqnr, corrected_bias, recoded
 
 SHAREABLE_OPS = ("Conv", "Gemm", "MatMul", "Gather")
@@ -29,6 +29,31 @@ def weight_key(lp: LayerPlan) -> tuple:
     """Which stored weight a layer reads: layers with equal keys read one tensor."""
     t = lp.target
     return (t.graph, t.weight)
+
+
+def pool_stats(targets: list[Target], layers: dict[str, LayerStats]) -> int:
+    """Readers of one weight on equal terms (Target.weight_terms) get their inputs' statistics
+    pooled (weighted by rows) as `LayerStats.pooled`, which the weight is coded on once
+    (plan_once), and keep their own means for their biases. One calibration pass pools while it
+    collects (calib.collect); this pools statistics that were loaded or gathered in chunks.
+    In place. -> groups pooled."""
+    groups: dict[tuple, list[str]] = {}
+    for t in targets:
+        if t.op in SHAREABLE_OPS and t.op != "Gather" and t.node in layers:
+            groups.setdefault(t.weight_terms, []).append(t.node)
+    pooled = 0
+    for nodes in groups.values():
+        parts = [layers[n] for n in nodes]
+        if len(parts) < 2 or parts[0].pooled is not None or len({p.hessian is None for p in parts}) > 1:
+            continue                          # one reader, pooled while collected, or mixed statistics
+        rows = sum(p.rows for p in parts)
+        share = [p.rows / rows for p in parts]
+        h = None if parts[0].hessian is None else sum(s * p.hessian for s, p in zip(share, parts))
+        one = LayerStats(h, sum(s * p.mean for s, p in zip(share, parts)), rows)
+        for n, p in zip(nodes, parts):
+            layers[n] = LayerStats(h, p.mean, p.rows, pooled=one)
+        pooled += 1
+    return pooled
 
 
 def _why_not(group: list[LayerPlan]) -> str | None:
@@ -80,8 +105,8 @@ def share_weights(layers: list[LayerPlan], weights: Mapping[str, np.ndarray],
 def _unify(idx: list[int], group: list[LayerPlan], layers: list[LayerPlan], weights: Mapping[str, np.ndarray],
            stats: Mapping[str, LayerStats], cfg: ConvertConfig) -> None:
     first = group[0]
-    if first.target.op == "Gather":          # tables: weight-only and deterministic, equal codes already
-        best = first
+    if first.target.op == "Gather" or all(lp.codes is first.codes for lp in group):
+        best = first                          # tables (weight-only, deterministic) and readers coded once
         wm = None
     else:
         layout = first.target.weight_layout
