@@ -32,7 +32,7 @@ def test_orinet_runs_as_integer_kernels_with_the_same_answers(tmp_path, bits=8):
     assert np.mean(fp32 == ks) >= 0.9                           # the pages are real inputs for it
     answers = {}
     for target in ("generic", "ort-cpu"):
-        q, _ = onnxq.convert(str(orinet_path()), onnxq.ConvertConfig(bits=bits, target=target), calib=calib)
+        q, rep = onnxq.convert(str(orinet_path()), onnxq.ConvertConfig(bits=bits, target=target), calib=calib)
         answers[target] = _answers(q, held, onnxq.plan.rules.RULES[target].session_options)
         if target == "ort-cpu":
             so = ort.SessionOptions()
@@ -41,7 +41,9 @@ def test_orinet_runs_as_integer_kernels_with_the_same_answers(tmp_path, bits=8):
             ort.InferenceSession(q.SerializeToString(), so, providers=["CPUExecutionProvider"])
             ops = Counter(n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node)
             convs = sum(n.op_type == "Conv" for n in onnx.load(str(orinet_path())).graph.node)
-            assert ops["QLinearConv"] == convs and ops["Conv"] == 0, ops
+            # every conv but the stem on the 3-channel page, which stays float (faster there)
+            stems = [s.node for s in rep.skipped if "few-channel input" in s.reason]
+            assert len(stems) == 1 and ops["QLinearConv"] == convs - 1 and ops["Conv"] + ops["FusedConv"] == 1, ops
     agree = {t: float(np.mean(a == fp32)) for t, a in answers.items()}
     assert agree["ort-cpu"] >= agree["generic"] - 1 / 32, agree     # at most one page of 32 apart
     assert agree["ort-cpu"] >= 0.9, agree

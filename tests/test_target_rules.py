@@ -70,7 +70,10 @@ def test_ort_cpu_fuses_every_quantized_conv_into_an_integer_kernel(net, tmp_path
     # tests/test_wide_acts.py) would run its units in float
     q, rep = onnxq.convert(m, onnxq.ConvertConfig(bits=bits, target="ort-cpu", protect_acts=0), calib=feeds[:20])
     ops = optimized_ops(q, tmp_path)
-    assert ops["QLinearConv"] == 4 and ops["Conv"] == 0, ops       # all four convs run as integer kernels
+    # the three convs past the input run as integer kernels; conv0 on the 3-channel input stays
+    # float (faster there), with its ReLU fused, and the report says why
+    assert ops["QLinearConv"] == 3 and ops["Conv"] + ops["FusedConv"] == 1, ops
+    assert [s.node for s in rep.skipped if "few-channel input" in s.reason] == ["conv0"]
     assert ops["QLinearAdd"] == 1 and ops["QLinearConcat"] == 1 and ops["QLinearGlobalAveragePool"] == 1, ops
     assert ops["MaxPool"] == 1 and ops["Relu"] == 0 and ops["Clip"] == 0, ops   # absorbed by the kernels
     generic, _ = onnxq.convert(m, onnxq.ConvertConfig(bits=bits), calib=feeds[:20])
@@ -94,7 +97,7 @@ def split_net(rng) -> onnx.ModelProto:
     """A C2f-style block (YOLOv8): a conv's output split in two, one half through another conv,
     both halves and that conv's output concatenated and read by a last conv."""
     r = lambda *s: (rng.standard_normal(s) * 0.3).astype(np.float32)  # noqa: E731
-    inits = {"w0": r(8, 3, 3, 3), "w1": r(4, 4, 3, 3), "w2": r(6, 12, 1, 1), "parts": np.array([4, 4], np.int64)}
+    inits = {"w0": r(8, 8, 3, 3), "w1": r(4, 4, 3, 3), "w2": r(6, 12, 1, 1), "parts": np.array([4, 4], np.int64)}
     nodes = [
         helper.make_node("Conv", ["x", "w0"], ["c0"], pads=[1] * 4, name="conv0"),
         helper.make_node("Relu", ["c0"], ["r0"]),
@@ -104,7 +107,8 @@ def split_net(rng) -> onnx.ModelProto:
         helper.make_node("Concat", ["s0", "s1", "r1"], ["cat"], axis=1),
         helper.make_node("Conv", ["cat", "w2"], ["y"], name="conv2"),
     ]
-    return make_model(nodes, [vi("x", ["N", 3, 12, 12])], [vi("y", ["N", 6, 12, 12])], inits)
+    # 8 input channels: a stem on a 3-channel image would stay float under ort-cpu (its own test)
+    return make_model(nodes, [vi("x", ["N", 8, 12, 12])], [vi("y", ["N", 6, 12, 12])], inits)
 
 
 def test_ort_cpu_splits_and_concatenates_on_quantized_tensors(tmp_path):
@@ -112,7 +116,7 @@ def test_ort_cpu_splits_and_concatenates_on_quantized_tensors(tmp_path):
     Concat after it runs as QLinearConcat, with no float Split or Concat between the kernels."""
     rng = np.random.default_rng(1)
     m = split_net(rng)
-    feeds = [{"x": rng.standard_normal((1, 3, 12, 12)).astype(np.float32)} for _ in range(16)]
+    feeds = [{"x": rng.standard_normal((1, 8, 12, 12)).astype(np.float32)} for _ in range(16)]
     q, _ = onnxq.convert(m, onnxq.ConvertConfig(bits=8, target="ort-cpu", protect_acts=0), calib=feeds)
     inits = {t.name: onnx.numpy_helper.to_array(t) for t in q.graph.initializer}
     for part in ("s0", "s1"):
@@ -219,7 +223,7 @@ def test_ort_cpu_fuses_a_channels_last_exports_conv_relu_chain_without_requantiz
     last conv, whose output is the model's, stays a float Conv on a dequantized input)."""
     rng = np.random.default_rng(4)
     r = lambda *s: (rng.standard_normal(s) * 0.3).astype(np.float32)  # noqa: E731
-    inits = {"w0": r(8, 3, 3, 3), "w1": r(4, 8, 3, 3), "b": r(8), "m": r(8), "g": rng.uniform(0.5, 2, 8).astype(np.float32)}
+    inits = {"w0": r(8, 8, 3, 3), "w1": r(4, 8, 3, 3), "b": r(8), "m": r(8), "g": rng.uniform(0.5, 2, 8).astype(np.float32)}
     nodes = [helper.make_node("Identity", ["m"], ["mean"]),                  # a constant behind an Identity
              helper.make_node("Conv", ["x", "w0"], ["c0"], pads=[1] * 4, name="conv0"),
              helper.make_node("Transpose", ["c0"], ["t0"], perm=[0, 2, 3, 1]),
@@ -228,8 +232,9 @@ def test_ort_cpu_fuses_a_channels_last_exports_conv_relu_chain_without_requantiz
              helper.make_node("Mul", ["s0", "g"], ["m0"]), helper.make_node("Relu", ["m0"], ["r0"]),
              helper.make_node("Transpose", ["r0"], ["t1"], perm=[0, 3, 1, 2]),
              helper.make_node("Conv", ["t1", "w1"], ["y"], pads=[1] * 4, name="conv1")]
-    m = make_model(nodes, [vi("x", [1, 3, 8, 8])], [vi("y", [1, 4, 8, 8])], inits)
-    feeds = [{"x": rng.standard_normal((1, 3, 8, 8)).astype(np.float32)} for _ in range(8)]
+    # 8 input channels: a stem on a <= 4-channel input would stay float (its own test above)
+    m = make_model(nodes, [vi("x", [1, 8, 8, 8])], [vi("y", [1, 4, 8, 8])], inits)
+    feeds = [{"x": rng.standard_normal((1, 8, 8, 8)).astype(np.float32)} for _ in range(8)]
     q, rep = onnxq.convert(m, onnxq.ConvertConfig(bits=8, target="ort-cpu"), calib=feeds)
     assert rep.prepare["affine_folded"] == 3 and rep.prepare["identities_dropped"] == 2
     ops = optimized_ops(q, tmp_path)
@@ -379,11 +384,11 @@ def test_quantize_attention_is_refused_where_the_target_places_every_op():
         onnxq.ConvertConfig(target="ort-cpu", quantize_attention=True)
 
 
-def detector_head(rng) -> onnx.ModelProto:
+def detector_head(rng, channels: int = 3) -> onnx.ModelProto:
     """conv -> Relu, then a box conv and a class conv, concatenated along channels and split
     again: boxes out as they are, class logits through a Sigmoid (a YOLOv8-style head)."""
     r = lambda *s: (rng.standard_normal(s) * 0.4).astype(np.float32)  # noqa: E731
-    inits = {"w0": r(8, 3, 3, 3), "wb": r(4, 8, 1, 1), "wc": r(3, 8, 1, 1), "bc": np.full(3, -2.0, np.float32),
+    inits = {"w0": r(8, channels, 3, 3), "wb": r(4, 8, 1, 1), "wc": r(3, 8, 1, 1), "bc": np.full(3, -2.0, np.float32),
              "parts": np.array([4, 3], np.int64)}
     nodes = [helper.make_node("Conv", ["x", "w0"], ["c0"], pads=[1] * 4, name="conv0"),
              helper.make_node("Relu", ["c0"], ["r0"]),
@@ -393,7 +398,7 @@ def detector_head(rng) -> onnx.ModelProto:
              helper.make_node("Split", ["cat", "parts"], ["b", "l"], axis=1),
              helper.make_node("Sigmoid", ["l"], ["score"]),
              helper.make_node("Concat", ["b", "score"], ["y"], axis=1)]
-    return make_model(nodes, [vi("x", [1, 3, 8, 8])], [vi("y", [1, 7, 8, 8])], inits)
+    return make_model(nodes, [vi("x", [1, channels, 8, 8])], [vi("y", [1, 7, 8, 8])], inits)
 
 
 def test_ort_cpu_leaves_the_scores_ahead_of_an_outputs_sigmoid_unrounded(tmp_path):
@@ -402,8 +407,8 @@ def test_ort_cpu_leaves_the_scores_ahead_of_an_outputs_sigmoid_unrounded(tmp_pat
     calibration never saw). The head's convs run in float, the first conv as an integer kernel,
     and the scores are the input-side placement's."""
     rng = np.random.default_rng(11)
-    m = detector_head(rng)
-    feeds = [{"x": rng.standard_normal((1, 3, 8, 8)).astype(np.float32)} for _ in range(24)]
+    m = detector_head(rng, channels=8)   # (a stem on a <= 4-channel input would stay float under ort-cpu)
+    feeds = [{"x": rng.standard_normal((1, 8, 8, 8)).astype(np.float32)} for _ in range(24)]
     q, rep = onnxq.convert(m, onnxq.ConvertConfig(bits=8, target="ort-cpu"), calib=feeds[:16])
     generic, _ = onnxq.convert(m, onnxq.ConvertConfig(bits=8), calib=feeds[:16])
     quantized = {n.input[0] for n in q.graph.node if n.op_type == "QuantizeLinear"}

@@ -14,6 +14,8 @@ from .walk import attr, graphs, loop_scopes, tensor_types
 WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 TABLE_OPS = ("Gather",)      # embedding lookups in a constant table (weight-only)
 RECURRENT_OPS = ("LSTM", "GRU", "RNN")
+INPUT_CONV_REASON = ("a conv on the model's few-channel input runs faster in float on this target "
+                     "(the 8-bit kernel's short rows of Cin x kh x kw taps)")
 
 
 def _geometry(node: onnx.NodeProto, w_shape: tuple[int, ...]) -> ConvGeometry:
@@ -100,11 +102,13 @@ def _classify(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto], graph: s
 
 
 def find_targets(model: onnx.ModelProto, excluded: Callable[[str], bool] = lambda node: False,
-                 tables: bool = True) -> tuple[list[Target], list[Skipped]]:
+                 tables: bool = True, input_convs: int = 0) -> tuple[list[Target], list[Skipped]]:
     """Quantizable nodes of the main graph and of every subgraph, plus the skipped ones
     (`excluded(node name)` marks the nodes the user leaves in float); with `tables`, embedding
-    lookups (Gather on a constant 2-D float table) too."""
+    lookups (Gather on a constant 2-D float table) too; with `input_convs`, ungrouped convs that
+    read a model input of at most that many channels stay float (a target's rule)."""
     ops = WEIGHT_OPS + (TABLE_OPS if tables else ())
+    on_input = _input_readers(model) if input_convs else set()
     types = tensor_types(model)
     loops = loop_scopes(model)
     targets: list[Target] = []
@@ -124,6 +128,9 @@ def find_targets(model: onnx.ModelProto, excluded: Callable[[str], bool] = lambd
             if excluded(node.name):
                 skipped.append(Skipped(node.name, node.op_type, "excluded by --exclude"))
                 continue
+            if node.name in on_input and _few_channels(node, inits, input_convs):
+                skipped.append(Skipped(node.name, node.op_type, INPUT_CONV_REASON))
+                continue
             t = _classify(node, inits, path, path in loops)
             if isinstance(t, str):
                 skipped.append(Skipped(node.name, node.op_type, t))
@@ -132,6 +139,26 @@ def find_targets(model: onnx.ModelProto, excluded: Callable[[str], bool] = lambd
                 t = Target(**{**t.__dict__, "act": None})
             targets.append(t)
     return targets, skipped
+
+
+def _input_readers(model: onnx.ModelProto) -> set[str]:
+    """Main-graph nodes that read a model input, directly or through Transposes and Casts."""
+    inputs = {i.name for i in model.graph.input}
+    reached, out = set(inputs), set()
+    for node in model.graph.node:              # topological order
+        if not node.input or node.input[0] not in reached:
+            continue
+        if node.op_type in ("Transpose", "Cast"):
+            reached.update(node.output)
+        else:
+            out.add(node.name)
+    return out
+
+
+def _few_channels(node: onnx.NodeProto, inits: Mapping[str, onnx.TensorProto], most: int) -> bool:
+    w = inits.get(node.input[1]) if len(node.input) > 1 else None
+    return (node.op_type == "Conv" and w is not None and len(w.dims) == 4 and w.dims[1] <= most
+            and (attr(node, "group", 1) or 1) == 1)
 
 
 def initializer_array(model: onnx.ModelProto, graph: str, name: str):

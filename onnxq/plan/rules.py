@@ -74,6 +74,10 @@ DECISION_OPS = frozenset({"Sigmoid", "Softmax", "LogSoftmax"})
 # ort-cpu: the share of the multiply-adds that int16 activations may take off the integer kernels
 # (a unit with an int16 input or output runs in float; docs/results.md, round 15)
 ORT_WIDE_MACS = 0.02
+# ort-cpu: ungrouped convs on a model input of at most this many channels (an image's first conv)
+# stay float: onnxruntime's 8-bit conv runs their short Cin x kh x kw rows slower than its float
+# conv (PP-LCNet's 3-channel stem: 441 us as QLinearConv, 178 us in float; docs/results.md, round 17)
+ORT_INPUT_CONVS = 4
 
 
 
@@ -103,6 +107,7 @@ class Rules:
     wide_macs: float | None = None       # ... as long as the layers that then lose their integer kernels
                                          # (reading or making an int16 tensor) hold at most this share
                                          # of the quantized layers' multiply-adds (None: no limit)
+    input_convs: int = 0                 # ungrouped convs on a model input of at most this many channels stay float
     session_options: dict[str, str] = field(default_factory=dict)   # for onnxruntime's CPU provider
     summary: str = ""
 
@@ -115,6 +120,7 @@ RULES: dict[str, Rules] = {
     "ort-cpu": Rules("ort-cpu", output_units=True, all_readers=True, int4_conv=False, int4_matmul=False,
                      simplify=True, int4_weight_only=True, ms_kernels=True, blocked_weights=True,
                      zero_points=True, float_decisions=True, wide_acts=True, wide_macs=ORT_WIDE_MACS,
+                     input_convs=ORT_INPUT_CONVS,
                      summary="full node units for onnxruntime's CPU integer kernels; u8/s8, int32 bias; "
                              "4-bit Gemm/MatMul as MatMulNBits, tables as GatherBlockQuantized"),
     "openvino": Rules("openvino", output_units=False, all_readers=False, int4_conv=False, int4_matmul=True,
