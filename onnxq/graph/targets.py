@@ -128,7 +128,7 @@ def find_targets(model: onnx.ModelProto, excluded: Callable[[str], bool] = lambd
             if excluded(node.name):
                 skipped.append(Skipped(node.name, node.op_type, "excluded by --exclude"))
                 continue
-            if node.name in on_input and _few_channels(node, inits, input_convs):
+            if not path and node.name in on_input and _few_channels(node, inits, input_convs):
                 skipped.append(Skipped(node.name, node.op_type, INPUT_CONV_REASON))
                 continue
             t = _classify(node, inits, path, path in loops)
