@@ -128,10 +128,12 @@ class SecondMoment:
             return
         self._add(r)
 
-    def _add(self, r: np.ndarray) -> None:
+    def _add(self, r: np.ndarray, product=np.float32) -> None:
         # one sample's rows are few: a float32 product is exact enough, the running sum is float64
+        # (a batch of many samples' rows multiplies in float64)
         if self.h is not None:
-            self.h += np.matmul(r.transpose(0, 2, 1), r)
+            x = r.astype(product, copy=False)
+            self.h += np.matmul(x.transpose(0, 2, 1), x)
         self.s += r.sum(axis=1, dtype=np.float64)
         self.n += r.shape[1]
 
@@ -139,9 +141,7 @@ class SecondMoment:
         if self._waiting:
             r = np.concatenate(self._waiting, axis=1)
             self._waiting = []
-            self.h += np.matmul(r.transpose(0, 2, 1).astype(np.float64), r.astype(np.float64))
-            self.s += r.sum(axis=1, dtype=np.float64)
-            self.n += r.shape[1]
+            self._add(r, np.float64)
 
     def add_sums(self, sums: np.ndarray, n: int) -> None:
         """Rows already summed ([G, K] float64 over n rows): the mean-only update."""
