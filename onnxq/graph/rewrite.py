@@ -18,6 +18,7 @@ from ..algos.qmath import container_bits
 from ..plan.rules import ABSORBED_OPS, RULES, SAME_SCALE_OPS, Rules, float_input
 from ..plan.biases import weight_only
 from ..types import ActQuant, CodedBiases, LayerPlan, Plan
+from .hardswish import integer_hard_swish
 from .kernels import DOMAIN, add_initializer, declare_domain, dedupe_weights, gather_blocks, matmul_nbits
 from .prepare import prune_initializers
 from .walk import graph_by_path
@@ -166,6 +167,8 @@ def apply_plan(model: onnx.ModelProto, plan: Plan) -> onnx.ModelProto:
             g = graphs[lp.target.graph]
             after.setdefault(lp.target.graph, {})[lp.target.node] = _branch_nodes(g, lp, plan.biases[lp.target.node])
     place(graphs, before, after)
+    if rules.int_hard_swish:
+        integer_hard_swish(m)
     declare_domain(m, graphs)
     dedupe_weights(m)
     prune_initializers(m)

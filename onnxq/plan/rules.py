@@ -19,6 +19,8 @@ ort-cpu   full node units DQ -> op -> Q so onnxruntime's CPU provider fuses inte
           INT8 containers (the speed of W8A8 with the rounding of W4; the file is W8-sized).
           Scores that flow through no quantized layer into a Sigmoid/Softmax ahead of an output
           (a detector's class logits) get no output Q: the layers making them run in float.
+          A HardSwish between two u8 tensors (it has no integer kernel) is written as x/6 + 1/2
+          rounded to a u8 gate, times x: QLinearAdd and QLinearMul.
           An output-side tensor read only by ops that saturate (HardSwish below -3, HardSigmoid,
           Clip, Relu) is ranged only where they do not. At 8-bit activations the few whose
           rounding costs the network most may be int16 (--protect-acts): the layers reading or
@@ -108,6 +110,7 @@ class Rules:
                                          # (reading or making an int16 tensor) hold at most this share
                                          # of the quantized layers' multiply-adds (None: no limit)
     input_convs: int = 0                 # ungrouped convs on a model input of at most this many channels stay float
+    int_hard_swish: bool = False         # a HardSwish between u8 tensors as QLinearAdd + QLinearMul (graph/hardswish.py)
     session_options: dict[str, str] = field(default_factory=dict)   # for onnxruntime's CPU provider
     summary: str = ""
 
@@ -120,7 +123,7 @@ RULES: dict[str, Rules] = {
     "ort-cpu": Rules("ort-cpu", output_units=True, all_readers=True, int4_conv=False, int4_matmul=False,
                      simplify=True, int4_weight_only=True, ms_kernels=True, blocked_weights=True,
                      zero_points=True, float_decisions=True, wide_acts=True, wide_macs=ORT_WIDE_MACS,
-                     input_convs=ORT_INPUT_CONVS,
+                     input_convs=ORT_INPUT_CONVS, int_hard_swish=True,
                      summary="full node units for onnxruntime's CPU integer kernels; u8/s8, int32 bias; "
                              "4-bit Gemm/MatMul as MatMulNBits, tables as GatherBlockQuantized"),
     "openvino": Rules("openvino", output_units=False, all_readers=False, int4_conv=False, int4_matmul=True,
