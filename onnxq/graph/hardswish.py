@@ -4,12 +4,13 @@ onnxruntime has no integer HardSwish kernel: a unit DQ -> HardSwish -> Q runs as
 (it expands HardSwish into HardSigmoid and Mul), which took 3.0 of PP-LCNet's 5.4 ms under ort-cpu
 (docs/results.md, round 18). With x = s (q - z) the same unit is written as
 
-    g = Q(DQ(q; s/6, z) + 1/2; 1/255, 0)         x/6 + 1/2, clipped to [0, 1] by g's u8 range
-    y = Q(DQ(q; s, z) * DQ(g; 1/255, 0))         x * hardsigmoid(x)
+    g = Q(DQ(q; s/6, z) + 1/2; t/255, 0)         x/6 + 1/2, clipped to [0, t] by g's u8 range
+    y = Q(DQ(q; s, z) * DQ(g; t/255, 0))         x * hardsigmoid(x)
 
 which its QDQ fusion turns into QLinearAdd and QLinearMul on u8 tensors. Only standard ops are
-emitted, so any runtime still reads the graph. g is rounded to 1/510 at most: x * g moves by at
-most |x| / 510, below half a step of y's own rounding wherever |x| stays within y's range."""
+emitted, so any runtime still reads the graph. t = min(1, x_max/6 + 1/2) is the largest gate x's
+range reaches. g is rounded by t/510 at most: x * g moves by at most |x| t / 510, below half a step
+of y's own rounding wherever |x| stays within y's range."""
 
 from __future__ import annotations
 
@@ -20,7 +21,6 @@ from onnx import TensorProto, helper, numpy_helper
 from .kernels import add_initializer
 
 PREFIX = "hardswish"
-GATE_SCALE = 1.0 / 255.0
 
 
 def _scalar_u8(inits: dict[str, onnx.TensorProto], node: onnx.NodeProto) -> bool:
@@ -53,15 +53,21 @@ def _units(g: onnx.GraphProto) -> list[tuple[onnx.NodeProto, onnx.NodeProto]]:
     return found
 
 
-def _constants(g: onnx.GraphProto) -> tuple[str, str, str, str]:
-    """The names of the shared constants: 1/2 as a u8 code, its scale, zero point 0, g's scale."""
-    names = (f"{PREFIX}/half", f"{PREFIX}/half_scale", f"{PREFIX}/zero", f"{PREFIX}/gate_scale")
+def _constants(g: onnx.GraphProto) -> tuple[str, str, str]:
+    """The names of the shared constants: 1/2 as a u8 code, its scale, zero point 0."""
+    names = (f"{PREFIX}/half", f"{PREFIX}/half_scale", f"{PREFIX}/zero")
     if not any(t.name == names[0] for t in g.initializer):
         add_initializer(g, names[0], np.array(128, np.uint8))
         add_initializer(g, names[1], np.array(0.5 / 128, np.float32))
         add_initializer(g, names[2], np.array(0, np.uint8))
-        add_initializer(g, names[3], np.array(GATE_SCALE, np.float32))
     return names
+
+
+def _gate_scale(scale: np.ndarray, zero: onnx.TensorProto) -> np.ndarray:
+    """g's step: its largest value over x's u8 range (1 once x reaches 3) in 255 steps; its
+    zero point is 0, so the Q clips g at 0 below x = -3."""
+    top = float(scale) * (255 - int(numpy_helper.to_array(zero)))
+    return np.array(min(1.0, max(top, 0.0) / 6 + 0.5) / 255, np.float32)
 
 
 def integer_hard_swish(model: onnx.ModelProto) -> int:
@@ -71,13 +77,14 @@ def integer_hard_swish(model: onnx.ModelProto) -> int:
     units = _units(g)
     if not units:
         return 0
-    half, half_scale, zero, gate_scale = _constants(g)
+    half, half_scale, zero = _constants(g)
     inits = {t.name: t for t in g.initializer}
     new: dict[str, list[onnx.NodeProto]] = {}
     for node, dq in units:
         base = f"{node.name or node.output[0]}/{PREFIX}"
         s = numpy_helper.to_array(inits[dq.input[1]]).astype(np.float32)
         sixth = add_initializer(g, f"{base}/sixth_scale", np.array(s / np.float32(6), np.float32))
+        gate_scale = add_initializer(g, f"{base}/gate_scale", _gate_scale(s, inits[dq.input[2]]))
         new[node.output[0]] = [
             helper.make_node("DequantizeLinear", [dq.input[0], sixth, dq.input[2]], [f"{base}/sixth"],
                              name=f"{base}/sixth"),
