@@ -76,7 +76,7 @@ def convert(model: "str | os.PathLike | onnx.ModelProto", config: ConvertConfig 
     with c.timed("load"):
         load(c, model)
         prepare_model(c)
-        c.targets, c.skipped = find_targets(c.prepared, c.cfg.excluded, c.cfg.rules.tables, c.cfg.rules.input_convs)
+        c.targets, c.skipped = targets_of(c)
         log.info(f"{len(c.targets)} layers to quantize, {len(c.skipped)} left in float")
         c.placement = plan_placement(c.prepared, c.targets, c.cfg.rules, c.cfg.quantize_acts,
                                      c.cfg.quantize_attention)
@@ -97,6 +97,11 @@ def convert(model: "str | os.PathLike | onnx.ModelProto", config: ConvertConfig 
         verify(c)
     c.seconds["total"] = time.perf_counter() - t0
     return c.qmodel, build_report(c)
+
+
+def targets_of(c: Conversion):
+    """The prepared model's quantizable nodes and the skipped ones, under the conversion's rules."""
+    return find_targets(c.prepared, c.cfg.excluded, c.cfg.rules.tables, c.cfg.rules.input_convs)
 
 
 def load(c: Conversion, model) -> None:
@@ -177,7 +182,7 @@ def smooth(c: Conversion, stats: Stats | None) -> None:
         c.smoothing.append(SmoothReport(act, [t.node for t in readers], ch.alpha, ch.error_before, ch.error_after,
                                         new))
     if any(s.alpha is not None for s in c.smoothing):
-        c.targets, c.skipped = find_targets(c.prepared, c.cfg.excluded, c.cfg.rules.tables, c.cfg.rules.input_convs)
+        c.targets, c.skipped = targets_of(c)
         c.placement = plan_placement(c.prepared, c.targets, c.cfg.rules, c.cfg.quantize_acts,
                                      c.cfg.quantize_attention)
         log.info(f"smoothing: {sum(s.alpha is not None for s in c.smoothing)} of {len(c.smoothing)} "
@@ -478,7 +483,7 @@ def inspect(model: "str | os.PathLike", config: ConvertConfig | None = None) -> 
     c = Conversion(config or ConvertConfig())
     load(c, model)
     prepare_model(c)
-    c.targets, c.skipped = find_targets(c.prepared, c.cfg.excluded, c.cfg.rules.tables, c.cfg.rules.input_convs)
+    c.targets, c.skipped = targets_of(c)
     layers = []
     for t in c.targets:
         bits, _ = c.cfg.bits_for(t.node, t.depthwise)

@@ -211,9 +211,16 @@ def plan_once(memo: dict, t: Target, w: np.ndarray, bias: np.ndarray | None, ls:
         memo[key] = plan_layer(t, w, bias, ls.pooled, cfg)
     done = memo[key]
     wm = to_matrix(w, t.weight_layout).astype(np.float64)
-    w_hat = dequantize_rows(to_matrix(done.codes, t.weight_layout), done.scales)
-    return dataclasses.replace(done, target=t, source_bias=bias, input_mean=ls.mean,
-                               bias=corrected_bias(t, wm, w_hat, bias, ls, cfg))
+    _, b = recoded_bias(t, wm, done, bias, ls, cfg)
+    return dataclasses.replace(done, target=t, source_bias=bias, input_mean=ls.mean, bias=b)
+
+
+def recoded_bias(t: Target, wm: np.ndarray, coded: LayerPlan, bias: np.ndarray | None, ls: LayerStats | None,
+                 cfg: ConvertConfig) -> tuple[np.ndarray, np.ndarray | None]:
+    """The weight `coded`'s codes and scales stand for (as a matrix) and the bias of layer `t`
+    (float weight `wm`, bias `bias`) corrected for them: a reader adopting codes made elsewhere."""
+    w_hat = dequantize_rows(to_matrix(coded.codes, t.weight_layout), coded.scales)
+    return w_hat, corrected_bias(t, wm, w_hat, bias, ls, cfg)
 
 
 def _rtn_sqnr(wm: np.ndarray, bits: int, h: np.ndarray, groups: int, block: int, taps: int, affine: bool) -> float:

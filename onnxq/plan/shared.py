@@ -20,7 +20,7 @@ from ..algos.metrics import sqnr_db
 from ..algos.weights import weighted_error
 from ..config import ConvertConfig
 from ..types import LayerPlan, LayerStats, Target
-from .layers import _weighted_sqnr, corrected_bias, recoded
+from .layers import _weighted_sqnr, recoded, recoded_bias
 
 SHAREABLE_OPS = ("Conv", "Gemm", "MatMul", "Gather")
 
@@ -130,8 +130,7 @@ def _adopt(lp: LayerPlan, best: LayerPlan, wm: np.ndarray | None, ls: LayerStats
     t = lp.target
     out = dataclasses.replace(lp, codes=best.codes, scales=best.scales, zero_points=best.zero_points,
                               method=best.method)
-    w_hat = dequantize_rows(to_matrix(best.codes, t.weight_layout), best.scales)
-    out.bias = corrected_bias(t, wm, w_hat, lp.source_bias, ls, cfg)
+    w_hat, out.bias = recoded_bias(t, wm, best, lp.source_bias, ls, cfg)
     out.sqnr_db = (_weighted_sqnr(wm, w_hat, lp.fit_hessian, t.row_groups) if lp.fit_hessian is not None
                    else sqnr_db(wm, w_hat))
     return out
