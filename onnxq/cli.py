@@ -222,7 +222,7 @@ def _print_wide(w) -> None:
     if w.widened:
         out.print(f"  activations kept at 16 bits: {len(w.widened)} of {w.tensors} (at most {w.budget}); "
                   f"network loss on unseen samples {w.check_before:.4g} -> {w.check_after:.4g}"
-                  + (f"; the layers they touch, {w.unfused:.1%} of the multiply-adds (grouped convs x16), run without integer kernels"
+                  + (f"; the layers they touch, {w.unfused:.1%} of the multiply-adds, run without integer kernels"
                      if w.unfused is not None else ""))
     else:
         out.print("  activations kept at 16 bits: none (" + ("did not help on samples it was not chosen on)"
@@ -349,8 +349,7 @@ def _preprocess_options(f):
               help="8-bit activations (generic and ort-cpu targets): the share of them that may be kept at 16 "
                    "bits where rounding them costs the network most; kept only if it helps on samples it was "
                    "not chosen on. Runtimes without 16-bit kernels run their readers in float: under ort-cpu "
-                   "only as many as leave at most 2% of the multiply-adds without integer kernels (a grouped conv "
-                   "counted at 16 times its own: its float kernel is that much slower).")
+                   "only as many as leave at most 2% of the multiply-adds without integer kernels.")
 @click.option("--no-protect-acts", is_flag=True, help="Every activation at --act-bits (same as --protect-acts 0).")
 @click.option("--rank-budget", type=click.FloatRange(0, 1), default=0.0, show_default=True,
               help="Low-rank residual branches: extra parameters as a fraction of the weights "

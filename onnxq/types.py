@@ -401,8 +401,7 @@ class WideSummary:
     check_before: float | None = None   # on calibration samples the harm was not measured on
     check_after: float | None = None    # the same with the widened tensors at 16 bits
     unfused: float | None = None        # share of the layers' multiply-adds that run without an integer
-                                        # kernel because of them, grouped convs at GROUPED_FLOAT_COST times
-                                        # theirs (targets with a budget for it)
+                                        # kernel because of them (targets with a budget for it)
 
 
 @dataclass

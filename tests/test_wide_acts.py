@@ -20,8 +20,7 @@ from onnxq.graph.variants import mask_name
 from onnxq.plan.biases import code_biases
 from onnxq.runtime import session
 from onnxq.plan.rules import ORT_WIDE_MACS
-from onnxq.search.wide import (GROUPED_FLOAT_COST, MIN_SHARE, MaskSession, affordable, candidates, float_cost,
-                               layer_macs, widen_acts)
+from onnxq.search.wide import MIN_SHARE, MaskSession, candidates, layer_macs, widen_acts
 from onnxq.types import Plan
 
 from builders import conv_zoo
@@ -159,28 +158,6 @@ def test_layer_multiply_adds_come_from_the_input_values_seen(monkeypatch):
     assert n in (5, 6)
     assert macs == pytest.approx({"conv0": n * 256 * 8 * 27, "conv1": n * 256 * 8 * 72, "conv2": n * 256 * 8 * 8,
                                   "conv3": n * 64 * 8 * 144, "fc": n * 40})
-
-
-def test_a_grouped_conv_costs_its_float_kernels_share_in_the_budget(monkeypatch):
-    """A depthwise conv that loses its integer kernel costs GROUPED_FLOAT_COST times its
-    multiply-adds: a budget its plain multiply-adds fit in does not take the tensor it reads."""
-    from test_hardswish import hard_swish_net
-
-    seen = _spy_plan(monkeypatch)
-    rng = np.random.default_rng(4)
-    feeds = [{"x": rng.standard_normal((1, 8, 16, 16)).astype(np.float32)} for _ in range(6)]
-    onnxq.convert(hard_swish_net(rng), onnxq.ConvertConfig(bits=8, target="ort-cpu"), calib=feeds)
-    plan = seen["plan"]
-    macs = layer_macs(plan, seen["stats"])
-    cost = float_cost(plan, macs)
-    assert cost["dw"] == GROUPED_FLOAT_COST * macs["dw"] and cost["pw"] == macs["pw"]
-    reads = {lp.target.node: lp.target.act for lp in plan.layers}
-    total = sum(macs.values())
-    plain = macs["dw"] / total                       # the dw conv's share of the multiply-adds
-    taken, share = affordable([reads["dw"], reads["pw"]], plan, macs, {}, 2 * plain)
-    assert reads["dw"] not in taken and share([reads["dw"]]) == pytest.approx(GROUPED_FLOAT_COST * plain)
-    taken, _ = affordable([reads["dw"]], plan, macs, {}, GROUPED_FLOAT_COST * plain * 1.01)
-    assert taken == [reads["dw"]]
 
 
 @pytest.mark.slow

@@ -24,8 +24,7 @@ ort-cpu   full node units DQ -> op -> Q so onnxruntime's CPU provider fuses inte
           An output-side tensor read only by ops that saturate (HardSwish below -3, HardSigmoid,
           Clip, Relu) is ranged only where they do not. At 8-bit activations the few whose
           rounding costs the network most may be int16 (--protect-acts): the layers reading or
-          making them then run in float, so they may hold at most 2% of the multiply-adds (a grouped
-          conv counted at 16 times its own: search/wide.GROUPED_FLOAT_COST).
+          making them then run in float, so they may hold at most 2% of the multiply-adds.
           2- to 4-bit Gemm/MatMul weights become its 4-bit kernel MatMulNBits (com.microsoft:
           onnxq's codes packed two to a byte, one scale and zero point per block of K; the input
           stays float and the kernel quantizes it to int8 per block as it runs), and embedding

@@ -42,10 +42,6 @@ if TYPE_CHECKING:
 
 WIDE_BITS = 16
 MIN_SHARE = 0.02      # a tensor whose harm is under this share of the network loss stays at 8 bits
-# onnxruntime's float grouped (depthwise) conv inside a quantized graph against its integer convs'
-# average, per multiply-add: PP-LCNet's 16-channel depthwise conv at 112x112 ran 351 us in float
-# (195 us per million) where its 28 QLinearConvs averaged 11 us per million (docs/results.md, round 18)
-GROUPED_FLOAT_COST = 16.0
 
 
 class MaskSession:
@@ -118,30 +114,20 @@ def _per_input(t) -> float:
     return 0.0
 
 
-def float_cost(plan: Plan, macs: Mapping[str, float]) -> dict[str, float]:
-    """What each layer costs once it loses its integer kernel, in multiply-adds of the integer
-    model: a grouped conv's at GROUPED_FLOAT_COST times its own (onnxruntime's float grouped
-    conv runs far fewer multiply-adds a second than its integer kernels; docs/results.md,
-    round 18), any other layer's at its own."""
-    grouped = {lp.target.node for lp in plan.layers if lp.target.op == "Conv" and lp.target.groups > 1}
-    return {n: m * (GROUPED_FLOAT_COST if n in grouped else 1.0) for n, m in macs.items()}
-
-
 def affordable(ranked: Sequence[str], plan: Plan, macs: Mapping[str, float], units: Mapping[str, str],
                share: float) -> tuple[list[str], Callable[[Sequence[str]], float]]:
     """The tensors of `ranked`, in order, that fit together while the layers losing their
-    integer kernels to them (the ones reading them, the unit making one) cost at most `share`
-    of the multiply-adds in float (`float_cost`); and the share a set of them takes."""
+    integer kernels to them (the ones reading them, the unit making one) hold at most `share`
+    of the multiply-adds; and the share a set of them takes."""
     readers: dict[str, set[str]] = {}
     for lp in plan.layers:
         if lp.target.act and not lp.target.graph:
             readers.setdefault(lp.target.act, set()).add(lp.target.node)
     total = sum(macs.values()) or 1.0
-    cost = float_cost(plan, macs)
 
     def taken(chosen: Sequence[str]) -> float:
         nodes = set().union(*(readers.get(a, set()) | ({units[a]} if a in units else set()) for a in chosen))
-        return sum(cost.get(n, 0.0) for n in nodes) / total
+        return sum(macs.get(n, 0.0) for n in nodes) / total
 
     out: list[str] = []
     for a in ranked:
