@@ -19,6 +19,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from .kernels import add_initializer
+from .prepare import readers_of
 
 PREFIX = "hardswish"
 
@@ -35,10 +36,7 @@ def _units(g: onnx.GraphProto) -> list[tuple[onnx.NodeProto, onnx.NodeProto]]:
     """(HardSwish, its input's DQ) for each HardSwish that reads a u8 DQ and is read only by u8 Qs."""
     inits = {t.name: t for t in g.initializer}
     made = {y: n for n in g.node for y in n.output}
-    readers: dict[str, list[onnx.NodeProto]] = {}
-    for n in g.node:
-        for i in n.input:
-            readers.setdefault(i, []).append(n)
+    readers = readers_of(g)
     outputs = {o.name for o in g.output}
     found = []
     for n in g.node:

@@ -187,7 +187,7 @@ def scalar(inits: dict, name: str) -> float | None:
     return float(v.reshape(-1)[0]) if v.size == 1 else None
 
 
-def _readers(g: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
+def readers_of(g: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
     """tensor -> the nodes of `g` that read it."""
     out: dict[str, list[onnx.NodeProto]] = {}
     for n in g.node:
@@ -248,7 +248,7 @@ def fold_affine(model: onnx.ModelProto) -> int:
     were folded."""
     g = model.graph
     inits = _inits(g)
-    readers = _readers(g)
+    readers = readers_of(g)
     outputs = {o.name for o in g.output}
     only = lambda t: readers[t][0] if len(readers.get(t, [])) == 1 and t not in outputs else None  # noqa: E731
     drop, folded = set(), 0
@@ -334,7 +334,7 @@ def fuse_hardswish(model: onnx.ModelProto) -> int:
     one tensor less to carry between quantized kernels. Main graph; returns how many."""
     g = model.graph
     inits = _inits(g)
-    readers = _readers(g)
+    readers = readers_of(g)
     outputs = {o.name for o in g.output}
     only = lambda t: readers.get(t, [None])[0] if len(readers.get(t, [])) == 1 and t not in outputs else None  # noqa: E731
     drop, fused = set(), 0
