@@ -22,6 +22,7 @@ from .errors import CalibrationError, InputModelError, OutputError, Verification
 from .graph.io import (TARGET_KEY, check_model, check_output_path, float_op_counts, input_specs, load_model,
                        opset_of, save_model, set_metadata, tensor_infos, validate)
 from .graph.placement import plan_placement
+from .graph.forward import fold_affine_into_readers
 from .graph.prepare import drop_identities, fold_affine, fuse_hardswish, prepare, upgrade_opset
 from .graph.rewrite import apply_plan
 from .graph.smooth import apply_smoothing, channel_axis, smoothable
@@ -129,6 +130,8 @@ def prepare_model(c: Conversion) -> None:
         c.prep_info["identities_dropped"] = drop_identities(c.prepared)
         c.prep_info["affine_folded"] = fold_affine(c.prepared)
         c.prep_info["hardswish_fused"] = fuse_hardswish(c.prepared)
+    if c.cfg.rules.fold_into_readers:
+        c.prep_info["affine_folded_into_readers"] = fold_affine_into_readers(c.prepared)
 
 
 def data(c: Conversion, calib, holdout, preprocess: Preprocess | None) -> None:

@@ -47,6 +47,15 @@ def _unit_output(node: onnx.NodeProto, consumers, outputs: set[str]) -> str | No
         z = readers[0].output[0]
 
 
+def _pad_sources(g: onnx.GraphProto, quantized: set[str], add) -> None:
+    """The input of a Pad that feeds a quantized layer is quantized too (a node's output, not a
+    model input): the Pad then keeps its scale (SAME_SCALE_OPS) and runs on the codes (graph/pads.py)."""
+    made = {y for n in g.node for y in n.output}
+    for node in g.node:
+        if node.op_type == "Pad" and node.output[0] in quantized and node.input[0] in made:
+            add(node.input[0])
+
+
 def _paired_inputs(model: onnx.ModelProto, targets: Sequence[Target], p: Placement, norms: set[str],
                    op: str) -> None:
     """Both inputs of every main-graph `op` of two activations read Q/DQ pairs: residual Adds
@@ -87,6 +96,8 @@ def plan_placement(model: onnx.ModelProto, targets: Sequence[Target], rules: Rul
             quantized.add(name)
             extra.append(name)
 
+    if rules.int_pad:
+        _pad_sources(g, quantized, add)
     pooled: set[str] = set()                 # 1x1 maps after a global pool (attention gates)
     for node in g.node:
         if node.name in norms:

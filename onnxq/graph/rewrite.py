@@ -19,6 +19,7 @@ from ..plan.rules import ABSORBED_OPS, RULES, SAME_SCALE_OPS, Rules, float_input
 from ..plan.biases import weight_only
 from ..types import ActQuant, CodedBiases, LayerPlan, Plan
 from .hardswish import integer_hard_swish
+from .pads import pads_on_codes
 from .kernels import DOMAIN, add_initializer, declare_domain, dedupe_weights, gather_blocks, matmul_nbits
 from .prepare import prune_initializers
 from .walk import graph_by_path
@@ -143,9 +144,11 @@ def _act_nodes(g: onnx.GraphProto, act: str, base: str, a: ActQuant) -> list[onn
                                      name=f"{base}/dequantize")]
 
 
-def apply_plan(model: onnx.ModelProto, plan: Plan) -> onnx.ModelProto:
+def apply_plan(model: onnx.ModelProto, plan: Plan, pad_codes: bool = True) -> onnx.ModelProto:
     """Return a new model with `plan` applied (the input model is not modified). The plan's
-    biases must be coded for its activation scales (plan/biases.code_biases)."""
+    biases must be coded for its activation scales (plan/biases.code_biases). `pad_codes=False`
+    leaves DQ -> Pad -> Q units as they are (the same values; each activation keeps its own DQ,
+    which graph/variants.with_act_masks needs)."""
     m = onnx.ModelProto()
     m.CopyFrom(model)
     graphs = graph_by_path(m)
@@ -169,6 +172,8 @@ def apply_plan(model: onnx.ModelProto, plan: Plan) -> onnx.ModelProto:
     place(graphs, before, after)
     if rules.int_hard_swish:
         integer_hard_swish(m)
+    if rules.int_pad and pad_codes:
+        pads_on_codes(m)
     declare_domain(m, graphs)
     dedupe_weights(m)
     prune_initializers(m)

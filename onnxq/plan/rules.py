@@ -60,7 +60,7 @@ NPU_OPS = FUSED_OPS | frozenset({"Sub", "Div", "Relu", "Clip", "HardSwish", "Har
                                  "Min", "PRelu", "Elu", "MatMul", "Pad"})
 # data-movement ops that run on the 8-bit tensor when their output keeps the input's scale
 SAME_SCALE_OPS = frozenset({"MaxPool", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Resize",
-                            "DepthToSpace", "SpaceToDepth", "Split"})
+                            "DepthToSpace", "SpaceToDepth", "Split", "Pad"})
 # layers whose output gets a Q under full node units: onnxruntime fuses DQ -> Gemm/MatMul without
 # one into kernels with a float output (QGemm, MatMulIntegerToFloat), so rounding their outputs
 # (often a bias or residual Add's input, with outlier channels in transformers) would only cost
@@ -111,6 +111,8 @@ class Rules:
                                          # of the quantized layers' multiply-adds (None: no limit)
     input_convs: int = 0                 # ungrouped convs on a model input of at most this many channels stay float
     int_hard_swish: bool = False         # a HardSwish between u8 tensors as QLinearAdd + QLinearMul (graph/hardswish.py)
+    fold_into_readers: bool = False      # constant scale/shift chains read only by convs folded into them (graph/forward.py)
+    int_pad: bool = False                # a Pad that feeds a layer runs on its input's 8-bit codes (graph/pads.py)
     session_options: dict[str, str] = field(default_factory=dict)   # for onnxruntime's CPU provider
     summary: str = ""
 
@@ -123,7 +125,7 @@ RULES: dict[str, Rules] = {
     "ort-cpu": Rules("ort-cpu", output_units=True, all_readers=True, int4_conv=False, int4_matmul=False,
                      simplify=True, int4_weight_only=True, ms_kernels=True, blocked_weights=True,
                      zero_points=True, float_decisions=True, wide_acts=True, wide_macs=ORT_WIDE_MACS,
-                     input_convs=ORT_INPUT_CONVS, int_hard_swish=True,
+                     input_convs=ORT_INPUT_CONVS, int_hard_swish=True, fold_into_readers=True, int_pad=True,
                      summary="full node units for onnxruntime's CPU integer kernels; u8/s8, int32 bias; "
                              "4-bit Gemm/MatMul as MatMulNBits, tables as GatherBlockQuantized"),
     "openvino": Rules("openvino", output_units=False, all_readers=False, int4_conv=False, int4_matmul=True,

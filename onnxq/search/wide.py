@@ -53,7 +53,7 @@ class MaskSession:
     def __init__(self, prepared: "onnx.ModelProto", plan: Plan, names: Sequence[str],
                  cache: Sequence[Feed] = (), tails: int = 0):
         self.names = list(names)
-        model = with_act_masks(apply_plan(prepared, code_biases(plan)), self.names)
+        model = with_act_masks(apply_plan(prepared, code_biases(plan), pad_codes=False), self.names)
         self.sess = session(model)
         self.outputs = [o.name for o in self.sess.get_outputs()]
         self.tails: list[Tail] = []
