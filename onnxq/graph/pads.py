@@ -36,9 +36,11 @@ def _unit(n: onnx.NodeProto, inits, made, readers, outputs):
     if dq is None or dq.op_type != "DequantizeLinear" or not qs or n.output[0] in outputs:
         return None
     grid = _params(inits, dq)
-    if grid is None or any(q.op_type != "QuantizeLinear" or _params(inits, q) != grid or q.output[0] in outputs
-                           for q in qs):
+    if grid is None or any(q.op_type != "QuantizeLinear" or _params(inits, q) != grid for q in qs):
         return None
+    if sum(q.output[0] in outputs for q in qs) > 1:
+        return None
+    qs = sorted(qs, key=lambda q: q.output[0] not in outputs)       # a graph output's Q first: the Pad takes its name
     if len(n.input) > 2 and n.input[2] and n.input[2] not in inits:
         return None
     return dq, qs
@@ -74,15 +76,15 @@ def pads_on_codes(model: onnx.ModelProto) -> int:
         units_dq.add(dq.output[0])
         mode = attr(n, "mode", "constant")
         mode = mode.decode() if isinstance(mode, bytes) else mode
-        out = f"{n.name or n.output[0]}/codes"
+        out = qs[0].output[0]
         ins = [dq.input[0], n.input[1]]
         if mode == "constant":
-            ins.append(add_initializer(g, f"{out}_value", _code(inits, n, _params(inits, dq))))
+            ins.append(add_initializer(g, f"{n.name or n.output[0]}/code", _code(inits, n, _params(inits, dq))))
         if len(n.input) > 3:
             ins += ([""] if len(ins) == 2 else []) + [n.input[3]]
         replaced[n.output[0]] = helper.make_node("Pad", ins, [out], name=f"{n.name}/codes", mode=mode)
         for q in qs:
-            rename[q.output[0]] = out
+            rename.update({q.output[0]: out} if q is not qs[0] else {})
             drop.add(q.output[0])
     if not replaced:
         return 0
