@@ -53,9 +53,14 @@ class MaskSession:
     def __init__(self, prepared: "onnx.ModelProto", plan: Plan, names: Sequence[str],
                  cache: Sequence[Feed] = (), tails: int = 0):
         self.names = list(names)
-        model = with_act_masks(apply_plan(prepared, code_biases(plan), pad_codes=False), self.names)
+        # a tensor tied to a candidate (data movement keeps its input's scale, graph/placement.py)
+        # takes the candidate's Q/DQ, 16 bits included: it is rounded and unrounded with it
+        self.followers = {t: s for t, s in plan.tied.items() if s in set(self.names) and t in plan.acts}
+        model = with_act_masks(apply_plan(prepared, code_biases(plan), pad_codes=False),
+                               self.names + sorted(self.followers))
         self.sess = session(model)
         self.outputs = [o.name for o in self.sess.get_outputs()]
+        self.inputs = {i.name for i in self.sess.get_inputs()}
         self.tails: list[Tail] = []
         self.cached = list(cache)
         where = {n.name: i for i, n in enumerate(model.graph.node)}
@@ -66,7 +71,9 @@ class MaskSession:
                                     all_outputs=True)
 
     def _masks(self, unrounded) -> dict[str, np.ndarray]:
-        return {mask_name(a): np.array(0.0 if a in unrounded else 1.0, np.float32) for a in self.names}
+        out = {mask_name(a): np.array(0.0 if a in unrounded else 1.0, np.float32) for a in self.names}
+        out.update({mask_name(t): out[mask_name(s)] for t, s in self.followers.items()})
+        return {k: v for k, v in out.items() if k in self.inputs}
 
     def _tail_for(self, feeds, rounded) -> Tail | None:
         """The latest kept tail before every rounded tensor, when `feeds` are the cached samples."""
@@ -117,12 +124,12 @@ def _per_input(t) -> float:
 def affordable(ranked: Sequence[str], plan: Plan, macs: Mapping[str, float], units: Mapping[str, str],
                share: float) -> tuple[list[str], Callable[[Sequence[str]], float]]:
     """The tensors of `ranked`, in order, that fit together while the layers losing their
-    integer kernels to them (the ones reading them, the unit making one) hold at most `share`
+    integer kernels to them (the ones reading them or a tensor tied to them, the unit making one) hold at most `share`
     of the multiply-adds; and the share a set of them takes."""
-    readers: dict[str, set[str]] = {}
+    readers: dict[str, set[str]] = {}          # a tensor tied to another counts as that one (it gets its bits)
     for lp in plan.layers:
         if lp.target.act and not lp.target.graph:
-            readers.setdefault(lp.target.act, set()).add(lp.target.node)
+            readers.setdefault(plan.tied.get(lp.target.act, lp.target.act), set()).add(lp.target.node)
     total = sum(macs.values()) or 1.0
 
     def taken(chosen: Sequence[str]) -> float:
