@@ -32,8 +32,8 @@ def _scalar_u8(inits: dict[str, onnx.TensorProto], node: onnx.NodeProto) -> bool
     return not s.dims and not z.dims and z.data_type == TensorProto.UINT8
 
 
-def _units(g: onnx.GraphProto) -> list[tuple[onnx.NodeProto, onnx.NodeProto]]:
-    """(HardSwish, its input's DQ) for each HardSwish that reads a u8 DQ and is read only by u8 Qs."""
+def _units(g: onnx.GraphProto) -> list[tuple[onnx.NodeProto, onnx.NodeProto, list[onnx.NodeProto]]]:
+    """(HardSwish, its input's DQ, its Qs) for each HardSwish that reads a u8 DQ and is read only by u8 Qs."""
     inits = {t.name: t for t in g.initializer}
     made = {y: n for n in g.node for y in n.output}
     readers = readers_of(g)
@@ -47,7 +47,7 @@ def _units(g: onnx.GraphProto) -> list[tuple[onnx.NodeProto, onnx.NodeProto]]:
         if (dq is None or dq.op_type != "DequantizeLinear" or not _scalar_u8(inits, dq) or not rs
                 or any(r.op_type != "QuantizeLinear" or not _scalar_u8(inits, r) for r in rs)):
             continue
-        found.append((n, dq))
+        found.append((n, dq, rs))
     return found
 
 
@@ -68,9 +68,12 @@ def _gate_scale(scale: np.ndarray, zero: onnx.TensorProto) -> np.ndarray:
     return np.array(min(1.0, max(top, 0.0) / 6 + 0.5) / 255, np.float32)
 
 
-def integer_hard_swish(model: onnx.ModelProto) -> int:
+def integer_hard_swish(model: onnx.ModelProto, keep_float: bool = False) -> int:
     """Rewrites, in place, each main-graph DQ -> HardSwish -> Q unit on u8 tensors as above;
-    returns how many."""
+    returns how many. `keep_float`: the HardSwish stays too, its output the float value the
+    integer unit approximates, and only the Qs read the integer unit (for a session that measures
+    what each rounding costs, graph/variants.with_act_masks: unrounding the output then undoes
+    the gate's rounding as well, as keeping the tensor at 16 bits, which leaves the unit float, does)."""
     g = model.graph
     units = _units(g)
     if not units:
@@ -78,8 +81,9 @@ def integer_hard_swish(model: onnx.ModelProto) -> int:
     half, half_scale, zero = _constants(g)
     inits = {t.name: t for t in g.initializer}
     new: dict[str, list[onnx.NodeProto]] = {}
-    for node, dq in units:
+    for node, dq, qs in units:
         base = f"{node.name or node.output[0]}/{PREFIX}"
+        out = f"{node.output[0]}/integer" if keep_float else node.output[0]
         s = numpy_helper.to_array(inits[dq.input[1]]).astype(np.float32)
         sixth = add_initializer(g, f"{base}/sixth_scale", np.array(s / np.float32(6), np.float32))
         gate_scale = add_initializer(g, f"{base}/gate_scale", _gate_scale(s, inits[dq.input[2]]))
@@ -92,7 +96,11 @@ def integer_hard_swish(model: onnx.ModelProto) -> int:
                              name=f"{base}/gate_quantize"),
             helper.make_node("DequantizeLinear", [f"{base}/gate_q", gate_scale, zero], [f"{base}/gate_dq"],
                              name=f"{base}/gate_dequantize"),
-            helper.make_node("Mul", [node.input[0], f"{base}/gate_dq"], list(node.output), name=f"{base}/mul")]
+            helper.make_node("Mul", [node.input[0], f"{base}/gate_dq"], [out], name=f"{base}/mul")]
+        if keep_float:
+            new[node.output[0]].insert(0, node)
+            for q in qs:
+                q.input[0] = out
     order = []
     for n in g.node:
         order.extend(new[n.output[0]] if n.op_type == "HardSwish" and n.output[0] in new else [n])

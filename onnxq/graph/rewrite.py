@@ -144,11 +144,12 @@ def _act_nodes(g: onnx.GraphProto, act: str, base: str, a: ActQuant) -> list[onn
                                      name=f"{base}/dequantize")]
 
 
-def apply_plan(model: onnx.ModelProto, plan: Plan, pad_codes: bool = True) -> onnx.ModelProto:
+def apply_plan(model: onnx.ModelProto, plan: Plan, masks: bool = False) -> onnx.ModelProto:
     """Return a new model with `plan` applied (the input model is not modified). The plan's
-    biases must be coded for its activation scales (plan/biases.code_biases). `pad_codes=False`
-    leaves DQ -> Pad -> Q units as they are (the same values; each activation keeps its own DQ,
-    which graph/variants.with_act_masks needs)."""
+    biases must be coded for its activation scales (plan/biases.code_biases). `masks`: for a
+    session that unrounds activations one by one (graph/variants.with_act_masks), every
+    activation keeps its own DQ and its float value: DQ -> Pad -> Q units stay (the same values)
+    and integer HardSwish units keep the float HardSwish beside them."""
     m = onnx.ModelProto()
     m.CopyFrom(model)
     graphs = graph_by_path(m)
@@ -171,8 +172,8 @@ def apply_plan(model: onnx.ModelProto, plan: Plan, pad_codes: bool = True) -> on
             after.setdefault(lp.target.graph, {})[lp.target.node] = _branch_nodes(g, lp, plan.biases[lp.target.node])
     place(graphs, before, after)
     if rules.int_hard_swish:
-        integer_hard_swish(m)
-    if rules.int_pad and pad_codes:
+        integer_hard_swish(m, keep_float=masks)
+    if rules.int_pad and not masks:
         pads_on_codes(m)
     declare_domain(m, graphs)
     dedupe_weights(m)
