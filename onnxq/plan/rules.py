@@ -20,7 +20,10 @@ ort-cpu   full node units DQ -> op -> Q so onnxruntime's CPU provider fuses inte
           Scores that flow through no quantized layer into a Sigmoid/Softmax ahead of an output
           (a detector's class logits) get no output Q: the layers making them run in float.
           A HardSwish between two u8 tensors (it has no integer kernel) is written as x/6 + 1/2
-          rounded to a u8 gate, times x: QLinearAdd and QLinearMul.
+          rounded to a u8 gate, times x: QLinearAdd and QLinearMul. A constant scale and shift
+          read only by convs (a learnt affine block after an activation) folds into those convs
+          (a padding conv reads an explicit Pad), and a Pad between two tensors of one 8-bit
+          grid runs on the codes (graph/forward.py, graph/pads.py).
           An output-side tensor read only by ops that saturate (HardSwish below -3, HardSigmoid,
           Clip, Relu) is ranged only where they do not. At 8-bit activations the few whose
           rounding costs the network most may be int16 (--protect-acts): the layers reading or
