@@ -222,3 +222,27 @@ def test_a_failing_harm_measurement_leaves_the_8_bit_model_and_says_why(monkeypa
     assert rep.wide is None and set(act_zero_types(q).values()) == {onnx.TensorProto.UINT8}
     assert any(w.startswith("activations stay at 8 bits: measuring their harm failed") and "second line" not in w
                for w in rep.warnings)
+
+
+def test_under_ort_cpu_unrounding_every_candidate_unrounds_its_tied_tensors_and_hard_swish_gates(monkeypatch):
+    """A Pad tied to a HardSwish output (the folded affine block of tests/test_forward.py) and the
+    integer HardSwish's gate: with every candidate unrounded the mask session is the weight-only
+    model, so a candidate's harm counts all that keeping it at 16 bits would remove."""
+    from test_forward import affine_net
+    seen = _spy_plan(monkeypatch)
+    rng = np.random.default_rng(5)
+    cal = [{"x": (rng.standard_normal((1, 8, 12, 12)) * 2).astype(np.float32)} for _ in range(12)]
+    cfg = onnxq.ConvertConfig(bits=8, target="ort-cpu")
+    onnxq.convert(affine_net(rng), cfg, calib=cal)
+    prepared, plan = seen["prepared"], seen["plan"]
+    names = candidates(plan, cfg)
+    assert "h" in names and plan.tied.get("dw/in_affine_padded") == "h"
+    ms = MaskSession(prepared, plan, names)
+    assert ms.followers == {"dw/in_affine_padded": "h"}
+    emitted = session(apply_plan(prepared, code_biases(plan)))
+    weight_only = session(apply_plan(prepared, code_biases(Plan(layers=plan.layers, acts={}, target="ort-cpu"))))
+    for f in cal[:3]:
+        want, plain = emitted.run(None, f)[0], weight_only.run(None, f)[0]
+        rounding = np.abs(want - plain).max()
+        assert np.allclose(ms.sess.run(None, {**f, **ms._masks(set())})[0], want, rtol=0, atol=1e-5 * np.abs(want).max())
+        assert np.abs(ms.sess.run(None, {**f, **ms._masks(set(names))})[0] - plain).max() < rounding / 20
