@@ -119,9 +119,9 @@ def fold_affine_into_readers(model: onnx.ModelProto) -> int:
     inits = _inits(g)
     readers = readers_of(g)
     outputs = {o.name for o in g.output}
-    drop, folded, inserts = set(), 0, {}
+    drop, folded, inserts = set(), 0, {}        # drop: the folded ops' outputs
     for node in list(g.node):
-        if id(node) in drop:
+        if node.output and node.output[0] in drop:
             continue
         for h in node.output:
             first = readers.get(h, [])
@@ -131,13 +131,13 @@ def fold_affine_into_readers(model: onnx.ModelProto) -> int:
             if found is None:
                 continue
             chain, pads = found
-            drop |= {id(n) for n in chain}
+            drop |= {n.output[0] for n in chain}
             folded += len(chain)
             inserts.update(pads)
     if folded:
         order = []
         for n in g.node:
-            if id(n) not in drop:
+            if not (n.output and n.output[0] in drop):
                 order.extend(inserts.get(n.name, []))
                 order.append(n)
         del g.node[:]
@@ -171,7 +171,7 @@ def _fold_one(g, h: str, readers, inits, outputs):
 
 
 def _conv_readers_after(h: str, readers, inits, outputs):
-    """(convs, channels, rank) at the end of h's single-reader chain of ops (any, up to 8), or
+    """(convs, channels, rank) at the end of h's single-reader chain of affine ops (up to 8), or
     None: what the affine constants must broadcast against."""
     y = h
     for _ in range(8):
