@@ -24,23 +24,31 @@ from .large import tensor_array
 from .walk import attr
 
 
-def _chain(h: str, readers, inits, outputs: set[str], channels: int, rank: int):
-    """The affine ops from h on ([nodes], y, k [C], c [C]) while each tensor has them as its one
-    reader, or None when there are none."""
-    nodes, k, c, y = [], np.ones(channels), np.zeros(channels), h
+def _affine_run(h: str, readers, outputs: set[str]) -> tuple[list[onnx.NodeProto], str]:
+    """The constant-operand affine ops from h on while each tensor has one as its one reader, and
+    the tensor they end at."""
+    nodes, y = [], h
     while len(rs := readers.get(y, [])) == 1 and y not in outputs:
         node = rs[0]
         if node.op_type not in _AFFINE or len(node.input) != 2 or node.input[0] == node.input[1]:
             break
+        nodes.append(node)
+        y = node.output[0]
+    return nodes, y
+
+
+def _composed(h: str, nodes, inits, channels: int, rank: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """(k, c) [C] of the chain from h, y = k h + c, or None when a constant is not one value per channel."""
+    k, c, y = np.ones(channels), np.zeros(channels), h
+    for node in nodes:
         other = node.input[1] if node.input[0] == y else node.input[0]
         const = _channel_constant(inits, other, channels, rank - 1, rank)
         step = None if const is None else _affine_step(node, y, const)
         if step is None:
-            break
+            return None
         k, c = k * step[0], c * step[0] + step[1]
-        nodes.append(node)
         y = node.output[0]
-    return (nodes, y, k, c) if nodes else None
+    return k, c
 
 
 def _conv_readers(y: str, readers, inits, outputs: set[str]) -> list[onnx.NodeProto] | None:
@@ -149,39 +157,20 @@ def fold_affine_into_readers(model: onnx.ModelProto) -> int:
 def _fold_one(g, h: str, readers, inits, outputs):
     """Fold the chain from h if every reader at its end is a conv it folds into: (chain nodes,
     {conv name: Pad nodes to put before it}), or None."""
-    probe = _conv_readers_after(h, readers, inits, outputs)
-    if probe is None:
+    chain, y = _affine_run(h, readers, outputs)
+    convs = _conv_readers(y, readers, inits, outputs) if chain else None
+    if convs is None:
         return None
-    convs, channels, rank = probe
-    found = _chain(h, readers, inits, outputs, channels, rank)
-    if found is None:
+    w = inits[convs[0].input[1]]
+    found = _composed(h, chain, inits, int(w.dims[1]) * attr(convs[0], "group", 1), len(w.dims))
+    if found is None or np.any(found[0] == 0):
         return None
-    chain, y, k, c = found
-    convs = _conv_readers(y, readers, inits, outputs)
-    if convs is None or np.any(k == 0):
-        return None
+    k, c = found
     pads = [_pad_value(conv, k, c) for conv in convs]
     if any(p is None for p in pads):
         return None
     inserted = {}
     for conv, pad in zip(convs, pads):
-        w, b = _folded(conv, inits, k, c)
-        inserted[conv.name] = _rewire(g, conv, h, pad, w, b)
+        w2, b2 = _folded(conv, inits, k, c)
+        inserted[conv.name] = _rewire(g, conv, h, pad, w2, b2)
     return chain, inserted
-
-
-def _conv_readers_after(h: str, readers, inits, outputs):
-    """(convs, channels, rank) at the end of h's single-reader chain of affine ops (up to 8), or
-    None: what the affine constants must broadcast against."""
-    y = h
-    for _ in range(8):
-        rs = readers.get(y, [])
-        if len(rs) != 1 or y in outputs or rs[0].op_type not in _AFFINE:
-            break
-        y = rs[0].output[0]
-    convs = _conv_readers(y, readers, inits, outputs)
-    if convs is None:
-        return None
-    w = inits[convs[0].input[1]]
-    channels = int(w.dims[1]) * attr(convs[0], "group", 1)
-    return convs, channels, len(w.dims)

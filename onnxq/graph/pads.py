@@ -30,7 +30,7 @@ def _params(inits: dict[str, onnx.TensorProto], node: onnx.NodeProto) -> tuple[f
 
 
 def _unit(n: onnx.NodeProto, inits, made, readers, outputs):
-    """(DQ, [Qs]) around Pad n when they share one 8-bit grid, else None."""
+    """(DQ, [Qs], their grid) around Pad n when they share one 8-bit grid, else None."""
     dq = made.get(n.input[0])
     qs = readers.get(n.output[0], [])
     if dq is None or dq.op_type != "DequantizeLinear" or not qs or n.output[0] in outputs:
@@ -43,7 +43,7 @@ def _unit(n: onnx.NodeProto, inits, made, readers, outputs):
     qs = sorted(qs, key=lambda q: q.output[0] not in outputs)       # a graph output's Q first: the Pad takes its name
     if len(n.input) > 2 and n.input[2] and n.input[2] not in inits:
         return None
-    return dq, qs
+    return dq, qs, grid
 
 
 def _code(inits, n: onnx.NodeProto, grid: tuple[float, int, int]) -> np.ndarray:
@@ -72,14 +72,14 @@ def pads_on_codes(model: onnx.ModelProto) -> int:
                                                                                          outputs)
         if found is None:
             continue
-        dq, qs = found
+        dq, qs, grid = found
         units_dq.add(dq.output[0])
         mode = attr(n, "mode", "constant")
         mode = mode.decode() if isinstance(mode, bytes) else mode
         out = qs[0].output[0]
         ins = [dq.input[0], n.input[1]]
         if mode == "constant":
-            ins.append(add_initializer(g, f"{n.name or n.output[0]}/code", _code(inits, n, _params(inits, dq))))
+            ins.append(add_initializer(g, f"{n.name or n.output[0]}/code", _code(inits, n, grid)))
         if len(n.input) > 3:
             ins += ([""] if len(ins) == 2 else []) + [n.input[3]]
         replaced[n.output[0]] = helper.make_node("Pad", ins, [out], name=f"{n.name}/codes", mode=mode)

@@ -55,7 +55,8 @@ class MaskSession:
         self.names = list(names)
         # a tensor tied to a candidate (data movement keeps its input's scale, graph/placement.py)
         # takes the candidate's Q/DQ, 16 bits included: it is rounded and unrounded with it
-        self.followers = {t: s for t, s in plan.tied.items() if s in set(self.names) and t in plan.acts}
+        chosen = set(self.names)
+        self.followers = {t: s for t, s in plan.tied.items() if s in chosen and t in plan.acts}
         model = with_act_masks(apply_plan(prepared, code_biases(plan), masks=True),
                                self.names + sorted(self.followers))
         self.sess = session(model)
