@@ -12,19 +12,10 @@ import onnx
 from ..plan.rules import ABSORBED_OPS, BRANCH_LAYERS, DECISION_OPS, SAME_SCALE_OPS, Rules
 from ..types import Placement, Target
 from .norms import constant_names, normalisation_nodes
-from .prepare import scalar
+from .prepare import readers_of, scalar
 from .walk import attr
 
 POOLS = ("GlobalAveragePool", "GlobalMaxPool", "ReduceMean")
-
-
-def _consumers(g: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
-    out: dict[str, list[onnx.NodeProto]] = {}
-    for node in g.node:
-        for i in node.input:
-            if i:
-                out.setdefault(i, []).append(node)
-    return out
 
 
 def _unit_output(node: onnx.NodeProto, consumers, outputs: set[str]) -> str | None:
@@ -84,7 +75,7 @@ def plan_placement(model: onnx.ModelProto, targets: Sequence[Target], rules: Rul
     if not rules.output_units or not quantize_acts:
         return p
     g = model.graph
-    consumers = _consumers(g)
+    consumers = readers_of(g)
     outputs = {o.name for o in g.output}
     inits = {t.name for t in g.initializer}
     layers = {t.node for t in targets if not t.graph and t.act and t.op in rules.unit_ops}
@@ -188,7 +179,7 @@ def score_branch(g: onnx.GraphProto, layers: set[str], depth: int = BRANCH_LAYER
     of the searched ones that clip the tail (docs/results.md, round 16). Classifiers' Softmax
     (an argmax of logits) is left alone."""
     tail = _tail(g, layers)
-    readers = _consumers(g)
+    readers = readers_of(g)
     scores = [n for n in g.node if n.op_type == "Sigmoid" and n.output[0] in tail]
     inside = {n.name for n in scores}
     level = {n.input[0]: 0 for n in scores}

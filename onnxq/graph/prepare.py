@@ -188,11 +188,12 @@ def scalar(inits: dict, name: str) -> float | None:
 
 
 def readers_of(g: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
-    """tensor -> the nodes of `g` that read it."""
+    """tensor -> the nodes of `g` that read it (an optional input left empty is no tensor)."""
     out: dict[str, list[onnx.NodeProto]] = {}
     for n in g.node:
         for i in n.input:
-            out.setdefault(i, []).append(n)
+            if i:
+                out.setdefault(i, []).append(n)
     return out
 
 
