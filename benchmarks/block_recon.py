@@ -227,7 +227,7 @@ class Recon:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("model", choices=["effl1", "D", "cls", "A"])
+    ap.add_argument("model", choices=["effl1"], help="the model measured so far (others need their ops in torch_graph.py)")
     ap.add_argument("--set", default="a", choices=["a", "b"])
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--bits", type=int, default=4)
