@@ -30,6 +30,7 @@ import onnxq  # noqa: E402
 import onnxq.api as api  # noqa: E402
 from onnxq import runtime  # noqa: E402
 from onnxq.algos.matrix import dequantize_rows, from_matrix, to_matrix  # noqa: E402
+from onnxq.algos.qmath import act_qrange, weight_qmax  # noqa: E402
 
 GAMMA, ZETA = -0.1, 1.1     # the rectified sigmoid's stretch
 CHUNK = 8                   # samples a no-grad run takes at once
@@ -55,7 +56,8 @@ class Layer:
         step = shape(dequantize_rows(ones, lp.scales))              # one code's worth, per weight
         affine = lp.zero_points is not None
         zp = shape(dequantize_rows(ones, lp.zero_points.astype(np.float64))) if affine else 0 * step
-        qmin, qmax = (0, 2 ** lp.bits - 1) if affine else (-(2 ** (lp.bits - 1)), 2 ** (lp.bits - 1) - 1)
+        # onnxq's grids: affine codes 0..2^b - 1 before their zero point, symmetric ones -qmax..qmax
+        qmin, qmax = act_qrange(lp.bits, False) if affine else (-weight_qmax(lp.bits), weight_qmax(lp.bits))
         codes = lp.codes.astype(np.float64)
         below = np.floor(w_fp / np.where(step == 0, 1.0, step))
         up = codes == below + 1                 # start from onnxq's codes: up from the code below,
@@ -80,7 +82,7 @@ class Layer:
 
 
 def fake_quant(x, a):
-    qmin, qmax = (-(2 ** (a.bits - 1)), 2 ** (a.bits - 1) - 1) if a.signed else (0, 2 ** a.bits - 1)
+    qmin, qmax = act_qrange(a.bits, a.signed)
     q = torch.clamp(torch.round(x / a.scale) + a.zero_point, qmin, qmax)
     return x + ((q - a.zero_point) * a.scale - x).detach()        # straight through
 
@@ -207,7 +209,7 @@ class Recon:
             for L in layers:
                 L.hard = True
                 L.lp.codes = L.codes().astype(np.int8)
-            moved = np.mean([np.mean(L.codes() != L.start) for L in layers])
+            moved = np.mean([np.mean(L.lp.codes != L.start) for L in layers])
             print(f"  block {i} ({len(layers)} layers): fitted-sample SQNR {before:.2f} -> "
                   f"{self.sqnr(block, xq, ys):.2f} dB, {moved:.1%} of codes moved", flush=True)
         xq = self.batched(block, xq, True)[0] if block[3] else None
