@@ -450,7 +450,7 @@ def verify(c: Conversion) -> None:
     except Exception as e:
         raise VerificationError(f"the quantized model fails onnx.checker: "
                                 f"{str(e).splitlines()[0][:200]}") from None
-    c.fidelity = fidelity(c.source, c.qmodel, c.held)
+    c.fidelity = fidelity(c.source, c.qmodel, c.held, options=c.cfg.rules.session_options)
     warn_fidelity(c)
 
 

@@ -611,14 +611,14 @@ def inspect_cmd(model, bits, act_bits, exclude, bits_override, target, as_json):
               help="Ground-truth class per sample (.npy of ints) for a top-1 accuracy of both models.")
 @click.option("--runs", type=click.IntRange(min=1), default=30, show_default=True, help="Timed runs for the latency figure.")
 @click.option("--no-qdq-fusion", is_flag=True,
-              help="Time CANDIDATE with onnxruntime's session.disable_quant_qdq = 1 whatever it was "
+              help="Run CANDIDATE with onnxruntime's session.disable_quant_qdq = 1 whatever it was "
                    "made for (by default the session options of the target recorded in an onnxq model "
                    "are applied: none for ort-cpu, this one for generic and openvino models).")
 @_preprocess_options
 def eval_cmd(reference, candidate, data, json_path, labels, runs, no_qdq_fusion, preset, size, mean, std, layout,
              channel_order, resize):
     """Fidelity of CANDIDATE against REFERENCE on the given feeds, sizes, and batch-1 latency at
-    one thread and at all threads, with the session options the candidate's target needs."""
+    one thread and at all threads, both with the session options the candidate's target needs."""
     from .calib.data import open_source
     from .graph.io import input_specs, load_model
     from .verify import fidelity
@@ -627,8 +627,8 @@ def eval_cmd(reference, candidate, data, json_path, labels, runs, no_qdq_fusion,
     cand = load_model(candidate)
     loaders = open_source(data, input_specs(ref), _preprocess(preset, size, mean, std, layout, channel_order, resize))
     truth = _load_labels(labels, len(loaders)) if labels else None
-    fid = fidelity(ref, cand, loaders, labels=truth)
     target, options = _run_options(cand, no_qdq_fusion)
+    fid = fidelity(ref, cand, loaders, labels=truth, options=options)
     res = {"reference": str(reference), "candidate": str(candidate), "fidelity": dataclasses.asdict(fid),
            "size_reference": reference.stat().st_size, "size_candidate": candidate.stat().st_size,
            "candidate_target": target, "candidate_session_options": options,

@@ -16,8 +16,10 @@ if TYPE_CHECKING:
 
 
 def fidelity(ref_model: "onnx.ModelProto | bytes | str", cand_model: "onnx.ModelProto | bytes | str",
-             loaders: Sequence[Callable[[], dict]], labels: np.ndarray | None = None) -> Fidelity:
-    """Per-output metrics plus a summary (worst cosine, first classifier output's agreement).
+             loaders: Sequence[Callable[[], dict]], labels: np.ndarray | None = None,
+             options: dict[str, str] | None = None) -> Fidelity:
+    """Per-output metrics plus a summary (worst cosine, first classifier output's agreement), the
+    candidate run with `options` (its target's session options: the way the target runs it).
     One session at a time: a large model's two weight sets are never in memory together."""
     ref_s = session(ref_model)
     names = [o.name for o in ref_s.get_outputs()]
@@ -28,7 +30,7 @@ def fidelity(ref_model: "onnx.ModelProto | bytes | str", cand_model: "onnx.Model
             ref_out[n].append(np.asarray(a))
     del ref_s
     give_back_memory()
-    cand_s = session(cand_model)
+    cand_s = session(cand_model, options=options)
     for load in loaders:
         try:
             res = cand_s.run(names, load())

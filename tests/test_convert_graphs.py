@@ -36,12 +36,19 @@ def test_zoo_converts_runs_and_stays_close(opset, bits, feeds):
     assert len(w4) == 8
     if bits == 4:
         assert opset_of(q) == 21
-        assert {t.data_type for t in w4} == {TensorProto.INT4, TensorProto.INT8}  # depthwise at 8
-        dw = next(t for t in w4 if t.data_type == TensorProto.INT8)
+        # depthwise at 8 bits, in UINT8 with zero point 128 (u8 x u8 kernels: Rules.u8_weights)
+        assert {t.data_type for t in w4} == {TensorProto.INT4, TensorProto.UINT8}
+        dw = next(t for t in w4 if t.data_type == TensorProto.UINT8)
         assert dw.name.startswith("Conv_5")
     else:     # int16 Q/DQ on the activations kept at 16 bits (--protect-acts) need opset 21
         assert opset_of(q) == (21 if rep.wide.widened else max(opset, 13))
-        assert {t.data_type for t in w4} == {TensorProto.INT8}
+        # UINT8 with zero point 128 (u8 x u8 kernels: Rules.u8_weights), but a MatMul's weight that
+        # is its first input, the kernel's activation side
+        kinds = {t.name.split("/")[0]: t.data_type for t in w4}
+        assert kinds.pop("MatMul_15") == TensorProto.INT8 and set(kinds.values()) == {TensorProto.UINT8}
+        zeros = {t.name.split("/")[0]: numpy_helper.to_array(t) for t in q.graph.initializer
+                 if t.name.endswith("/weight_zero")}
+        assert all(z.dtype == np.uint8 and np.all(z == 128) for k, z in zeros.items() if k != "MatMul_15")
         assert {a.tensor for a in rep.activations if a.bits == 16} == set(rep.wide.widened)
     assert all(t.data_type == TensorProto.INT32 for t in q.graph.initializer if t.name.endswith("/bias_q"))
     x = feeds(1, seed=99)[0]

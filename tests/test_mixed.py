@@ -105,7 +105,7 @@ def test_predicting_the_8_bit_costs_chooses_what_probing_them_chooses(monkeypatc
 
 def test_max_size_counts_the_bytes_the_file_holds():
     """Under --max-size the allocator's size is the file's: 3-bit codes in INT4 containers (4 bits
-    each), 8-bit in INT8, plus float32 per-channel scales."""
+    each), 8-bit in INT8 or UINT8, plus float32 per-channel scales."""
     from pathlib import Path
     root = Path(__file__).parents[1] / "models"
     m = onnx.load(str(root / "digits_cnn.onnx"))
@@ -113,7 +113,7 @@ def test_max_size_counts_the_bytes_the_file_holds():
     cfg = onnxq.ConvertConfig(bit_choices=(8, 3), max_size=int(params * 0.85), act_bits=32)
     q, rep = onnxq.convert(m, cfg, calib=str(root / "digits_calib"))
     assert set(rep.mixed.layers.values()) == {8, 3}
-    width = {onnx.TensorProto.INT4: 4, onnx.TensorProto.INT8: 8, onnx.TensorProto.FLOAT: 32}
+    width = {onnx.TensorProto.INT4: 4, onnx.TensorProto.INT8: 8, onnx.TensorProto.UINT8: 8, onnx.TensorProto.FLOAT: 32}
     held = sum(width[t.data_type] * int(np.prod(t.dims)) for t in q.graph.initializer
                if t.name.endswith(("/weight_q", "/weight_scale")))
     assert rep.mixed.used_bits == held <= rep.mixed.budget_bits

@@ -116,19 +116,20 @@ def test_weights_become_int4_or_int8_codes_behind_a_per_channel_dq(acts):
     nodes = nodes_by_name(q)
     for lp in plan.layers:
         node = lp.target.node
-        want = TensorProto.INT4 if lp.bits == 4 else TensorProto.INT8
+        # 8-bit codes in UINT8 with zero point 128 (u8 x u8 kernels, Rules.u8_weights): same values
+        want, offset = (TensorProto.INT4, 0) if lp.bits == 4 else (TensorProto.UINT8, 128)
         codes, scales, zero = (inits[f"{node}/weight_{k}"] for k in ("q", "scale", "zero"))
         assert codes.data_type == want and zero.data_type == want
         assert scales.data_type == TensorProto.FLOAT
         assert tuple(codes.dims) == lp.target.shape
         assert tuple(scales.dims) == tuple(zero.dims) == (lp.target.shape[lp.axis],)
-        assert not numpy_helper.to_array(zero).astype(np.int32).any()
+        assert np.all(numpy_helper.to_array(zero).astype(np.int32) == offset)
         dq = nodes[f"{node}/weight_dequantize"]
         assert dq.op_type == "DequantizeLinear" and attr(dq, "axis") == lp.axis
         assert list(dq.input) == [f"{node}/weight_{k}" for k in ("q", "scale", "zero")]
         assert nodes[node].input[1] == f"{node}/weight_dq"
         if not acts:      # int32 bias coding may move the scales of dead channels; here none
-            np.testing.assert_array_equal(numpy_helper.to_array(codes).astype(np.int32), lp.codes)
+            np.testing.assert_array_equal(numpy_helper.to_array(codes).astype(np.int32) - offset, lp.codes)
             np.testing.assert_array_equal(numpy_helper.to_array(scales), lp.scales)
     assert not {"wa", "wb", "wc", "wf"} & set(inits)          # the float weights are gone
     # an int4 initializer packs two codes a byte

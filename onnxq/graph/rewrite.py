@@ -15,7 +15,7 @@ from onnx import helper
 
 from ..algos.matrix import from_matrix
 from ..algos.qmath import container_bits
-from ..plan.rules import ABSORBED_OPS, RULES, SAME_SCALE_OPS, Rules, float_input
+from ..plan.rules import ABSORBED_OPS, RULES, SAME_SCALE_OPS, U8_WEIGHT_OPS, Rules, float_input
 from ..plan.biases import weight_only
 from ..types import ActQuant, CodedBiases, LayerPlan, Plan
 from .hardswish import integer_hard_swish
@@ -32,6 +32,14 @@ def weight_container(bits: int, op: str = "Conv", rules: Rules = RULES["generic"
     if container_bits(bits) == 4 and int4:
         return ml_dtypes.uint4 if unsigned else ml_dtypes.int4
     return np.uint8 if unsigned else np.int8
+
+
+def u8_weights(lp: LayerPlan, rules: Rules, w_index: int) -> bool:
+    """8-bit codes of a layer onnxruntime may run in an integer kernel, stored in UINT8 with zero
+    point 128 (Rules.u8_weights). A Gemm/MatMul weight only as its second input: as the first it
+    would be the kernel's activation side, whose zero point must be one value."""
+    return (rules.u8_weights and lp.bits == 8 and lp.target.op in U8_WEIGHT_OPS
+            and (w_index == 1 or lp.target.op in ("Conv", "ConvTranspose")))
 
 
 def act_container(a: ActQuant):
@@ -93,6 +101,8 @@ def _weight_nodes(g: onnx.GraphProto, lp: LayerPlan, coded: CodedBiases, rules: 
         scales, zeros = scales.T, zeros.T
     if affine:                                     # codes are relative to their block's zero point
         codes = codes.astype(np.int16) + np.repeat(zeros, lp.block, axis=lp.axis)
+    elif u8_weights(lp, rules, list(node.input).index(t.weight)):   # the same values, u8 x u8 kernels
+        dt, codes, zeros = np.uint8, codes.astype(np.int16) + 128, np.full(zeros.shape, 128, np.int16)
     q = add_initializer(g, f"{pre}/weight_q", codes.astype(dt))
     half = lp.half_scales                          # float16 scales: the DQ's output is cast to float
     s = add_initializer(g, f"{pre}/weight_scale", scales.astype(np.float16 if half else np.float32))

@@ -9,12 +9,14 @@ generic   Q/DQ on the inputs of quantized layers only, read only by those layers
           onnxruntime's CPU provider it runs at FP32 speed with `session.disable_quant_qdq`
           (weights folded at load). At 8-bit
           activations the few whose rounding costs the network most may be int16 (--protect-acts).
+          8-bit Conv/Gemm/MatMul weights in UINT8 with zero point 128 (U8_WEIGHT_OPS, below).
 ort-cpu   full node units DQ -> op -> Q so onnxruntime's CPU provider fuses integer kernels
           (QLinearConv, QLinearMatMul, QLinearAdd, QLinearConcat, QLinearGlobalAveragePool, ...):
           Q/DQ also on the outputs of quantized layers (after a Relu/Clip they feed, which the
           kernel absorbs), through the element-wise and pooling ops it fuses, with the input's
           scale carried through data-movement ops; every reader of a quantized tensor reads the
-          same DQ. u8 activations, s8 per-channel weights, int32 biases. Its Conv kernels take
+          same DQ. u8 activations, per-channel 8-bit weights as u8 codes with zero point 128
+          (the values of symmetric s8: U8_WEIGHT_OPS, below), int32 biases. Its Conv kernels take
           8-bit weights only, so 2- to 4-bit conv weights are stored as their 4-bit-grid values in
           INT8 containers (the speed of W8A8 with the rounding of W4; the file is W8-sized).
           Scores that flow through no quantized layer into a Sigmoid/Softmax ahead of an output
@@ -79,6 +81,13 @@ DECISION_OPS = frozenset({"Sigmoid", "Softmax", "LogSoftmax"})
 # ort-cpu: the share of the multiply-adds that int16 activations may take off the integer kernels
 # (a unit with an int16 input or output runs in float; docs/results.md, round 15)
 ORT_WIDE_MACS = 0.02
+# 8-bit weights that onnxruntime's CPU provider runs in integer kernels (its default session fuses
+# DQ -> Conv/Gemm/MatMul -> Q units, under generic placement too) go in UINT8 containers with zero
+# point 128: the values are the same, but its x86 u8 x s8 kernels without VNNI (AVX2, AVX-512 before
+# VNNI) add pairs of products in int16 and saturate, which u8 x u8 kernels do not (onnxruntime's
+# quantization docs name U8U8 as the remedy). On an AVX2 machine the int8 containers cost EfficientNet-
+# Lite1 W8A8 19.4 -> 5.4 dB and PP-OCR rec 19.4 -> 11.2 dB (docs/results.md, round 21)
+U8_WEIGHT_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 # ort-cpu: ungrouped convs on a model input of at most this many channels (an image's first conv)
 # stay float: onnxruntime's 8-bit conv runs their short Cin x kh x kw rows slower than its float
 # conv (PP-LCNet's 3-channel stem: 441 us as QLinearConv, 178 us in float; docs/results.md, round 17)
@@ -115,6 +124,7 @@ class Rules:
     input_convs: int = 0                 # ungrouped convs on a model input of at most this many channels stay float
     int_hard_swish: bool = False         # a HardSwish between u8 tensors as QLinearAdd + QLinearMul (graph/hardswish.py)
     fold_into_readers: bool = False      # constant scale/shift chains read only by convs folded into them (graph/forward.py)
+    u8_weights: bool = False             # 8-bit Conv/Gemm/MatMul weights as UINT8 codes with zero point 128 (U8U8)
     int_pad: bool = False                # a Pad that feeds a layer runs on its input's 8-bit codes (graph/pads.py)
     session_options: dict[str, str] = field(default_factory=dict)   # for onnxruntime's CPU provider
     summary: str = ""
@@ -123,12 +133,13 @@ class Rules:
 RULES: dict[str, Rules] = {
     "generic": Rules("generic", output_units=False, all_readers=False, int4_conv=True, int4_matmul=True,
                      blocked_weights=True, blocked_convs=True, zero_points=True, smooth_depthwise=True, wide_acts=True,
-                     session_options={"session.disable_quant_qdq": "1"},
+                     u8_weights=True, session_options={"session.disable_quant_qdq": "1"},
                      summary="Q/DQ on quantized layers' inputs; INT4 containers"),
     "ort-cpu": Rules("ort-cpu", output_units=True, all_readers=True, int4_conv=False, int4_matmul=False,
                      simplify=True, int4_weight_only=True, ms_kernels=True, blocked_weights=True,
                      zero_points=True, float_decisions=True, wide_acts=True, wide_macs=ORT_WIDE_MACS,
                      input_convs=ORT_INPUT_CONVS, int_hard_swish=True, fold_into_readers=True, int_pad=True,
+                     u8_weights=True,
                      summary="full node units for onnxruntime's CPU integer kernels; u8/s8, int32 bias; "
                              "4-bit Gemm/MatMul as MatMulNBits, tables as GatherBlockQuantized"),
     "openvino": Rules("openvino", output_units=False, all_readers=False, int4_conv=False, int4_matmul=True,
