@@ -1,0 +1,59 @@
+"""8-bit weights under generic and ort-cpu are UINT8 codes with zero point 128, so onnxruntime's
+fused integer kernels compute what the QDQ graph says on every x86 CPU: its u8 x s8 kernels without
+VNNI add pairs of products in int16 and saturate (docs/results.md, round 21)."""
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import onnxq
+from onnxq.algos.metrics import sqnr_db
+
+
+def _saturating_net() -> onnx.ModelProto:
+    """Two 3x3 convs whose weights all sit at their channel's largest code, read by activations
+    at the top of their range: every pair of u8 x s8 products is 255 * 127 * 2 > 32767."""
+    w1 = np.ones((8, 16, 3, 3), np.float32) * np.array([1, -1] * 4, np.float32)[:, None, None, None]
+    w2 = np.ones((4, 8, 3, 3), np.float32) * 0.05
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
+             helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+             helper.make_node("Conv", ["r1", "w2"], ["y"], pads=[1, 1, 1, 1], name="conv2")]
+    g = helper.make_graph(nodes, "sat", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16, 8, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])],
+                          [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _feeds(n: int, seed: int) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    return [{"x": rng.uniform(0.9, 1.0, (1, 16, 8, 8)).astype(np.float32)} for _ in range(n)]
+
+
+def _run(model: onnx.ModelProto, feeds, exact: bool) -> np.ndarray:
+    so = ort.SessionOptions()
+    if exact:          # no fusion into integer kernels: the graph's own arithmetic
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    s = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return np.concatenate([s.run(None, f)[0] for f in feeds])
+
+
+@pytest.mark.parametrize("target", ["generic", "ort-cpu"])
+def test_fused_integer_kernels_compute_what_the_graph_says(target):
+    q, _ = onnxq.convert(_saturating_net(), onnxq.ConvertConfig(bits=8, target=target), calib=_feeds(16, 0))
+    zeros = {t.name: numpy_helper.to_array(t) for t in q.graph.initializer if t.name.endswith("/weight_zero")}
+    assert set(zeros) == {"conv1/weight_zero", "conv2/weight_zero"}
+    assert all(z.dtype == np.uint8 and np.all(z == 128) for z in zeros.values())
+    held = _feeds(4, 1)
+    fused, exact = _run(q, held, exact=False), _run(q, held, exact=True)
+    assert sqnr_db(exact, fused) > 35.0      # INT8 containers: about 1 dB on an AVX2 CPU
+    # and the graph itself stays close to the float net
+    assert sqnr_db(_run(_saturating_net(), held, exact=True), exact) > 30.0
+
+
+@pytest.mark.parametrize("target", ["tensorrt", "qnn", "openvino"])
+def test_targets_whose_runtimes_want_symmetric_int8_keep_it(target):
+    q, _ = onnxq.convert(_saturating_net(), onnxq.ConvertConfig(bits=8, target=target), calib=_feeds(16, 0))
+    zeros = [numpy_helper.to_array(t) for t in q.graph.initializer if t.name.endswith("/weight_zero")]
+    assert len(zeros) == 2 and all(z.dtype == np.int8 and not z.any() for z in zeros)
