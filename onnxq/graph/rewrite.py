@@ -1,6 +1,7 @@
 """Applies a Plan to a model: the only place that edits the graph.
 
-Weights become int8 / int4 initializers behind a per-channel DequantizeLinear. Activations
+Weights become int8 / int4 initializers (8-bit ones uint8 with zero point 128 where the target
+says so: Rules.u8_weights) behind a per-channel DequantizeLinear. Activations
 that feed quantized layers get one QuantizeLinear -> DequantizeLinear pair, read only by those
 layers; graph outputs, Concat and Add inputs are never forced onto a shared scale. Biases of
 layers with quantized activations become int32 with scale s_x * s_w.

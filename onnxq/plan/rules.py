@@ -140,7 +140,8 @@ RULES: dict[str, Rules] = {
                      zero_points=True, float_decisions=True, wide_acts=True, wide_macs=ORT_WIDE_MACS,
                      input_convs=ORT_INPUT_CONVS, int_hard_swish=True, fold_into_readers=True, int_pad=True,
                      u8_weights=True,
-                     summary="full node units for onnxruntime's CPU integer kernels; u8/s8, int32 bias; "
+                     summary="full node units for onnxruntime's CPU integer kernels; u8 activations, 8-bit weights as u8 "
+                             "with zero point 128, int32 bias; "
                              "4-bit Gemm/MatMul as MatMulNBits, tables as GatherBlockQuantized"),
     "openvino": Rules("openvino", output_units=False, all_readers=False, int4_conv=False, int4_matmul=True,
                       simplify=True, blocked_weights=True, zero_points=True,
