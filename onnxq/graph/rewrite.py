@@ -37,10 +37,9 @@ def weight_container(bits: int, op: str = "Conv", rules: Rules = RULES["generic"
 
 def u8_weights(lp: LayerPlan, rules: Rules, w_index: int) -> bool:
     """8-bit codes of a layer onnxruntime may run in an integer kernel, stored in UINT8 with zero
-    point 128 (Rules.u8_weights). A Gemm/MatMul weight only as its second input: as the first it
-    would be the kernel's activation side, whose zero point must be one value."""
-    return (rules.u8_weights and lp.bits == 8 and lp.target.op in U8_WEIGHT_OPS
-            and (w_index == 1 or lp.target.op in ("Conv", "ConvTranspose")))
+    point 128 (Rules.u8_weights). Only as the layer's second input (a conv's always is): a MatMul
+    weight as the first would be the kernel's activation side, whose zero point must be one value."""
+    return rules.u8_weights and lp.bits == 8 and lp.target.op in U8_WEIGHT_OPS and w_index == 1
 
 
 def act_container(a: ActQuant):
@@ -97,12 +96,13 @@ def _weight_nodes(g: onnx.GraphProto, lp: LayerPlan, coded: CodedBiases, rules: 
     pre = t.node
     nodes = []
     codes, scales = (lp.codes, lp.scales) if as_int32 is None else (as_int32.codes, as_int32.scales)
+    w_index = list(node.input).index(t.weight)
     zeros = lp.zero_points if affine else np.zeros(scales.shape, dtype=np.int8)
     if lp.block and t.weight_layout == "cols":     # scales [O, K / block] stored along the weight's [K, O]
         scales, zeros = scales.T, zeros.T
     if affine:                                     # codes are relative to their block's zero point
         codes = codes.astype(np.int16) + np.repeat(zeros, lp.block, axis=lp.axis)
-    elif u8_weights(lp, rules, list(node.input).index(t.weight)):   # the same values, u8 x u8 kernels
+    elif u8_weights(lp, rules, w_index):           # the same values, u8 x u8 kernels
         dt, codes, zeros = np.uint8, codes.astype(np.int16) + 128, np.full(zeros.shape, 128, np.int16)
     q = add_initializer(g, f"{pre}/weight_q", codes.astype(dt))
     half = lp.half_scales                          # float16 scales: the DQ's output is cast to float
@@ -115,7 +115,6 @@ def _weight_nodes(g: onnx.GraphProto, lp: LayerPlan, coded: CodedBiases, rules: 
     if half:
         nodes.append(helper.make_node("Cast", [dq_out], [f"{pre}/weight_dq"], name=f"{pre}/weight_cast",
                                       to=onnx.TensorProto.FLOAT))
-    w_index = list(node.input).index(t.weight)
     node.input[w_index] = f"{pre}/weight_dq"
     if bias is None:
         return nodes
