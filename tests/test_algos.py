@@ -5,7 +5,7 @@ import pytest
 
 from onnxq.algos.qmath import channel_scales, weight_qmax
 from onnxq.algos.rounding import gptq_round
-from onnxq.algos.weights import (hessian_scales, mse, quantize_weight, row_errors, rtn,
+from onnxq.algos.weights import (CLIP_GRID, hessian_scales, mse, quantize_weight, row_errors, rtn,
                                  weighted_error)
 
 
@@ -54,6 +54,31 @@ def test_mse_clipping_beats_minmax_on_weight_error():
     a, b = rtn(w, 4), mse(w, 4)
     err = lambda q: np.sum((w - q.codes * q.scales[:, None]) ** 2)  # noqa: E731
     assert err(b) < 0.8 * err(a)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_mse_skips_only_clip_ratios_that_cannot_win(bits):
+    """The search skips ratios whose clipping of the largest weight alone costs more than the
+    row's whole error at ratio 1, and searches rows in chunks: every row's scale and codes are
+    those of trying every ratio on the whole matrix (an all-zero row, a lone outlier, heavy tails)."""
+    rng = np.random.default_rng(3)
+    w = rng.standard_t(3, (300, 2048)) * 0.02
+    w[5] = 0.0
+    w[7] = 0.0
+    w[7, 11] = 3.0
+    w[9] = rng.uniform(-1, 1, 2048)
+    qm = weight_qmax(bits)
+    amax = np.abs(w).max(axis=1)
+    best, best_s = np.full(len(w), np.inf), None
+    for r in CLIP_GRID:
+        s = np.where(amax * r / qm > 0, amax * r / qm, 1.0)
+        e = w - np.clip(np.rint(w / s[:, None]), -qm, qm) * s[:, None]
+        loss = np.einsum("ok,ok->o", e, e)
+        better = loss < best
+        best, best_s = np.where(better, loss, best), np.where(better, s, best_s if best_s is not None else s)
+    got = mse(w.T.copy().T, bits)          # a strided view, as a MatMul's transposed weight is
+    np.testing.assert_array_equal(got.scales, best_s)
+    np.testing.assert_array_equal(got.codes, np.clip(np.rint(w / best_s[:, None]), -qm, qm))
 
 
 def test_hessian_clipping_beats_plain_mse_on_layer_objective():

@@ -47,23 +47,38 @@ def rtn(w: np.ndarray, bits: int, hessian: np.ndarray | None = None) -> WeightQu
     return WeightQuant(_codes(w, s, bits), s, "rtn")
 
 
+def _grid_error(w: np.ndarray, s: np.ndarray, qm: int) -> np.ndarray:
+    """w - codes * s, computed in place on one buffer (the codes are exact in float64)."""
+    err = np.divide(w, s[..., None], dtype=np.float64)
+    np.rint(err, out=err)
+    np.clip(err, -qm, qm, out=err)
+    np.multiply(err, s[..., None], out=err)
+    return np.subtract(w, err, out=err)
+
+
 def _grid_search(w: np.ndarray, bits: int, loss: Callable[[np.ndarray], np.ndarray],
-                 floor: float = 0.0) -> np.ndarray:
+                 floor: float = 0.0, squared: bool = False) -> np.ndarray:
     """Per-row best clip ratio from CLIP_GRID (its ratios >= floor) under `loss(err [..., O, K]) -> [..., O]`.
-    -> scales [..., O] (leading dims: groups done at once)."""
+    -> scales [..., O] (leading dims: groups done at once).
+
+    `squared`: the loss is each row's sum of squared errors. Ratio r clips a row's largest weight
+    by (1 - r) max|w|, so its loss is at least that squared; ratios where this exceeds every row's
+    loss at r = 1 cannot be chosen and are skipped (the result is the same; at 8 bits most of
+    the grid goes)."""
     amax = np.abs(w).max(axis=-1)
     best_loss = np.full(amax.shape, np.inf)
     best = scales_of_amax(amax, bits)
     qm = weight_qmax(bits)
-    for r in CLIP_GRID[CLIP_GRID >= floor - 1e-9]:
+    ratios = CLIP_GRID[CLIP_GRID >= floor - 1e-9]
+    known = {}
+    if squared and ratios[-1] == 1.0:
+        known[1.0] = loss(_grid_error(w, scales_of_amax(amax, bits, 1.0), qm))
+        lower = ((1.0 - ratios)[:, None] * amax.reshape(1, -1)) ** 2      # [ratios, rows]
+        beaten = (lower > known[1.0].reshape(1, -1) * (1 + 1e-6)) | (amax.reshape(1, -1) == 0)
+        ratios = ratios[~np.all(beaten, axis=1)]          # an all-zero row takes scale 1 at every ratio
+    for r in ratios:
         s = scales_of_amax(amax, bits, r)
-        # w - codes * s, computed in place on one buffer (the codes are exact in float64)
-        err = np.divide(w, s[..., None], dtype=np.float64)
-        np.rint(err, out=err)
-        np.clip(err, -qm, qm, out=err)
-        np.multiply(err, s[..., None], out=err)
-        np.subtract(w, err, out=err)
-        l = loss(err)
+        l = known[r] if r in known else loss(_grid_error(w, s, qm))
         better = l < best_loss
         best_loss = np.where(better, l, best_loss)
         best = np.where(better, s, best)
@@ -92,8 +107,16 @@ def affine_codes(w: np.ndarray, s: np.ndarray, z: np.ndarray, bits: int) -> np.n
     return np.clip(np.rint(w / s[..., None]), -z[..., None], (2**bits - 1) - z[..., None])
 
 
+# weights `mse` searches at once: rows are independent, and a 2 MB float64 buffer stays in cache
+# (a 4096 x 16384 layer searched whole held 0.5 GB buffers)
+MSE_ROWS = 1 << 18
+
+
 def mse(w: np.ndarray, bits: int, hessian: np.ndarray | None = None, floor: float = 0.0) -> WeightQuant:
-    s = _grid_search(w, bits, lambda e: np.einsum("ok,ok->o", e, e), floor)
+    step = max(1, MSE_ROWS // max(1, w.shape[1]))
+    sse = lambda e: np.einsum("ok,ok->o", e, e)   # noqa: E731
+    s = np.concatenate([_grid_search(np.ascontiguousarray(w[i:i + step]), bits, sse, floor, squared=True)
+                        for i in range(0, w.shape[0], step)])
     return WeightQuant(_codes(w, s, bits), s, "mse")
 
 
