@@ -97,7 +97,14 @@ def test_int8_branches_are_named_valid_and_within_budget(feeds):
     factors = [n for n in inits if "/residual/" in n and n.endswith("_weight_q")]
     biases = [n for n in inits if "/residual/" in n and n.endswith("A_bias_q")]
     assert len(factors) == 2 * len(with_branch) and len(biases) == len(with_branch)   # centred: A has a bias
-    assert all(inits[n].data_type == onnx.TensorProto.INT8 for n in factors)
+    # A reads the layer's u8 input as a conv's / Gemm's weight: UINT8 with zero point 128 under
+    # generic, like the layers' 8-bit weights (onnxruntime's fused u8 x u8 kernels do not saturate);
+    # B reads the branch's int8 middle tensor
+    for n in factors:
+        a = n.endswith("/A_weight_q")
+        assert inits[n].data_type == (onnx.TensorProto.UINT8 if a else onnx.TensorProto.INT8), n
+        zero = numpy_helper.to_array(inits[n.removesuffix("_q") + "_zero"])
+        assert np.all(zero == (128 if a else 0)), n
     assert all(inits[n].data_type == onnx.TensorProto.INT32 for n in biases)
     assert rep.branches.used_params <= rep.branches.budget_params
     assert sum(l.branch_params for l in rep.quantized) == rep.branches.used_params
@@ -337,5 +344,6 @@ def test_convtranspose_branch_block_equals_convtranspose_with_corrected_weight()
     q8, rep8 = onnxq.convert(m, onnxq.ConvertConfig(bits=3, rank_budget=0.5), calib=cal)
     onnx.checker.check_model(q8)
     assert rep8.quantized[0].branch_rank > 0
-    assert numpy_helper.to_array(next(t for t in q8.graph.initializer if t.name == f"{n}/residual/A_weight_q")).dtype == np.int8
+    # 8-bit A codes, stored as UINT8 with zero point 128 under generic (its rules' u8_weights)
+    assert numpy_helper.to_array(next(t for t in q8.graph.initializer if t.name == f"{n}/residual/A_weight_q")).dtype == np.uint8
     ort.InferenceSession(q8.SerializeToString()).run(None, cal[0])

@@ -179,7 +179,7 @@ def apply_plan(model: onnx.ModelProto, plan: Plan, masks: bool = False) -> onnx.
     for lp in plan.layers:
         if lp.branch is not None:
             g = graphs[lp.target.graph]
-            after.setdefault(lp.target.graph, {})[lp.target.node] = _branch_nodes(g, lp, plan.biases[lp.target.node])
+            after.setdefault(lp.target.graph, {})[lp.target.node] = _branch_nodes(g, lp, plan.biases[lp.target.node], rules)
     place(graphs, before, after)
     if rules.int_hard_swish:
         integer_hard_swish(m, keep_float=masks)
@@ -262,14 +262,15 @@ def place(graphs, before, after) -> None:
 
 
 def _factor(g: onnx.GraphProto, name: str, value: np.ndarray, codes, scales, axis: int,
-            shape: tuple[int, ...], bits: int) -> tuple[str, list[onnx.NodeProto]]:
-    """A branch factor as a float initializer, or int8/int16 codes behind a per-channel DQ."""
+            shape: tuple[int, ...], bits: int, u8: bool = False) -> tuple[str, list[onnx.NodeProto]]:
+    """A branch factor as a float initializer, or int8/int16 codes behind a per-channel DQ
+    (`u8`: 8-bit codes as UINT8 with zero point 128, like the layers' under Rules.u8_weights)."""
     if codes is None:
         return add_initializer(g, name, value.reshape(shape).astype(np.float32)), []
-    dt = np.int8 if bits <= 8 else np.int16
-    q = add_initializer(g, f"{name}_q", codes.reshape(shape).astype(dt))
+    dt, zero = (np.uint8, 128) if u8 and bits == 8 else (np.int8 if bits <= 8 else np.int16, 0)
+    q = add_initializer(g, f"{name}_q", (codes.reshape(shape).astype(np.int32) + zero).astype(dt))
     s = add_initializer(g, f"{name}_scale", scales.astype(np.float32))
-    z = add_initializer(g, f"{name}_zero", np.zeros(scales.shape, dt))
+    z = add_initializer(g, f"{name}_zero", np.full(scales.shape, zero, dt))
     return f"{name}_dq", [helper.make_node("DequantizeLinear", [q, s, z], [f"{name}_dq"],
                                            name=f"{name}_dequantize", axis=axis)]
 
@@ -282,7 +283,7 @@ def _branch_a_bias(g: onnx.GraphProto, lp: LayerPlan, coded: CodedBiases) -> tup
     return name, [dq]
 
 
-def _branch_nodes(g: onnx.GraphProto, lp: LayerPlan, coded: CodedBiases) -> list[onnx.NodeProto]:
+def _branch_nodes(g: onnx.GraphProto, lp: LayerPlan, coded: CodedBiases, rules: Rules) -> list[onnx.NodeProto]:
     """y = main(x) + B(A(x) + c): renames the layer's output and returns the branch nodes (c, the
     A bias of a centred branch, only on layers whose bias is corrected — Conv and Gemm, whose A
     is a Conv / Gemm)."""
@@ -293,6 +294,7 @@ def _branch_nodes(g: onnx.GraphProto, lp: LayerPlan, coded: CodedBiases) -> list
     node.output[0] = f"{pre}/main_out"
     act_index = 1 if (t.op == "MatMul" and t.weight_layout == "rows") else 0
     x = node.input[act_index]
+    u8 = rules.u8_weights and t.op in U8_WEIGHT_OPS     # A reads x as the op's second input (not rows MatMul)
     nodes: list[onnx.NodeProto] = []
     a_bias = []
     if br.a_bias is not None:
@@ -311,7 +313,7 @@ def _branch_nodes(g: onnx.GraphProto, lp: LayerPlan, coded: CodedBiases) -> list
             a_val = from_matrix(br.a, "convT", a_shape)
             a_codes = None if br.a_codes is None else from_matrix(br.a_codes, "convT", a_shape)
             kept = tuple(a.name for a in node.attribute if a.name != "group")
-        a_name, n1 = _factor(g, f"{pre}/A_weight", a_val, a_codes, br.a_scales, a_axis, a_shape, br.bits)
+        a_name, n1 = _factor(g, f"{pre}/A_weight", a_val, a_codes, br.a_scales, a_axis, a_shape, br.bits, u8)
         b_name, n2 = _factor(g, f"{pre}/B_weight", br.b, br.b_codes, br.b_scales, 0, (o, r) + (1,) * len(k), br.bits)
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute if a.name in kept}
         first = helper.make_node(t.op, [x, a_name] + a_bias, [f"{pre}/A_out"], name=f"{pre}/A", **attrs)
@@ -323,7 +325,7 @@ def _branch_nodes(g: onnx.GraphProto, lp: LayerPlan, coded: CodedBiases) -> list
         second = lambda m: helper.make_node("MatMul", [b_name, m], [f"{pre}/B_out"], name=f"{pre}/B")  # noqa: E731
     else:                                                  # Y = X @ W^T: (X @ A^T) @ B^T
         a_name, n1 = _factor(g, f"{pre}/A_weight", br.a.T, None if br.a_codes is None else br.a_codes.T,
-                             br.a_scales, 1, br.a.T.shape, br.bits)
+                             br.a_scales, 1, br.a.T.shape, br.bits, u8)
         b_name, n2 = _factor(g, f"{pre}/B_weight", br.b.T, None if br.b_codes is None else br.b_codes.T,
                              br.b_scales, 1, br.b.T.shape, br.bits)
         first = (helper.make_node("Gemm", [x, a_name] + a_bias, [f"{pre}/A_out"], name=f"{pre}/A")
