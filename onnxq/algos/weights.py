@@ -70,15 +70,15 @@ def _grid_search(w: np.ndarray, bits: int, loss: Callable[[np.ndarray], np.ndarr
     best = scales_of_amax(amax, bits)
     qm = weight_qmax(bits)
     ratios = CLIP_GRID[CLIP_GRID >= floor - 1e-9]
-    known = {}
+    at_one = None                                        # the loss at r = 1, when computed first
     if squared and ratios[-1] == 1.0:
-        known[1.0] = loss(_grid_error(w, scales_of_amax(amax, bits, 1.0), qm))
+        at_one = loss(_grid_error(w, scales_of_amax(amax, bits, 1.0), qm))
         lower = ((1.0 - ratios)[:, None] * amax.reshape(1, -1)) ** 2      # [ratios, rows]
-        beaten = (lower > known[1.0].reshape(1, -1) * (1 + 1e-6)) | (amax.reshape(1, -1) == 0)
+        beaten = (lower > at_one.reshape(1, -1) * (1 + 1e-6)) | (amax.reshape(1, -1) == 0)
         ratios = ratios[~np.all(beaten, axis=1)]          # an all-zero row takes scale 1 at every ratio
     for r in ratios:
         s = scales_of_amax(amax, bits, r)
-        l = known[r] if r in known else loss(_grid_error(w, s, qm))
+        l = at_one if at_one is not None and r == 1.0 else loss(_grid_error(w, s, qm))
         better = l < best_loss
         best_loss = np.where(better, l, best_loss)
         best = np.where(better, s, best)

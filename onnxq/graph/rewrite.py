@@ -35,11 +35,15 @@ def weight_container(bits: int, op: str = "Conv", rules: Rules = RULES["generic"
     return np.uint8 if unsigned else np.int8
 
 
-def u8_weights(lp: LayerPlan, rules: Rules, w_index: int) -> bool:
-    """8-bit codes of a layer onnxruntime may run in an integer kernel, stored in UINT8 with zero
-    point 128 (Rules.u8_weights). Only as the layer's second input (a conv's always is): a MatMul
-    weight as the first would be the kernel's activation side, whose zero point must be one value."""
-    return rules.u8_weights and lp.bits == 8 and lp.target.op in U8_WEIGHT_OPS and w_index == 1
+U8_ZERO = 128     # the zero point of 8-bit weights stored as UINT8: codes + 128, the same values
+
+
+def u8_weights(rules: Rules, op: str, bits: int, w_index: int) -> bool:
+    """8-bit codes of a weight onnxruntime may run in an integer kernel, stored in UINT8 with zero
+    point 128 (Rules.u8_weights). Only as the op's second input (a conv's always is): a MatMul
+    weight as the first would be the kernel's activation side, whose zero point must be one value.
+    The layers' weights and the low-rank branches' first factors both follow it."""
+    return rules.u8_weights and bits == 8 and op in U8_WEIGHT_OPS and w_index == 1
 
 
 def act_container(a: ActQuant):
@@ -102,8 +106,8 @@ def _weight_nodes(g: onnx.GraphProto, lp: LayerPlan, coded: CodedBiases, rules: 
         scales, zeros = scales.T, zeros.T
     if affine:                                     # codes are relative to their block's zero point
         codes = codes.astype(np.int16) + np.repeat(zeros, lp.block, axis=lp.axis)
-    elif u8_weights(lp, rules, w_index):           # the same values, u8 x u8 kernels
-        dt, codes, zeros = np.uint8, codes.astype(np.int16) + 128, np.full(zeros.shape, 128, np.int16)
+    elif u8_weights(rules, t.op, lp.bits, w_index):  # the same values, u8 x u8 kernels
+        dt, codes, zeros = np.uint8, codes.astype(np.int16) + U8_ZERO, np.full(zeros.shape, U8_ZERO, np.int16)
     q = add_initializer(g, f"{pre}/weight_q", codes.astype(dt))
     half = lp.half_scales                          # float16 scales: the DQ's output is cast to float
     s = add_initializer(g, f"{pre}/weight_scale", scales.astype(np.float16 if half else np.float32))
@@ -264,10 +268,10 @@ def place(graphs, before, after) -> None:
 def _factor(g: onnx.GraphProto, name: str, value: np.ndarray, codes, scales, axis: int,
             shape: tuple[int, ...], bits: int, u8: bool = False) -> tuple[str, list[onnx.NodeProto]]:
     """A branch factor as a float initializer, or int8/int16 codes behind a per-channel DQ
-    (`u8`: 8-bit codes as UINT8 with zero point 128, like the layers' under Rules.u8_weights)."""
+    (`u8`: the codes as UINT8 with zero point 128, as u8_weights decides for the layers)."""
     if codes is None:
         return add_initializer(g, name, value.reshape(shape).astype(np.float32)), []
-    dt, zero = (np.uint8, 128) if u8 and bits == 8 else (np.int8 if bits <= 8 else np.int16, 0)
+    dt, zero = (np.uint8, U8_ZERO) if u8 else (np.int8 if bits <= 8 else np.int16, 0)
     q = add_initializer(g, f"{name}_q", (codes.reshape(shape).astype(np.int32) + zero).astype(dt))
     s = add_initializer(g, f"{name}_scale", scales.astype(np.float32))
     z = add_initializer(g, f"{name}_zero", np.full(scales.shape, zero, dt))
@@ -294,7 +298,7 @@ def _branch_nodes(g: onnx.GraphProto, lp: LayerPlan, coded: CodedBiases, rules: 
     node.output[0] = f"{pre}/main_out"
     act_index = 1 if (t.op == "MatMul" and t.weight_layout == "rows") else 0
     x = node.input[act_index]
-    u8 = rules.u8_weights and t.op in U8_WEIGHT_OPS     # A reads x as the op's second input (not rows MatMul)
+    u8 = u8_weights(rules, t.op, br.bits, 1)    # for the A factors that are the op's second input (not rows MatMul)
     nodes: list[onnx.NodeProto] = []
     a_bias = []
     if br.a_bias is not None:
