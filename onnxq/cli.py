@@ -143,6 +143,10 @@ def print_summary(report) -> None:
         out.print(f"  low-rank branches: {b.layers_with_branch} layers, {b.used_params} extra "
                   f"parameters ({b.used_params / max(r.params, 1):.2%} of the weights; budget "
                   f"{b.budget_params}), {_kb(b.bytes)} in the file")
+    if b is not None and b.check_samples and b.divergence_final is not None:
+        where = "the calibration samples they were fitted on" if b.check_fitted else \
+            "calibration samples kept out of their statistics"
+        out.print(f"  branches judged on {b.check_samples} {where}: {len(b.dropped)} dropped")
     weight_only = sum(1 for q in r.quantized if q.activation_bits >= 32)
     if weight_only:
         out.print(f"  weight-only: {weight_only} layers read a float input (see the report for why)")
@@ -361,8 +365,8 @@ def _preprocess_options(f):
               help="Branch weight and middle-activation bits: 8, 16, or 32 (float).")
 @click.option("--branch-weighting", default="network", show_default=True,
               help="Rank allocation: network (each layer's gains weighted by its measured effect on the "
-                   "output, then branches that do not help end to end are dropped) or layer (layer "
-                   "output error only, no session runs).")
+                   "output, then branches that do not help end to end are dropped, judged on calibration "
+                   "samples kept out of the statistics) or layer (layer output error only, no session runs).")
 @click.option("--max-rank", type=click.IntRange(min=1), default=64, show_default=True,
               help="Highest rank any one layer's branch may take (with --exclude, a budget and "
                    "--max-rank 4 give exactly one layer a rank-4 branch).")

@@ -176,11 +176,11 @@ class ConvertConfig:
     @property
     def sequential_on(self) -> bool:
         """Sequential mode: as asked, else by default where it was measured to pay, uniform low-bit
-        weights with 8-bit activations (no mixed precision, no branches)."""
+        weights with 8-bit activations (no mixed precision); low-rank branches are fitted after it."""
         if self.stages == 1:
             return False
         if self.sequential is None:
-            return self.bits < 8 and self.act_bits == 8 and not self.mixed and self.rank_budget == 0
+            return self.bits < 8 and self.act_bits == 8 and not self.mixed
         return self.sequential
 
     @property

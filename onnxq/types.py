@@ -313,6 +313,8 @@ class BranchSummary:
     divergence_all_branches: float | None = None
     divergence_final: float | None = None
     dropped: list[str] = field(default_factory=list)
+    check_samples: int = 0                                       # samples the probe judged on ...
+    check_fitted: bool = False                                   # ... the branches' own calibration samples
     bytes: int = 0                                               # what the branches add to the file
 
 
@@ -581,6 +583,7 @@ class Conversion:
     skipped: list[Skipped] = field(default_factory=list)
     calib: list = field(default_factory=list)
     held: list = field(default_factory=list)
+    branch_check: list = field(default_factory=list)  # calibration samples kept out of the statistics: they judge branches
     stats: Stats | None = None
     placement: Placement | None = None
     weights: dict = field(default_factory=dict)

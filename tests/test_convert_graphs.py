@@ -190,12 +190,16 @@ def test_sequential_stages_are_whole_levels_of_layers_that_never_read_each_other
     assert as_names(stages(targets, ancestors, 1)) == [["a", "b", "c", "d"]]
 
 
-def test_sequential_mode_with_branches_says_it_was_skipped(feeds):
+def test_branches_are_fitted_after_sequential_mode(feeds):
+    """Sequential mode runs with branches asked for (by default at W4A8), and the branches are
+    fitted to its codes: a compensated layer can carry one."""
     m = conv_zoo(np.random.default_rng(0))
-    _, rep = onnxq.convert(m, onnxq.ConvertConfig(bits=4, sequential=True, stages=4, rank_budget=0.05),
+    _, rep = onnxq.convert(m, onnxq.ConvertConfig(bits=4, stages=4, rank_budget=0.3, protect=0, branch_weighting="layer"),
                            calib=feeds())
-    assert any(w.startswith("sequential mode skipped") for w in rep.warnings)
-    assert not any("+compensated" in l.method for l in rep.quantized)
+    assert rep.config["sequential"] is True
+    assert not any("sequential" in w for w in rep.warnings)
+    compensated = [l for l in rep.quantized if "+compensated" in l.method]
+    assert compensated and any(l.branch_rank > 0 for l in compensated)
 
 
 def test_sequential_compensates_only_layers_with_enough_rows_for_their_inputs():

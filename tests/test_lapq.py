@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
+from onnx import numpy_helper
 
 import onnxq
 from onnxq import api
@@ -16,6 +17,7 @@ from onnxq.graph.rewrite import apply_plan
 from onnxq.graph.variants import weights_as_inputs
 from onnxq.plan.acts import act_quant, plan_acts
 from onnxq.plan.biases import code_biases
+from onnxq.plan.branches import add_branches
 from onnxq.runtime import session
 from onnxq.search.lapq import SearchSession, lapq_search
 from onnxq.types import Plan
@@ -71,6 +73,10 @@ def test_search_graph_and_emitted_graph_agree_for_the_same_ranges(budget, feeds,
     cfg = onnxq.ConvertConfig(bits=4, act_bits=4, sequential=False, rank_budget=budget, protect=0)
     cal = feeds(8)
     prepared, plan, stats = search_inputs(m, cfg, cal)
+    if budget:     # the converter plans branches after the search; a plan with them must search too
+        weights = {i.name: numpy_helper.to_array(i) for i in prepared.graph.initializer}
+        add_branches(plan, [lp.target for lp in plan.layers], {lp.target.node: weights[lp.target.weight]
+                                                               for lp in plan.layers}, cfg)
     ref = [session(prepared).run(None, f) for f in cal]
     search = SearchSession(prepared, plan, cal, ref)          # built on the converter's ranges
     # other ranges than the plan's: every tensor by Lp (p = 3), then shrunk by exp(-0.3)

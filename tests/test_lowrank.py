@@ -221,6 +221,21 @@ def test_end_to_end_check_keeps_only_branches_that_help_on_the_shipped_model():
     assert not kept & set(b.dropped)
 
 
+def test_branches_are_judged_on_calibration_samples_kept_out_of_their_statistics(feeds):
+    """With enough calibration samples, one in six (16 at most) is kept out of the statistics the
+    branches are fitted on and judges them; with few, the fitted samples judge and the report says so."""
+    from onnxq.api import BRANCH_CHECK_FRACTION, BRANCH_CHECK_MIN
+    m = conv_zoo(np.random.default_rng(0))
+    cfg = onnxq.ConvertConfig(bits=4, rank_budget=0.3, protect=0)
+    _, many = onnxq.convert(m, cfg, calib=feeds(48))
+    kept_out = (48 - many.holdout_samples) // BRANCH_CHECK_FRACTION
+    assert kept_out > 0 and many.branches.check_samples == kept_out and not many.branches.check_fitted
+    assert many.calib_samples == 48 - many.holdout_samples - kept_out
+    _, few = onnxq.convert(m, cfg, calib=feeds(12))
+    assert few.calib_samples + few.holdout_samples == 12 and few.calib_samples < BRANCH_CHECK_MIN
+    assert few.branches.check_fitted and few.branches.check_samples == few.calib_samples
+
+
 def test_int8_factors_are_rounded_on_their_input_statistics():
     """A's input is x (second moment H), B's is A x: rounding each factor on its own input keeps
     the branch's output error below plain per-row rounding of the same factors."""

@@ -11,6 +11,7 @@ from onnx import helper, numpy_helper
 from builders import make_model, vi
 from realdata import ocr_path
 
+from onnxq.algos.metrics import divergence
 from onnxq.algos.qmath import fake_quant
 from onnxq.config import ConvertConfig
 from onnxq.graph.prepare import prepare
@@ -82,3 +83,30 @@ def test_a_tail_feeds_a_branch_that_reads_a_tensor_made_before_the_cut():
     t = tail(m, 2, {"h": np.float32, "a": np.float32})
     got = ort.InferenceSession(t.SerializeToString()).run(None, {"h": h, "a": a})[0]
     np.testing.assert_array_equal(got, y)
+
+
+def test_a_layer_without_a_bias_is_probed_with_the_bias_its_plan_gives_it():
+    """A Conv and a Gemm that read no bias get one from their plan (the mean-shift correction,
+    sequential mode's fit) and the emitted model adds it: a probe fed (weight, bias) must see
+    it, exactly as a model with that bias written in."""
+    rng = np.random.default_rng(2)
+    r = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
+    inits = {"wc": r(4, 3, 3, 3) * 0.3, "wg": r(4 * 6 * 6, 5) * 0.1}     # logits of a few units
+    nodes = [helper.make_node("Conv", ["x", "wc"], ["c"]), helper.make_node("Relu", ["c"], ["a"]),
+             helper.make_node("Flatten", ["a"], ["f"]), helper.make_node("Gemm", ["f", "wg"], ["y"])]
+    m, _ = prepare(make_model(nodes, [vi("x", [1, 3, 8, 8])], [vi("y", [1, 5])], inits))
+    targets, _ = find_targets(m, ConvertConfig().excluded)
+    assert sorted(t.op for t in targets) == ["Conv", "Gemm"] and not any(t.bias for t in targets)
+    feeds = [{"x": r(1, 3, 8, 8)} for _ in range(2)]
+    probe = Probe(m, targets, _weights(m, targets), [lambda f=f: f for f in feeds])
+    conv, gemm = sorted(targets, key=lambda t: t.op)
+    bc, bg = r(4), r(5)
+    nodes = [helper.make_node("Conv", ["x", "wc", "bc"], ["c"]), *nodes[1:3],
+             helper.make_node("Gemm", ["f", "wg", "bg"], ["y"])]
+    with_bias = make_model(nodes, [vi("x", [1, 3, 8, 8])], [vi("y", [1, 5])], {**inits, "bc": bc, "bg": bg})
+    sess = ort.InferenceSession(with_bias.SerializeToString(), providers=["CPUExecutionProvider"])
+    ref = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    want = float(np.mean([divergence(ref.run(None, f), sess.run(None, f)) for f in feeds]))
+    got = probe({conv.node: (inits["wc"], bc), gemm.node: (inits["wg"], bg)})
+    assert want > 0 and got == pytest.approx(want, rel=1e-5)
+    assert probe({conv.node: (inits["wc"], None)}) == 0.0      # no bias given: the zero one stays

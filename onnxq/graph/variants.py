@@ -114,6 +114,23 @@ def weights_as_inputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelPro
     return m
 
 
+def with_zero_biases(model: onnx.ModelProto, biases: dict[str, tuple[str, int]]) -> onnx.ModelProto:
+    """A copy in which the main-graph nodes of `biases` (node name -> (bias name, output
+    channels)), Conv/ConvTranspose/Gemm that read no bias, read a zero bias initializer of that
+    name: a probe can then feed the bias a layer's plan gives them (the emitted model adds it)."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    for node in m.graph.node:
+        if node.name in biases:
+            name, channels = biases[node.name]
+            m.graph.initializer.append(onnx.numpy_helper.from_array(np.zeros(channels, np.float32), name))
+            if len(node.input) < 3:
+                node.input.append(name)
+            else:
+                node.input[2] = name
+    return m
+
+
 def with_act_qdq(model: onnx.ModelProto, targets, acts: dict[str, ActQuant]) -> onnx.ModelProto:
     """A new model with only the activation QDQ pairs the targets read; weights stay float
     initializers (so a probe can still feed them as inputs)."""

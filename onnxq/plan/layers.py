@@ -16,7 +16,6 @@ from ..algos.weights import blocked, mse, quantize_weight, regularized_hessian, 
 from ..config import ConvertConfig
 from ..types import ActQuant, ActStats, LayerPlan, LayerStats, PairedStats, Plan, Progress, Target, half_scales
 from .acts import plan_acts
-from .branches import plan_branches
 
 # ridge added to Hq when solving for the compensated weight, a fraction of mean(diag Hq): an
 # input that is dead on the calibration data gets a zero column instead of an ill-posed one
@@ -91,9 +90,8 @@ def weight_block(t: Target, bits: int, cfg: ConvertConfig) -> int:
     """Scales per block of cfg.block values along K for a 2- to 4-bit layer where the target's
     rules allow blocked weights and a row holds more than one block; else 0 (per channel).
     Gemm/MatMul: blocks of K. An ungrouped Conv (rules.blocked_convs): blocks of its input
-    channels at each kernel tap. Layers with low-rank branches stay per channel (the branch
-    refits on per-channel codes)."""
-    if not cfg.block or bits > 4 or cfg.rank_budget > 0:
+    channels at each kernel tap."""
+    if not cfg.block or bits > 4:
         return 0
     if t.op == "Conv":
         c = t.shape[1]
@@ -341,12 +339,11 @@ def make_plan(targets: Sequence[Target], weights: Mapping[str, np.ndarray],
               biases: Mapping[str, np.ndarray | None], stats_layers: Mapping[str, LayerStats],
               acts: Mapping[str, ActStats], cfg: ConvertConfig,
               progress: Progress | None = None, layers: list[LayerPlan] | None = None,
-              probe=None, act_plan: Mapping[str, ActQuant] | None = None,
+              act_plan: Mapping[str, ActQuant] | None = None,
               planned: Mapping[str, LayerPlan] | None = None) -> Plan:
-    """The whole plan; `layers` may hold layers already planned (sequential mode); `probe`
-    (probe.Probe) lets the branch planner measure layers on the network's output; `act_plan`,
-    the activation parameters when the caller has already planned them from `acts`; `planned`,
-    layers the mixed-precision search already planned at the bits the config now gives them."""
+    """The whole plan but the branches (add_branches); `layers` may hold layers already planned;
+    `act_plan`, the activation parameters when the caller has already planned them from `acts`;
+    `planned`, layers the mixed-precision search already planned at the bits the config now gives them."""
     plan = Plan(acts=dict(act_plan) if act_plan is not None else plan_acts(acts, cfg))
     if layers is not None:
         plan.layers = list(layers)
@@ -360,19 +357,4 @@ def make_plan(targets: Sequence[Target], weights: Mapping[str, np.ndarray],
                                               cfg))
             if progress:
                 progress("quantize", i + 1, len(targets))
-    if cfg.rank_budget > 0:
-        total = sum(t.params for t in targets)
-        plan.branch_summary = plan_branches(plan.layers, weights, cfg, total, probe)
-        for lp in plan.layers:
-            if lp.branch is not None:
-                _account_branch(lp, weights[lp.target.node])
     return plan
-
-
-def _account_branch(lp: LayerPlan, w: np.ndarray) -> None:
-    """SQNR estimate once the branch adds B·A to the effective weight (a centred branch adds
-    nothing to the mean, so the corrected bias stands)."""
-    t, br = lp.target, lp.branch
-    target = lp.fit_target if lp.fit_target is not None else to_matrix(w, t.weight_layout).astype(np.float64)
-    w_eff = to_matrix(lp.codes, t.weight_layout) * lp.scales[:, None] + br.b @ br.a
-    lp.sqnr_branch_db = _weighted_sqnr(target, w_eff, lp.fit_hessian, 1)

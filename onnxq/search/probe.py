@@ -17,7 +17,7 @@ import numpy as np
 
 from ..algos.metrics import divergence
 from ..graph.large import is_large
-from ..graph.variants import augmented, cut_names, tail, weights_as_inputs, with_act_qdq
+from ..graph.variants import augmented, cut_names, tail, weights_as_inputs, with_act_qdq, with_zero_biases
 from ..graph.walk import node_reads
 from ..runtime import session
 from ..types import ActQuant, Feed, Target
@@ -76,6 +76,15 @@ def latest_tail(tails: Sequence[Tail], positions) -> Tail | None:
     return fit[-1] if fit else None
 
 
+def out_channels(t: Target) -> int:
+    """Output channels of a Conv, ConvTranspose or Gemm target: the length of its bias."""
+    if t.op == "Conv":
+        return t.shape[0]
+    if t.op == "ConvTranspose":
+        return t.shape[1] * t.groups
+    return t.shape[0] if t.weight_layout == "rows" else t.shape[1]
+
+
 class Probe:
     """Divergence of the network's outputs from FP32 when some main-graph layers take other
     weights (in their original layout) and biases; the rest keep their float values. Biases
@@ -90,10 +99,17 @@ class Probe:
         inputs), so what it measures includes activation quantization; the reference is still
         the FP32 model. `tails`: how many tail sessions to keep for single-layer trials (0: none)."""
         self.targets = [t for t in targets if not t.graph]
-        biases = biases or {}
+        biases = dict(biases or {})
         self.bias_of = {t.node: t.bias for t in self.targets if t.bias and t.node in biases}
+        # a layer without a bias gets one from its plan (the corrected mean shift, sequential
+        # mode's fit): the probed model reads a zero bias it can be fed
+        added = {t.node: (f"{t.node}/probe_bias", out_channels(t)) for t in self.targets
+                 if not t.bias and t.op in ("Conv", "ConvTranspose", "Gemm")}
+        biases.update({n: np.zeros(c, np.float32) for n, (_, c) in added.items()})
+        self.bias_of.update({n: b for n, (b, _) in added.items()})
         params = [t.weight for t in self.targets] + list(self.bias_of.values())
-        probed = with_act_qdq(prepared, self.targets, dict(acts)) if acts else prepared
+        probed = with_zero_biases(prepared, added) if added else prepared
+        probed = with_act_qdq(probed, self.targets, dict(acts)) if acts else probed
         model = weights_as_inputs(probed, params)
         self.sess = session(model)
         self.names = [o.name for o in self.sess.get_outputs()]
