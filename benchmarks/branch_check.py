@@ -11,7 +11,7 @@ dropped).
 from __future__ import annotations
 
 import argparse
-import json
+import ast
 import tempfile
 import time
 from pathlib import Path
@@ -26,13 +26,14 @@ from onnxq.algos.metrics import divergence
 
 
 def config(text: str) -> dict:
-    """'k=v,k=v' -> keyword arguments of ConvertConfig (values read as JSON where they parse)."""
+    """'k=v,k=v' -> keyword arguments of ConvertConfig (values read as Python literals where they
+    parse: 0.02, False, None; else as strings: rtn)."""
     out = {}
     for part in filter(None, text.split(",")):
         k, _, v = part.partition("=")
         try:
-            out[k] = json.loads(v)
-        except json.JSONDecodeError:
+            out[k] = ast.literal_eval(v)
+        except (ValueError, SyntaxError):
             out[k] = v
     return out
 
