@@ -86,6 +86,14 @@ class Target:
         return int(np.prod(self.shape))
 
     @property
+    def out_channels(self) -> int:
+        """Output channels, the length of a bias: a ConvTranspose's weight [C, O/g, *k] holds a
+        group's; a Gemm/MatMul weight [O, K] ("rows") or [K, O] ("cols")."""
+        if self.op == "ConvTranspose":
+            return self.shape[1] * self.groups
+        return self.shape[1] if self.weight_layout == "cols" else self.shape[0]
+
+    @property
     def weight_terms(self) -> tuple:
         """Layers with equal terms read one weight and bias the same way (an unrolled loop's
         steps, a layer applied twice): their inputs' statistics pool and the weight is coded once."""

@@ -60,6 +60,14 @@ def add_initializer(g: onnx.GraphProto, name: str, value: np.ndarray) -> str:
     return name
 
 
+def set_bias(node: onnx.NodeProto, name: str) -> None:
+    """Makes `name` the third input (the bias) of a Conv, ConvTranspose or Gemm."""
+    if len(node.input) > 2:
+        node.input[2] = name
+    else:
+        node.input.append(name)
+
+
 def _constant(g: onnx.GraphProto, name: str, n: int) -> np.ndarray | None:
     """A constant bias as a vector of n values (None when it is not an initializer of that size)."""
     init = next((t for t in g.initializer if t.name == name), None)

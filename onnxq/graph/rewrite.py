@@ -21,7 +21,7 @@ from ..plan.biases import weight_only
 from ..types import ActQuant, CodedBiases, LayerPlan, Plan
 from .hardswish import integer_hard_swish
 from .pads import pads_on_codes
-from .kernels import DOMAIN, add_initializer, declare_domain, dedupe_weights, gather_blocks, matmul_nbits
+from .kernels import DOMAIN, add_initializer, declare_domain, dedupe_weights, gather_blocks, matmul_nbits, set_bias
 from .prepare import prune_initializers
 from .walk import graph_by_path
 
@@ -129,10 +129,7 @@ def _weight_nodes(g: onnx.GraphProto, lp: LayerPlan, coded: CodedBiases, rules: 
         new_bias = add_initializer(g, _bias_base(lp), lp.bias.astype(np.float32))
     else:
         return nodes
-    if len(node.input) > 2:
-        node.input[2] = new_bias
-    else:
-        node.input.append(new_bias)
+    set_bias(node, new_bias)
     return nodes
 
 

@@ -11,6 +11,7 @@ import onnx
 from onnx import helper
 
 from ..types import ActQuant
+from .kernels import add_initializer, set_bias
 from .prepare import drop_initializers
 from .rewrite import act_pairs, place
 from .walk import graph_by_path, node_reads
@@ -123,11 +124,7 @@ def with_zero_biases(model: onnx.ModelProto, biases: dict[str, tuple[str, int]])
     for node in m.graph.node:
         if node.name in biases:
             name, channels = biases[node.name]
-            m.graph.initializer.append(onnx.numpy_helper.from_array(np.zeros(channels, np.float32), name))
-            if len(node.input) < 3:
-                node.input.append(name)
-            else:
-                node.input[2] = name
+            set_bias(node, add_initializer(m.graph, name, np.zeros(channels, np.float32)))
     return m
 
 

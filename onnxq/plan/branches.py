@@ -15,7 +15,7 @@ from ..algos.weights import gptq, quantize_weight, row_errors, rtn
 from ..config import ConvertConfig
 from ..types import Branch, BranchSummary, LayerPlan, Plan, Target
 from .acts import act_quant
-from .layers import _weighted_sqnr
+from .layers import _weighted_sqnr, coded_matrix
 from .shared import weight_key
 
 MID_CLIP_SIGMAS = 4.0   # the middle activation's range, in its own standard deviations
@@ -162,7 +162,7 @@ def refine(lp: LayerPlan, wm: np.ndarray, h: np.ndarray, cfg: ConvertConfig, ite
     The branch's rank stays. -> the layer's (codes, scales, bias) before, or None if unchanged."""
     t, br = lp.target, lp.branch
     rank = br.rank
-    w_hat = to_matrix(lp.codes, t.weight_layout) * lp.scales[:, None]
+    w_hat = coded_matrix(lp)
     a, b = br.a, br.b
     best = (_objective(wm - w_hat - b @ a, h), None)
     for _ in range(iters):
@@ -203,9 +203,9 @@ class _Candidates:
             if why:
                 self.skipped[why] = self.skipped.get(why, 0) + 1
                 continue
-            t, h = lp.target, lp.fit_hessian[0]
+            h = lp.fit_hessian[0]
             wm = _fit_target(lp, weights)
-            w_hat = dequantize_rows(to_matrix(lp.codes, t.weight_layout), lp.scales)
+            w_hat = coded_matrix(lp)
             sp = spectrum(wm - w_hat, h, cfg.max_rank, cfg.branch_init)
             signal = _objective(wm, h) or 1.0
             self.layers.append(lp)
@@ -283,5 +283,5 @@ def _account_branch(lp: LayerPlan, w: np.ndarray) -> None:
     nothing to the mean, so the corrected bias stands)."""
     t, br = lp.target, lp.branch
     target = lp.fit_target if lp.fit_target is not None else to_matrix(w, t.weight_layout).astype(np.float64)
-    w_eff = dequantize_rows(to_matrix(lp.codes, t.weight_layout), lp.scales) + br.b @ br.a
+    w_eff = coded_matrix(lp) + br.b @ br.a
     lp.sqnr_branch_db = _weighted_sqnr(target, w_eff, lp.fit_hessian, 1)

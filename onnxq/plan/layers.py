@@ -157,11 +157,16 @@ def plan_table(t: Target, w: np.ndarray, cfg: ConvertConfig) -> LayerPlan:
     return plan
 
 
+def coded_matrix(lp: LayerPlan) -> np.ndarray:
+    """The matrix [O, K] the layer's codes and scales stand for (per channel or blocked)."""
+    return dequantize_rows(to_matrix(lp.codes, lp.target.weight_layout), lp.scales)
+
+
 def dequantized(lp: LayerPlan) -> tuple[np.ndarray, np.ndarray | None]:
     """(the weight the layer's codes and scales stand for, float32 in its original layout; its bias):
     what the network probes feed for a planned layer."""
     t = lp.target
-    w = from_matrix(dequantize_rows(to_matrix(lp.codes, t.weight_layout), lp.scales), t.weight_layout, t.shape)
+    w = from_matrix(coded_matrix(lp), t.weight_layout, t.shape)
     return w.astype(np.float32), lp.bias
 
 

@@ -76,15 +76,6 @@ def latest_tail(tails: Sequence[Tail], positions) -> Tail | None:
     return fit[-1] if fit else None
 
 
-def out_channels(t: Target) -> int:
-    """Output channels of a Conv, ConvTranspose or Gemm target: the length of its bias."""
-    if t.op == "Conv":
-        return t.shape[0]
-    if t.op == "ConvTranspose":
-        return t.shape[1] * t.groups
-    return t.shape[0] if t.weight_layout == "rows" else t.shape[1]
-
-
 class Probe:
     """Divergence of the network's outputs from FP32 when some main-graph layers take other
     weights (in their original layout) and biases; the rest keep their float values. Biases
@@ -103,7 +94,7 @@ class Probe:
         self.bias_of = {t.node: t.bias for t in self.targets if t.bias and t.node in biases}
         # a layer without a bias gets one from its plan (the corrected mean shift, sequential
         # mode's fit): the probed model reads a zero bias it can be fed
-        added = {t.node: (f"{t.node}/probe_bias", out_channels(t)) for t in self.targets
+        added = {t.node: (f"{t.node}/probe_bias", t.out_channels) for t in self.targets
                  if not t.bias and t.op in ("Conv", "ConvTranspose", "Gemm")}
         biases.update({n: np.zeros(c, np.float32) for n, (_, c) in added.items()})
         self.bias_of.update({n: b for n, (b, _) in added.items()})
