@@ -14,7 +14,8 @@ import numpy as np
 from typing import TYPE_CHECKING, Sequence
 
 from .algos.matrix import to_matrix
-from .algos.smoothing import ALPHAS, DEPTHWISE_ALPHAS, Smoothing, choose_smoothing, depthwise_proxy
+from .algos.smoothing import (ALPHAS, DEPTHWISE_ALPHAS, GAIN, POINTWISE_GAIN, Smoothing, choose_smoothing,
+                              depthwise_proxy)
 from .calib.channels import channel_stats
 from .calib.collect import collect, hessian_chunks
 from .calib.data import Preprocess, constant_inputs, open_source, random_feeds
@@ -26,7 +27,7 @@ from .graph.placement import plan_placement
 from .graph.forward import fold_affine_into_readers
 from .graph.prepare import drop_identities, fold_affine, fuse_hardswish, prepare, upgrade_opset
 from .graph.rewrite import apply_plan
-from .graph.smooth import apply_smoothing, channel_axis, smoothable
+from .graph.smooth import apply_smoothing, channel_axis, pointwise, smoothable
 from .graph.large import model_bytes, weights_folder
 from .graph.targets import WeightMap, find_targets, initializer_array
 from .graph.tidy import tidy
@@ -162,7 +163,7 @@ def data(c: Conversion, calib, holdout, preprocess: Preprocess | None) -> None:
 
 
 def smooth(c: Conversion, stats: Stats | None) -> None:
-    """Per-channel smoothing of the quantized Gemm/MatMul and depthwise-conv inputs where the
+    """Per-channel smoothing of the quantized Gemm/MatMul and pointwise/depthwise-conv inputs where the
     readers' quantized outputs come closer to float (algos/smoothing.py), judged on samples the
     channel maxima were not taken from; then the layers and placement are found again on the
     rewritten graph.
@@ -172,8 +173,8 @@ def smooth(c: Conversion, stats: Stats | None) -> None:
     bits = {t.node: c.cfg.bits_for(t.node, t.depthwise)[0] for t in c.targets}
     # depthwise convs in 8-bit conversions under the generic target only: at W4A8 and under
     # ort-cpu it gained on some models and lost on PP-OCR cls; under openvino it cost 3-8% of the
-    # latency the target is for (docs/results.md, round 8)
-    convs = c.cfg.bits >= 8 and c.cfg.rules.smooth_depthwise
+    # latency the target is for (docs/results.md, round 8). Pointwise convs likewise (round 24).
+    convs = c.cfg.bits >= 8 and c.cfg.rules.smooth_convs
     groups = {a: ts for a, ts in smoothable(c.prepared, c.targets, convs).items()
               if not any(float_input(c.cfg.rules, t, bits[t.node]) for t in ts)}
     if not groups:
@@ -185,7 +186,8 @@ def smooth(c: Conversion, stats: Stats | None) -> None:
                               {a: channel_axis(ts[0]) for a, ts in groups.items()})
         chosen = {a: choose_smoothing(*found[a], [_proxy_weight(c.prepared, t) for t in ts],
                                       [bits[t.node] for t in ts], c.cfg.act_bits, c.cfg.rules.act_signed,
-                                      DEPTHWISE_ALPHAS if ts[0].depthwise else ALPHAS)
+                                      DEPTHWISE_ALPHAS if all(t.depthwise for t in ts) else ALPHAS,
+                                      POINTWISE_GAIN if any(pointwise(t) for t in ts) else GAIN)
                   for a, ts in groups.items() if a in found}
     c.smoothed = {a: ch for a, ch in chosen.items() if ch.alpha is not None}
     for act, ch in chosen.items():
@@ -198,7 +200,7 @@ def smooth(c: Conversion, stats: Stats | None) -> None:
         c.placement = plan_placement(c.prepared, c.targets, c.cfg.rules, c.cfg.quantize_acts,
                                      c.cfg.quantize_attention)
         log.info(f"smoothing: {sum(s.alpha is not None for s in c.smoothing)} of {len(c.smoothing)} "
-                 f"Gemm/MatMul and depthwise-conv inputs smoothed")
+                 f"Gemm/MatMul and conv inputs smoothed")
 
 
 def _proxy_weight(model, t) -> np.ndarray:

@@ -159,7 +159,7 @@ def _smoothing(r: dict) -> str:
         return ""
     rows = [[escape(m["tensor"]), escape(", ".join(m["readers"])), _fmt(m["alpha"], ".2f") if m["alpha"] is not None
              else "none", _fmt(m["error_before"], ".3g"), _fmt(m["error_after"], ".3g")] for m in items]
-    return ("<h2>Smoothing</h2><p>Gemm/MatMul and depthwise-conv inputs divided per channel (the weights multiplied back) where "
+    return ("<h2>Smoothing</h2><p>Gemm/MatMul and conv inputs divided per channel (the weights multiplied back) where "
             "that lowered the layers' quantized output error on rows not fitted on.</p>"
             + _table(["input", "read by", "alpha", "error without", "error with"], rows))
 

@@ -515,7 +515,7 @@ class Inspection:
 
 @dataclass
 class SmoothReport:
-    """Per-channel smoothing of one Gemm/MatMul or depthwise-conv input (algos/smoothing.py): alpha None = left as
+    """Per-channel smoothing of one Gemm/MatMul or conv input (algos/smoothing.py): alpha None = left as
     it is; the readers' relative output error with both sides quantized, without and with it."""
 
     tensor: str

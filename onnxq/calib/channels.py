@@ -1,11 +1,14 @@
 """A short float pass for the smoothing choice: per input tensor of a Gemm/MatMul (channels on the
-last axis) or of a depthwise conv (channels on axis 1), the maximum |x| of every channel over the
-first half of the samples (and over how many rows), and rows sampled from the second half, on
-which the choice is judged."""
+last axis) or of a pointwise or depthwise conv (channels on axis 1), the maximum |x| of every
+channel over the first half of the samples (and over how many rows), and rows sampled from the
+second half, on which the choice is judged. Each tensor draws its rows from its own seeded
+stream, so the rows one tensor is judged on do not depend on which other tensors are asked for."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Callable, Mapping, Sequence
+
+import zlib
 
 import numpy as np
 
@@ -23,7 +26,7 @@ def channel_stats(model: "onnx.ModelProto", acts: Sequence[str], loaders: Sequen
     tensors whose channel axis (`axes`, default the last) is the same on every sample and whose
     values are finite (others are left out); none with one sample."""
     router = Router(model, acts)
-    rng = np.random.default_rng(seed)
+    rngs = {a: np.random.default_rng([seed, zlib.crc32(a.encode())]) for a in acts}
     fit = max(1, len(loaders) // 2)
     per = max(1, rows // max(1, len(loaders) - fit))
     amax: dict[str, np.ndarray] = {}
@@ -49,7 +52,7 @@ def channel_stats(model: "onnx.ModelProto", acts: Sequence[str], loaders: Sequen
                 amax[a] = m if a not in amax else np.maximum(amax[a], m)
                 fitted[a] += flat.shape[0]
             else:
-                pick = np.sort(rng.choice(flat.shape[0], size=min(per, flat.shape[0]), replace=False))
+                pick = np.sort(rngs[a].choice(flat.shape[0], size=min(per, flat.shape[0]), replace=False))
                 taken[a].append(flat[pick])
     return {a: (amax[a], fitted[a], np.concatenate(taken[a])) for a in acts
             if a not in bad and a in amax and taken[a]}

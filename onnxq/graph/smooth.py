@@ -1,6 +1,7 @@
-"""The graph side of smoothing (algos/smoothing.py): which Gemm/MatMul and depthwise-conv inputs
-can be smoothed, and the exact rewrite: the layers' weight columns (a depthwise conv: its filters
-of channel c) times s, and x divided by s, inside the ops that make x where that is exact and
+"""The graph side of smoothing (algos/smoothing.py): which Gemm/MatMul, pointwise-conv and
+depthwise-conv inputs can be smoothed, and the exact rewrite: the layers' weight columns (a
+pointwise conv: its input channels; a depthwise conv: its filters of channel c) times s, and x
+divided by s, inside the ops that make x where that is exact and
 nothing else reads x, else by a Mul(x, 1/s) that only those layers read (other readers of x, a
 residual Add, still read x)."""
 
@@ -27,8 +28,9 @@ def channel_axis(t: Target) -> int:
 def smoothable(model: onnx.ModelProto, targets: list[Target], convs: bool = True) -> dict[str, list[Target]]:
     """{input tensor: its readers} for main-graph layers whose weight no other node reads: Gemm
     and MatMul with the weight on the right (the input's last axis is what the weight reads),
-    and with `convs` depthwise convs (channel c of the input meets only channel c's filters).
-    An input read by both kinds is left out."""
+    and with `convs` pointwise convs (1x1, ungrouped: a Gemm over each pixel's channels) and
+    depthwise convs (channel c of the input meets only channel c's filters). An input read by
+    both a Gemm/MatMul and a conv is left out."""
     g = model.graph
     reads = _read_counts(g)
     outputs = {o.name for o in g.output}
@@ -36,9 +38,14 @@ def smoothable(model: onnx.ModelProto, targets: list[Target], convs: bool = True
     for t in targets:
         if (not t.graph and t.act and reads[t.weight] == 1 and t.weight not in outputs
                 and ((len(t.shape) == 2 and (t.op == "Gemm" or (t.op == "MatMul" and t.weight_layout == "cols")))
-                     or (convs and t.depthwise))):
+                     or (convs and (t.depthwise or pointwise(t))))):
             groups[t.act].append(t)
     return {a: ts for a, ts in groups.items() if len({channel_axis(t) for t in ts}) == 1}
+
+
+def pointwise(t: Target) -> bool:
+    """An ungrouped 1x1 conv: each output pixel is W [O, C] times that pixel's channels."""
+    return t.op == "Conv" and t.groups == 1 and all(k == 1 for k in t.shape[2:])
 
 
 def _read_counts(g: onnx.GraphProto) -> dict[str, int]:
@@ -59,8 +66,8 @@ def _unique(g: onnx.GraphProto, base: str) -> str:
 
 
 def apply_smoothing(model: onnx.ModelProto, act: str, readers: list[Target], scales: np.ndarray) -> str:
-    """Divide `act` by `scales` [K] for its `readers`, whose weights' input columns (a depthwise
-    conv: its filters of channel c) are multiplied by them; exact in float. Folded into the ops
+    """Divide `act` by `scales` [K] for its `readers`, whose weights' input columns (a pointwise
+    conv: its input channels; a depthwise conv: its filters of channel c) are multiplied by them; exact in float. Folded into the ops
     that make `act` where that is exact and only the readers read it (_fold_plan), else a
     Mul(act, 1/scales) before the first reader, which the readers read instead. -> the tensor
     the readers read."""
@@ -103,8 +110,10 @@ def _scale_readers(g: onnx.GraphProto, readers: list[Target], scales: np.ndarray
             continue
         node.input[0] = source
         w = tensor_array(inits[t.weight]).astype(np.float64)
-        if channel_axis(t) == 1:     # depthwise: output channel o filters input channel o // multiplier
+        if t.depthwise:     # output channel o filters input channel o // multiplier
             _replace_init(g, t.weight, _times_rows(w, np.repeat(scales, t.shape[0] // len(scales))))
+        elif t.op == "Conv":
+            _replace_init(g, t.weight, w * scales.reshape((1, -1) + (1,) * (w.ndim - 2)))
         else:
             m = to_matrix(w, t.weight_layout)
             _replace_init(g, t.weight, from_matrix(m * scales[None, :], t.weight_layout, t.shape))

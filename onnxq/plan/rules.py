@@ -4,7 +4,7 @@ runtime wants, and the session options it runs the result with.
 generic   Q/DQ on the inputs of quantized layers only, read only by those layers; INT4 weights in
           INT4 containers, ungrouped convs' with one float16 scale per --block input channels at
           each kernel tap; blocked weights as UINT4 codes with a zero point per block (--zero-points);
-          at 8 bits depthwise-conv inputs may be smoothed per channel. The smallest file; runtimes
+          at 8 bits pointwise- and depthwise-conv inputs may be smoothed per channel. The smallest file; runtimes
           that fuse input-side Q/DQ (TensorRT-style, OpenVINO for 8-bit layers) run it fast. On
           onnxruntime's CPU provider it runs at FP32 speed with `session.disable_quant_qdq`
           (weights folded at load). At 8-bit
@@ -116,7 +116,7 @@ class Rules:
     unit_ops: frozenset = UNIT_OPS       # layers whose output gets a Q (with output_units)
     fused_ops: frozenset = FUSED_OPS     # other ops quantized on both sides when their inputs are (output_units)
     float_decisions: bool = False        # no output-side Q ahead of an output's Sigmoid/Softmax (output_units)
-    smooth_depthwise: bool = False       # depthwise-conv inputs may be smoothed (8-bit conversions)
+    smooth_convs: bool = False           # pointwise- and depthwise-conv inputs may be smoothed (8-bit conversions)
     wide_acts: bool = False              # the most harmful 8-bit activations may be int16 (--protect-acts)
     wide_macs: float | None = None       # ... as long as the layers that then lose their integer kernels
                                          # (reading or making an int16 tensor) hold at most this share
@@ -132,7 +132,7 @@ class Rules:
 
 RULES: dict[str, Rules] = {
     "generic": Rules("generic", output_units=False, all_readers=False, int4_conv=True, int4_matmul=True,
-                     blocked_weights=True, blocked_convs=True, zero_points=True, smooth_depthwise=True, wide_acts=True,
+                     blocked_weights=True, blocked_convs=True, zero_points=True, smooth_convs=True, wide_acts=True,
                      u8_weights=True, session_options={"session.disable_quant_qdq": "1"},
                      summary="Q/DQ on quantized layers' inputs; INT4 containers"),
     "ort-cpu": Rules("ort-cpu", output_units=True, all_readers=True, int4_conv=False, int4_matmul=False,
