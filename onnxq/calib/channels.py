@@ -6,9 +6,8 @@ stream, so the rows one tensor is judged on do not depend on which other tensors
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Mapping, Sequence
-
 import zlib
+from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 import numpy as np
 
