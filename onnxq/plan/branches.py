@@ -4,7 +4,6 @@ factors, and the bias correction redone for the effective weight Q(W) + B·A."""
 
 from __future__ import annotations
 
-from collections import Counter
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -15,8 +14,8 @@ from ..algos.weights import gptq, quantize_weight, row_errors, rtn
 from ..config import ConvertConfig
 from ..types import Branch, BranchSummary, LayerPlan, Plan, Target
 from .acts import act_quant
-from .layers import _weighted_sqnr, coded_matrix
-from .shared import weight_key
+from .layers import coded_matrix, weighted_sqnr
+from .shared import shared_keys, weight_key
 
 MID_CLIP_SIGMAS = 4.0   # the middle activation's range, in its own standard deviations
 GAMMAS = (0.0, 0.5, 1.0)  # powers of the measured sensitivity tried in the rank allocation
@@ -193,10 +192,10 @@ class _Candidates:
                  judged: bool = False):
         self.layers, self.spectra, self.gains, self.costs, self.hs, self.errors = [], [], [], [], [], []
         self.skipped: dict[str, int] = {}
-        readers = Counter(weight_key(lp) for lp in layers)
+        shared = shared_keys(layers)
         for lp in layers:
             why = eligible(lp)
-            if not why and readers[weight_key(lp)] > 1:     # coded once for all readers (plan/shared.py)
+            if not why and weight_key(lp) in shared:     # coded once for all readers (plan/shared.py)
                 why = "weight read by several layers"
             if not why and lp.block and (lp.target.graph or not judged):
                 why = "blocked scales and no network check of the branch"
@@ -232,10 +231,11 @@ def plan_branches(layers: list[LayerPlan], weights: Mapping[str, np.ndarray],
     budget = int(np.floor(cfg.rank_budget * total_params))
     # a branch on blocked codes only where the network check judges it: unjudged, on the VAD's
     # subgraph convs at 5%, they read 0.974 of 32 s of decisions, per-channel ones 0.978, none 0.979
-    c = _Candidates(layers, weights, cfg, judged=probe is not None and cfg.branch_weighting == "network")
+    judged = probe is not None and cfg.branch_weighting == "network"
+    c = _Candidates(layers, weights, cfg, judged)
     cand = c.layers
     reachable = any(not lp.target.graph for lp in cand)   # the probe runs the main graph's layers
-    network = probe is not None and cfg.branch_weighting == "network" and budget > 0 and reachable
+    network = judged and budget > 0 and reachable
     ranks = allocate_ranks(c.gains, c.costs, budget) if budget > 0 else [0] * len(cand)
     choice: dict = {}
     if network:
@@ -284,4 +284,4 @@ def _account_branch(lp: LayerPlan, w: np.ndarray) -> None:
     t, br = lp.target, lp.branch
     target = lp.fit_target if lp.fit_target is not None else to_matrix(w, t.weight_layout).astype(np.float64)
     w_eff = coded_matrix(lp) + br.b @ br.a
-    lp.sqnr_branch_db = _weighted_sqnr(target, w_eff, lp.fit_hessian, 1)
+    lp.sqnr_branch_db = weighted_sqnr(target, w_eff, lp.fit_hessian, 1)

@@ -22,7 +22,7 @@ from .acts import plan_acts
 COMPENSATION_RIDGE = 1e-4
 
 
-def _weighted_sqnr(wm, w_hat, h, groups) -> float:
+def weighted_sqnr(wm, w_hat, h, groups) -> float:
     noise = weighted_error(wm, w_hat, h, groups)
     signal = weighted_error(wm, np.zeros_like(wm), h, groups)
     if noise <= 0:
@@ -194,7 +194,7 @@ def plan_layer(t: Target, w: np.ndarray, bias: np.ndarray | None, ls: LayerStats
         plan.input_mean = ls.mean
     if h is not None:
         plan.fit_hessian = h
-        plan.sqnr_db = _weighted_sqnr(wm, w_hat, h, groups)
+        plan.sqnr_db = weighted_sqnr(wm, w_hat, h, groups)
         plan.sqnr_rtn_db = _rtn_sqnr(wm, bits, h, groups, block, taps, affine)
     else:
         plan.sqnr_db = sqnr_db(wm, w_hat)
@@ -229,7 +229,7 @@ def recoded_bias(t: Target, wm: np.ndarray, coded: LayerPlan, bias: np.ndarray |
 def _rtn_sqnr(wm: np.ndarray, bits: int, h: np.ndarray, groups: int, block: int, taps: int, affine: bool) -> float:
     """What plain rounding on the same grid would read (the report's baseline for the layer)."""
     r = quantize_weight("rtn", wm, bits, None, groups, block=block, taps=taps, affine=affine)
-    return _weighted_sqnr(wm, dequantize_rows(r.codes, r.scales), h, groups)
+    return weighted_sqnr(wm, dequantize_rows(r.codes, r.scales), h, groups)
 
 
 def _code(t: Target, wm: np.ndarray, bits: int, h: np.ndarray | None, cfg: ConvertConfig, method: str):
@@ -282,7 +282,7 @@ def plan_compensated(t: Target, w: np.ndarray, bias: np.ndarray | None, ps: Pair
     plan = LayerPlan(target=t, bits=bits, bias=None, note=note, source_bias=bias,
                      **_coded_fields(t, wq, block, taps))
     plan.method += f"+compensated ({share:.0%})"
-    plan.sqnr_db = _weighted_sqnr(v, w_hat, hq, t.row_groups)
+    plan.sqnr_db = weighted_sqnr(v, w_hat, hq, t.row_groups)
     plan.sqnr_rtn_db = _rtn_sqnr(v, bits, hq, t.row_groups, block, taps, affine)
     plan.fit_target, plan.fit_hessian, plan.input_mean = v, hq, ps.quant.mean
     if centred:

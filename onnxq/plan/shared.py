@@ -11,6 +11,7 @@ compensation, another layout) keep their own codes, and the report says why."""
 from __future__ import annotations
 
 import dataclasses
+from collections import Counter
 from typing import Mapping
 
 import numpy as np
@@ -20,7 +21,7 @@ from ..algos.metrics import sqnr_db
 from ..algos.weights import weighted_error
 from ..config import ConvertConfig
 from ..types import LayerPlan, LayerStats, Target
-from .layers import _weighted_sqnr, recoded, recoded_bias
+from .layers import recoded, recoded_bias, weighted_sqnr
 
 SHAREABLE_OPS = ("Conv", "Gemm", "MatMul", "Gather")
 
@@ -29,6 +30,11 @@ def weight_key(lp: LayerPlan) -> tuple:
     """Which stored weight a layer reads: layers with equal keys read one tensor."""
     t = lp.target
     return (t.graph, t.weight)
+
+
+def shared_keys(layers: list[LayerPlan]) -> set[tuple]:
+    """The weight_keys that several of `layers` read (their weight is coded once for all)."""
+    return {k for k, n in Counter(weight_key(lp) for lp in layers).items() if n > 1}
 
 
 def pool_stats(targets: list[Target], layers: dict[str, LayerStats]) -> int:
@@ -131,6 +137,6 @@ def _adopt(lp: LayerPlan, best: LayerPlan, wm: np.ndarray | None, ls: LayerStats
     out = dataclasses.replace(lp, codes=best.codes, scales=best.scales, zero_points=best.zero_points,
                               method=best.method)
     w_hat, out.bias = recoded_bias(t, wm, best, lp.source_bias, ls, cfg)
-    out.sqnr_db = (_weighted_sqnr(wm, w_hat, lp.fit_hessian, t.row_groups) if lp.fit_hessian is not None
+    out.sqnr_db = (weighted_sqnr(wm, w_hat, lp.fit_hessian, t.row_groups) if lp.fit_hessian is not None
                    else sqnr_db(wm, w_hat))
     return out

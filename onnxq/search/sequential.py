@@ -17,7 +17,6 @@ compensating the same error twice would overshoot."""
 from __future__ import annotations
 
 import dataclasses
-from collections import Counter
 from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 import numpy as np
@@ -28,7 +27,7 @@ from ..graph.rewrite import apply_plan
 from ..graph.targets import target_ancestors
 from ..plan.biases import code_biases, weight_only
 from ..plan.layers import plan_compensated
-from ..plan.shared import weight_key
+from ..plan.shared import shared_keys, weight_key
 from ..types import Feed, LayerPlan, Plan, Progress, Target
 
 if TYPE_CHECKING:
@@ -76,7 +75,7 @@ def sequential_layers(prepared: "onnx.ModelProto", plan: Plan, loaders: Sequence
     layers = plan.layers
     targets = [lp.target for lp in layers]
     ancestors = target_ancestors(prepared, targets)
-    readers = Counter(weight_key(lp) for lp in layers)
+    shared = shared_keys(layers)
     out = {lp.target.node: lp for lp in layers}
     groups = stages(targets, ancestors, cfg.stages or len(targets))
     done: list[LayerPlan] = []
@@ -86,7 +85,7 @@ def sequential_layers(prepared: "onnx.ModelProto", plan: Plan, loaders: Sequence
     for s, chunk in enumerate(groups):
         names = {t.node for t in chunk}
         first = [t for t in chunk if t.node in ancestors and not (ancestors[t.node] & names)
-                 and out[t.node].codes is not None and t.op != "Gather" and readers[weight_key(out[t.node])] == 1]
+                 and out[t.node].codes is not None and t.op != "Gather" and weight_key(out[t.node]) not in shared]
         if first:                   # else nothing this stage can fit: no partial model to build
             _fit_stage(prepared, plan, done, first, out, samples, frontiers, weights, biases, cfg, cfg.seed + s)
         done.extend(out[t.node] for t in chunk)
