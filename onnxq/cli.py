@@ -346,8 +346,8 @@ def _preprocess_options(f):
 @click.option("--protect", type=click.FloatRange(0, 1), default=0.18, show_default=True,
               help="At 4 bits and below: how much larger (fraction) the weights may be than uniform low bits "
                    "(one scale per output channel). The blocked scales and zero points of --block (convs, "
-                   "Gemm/MatMul) come first; what is left keeps the layers that harm the network most at 8 "
-                   "bits, only if that helps on samples it was not chosen on.")
+                   "Gemm/MatMul) come first; what is left keeps the layers (and embedding tables) that harm the "
+                   "network most at 8 bits, only if that helps on samples it was not chosen on.")
 @click.option("--no-protect", is_flag=True, help="Uniform low-bit weights (same as --protect 0).")
 @click.option("--protect-acts", type=click.FloatRange(0, 1), default=0.25, show_default=True,
               help="8-bit activations (generic and ort-cpu targets): the share of them that may be kept at 16 "

@@ -76,3 +76,37 @@ def test_ort_cpu_tables_and_4_bit_matmuls_use_onnxruntimes_kernels_with_the_same
     ref = ort.InferenceSession(m.SerializeToString()).run(None, f)[0]
     got = ort.InferenceSession(q.SerializeToString()).run(None, f)[0]
     assert 10 * np.log10(np.sum(ref ** 2) / np.sum((ref - got) ** 2)) > (30.0 if bits == 8 else 15.0)
+
+
+def positional_encoder(rng):
+    """Word and position embeddings summed, then two MatMuls: every sample reads every row of the
+    small position table, whose rows each hold one large value (a 4-bit block's grid is spent on it)."""
+    words = (rng.standard_normal((2000, 64)) * 0.5).astype(np.float32)
+    pos = (rng.standard_normal((7, 64)) * 0.5).astype(np.float32)
+    pos[np.arange(7), rng.integers(0, 32, 7)] = 12.0
+    nodes = [helper.make_node("Gather", ["words", "ids"], ["w"], name="word_embed"),
+             helper.make_node("Gather", ["pos", "positions"], ["p"], name="pos_embed"),
+             helper.make_node("Add", ["w", "p"], ["e"], name="sum"),
+             helper.make_node("MatMul", ["e", "w1"], ["h"], name="fc1"),
+             helper.make_node("Relu", ["h"], ["r"], name="relu"),
+             helper.make_node("MatMul", ["r", "w2"], ["y"], name="fc2")]
+    return make_model(nodes, [vi("ids", ["N", 7], TensorProto.INT64)], [vi("y", ["N", 7, 8])],
+                      {"words": words, "pos": pos, "positions": np.arange(7, dtype=np.int64),
+                       "w1": (rng.standard_normal((64, 64)) * 0.2).astype(np.float32),
+                       "w2": (rng.standard_normal((64, 8)) * 0.2).astype(np.float32)})
+
+
+def test_protection_weighs_tables_like_layers_and_keeps_a_harmful_small_one_at_8_bits():
+    rng = np.random.default_rng(3)
+    m = positional_encoder(rng)
+    feeds = [{"ids": rng.integers(0, 2000, (2, 7))} for _ in range(24)]
+    q, rep = onnxq.convert(m, onnxq.ConvertConfig(bits=4), calib=feeds)
+    p = rep.protect
+    assert {"word_embed", "pos_embed"} <= set(p.harm)          # tables measured with the layers
+    assert "pos_embed" in p.protected and "word_embed" not in p.protected    # the big one does not fit the budget
+    by_node = {l.node: l for l in rep.quantized}
+    assert by_node["pos_embed"].bits == 8 and by_node["pos_embed"].note.startswith("protected")
+    assert by_node["word_embed"].bits == 4 and p.used_bytes <= p.budget_bytes
+    assert p.check_after < p.check_before
+    _, plain = onnxq.convert(m, onnxq.ConvertConfig(bits=4, protect=0), calib=feeds)
+    assert rep.fidelity.sqnr_db > plain.fidelity.sqnr_db + 3

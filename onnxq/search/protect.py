@@ -7,6 +7,9 @@ layer: that layer at its low-bit weights, the others float); the layers with the
 extra byte move to 8 bits until the budget (a fraction of the uniform low-bit weight bytes) is
 spent. The protected set is kept only if the whole network, every layer at its chosen bits,
 is closer to FP32 than uniform low bits on calibration samples the harm was not measured on.
+Embedding tables are weighed like layers: a small table every token reads (a transformer's
+position embeddings) can cost the network more per byte than any MatMul, and a large vocabulary
+rarely fits the budget (MiniLM-L6: docs/results.md, round 25).
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ def budget_bytes(layers: Sequence[LayerPlan], cfg: ConvertConfig) -> float:
 
 def _low_bit(lp: LayerPlan, cfg: ConvertConfig) -> bool:
     t = lp.target
-    return (not t.graph and t.op != "Gather" and lp.bits == cfg.bits and lp.bits < PROTECT_BITS
+    return (not t.graph and lp.bits == cfg.bits and lp.bits < PROTECT_BITS
             and lp.codes is not None and not lp.note)         # a note: the user's override or a rule
 
 
