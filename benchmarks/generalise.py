@@ -111,6 +111,16 @@ def score(kind: str, outs, ref, charset=None) -> float:
     return float(tg.fidelity(fkind, outs, ref, None, ref_dets)[FIDELITY_KEY[kind]])
 
 
+def judge(sess, feeds, ref, kind: str, charset=None) -> tuple[float, float]:
+    """(the model's own answer against FP32's, SQNR of all outputs in dB) of a session on feeds."""
+    outs = [sess.run(None, f) for f in feeds]
+    return score(kind, outs, ref, charset), float(tg.metrics.sqnr_db(tg.flat(ref), tg.flat(outs)))
+
+
+def model_path(spec: dict) -> Path:
+    return Path(spec["path"]) if "path" in spec else tg.package_file(spec["pkg"], spec["file"])
+
+
 def run_variant(name: str, path: Path, cal, ev, ref, kind: str, charset, tmp: Path) -> dict:
     t0 = time.perf_counter()
     dst = tmp / f"{name}.onnx"
@@ -125,10 +135,8 @@ def run_variant(name: str, path: Path, cal, ev, ref, kind: str, charset, tmp: Pa
         q, rep = onnxq.convert(str(path), onnxq.ConvertConfig(**CONFIGS[name]), calib=cal)
         onnxq.save(q, dst)
     conv_s = time.perf_counter() - t0
-    sess = runtime.session(str(dst))
-    outs = [sess.run(None, f) for f in ev]
-    r = {"fidelity": score(kind, outs, ref, charset), "sqnr_db": float(tg.metrics.sqnr_db(tg.flat(ref), tg.flat(outs))),
-         "conv_s": conv_s, "size_mb": dst.stat().st_size / 1e6}
+    fidelity, db = judge(runtime.session(str(dst)), ev, ref, kind, charset)
+    r = {"fidelity": fidelity, "sqnr_db": db, "conv_s": conv_s, "size_mb": dst.stat().st_size / 1e6}
     if rep is not None:
         r["bits"] = {str(b): sum(1 for l in rep.quantized if int(l.bits) == b) for b in (2, 3, 4, 8)}
         r["act_method"] = rep.config.get("act_method")
@@ -141,7 +149,7 @@ def run_variant(name: str, path: Path, cal, ev, ref, kind: str, charset, tmp: Pa
 def run_model(key: str, configs: list[str], datasets: list[str], seeds: list[int], quick: bool,
               cache: Path) -> dict:
     spec = MODELS[key]
-    path = Path(spec["path"]) if "path" in spec else tg.package_file(spec["pkg"], spec["file"])
+    path = model_path(spec)
     n_cal, n_ev = (16, 24) if quick else spec["counts"]
     charset = ocr_data.load_charset(path) if spec["kind"] == "rec" else None
     fp32 = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -176,13 +184,25 @@ def table(results: dict, configs: list[str], datasets: list[str]) -> str:
     return "\n".join(lines)
 
 
+def _top_level_parts(body: str) -> list[str]:
+    """body split at the commas outside brackets."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(body):
+        depth += {"[": 1, "]": -1}.get(ch, 0)
+        if ch == "," and depth == 0:
+            parts.append(body[start:i])
+            start = i + 1
+    return parts + [body[start:]]
+
+
 def parse_config(text: str) -> str:
-    """'name=k:v,k:v' adds a configuration; a plain name must exist."""
+    """'name=k:v,k:v' adds a configuration (a value may be a JSON list, commas and all); a plain
+    name must exist."""
     if "=" not in text:
         return text
     name, _, body = text.partition("=")
     kw = {}
-    for part in filter(None, body.split(",")):
+    for part in filter(None, _top_level_parts(body)):
         k, _, v = part.partition(":")
         kw[k] = json.loads(v) if v[:1] in "-0123456789[tfn" else v
     CONFIGS[name] = kw

@@ -5,10 +5,11 @@ held-out pool generalise.py judges on ("held out": other photos, other texts). A
 shows on the first two columns and not on the third fits the calibration content, not the model.
 
     python benchmarks/heldout_gap.py --model effl1 --sets a b --configs gptq mse rtn
-    python benchmarks/heldout_gap.py --model M --configs w4a8 'w4a8+p8=/positions/*|/types/*'
+    python benchmarks/heldout_gap.py --model M --configs w4a8 \
+        'w4a8-tables8=bits:4,act_bits:8,bits_overrides:[["/positions/*",8],["/types/*",8]]'
 
-A configuration is a name from CONFIGS, optionally followed by `+key=value` parts (numbers are
-read as numbers; `p8=pattern|pattern` keeps those nodes at 8 bits).
+A configuration is a name from CONFIGS (or generalise.py's), or a one-off `name=k:v,k:v` as
+generalise.py reads it (generalise.parse_config).
 """
 
 from __future__ import annotations
@@ -36,30 +37,14 @@ CONFIGS = {
     "mse": dict(bits=4, act_bits=32, weight_method="mse", **ONE_PASS),
     "gptq": dict(bits=4, act_bits=32, weight_method="gptq", **ONE_PASS),
     "w4": dict(bits=4, act_bits=32),
-    "w4a8": dict(bits=4, act_bits=8),
     "w8": dict(bits=8, act_bits=32),
-    "w8a8": dict(bits=8, act_bits=8),
 }
 SAME_POOL_SEED = 7
 
 
-def config(text: str) -> dict:
-    base, *parts = text.split("+")
-    kw = dict(CONFIGS[base])
-    for part in parts:
-        key, _, value = part.partition("=")
-        if key == "p8":
-            kw["bits_overrides"] = tuple((p, 8) for p in value.split("|"))
-        elif value in ("true", "false"):
-            kw[key] = value == "true"
-        else:
-            kw[key] = float(value) if "." in value else int(value) if value.lstrip("-").isdigit() else value
-    return kw
-
-
 def measure(key: str, dataset: str, seed: int, configs: list[str], cache: Path) -> None:
     spec = g.MODELS[key]
-    path = Path(spec["path"]) if "path" in spec else g.tg.package_file(spec["pkg"], spec["file"])
+    path = g.model_path(spec)
     n_cal, n_ev = spec["counts"]
     pools = {"fit": g.feeds(key, spec, path, dataset, seed, n_cal, "calib", cache),
              "same pool": g.feeds(key, spec, path, dataset, SAME_POOL_SEED, n_cal, "calib", cache),
@@ -69,15 +54,14 @@ def measure(key: str, dataset: str, seed: int, configs: list[str], cache: Path) 
     charset = g.ocr_data.load_charset(path) if spec["kind"] == "rec" else None
     for name in configs:
         t0 = time.perf_counter()
-        q, _ = onnxq.convert(str(path), onnxq.ConvertConfig(**config(name)), calib=pools["fit"])
+        q, _ = onnxq.convert(str(path), onnxq.ConvertConfig(**g.CONFIGS[name]), calib=pools["fit"])
         cells = []
         with tempfile.TemporaryDirectory(prefix="gap.") as d:
             onnxq.save(q, Path(d) / "q.onnx")
             sess = runtime.session(str(Path(d) / "q.onnx"))
             for k, feeds in pools.items():
-                outs = [sess.run(None, f) for f in feeds]
-                db = g.tg.metrics.sqnr_db(g.tg.flat(refs[k]), g.tg.flat(outs))
-                cells.append(f"{k} {g.score(spec['kind'], outs, refs[k], charset):.3f} {db:5.1f} dB")
+                fidelity, db = g.judge(sess, feeds, refs[k], spec["kind"], charset)
+                cells.append(f"{k} {fidelity:.3f} {db:5.1f} dB")
         print(f"{key} {dataset}{seed} {name:>14}: " + " | ".join(cells)
               + f"  ({time.perf_counter() - t0:.0f} s)", flush=True)
 
@@ -91,8 +75,10 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--cache", default="/tmp/onnxq-bench-cache")
     a = ap.parse_args()
+    g.CONFIGS.update(CONFIGS)
+    configs = [g.parse_config(c) for c in a.configs]
     for ds in a.sets:
-        measure(a.model, ds, a.seed, a.configs, Path(a.cache))
+        measure(a.model, ds, a.seed, configs, Path(a.cache))
 
 
 if __name__ == "__main__":

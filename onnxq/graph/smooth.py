@@ -67,10 +67,10 @@ def _unique(g: onnx.GraphProto, base: str) -> str:
 
 def apply_smoothing(model: onnx.ModelProto, act: str, readers: list[Target], scales: np.ndarray) -> str:
     """Divide `act` by `scales` [K] for its `readers`, whose weights' input columns (a pointwise
-    conv: its input channels; a depthwise conv: its filters of channel c) are multiplied by them; exact in float. Folded into the ops
-    that make `act` where that is exact and only the readers read it (_fold_plan), else a
-    Mul(act, 1/scales) before the first reader, which the readers read instead. -> the tensor
-    the readers read."""
+    conv: its input channels; a depthwise conv: its filters of channel c) are multiplied by them;
+    exact in float. Folded into the ops that make `act` where that is exact and only the readers
+    read it (_fold_plan), else a Mul(act, 1/scales) before the first reader, which the readers
+    read instead. -> the tensor the readers read."""
     g = model.graph
     edits = _fold_plan(g, act, readers, scales)
     if edits is not None:
@@ -112,9 +112,7 @@ def _scale_readers(g: onnx.GraphProto, readers: list[Target], scales: np.ndarray
         w = tensor_array(inits[t.weight]).astype(np.float64)
         if t.depthwise:     # output channel o filters input channel o // multiplier
             _replace_init(g, t.weight, _times_rows(w, np.repeat(scales, t.shape[0] // len(scales))))
-        elif t.op == "Conv":
-            _replace_init(g, t.weight, w * scales.reshape((1, -1) + (1,) * (w.ndim - 2)))
-        else:
+        else:               # Gemm/MatMul columns, or a pointwise conv's [O, C] matrix
             m = to_matrix(w, t.weight_layout)
             _replace_init(g, t.weight, from_matrix(m * scales[None, :], t.weight_layout, t.shape))
 
