@@ -38,7 +38,7 @@ from .plan.layers import make_plan, plan_layer, plan_once
 from .plan.rules import DEFAULT_TARGET, float_input
 from .plan.shared import pool_stats, share_weights
 from .report import build_report, clipped_share
-from .runtime import give_back_memory, session
+from .runtime import give_back_memory, run_as, session
 from .search.choose import best_method, choose_ranges
 from .search.lapq import lapq_search
 from .search.mixed import choose_bits
@@ -94,7 +94,7 @@ def convert(model: "str | os.PathLike | onnx.ModelProto", config: ConvertConfig 
         smooth(c, stats)
     with c.timed("calibrate"):
         calibrate(c, stats, save_stats, progress)
-    with c.timed("quantize"):
+    with c.timed("quantize"), run_as(c.cfg.rules.session_options):
         plan(c, progress)
         search(c, progress)
         widen(c, progress)

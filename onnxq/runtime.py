@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import ctypes
 import tempfile
 import time
@@ -20,6 +22,23 @@ THREADS = 2            # intra-op threads of every session onnxq runs
 LOG_FATAL_ONLY = 4     # onnxruntime's own log lines never reach the user's terminal: its errors
                        # come back as exceptions, which onnxq turns into one line
 ort.set_default_logger_severity(LOG_FATAL_ONLY)
+# session config entries every session made in the current scope takes (run_as)
+_RUN_AS: contextvars.ContextVar[dict[str, str]] = contextvars.ContextVar("run_as", default={})
+
+
+@contextlib.contextmanager
+def run_as(options: dict[str, str] | None):
+    """Inside, every session takes these session config entries (a target's, plan/rules.py)
+    unless it is given its own: the searches of a conversion then run the partly quantized
+    model the way the target's runtime runs the result. Under `generic`, onnxruntime's QDQ
+    fusions are off, so weight DequantizeLinear nodes are folded at load instead of running on
+    every evaluation (an unrolled BiLSTM dequantized its shared weights 40 times a run: 15x the
+    float model's time; docs/results.md, round 26)."""
+    token = _RUN_AS.set(dict(options or {}))
+    try:
+        yield
+    finally:
+        _RUN_AS.reset(token)
 
 
 def session(model: "onnx.ModelProto | bytes | str", threads: int = THREADS,
@@ -28,7 +47,7 @@ def session(model: "onnx.ModelProto | bytes | str", threads: int = THREADS,
     skips its QDQ fusions and so constant-folds weight DequantizeLinear nodes at load (what
     input-side Q/DQ placement runs best with on this provider)."""
     so = ort.SessionOptions()
-    for key, value in (options or {}).items():
+    for key, value in {**_RUN_AS.get(), **(options or {})}.items():
         so.add_session_config_entry(key, value)
     if not qdq_fusion:
         so.add_session_config_entry("session.disable_quant_qdq", "1")
