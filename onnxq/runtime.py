@@ -32,7 +32,7 @@ def run_as(options: dict[str, str] | None):
     unless it is given its own: the searches of a conversion then run the partly quantized
     model the way the target's runtime runs the result. Under `generic`, onnxruntime's QDQ
     fusions are off, so weight DequantizeLinear nodes are folded at load instead of running on
-    every evaluation (an unrolled BiLSTM dequantized its shared weights 40 times a run: 15x the
+    every evaluation (an unrolled BiLSTM dequantized its shared weights 40 times a run: 12-18x the
     float model's time; docs/results.md, round 26)."""
     token = _RUN_AS.set(dict(options or {}))
     try:
@@ -47,10 +47,11 @@ def session(model: "onnx.ModelProto | bytes | str", threads: int = THREADS,
     skips its QDQ fusions and so constant-folds weight DequantizeLinear nodes at load (what
     input-side Q/DQ placement runs best with on this provider)."""
     so = ort.SessionOptions()
-    for key, value in {**_RUN_AS.get(), **(options or {})}.items():
-        so.add_session_config_entry(key, value)
+    entries = {**_RUN_AS.get(), **(options or {})}
     if not qdq_fusion:
-        so.add_session_config_entry("session.disable_quant_qdq", "1")
+        entries["session.disable_quant_qdq"] = "1"
+    for key, value in entries.items():
+        so.add_session_config_entry(key, value)
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.log_severity_level = LOG_FATAL_ONLY
