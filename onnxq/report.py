@@ -8,7 +8,7 @@ import numpy as np
 from .graph.floats import float_nodes
 from .graph.io import opset_of
 from .graph.large import model_bytes
-from .plan.biases import weight_only
+from .plan.biases import unrounded_inputs, weight_only
 from .graph.walk import initializer_bytes
 from .types import ActReport, Conversion, LayerReport, Report, SkippedReport
 
@@ -102,7 +102,9 @@ def build_report(c: Conversion) -> Report:
     r = Report(model=c.name, config=c.cfg.to_dict(), prepare=dict(c.prep_info))
     r.quantized = [_layer(c, lp) for lp in c.plan.layers]
     r.skipped = [SkippedReport(s.node, s.op, s.reason) for s in c.skipped]
-    r.activations = [_activation(n, a, c.stats.acts.get(n)) for n, a in sorted(c.plan.acts.items())]
+    unrounded = unrounded_inputs(c.plan)          # read by weight-only layers alone: not in the model
+    r.activations = [_activation(n, a, c.stats.acts.get(n)) for n, a in sorted(c.plan.acts.items())
+                     if n not in unrounded]
     r.size_before, r.size_after = model_bytes(c.source), model_bytes(c.qmodel)
     r.params = sum(t.params for t in c.targets)
     r.calib_samples, r.holdout_samples = len(c.calib), len(c.held)

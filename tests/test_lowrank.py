@@ -9,6 +9,7 @@ import pytest
 from onnx import helper, numpy_helper
 
 import onnxq
+from onnxq.plan.rules import RULES
 from onnxq.algos.lowrank import allocate_ranks, factors, spectrum
 from builders import conv_zoo, make_model, vi
 
@@ -83,9 +84,10 @@ def test_budget_zero_emits_no_branch(feeds):
     assert all(l.branch_rank == 0 for l in rep.quantized)
 
 
-def test_int8_branches_are_named_valid_and_within_budget(feeds):
+@pytest.mark.parametrize("target", ["generic", "openvino"])
+def test_int8_branches_are_named_valid_and_within_budget(feeds, target):
     m = conv_zoo(np.random.default_rng(0))
-    q, rep = onnxq.convert(m, onnxq.ConvertConfig(bits=3, rank_budget=0.1), calib=feeds())
+    q, rep = onnxq.convert(m, onnxq.ConvertConfig(bits=3, rank_budget=0.1, target=target), calib=feeds())
     onnx.checker.check_model(q)
     names = {n.name for n in q.graph.node}
     with_branch = [l for l in rep.quantized if l.branch_rank]
@@ -95,16 +97,23 @@ def test_int8_branches_are_named_valid_and_within_budget(feeds):
         assert l.sqnr_with_branch_db > l.sqnr_db
     inits = {t.name: t for t in q.graph.initializer}
     factors = [n for n in inits if "/residual/" in n and n.endswith("_weight_q")]
-    biases = [n for n in inits if "/residual/" in n and n.endswith("A_bias_q")]
-    assert len(factors) == 2 * len(with_branch) and len(biases) == len(with_branch)   # centred: A has a bias
-    # A reads the layer's u8 input as a conv's / Gemm's weight: UINT8 with zero point 128 under
+    assert len(factors) == 2 * len(with_branch)
+    # centred: A has a bias, int32 codes where the layer reads a quantized input, else float (the
+    # 3-bit Gemms read a float input under generic: weight-only)
+    for l in with_branch:
+        coded = l.activation_bits < 32
+        assert (f"{l.node}/residual/A_bias_q" in inits) == coded and (f"{l.node}/residual/A_bias" in inits) != coded
+    assert any(l.activation_bits < 32 for l in with_branch) == (target == "openvino")
+    # A reads the layer's input as a conv's / Gemm's weight: UINT8 with zero point 128 under
     # generic, like the layers' 8-bit weights (onnxruntime's fused u8 x u8 kernels do not saturate);
     # B reads the branch's int8 middle tensor
+    u8 = RULES[target].u8_weights
     for n in factors:
-        a = n.endswith("/A_weight_q")
+        a = n.endswith("/A_weight_q") and u8
         assert inits[n].data_type == (onnx.TensorProto.UINT8 if a else onnx.TensorProto.INT8), n
         zero = numpy_helper.to_array(inits[n.removesuffix("_q") + "_zero"])
         assert np.all(zero == (128 if a else 0)), n
+    biases = [n for n in inits if "/residual/" in n and n.endswith("A_bias_q")]
     assert all(inits[n].data_type == onnx.TensorProto.INT32 for n in biases)
     assert rep.branches.used_params <= rep.branches.budget_params
     assert sum(l.branch_params for l in rep.quantized) == rep.branches.used_params

@@ -21,6 +21,7 @@ from ..plan.biases import weight_only
 from ..types import ActQuant, CodedBiases, LayerPlan, Plan
 from .hardswish import integer_hard_swish
 from .pads import pads_on_codes
+from .matmuls import gemms_as_matmuls
 from .kernels import DOMAIN, add_initializer, declare_domain, dedupe_weights, gather_blocks, matmul_nbits, set_bias
 from .prepare import prune_initializers
 from .walk import graph_by_path
@@ -188,6 +189,8 @@ def apply_plan(model: onnx.ModelProto, plan: Plan, masks: bool = False) -> onnx.
         pads_on_codes(m)
     declare_domain(m, graphs)
     dedupe_weights(m)
+    if rules.matmul_gemms:
+        gemms_as_matmuls(m)
     prune_initializers(m)
     return m
 

@@ -14,6 +14,15 @@ def weight_only(plan: Plan, lp: LayerPlan) -> bool:
     return float_input(RULES[plan.target], lp.target, lp.bits)
 
 
+def unrounded_inputs(plan: Plan) -> set[str]:
+    """Activations that only weight-only layers read, where Q/DQ sits on layer inputs alone."""
+    if RULES[plan.target].output_units:
+        return set()
+    rounded = {lp.target.act for lp in plan.layers if not weight_only(plan, lp)}
+    rounded.update(a for tensors in plan.readers.values() for a in tensors)
+    return {lp.target.act for lp in plan.layers if weight_only(plan, lp)} - rounded
+
+
 def input_scale(plan: Plan, lp: LayerPlan) -> float | None:
     """The scale of the quantized input a layer reads, or None (float input)."""
     t = lp.target

@@ -45,6 +45,8 @@ def keep_tails(model: "onnx.ModelProto", positions, count: int, feeds: Sequence[
     inputs, the trial inputs at their base values). A cut whose tensors would take the cache over
     TAIL_CACHE is not kept, nor with `all_outputs` one that does not compute every graph output."""
     order = sorted(set(positions))
+    if not order:
+        return []
     starts = sorted({order[j * len(order) // count] for j in range(1, count)} - {0})
     cuts = {s: cut_names(model, s) for s in starts}
     wanted = sorted(set().union(*cuts.values())) if cuts else []

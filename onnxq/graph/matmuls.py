@@ -1,0 +1,106 @@
+"""generic: a float-input 4-bit Gemm becomes MatMul (+ Add of its C) on [K, N] codes blocked along K.
+
+Runtimes fuse DequantizeLinear -> MatMul on a constant 4-bit weight blocked along K into a
+weight-only kernel that reads the codes as stored (onnxruntime's CPU provider: MatMulNBits). A
+DQ -> Gemm its default session neither fuses nor folds: every run dequantizes the weight again,
+and a weight that an unrolled loop reads N times N times a run. Y = A·Bᵀ + C is A·(Bᵀ) + C: the
+codes, scales and zero points are transposed, the values stay the same."""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from .large import tensor_array
+from .prepare import readers_of
+from .walk import attr, graph_by_path, node_reads
+
+FOUR_BIT = {TensorProto.INT4: ml_dtypes.int4, TensorProto.UINT4: ml_dtypes.uint4}
+
+
+def _plain_gemm(n: onnx.NodeProto, w: str) -> bool:
+    """A Gemm that reads `w` as its B and computes A·op(B) + C with no scaling."""
+    return (n.op_type == "Gemm" and n.domain in ("", "ai.onnx") and len(n.input) > 1 and n.input[1] == w
+            and n.input[0] != w and not attr(n, "transA", 0)
+            and float(attr(n, "alpha", 1.0)) == 1.0 and float(attr(n, "beta", 1.0)) == 1.0)
+
+
+def _weight_dq(dq: onnx.NodeProto, inits: dict, readers: dict, kept: set[str]) -> int | None:
+    """transB of the one Gemm that reads this DQ of a constant 4-bit matrix blocked along K with
+    float32 scales; None when it is not one. Constants or an output that another node reads too
+    (`kept`: what subgraphs read from this graph) rule it out: onnxruntime fuses a DQ into
+    MatMulNBits only when the DQ and its codes are the MatMul's own (a weight that the steps of an
+    unrolled loop share, stored once, keeps its Gemms)."""
+    if dq.op_type != "DequantizeLinear" or dq.input[0] not in inits or dq.input[1] not in inits:
+        return None
+    q, s = inits[dq.input[0]], inits[dq.input[1]]
+    if q.data_type not in FOUR_BIT or len(q.dims) != 2 or s.data_type != TensorProto.FLOAT:
+        return None
+    names = [i for i in dq.input if i] + [dq.output[0]]
+    if any(n in kept for n in names) or any(len(readers.get(n, [])) != 1 for n in names):
+        return None
+    if len(dq.input) > 2 and dq.input[2] and dq.input[2] not in inits:
+        return None
+    gemm = readers[dq.output[0]][0]
+    trans = int(attr(gemm, "transB", 0))
+    if not _plain_gemm(gemm, dq.output[0]) or not attr(dq, "block_size", 0) or int(attr(dq, "axis", 1)) % 2 != trans:
+        return None
+    return trans
+
+
+def _transpose_dq(dq: onnx.NodeProto, inits: dict) -> None:
+    """The DQ of [N, K] codes blocked along K (axis 1) becomes one of [K, N] along axis 0 (its
+    constants, which it alone reads, transposed in place)."""
+    for name in (i for i in dq.input if i):
+        t = inits[name]
+        dtype = FOUR_BIT.get(t.data_type)
+        value = tensor_array(t).T
+        t.CopyFrom(numpy_helper.from_array(value.astype(dtype) if dtype else np.ascontiguousarray(value), name))
+    del dq.attribute[:]
+    dq.attribute.extend([helper.make_attribute("axis", 0), helper.make_attribute("block_size", _block(dq, inits))])
+
+
+def _block(dq: onnx.NodeProto, inits: dict) -> int:
+    q, s = inits[dq.input[0]], inits[dq.input[1]]
+    return -(-q.dims[0] // s.dims[0])
+
+
+def _as_matmul(n: onnx.NodeProto) -> list[onnx.NodeProto]:
+    """The Gemm as MatMul, followed by the Add of its C when it has one (the Add keeps its output)."""
+    c = n.input[2] if len(n.input) > 2 else ""
+    mm = helper.make_node("MatMul", list(n.input[:2]), [n.output[0]], name=n.name)
+    if not c:
+        return [mm]
+    mm.output[0] = f"{n.name}/matmul_out"
+    return [mm, helper.make_node("Add", [mm.output[0], c], [n.output[0]], name=f"{n.name}/bias_add")]
+
+
+def gemms_as_matmuls(model: onnx.ModelProto) -> int:
+    """Rewrites, in place and in every graph, each Gemm on a 4-bit weight blocked along K as MatMul
+    (+ Add); returns how many Gemms changed."""
+    changed = 0
+    by_path = graph_by_path(model)
+    # subgraphs first: rebuilding a graph's node list copies the subgraphs its nodes hold
+    for path in sorted(by_path, key=lambda p: (-len(p), p)):
+        g = by_path[path]
+        inits = {t.name: t for t in g.initializer}
+        readers = readers_of(g)
+        # kept as they are: graph outputs and what subgraphs read from this graph
+        kept = {o.name for o in g.output} | {x for n in g.node for x in node_reads(n) if x not in n.input}
+        gemms: set[str] = set()                     # by output
+        for dq in list(g.node):
+            trans = _weight_dq(dq, inits, readers, kept)
+            if trans is None:
+                continue
+            if trans:
+                _transpose_dq(dq, inits)
+            gemms.update(n.output[0] for n in readers[dq.output[0]])
+        if not gemms:
+            continue
+        order = [m for n in g.node for m in (_as_matmul(n) if n.op_type == "Gemm" and n.output[0] in gemms else [n])]
+        del g.node[:]
+        g.node.extend(order)
+        changed += len(gemms)
+    return changed
