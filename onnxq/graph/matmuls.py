@@ -8,16 +8,15 @@ codes, scales and zero points are transposed, the values stay the same."""
 
 from __future__ import annotations
 
-import ml_dtypes
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from .large import tensor_array
 from .prepare import readers_of
-from .walk import attr, graph_by_path, node_reads
+from .walk import attr, deepest_first, fixed_names, graph_by_path
 
-FOUR_BIT = {TensorProto.INT4: ml_dtypes.int4, TensorProto.UINT4: ml_dtypes.uint4}
+FOUR_BIT = (TensorProto.INT4, TensorProto.UINT4)
 
 
 def _plain_gemm(n: onnx.NodeProto, w: str) -> bool:
@@ -54,10 +53,7 @@ def _transpose_dq(dq: onnx.NodeProto, inits: dict) -> None:
     """The DQ of [N, K] codes blocked along K (axis 1) becomes one of [K, N] along axis 0 (its
     constants, which it alone reads, transposed in place)."""
     for name in (i for i in dq.input if i):
-        t = inits[name]
-        dtype = FOUR_BIT.get(t.data_type)
-        value = tensor_array(t).T
-        t.CopyFrom(numpy_helper.from_array(value.astype(dtype) if dtype else np.ascontiguousarray(value), name))
+        inits[name].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(tensor_array(inits[name]).T), name))
     del dq.attribute[:]
     dq.attribute.extend([helper.make_attribute("axis", 0), helper.make_attribute("block_size", _block(dq, inits))])
 
@@ -82,13 +78,11 @@ def gemms_as_matmuls(model: onnx.ModelProto) -> int:
     (+ Add); returns how many Gemms changed."""
     changed = 0
     by_path = graph_by_path(model)
-    # subgraphs first: rebuilding a graph's node list copies the subgraphs its nodes hold
-    for path in sorted(by_path, key=lambda p: (-len(p), p)):
+    for path in deepest_first(by_path):
         g = by_path[path]
         inits = {t.name: t for t in g.initializer}
         readers = readers_of(g)
-        # kept as they are: graph outputs and what subgraphs read from this graph
-        kept = {o.name for o in g.output} | {x for n in g.node for x in node_reads(n) if x not in n.input}
+        kept = fixed_names(g)
         gemms: set[str] = set()                     # by output
         for dq in list(g.node):
             trans = _weight_dq(dq, inits, readers, kept)
@@ -96,7 +90,7 @@ def gemms_as_matmuls(model: onnx.ModelProto) -> int:
                 continue
             if trans:
                 _transpose_dq(dq, inits)
-            gemms.update(n.output[0] for n in readers[dq.output[0]])
+            gemms.add(readers[dq.output[0]][0].output[0])
         if not gemms:
             continue
         order = [m for n in g.node for m in (_as_matmul(n) if n.op_type == "Gemm" and n.output[0] in gemms else [n])]

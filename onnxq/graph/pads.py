@@ -14,7 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from .kernels import add_initializer
 from .prepare import readers_of
-from .walk import attr, node_reads
+from .walk import attr, fixed_names
 
 CODE_TYPES = {TensorProto.UINT8: np.uint8, TensorProto.INT8: np.int8}
 
@@ -62,7 +62,7 @@ def pads_on_codes(model: onnx.ModelProto) -> int:
     made = {y: n for n in g.node for y in n.output}
     readers = readers_of(g)
     # kept as they are: graph outputs and what control-flow subgraphs read from outside
-    outputs = {o.name for o in g.output} | {x for n in g.node for x in node_reads(n) if x not in n.input}
+    outputs = fixed_names(g)
     rename: dict[str, str] = {}
     replaced: dict[str, onnx.NodeProto] = {}     # by the Pad's output
     drop: set[str] = set()                         # the Qs' outputs

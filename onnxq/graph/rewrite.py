@@ -24,7 +24,7 @@ from .pads import pads_on_codes
 from .matmuls import gemms_as_matmuls
 from .kernels import DOMAIN, add_initializer, declare_domain, dedupe_weights, gather_blocks, matmul_nbits, set_bias
 from .prepare import prune_initializers
-from .walk import graph_by_path
+from .walk import deepest_first, graph_by_path
 
 
 def weight_container(bits: int, op: str = "Conv", rules: Rules = RULES["generic"], unsigned: bool = False):
@@ -252,9 +252,7 @@ def _shared_pairs(g: onnx.GraphProto, acts: dict[str, ActQuant], layers: set[str
 
 def place(graphs, before, after) -> None:
     """Puts the new nodes of each graph right before / after the node they belong to."""
-    # subgraphs first: rewriting a graph's node list copies its If/Loop nodes, and with them the
-    # subgraphs held inside, so a subgraph rewritten after its parent would be a detached copy
-    for path in sorted(set(before) | set(after), key=lambda p: (-len(p), p)):
+    for path in deepest_first(set(before) | set(after)):
         g = graphs[path]
         order = []
         for node in g.node:

@@ -53,6 +53,13 @@ def graph_by_path(model: onnx.ModelProto) -> dict[str, onnx.GraphProto]:
     return dict(graphs(model))
 
 
+def deepest_first(paths) -> list[str]:
+    """Graph paths with subgraphs before their parents: rewriting a graph's node list copies the
+    If/Loop nodes it holds, and with them their subgraphs, so a subgraph rewritten after its
+    parent would be a detached copy."""
+    return sorted(paths, key=lambda p: (-len(p), p))
+
+
 def used_names(g: onnx.GraphProto) -> set[str]:
     """Every tensor name read inside g, its subgraphs included (outer-scope references)."""
     names: set[str] = {o.name for o in g.output}
@@ -71,6 +78,11 @@ def node_reads(node: onnx.NodeProto) -> set[str]:
             for sub in a.graphs:
                 names |= used_names(sub)
     return names
+
+
+def fixed_names(g: onnx.GraphProto) -> set[str]:
+    """Names a rewrite of g must keep: its outputs and what its nodes' subgraphs read from it."""
+    return {o.name for o in g.output} | {x for n in g.node for x in node_reads(n) if x not in n.input}
 
 
 def attr(node: onnx.NodeProto, name: str, default=None):
