@@ -31,9 +31,12 @@ def test_tables_are_quantized_per_row_and_look_up_the_same_rows(bits, floor_db):
     table = next(l for l in rep.quantized if l.op == "Gather")
     assert table.bits == bits and table.activation_bits == 32 and "embedding" in table.float_input_reason
     inits = {t.name: t for t in q.graph.initializer}
-    assert inits["embed/weight_q"].data_type == (TensorProto.INT8 if bits == 8 else TensorProto.INT4)
-    # one scale a row at 8 bits; at 4 bits one per 32 values of a row (a blocked DequantizeLinear)
-    assert list(inits["embed/weight_scale"].dims) == ([50] if bits == 8 else [50, 2])
+    # the lookup reads the codes (graph/tables.py): INT8 at 8 bits, 4-bit ones two to a byte
+    codes = inits["embed/weight_q" if bits == 8 else "embed/weight_q4"]
+    assert codes.data_type == (TensorProto.INT8 if bits == 8 else TensorProto.UINT8)
+    assert list(codes.dims) == [50, 64 if bits == 8 else 32]
+    # one scale a row at 8 bits; at 4 bits one per 32 values of a row
+    assert list(inits["embed/weight_scale"].dims) == ([50, 1] if bits == 8 else [50, 2, 1])
     assert "table" not in inits                                                   # no float copy kept
     ids = {"ids": np.arange(50).reshape(1, 50)[:, :7]}
     every = {"ids": np.arange(49).reshape(7, 7)}
@@ -46,6 +49,15 @@ def test_tables_are_quantized_per_row_and_look_up_the_same_rows(bits, floor_db):
 
 def _codes(q: onnx.ModelProto, name: str) -> np.ndarray:
     return onnx.numpy_helper.to_array(next(t for t in q.graph.initializer if t.name == name)).astype(np.int32)
+
+
+def _generic_table(q: onnx.ModelProto, bits: int) -> np.ndarray:
+    """The generic target's table codes: INT8, or 4-bit ones + 8 two to a byte (columns j and
+    j + D/2 in one byte)."""
+    if bits == 8:
+        return _codes(q, "embed/weight_q")
+    packed = _codes(q, "embed/weight_q4")
+    return np.concatenate([packed & 15, packed >> 4], axis=1) - 8
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -63,7 +75,7 @@ def test_ort_cpu_tables_and_4_bit_matmuls_use_onnxruntimes_kernels_with_the_same
     # the table's codes are the generic target's, stored for the kernel (uint8 with zero point
     # 128 at 8 bits, INT4 at 4)
     table = _codes(q, "embed/weight_q") - (128 if bits == 8 else 0)
-    assert np.array_equal(table, _codes(generic, "embed/weight_q"))
+    assert np.array_equal(table, _generic_table(generic, bits))
     if bits == 4:        # 4-bit codes + their block's zero point, two to a byte, low nibble first, per output column
         packed = _codes(q, "proj/weight_q4")                      # [N, blocks, block / 2]
         zeros = _codes(q, "proj/weight_zero")                     # [N, blocks / 2]: 2 blocks of 32

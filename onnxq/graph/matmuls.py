@@ -13,8 +13,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from .large import tensor_array
-from .prepare import readers_of
-from .walk import attr, deepest_first, fixed_names, graph_by_path
+from .prepare import graph_views
+from .walk import attr
 
 FOUR_BIT = (TensorProto.INT4, TensorProto.UINT4)
 
@@ -77,12 +77,7 @@ def gemms_as_matmuls(model: onnx.ModelProto) -> int:
     """Rewrites, in place and in every graph, each Gemm on a 4-bit weight blocked along K as MatMul
     (+ Add); returns how many Gemms changed."""
     changed = 0
-    by_path = graph_by_path(model)
-    for path in deepest_first(by_path):
-        g = by_path[path]
-        inits = {t.name: t for t in g.initializer}
-        readers = readers_of(g)
-        kept = fixed_names(g)
+    for g, inits, readers, kept in graph_views(model):
         gemms: set[str] = set()                     # by output
         for dq in list(g.node):
             trans = _weight_dq(dq, inits, readers, kept)

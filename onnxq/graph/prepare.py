@@ -11,7 +11,7 @@ from onnx import numpy_helper, version_converter
 from ..errors import InputModelError
 from .io import opset_of
 from .large import tensor_array
-from .walk import attr, graphs, node_reads, tensor_types, used_names
+from .walk import attr, deepest_first, fixed_names, graph_by_path, graphs, node_reads, tensor_types, used_names
 
 
 def name_nodes(model: onnx.ModelProto) -> None:
@@ -195,6 +195,15 @@ def readers_of(g: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
             if i:
                 out.setdefault(i, []).append(n)
     return out
+
+
+def graph_views(model: onnx.ModelProto):
+    """(graph, its initializers by name, readers_of(graph), fixed_names(graph)) for every graph,
+    subgraphs before their parents: what a pass that rewrites nodes in place needs (walk.deepest_first)."""
+    by_path = graph_by_path(model)
+    for path in deepest_first(by_path):
+        g = by_path[path]
+        yield g, {t.name: t for t in g.initializer}, readers_of(g), fixed_names(g)
 
 
 def _drop_nodes(model: onnx.ModelProto, drop: set[int]) -> None:

@@ -22,6 +22,7 @@ from ..types import ActQuant, CodedBiases, LayerPlan, Plan
 from .hardswish import integer_hard_swish
 from .pads import pads_on_codes
 from .matmuls import gemms_as_matmuls
+from .tables import lookups_on_codes
 from .kernels import DOMAIN, add_initializer, declare_domain, dedupe_weights, gather_blocks, matmul_nbits, set_bias
 from .prepare import prune_initializers
 from .walk import deepest_first, graph_by_path
@@ -191,6 +192,8 @@ def apply_plan(model: onnx.ModelProto, plan: Plan, masks: bool = False) -> onnx.
     dedupe_weights(m)
     if rules.matmul_gemms:
         gemms_as_matmuls(m)
+    if rules.table_codes:
+        lookups_on_codes(m)
     prune_initializers(m)
     return m
 

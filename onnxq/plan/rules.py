@@ -110,6 +110,8 @@ class Rules:
     int4_weight_only: bool = False  # 2-4-bit Gemm/MatMul read a float input (int4 weight-only kernels)
     matmul_gemms: bool = False    # ... and such a Gemm on a weight blocked along K is emitted as MatMul
                                   # (+ Add) on [K, N] codes, the form runtimes fuse (graph/matmuls.py)
+    table_codes: bool = False     # tables' Gathers read the codes, only gathered rows are dequantized
+                                  # (graph/tables.py)
     ms_kernels: bool = False      # onnxruntime's MatMulNBits / GatherBlockQuantized (com.microsoft)
     blocked_weights: bool = False  # 2-4-bit Gemm/MatMul weights may take one scale per block of K (--block)
     blocked_convs: bool = False    # 2-4-bit ungrouped conv weights may take one scale per block of input
@@ -134,11 +136,11 @@ class Rules:
 
 RULES: dict[str, Rules] = {
     "generic": Rules("generic", output_units=False, all_readers=False, int4_conv=True, int4_matmul=True,
-                     int4_weight_only=True, matmul_gemms=True, blocked_weights=True, blocked_convs=True,
-                     zero_points=True, smooth_convs=True, wide_acts=True, u8_weights=True,
+                     int4_weight_only=True, matmul_gemms=True, table_codes=True, blocked_weights=True,
+                     blocked_convs=True, zero_points=True, smooth_convs=True, wide_acts=True, u8_weights=True,
                      session_options={"session.disable_quant_qdq": "1"},
                      summary="Q/DQ on quantized layers' inputs; INT4 containers; 4-bit Gemm/MatMul weight-only "
-                             "(float input), Gemm as MatMul on weights blocked along K"),
+                             "(float input), Gemm as MatMul on weights blocked along K; tables gathered as codes"),
     "ort-cpu": Rules("ort-cpu", output_units=True, all_readers=True, int4_conv=False, int4_matmul=False,
                      simplify=True, int4_weight_only=True, ms_kernels=True, blocked_weights=True,
                      zero_points=True, float_decisions=True, wide_acts=True, wide_macs=ORT_WIDE_MACS,

@@ -1,0 +1,172 @@
+"""generic: an embedding table's rows are gathered as codes, then dequantized.
+
+DequantizeLinear -> Gather dequantizes the whole table before the lookup. A runtime that folds
+constant DQs at load pays it once (and holds the table in float); onnxruntime's default session
+keeps every DQ while its QDQ fusions are on, so each run dequantized all V x D values to use a
+few rows (all-MiniLM-L6-v2: 11.7M values a call, most of its time). Here the lookup reads the
+stored codes and only the gathered rows are dequantized:
+
+    Gather(codes, ids) -> Cast(float) -> Sub(zero point) -> Mul(Gather(scales, ids))
+
+with plain float ops, which give the DQ's values exactly ((q - z) * s of small integers) and
+run with dynamic shapes everywhere (a blocked DequantizeLinear on a tensor of dynamic shape
+does not load in OpenVINO). 4-bit codes, which no Gather reads, are stored two to a byte in
+uint8 (column j in the low nibble, column j + D/2 in the high one, offset to 0..15) and
+unpacked with two BitwiseAnds, the high nibble divided by 16 in float (OpenVINO's BitShift rounds
+10 >> 4 to 1), and one Concat: the file keeps its size."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from .large import tensor_array
+from .prepare import graph_views
+from .walk import attr
+
+CODES = (TensorProto.INT8, TensorProto.UINT8, TensorProto.INT4, TensorProto.UINT4)
+OFFSET = {TensorProto.INT4: 8, TensorProto.INT8: 0, TensorProto.UINT8: 0, TensorProto.UINT4: 0}
+BIT_OPS_OPSET = 18                                   # BitwiseAnd
+
+
+def _lookups(dq: onnx.NodeProto, readers: dict) -> list[onnx.NodeProto]:
+    """The Gathers (axis 0, the DQ's output as their table) that alone read the DQ's output."""
+    out = readers.get(dq.output[0], [])
+    ok = all(n.op_type == "Gather" and n.domain in ("", "ai.onnx") and n.input[0] == dq.output[0]
+             and n.input[1] != dq.output[0] and int(attr(n, "axis", 0)) == 0 for n in out)
+    return out if ok else []
+
+
+def _table(dq: onnx.NodeProto, inits: dict, readers: dict, kept: set[str], opset: int
+           ) -> tuple[np.ndarray, np.ndarray, float] | None:
+    """(codes [V, D] offset to non-negative, scales [V, blocks, 1] or [V, 1] or [], the zero
+    point on that offset) of a DQ of a constant 2-D table with one scale per row, per block of a
+    row or per tensor and one zero point throughout; None when the DQ is not one, or when its
+    constants or output are read elsewhere (`kept`: what subgraphs or outputs read)."""
+    if dq.op_type != "DequantizeLinear" or any(i and i not in inits for i in dq.input):
+        return None
+    names = [i for i in dq.input if i] + [dq.output[0]]
+    if any(n in kept for n in names) or any(len(readers.get(n, [])) != 1 for n in names[:-1]):
+        return None
+    q, s = inits[dq.input[0]], inits[dq.input[1]]
+    four = q.data_type in (TensorProto.INT4, TensorProto.UINT4)
+    if (q.data_type not in CODES or len(q.dims) != 2 or s.data_type != TensorProto.FLOAT
+            or (four and (q.dims[1] % 2 or opset < BIT_OPS_OPSET))):
+        return None
+    codes, scales = tensor_array(q).astype(np.int16), tensor_array(s)
+    zero = tensor_array(inits[dq.input[2]]).astype(np.int16) if len(dq.input) > 2 and dq.input[2] else np.zeros(1, np.int16)
+    if zero.size and np.any(zero != zero.flat[0]):
+        return None
+    v, d = codes.shape
+    block, axis = int(attr(dq, "block_size", 0)), int(attr(dq, "axis", 1)) % 2
+    if scales.ndim == 0 or scales.size == 1:
+        shaped = scales.reshape(())
+    elif block and axis == 1 and scales.shape == (v, -(-d // block)) and d % block == 0:
+        shaped = scales.reshape(v, d // block, 1)
+    elif not block and axis == 0 and scales.shape == (v,):
+        shaped = scales.reshape(v, 1)
+    else:
+        return None
+    off = OFFSET[q.data_type]
+    return codes + off, shaped, float(zero.flat[0] + off)
+
+
+def _packed(codes: np.ndarray) -> np.ndarray:
+    """4-bit codes 0..15 [V, D], two to a byte: column j low, column j + D/2 high."""
+    half = codes.shape[1] // 2
+    return (codes[:, :half] | (codes[:, half:] << 4)).astype(np.uint8)
+
+
+def _lookup_nodes(n: onnx.NodeProto, names: dict[str, str], four: bool, blocked: bool, shifted: bool
+                  ) -> list[onnx.NodeProto]:
+    """The nodes that replace one Gather `n` of the table whose constants `names` holds."""
+    p, ids = n.name or n.output[0], n.input[1]
+    mk = helper.make_node
+    out = [mk("Gather", [names["codes"], ids], [f"{p}/codes"], name=n.name, axis=0)]
+    codes = f"{p}/codes"
+    if four:                      # the high nibble masked, then / 16 in float (exact)
+        out += [mk("BitwiseAnd", [codes, names["low_mask"]], [f"{p}/low"], name=f"{p}/low"),
+                mk("BitwiseAnd", [codes, names["high_mask"]], [f"{p}/high"], name=f"{p}/high"),
+                mk("Cast", [f"{p}/low"], [f"{p}/low_f"], name=f"{p}/low_cast", to=TensorProto.FLOAT),
+                mk("Cast", [f"{p}/high"], [f"{p}/high_f"], name=f"{p}/high_cast", to=TensorProto.FLOAT),
+                mk("Mul", [f"{p}/high_f", names["sixteenth"]], [f"{p}/high_s"], name=f"{p}/high_shift"),
+                mk("Concat", [f"{p}/low_f", f"{p}/high_s"], [f"{p}/codes_f"], name=f"{p}/unpack", axis=-1)]
+    else:
+        out.append(mk("Cast", [codes], [f"{p}/codes_f"], name=f"{p}/cast", to=TensorProto.FLOAT))
+    x = f"{p}/codes_f"
+    if blocked:
+        out += [mk("Shape", [ids], [f"{p}/ids_shape"], name=f"{p}/ids_shape"),
+                mk("Concat", [f"{p}/ids_shape", names["block_dims"]], [f"{p}/block_shape"], name=f"{p}/block_shape", axis=0),
+                mk("Concat", [f"{p}/ids_shape", names["row_dims"]], [f"{p}/row_shape"], name=f"{p}/row_shape", axis=0),
+                mk("Reshape", [x, f"{p}/block_shape"], [f"{p}/blocks"], name=f"{p}/blocks")]
+        x = f"{p}/blocks"
+    if shifted:
+        out.append(mk("Sub", [x, names["zero"]], [f"{p}/centred"], name=f"{p}/centre"))
+        x = f"{p}/centred"
+    scale = names["scale"]
+    if "row_scales" in names:
+        out.append(mk("Gather", [names["scale"], ids], [f"{p}/scales"], name=f"{p}/scales_gather", axis=0))
+        scale = f"{p}/scales"
+    y = f"{p}/scaled" if blocked else n.output[0]
+    out.append(mk("Mul", [x, scale], [y], name=f"{p}/scale"))
+    if blocked:
+        out.append(mk("Reshape", [y, f"{p}/row_shape"], [n.output[0]], name=f"{p}/rows"))
+    return out
+
+
+def _store(g: onnx.GraphProto, dq: onnx.NodeProto, inits: dict, table) -> tuple[dict[str, str], bool, bool, bool]:
+    """Replaces the DQ's constants by the lookup's: (their names, 4-bit, blocked, zero point not 0)."""
+    codes, scales, zero = table
+    four = inits[dq.input[0]].data_type in (TensorProto.INT4, TensorProto.UINT4)
+    pre = dq.input[0].rsplit("/weight_q", 1)[0] if "/weight_q" in dq.input[0] else dq.name or dq.output[0]
+    names = {"scale": dq.input[1]}
+    inits[dq.input[1]].CopyFrom(numpy_helper.from_array(scales.astype(np.float32), dq.input[1]))
+    drop = {dq.input[2]} if len(dq.input) > 2 and dq.input[2] else set()
+    new = {}
+    if four:
+        drop.add(dq.input[0])
+        new["codes"] = (f"{pre}/weight_q4", _packed(codes))
+        new["low_mask"] = (f"{pre}/low_mask", np.array(15, np.uint8))
+        new["high_mask"] = (f"{pre}/high_mask", np.array(0xF0, np.uint8))
+        new["sixteenth"] = (f"{pre}/sixteenth", np.array(1 / 16, np.float32))
+    else:
+        names["codes"] = dq.input[0]
+    blocked = scales.ndim == 3
+    if blocked:
+        new["block_dims"] = (f"{pre}/block_dims", np.array(scales.shape[1:2] + (codes.shape[1] // scales.shape[1],), np.int64))
+        new["row_dims"] = (f"{pre}/row_dims", np.array([codes.shape[1]], np.int64))
+    if scales.ndim:
+        names["row_scales"] = dq.input[1]
+    if zero:
+        new["zero"] = (f"{pre}/weight_zero_f", np.array(zero, np.float32))
+    keep = [t for t in g.initializer if t.name not in drop]
+    del g.initializer[:]
+    g.initializer.extend(keep + [numpy_helper.from_array(v, name) for name, v in new.values()])
+    names.update({k: name for k, (name, _) in new.items()})
+    return names, four, blocked, bool(zero)
+
+
+def lookups_on_codes(model: onnx.ModelProto) -> int:
+    """Rewrites, in place and in every graph, each DQ -> Gather of a constant table so the Gather
+    reads the codes and only the gathered rows are dequantized; returns how many tables changed."""
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    changed = 0
+    for g, inits, readers, kept in graph_views(model):
+        swap: dict[int, list[onnx.NodeProto]] = {}          # id(node) -> its replacement
+        for dq in list(g.node):
+            lookups = _lookups(dq, readers) if dq.op_type == "DequantizeLinear" else []
+            table = _table(dq, inits, readers, kept, opset) if lookups else None
+            if table is None:
+                continue
+            names, four, blocked, shifted = _store(g, dq, inits, table)
+            inits = {t.name: t for t in g.initializer}
+            swap[id(dq)] = []
+            for n in lookups:
+                swap[id(n)] = _lookup_nodes(n, names, four, blocked, shifted)
+            changed += 1
+        if swap:
+            order = [m for n in g.node for m in swap.get(id(n), [n])]
+            del g.node[:]
+            g.node.extend(order)
+    return changed
