@@ -215,6 +215,14 @@ def session_options(kind: str, target: str | None) -> dict[str, str]:
     return dict(RULES[target].session_options) if kind == "onnxq" else {}
 
 
+def recorded_options(kind: str, path: Path) -> dict[str, str]:
+    """The session entries an onnxq file records for itself (onnxq.api.run_options)."""
+    if kind != "onnxq":
+        return {}
+    from onnxq.api import run_options
+    return run_options(onnx.load(str(path), load_external_data=False))[1]
+
+
 def ort_kernels(path: Path, options: dict[str, str]) -> dict[str, int]:
     """Op counts of the graph onnxruntime's CPU provider runs (after its optimisations): integer
     kernels (QLinear*, *Integer, ...), float compute ops, and Q/DQ nodes left at run time."""
@@ -529,7 +537,8 @@ def bench_model(key: str, args, ov) -> dict:
                 paths[name] = dst
             print(f"   {name}: " + (row.get("error") or fmt(row["conv_s"], ".1f") + " s")
                   + f" (other processes: {fmt(row.get('conv_background_cores'), '.2f')} cores)", flush=True)
-        row["session_options"] = session_options(vkind, target)
+        row["session_options"] = (session_options(vkind, target) if name not in paths
+                                  else recorded_options(vkind, paths[name]))
         if name in paths:
             row["size_mb"] = paths[name].stat().st_size / 1e6
         res["variants"][name] = row

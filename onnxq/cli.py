@@ -159,6 +159,8 @@ def print_summary(report) -> None:
         parts = [f"cosine {f.cosine:.4f}", f"SQNR {f.sqnr_db:.1f} dB",
                  f"top-1 agreement {f.top1_agreement:.3f}" if f.top1_agreement is not None else ""]
         out.print(f"  fidelity on {f.samples} held-out samples: " + ", ".join(p for p in parts if p))
+    out.print("  onnxruntime session: " + (", ".join(f"{k}={v}" for k, v in r.session_options.items())
+                                         or "default options (every weight runs on a fused kernel)"))
     for w in r.warnings:
         err.print(f"[yellow]warning:[/] {escape(w)}")
 
@@ -616,8 +618,9 @@ def inspect_cmd(model, bits, act_bits, exclude, bits_override, target, as_json):
 @click.option("--runs", type=click.IntRange(min=1), default=30, show_default=True, help="Timed runs for the latency figure.")
 @click.option("--no-qdq-fusion", is_flag=True,
               help="Run CANDIDATE with onnxruntime's session.disable_quant_qdq = 1 whatever it was "
-                   "made for (by default the session options of the target recorded in an onnxq model "
-                   "are applied: none for ort-cpu, this one for generic and openvino models).")
+                   "made for (by default the session options recorded in an onnxq model are applied: "
+                   "none for ort-cpu, this one for generic and openvino models whose weights a default "
+                   "session would dequantize on every call).")
 @_preprocess_options
 def eval_cmd(reference, candidate, data, json_path, labels, runs, no_qdq_fusion, preset, size, mean, std, layout,
              channel_order, resize):
@@ -662,11 +665,9 @@ def eval_cmd(reference, candidate, data, json_path, labels, runs, no_qdq_fusion,
 
 def _run_options(model, no_qdq_fusion: bool) -> tuple[str | None, dict[str, str]]:
     """(target, onnxruntime session options) a candidate runs with on the CPU provider."""
-    from .graph.io import TARGET_KEY, get_metadata
-    from .plan.rules import DEFAULT_TARGET, RULES
+    from .api import run_options
 
-    target = get_metadata(model, TARGET_KEY) or (DEFAULT_TARGET if model.producer_name == "onnxq" else None)
-    options = dict(RULES[target].session_options) if target in RULES else {}
+    target, options = run_options(model)
     if no_qdq_fusion:
         options["session.disable_quant_qdq"] = "1"
     return target, options

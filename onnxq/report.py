@@ -110,6 +110,7 @@ def build_report(c: Conversion) -> Report:
     r.calib_samples, r.holdout_samples = len(c.calib), len(c.held)
     r.seconds = {k: round(v, 3) for k, v in c.seconds.items()}
     r.fidelity = c.fidelity
+    r.session_options = dict(c.session_options)
     r.warnings = list(c.warnings)
     r.opset_before, r.opset_after = c.src_opset, opset_of(c.qmodel)
     r.branches = c.plan.branch_summary

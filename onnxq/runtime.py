@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import ctypes
+import os
 import tempfile
 import time
 from typing import TYPE_CHECKING
@@ -22,6 +23,7 @@ THREADS = 2            # intra-op threads of every session onnxq runs
 LOG_FATAL_ONLY = 4     # onnxruntime's own log lines never reach the user's terminal: its errors
                        # come back as exceptions, which onnxq turns into one line
 ort.set_default_logger_severity(LOG_FATAL_ONLY)
+QDQ_OFF = "session.disable_quant_qdq"   # no QDQ fusions: weight DequantizeLinear nodes fold at load
 # session config entries every session made in the current scope takes (run_as)
 _RUN_AS: contextvars.ContextVar[dict[str, str]] = contextvars.ContextVar("run_as", default={})
 
@@ -109,3 +111,22 @@ def median_ms(sess: ort.InferenceSession, feed: dict, runs: int, warmup: int = 5
         sess.run(None, feed)
         times.append(time.perf_counter() - t0)
     return float(np.median(times) * 1000)
+
+
+def default_session_graph(model: "onnx.ModelProto") -> bytes | None:
+    """The graph onnxruntime's CPU provider runs for `model` in a session with default options
+    (QDQ fusions on), serialized (its basic and extended rewrites, not the layout ones, which are
+    hardware specific); None for a model too large to serialize in one piece."""
+    if is_large(model):
+        return None
+    so = ort.SessionOptions()
+    so.log_severity_level = LOG_FATAL_ONLY
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    with tempfile.TemporaryDirectory(prefix="onnxq-") as d:
+        so.optimized_model_filepath = os.path.join(d, "runs.onnx")
+        try:
+            ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+            with open(so.optimized_model_filepath, "rb") as f:
+                return f.read()
+        except Exception as e:   # onnxruntime raises its own types
+            raise RuntimeModelError(f"onnxruntime cannot load the model: {_first_line(e)}") from None

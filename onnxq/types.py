@@ -558,6 +558,8 @@ class Report:
     smoothing: list[SmoothReport] = field(default_factory=list)
     shared_weights: int = 0                           # weights several layers read, stored once (plan/shared.py)
     float_ops: list[SkippedReport] = field(default_factory=list)   # nodes without weights left in float, and why
+    # onnxruntime (CPU) session config entries the model runs best with, which the fidelity figures used
+    session_options: dict[str, str] = field(default_factory=dict)
     schema: str = REPORT_SCHEMA
 
     def to_dict(self) -> dict[str, object]:
@@ -609,6 +611,7 @@ class Conversion:
     smoothed: dict = field(default_factory=dict)      # input tensor -> its algos.smoothing.Smoothing (applied)
     shared_weights: int = 0                           # weights several layers read, stored once (plan/shared.py)
     qmodel: "onnx.ModelProto | None" = None
+    session_options: dict[str, str] = field(default_factory=dict)   # what qmodel runs with (api.session_options)
     fidelity: Fidelity = field(default_factory=Fidelity)
     warnings: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)

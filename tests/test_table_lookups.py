@@ -1,16 +1,20 @@
 """generic: an embedding table's Gather reads the stored codes and only the gathered rows are
 dequantized, so onnxruntime's default session no longer dequantizes the whole table every run
-(graph/tables.py). The values are the DequantizeLinear -> Gather graph's, bit for bit."""
+(graph/tables.py). The values are the DequantizeLinear -> Gather graph's, bit for bit. A model
+whose every weight a default session runs on a fused kernel is recorded as meant for one
+(api.session_options)."""
 
 import ml_dtypes
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from builders import make_model, vi
+from builders import conv_zoo, make_model, vi
 from onnx import TensorProto, helper
 
 import onnxq
+from onnxq.cli import _run_options
+from onnxq.graph.io import SESSION_KEY, get_metadata
 from onnxq.graph.tables import lookups_on_codes
 
 V, D, BLOCK = 40, 64, 16
@@ -147,3 +151,18 @@ def test_a_converted_encoder_runs_no_table_dequantize_in_a_default_session(tmp_p
         assert not table_dq and any(n.op_type == "Gather" for n in runs.graph.node)
         # the same values as the whole table dequantized at load (the session entry folds the DQ)
         assert np.array_equal(sess.run(None, feeds[0])[0], _session(q, entry=True).run(None, feeds[0])[0])
+        # no weight is dequantized per call, so the model is meant for a default session: the
+        # report says so, the file records it and `onnxq eval` runs it that way
+        assert rep.session_options == {} and get_metadata(q, SESSION_KEY) == "{}"
+        assert _run_options(q, no_qdq_fusion=False) == ("generic", {})
+
+
+def test_a_conv_model_keeps_the_entry_that_folds_its_weights_at_load():
+    rng = np.random.default_rng(4)
+    m = conv_zoo(rng)
+    shape = [d.dim_value or 1 for d in m.graph.input[0].type.tensor_type.shape.dim]
+    feeds = [{m.graph.input[0].name: rng.standard_normal(shape).astype(np.float32)} for _ in range(8)]
+    q, rep = onnxq.convert(m, onnxq.ConvertConfig(bits=4), calib=feeds)
+    # a default session would dequantize the 4-bit conv weights on every call
+    assert rep.session_options == {"session.disable_quant_qdq": "1"} and get_metadata(q, SESSION_KEY) is None
+    assert _run_options(q, no_qdq_fusion=False) == ("generic", {"session.disable_quant_qdq": "1"})

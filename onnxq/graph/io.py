@@ -54,6 +54,7 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
 
 
 TARGET_KEY = "onnxq.target"      # metadata: the emission rules a model was written for
+SESSION_KEY = "onnxq.session_options"   # metadata (JSON): onnxruntime session entries, where not the target's
 
 
 def set_metadata(model: onnx.ModelProto, key: str, value: str) -> None:
@@ -66,6 +67,17 @@ def set_metadata(model: onnx.ModelProto, key: str, value: str) -> None:
 
 def get_metadata(model: onnx.ModelProto, key: str) -> str | None:
     return next((p.value for p in model.metadata_props if p.key == key), None)
+
+
+def constant_dequantizes(data: bytes) -> int:
+    """DequantizeLinear nodes of a serialized model (every graph) that read a constant: a runtime
+    that runs them dequantizes those weights on every call."""
+    m = onnx.load_from_string(data)
+    count = 0
+    for _, g in graphs(m):
+        consts = {t.name for t in g.initializer} | {o for n in g.node if n.op_type == "Constant" for o in n.output}
+        count += sum(n.op_type == "DequantizeLinear" and n.input[0] in consts for n in g.node)
+    return count
 
 
 def _external_locations(model: onnx.ModelProto) -> set[str]:
