@@ -40,8 +40,9 @@ def _layer(c: Conversion, lp) -> LayerReport:
     t = lp.target
     act = c.plan.acts.get(t.act) if t.act and not weight_only(c.plan, lp) else None
     bits, why = _input_note(c, t, act)
-    if act is None and t.act and weight_only(c.plan, lp):
-        bits, why = 32, f"weight-only under the {c.plan.target} target (its 4-bit kernels read a float input)"
+    if act is None and t.act and c.cfg.quantize_acts and weight_only(c.plan, lp):
+        bits, why = 32, (f"weight-only under the {c.plan.target} target (its {lp.bits}-bit kernels read a float "
+                         "input and round it per block as they run)")
     return LayerReport(
         node=t.node, op=t.op, graph=t.graph or "main", bits=lp.bits, method=lp.method, params=t.params,
         groups=t.groups, sqnr_db=_num(lp.sqnr_db), sqnr_rtn_db=_num(lp.sqnr_rtn_db),

@@ -103,25 +103,55 @@ def test_gemms_on_their_own_blocked_4bit_weights_become_matmuls_with_the_same_va
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_gemms_on_their_own_8bit_weights_with_one_scale_per_column_become_matmuls():
+    """transB=1: UINT8 codes [N, K] with zero point 128 per row (axis 0) become [K, N] per column
+    (axis 1); transB=0: INT8 codes [K, N] per column stay as they are."""
+    rng = np.random.default_rng(2)
+    inits = {"u_q": rng.integers(0, 256, (N, K)).astype(np.uint8), "u_s": (0.01 + 0.01 * rng.random(N)).astype(np.float32),
+             "u_z": np.full(N, 128, np.uint8), "i_q": rng.integers(-127, 128, (K, N)).astype(np.int8),
+             "i_s": (0.01 + 0.01 * rng.random(N)).astype(np.float32), "c": rng.standard_normal(N).astype(np.float32)}
+    nodes = [helper.make_node("DequantizeLinear", ["u_q", "u_s", "u_z"], ["u"], name="u_dq", axis=0),
+             helper.make_node("DequantizeLinear", ["i_q", "i_s"], ["i"], name="i_dq", axis=1),
+             helper.make_node("Gemm", ["x", "u", "c"], ["g0"], name="g0", transB=1),
+             helper.make_node("Gemm", ["x", "i"], ["g1"], name="g1")]
+    m = make_model(nodes, [vi("x", [2, K])], [vi("g0", [2, N]), vi("g1", [2, N])], inits)
+    q = onnx.ModelProto()
+    q.CopyFrom(m)
+    assert gemms_as_matmuls(q) == 2
+    by_name = {n.name: n for n in q.graph.node}
+    assert by_name["g0"].op_type == by_name["g1"].op_type == "MatMul"
+    assert [(a.name, a.i) for a in by_name["u_dq"].attribute] == [("axis", 1)]
+    assert [list(t.dims) for t in q.graph.initializer if t.name == "u_q"] == [[K, N]]
+    feeds = {"x": rng.standard_normal((2, K)).astype(np.float32)}
+    for want, got in zip(_run(m, feeds), _run(q, feeds)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("shared", [False, True])
-def test_generic_4bit_gemms_run_on_onnxruntimes_4bit_kernel(tmp_path, shared):
-    """Converted to 4 bits under generic, each step with its own weight is a MatMul that
-    onnxruntime's default session fuses into MatMulNBits (no 4-bit weight left to dequantize as it
-    runs), with the answers of the graph as written; steps that share one weight (stored once)
-    keep their Gemms."""
+def test_generic_gemms_run_on_onnxruntimes_weight_only_kernel(tmp_path, shared, bits):
+    """Converted to 4 or 8 bits under generic, each step with its own weight is a MatMul that
+    onnxruntime's default session fuses into MatMulNBits of those bits (no weight left to
+    dequantize as it runs), with the answers of the graph as written; steps that share one
+    weight (stored once) keep their Gemms."""
     m = _chain(shared)
     feeds = [{"x": np.random.default_rng(s).standard_normal((4, 64)).astype(np.float32)} for s in range(12)]
-    q, rep = onnxq.convert(m, onnxq.ConvertConfig(bits=4, act_bits=8), calib=feeds[:8])
+    q, rep = onnxq.convert(m, onnxq.ConvertConfig(bits=bits, act_bits=8), calib=feeds[:8])
     assert rep.shared_weights == (1 if shared else 0)
     ops = collections.Counter(n.op_type for n in q.graph.node)
     assert (ops["Gemm"], ops["MatMul"]) == ((6, 0) if shared else (0, 6)), ops
     assert all(l.activation_bits == 32 for l in rep.quantized)        # weight-only: the kernel reads float
+    assert not any(n.op_type == "QuantizeLinear" for n in q.graph.node)
     fused = tmp_path / "fused.onnx"
     _run(q, feeds[0], optimized=True, path=str(fused))
-    after = collections.Counter(n.op_type for n in onnx.load(str(fused)).graph.node)
+    runs = onnx.load(str(fused)).graph.node
+    after = collections.Counter(n.op_type for n in runs)
     assert after["MatMulNBits"] == (0 if shared else 6) and after["DequantizeLinear"] == (6 if shared else 0), after
+    assert all(a.i == bits for n in runs if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "bits")
+    # a default session would dequantize a shared weight every call: the model keeps the entry
+    assert rep.session_options == ({"session.disable_quant_qdq": "1"} if shared else {})
     want = np.concatenate([_run(q, f)[0] for f in feeds[8:]])
     got = np.concatenate([_run(q, f, optimized=True)[0] for f in feeds[8:]])
     fp32 = np.concatenate([_run(m, f)[0] for f in feeds[8:]])
     # the fused kernel rounds its float input to int8 per block as it runs: about 40 dB here
-    assert sqnr_db(want, got) > 35 and sqnr_db(fp32, want) > 12
+    assert sqnr_db(want, got) > 35 and sqnr_db(fp32, want) > (12 if bits == 4 else 30)

@@ -73,7 +73,8 @@ def test_no_statistic_inside_a_decomposed_layer_norm_is_quantized(target):
     q, rep = onnxq.convert(m, onnxq.ConvertConfig(bits=8, target=target), calib=cal)
     got = _quantized(q)
     assert not got & INSIDE
-    assert "ln" in got                     # the second layer reads the normalised result quantized
+    # the second layer reads the normalised result quantized; under generic it is weight-only (float)
+    assert ("ln" in got) == (target != "generic")
     assert rep.fidelity.sqnr_db > 30
 
 

@@ -57,7 +57,7 @@ def codes_and_scales(w, bits, axis):
     return codes, scales, shape
 
 
-def make_plan(m, acts: bool, corrected: dict | None = None, bits=None, ranges=None) -> Plan:
+def make_plan(m, acts: bool, corrected: dict | None = None, bits=None, ranges=None, target="generic") -> Plan:
     """Round-to-nearest codes for every target (bits by node name), the given activation ranges."""
     targets, _ = find_targets(m)
     w = {}
@@ -72,7 +72,7 @@ def make_plan(m, acts: bool, corrected: dict | None = None, bits=None, ranges=No
                                 axis=axis, bias=(corrected or {}).get(t.node),
                                 source_bias=w[t.bias] if t.bias else None))
     a = {k: act_quant(lo, hi, 8, False, "minmax") for k, (lo, hi) in ranges.items()} if acts else {}
-    return code_biases(Plan(layers=layers, acts=a))
+    return code_biases(Plan(layers=layers, acts=a, target=target))
 
 
 def session(m, *taps):
@@ -145,7 +145,9 @@ def test_weight_only_plan_computes_with_the_dequantized_weights():
     assert not any(t.data_type == TensorProto.INT32 for t in q.graph.initializer)
     nodes = nodes_by_name(q)
     assert nodes["conv_a"].input[2] == "conv_a/bias"           # the corrected bias, in float
-    assert nodes["conv_b"].input[2] == "bb" and nodes["fc"].input[2] == "bf"   # kept as they were
+    assert nodes["conv_b"].input[2] == "bb"                    # kept as it was
+    # fc (8 bits, weight-only under generic) is written as MatMul + Add of its bias, kept as it was
+    assert nodes["fc"].op_type == "MatMul" and list(nodes["fc/bias_add"].input) == ["fc/matmul_out", "bf"]
     # the reference: the float model with w = codes * scales and the corrected bias
     ref = onnx.ModelProto()
     ref.CopyFrom(m)
@@ -167,15 +169,15 @@ def test_one_qdq_pair_per_activation_read_by_quantized_layers():
     q = apply_plan(m, make_plan(m, acts=True))
     onnx.checker.check_model(q)
     quant = [n for n in q.graph.node if n.op_type == "QuantizeLinear"]
-    assert sorted(n.input[0] for n in quant) == ["f", "r", "x"]
+    assert sorted(n.input[0] for n in quant) == ["r", "x"]     # fc is weight-only under generic: f stays float
     readers = {}
     for n in q.graph.node:
         for i in n.input:
             readers.setdefault(i, []).append(n.name)
     # r feeds two quantized layers through one pair; the Relu's float r is still read by the pair
     assert sorted(readers["r/dq"]) == ["conv_b", "conv_c"] and readers["r"] == ["r/quantize"]
-    assert readers["x/dq"] == ["conv_a"] and readers["f/dq"] == ["fc"]
-    for a in ACT_RANGES:
+    assert readers["x/dq"] == ["conv_a"] and readers["f"] == ["fc"]
+    for a in ("x", "r"):
         assert readers[f"{a}/q"] == [f"{a}/dequantize"]
         zero = next(t for t in q.graph.initializer if t.name == f"{a}/act_zero")
         assert zero.data_type == TensorProto.UINT8
@@ -193,7 +195,8 @@ def test_graph_outputs_never_get_qdq():
     q = apply_plan(m, make_plan(m, acts=True))
     assert [o.name for o in q.graph.output] == ["y", "yb", "r"]
     producer = {o: n.op_type for n in q.graph.node for o in n.output}
-    assert producer["r"] == "Relu" and producer["y"] == "Gemm" and producer["yb"] == "Conv"
+    # y: fc's bias Add (fc, weight-only under generic, is written as MatMul + Add)
+    assert producer["r"] == "Relu" and producer["y"] == "Add" and producer["yb"] == "Conv"
     quantized = {n.input[0] for n in q.graph.node if n.op_type == "QuantizeLinear"}
     assert "y" not in quantized and "yb" not in quantized
     # r as the user reads it is the Relu's float output, not its fake-quantized copy
@@ -221,8 +224,8 @@ def test_int32_bias_dq_when_the_input_is_quantized():
         step = inits[f"{node}/bias_scale"]
         assert np.all(np.abs(inits[f"{node}/bias_q"] * step - source[bias]) <= 0.5 * step + 1e-7)
     assert len(nodes["conv_c"].input) == 2                      # no bias, none added
-    # fc's weight is per channel along axis 1: its bias stays the model's float one
-    assert nodes["fc"].input[2] == "bf" and "fc/bias_q" not in inits
+    # fc reads a float input (weight-only under generic): its bias stays the model's float one
+    assert list(nodes["fc/bias_add"].input) == ["fc/matmul_out", "bf"] and "fc/bias_q" not in inits
     # and the quantized model still computes what the float one does, roughly
     x = feed(3)
     got, want = session(q).run(None, x), session(m).run(None, x)
@@ -255,21 +258,22 @@ def test_subgraph_layers_alone_get_their_weight_dq():
             assert [n.op_type for n in g.node] == ["DequantizeLinear", "MatMul"]
 
 
+@pytest.mark.parametrize("target", ["generic", "openvino"])
 @pytest.mark.parametrize("acts", [False, True])
-def test_layers_in_the_main_graph_and_in_branches_together(acts):
+def test_layers_in_the_main_graph_and_in_branches_together(acts, target):
     m = main_and_branch()
     plan = make_plan(m, acts, bits={"then_mm": 8, "else_mm": 4, "main_mm": 8},
-                     ranges={"x": (-3.0, 3.0), "h": (-4.0, 4.0)})
+                     ranges={"x": (-3.0, 3.0), "h": (-4.0, 4.0)}, target=target)
     q = apply_plan(m, plan)
     onnx.checker.check_model(q)
     for path, g in graphs(q):
         produced = {o for n in g.node for o in n.output}
         mm = next(n for n in g.node if n.op_type == "MatMul")
         assert mm.input[1] in produced                                  # its weight DQ is in its graph
-        if acts and mm.name != "else_mm":    # a 4-bit MatMul reads float under generic (weight-only)
+        if acts and target != "generic":     # MatMuls read float under generic (weight-only)
             assert mm.input[0] in produced                              # and so is its input's pair
-        elif acts:
-            assert mm.input[0] == "h"
+        else:
+            assert mm.input[0] in ("x", "h")
     x = {"x": np.random.default_rng(3).standard_normal((1, 4)).astype(np.float32)}
     for c in (True, False):
         got, want = session(q).run(None, {**x, "c": np.array(c)}), session(m).run(None, {**x, "c": np.array(c)})

@@ -115,13 +115,14 @@ def sqnr(m, q, fs):
 
 
 def test_an_outlier_channel_converts_closer_to_fp32_with_smoothing():
-    """One range method for both (mse), so the comparison is of smoothing alone."""
+    """One range method for both (mse), so the comparison is of smoothing alone; under openvino,
+    whose 8-bit MatMuls read a quantized input (under generic they are weight-only)."""
     rng = np.random.default_rng(3)
     m = block(rng)
     cal, held = feeds(rng, 24), feeds(rng, 12)
-    q_on, rep_on = onnxq.convert(m, onnxq.ConvertConfig(bits=8, act_bits=8, act_method="mse"), calib=cal)
-    q_off, rep_off = onnxq.convert(m, onnxq.ConvertConfig(bits=8, act_bits=8, act_method="mse", smooth=False),
-                                   calib=cal)
+    cfg = dict(bits=8, act_bits=8, act_method="mse", target="openvino")
+    q_on, rep_on = onnxq.convert(m, onnxq.ConvertConfig(**cfg), calib=cal)
+    q_off, rep_off = onnxq.convert(m, onnxq.ConvertConfig(**cfg, smooth=False), calib=cal)
     chosen = {s.tensor: s for s in rep_on.smoothing}
     assert chosen["n"].alpha is not None and sorted(chosen["n"].readers) == ["side", "up"]
     assert chosen["n"].error_after < chosen["n"].error_before
@@ -131,10 +132,12 @@ def test_an_outlier_channel_converts_closer_to_fp32_with_smoothing():
     assert sqnr(m, q_on, held) > sqnr(m, q_off, held) + 3.0
 
 
-@pytest.mark.parametrize("cfg", [dict(bits=8, act_bits=32), dict(bits=4, act_bits=8, target="ort-cpu")])
+@pytest.mark.parametrize("cfg", [dict(bits=8, act_bits=32), dict(bits=4, act_bits=8, target="ort-cpu"),
+                                 dict(bits=8, act_bits=8)])
 def test_no_smoothing_where_the_input_stays_float(cfg):
-    """Weight-only conversions, and 4-bit MatMuls under ort-cpu (MatMulNBits reads a float
-    input), have no activation grid for smoothing to help."""
+    """Weight-only conversions, 4-bit MatMuls under ort-cpu (MatMulNBits reads a float input)
+    and MatMuls under generic (weight-only at 4 and 8 bits) have no activation grid for
+    smoothing to help."""
     rng = np.random.default_rng(4)
     m = block(rng)
     q, rep = onnxq.convert(m, onnxq.ConvertConfig(protect=0.0, **cfg), calib=feeds(rng, 16))
@@ -147,7 +150,7 @@ def test_saved_statistics_bring_their_smoothing_along(tmp_path):
     calibration data (or none) they apply the same smoothing, and give the same model."""
     rng = np.random.default_rng(5)
     m = block(rng)
-    cfg = onnxq.ConvertConfig(bits=8, act_bits=8, act_method="mse")
+    cfg = onnxq.ConvertConfig(bits=8, act_bits=8, act_method="mse", target="openvino")   # MatMuls read 8 bits
     path = str(tmp_path / "stats.npz")
     a, rep_a = onnxq.convert(m, cfg, calib=feeds(rng, 24), save_stats=path)
     assert any(s.alpha is not None for s in rep_a.smoothing)

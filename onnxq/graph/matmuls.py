@@ -1,7 +1,8 @@
-"""generic: a float-input 4-bit Gemm becomes MatMul (+ Add of its C) on [K, N] codes blocked along K.
+"""generic: a float-input 4- or 8-bit Gemm becomes MatMul (+ Add of its C) on [K, N] codes.
 
-Runtimes fuse DequantizeLinear -> MatMul on a constant 4-bit weight blocked along K into a
-weight-only kernel that reads the codes as stored (onnxruntime's CPU provider: MatMulNBits). A
+Runtimes fuse DequantizeLinear -> MatMul on a constant 4- or 8-bit weight (blocked along K, or one
+scale per output column) into a weight-only kernel that reads the codes as stored (onnxruntime's
+CPU provider: MatMulNBits, which rounds its float input to int8 per block as it runs). A
 DQ -> Gemm its default session neither fuses nor folds: every run dequantizes the weight again,
 and a weight that an unrolled loop reads N times N times a run. Y = A·Bᵀ + C is A·(Bᵀ) + C: the
 codes, scales and zero points are transposed, the values stay the same."""
@@ -16,7 +17,7 @@ from .large import tensor_array
 from .prepare import graph_views
 from .walk import attr
 
-FOUR_BIT = (TensorProto.INT4, TensorProto.UINT4)
+CODES = (TensorProto.INT4, TensorProto.UINT4, TensorProto.INT8, TensorProto.UINT8)
 
 
 def _plain_gemm(n: onnx.NodeProto, w: str) -> bool:
@@ -27,15 +28,15 @@ def _plain_gemm(n: onnx.NodeProto, w: str) -> bool:
 
 
 def _weight_dq(dq: onnx.NodeProto, inits: dict, readers: dict, kept: set[str]) -> int | None:
-    """transB of the one Gemm that reads this DQ of a constant 4-bit matrix blocked along K with
-    float32 scales; None when it is not one. Constants or an output that another node reads too
-    (`kept`: what subgraphs read from this graph) rule it out: onnxruntime fuses a DQ into
+    """transB of the one Gemm that reads this DQ of a constant 4- or 8-bit matrix, blocked along K
+    or with one scale per output column, with float32 scales; None when it is not one. Constants
+    or an output that another node reads too (`kept`: what subgraphs read from this graph) rule it out: onnxruntime fuses a DQ into
     MatMulNBits only when the DQ and its codes are the MatMul's own (a weight that the steps of an
     unrolled loop share, stored once, keeps its Gemms)."""
     if dq.op_type != "DequantizeLinear" or dq.input[0] not in inits or dq.input[1] not in inits:
         return None
     q, s = inits[dq.input[0]], inits[dq.input[1]]
-    if q.data_type not in FOUR_BIT or len(q.dims) != 2 or s.data_type != TensorProto.FLOAT:
+    if q.data_type not in CODES or len(q.dims) != 2 or s.data_type != TensorProto.FLOAT:
         return None
     names = [i for i in dq.input if i] + [dq.output[0]]
     if any(n in kept for n in names) or any(len(readers.get(n, [])) != 1 for n in names):
@@ -44,18 +45,22 @@ def _weight_dq(dq: onnx.NodeProto, inits: dict, readers: dict, kept: set[str]) -
         return None
     gemm = readers[dq.output[0]][0]
     trans = int(attr(gemm, "transB", 0))
-    if not _plain_gemm(gemm, dq.output[0]) or not attr(dq, "block_size", 0) or int(attr(dq, "axis", 1)) % 2 != trans:
+    along_k = int(attr(dq, "axis", 1)) % 2 == trans           # K: axis 1 of B [N, K], 0 of B [K, N]
+    if not _plain_gemm(gemm, dq.output[0]) or along_k != bool(attr(dq, "block_size", 0)) or len(s.dims) > 2:
         return None
     return trans
 
 
 def _transpose_dq(dq: onnx.NodeProto, inits: dict) -> None:
-    """The DQ of [N, K] codes blocked along K (axis 1) becomes one of [K, N] along axis 0 (its
-    constants, which it alone reads, transposed in place)."""
+    """The DQ of [N, K] codes becomes one of [K, N]: blocked along K (axis 1 -> 0) or one scale
+    per column (axis 0 -> 1); its constants, which it alone reads, transposed in place."""
+    blocked = bool(attr(dq, "block_size", 0))
     for name in (i for i in dq.input if i):
         inits[name].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(tensor_array(inits[name]).T), name))
+    block = _block(dq, inits) if blocked else 0
     del dq.attribute[:]
-    dq.attribute.extend([helper.make_attribute("axis", 0), helper.make_attribute("block_size", _block(dq, inits))])
+    dq.attribute.extend([helper.make_attribute("axis", 0), helper.make_attribute("block_size", block)] if blocked
+                        else [helper.make_attribute("axis", 1)])
 
 
 def _block(dq: onnx.NodeProto, inits: dict) -> int:

@@ -108,6 +108,8 @@ class Rules:
     act_signed: bool = False      # symmetric int8 activations, zero point 0
     add_inputs: bool = False      # Q/DQ on both inputs of residual Adds (fused into the conv before)
     int4_weight_only: bool = False  # 2-4-bit Gemm/MatMul read a float input (int4 weight-only kernels)
+    int8_weight_only: bool = False  # 8-bit Gemm/MatMul too (weight-only kernels that round their input
+                                    # per block as they run: onnxruntime's MatMulNBits, 8 bits)
     matmul_gemms: bool = False    # ... and such a Gemm on a weight blocked along K is emitted as MatMul
                                   # (+ Add) on [K, N] codes, the form runtimes fuse (graph/matmuls.py)
     table_codes: bool = False     # tables' Gathers read the codes, only gathered rows are dequantized
@@ -136,11 +138,12 @@ class Rules:
 
 RULES: dict[str, Rules] = {
     "generic": Rules("generic", output_units=False, all_readers=False, int4_conv=True, int4_matmul=True,
-                     int4_weight_only=True, matmul_gemms=True, table_codes=True, blocked_weights=True,
+                     int4_weight_only=True, int8_weight_only=True, matmul_gemms=True, table_codes=True,
+                     blocked_weights=True,
                      blocked_convs=True, zero_points=True, smooth_convs=True, wide_acts=True, u8_weights=True,
                      session_options={"session.disable_quant_qdq": "1"},
-                     summary="Q/DQ on quantized layers' inputs; INT4 containers; 4-bit Gemm/MatMul weight-only "
-                             "(float input), Gemm as MatMul on weights blocked along K; tables gathered as codes"),
+                     summary="Q/DQ on quantized layers' inputs; INT4 containers; Gemm/MatMul weight-only "
+                             "(float input), Gemm as MatMul on [K, N] codes; tables gathered as codes"),
     "ort-cpu": Rules("ort-cpu", output_units=True, all_readers=True, int4_conv=False, int4_matmul=False,
                      simplify=True, int4_weight_only=True, ms_kernels=True, blocked_weights=True,
                      zero_points=True, float_decisions=True, wide_acts=True, wide_macs=ORT_WIDE_MACS,
@@ -169,9 +172,11 @@ DEFAULT_TARGET = "generic"
 
 def float_input(rules: Rules, target, bits: int) -> bool:
     """Whether a layer (a types.Target) reads its input in float under `rules`: 2- to 4-bit
-    Gemm/MatMul under weight-only kernels; with onnxruntime's MatMulNBits only where it fits
+    Gemm/MatMul under weight-only kernels (8-bit ones too under int8_weight_only); with
+    onnxruntime's MatMulNBits only where it fits
     (X @ W, or a Gemm whose bias the quantizer may replace), else its fused 8-bit kernel."""
-    if not (rules.int4_weight_only and target.op in ("Gemm", "MatMul") and bits <= 4):
+    weight_only = rules.int4_weight_only if bits <= 4 else rules.int8_weight_only
+    if not (weight_only and target.op in ("Gemm", "MatMul")):
         return False
     return not rules.ms_kernels or nbits_fits(target)
 

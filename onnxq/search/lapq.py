@@ -26,7 +26,7 @@ from ..config import ConvertConfig
 from ..graph.rewrite import act_param_names, act_param_values, apply_plan, bias_param_values
 from ..graph.variants import weights_as_inputs
 from ..plan.acts import act_quant, method_acts
-from ..plan.biases import code_biases, coded_biases
+from ..plan.biases import code_biases, coded_biases, unrounded_inputs
 from ..runtime import session
 from ..types import ActQuant, ActStats, Feed, Plan, Progress, SearchSummary
 
@@ -114,11 +114,13 @@ def batched(sess, feeds: Sequence[Feed], reference: Sequence[Sequence[np.ndarray
 
 def searched(plan: Plan) -> list[str]:
     """The activations whose ranges the searches move: the main graph's, tied ones left out
-    (they take their source's after the search). A tensor no layer reads (a layer's output-side
-    Q under full node units) is a main-graph one."""
+    (they take their source's after the search), and those that only weight-only layers read (not
+    in the model). A tensor no layer reads (a layer's output-side Q under full node units) is a
+    main-graph one."""
     inner = {lp.target.act for lp in plan.layers if lp.target.graph}
     outer = {lp.target.act for lp in plan.layers if not lp.target.graph}
-    return sorted(a for a in plan.acts if a not in plan.tied and (a in outer or a not in inner))
+    unread = unrounded_inputs(plan)
+    return sorted(a for a in plan.acts if a not in plan.tied and a not in unread and (a in outer or a not in inner))
 
 
 def _scaled(start: Mapping[str, ActQuant], names, cfg: ConvertConfig, x: np.ndarray) -> dict[str, ActQuant]:
