@@ -23,14 +23,14 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
-    """A W4A8 conversion of the digits CNN (Gemms at 8 bits) with a layer name that needs escaping."""
+    """A W8A8 conversion of the digits CNN (Gemms at 4 bits) with a layer name that needs escaping."""
     import onnx
     m = onnx.load(str(ROOT / "models" / "digits_cnn.onnx"))
     m.graph.node[0].name = "<stem> & co"
     calib = sorted((ROOT / "models" / "digits_calib").glob("*.npz"))[:16]
-    # the Gemms at 8 bits under ort-cpu: they read a quantized input, which the smoothing
-    # considers (under generic Gemms are weight-only)
-    cfg = onnxq.ConvertConfig(bits=4, bits_overrides=(("*Gemm*", 8),), target="ort-cpu")
+    # an 8-bit conversion, whose depthwise and pointwise conv inputs the smoothing considers (the
+    # Gemms, weight-only, read float), with 4-bit Gemms so that both bar colours are drawn
+    cfg = onnxq.ConvertConfig(bits=8, bits_overrides=(("*Gemm*", 4),))
     _, rep = onnxq.convert(m, cfg, calib=[dict(np.load(p)) for p in calib])
     return json.loads(json.dumps(rep.to_dict(), default=lambda x: x.item() if hasattr(x, "item") else str(x)))
 
@@ -42,7 +42,7 @@ def test_the_page_holds_a_bar_per_layer_and_a_histogram_per_activation(report):
     assert chart.count("<rect") == len(report["quantized"]) > 0
     assert page.count('class="spark"') == sum(1 for a in report["activations"] if a["histogram"]) > 0
     assert "&lt;stem&gt; &amp; co" in page and "<stem>" not in page
-    # every Gemm/MatMul input the smoothing considered is listed, smoothed or not
+    # every input the smoothing considered is listed, smoothed or not
     assert report["smoothing"] and all(escape(m["tensor"]) in page for m in report["smoothing"])
     assert page.count("<h2>Smoothing</h2>") == 1
     # the 8-bit activations ranked by the harm --protect-acts measured, one bar each

@@ -61,7 +61,7 @@ def _generic_table(q: onnx.ModelProto, bits: int) -> np.ndarray:
 
 
 @pytest.mark.parametrize("bits", [8, 4])
-def test_ort_cpu_tables_and_4_bit_matmuls_use_onnxruntimes_kernels_with_the_same_codes(bits):
+def test_ort_cpu_tables_and_matmuls_use_onnxruntimes_kernels_with_the_same_codes(bits):
     rng = np.random.default_rng(1)
     m = embedder(rng)
     feeds = [{"ids": rng.integers(0, 50, (1, 7))} for _ in range(12)]
@@ -70,7 +70,7 @@ def test_ort_cpu_tables_and_4_bit_matmuls_use_onnxruntimes_kernels_with_the_same
     q, rep = onnxq.convert(m, onnxq.ConvertConfig(**cfg, target="ort-cpu"), calib=feeds)
     ops = {n.name: (n.op_type, n.domain) for n in q.graph.node}
     assert ops["embed"] == ("GatherBlockQuantized", "com.microsoft")
-    assert ops["proj"][0] == ("MatMulNBits" if bits == 4 else "MatMul")
+    assert ops["proj"][0] == "MatMulNBits"                    # 4 or 8 bits: the weight-only kernel
     assert any(o.domain == "com.microsoft" for o in q.opset_import)
     # the table's codes are the generic target's, stored for the kernel (uint8 with zero point
     # 128 at 8 bits, INT4 at 4)
@@ -83,7 +83,10 @@ def test_ort_cpu_tables_and_4_bit_matmuls_use_onnxruntimes_kernels_with_the_same
         zero = np.stack([zeros & 15, zeros >> 4], -1).reshape(8, 2, 1)
         assert np.array_equal((unpacked - zero).reshape(8, 64).T,         # the generic DQ's codes [K, N] less its zero points
                               _codes(generic, "proj/weight_q") - np.repeat(_codes(generic, "proj/weight_zero"), 32, axis=0))
-        assert not any(n.op_type == "QuantizeLinear" for n in q.graph.node)   # the kernel reads float
+    else:                # 8-bit codes + 128, one a byte, one block of the whole K = 64
+        got = _codes(q, "proj/weight_q").reshape(8, 64).T - 128
+        assert np.array_equal(got, _codes(generic, "proj/weight_q") - 128)
+    assert not any(n.op_type == "QuantizeLinear" for n in q.graph.node)       # the kernel reads float
     f = {"ids": np.arange(49).reshape(7, 7)}
     ref = ort.InferenceSession(m.SerializeToString()).run(None, f)[0]
     got = ort.InferenceSession(q.SerializeToString()).run(None, f)[0]

@@ -1,9 +1,9 @@
 """onnxruntime's own quantized weight kernels (com.microsoft), emitted in place of DQ -> op under
 targets whose rules ask for them (plan/rules.py `ms_kernels`):
 
-MatMulNBits           Y = A @ W (+ bias) with W as 4-bit codes, two to a byte, one scale per
-                      block of K values of a column; A stays float and the CPU kernel quantizes it
-                      to int8 per block as it runs (accuracy_level 4).
+MatMulNBits           Y = A @ W (+ bias) with W as 4-bit codes, two to a byte, or 8-bit ones, one
+                      scale per block of K values of a column; A stays float and the CPU kernel
+                      quantizes it to int8 per block as it runs (accuracy_level 4).
 GatherBlockQuantized  rows of a table stored as 8- or 4-bit codes with one scale per block of a
                       row, dequantized as they are gathered.
 
@@ -30,7 +30,7 @@ from .walk import graphs, graphs_in
 DOMAIN = "com.microsoft"
 MIN_BLOCK = 16            # both kernels take power-of-two blocks of at least 16
 MAX_BLOCK = 128
-ACCURACY_LEVEL = 4        # MatMulNBits: int8 compute on the float input
+ACCURACY_LEVEL = 4        # MatMulNBits: int8 compute on the float input (rounded per block as it runs)
 
 
 def _block(k: int, plan_block: int, padded: bool) -> int:
@@ -87,8 +87,8 @@ def _become(node: onnx.NodeProto, op: str, inputs: list[str], **attrs) -> None:
 
 
 def matmul_nbits(g: onnx.GraphProto, node: onnx.NodeProto, lp: LayerPlan, bias: np.ndarray | None) -> bool:
-    """Emits a 2- to 4-bit MatMul (X @ W) or Gemm (transA=0) as MatMulNBits; False when its shape
-    or bias does not fit the kernel (the caller then emits DQ -> op)."""
+    """Emits a MatMul (X @ W) or Gemm (transA=0) with 2- to 4-bit or 8-bit codes as MatMulNBits;
+    False when its shape or bias does not fit the kernel (the caller then emits DQ -> op)."""
     t = lp.target
     w = to_matrix(lp.codes, t.weight_layout)          # [N, K]
     n, k = w.shape
@@ -98,21 +98,24 @@ def matmul_nbits(g: onnx.GraphProto, node: onnx.NodeProto, lp: LayerPlan, bias: 
     has_c = t.op == "Gemm" and len(node.input) > 2 and bool(node.input[2])
     if not (nbits_fits(t) and block) or (bias is None and has_c) or (bias is not None and np.asarray(bias).size != n):
         return False
+    bits = 4 if lp.bits <= 4 else 8
     blocks = -(-k // block)
-    # codes + their zero point: the plan's (affine blocks) or 8, the kernel's default
-    zeros = (np.full((n, blocks), 8, np.uint8) if lp.zero_points is None
-             else lp.zero_points.reshape(n, blocks).astype(np.uint8))
+    # codes + their zero point: the plan's (affine blocks) or 2^(bits - 1), the kernel's default
+    zeros = (np.full((n, blocks), 1 << (bits - 1), np.int16) if lp.zero_points is None
+             else lp.zero_points.reshape(n, blocks).astype(np.int16))
     u = np.repeat(zeros, block, axis=1)                 # a padded tail dequantizes to 0
-    u[:, :k] = w + u[:, :k]
-    packed = _nibbles(u.reshape(n, blocks, block))
+    u[:, :k] += w.astype(np.int16)
+    u = u.astype(np.uint8).reshape(n, blocks, block)
     pre = t.node
-    ins = [node.input[0], add_initializer(g, f"{pre}/weight_q4", packed),
+    data = (f"{pre}/weight_q4", _nibbles(u)) if bits == 4 else (f"{pre}/weight_q", u)   # 4-bit: two to a byte
+    ins = [node.input[0], add_initializer(g, *data),
            add_initializer(g, f"{pre}/weight_scale", _block_scales(lp.scales, n, blocks))]
-    if lp.zero_points is not None:                      # 4-bit zero points, two to a byte per row
-        ins.append(add_initializer(g, f"{pre}/weight_zero", _nibbles(np.pad(zeros, ((0, 0), (0, blocks % 2))))))
+    if lp.zero_points is not None:                      # 4-bit zero points two to a byte per row
+        z = zeros.astype(np.uint8)
+        ins.append(add_initializer(g, f"{pre}/weight_zero", _nibbles(np.pad(z, ((0, 0), (0, blocks % 2)))) if bits == 4 else z))
     if bias is not None:
         ins += [""] * (4 - len(ins) + 1) + [add_initializer(g, f"{pre}/bias", np.asarray(bias, np.float32).reshape(n))]
-    _become(node, "MatMulNBits", ins, K=k, N=n, bits=4, block_size=block, accuracy_level=ACCURACY_LEVEL)
+    _become(node, "MatMulNBits", ins, K=k, N=n, bits=bits, block_size=block, accuracy_level=ACCURACY_LEVEL)
     return True
 
 

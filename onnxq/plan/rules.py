@@ -30,9 +30,10 @@ ort-cpu   full node units DQ -> op -> Q so onnxruntime's CPU provider fuses inte
           Clip, Relu) is ranged only where they do not. At 8-bit activations the few whose
           rounding costs the network most may be int16 (--protect-acts): the layers reading or
           making them then run in float, so they may hold at most 2% of the multiply-adds.
-          2- to 4-bit Gemm/MatMul weights become its 4-bit kernel MatMulNBits (com.microsoft:
-          onnxq's codes packed two to a byte, one scale and zero point per block of K; the input
-          stays float and the kernel quantizes it to int8 per block as it runs), and embedding
+          Gemm/MatMul weights become its weight-only kernel MatMulNBits (com.microsoft: onnxq's
+          4-bit codes packed two to a byte or 8-bit ones, one scale and zero point per block of
+          K; the input stays float and the kernel quantizes it to int8 per block as it runs:
+          more faithful than a static 8-bit input, as fast), and embedding
           tables its GatherBlockQuantized (8 or 4 bits, dequantized rows gathered in one kernel).
 openvino  generic placement (OpenVINO's CPU plugin runs input-side Q/DQ convs as u8) with 2- to
           4-bit conv weights in INT8 containers: INT4 conv weights make it fall back to bf16
@@ -145,13 +146,14 @@ RULES: dict[str, Rules] = {
                      summary="Q/DQ on quantized layers' inputs; INT4 containers; Gemm/MatMul weight-only "
                              "(float input), Gemm as MatMul on [K, N] codes; tables gathered as codes"),
     "ort-cpu": Rules("ort-cpu", output_units=True, all_readers=True, int4_conv=False, int4_matmul=False,
-                     simplify=True, int4_weight_only=True, ms_kernels=True, blocked_weights=True,
+                     simplify=True, int4_weight_only=True, int8_weight_only=True, ms_kernels=True,
+                     blocked_weights=True,
                      zero_points=True, float_decisions=True, wide_acts=True, wide_macs=ORT_WIDE_MACS,
                      input_convs=ORT_INPUT_CONVS, int_hard_swish=True, fold_into_readers=True, int_pad=True,
                      u8_weights=True,
                      summary="full node units for onnxruntime's CPU integer kernels; u8 activations, 8-bit weights as u8 "
                              "with zero point 128, int32 bias; "
-                             "4-bit Gemm/MatMul as MatMulNBits, tables as GatherBlockQuantized"),
+                             "Gemm/MatMul as MatMulNBits (4 or 8 bits), tables as GatherBlockQuantized"),
     "openvino": Rules("openvino", output_units=False, all_readers=False, int4_conv=False, int4_matmul=True,
                       simplify=True, blocked_weights=True, zero_points=True,
                       session_options={"session.disable_quant_qdq": "1"},

@@ -69,6 +69,9 @@ class SearchSession:
         # a target may emit no Q/DQ for some planned tensor or code no int32 bias (tensorrt's
         # weight-only Gemm): those parameters are not in the graph, and changing them changes nothing
         self.known = {i.name for i in self.sess.get_inputs()}
+        # ... nor for a tensor only a weight-only kernel reads (ort-cpu's MatMulNBits input)
+        self.names = [a for a in self.names if act_param_names(a, plan.acts[a])[0] in self.known]
+        self.source = {a: s for a, s in self.source.items() if s in self.names}
         self.outputs = [o.name for o in self.sess.get_outputs()]
         self.feeds, self.reference = batched(self.sess, feeds, reference)
         self.evals = 0
