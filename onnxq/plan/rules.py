@@ -5,9 +5,13 @@ generic   Q/DQ on the inputs of quantized layers only, read only by those layers
           INT4 containers, ungrouped convs' with one float16 scale per --block input channels at
           each kernel tap; blocked weights as UINT4 codes with a zero point per block (--zero-points);
           at 8 bits pointwise- and depthwise-conv inputs may be smoothed per channel. The smallest file; runtimes
-          that fuse input-side Q/DQ (TensorRT-style, OpenVINO for 8-bit layers) run it fast. On
-          onnxruntime's CPU provider it runs at FP32 speed with `session.disable_quant_qdq`
-          (weights folded at load). At 8-bit
+          that fuse input-side Q/DQ (TensorRT-style, OpenVINO for 8-bit layers) run it fast. Gemm/MatMul
+          layers are weight-only (a float input; a Gemm on its own weight written as MatMul on [K, N]
+          codes, graph/matmuls.py): onnxruntime's default session runs them as MatMulNBits, which
+          rounds the input per block as it runs, OpenVINO as compressed FullyConnected layers.
+          Tables are looked up on their codes (graph/tables.py). On onnxruntime's CPU provider a
+          model with convs runs at FP32 speed with `session.disable_quant_qdq` (weights folded at
+          load); one whose weights all fuse is recorded as meant for a default session. At 8-bit
           activations the few whose rounding costs the network most may be int16 (--protect-acts).
           8-bit Conv/Gemm/MatMul weights in UINT8 with zero point 128 (U8_WEIGHT_OPS, below).
 ort-cpu   full node units DQ -> op -> Q so onnxruntime's CPU provider fuses integer kernels
