@@ -109,6 +109,10 @@ def _mb(n: int) -> str:
     return f"{n / 1e6:.2f} MB"
 
 
+def _layers(n: int) -> str:
+    return f"{n} layer" + ("" if n == 1 else "s")
+
+
 def _kb(n: int) -> str:
     return f"{n / 1e3:.1f} KB"
 
@@ -117,14 +121,14 @@ def print_summary(report) -> None:
     r = report
     by_bits = Counter(q.bits for q in r.quantized)
     out.print(f"[bold]onnxq[/] {escape(r.model)} (target {r.config.get('target', DEFAULT_TARGET)})")
-    out.print("  quantized: " + (", ".join(f"{n} layers at {b} bits" for b, n in sorted(by_bits.items()))
+    out.print("  quantized: " + (", ".join(f"{_layers(n)} at {b} bits" for b, n in sorted(by_bits.items()))
                                 or "nothing"))
     reasons = Counter((s.op, s.reason) for s in r.skipped)
     for (op, why), n in sorted(reasons.items()):
         out.print(f"  left in float: {n} {op} — {escape(why)}")
     notes = Counter(q.note for q in r.quantized if q.note)
     for why, n in sorted(notes.items()):
-        out.print(f"  note: {n} layers — {escape(why)}")
+        out.print(f"  note: {_layers(n)} — {escape(why)}")
     _print_search(r.search)
     _print_ranges(r.ranges)
     if r.rounding is not None:
@@ -140,7 +144,7 @@ def print_summary(report) -> None:
     _print_mixed(r.mixed)
     b = r.branches
     if b is not None and b.layers_with_branch:
-        out.print(f"  low-rank branches: {b.layers_with_branch} layers, {b.used_params} extra "
+        out.print(f"  low-rank branches: {_layers(b.layers_with_branch)}, {b.used_params} extra "
                   f"parameters ({b.used_params / max(r.params, 1):.2%} of the weights; budget "
                   f"{b.budget_params}), {_kb(b.bytes)} in the file")
     if b is not None and b.check_samples and b.divergence_final is not None:
@@ -149,7 +153,8 @@ def print_summary(report) -> None:
         out.print(f"  branches judged on {b.check_samples} {where}: {len(b.dropped)} dropped")
     weight_only = sum(1 for q in r.quantized if q.activation_bits >= 32)
     if weight_only:
-        out.print(f"  weight-only: {weight_only} layers read a float input (see the report for why)")
+        verb = "reads" if weight_only == 1 else "read"
+        out.print(f"  weight-only: {_layers(weight_only)} {verb} a float input (see the report for why)")
     out.print(f"  size: {_mb(r.size_before)} -> {_mb(r.size_after)} "
               f"({r.size_before / max(r.size_after, 1):.1f}x smaller)")
     stages = ", ".join(f"{k} {v:.1f} s" for k, v in r.seconds.items() if k != "total")
@@ -202,7 +207,7 @@ def _print_protect(p) -> None:
     if p is None:
         return
     if p.protected:
-        out.print(f"  protected: {len(p.protected)} layers kept at 8 bits (+{_kb(p.used_bytes)} of "
+        out.print(f"  protected: {_layers(len(p.protected))} kept at 8 bits (+{_kb(p.used_bytes)} of "
                   f"{_kb(p.budget_bytes)} allowed); network loss on unseen samples {p.check_before:.4g} -> "
                   f"{p.check_after:.4g}")
     else:
@@ -216,7 +221,7 @@ def _print_sequential(r) -> None:
         return
     shares = [float(m.group(1)) for q in r.quantized if (m := re.search(r"\+compensated \((\d+)%\)", q.method))]
     n = r.config.get("stages")
-    out.print(f"  sequential: {len(shares)} layers coded again on their quantized input, "
+    out.print(f"  sequential: {_layers(len(shares))} coded again on their quantized input, "
               + (f"in at most {n} stages" if n else "in stages of whole levels of layers")
               + (f", {sum(shares) / len(shares):.0f}% of the compensation kept on average (judged on held-out "
                  "samples)" if shares else ""))
@@ -241,7 +246,7 @@ def _print_mixed(mx) -> None:
         return
     chosen = Counter(mx.layers.values())
     out.print(f"  mixed precision ({mx.allocator}): average {mx.avg_bits:.2f} bits; "
-              + ", ".join(f"{n} layers at {b}" for b, n in sorted(chosen.items(), reverse=True))
+              + ", ".join(f"{_layers(n)} at {b}" for b, n in sorted(chosen.items(), reverse=True))
               + f"; output divergence predicted {mx.predicted_divergence:.4g}, measured "
               f"{mx.measured_divergence:.4g}")
 
