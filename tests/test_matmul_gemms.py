@@ -69,19 +69,19 @@ def _gemms() -> onnx.ModelProto:
                       [vi(o, shapes.get(o, [2, N])) for o in outs], inits, opset=21, ir=10)
 
 
-def _chain(shared: bool, steps: int = 6) -> onnx.ModelProto:
+def _chain(shared: bool, steps: int = 6, width: int = 64) -> onnx.ModelProto:
     """h_{k+1} = tanh(h_k W_k^T + b_k): the steps of an unrolled loop, each with its own weight or
     (`shared`) all reading one."""
     rng = np.random.default_rng(4)
     nodes, inits, h = [], {}, "x"
     for k in range(steps):
         w = "w" if shared else f"w{k}"
-        inits.setdefault(w, (rng.standard_normal((64, 64)) / 8).astype(np.float32))
-        inits[f"b{k}"] = (rng.standard_normal(64) / 8).astype(np.float32)
+        inits.setdefault(w, (rng.standard_normal((width, width)) / 8).astype(np.float32))
+        inits[f"b{k}"] = (rng.standard_normal(width) / 8).astype(np.float32)
         nodes += [helper.make_node("Gemm", [h, w, f"b{k}"], [f"g{k}"], name=f"step{k}", transB=1),
                   helper.make_node("Tanh", [f"g{k}"], [f"h{k}"])]
         h = f"h{k}"
-    return make_model(nodes, [vi("x", [None, 64])], [vi(h, [None, 64])], inits)
+    return make_model(nodes, [vi("x", [None, width])], [vi(h, [None, width])], inits)
 
 
 def test_gemms_on_their_own_blocked_4bit_weights_become_matmuls_with_the_same_values():
@@ -155,3 +155,18 @@ def test_generic_gemms_run_on_onnxruntimes_weight_only_kernel(tmp_path, shared, 
     fp32 = np.concatenate([_run(m, f)[0] for f in feeds[8:]])
     # the fused kernel rounds its float input to int8 per block as it runs: about 40 dB here
     assert sqnr_db(want, got) > 35 and sqnr_db(fp32, want) > (12 if bits == 4 else 30)
+
+
+def test_4bit_gemms_with_one_scale_per_column_run_on_onnxruntimes_kernel_too(tmp_path):
+    """K = 40 holds no block of 32: the 4-bit weights keep one scale per output column, and those
+    Gemms become MatMuls that the default session fuses as well."""
+    m = _chain(False, width=40)
+    feeds = [{"x": np.random.default_rng(s).standard_normal((4, 40)).astype(np.float32)} for s in range(10)]
+    q, rep = onnxq.convert(m, onnxq.ConvertConfig(bits=4, act_bits=8, protect=0), calib=feeds[:8])
+    assert all(l.bits == 4 and "blocks" not in l.method for l in rep.quantized)
+    assert collections.Counter(n.op_type for n in q.graph.node)["MatMul"] == 6
+    fused = tmp_path / "fused.onnx"
+    _run(q, feeds[0], optimized=True, path=str(fused))
+    after = collections.Counter(n.op_type for n in onnx.load(str(fused)).graph.node)
+    assert after["MatMulNBits"] == 6 and after["DequantizeLinear"] == 0, after
+    assert rep.session_options == {}
