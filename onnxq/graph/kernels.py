@@ -112,7 +112,8 @@ def matmul_nbits(g: onnx.GraphProto, node: onnx.NodeProto, lp: LayerPlan, bias: 
            add_initializer(g, f"{pre}/weight_scale", _block_scales(lp.scales, n, blocks))]
     if lp.zero_points is not None:                      # 4-bit zero points two to a byte per row
         z = zeros.astype(np.uint8)
-        ins.append(add_initializer(g, f"{pre}/weight_zero", _nibbles(np.pad(z, ((0, 0), (0, blocks % 2)))) if bits == 4 else z))
+        z = _nibbles(np.pad(z, ((0, 0), (0, blocks % 2)))) if bits == 4 else z
+        ins.append(add_initializer(g, f"{pre}/weight_zero", z))
     if bias is not None:
         ins += [""] * (4 - len(ins) + 1) + [add_initializer(g, f"{pre}/bias", np.asarray(bias, np.float32).reshape(n))]
     _become(node, "MatMulNBits", ins, K=k, N=n, bits=bits, block_size=block, accuracy_level=ACCURACY_LEVEL)
