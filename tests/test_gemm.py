@@ -53,15 +53,16 @@ def test_every_gemm_attribute_combination_keeps_its_answer(c):
 def test_every_gemm_combination_as_matmulnbits_keeps_the_generic_answer(c):
     """ort-cpu at 4 bits emits onnxruntime's MatMulNBits (bias as its input) wherever the bias is
     constant; its answers stay those of the generic target's weight-only 4-bit model (where C is an
-    activation and the Gemm keeps onnxruntime's 8-bit kernel, those of the openvino target's W4A8
-    model, which rounds the Gemm's input as that kernel does: generic's 4-bit Gemms read float)."""
+    activation and the Gemm keeps onnxruntime's 8-bit kernel, those of the qnn target's W4A8
+    model, which rounds the Gemm's input as that kernel does: generic's, openvino's and
+    tensorrt's 4-bit Gemms read float)."""
     rng = np.random.default_rng(1)
     worst = {}
     for trans_b, alpha, beta in itertools.product([0, 1], [1.0, 0.5, 2.0], [0.0, 0.5, 1.0, 2.0]):
         m, feeds = _gemm(rng, trans_b, alpha, beta, c)
         cfg = dict(bits=4, protect=0)
         q, _ = onnxq.convert(m, onnxq.ConvertConfig(**cfg, target="ort-cpu"), calib=feeds[:-2])
-        ref = dict(act_bits=8, target="openvino") if c == "activation" else dict(act_bits=32)
+        ref = dict(act_bits=8, target="qnn") if c == "activation" else dict(act_bits=32)
         generic, _ = onnxq.convert(m, onnxq.ConvertConfig(**cfg, **ref), calib=feeds[:-2])
         ops = {n.op_type for n in q.graph.node}
         assert ("MatMulNBits" in ops) == (c != "activation"), ops

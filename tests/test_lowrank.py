@@ -84,7 +84,7 @@ def test_budget_zero_emits_no_branch(feeds):
     assert all(l.branch_rank == 0 for l in rep.quantized)
 
 
-@pytest.mark.parametrize("target", ["generic", "openvino"])
+@pytest.mark.parametrize("target", ["generic", "qnn"])
 def test_int8_branches_are_named_valid_and_within_budget(feeds, target):
     m = conv_zoo(np.random.default_rng(0))
     q, rep = onnxq.convert(m, onnxq.ConvertConfig(bits=3, rank_budget=0.1, target=target), calib=feeds())
@@ -99,11 +99,11 @@ def test_int8_branches_are_named_valid_and_within_budget(feeds, target):
     factors = [n for n in inits if "/residual/" in n and n.endswith("_weight_q")]
     assert len(factors) == 2 * len(with_branch)
     # centred: A has a bias, int32 codes where the layer reads a quantized input, else float (the
-    # 3-bit Gemms read a float input under generic: weight-only)
+    # 3-bit Gemms read a float input under generic: weight-only; qnn rounds every layer's input)
     for l in with_branch:
         coded = l.activation_bits < 32
         assert (f"{l.node}/residual/A_bias_q" in inits) == coded and (f"{l.node}/residual/A_bias" in inits) != coded
-    assert any(l.activation_bits < 32 for l in with_branch) == (target == "openvino")
+    assert any(l.activation_bits < 32 for l in with_branch) == (target == "qnn")
     # A reads the layer's input as a conv's / Gemm's weight: UINT8 with zero point 128 under
     # generic, like the layers' 8-bit weights (onnxruntime's fused u8 x u8 kernels do not saturate);
     # B reads the branch's int8 middle tensor

@@ -115,12 +115,12 @@ def sqnr(m, q, fs):
 
 
 def test_an_outlier_channel_converts_closer_to_fp32_with_smoothing():
-    """One range method for both (mse), so the comparison is of smoothing alone; under openvino,
-    whose 8-bit MatMuls read a quantized input (under generic they are weight-only)."""
+    """One range method for both (mse), so the comparison is of smoothing alone; under qnn, whose
+    8-bit MatMuls read a quantized u8 input (generic, ort-cpu and openvino run them weight-only)."""
     rng = np.random.default_rng(3)
     m = block(rng)
     cal, held = feeds(rng, 24), feeds(rng, 12)
-    cfg = dict(bits=8, act_bits=8, act_method="mse", target="openvino")
+    cfg = dict(bits=8, act_bits=8, act_method="mse", target="qnn")
     q_on, rep_on = onnxq.convert(m, onnxq.ConvertConfig(**cfg), calib=cal)
     q_off, rep_off = onnxq.convert(m, onnxq.ConvertConfig(**cfg, smooth=False), calib=cal)
     chosen = {s.tensor: s for s in rep_on.smoothing}
@@ -150,7 +150,7 @@ def test_saved_statistics_bring_their_smoothing_along(tmp_path):
     calibration data (or none) they apply the same smoothing, and give the same model."""
     rng = np.random.default_rng(5)
     m = block(rng)
-    cfg = onnxq.ConvertConfig(bits=8, act_bits=8, act_method="mse", target="openvino")   # MatMuls read 8 bits
+    cfg = onnxq.ConvertConfig(bits=8, act_bits=8, act_method="mse", target="tensorrt")   # MatMuls read 8 bits
     path = str(tmp_path / "stats.npz")
     a, rep_a = onnxq.convert(m, cfg, calib=feeds(rng, 24), save_stats=path)
     assert any(s.alpha is not None for s in rep_a.smoothing)
