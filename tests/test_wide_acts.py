@@ -141,6 +141,17 @@ def _check_mask_session(prepared, plan, cal):
     assert tails._tail_for(list(cal), [last]) is None              # other samples: the whole graph
 
 
+def test_under_ort_cpu_only_tensors_the_model_rounds_are_weighed(feeds):
+    """ort-cpu runs the zoo's Gemm/MatMul layers as MatMulNBits, which read float: their inputs
+    are not rounded, so they are neither weighed nor counted in the budget."""
+    q, rep = onnxq.convert(conv_zoo(np.random.default_rng(0)), onnxq.ConvertConfig(bits=8, target="ort-cpu"),
+                           calib=feeds(16))
+    scales = {t.name[:-len("/act_scale")] for t in q.graph.initializer if t.name.endswith("/act_scale")}
+    assert any(n.op_type == "MatMulNBits" for n in q.graph.node)
+    assert rep.wide is not None and rep.wide.harm and set(rep.wide.harm) <= scales
+    assert rep.wide.tensors == len(rep.wide.harm)
+
+
 @pytest.mark.parametrize("cfg", [dict(bits=8, protect_acts=0), dict(bits=8, target="openvino"),
                                  dict(bits=8, act_bits=16), dict(bits=8, act_bits=32)])
 def test_no_widening_when_off_or_where_the_target_runs_8_bit_kernels(cfg):

@@ -187,6 +187,12 @@ def widen_acts(prepared: "onnx.ModelProto", plan: Plan, stats: Mapping[str, ActS
     del ref
     ms = MaskSession(prepared, plan, names, cache=fit_b, tails=TAILS)
     fit_b = ms.cached
+    if any(a not in ms.first for a in names):    # not rounded in the emitted model (ort-cpu's
+        names = [a for a in names if a in ms.first]          # MatMulNBits inputs): no candidates
+        budget = int(np.floor(cfg.protect_acts * len(names)))
+        summary.tensors, summary.budget = len(names), budget
+        if not names or budget < 1:
+            return dict(plan.acts), summary
     summary.loss = base = ms.loss(fit_b, fit_r)
     unrounded = frozenset(names)
     floor = ms.loss(fit_b, fit_r, unrounded)       # the weights' share of the loss
