@@ -99,11 +99,21 @@ def _activation(name: str, a, st) -> ActReport:
                      histogram=counts, histogram_range=span)
 
 
+def _unwritten(c: Conversion) -> set[str]:
+    """Main-graph activations the emitted model has no Q/DQ parameters for: under full node
+    units, a tensor that only a weight-only kernel reads (ort-cpu's MatMulNBits reads float)."""
+    if not c.cfg.rules.output_units or c.qmodel is None:
+        return set()
+    inner = {lp.target.act for lp in c.plan.layers if lp.target.graph}
+    written = {t.name for t in c.qmodel.graph.initializer if t.name.endswith("/act_scale")}
+    return {a for a in c.plan.acts if a not in inner and f"{a}/act_scale" not in written}
+
+
 def build_report(c: Conversion) -> Report:
     r = Report(model=c.name, config=c.cfg.to_dict(), prepare=dict(c.prep_info))
     r.quantized = [_layer(c, lp) for lp in c.plan.layers]
     r.skipped = [SkippedReport(s.node, s.op, s.reason) for s in c.skipped]
-    unrounded = unrounded_inputs(c.plan)          # read by weight-only layers alone: not in the model
+    unrounded = unrounded_inputs(c.plan) | _unwritten(c)   # not in the model
     r.activations = [_activation(n, a, c.stats.acts.get(n)) for n, a in sorted(c.plan.acts.items())
                      if n not in unrounded]
     r.size_before, r.size_after = model_bytes(c.source), model_bytes(c.qmodel)

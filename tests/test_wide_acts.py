@@ -150,6 +150,8 @@ def test_under_ort_cpu_only_tensors_the_model_rounds_are_weighed(feeds):
     assert any(n.op_type == "MatMulNBits" for n in q.graph.node)
     assert rep.wide is not None and rep.wide.harm and set(rep.wide.harm) <= scales
     assert rep.wide.tensors == len(rep.wide.harm)
+    # and the report lists the activations the model rounds, not the float input of a MatMulNBits
+    assert {a.tensor for a in rep.activations} == scales
 
 
 @pytest.mark.parametrize("cfg", [dict(bits=8, protect_acts=0), dict(bits=8, target="openvino"),
