@@ -8,7 +8,7 @@ import numpy as np
 from .graph.floats import float_nodes
 from .graph.io import opset_of
 from .graph.large import model_bytes
-from .plan.biases import unrounded_inputs, weight_only
+from .plan.biases import weight_only
 from .graph.walk import initializer_bytes
 from .types import ActReport, Conversion, LayerReport, Report, SkippedReport
 
@@ -100,9 +100,9 @@ def _activation(name: str, a, st) -> ActReport:
 
 
 def _unwritten(c: Conversion) -> set[str]:
-    """Main-graph activations the emitted model has no Q/DQ parameters for: under full node
-    units, a tensor that only a weight-only kernel reads (ort-cpu's MatMulNBits reads float)."""
-    if not c.cfg.rules.output_units or c.qmodel is None:
+    """Main-graph activations the emitted model has no Q/DQ parameters for: a tensor that only
+    weight-only layers read (a float input: generic's Gemm/MatMul, ort-cpu's MatMulNBits)."""
+    if c.qmodel is None:
         return set()
     inner = {lp.target.act for lp in c.plan.layers if lp.target.graph}
     written = {t.name for t in c.qmodel.graph.initializer if t.name.endswith("/act_scale")}
@@ -113,7 +113,7 @@ def build_report(c: Conversion) -> Report:
     r = Report(model=c.name, config=c.cfg.to_dict(), prepare=dict(c.prep_info))
     r.quantized = [_layer(c, lp) for lp in c.plan.layers]
     r.skipped = [SkippedReport(s.node, s.op, s.reason) for s in c.skipped]
-    unrounded = unrounded_inputs(c.plan) | _unwritten(c)   # not in the model
+    unrounded = _unwritten(c)
     r.activations = [_activation(n, a, c.stats.acts.get(n)) for n, a in sorted(c.plan.acts.items())
                      if n not in unrounded]
     r.size_before, r.size_after = model_bytes(c.source), model_bytes(c.qmodel)

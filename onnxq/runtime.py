@@ -116,7 +116,8 @@ def median_ms(sess: ort.InferenceSession, feed: dict, runs: int, warmup: int = 5
 def default_session_graph(model: "onnx.ModelProto") -> bytes | None:
     """The graph onnxruntime's CPU provider runs for `model` in a session with default options
     (QDQ fusions on), serialized (its basic and extended rewrites, not the layout ones, which are
-    hardware specific); None for a model too large to serialize in one piece."""
+    hardware specific); None for a model too large to serialize in one piece, or one it cannot
+    load (verify says so; a measurement does not end the conversion)."""
     if is_large(model):
         return None
     so = ort.SessionOptions()
@@ -126,7 +127,7 @@ def default_session_graph(model: "onnx.ModelProto") -> bytes | None:
         so.optimized_model_filepath = os.path.join(d, "runs.onnx")
         try:
             ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-            with open(so.optimized_model_filepath, "rb") as f:
-                return f.read()
-        except Exception as e:   # onnxruntime raises its own types
-            raise RuntimeModelError(f"onnxruntime cannot load the model: {_first_line(e)}") from None
+        except Exception:   # onnxruntime raises its own types
+            return None
+        with open(so.optimized_model_filepath, "rb") as f:
+            return f.read()

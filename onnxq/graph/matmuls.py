@@ -14,7 +14,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from .large import tensor_array
-from .prepare import graph_views
+from .prepare import graph_views, own_constant_dq
 from .walk import attr
 
 CODES = (TensorProto.INT4, TensorProto.UINT4, TensorProto.INT8, TensorProto.UINT8)
@@ -30,18 +30,13 @@ def _plain_gemm(n: onnx.NodeProto, w: str) -> bool:
 def _weight_dq(dq: onnx.NodeProto, inits: dict, readers: dict, kept: set[str]) -> int | None:
     """transB of the one Gemm that reads this DQ of a constant 4- or 8-bit matrix, blocked along K
     or with one scale per output column, with float32 scales; None when it is not one. Constants
-    or an output that another node reads too (`kept`: what subgraphs read from this graph) rule it out: onnxruntime fuses a DQ into
-    MatMulNBits only when the DQ and its codes are the MatMul's own (a weight that the steps of an
-    unrolled loop share, stored once, keeps its Gemms)."""
-    if dq.op_type != "DequantizeLinear" or dq.input[0] not in inits or dq.input[1] not in inits:
+    or an output that another node reads too (`kept`: what subgraphs read from this graph) rule
+    it out: onnxruntime fuses a DQ into MatMulNBits only when the DQ and its codes are the
+    MatMul's own (a weight that the steps of an unrolled loop share, stored once, keeps its Gemms)."""
+    if not own_constant_dq(dq, inits, readers, kept) or len(readers.get(dq.output[0], [])) != 1:
         return None
     q, s = inits[dq.input[0]], inits[dq.input[1]]
     if q.data_type not in CODES or len(q.dims) != 2 or s.data_type != TensorProto.FLOAT:
-        return None
-    names = [i for i in dq.input if i] + [dq.output[0]]
-    if any(n in kept for n in names) or any(len(readers.get(n, [])) != 1 for n in names):
-        return None
-    if len(dq.input) > 2 and dq.input[2] and dq.input[2] not in inits:
         return None
     gemm = readers[dq.output[0]][0]
     trans = int(attr(gemm, "transB", 0))

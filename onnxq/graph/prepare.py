@@ -206,6 +206,15 @@ def graph_views(model: onnx.ModelProto):
         yield g, {t.name: t for t in g.initializer}, readers_of(g), fixed_names(g)
 
 
+def own_constant_dq(dq: onnx.NodeProto, inits: dict, readers: dict, kept: set[str]) -> bool:
+    """Whether `dq` is a DequantizeLinear whose inputs are initializers that it alone reads, none
+    of them nor its output among `kept` (graph_views): a rewrite may then change them in place."""
+    if dq.op_type != "DequantizeLinear" or any(i and i not in inits for i in dq.input):
+        return False
+    consts = [i for i in dq.input if i]
+    return not any(n in kept for n in [*consts, dq.output[0]]) and all(len(readers.get(n, [])) == 1 for n in consts)
+
+
 def _drop_nodes(model: onnx.ModelProto, drop: set[int]) -> None:
     """Remove the main-graph nodes whose id() is in `drop`, and initializers left unread."""
     if drop:

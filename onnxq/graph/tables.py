@@ -22,7 +22,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from .large import tensor_array
-from .prepare import graph_views
+from .prepare import graph_views, own_constant_dq
 from .walk import attr
 
 CODES = (TensorProto.INT8, TensorProto.UINT8, TensorProto.INT4, TensorProto.UINT4)
@@ -44,10 +44,7 @@ def _table(dq: onnx.NodeProto, inits: dict, readers: dict, kept: set[str], opset
     point on that offset) of a DQ of a constant 2-D table with one scale per row, per block of a
     row or per tensor and one zero point throughout; None when the DQ is not one, or when its
     constants or output are read elsewhere (`kept`: what subgraphs or outputs read)."""
-    if dq.op_type != "DequantizeLinear" or any(i and i not in inits for i in dq.input):
-        return None
-    names = [i for i in dq.input if i] + [dq.output[0]]
-    if any(n in kept for n in names) or any(len(readers.get(n, [])) != 1 for n in names[:-1]):
+    if not own_constant_dq(dq, inits, readers, kept):
         return None
     q, s = inits[dq.input[0]], inits[dq.input[1]]
     four = q.data_type in (TensorProto.INT4, TensorProto.UINT4)
@@ -55,7 +52,8 @@ def _table(dq: onnx.NodeProto, inits: dict, readers: dict, kept: set[str], opset
             or (four and (q.dims[1] % 2 or opset < BIT_OPS_OPSET))):
         return None
     codes, scales = tensor_array(q).astype(np.int16), tensor_array(s)
-    zero = tensor_array(inits[dq.input[2]]).astype(np.int16) if len(dq.input) > 2 and dq.input[2] else np.zeros(1, np.int16)
+    has_zero = len(dq.input) > 2 and bool(dq.input[2])
+    zero = tensor_array(inits[dq.input[2]]).astype(np.int16) if has_zero else np.zeros(1, np.int16)
     if zero.size and np.any(zero != zero.flat[0]):
         return None
     v, d = codes.shape
@@ -97,7 +95,8 @@ def _lookup_nodes(n: onnx.NodeProto, names: dict[str, str], four: bool, blocked:
     x = f"{p}/codes_f"
     if blocked:
         out += [mk("Shape", [ids], [f"{p}/ids_shape"], name=f"{p}/ids_shape"),
-                mk("Concat", [f"{p}/ids_shape", names["block_dims"]], [f"{p}/block_shape"], name=f"{p}/block_shape", axis=0),
+                mk("Concat", [f"{p}/ids_shape", names["block_dims"]], [f"{p}/block_shape"],
+                   name=f"{p}/block_shape", axis=0),
                 mk("Concat", [f"{p}/ids_shape", names["row_dims"]], [f"{p}/row_shape"], name=f"{p}/row_shape", axis=0),
                 mk("Reshape", [x, f"{p}/block_shape"], [f"{p}/blocks"], name=f"{p}/blocks")]
         x = f"{p}/blocks"
@@ -134,7 +133,8 @@ def _store(g: onnx.GraphProto, dq: onnx.NodeProto, inits: dict, table) -> tuple[
         names["codes"] = dq.input[0]
     blocked = scales.ndim == 3
     if blocked:
-        new["block_dims"] = (f"{pre}/block_dims", np.array(scales.shape[1:2] + (codes.shape[1] // scales.shape[1],), np.int64))
+        blocks = scales.shape[1]
+        new["block_dims"] = (f"{pre}/block_dims", np.array([blocks, codes.shape[1] // blocks], np.int64))
         new["row_dims"] = (f"{pre}/row_dims", np.array([codes.shape[1]], np.int64))
     if scales.ndim:
         names["row_scales"] = dq.input[1]

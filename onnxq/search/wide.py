@@ -31,7 +31,7 @@ from ..graph.rewrite import apply_plan
 from ..graph.large import is_large
 from ..graph.variants import mask_name, with_act_masks
 from ..plan.acts import act_quant, method_range
-from ..plan.biases import code_biases, unrounded_inputs
+from ..plan.biases import code_biases
 from ..runtime import session
 from ..types import ActQuant, ActStats, Feed, Plan, Progress, WideSummary
 from .lapq import batched, searched
@@ -94,10 +94,9 @@ class MaskSession:
 
 
 def candidates(plan: Plan, cfg: ConvertConfig) -> list[str]:
-    """Main-graph activations at the conversion's activation bits, but for one that only
-    weight-only layers read (the emitted model does not round it)."""
-    unread = unrounded_inputs(plan)
-    return [a for a in searched(plan) if plan.acts[a].bits == cfg.act_bits and a not in unread]
+    """Main-graph activations at the conversion's activation bits (lapq.searched: none that only
+    weight-only layers read)."""
+    return [a for a in searched(plan) if plan.acts[a].bits == cfg.act_bits]
 
 
 def layer_macs(plan: Plan, stats: Mapping[str, ActStats]) -> dict[str, float]:
