@@ -86,6 +86,7 @@ def convert(model: "str | os.PathLike | onnx.ModelProto", config: ConvertConfig 
         load(c, model)
         prepare_model(c)
         c.targets, c.skipped = targets_of(c)
+        block_8bit(c)
         log.info(f"{len(c.targets)} layers to quantize, {len(c.skipped)} left in float")
         c.placement = plan_placement(c.prepared, c.targets, c.cfg.rules, c.cfg.quantize_acts,
                                      c.cfg.quantize_attention)
@@ -112,6 +113,30 @@ def convert(model: "str | os.PathLike | onnx.ModelProto", config: ConvertConfig 
 def targets_of(c: Conversion):
     """The prepared model's quantizable nodes and the skipped ones, under the conversion's rules."""
     return find_targets(c.prepared, c.cfg.excluded, c.cfg.rules.tables, c.cfg.rules.input_convs)
+
+
+def block_8bit(c: Conversion) -> None:
+    """Settles cfg.block_8bit: an 8-bit conversion's weight-only Gemm/MatMul weights and tables
+    take a scale per block of K (of a row) where asked, or by default where they hold more than
+    half of the weights. Per-column 8-bit grids are what bound a transformer's W8 fidelity, and
+    the kernels that read them round their input per block anyway; a blocked DequantizeLinear
+    needs opset 21, which costs a conv model's W8 output its older runtimes for one classifier."""
+    cfg = c.cfg
+    asked = cfg.block_8bit
+    ok = asked is not False and cfg.bits == 8 and not cfg.mixed and cfg.block and cfg.rules.blocked_weights
+    light = [t for t in c.targets if ok and (t.op == "Gather" or float_input(cfg.rules, t, 8))]
+    share = sum(t.params for t in light) / max(1, sum(t.params for t in c.targets))
+    on = bool(light) and (asked or share > 0.5)
+    if on and not cfg.rules.ms_kernels:      # MatMulNBits / GatherBlockQuantized need no opset 21
+        try:
+            c.prepared = upgrade_opset(c.prepared, 21)
+        except InputModelError:
+            c.warn("8-bit weights stay per column: the model cannot be raised to opset 21, "
+                   "which blocked DequantizeLinear needs")
+            on = False
+        c.targets, c.skipped = targets_of(c)
+    if on:                                   # the report's config says so; left as asked otherwise
+        c.cfg = dataclasses.replace(cfg, block_8bit=True)
 
 
 def load(c: Conversion, model) -> None:

@@ -76,6 +76,8 @@ class ConvertConfig:
     protect_acts: float = 0.25             # 8-bit activations: share of them that may be kept at 16 bits
     block: int = 32                        # <= 4-bit Gemm/MatMul: one scale per this many K values (0: per channel)
     zero_points: bool = True               # blocked weights on affine grids, a zero point per block
+    block_8bit: bool | None = None         # W8: weight-only Gemm/MatMul and tables blocked too (opset 21);
+                                           # None: where they hold most of the weights (api.long_blocks)
 
     def __post_init__(self) -> None:
         if self.target not in RULES:

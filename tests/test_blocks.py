@@ -97,14 +97,19 @@ def test_ort_cpu_runs_the_same_blocks_in_matmulnbits():
     assert sqnr_db(outputs(generic, held), outputs(q, held)) > 30.0
 
 
-def test_blocks_leave_convs_8_bit_layers_and_short_rows_per_channel():
+def test_blocks_leave_short_rows_per_channel_and_8_bit_layers_where_asked():
     rng = np.random.default_rng(3)
     m = mlp(rng)
     _, rep = onnxq.convert(m, onnxq.ConvertConfig(bits=4, act_bits=32, protect=0.0, block=128), calib=feeds(rng, 8))
     # K of the head is 96: no whole block of 128 fits, so one scale per channel; `up` has K = 128 = one block
     assert {l.node: l.method for l in rep.quantized} == {"up": "gptq", "head": "gptq"}
-    _, rep8 = onnxq.convert(m, onnxq.ConvertConfig(bits=8, act_bits=32, block=32), calib=feeds(rng, 8))
+    # 8 bits: per channel when asked; by default an all-MatMul model's weight-only layers are blocked
+    # (api.block_8bit), a symmetric grid each block (8-bit codes and zero points would not fit int8)
+    _, rep8 = onnxq.convert(m, onnxq.ConvertConfig(bits=8, act_bits=32, block=32, block_8bit=False), calib=feeds(rng, 8))
     assert not any("blocks" in l.method for l in rep8.quantized)
+    q8, rep8 = onnxq.convert(m, onnxq.ConvertConfig(bits=8, act_bits=32, block=32), calib=feeds(rng, 8))
+    assert all(l.method.endswith(" (blocks of 32)") for l in rep8.quantized) and len(rep8.quantized) == 2
+    assert next(o.version for o in q8.opset_import if o.domain in ("", "ai.onnx")) == 21
 
 
 def test_a_block_size_that_is_not_offered_is_refused():

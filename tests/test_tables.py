@@ -22,12 +22,15 @@ def embedder(rng):
                       {"table": table, "w": (rng.standard_normal((64, 8)) * 0.3).astype(np.float32)})
 
 
-@pytest.mark.parametrize("bits, floor_db", [(8, 35.0), (4, 15.0)])
-def test_tables_are_quantized_per_row_and_look_up_the_same_rows(bits, floor_db):
+# 8 bits: the table holds most of this model's weights, so by default it takes a scale per block
+# of 32 values of a row (api.block_8bit, opset 21); block_8bit=False keeps one per row
+@pytest.mark.parametrize("bits, block_8bit, floor_db", [(8, None, 40.0), (8, False, 35.0), (4, None, 15.0)])
+def test_tables_are_quantized_per_row_and_look_up_the_same_rows(bits, block_8bit, floor_db):
     rng = np.random.default_rng(0)
     m = embedder(rng)
     feeds = [{"ids": rng.integers(0, 50, (1, 7))} for _ in range(12)]
-    q, rep = onnxq.convert(m, onnxq.ConvertConfig(bits=bits, act_bits=32), calib=feeds)   # weights alone
+    cfg = onnxq.ConvertConfig(bits=bits, act_bits=32, block_8bit=block_8bit)     # weights alone
+    q, rep = onnxq.convert(m, cfg, calib=feeds)
     table = next(l for l in rep.quantized if l.op == "Gather")
     assert table.bits == bits and table.activation_bits == 32 and "embedding" in table.float_input_reason
     inits = {t.name: t for t in q.graph.initializer}
@@ -35,8 +38,10 @@ def test_tables_are_quantized_per_row_and_look_up_the_same_rows(bits, floor_db):
     codes = inits["embed/weight_q" if bits == 8 else "embed/weight_q4"]
     assert codes.data_type == (TensorProto.INT8 if bits == 8 else TensorProto.UINT8)
     assert list(codes.dims) == [50, 64 if bits == 8 else 32]
-    # one scale a row at 8 bits; at 4 bits one per 32 values of a row
-    assert list(inits["embed/weight_scale"].dims) == ([50, 1] if bits == 8 else [50, 2, 1])
+    # one scale a row at 8 bits unless blocked; at 4 bits one per 32 values of a row
+    assert list(inits["embed/weight_scale"].dims) == ([50, 1] if block_8bit is False else [50, 2, 1])
+    assert bool(rep.config["block_8bit"]) is (bits == 8 and block_8bit is None)       # a W8 conversion's choice
+    assert ("blocks of 32" in table.method) is (block_8bit is None)
     assert "table" not in inits                                                   # no float copy kept
     ids = {"ids": np.arange(50).reshape(1, 50)[:, :7]}
     every = {"ids": np.arange(49).reshape(7, 7)}

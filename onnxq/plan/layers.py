@@ -15,6 +15,7 @@ from ..algos.qmath import stored_bits
 from ..algos.weights import blocked, mse, quantize_weight, regularized_hessian, weighted_error
 from ..config import ConvertConfig
 from ..types import ActQuant, ActStats, LayerPlan, LayerStats, PairedStats, Plan, Progress, Target, half_scales
+from .rules import float_input
 from .acts import plan_acts
 
 # ridge added to Hq when solving for the compensated weight, a fraction of mean(diag Hq): an
@@ -90,8 +91,9 @@ def weight_block(t: Target, bits: int, cfg: ConvertConfig) -> int:
     """Scales per block of cfg.block values along K for a 2- to 4-bit layer where the target's
     rules allow blocked weights and a row holds more than one block; else 0 (per channel).
     Gemm/MatMul: blocks of K. An ungrouped Conv (rules.blocked_convs): blocks of its input
-    channels at each kernel tap."""
-    if not cfg.block or bits > 4:
+    channels at each kernel tap. 8-bit layers only under cfg.block_8bit, and only those that read
+    a float input (weight-only kernels: a blocked grid there changes no integer kernel)."""
+    if not cfg.block or (bits > 4 and not (cfg.block_8bit and float_input(cfg.rules, t, bits))):
         return 0
     if t.op == "Conv":
         c = t.shape[1]
@@ -104,10 +106,11 @@ def weight_block(t: Target, bits: int, cfg: ConvertConfig) -> int:
     return cfg.block
 
 
-def block_zero_points(block: int, cfg: ConvertConfig) -> bool:
+def block_zero_points(block: int, bits: int, cfg: ConvertConfig) -> bool:
     """Whether a blocked layer's grids are affine, one zero point per block (--zero-points, where
-    the target's runtime takes them)."""
-    return bool(block) and cfg.zero_points and cfg.rules.zero_points
+    the target's runtime takes them); 2 to 4 bits only: the codes and zero points are held in
+    int8 (a blocked 8-bit grid is symmetric, at 32 values a block the affine one gains little)."""
+    return bool(block) and bits <= 4 and cfg.zero_points and cfg.rules.zero_points
 
 
 def kernel_taps(t: Target) -> int:
@@ -140,15 +143,20 @@ TABLE_CLIP_FLOOR_8BIT = 0.8
 
 
 def plan_table(t: Target, w: np.ndarray, cfg: ConvertConfig) -> LayerPlan:
-    """An embedding table, weight-only: one scale per row at 8 bits; at 4 bits and below one per
-    block of TABLE_BLOCK values of a row, as a whole row is too coarse a grid there (a 3-layer
-    MiniLM's retrieval agreement: 0.777 with 4-bit per-row tables, the rest at 8 bits)."""
+    """An embedding table, weight-only: one scale per row at 8 bits (per block under
+    cfg.block_8bit); at 4 bits and below one per block of TABLE_BLOCK values of a row, as a whole
+    row is too coarse a grid there (a 3-layer MiniLM's retrieval agreement: 0.777 with 4-bit
+    per-row tables, the rest at 8 bits)."""
     bits, note = cfg.bits_for(t.node, False)
     v, d = w.shape
-    block = TABLE_BLOCK if bits <= 4 and d % TABLE_BLOCK == 0 and d > TABLE_BLOCK else 0
+    block = TABLE_BLOCK if (bits <= 4 or cfg.block_8bit) and d % TABLE_BLOCK == 0 and d > TABLE_BLOCK else 0
     wm = w.astype(np.float64)
-    wq = blocked("mse", wm, bits, None, block) if block else mse(wm, bits, None,
-                                                                 TABLE_CLIP_FLOOR_8BIT if bits >= 8 else 0.0)
+    floor = TABLE_CLIP_FLOOR_8BIT if bits >= 8 else 0.0
+    if block and bits >= 8:              # each block a row of its own, with the 8-bit floor
+        wq = mse(wm.reshape(v * (d // block), block), bits, None, floor)
+        wq = dataclasses.replace(wq, codes=wq.codes.reshape(v, d), scales=wq.scales.reshape(v, d // block))
+    else:
+        wq = blocked("mse", wm, bits, None, block) if block else mse(wm, bits, None, floor)
     codes, scales = wq.codes, wq.scales
     plan = LayerPlan(target=t, bits=bits, method=wq.method + block_suffix(block),
                      codes=codes.astype(np.int8), scales=scales, axis=1 if block else 0, bias=None,
@@ -237,7 +245,7 @@ def _code(t: Target, wm: np.ndarray, bits: int, h: np.ndarray | None, cfg: Conve
     allow), scales rounded to what the file stores. -> (WeightQuant, block, taps, affine)."""
     block = weight_block(t, bits, cfg)
     taps = kernel_taps(t) if block and t.op == "Conv" else 0
-    affine = block_zero_points(block, cfg)
+    affine = block_zero_points(block, bits, cfg)
     wq = _quantize(method, wm, bits, h, t.row_groups, cfg.damp, block, taps, affine)
     if half_scales(t, block):      # rounded to what the file stores (2^-11 relative)
         wq = dataclasses.replace(wq, scales=wq.scales.astype(np.float16).astype(np.float64))
