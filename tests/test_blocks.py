@@ -230,3 +230,39 @@ def test_conv_blocks_only_where_the_target_runs_them():
     assert weight_block(small["c3"], 4, cfg) == 32 and weight_block(small["c1"], 4, cfg) == 0
     assert weight_block(small["c3"], 8, cfg) == 0
     assert weight_block(small["c3"], 4, onnxq.ConvertConfig(bits=4, target="openvino")) == 0
+
+
+def _opset(q) -> int:
+    return next(o.version for o in q.opset_import if o.domain in ("", "ai.onnx"))
+
+
+def test_8bit_blocks_bring_a_matmul_model_closer_to_float():
+    """W8A8 of an all-MatMul model (generic: weight-only kernels): blocked 8-bit weights (the
+    default here) against one scale per column, in the session the model records (onnxruntime's
+    fused MatMulNBits, which also rounds its input per block as it runs)."""
+    rng = np.random.default_rng(5)
+    m = mlp(rng)
+    cal, held = feeds(rng, 16), feeds(rng, 6)
+    ref = outputs(m, held)
+    q, rep = onnxq.convert(m, onnxq.ConvertConfig(bits=8, act_bits=8), calib=cal)
+    q0, rep0 = onnxq.convert(m, onnxq.ConvertConfig(bits=8, act_bits=8, block_8bit=False), calib=cal)
+    assert rep.config["block_8bit"] is True and rep0.config["block_8bit"] is False
+    assert _opset(q) == 21 and _opset(q0) < 21
+    db, db0 = (sqnr_db(ref, outputs(x, held, r.session_options)) for x, r in ((q, rep), (q0, rep0)))
+    assert db > db0 + 3.0, (db, db0)
+
+
+def test_8bit_weights_stay_per_column_where_opset_21_is_out_of_reach(monkeypatch):
+    """A model the version converter cannot raise converts as before, with a warning."""
+    from onnxq import api
+    from onnxq.errors import InputModelError
+
+    def refuse(model, target):
+        if target >= 21:
+            raise InputModelError("cannot upgrade the model from opset 17 to 21: (test)")
+        return model
+    monkeypatch.setattr(api, "upgrade_opset", refuse)
+    rng = np.random.default_rng(6)
+    q, rep = onnxq.convert(mlp(rng), onnxq.ConvertConfig(bits=8, act_bits=8), calib=feeds(rng, 8))
+    assert not any("blocks" in l.method for l in rep.quantized) and _opset(q) < 21
+    assert any("8-bit weights stay per column" in w for w in rep.warnings)

@@ -67,10 +67,10 @@ def test_convert_writes_model_report_and_summary(work):
 def test_smoothing_and_blocks_are_set_from_the_command_line(work):
     rep = work / "flags.json"
     code, stdout, err = onnxq("convert", work / "zoo.onnx", "-o", work / "flags.onnx", "--calib", work / "calib",
-                              "--no-smooth", "--block", 64, "--report", rep)
+                              "--no-smooth", "--block", 64, "--no-block-8bit", "--report", rep)
     assert code == 0, err
     cfg = json.loads(rep.read_text())["config"]
-    assert cfg["smooth"] is False and cfg["block"] == 64
+    assert cfg["smooth"] is False and cfg["block"] == 64 and cfg["block_8bit"] is False
 
 
 def test_sessions_can_skip_qdq_fusion(tmp_path):
