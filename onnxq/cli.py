@@ -155,6 +155,10 @@ def print_summary(report) -> None:
     if weight_only:
         verb = "reads" if weight_only == 1 else "read"
         out.print(f"  weight-only: {_layers(weight_only)} {verb} a float input (see the report for why)")
+    if r.config.get("block_8bit"):
+        wide = sum(1 for q in r.quantized if q.bits == 8 and "blocks of" in q.method)
+        out.print(f"  8-bit blocks: {_layers(wide)} with a scale per {r.config['block']} values along K "
+                  f"(a table: along a row; --no-block-8bit: one per column), so the model is opset {r.opset_after}")
     out.print(f"  size: {_mb(r.size_before)} -> {_mb(r.size_after)} "
               f"({r.size_before / max(r.size_after, 1):.1f}x smaller)")
     stages = ", ".join(f"{k} {v:.1f} s" for k, v in r.seconds.items() if k != "total")

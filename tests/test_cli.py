@@ -216,3 +216,23 @@ def test_python_dash_m_onnxq_is_the_same_command_line(work):
                        text=True, timeout=300)
     code, out, _ = onnxq("inspect", work / "zoo.onnx")
     assert r.returncode == code == 0 and r.stdout == out and "Conv" in out
+
+
+def test_the_summary_says_when_8bit_weights_are_blocked(tmp_path):
+    """An all-MatMul model at --bits 8: its weights take a scale per 32 values of K and the summary
+    says so (and what it costs: opset 21); --no-block-8bit keeps one scale per column, no line."""
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="up"),
+             helper.make_node("Relu", ["h"], ["r"], name="act"),
+             helper.make_node("MatMul", ["r", "w2"], ["y"], name="down")]
+    m = make_model(nodes, [vi("x", ["N", 64])], [vi("y", ["N", 8])],
+                   {"w1": (rng.standard_normal((64, 96)) * 0.2).astype(np.float32),
+                    "w2": (rng.standard_normal((96, 8)) * 0.2).astype(np.float32)})
+    src = tmp_path / "mlp.onnx"
+    onnx.save(m, src)
+    code, stdout, err = onnxq("convert", src, "-o", tmp_path / "b.onnx", "--bits", 8)
+    assert code == 0, err
+    assert "8-bit blocks: 2 layers with a scale per 32 values along K" in stdout and "opset 21" in stdout
+    code, stdout, err = onnxq("convert", src, "-o", tmp_path / "c.onnx", "--bits", 8, "--no-block-8bit")
+    assert code == 0, err
+    assert "8-bit blocks" not in stdout and "quantized: 2 layers at 8 bits" in stdout
