@@ -289,9 +289,11 @@ class LayerPlan:
 
 
 def half_scales(target: Target, block: int) -> bool:
-    """A blocked conv's scales are stored in float16 (DequantizeLinear, then Cast to float): at
-    blocks of 32 they would otherwise add a bit to every 4-bit weight."""
-    return bool(block) and target.weight_layout == "conv"
+    """A blocked conv's or embedding table's scales are stored in float16 (a conv: DequantizeLinear,
+    then Cast to float; a table: its gathered rows' scales cast, graph/tables.py, kernels.py): at
+    blocks of 32 they would otherwise add a bit to every 4-bit weight. A blocked Gemm/MatMul keeps
+    float32 scales, which the fused MatMulNBits kernels read."""
+    return bool(block) and (target.weight_layout == "conv" or target.op == "Gather")
 
 
 @dataclass

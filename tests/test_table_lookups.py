@@ -105,6 +105,38 @@ def test_lookups_read_the_codes_and_give_the_dequantized_rows_bit_for_bit():
     assert sum(t.ByteSize() for t in q.graph.initializer) <= old + 200      # the same bytes, a few constants more
 
 
+def _half_table(shown: bool) -> tuple[onnx.ModelProto, np.ndarray, np.ndarray]:
+    """A 4-bit table blocked along rows with float16 scales, as a conversion writes it: DQ (float16
+    out) -> Cast(float) -> Gather; `shown`: the cast table is a graph output too."""
+    rng = np.random.default_rng(4)
+    codes = rng.integers(-8, 8, (V, D))
+    scales = (0.01 + 0.05 * rng.random((V, D // BLOCK))).astype(np.float16)
+    inits = {"t/weight_q": codes.astype(ml_dtypes.int4), "t/weight_scale": scales}
+    nodes = [helper.make_node("DequantizeLinear", ["t/weight_q", "t/weight_scale"], ["t/dq16"], axis=1, block_size=BLOCK),
+             helper.make_node("Cast", ["t/dq16"], ["t/weight_dq"], to=TensorProto.FLOAT),
+             helper.make_node("Gather", ["t/weight_dq", "ids"], ["y"], name="embed")]
+    outs = [vi("y", ["N", "T", D])] + ([vi("t/weight_dq", [V, D])] if shown else [])
+    return make_model(nodes, [vi("ids", ["N", "T"], TensorProto.INT64)], outs, inits, opset=21), codes, scales
+
+
+def test_a_table_with_float16_scales_is_looked_up_on_its_codes_and_gathered_scales():
+    """The DQ and its Cast go; the gathered scales are cast and the product taken in float: the
+    stored values exactly (the DQ computes in float16 and rounds them)."""
+    m, codes, scales = _half_table(shown=False)
+    q = onnx.ModelProto()
+    q.CopyFrom(m)
+    assert lookups_on_codes(q) == 1
+    onnx.checker.check_model(q, full_check=True)
+    assert not any(n.op_type == "DequantizeLinear" for n in q.graph.node)
+    assert {t.name: t.data_type for t in q.graph.initializer}["t/weight_scale"] == TensorProto.FLOAT16
+    ids = np.random.default_rng(5).integers(0, V, (2, 6))
+    want = (codes.astype(np.float32) * np.repeat(scales.astype(np.float32), BLOCK, axis=1))[ids]
+    assert np.array_equal(_session(q).run(None, {"ids": ids})[0], want)
+    np.testing.assert_allclose(_session(m).run(None, {"ids": ids})[0], want, rtol=1e-3)
+    shown, _, _ = _half_table(shown=True)              # the cast table is read elsewhere: left alone
+    assert lookups_on_codes(shown) == 0
+
+
 def test_openvino_runs_the_lookups_on_dynamic_shapes(tmp_path):
     ov = pytest.importorskip("openvino")
     m = _lookups()

@@ -134,7 +134,9 @@ def gather_blocks(g: onnx.GraphProto, node: onnx.NodeProto, lp: LayerPlan) -> bo
         return False
     blocks = d // block
     pre = lp.target.node
-    scales = add_initializer(g, f"{pre}/weight_scale", _block_scales(lp.scales, v, blocks))
+    half = lp.half_scales           # float16 scales (as stored by the plan): the rows come out float16
+    scales = add_initializer(g, f"{pre}/weight_scale",
+                             _block_scales(lp.scales, v, blocks).astype(np.float16 if half else np.float32))
     if lp.bits <= 4:
         data = add_initializer(g, f"{pre}/weight_q", lp.codes.astype(ml_dtypes.int4))
         _become(node, "GatherBlockQuantized", [data, node.input[1], scales],
@@ -144,7 +146,18 @@ def gather_blocks(g: onnx.GraphProto, node: onnx.NodeProto, lp: LayerPlan) -> bo
         zero = add_initializer(g, f"{pre}/weight_zero", np.full((v, blocks), 128, np.uint8))
         _become(node, "GatherBlockQuantized", [data, node.input[1], scales, zero],
                 gather_axis=0, quantize_axis=1, block_size=block, bits=8)
+    if half:
+        _cast_after(g, node)
     return True
+
+
+def _cast_after(g: onnx.GraphProto, node: onnx.NodeProto) -> None:
+    """`node` now writes float16: it writes a new tensor, cast to float under its old name by a
+    Cast placed right after it."""
+    out = node.output[0]
+    node.output[0] = f"{out}/half"
+    cast = helper.make_node("Cast", [node.output[0]], [out], name=f"{node.name}/cast", to=onnx.TensorProto.FLOAT)
+    g.node.insert(list(g.node).index(node) + 1, cast)
 
 
 def declare_domain(model: onnx.ModelProto, graphs) -> None:

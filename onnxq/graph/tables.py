@@ -8,6 +8,9 @@ stored codes and only the gathered rows are dequantized:
 
     Gather(codes, ids) -> Cast(float) -> Sub(zero point) -> Mul(Gather(scales, ids))
 
+(a blocked table's scales are float16, its DQ's output cast to float: the gathered scales are
+cast instead, and the product is taken in float, the plan's values exactly)
+
 with plain float ops, which give the DQ's values exactly ((q - z) * s of small integers) and
 run with dynamic shapes everywhere (a blocked DequantizeLinear on a tensor of dynamic shape
 does not load in OpenVINO). 4-bit codes, which no Gather reads, are stored two to a byte in
@@ -30,15 +33,22 @@ OFFSET = {TensorProto.INT4: 8, TensorProto.INT8: 0, TensorProto.UINT8: 0, Tensor
 BIT_OPS_OPSET = 18                                   # BitwiseAnd
 
 
-def _lookups(dq: onnx.NodeProto, readers: dict) -> list[onnx.NodeProto]:
-    """The Gathers (axis 0, the DQ's output as their table) that alone read the DQ's output."""
-    out = readers.get(dq.output[0], [])
-    ok = all(n.op_type == "Gather" and n.domain in ("", "ai.onnx") and n.input[0] == dq.output[0]
-             and n.input[1] != dq.output[0] and int(attr(n, "axis", 0)) == 0 for n in out)
-    return out if ok else []
+def _lookups(dq: onnx.NodeProto, readers: dict, kept: set[str]) -> tuple[list[onnx.NodeProto], onnx.NodeProto | None]:
+    """The Gathers (axis 0, the table as their data) that alone read the DQ's output, or the
+    output of the one Cast to float that alone reads it (a table with float16 scales); and that
+    Cast."""
+    table, cast = dq.output[0], None
+    out = readers.get(table, [])
+    if len(out) == 1 and out[0].op_type == "Cast" and attr(out[0], "to", 0) == TensorProto.FLOAT:
+        cast = out[0]
+        table = cast.output[0]
+        out = [] if table in kept else readers.get(table, [])
+    ok = all(n.op_type == "Gather" and n.domain in ("", "ai.onnx") and n.input[0] == table
+             and n.input[1] != table and int(attr(n, "axis", 0)) == 0 for n in out)
+    return (out, cast) if ok and out else ([], None)
 
 
-def _table(dq: onnx.NodeProto, inits: dict, readers: dict, kept: set[str], opset: int
+def _table(dq: onnx.NodeProto, inits: dict, readers: dict, kept: set[str], opset: int, half: bool
            ) -> tuple[np.ndarray, np.ndarray, float] | None:
     """(codes [V, D] offset to non-negative, scales [V, blocks, 1] or [V, 1] or [], the zero
     point on that offset) of a DQ of a constant 2-D table with one scale per row, per block of a
@@ -48,7 +58,7 @@ def _table(dq: onnx.NodeProto, inits: dict, readers: dict, kept: set[str], opset
         return None
     q, s = inits[dq.input[0]], inits[dq.input[1]]
     four = q.data_type in (TensorProto.INT4, TensorProto.UINT4)
-    if (q.data_type not in CODES or len(q.dims) != 2 or s.data_type != TensorProto.FLOAT
+    if (q.data_type not in CODES or len(q.dims) != 2 or s.data_type != (TensorProto.FLOAT16 if half else TensorProto.FLOAT)
             or (four and (q.dims[1] % 2 or opset < BIT_OPS_OPSET))):
         return None
     codes, scales = tensor_array(q).astype(np.int16), tensor_array(s)
@@ -107,6 +117,9 @@ def _lookup_nodes(n: onnx.NodeProto, names: dict[str, str], four: bool, blocked:
     if "row_scales" in names:
         out.append(mk("Gather", [names["scale"], ids], [f"{p}/scales"], name=f"{p}/scales_gather", axis=0))
         scale = f"{p}/scales"
+        if names.get("half"):       # float16 scales: only the gathered ones are cast
+            out.append(mk("Cast", [scale], [f"{p}/scales_f"], name=f"{p}/scales_cast", to=TensorProto.FLOAT))
+            scale = f"{p}/scales_f"
     y = f"{p}/scaled" if blocked else n.output[0]
     out.append(mk("Mul", [x, scale], [y], name=f"{p}/scale"))
     if blocked:
@@ -119,8 +132,10 @@ def _store(g: onnx.GraphProto, dq: onnx.NodeProto, inits: dict, table) -> tuple[
     codes, scales, zero = table
     four = inits[dq.input[0]].data_type in (TensorProto.INT4, TensorProto.UINT4)
     pre = dq.input[0].rsplit("/weight_q", 1)[0] if "/weight_q" in dq.input[0] else dq.name or dq.output[0]
-    names = {"scale": dq.input[1]}
-    inits[dq.input[1]].CopyFrom(numpy_helper.from_array(scales.astype(np.float32), dq.input[1]))
+    half = bool(scales.ndim) and scales.dtype == np.float16      # a scalar scale is stored float32
+    names = {"scale": dq.input[1], **({"half": "1"} if half else {})}
+    inits[dq.input[1]].CopyFrom(numpy_helper.from_array(scales.astype(np.float16 if half else np.float32),
+                                                        dq.input[1]))
     drop = {dq.input[2]} if len(dq.input) > 2 and dq.input[2] else set()
     new = {}
     if four:
@@ -155,13 +170,15 @@ def lookups_on_codes(model: onnx.ModelProto) -> int:
     for g, inits, readers, kept in graph_views(model):
         swap: dict[int, list[onnx.NodeProto]] = {}          # id(node) -> its replacement
         for dq in list(g.node):
-            lookups = _lookups(dq, readers) if dq.op_type == "DequantizeLinear" else []
-            table = _table(dq, inits, readers, kept, opset) if lookups else None
+            lookups, cast = _lookups(dq, readers, kept) if dq.op_type == "DequantizeLinear" else ([], None)
+            table = _table(dq, inits, readers, kept, opset, cast is not None) if lookups else None
             if table is None:
                 continue
             names, four, blocked, shifted = _store(g, dq, inits, table)
             inits = {t.name: t for t in g.initializer}
             swap[id(dq)] = []
+            if cast is not None:
+                swap[id(cast)] = []
             for n in lookups:
                 swap[id(n)] = _lookup_nodes(n, names, four, blocked, shifted)
             changed += 1

@@ -158,6 +158,8 @@ def plan_table(t: Target, w: np.ndarray, cfg: ConvertConfig) -> LayerPlan:
     else:
         wq = blocked("mse", wm, bits, None, block) if block else mse(wm, bits, None, floor)
     codes, scales = wq.codes, wq.scales
+    if half_scales(t, block):            # rounded to what the file stores (2^-11 relative)
+        scales = scales.astype(np.float16).astype(np.float64)
     plan = LayerPlan(target=t, bits=bits, method=wq.method + block_suffix(block),
                      codes=codes.astype(np.int8), scales=scales, axis=1 if block else 0, bias=None,
                      note=note, block=block)
