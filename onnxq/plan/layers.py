@@ -158,7 +158,7 @@ def plan_table(t: Target, w: np.ndarray, cfg: ConvertConfig) -> LayerPlan:
     else:
         wq = blocked("mse", wm, bits, None, block) if block else mse(wm, bits, None, floor)
     codes, scales = wq.codes, wq.scales
-    if half_scales(t, block):            # rounded to what the file stores (2^-11 relative)
+    if half_scales(t, block, bits):      # rounded to what the file stores (2^-11 relative)
         scales = scales.astype(np.float16).astype(np.float64)
     plan = LayerPlan(target=t, bits=bits, method=wq.method + block_suffix(block),
                      codes=codes.astype(np.int8), scales=scales, axis=1 if block else 0, bias=None,
@@ -249,7 +249,7 @@ def _code(t: Target, wm: np.ndarray, bits: int, h: np.ndarray | None, cfg: Conve
     taps = kernel_taps(t) if block and t.op == "Conv" else 0
     affine = block_zero_points(block, bits, cfg)
     wq = _quantize(method, wm, bits, h, t.row_groups, cfg.damp, block, taps, affine)
-    if half_scales(t, block):      # rounded to what the file stores (2^-11 relative)
+    if half_scales(t, block, bits):      # rounded to what the file stores (2^-11 relative)
         wq = dataclasses.replace(wq, scales=wq.scales.astype(np.float16).astype(np.float64))
     return wq, block, taps, affine
 
