@@ -70,3 +70,38 @@ def test_openvino_target_runs_every_conv_in_integer(tmp_path, bits):
     precisions = _conv_precisions(path, [1, 1, 28, 28])
     assert len(precisions) == sum(lr.op == "Conv" for lr in rep.quantized) == 5
     assert set(precisions) == {"u8"}, precisions
+
+
+def _encoder(rng):
+    """Token embedding (a 300-row table) -> MatMul -> Relu -> MatMul on ids [N, T] of dynamic
+    shape: at 8 bits every weight is weight-only, so the table and the MatMuls are blocked."""
+    from builders import make_model, vi
+    from onnx import TensorProto, helper
+    nodes = [helper.make_node("Gather", ["words", "ids"], ["e"], name="embed"),
+             helper.make_node("MatMul", ["e", "w1"], ["h"], name="up"),
+             helper.make_node("Relu", ["h"], ["r"], name="act"),
+             helper.make_node("MatMul", ["r", "w2"], ["y"], name="down")]
+    inits = {"words": (rng.standard_normal((300, 64)) * np.exp(rng.standard_normal((1, 64)))).astype(np.float32),
+             "w1": (rng.standard_normal((64, 96)) * 0.2).astype(np.float32),
+             "w2": (rng.standard_normal((96, 16)) * 0.2).astype(np.float32)}
+    return make_model(nodes, [vi("ids", ["N", "T"], TensorProto.INT64)], [vi("y", ["N", "T", 16])], inits)
+
+
+@pytest.mark.parametrize("target", ["generic", "openvino"])
+def test_openvino_runs_blocked_8bit_tables_and_matmuls_like_onnxruntime(tmp_path, target):
+    rng = np.random.default_rng(7)
+    m = _encoder(rng)
+    calib = [{"ids": rng.integers(0, 300, (2, 9))} for _ in range(12)]
+    q, rep = onnxq.convert(m, onnxq.ConvertConfig(bits=8, target=target), calib=calib)
+    assert rep.config["block_8bit"] is True and all("blocks of 32" in l.method for l in rep.quantized)
+    path = tmp_path / "q.onnx"
+    onnxq.save(q, path)
+    ids = rng.integers(0, 300, (3, 11))
+    so = ort.SessionOptions()
+    for k, v in rep.session_options.items():
+        so.add_session_config_entry(k, v)
+    want = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"]).run(None, {"ids": ids})[0]
+    ref = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"ids": ids})[0]
+    compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    got = compiled({"ids": ids})[compiled.output(0)]
+    assert sqnr_db(want, got) > 30.0 and sqnr_db(ref, got) > 30.0
