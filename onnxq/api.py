@@ -81,6 +81,8 @@ def convert(model: "str | os.PathLike | onnx.ModelProto", config: ConvertConfig 
             progress: Progress | None = None) -> "tuple[onnx.ModelProto, Report]":
     """Quantize `model` (a path or a ModelProto, never modified) and return (model, report)."""
     c = Conversion(config or ConvertConfig())
+    if c.cfg.u8_weights is None and c.cfg.rules.u8_weights_auto:    # settled here, so the report says which
+        c.cfg = dataclasses.replace(c.cfg, u8_weights=c.cfg.rules.u8_weights)
     t0 = time.perf_counter()
     with c.timed("load"):
         load(c, model)
@@ -357,6 +359,7 @@ def plan(c: Conversion, progress: Progress | None) -> None:
     c.plan = make_plan(c.targets, c.weights, c.biases, c.stats.layers, c.stats.acts, c.cfg,
                        progress=progress, layers=layers, act_plan=act_plan, planned=c.planned)
     c.plan.target, c.plan.readers, c.plan.tied = c.cfg.target, dict(c.placement.readers), dict(c.placement.tied)
+    c.plan.u8_weights = c.cfg.rules.u8_weights
     c.shared_weights = share_weights(c.plan.layers, c.weights, c.stats.layers, c.cfg)
 
 

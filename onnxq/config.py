@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -9,7 +10,7 @@ from typing import Any
 from .algos.ranges import RANGE_METHODS, parse_method
 from .algos.weights import DEFAULT_DAMP, WEIGHT_METHODS
 from .errors import ConfigError
-from .plan.rules import DEFAULT_TARGET, RULES
+from .plan.rules import DEFAULT_TARGET, RULES, int16_pair_sums
 
 VERSION = "0.1.0"
 WEIGHT_BITS = (2, 3, 4, 8)
@@ -76,12 +77,13 @@ class ConvertConfig:
     protect_acts: float = 0.25             # 8-bit activations: share of them that may be kept at 16 bits
     block: int = 32                        # <= 4-bit Gemm/MatMul: one scale per this many K values (0: per channel)
     zero_points: bool = True               # blocked weights on affine grids, a zero point per block
+    u8_weights: bool | None = None         # 8-bit conv/Gemm/MatMul weights as UINT8 with zero point 128; None:
+                                           # the target's rule (ort-cpu: where the CPU adds int8 pairs in int16)
     block_8bit: bool | None = None         # W8: weight-only Gemm/MatMul and tables blocked too (opset 21);
                                            # None: where they hold most of the weights (api.long_blocks)
 
     def __post_init__(self) -> None:
-        if self.target not in RULES:
-            raise ConfigError(f"unknown target '{self.target}'; known: {', '.join(RULES)}")
+        self._check_target()
         if self.bits not in WEIGHT_BITS:
             raise ConfigError(f"--bits must be one of {WEIGHT_BITS}, got {self.bits}")
         if self.act_bits not in ACT_BITS:
@@ -96,9 +98,6 @@ class ConvertConfig:
                 why = str(e) if "parameter" in str(e) else f"unknown activation method '{self.act_method}'"
                 raise ConfigError(f"{why}; known: {', '.join(RANGE_METHODS)}, best, auto (chosen per tensor), lapq (percentile:PCT with "
                                   "PCT in (50, 100], lp:P with P in [1, 10], interval:EPS with EPS in (0, 1])") from None
-        if self.quantize_attention and RULES[self.target].all_readers:
-            raise ConfigError(f"--quantize-attention is for the input-side targets (generic, openvino, tensorrt); "
-                              f"'{self.target}' places Q/DQ around every op it runs quantized by its own rules")
         if self.block not in BLOCKS:
             raise ConfigError(f"--block must be one of {', '.join(map(str, BLOCKS))}, got {self.block}")
         if self.stages is not None and self.stages < 1:
@@ -137,6 +136,18 @@ class ConvertConfig:
             if b not in WEIGHT_BITS:
                 raise ConfigError(f"bit override must be one of {WEIGHT_BITS}, got {b}")
 
+    def _check_target(self) -> None:
+        """The target exists and the options that depend on it fit it."""
+        if self.target not in RULES:
+            raise ConfigError(f"unknown target '{self.target}'; known: {', '.join(RULES)}")
+        r = RULES[self.target]
+        if self.quantize_attention and r.all_readers:
+            raise ConfigError(f"--quantize-attention is for the input-side targets (generic, openvino, tensorrt); "
+                              f"'{self.target}' places Q/DQ around every op it runs quantized by its own rules")
+        if self.u8_weights is not None and not (r.u8_weights or r.u8_weights_auto):
+            raise ConfigError(f"--u8-weights/--int8-weights are for the generic and ort-cpu targets; "
+                              f"'{self.target}' keeps symmetric INT8 weights, as its runtime wants")
+
     @property
     def weight_method_name(self) -> str:
         """The method of the model's --bits layers, as the report names it."""
@@ -173,7 +184,12 @@ class ConvertConfig:
 
     @property
     def rules(self):
-        return RULES[self.target]
+        """The target's emission rules, with the 8-bit weight container as asked (u8_weights) or,
+        under a target that leaves it to the CPU, as the converting CPU's kernels want."""
+        r = RULES[self.target]
+        if self.u8_weights is not None:
+            return dataclasses.replace(r, u8_weights=self.u8_weights)
+        return dataclasses.replace(r, u8_weights=int16_pair_sums()) if r.u8_weights_auto else r
 
     @property
     def sequential_on(self) -> bool:

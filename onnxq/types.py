@@ -307,6 +307,7 @@ class Plan:
     branch_summary: "BranchSummary | None" = None
     biases: dict[str, CodedBiases] = field(default_factory=dict)   # node -> coded (plan/biases.py)
     target: str = "generic"      # emission rules (plan/rules.py)
+    u8_weights: bool | None = None   # the 8-bit weight container, where the config settled it (config.rules)
     readers: dict[str, list[str]] = field(default_factory=dict)   # other nodes that read Q/DQ'd inputs
     tied: dict[str, str] = field(default_factory=dict)   # tensor -> the tensor whose Q/DQ params it takes
 

@@ -1,6 +1,8 @@
-"""8-bit weights under generic and ort-cpu are UINT8 codes with zero point 128, so onnxruntime's
-fused integer kernels compute what the QDQ graph says on every x86 CPU: its u8 x s8 kernels without
-VNNI add pairs of products in int16 and saturate (docs/results.md, round 21)."""
+"""8-bit weights under generic are UINT8 codes with zero point 128, so onnxruntime's fused integer
+kernels compute what the QDQ graph says on every x86 CPU: its u8 x s8 kernels without VNNI add
+pairs of products in int16 and saturate (docs/results.md, round 21). Under ort-cpu the container
+follows the converting CPU (UINT8 there, INT8 with zero point 0 on a VNNI or non-x86 CPU, whose
+symmetric conv path runs 1.2-2.3x faster: round 29), or --u8-weights / --int8-weights."""
 
 import numpy as np
 import onnx
@@ -39,9 +41,9 @@ def _run(model: onnx.ModelProto, feeds, exact: bool) -> np.ndarray:
     return np.concatenate([s.run(None, f)[0] for f in feeds])
 
 
-@pytest.mark.parametrize("target", ["generic", "ort-cpu"])
-def test_fused_integer_kernels_compute_what_the_graph_says(target):
-    q, _ = onnxq.convert(_saturating_net(), onnxq.ConvertConfig(bits=8, target=target), calib=_feeds(16, 0))
+@pytest.mark.parametrize("cfg", [dict(target="generic"), dict(target="ort-cpu", u8_weights=True)])
+def test_fused_integer_kernels_compute_what_the_graph_says(cfg):
+    q, _ = onnxq.convert(_saturating_net(), onnxq.ConvertConfig(bits=8, **cfg), calib=_feeds(16, 0))
     zeros = {t.name: numpy_helper.to_array(t) for t in q.graph.initializer if t.name.endswith("/weight_zero")}
     assert set(zeros) == {"conv1/weight_zero", "conv2/weight_zero"}
     assert all(z.dtype == np.uint8 and np.all(z == 128) for z in zeros.values())
@@ -50,6 +52,28 @@ def test_fused_integer_kernels_compute_what_the_graph_says(target):
     assert sqnr_db(exact, fused) > 35.0      # INT8 containers: about 1 dB on an AVX2 CPU
     # and the graph itself stays close to the float net
     assert sqnr_db(_run(_saturating_net(), held, exact=True), exact) > 30.0
+
+
+@pytest.mark.parametrize("u8", [None, True, False])
+def test_ort_cpu_weights_follow_the_cpu_unless_asked(u8):
+    """INT8 with zero point 0 where this CPU adds int8 products in int32 (plan.rules.int16_pair_sums),
+    else UINT8 with zero point 128; the report's config says which; the graph's values the same."""
+    from onnxq.plan.rules import int16_pair_sums
+    q, rep = onnxq.convert(_saturating_net(), onnxq.ConvertConfig(bits=8, target="ort-cpu", u8_weights=u8),
+                           calib=_feeds(16, 0))
+    want = int16_pair_sums() if u8 is None else u8
+    assert rep.config["u8_weights"] is want
+    zeros = [numpy_helper.to_array(t) for t in q.graph.initializer if t.name.endswith("/weight_zero")]
+    assert len(zeros) == 2
+    assert all(z.dtype == np.uint8 and np.all(z == 128) if want else z.dtype == np.int8 and not z.any() for z in zeros)
+    held = _feeds(4, 1)
+    assert sqnr_db(_run(_saturating_net(), held, exact=True), _run(q, held, exact=True)) > 30.0
+
+
+def test_the_weight_container_is_not_offered_where_the_runtime_wants_symmetric_int8():
+    from onnxq.errors import ConfigError
+    with pytest.raises(ConfigError, match="generic and ort-cpu"):
+        onnxq.ConvertConfig(target="qnn", u8_weights=True)
 
 
 @pytest.mark.parametrize("target", ["tensorrt", "qnn", "openvino"])

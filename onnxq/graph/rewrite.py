@@ -9,6 +9,8 @@ layers with quantized activations become int32 with scale s_x * s_w.
 
 from __future__ import annotations
 
+import dataclasses
+
 import ml_dtypes
 import numpy as np
 import onnx
@@ -167,6 +169,8 @@ def apply_plan(model: onnx.ModelProto, plan: Plan, masks: bool = False) -> onnx.
     m.CopyFrom(model)
     graphs = graph_by_path(m)
     rules = RULES[plan.target]
+    if plan.u8_weights is not None and plan.u8_weights != rules.u8_weights:
+        rules = dataclasses.replace(rules, u8_weights=plan.u8_weights)
     before: dict[str, dict[str, list[onnx.NodeProto]]] = {}   # graph -> node -> nodes to put first
     for lp in plan.layers:
         t = lp.target
