@@ -81,8 +81,6 @@ def convert(model: "str | os.PathLike | onnx.ModelProto", config: ConvertConfig 
             progress: Progress | None = None) -> "tuple[onnx.ModelProto, Report]":
     """Quantize `model` (a path or a ModelProto, never modified) and return (model, report)."""
     c = Conversion(config or ConvertConfig())
-    if c.cfg.u8_weights is None and c.cfg.rules.u8_weights_auto:    # settled here, so the report says which
-        c.cfg = dataclasses.replace(c.cfg, u8_weights=c.cfg.rules.u8_weights)
     t0 = time.perf_counter()
     with c.timed("load"):
         load(c, model)
@@ -124,21 +122,20 @@ def block_8bit(c: Conversion) -> None:
     the kernels that read them round their input per block anyway; a blocked DequantizeLinear
     needs opset 21, which costs a conv model's W8 output its older runtimes for one classifier."""
     cfg = c.cfg
-    asked = cfg.block_8bit
-    ok = asked is not False and cfg.bits == 8 and not cfg.mixed and cfg.block and cfg.rules.blocked_weights
-    light = [t for t in c.targets if ok and (t.op == "Gather" or float_input(cfg.rules, t, 8))]
-    share = sum(t.params for t in light) / max(1, sum(t.params for t in c.targets))
-    on = bool(light) and (asked or share > 0.5)
-    if on and not cfg.rules.ms_kernels:      # MatMulNBits / GatherBlockQuantized need no opset 21
+    if cfg.block_8bit is False or cfg.bits != 8 or cfg.mixed or not cfg.block or not cfg.rules.blocked_weights:
+        return
+    light = sum(t.params for t in c.targets if t.op == "Gather" or float_input(cfg.rules, t, 8))
+    if not light or (cfg.block_8bit is None and light <= 0.5 * sum(t.params for t in c.targets)):
+        return
+    if not cfg.rules.ms_kernels:             # MatMulNBits / GatherBlockQuantized need no opset 21
         try:
             c.prepared = upgrade_opset(c.prepared, 21)
         except InputModelError:
             c.warn("8-bit weights stay per column: the model cannot be raised to opset 21, "
                    "which blocked DequantizeLinear needs")
-            on = False
+            return
         c.targets, c.skipped = targets_of(c)
-    if on:                                   # the report's config says so; left as asked otherwise
-        c.cfg = dataclasses.replace(cfg, block_8bit=True)
+    c.cfg = dataclasses.replace(cfg, block_8bit=True)     # the report's config says so
 
 
 def load(c: Conversion, model) -> None:

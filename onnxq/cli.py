@@ -156,7 +156,7 @@ def print_summary(report) -> None:
         verb = "reads" if weight_only == 1 else "read"
         out.print(f"  weight-only: {_layers(weight_only)} {verb} a float input (see the report for why)")
     target = TARGETS[r.config.get("target", DEFAULT_TARGET)]
-    if target.u8_weights_auto and r.config.get("u8_weights") is not None and any(q.bits == 8 for q in r.quantized):
+    if target.u8_weights_auto and any(q.bits == 8 for q in r.quantized):
         out.print("  8-bit weights: " + ("UINT8 with zero point 128 (u8 x u8 kernels, exact on x86 CPUs without VNNI)"
                                          if r.config["u8_weights"] else
                                          "INT8 (u8 x s8 kernels; --u8-weights for an x86 CPU without VNNI)"))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import fnmatch
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -10,7 +9,7 @@ from typing import Any
 from .algos.ranges import RANGE_METHODS, parse_method
 from .algos.weights import DEFAULT_DAMP, WEIGHT_METHODS
 from .errors import ConfigError
-from .plan.rules import DEFAULT_TARGET, RULES, int16_pair_sums
+from .plan.rules import DEFAULT_TARGET, RULES, int16_pair_sums, target_rules
 
 VERSION = "0.1.0"
 WEIGHT_BITS = (2, 3, 4, 8)
@@ -78,12 +77,15 @@ class ConvertConfig:
     block: int = 32                        # <= 4-bit Gemm/MatMul: one scale per this many K values (0: per channel)
     zero_points: bool = True               # blocked weights on affine grids, a zero point per block
     u8_weights: bool | None = None         # 8-bit conv/Gemm/MatMul weights as UINT8 with zero point 128; None:
-                                           # the target's rule (ort-cpu: where the CPU adds int8 pairs in int16)
+                                           # the target's rule (ort-cpu: settled at once, True where the CPU adds
+                                           # int8 pairs in int16)
     block_8bit: bool | None = None         # W8: weight-only Gemm/MatMul and tables blocked too (opset 21);
-                                           # None: where they hold most of the weights (api.long_blocks)
+                                           # None: where they hold most of the weights (api.block_8bit)
 
     def __post_init__(self) -> None:
         self._check_target()
+        if self.u8_weights is None and RULES[self.target].u8_weights_auto:   # as the converting CPU wants
+            object.__setattr__(self, "u8_weights", int16_pair_sums())
         if self.bits not in WEIGHT_BITS:
             raise ConfigError(f"--bits must be one of {WEIGHT_BITS}, got {self.bits}")
         if self.act_bits not in ACT_BITS:
@@ -184,12 +186,8 @@ class ConvertConfig:
 
     @property
     def rules(self):
-        """The target's emission rules, with the 8-bit weight container as asked (u8_weights) or,
-        under a target that leaves it to the CPU, as the converting CPU's kernels want."""
-        r = RULES[self.target]
-        if self.u8_weights is not None:
-            return dataclasses.replace(r, u8_weights=self.u8_weights)
-        return dataclasses.replace(r, u8_weights=int16_pair_sums()) if r.u8_weights_auto else r
+        """The target's emission rules, with the 8-bit weight container as settled (u8_weights)."""
+        return target_rules(self.target, self.u8_weights)
 
     @property
     def sequential_on(self) -> bool:

@@ -154,18 +154,20 @@ WEIGHT_METHODS: dict[str, Callable[..., WeightQuant]] = {"rtn": rtn, "mse": mse,
 
 
 def blocked(method: str, w: np.ndarray, bits: int, hessian: np.ndarray | None, block: int,
-            damp: float = DEFAULT_DAMP, affine: bool = False) -> WeightQuant:
+            damp: float = DEFAULT_DAMP, affine: bool = False, floor: float = 0.0) -> WeightQuant:
     """One scale per run of `block` consecutive columns of W [O, K] (K a multiple of block):
     scales [O, K / block]. gptq: each block's clipping on its own part of the objective (H's
     diagonal block), then second-order rounding over the whole row with those scales fixed;
     the other methods: each block quantized as a row of its own. `affine`: each block's grid
-    spans its own [min, max] with a zero point (zero_points [O, K / block])."""
+    spans its own [min, max] with a zero point (zero_points [O, K / block]). `floor`: the least
+    clipping ratio mse searches (mse)."""
     o, k = w.shape
     nb = k // block
     if method != "gptq" or hessian is None:
         if affine:
             return _affine_rows(method, w, bits, block)
-        q = WEIGHT_METHODS["rtn" if method == "rtn" else "mse"](w.reshape(o * nb, block), bits)
+        rows = w.reshape(o * nb, block)
+        q = rtn(rows, bits) if method == "rtn" else mse(rows, bits, None, floor)
         return WeightQuant(q.codes.reshape(o, k), q.scales.reshape(o, nb),
                            q.method + ("" if method != "gptq" else " (no input statistics)"))
     h = hessian.astype(np.float64)

@@ -9,8 +9,6 @@ layers with quantized activations become int32 with scale s_x * s_w.
 
 from __future__ import annotations
 
-import dataclasses
-
 import ml_dtypes
 import numpy as np
 import onnx
@@ -18,7 +16,7 @@ from onnx import helper
 
 from ..algos.matrix import from_matrix
 from ..algos.qmath import container_bits
-from ..plan.rules import ABSORBED_OPS, RULES, SAME_SCALE_OPS, U8_WEIGHT_OPS, Rules, float_input
+from ..plan.rules import ABSORBED_OPS, RULES, SAME_SCALE_OPS, U8_WEIGHT_OPS, Rules, float_input, target_rules
 from ..plan.biases import weight_only
 from ..types import ActQuant, CodedBiases, LayerPlan, Plan
 from .hardswish import integer_hard_swish
@@ -168,9 +166,7 @@ def apply_plan(model: onnx.ModelProto, plan: Plan, masks: bool = False) -> onnx.
     m = onnx.ModelProto()
     m.CopyFrom(model)
     graphs = graph_by_path(m)
-    rules = RULES[plan.target]
-    if plan.u8_weights is not None and plan.u8_weights != rules.u8_weights:
-        rules = dataclasses.replace(rules, u8_weights=plan.u8_weights)
+    rules = target_rules(plan.target, plan.u8_weights)
     before: dict[str, dict[str, list[onnx.NodeProto]]] = {}   # graph -> node -> nodes to put first
     for lp in plan.layers:
         t = lp.target

@@ -152,11 +152,7 @@ def plan_table(t: Target, w: np.ndarray, cfg: ConvertConfig) -> LayerPlan:
     block = TABLE_BLOCK if (bits <= 4 or cfg.block_8bit) and d % TABLE_BLOCK == 0 and d > TABLE_BLOCK else 0
     wm = w.astype(np.float64)
     floor = TABLE_CLIP_FLOOR_8BIT if bits >= 8 else 0.0
-    if block and bits >= 8:              # each block a row of its own, with the 8-bit floor
-        wq = mse(wm.reshape(v * (d // block), block), bits, None, floor)
-        wq = dataclasses.replace(wq, codes=wq.codes.reshape(v, d), scales=wq.scales.reshape(v, d // block))
-    else:
-        wq = blocked("mse", wm, bits, None, block) if block else mse(wm, bits, None, floor)
+    wq = blocked("mse", wm, bits, None, block, floor=floor) if block else mse(wm, bits, None, floor)
     codes, scales = wq.codes, wq.scales
     if half_scales(t, block, bits):      # rounded to what the file stores (2^-11 relative)
         scales = scales.astype(np.float16).astype(np.float64)

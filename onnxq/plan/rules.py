@@ -64,7 +64,7 @@ tensorrt  TensorRT's explicit-quantization rules: Q/DQ on op inputs, residual Ad
 from __future__ import annotations
 
 import platform
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -185,6 +185,13 @@ RULES: dict[str, Rules] = {
                               "residual-Add inputs, INT8 conv weights, INT4 weight-only Gemm/MatMul"),
 }
 DEFAULT_TARGET = "generic"
+
+
+def target_rules(target: str, u8_weights: bool | None = None) -> Rules:
+    """A target's rules with the 8-bit weight container as settled (ConvertConfig.u8_weights), where
+    that differs from the table's."""
+    r = RULES[target]
+    return r if u8_weights is None or u8_weights == r.u8_weights else replace(r, u8_weights=u8_weights)
 
 
 def float_input(rules: Rules, target, bits: int) -> bool:
