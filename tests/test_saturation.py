@@ -40,9 +40,38 @@ def test_placement_bounds_tensors_whose_every_reader_saturates():
     m = hardswish_net(np.random.default_rng(0))
     p = plan_placement(m, find_targets(m)[0], RULES["ort-cpu"])
     assert p.bounds["c0"] == (-3.0, math.inf)
-    # Clip flat outside [-1, 2], HardSigmoid outside [-2, 2]: both read c1, so [-1, 2]
-    assert p.bounds["c1"] == (-1.0, 2.0)
+    # Clip flat outside [-1, 2], HardSigmoid outside [-2, 2]: both read c1, and between -2 and -1
+    # the HardSigmoid still moves, so [-2, 2]
+    assert p.bounds["c1"] == (-2.0, 2.0)
     assert plan_placement(m, find_targets(m)[0], RULES["generic"]).bounds == {}
+
+
+def silu_net(rng) -> onnx.ModelProto:
+    """conv0 -> x * sigmoid(x) -> conv1 -> Tanh and Sigmoid, added -> conv2; conv1's output is
+    also read by a HardSigmoid gate's Mul (hard-swish written out) whose product feeds conv3."""
+    r = lambda *s: (rng.standard_normal(s) * 0.5).astype(np.float32)  # noqa: E731
+    inits = {k: r(8, 8, 1, 1) for k in ("w0", "w1", "w2", "w3")}
+    nodes = [helper.make_node("Conv", ["x", "w0"], ["c0"], name="conv0"),
+             helper.make_node("Sigmoid", ["c0"], ["g0"]),
+             helper.make_node("Mul", ["g0", "c0"], ["s0"]),
+             helper.make_node("Conv", ["s0", "w1"], ["c1"], name="conv1"),
+             helper.make_node("Tanh", ["c1"], ["t1"]),
+             helper.make_node("Sigmoid", ["c1"], ["g1"]),
+             helper.make_node("Add", ["t1", "g1"], ["a"]),
+             helper.make_node("Conv", ["a", "w2"], ["c2"], name="conv2"),
+             helper.make_node("HardSigmoid", ["c2"], ["h2"], alpha=1 / 6, beta=0.5),
+             helper.make_node("Mul", ["c2", "h2"], ["s2"]),
+             helper.make_node("Conv", ["s2", "w3"], ["y"], name="conv3")]
+    return make_model(nodes, [vi("x", [1, 8, 8, 8])], [vi("y", [1, 8, 8, 8])], inits, opset=14)
+
+
+def test_placement_bounds_smooth_saturations_and_gated_products():
+    m = silu_net(np.random.default_rng(5))
+    b = plan_placement(m, find_targets(m)[0], RULES["ort-cpu"]).bounds
+    assert b["c0"] == (-8.0, math.inf)                 # x * sigmoid(x): below -8 within 0.003 of 0
+    assert b["c1"] == (-8.0, 8.0)                      # Tanh flat outside +-4.5, Sigmoid outside +-8
+    assert b["c2"][1] == math.inf and abs(b["c2"][0] + 3.0) < 1e-6    # x * hardsigmoid(x) is 0 below -3
+    assert "s0" not in b and "s2" not in b             # read by convs
 
 
 def test_saturate_moves_the_mass_beyond_a_bound_onto_it():

@@ -16,6 +16,9 @@ from .prepare import readers_of, scalar
 from .walk import attr
 
 POOLS = ("GlobalAveragePool", "GlobalMaxPool", "ReduceMean")
+# |x| beyond which Sigmoid and Tanh lie within 2^-11 of their asymptotes (sigmoid(-8) = 0.00034,
+# 1 - tanh(4.5) = 0.00025): the ends of their inputs' ranges under full node units
+SMOOTH_EDGE = {"Sigmoid": 8.0, "Tanh": 4.5}
 
 
 def _unit_output(node: onnx.NodeProto, consumers, outputs: set[str]) -> str | None:
@@ -125,8 +128,12 @@ def plan_placement(model: onnx.ModelProto, targets: Sequence[Target], rules: Rul
 def _saturation(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> tuple[float, float] | None:
     """(lo, hi) outside which `node`'s output no longer changes with its first input (it
     saturates), or None: HardSwish is 0 below -3, HardSigmoid flat outside [-b/a, (1-b)/a],
-    Relu 0 below 0, Clip flat outside its constant bounds."""
+    Relu 0 below 0, Clip flat outside its constant bounds; Sigmoid and Tanh within 2^-11 of
+    their asymptotes outside +-SMOOTH_EDGE[op] (under a quarter step of an 8-bit grid on [0, 1]
+    or [-1, 1]: what clipping there moves, an 8-bit reader of their output hardly tells)."""
     op = node.op_type
+    if op in SMOOTH_EDGE:
+        return -SMOOTH_EDGE[op], SMOOTH_EDGE[op]
     if op == "HardSwish":
         return -3.0, math.inf
     if op == "Relu":
@@ -143,17 +150,32 @@ def _saturation(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> tup
     return None
 
 
+def _gated(node: onnx.NodeProto, name: str, readers, inits) -> tuple[float, float] | None:
+    """(lo, inf) for a Mul of `name` by its own gate, a Sigmoid or HardSigmoid of it among its
+    `readers` (SiLU, hard-swish written out), below whose lo the product is 0 (HardSigmoid) or
+    smaller than 8 * sigmoid(-8) = 0.0027 (Sigmoid); else None."""
+    if node.op_type != "Mul" or list(node.input).count(name) != 1:
+        return None
+    other = node.input[1] if node.input[0] == name else node.input[0]
+    gate = next((r for r in readers if r.op_type in ("Sigmoid", "HardSigmoid") and r.output[0] == other
+                 and r.input[0] == name), None)
+    ends = _saturation(gate, inits) if gate is not None else None
+    return (ends[0], math.inf) if ends is not None and ends[0] > -math.inf else None
+
+
 def _bounds(g: onnx.GraphProto, names: Sequence[str], consumers) -> dict[str, tuple[float, float]]:
     """Output-side tensors every reader of which saturates outside some interval: rounding
-    clipped to it changes no reader's output, so their ranges need not cover more (a conv's
-    pre-activation before a HardSwish: what lies below -3 is all read as 0)."""
+    clipped to the union of these intervals changes no reader's output, so their ranges need not
+    cover more (a conv's pre-activation before a HardSwish: what lies below -3 is all read as 0;
+    before x * sigmoid(x), below -8)."""
     inits = {t.name: t for t in g.initializer}
     out = {}
     for name in names:
-        ends = [_saturation(n, inits) if n.input[0] == name and name not in n.input[1:] else None
-                for n in consumers.get(name, [])]
-        if ends and all(e is not None for e in ends):
-            lo, hi = max(e[0] for e in ends), min(e[1] for e in ends)
+        readers = consumers.get(name, [])
+        ends = [(_saturation(n, inits) if n.input[0] == name and name not in n.input[1:] else None)
+                or _gated(n, name, readers, inits) for n in readers]
+        if ends and all(e is not None for e in ends):    # flat outside every reader's interval
+            lo, hi = min(e[0] for e in ends), max(e[1] for e in ends)
             if lo < hi and (lo > -math.inf or hi < math.inf):
                 out[name] = (lo, hi)
     return out
