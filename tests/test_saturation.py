@@ -107,6 +107,26 @@ def test_ort_cpu_range_of_a_pre_hardswish_tensor_ends_at_minus_three():
     assert -3.0 - scale <= -zp * scale <= -3.0 + scale, (scale, zp)
 
 
+def test_ort_cpu_range_of_a_silu_input_ends_at_minus_eight():
+    """A YOLOv8-style conv -> x * sigmoid(x) whose pre-activation reaches -30: its u8 grid starts
+    at -8 (what lies below is read as less than 0.003), so the step is finer than min-max's."""
+    rng = np.random.default_rng(6)
+    m = silu_net(rng)
+    bias = np.linspace(-30, 4, 8).astype(np.float32)
+    m.graph.initializer.append(numpy_helper.from_array(bias, "b0"))
+    m.graph.node[0].input.append("b0")
+    feeds = [{"x": rng.standard_normal((1, 8, 8, 8)).astype(np.float32)} for _ in range(24)]
+    q, _ = onnxq.convert(m, onnxq.ConvertConfig(bits=8, target="ort-cpu", act_method="minmax", protect_acts=0),
+                         calib=feeds)
+    inits = {t.name: numpy_helper.to_array(t) for t in q.graph.initializer}
+    qn = next(n for n in q.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "c0")
+    scale, zp = float(inits[qn.input[1]]), int(inits[qn.input[2]])
+    assert -8.0 - scale <= -zp * scale <= -8.0 + scale, (scale, zp)
+    ref = ort.InferenceSession(m.SerializeToString()).run(None, feeds[0])[0]
+    out = ort.InferenceSession(q.SerializeToString()).run(None, feeds[0])[0]
+    assert 10 * np.log10((ref ** 2).sum() / ((ref - out) ** 2).sum()) > 25
+
+
 def test_searches_see_output_side_tensors_and_move_tied_ones_with_their_source():
     """Under ort-cpu a conv's output feeding a residual Add, the Add's and the pool's outputs
     are quantized though no layer reads them: the per-tensor range choice measures them; the
