@@ -90,6 +90,16 @@ def test_saturate_moves_the_mass_beyond_a_bound_onto_it():
         assert -3.0 - 1e-6 <= lo and hi <= 4.0, (spec, lo, hi)
 
 
+def min_max_ort_cpu_grid(m: onnx.ModelProto, feeds, name: str) -> tuple[onnx.ModelProto, float, int]:
+    """The W8A8 ort-cpu conversion (min-max ranges, no int16) and the scale and zero point of
+    tensor `name`'s output Q."""
+    q, _ = onnxq.convert(m, onnxq.ConvertConfig(bits=8, target="ort-cpu", act_method="minmax", protect_acts=0),
+                         calib=feeds)
+    inits = {t.name: numpy_helper.to_array(t) for t in q.graph.initializer}
+    qn = next(n for n in q.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == name)
+    return q, float(inits[qn.input[1]]), int(inits[qn.input[2]])
+
+
 def test_ort_cpu_range_of_a_pre_hardswish_tensor_ends_at_minus_three():
     rng = np.random.default_rng(1)
     m = hardswish_net(rng)
@@ -99,11 +109,7 @@ def test_ort_cpu_range_of_a_pre_hardswish_tensor_ends_at_minus_three():
     extra.graph.output.append(vi("c0", None))
     low = min(float(ort.InferenceSession(extra.SerializeToString()).run(["c0"], f)[0].min()) for f in feeds)
     assert low < -10.0
-    q, _ = onnxq.convert(m, onnxq.ConvertConfig(bits=8, target="ort-cpu", act_method="minmax", protect_acts=0),
-                         calib=feeds)
-    inits = {t.name: numpy_helper.to_array(t) for t in q.graph.initializer}
-    qn = next(n for n in q.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "c0")
-    scale, zp = float(inits[qn.input[1]]), int(inits[qn.input[2]])
+    _, scale, zp = min_max_ort_cpu_grid(m, feeds, "c0")
     assert -3.0 - scale <= -zp * scale <= -3.0 + scale, (scale, zp)
 
 
@@ -116,11 +122,7 @@ def test_ort_cpu_range_of_a_silu_input_ends_at_minus_eight():
     m.graph.initializer.append(numpy_helper.from_array(bias, "b0"))
     m.graph.node[0].input.append("b0")
     feeds = [{"x": rng.standard_normal((1, 8, 8, 8)).astype(np.float32)} for _ in range(24)]
-    q, _ = onnxq.convert(m, onnxq.ConvertConfig(bits=8, target="ort-cpu", act_method="minmax", protect_acts=0),
-                         calib=feeds)
-    inits = {t.name: numpy_helper.to_array(t) for t in q.graph.initializer}
-    qn = next(n for n in q.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "c0")
-    scale, zp = float(inits[qn.input[1]]), int(inits[qn.input[2]])
+    q, scale, zp = min_max_ort_cpu_grid(m, feeds, "c0")
     assert -8.0 - scale <= -zp * scale <= -8.0 + scale, (scale, zp)
     ref = ort.InferenceSession(m.SerializeToString()).run(None, feeds[0])[0]
     out = ort.InferenceSession(q.SerializeToString()).run(None, feeds[0])[0]

@@ -33,7 +33,8 @@ ort-cpu   full node units DQ -> op -> Q so onnxruntime's CPU provider fuses inte
           (a padding conv reads an explicit Pad), and a Pad between two tensors of one 8-bit
           grid runs on the codes (graph/forward.py, graph/pads.py).
           An output-side tensor read only by ops that saturate (HardSwish below -3, HardSigmoid,
-          Clip, Relu) is ranged only where they do not. At 8-bit activations the few whose
+          Clip, Relu; Sigmoid beyond +-8 and Tanh beyond +-4.5 to within 2^-11; x * sigmoid(x)
+          below -8, x * hardsigmoid(x) below its zero) is ranged only where they do not. At 8-bit activations the few whose
           rounding costs the network most may be int16 (--protect-acts): the layers reading or
           making them then run in float, so they may hold at most 2% of the multiply-adds.
           Gemm/MatMul weights become its weight-only kernel MatMulNBits (com.microsoft: onnxq's
