@@ -336,7 +336,16 @@ def fidelity(kind: str, outs: list[list[np.ndarray]], ref: list[list[np.ndarray]
         conf = a.max(1) > YOLO_CONF
         r["anchor_agree"] = float(np.mean(a[conf].argmax(1) == b[conf].argmax(1))) if conf.any() else 1.0
         r["anchors_confident"] = int(conf.sum())
+        r["scores_sqnr_db"] = yolo_scores_sqnr(rfirst, first)
     return r
+
+
+def yolo_scores_sqnr(ref: list, out: list) -> float:
+    """SQNR of a YOLOv8 head's class-score rows alone ([1, 4+C, A] outputs): the whole output's
+    SQNR is mostly its box rows' (pixel distances), which say little of the scores."""
+    a = np.concatenate([np.asarray(o)[0, 4:].ravel() for o in ref])
+    b = np.concatenate([np.asarray(o)[0, 4:].ravel() for o in out])
+    return float(metrics.sqnr_db(a, b))
 
 
 # ----------------------------------------------------------------------------- latency
@@ -599,7 +608,7 @@ FIDELITY_COLS = {  # kind -> [(header, key, format)]
     "imagenet": [("top1=FP32", "top1_fp32", ".3f")],
     "det": [("IoU FP32", "iou_fp32", ".3f")],
     "yolo": [("det F1", "f1_fp32", ".3f"), ("P", "precision", ".3f"), ("R", "recall", ".3f"),
-             ("anchor agree", "anchor_agree", ".3f")],
+             ("anchor agree", "anchor_agree", ".3f"), ("scores dB", "scores_sqnr_db", ".1f")],
     "nsfw": [("mean |dS|", "dscore_mean", ".4f"), ("max |dS|", "dscore_max", ".4f")],
     "text": [("retrieval=FP32", "retrieval_agree", ".3f"), ("cosine", "mean_cosine", ".4f")],
 }

@@ -22,6 +22,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import generalise as g  # noqa: E402
+import targets as tg  # noqa: E402
 
 FRESH = 100            # evaluation seeds offset from generalise.py's, so the photos differ
 
@@ -48,7 +49,7 @@ def main() -> None:
             out = np.stack([s.run(None, f)[0] for f in feeds])
             f1 = g.score("yolo", [[o] for o in out], [[r] for r in ref])
             print(f"| {ds} | {Path(name).name} | {sqnr(ref[:, :, :4], out[:, :, :4]):.1f} | "
-                  f"{sqnr(ref[:, :, 4:], out[:, :, 4:]):.1f} | {f1:.3f} |", flush=True)
+                  f"{tg.yolo_scores_sqnr(list(ref), list(out)):.1f} | {f1:.3f} |", flush=True)
 
 
 if __name__ == "__main__":
