@@ -34,9 +34,10 @@ ort-cpu   full node units DQ -> op -> Q so onnxruntime's CPU provider fuses inte
           grid runs on the codes (graph/forward.py, graph/pads.py).
           An output-side tensor read only by ops that saturate (HardSwish below -3, HardSigmoid,
           Clip, Relu; Sigmoid beyond +-8 and Tanh beyond +-4.5 to within 2^-11; x * sigmoid(x)
-          below -8, x * hardsigmoid(x) below its zero) is ranged only where they do not. At 8-bit activations the few whose
-          rounding costs the network most may be int16 (--protect-acts): the layers reading or
-          making them then run in float, so they may hold at most 2% of the multiply-adds.
+          below -8, x * hardsigmoid(x) below its zero) is ranged only where they do not. At
+          8-bit activations the few whose rounding costs the network most may be int16
+          (--protect-acts): the layers reading or making them then run in float, so they may
+          hold at most 2% of the multiply-adds.
           Gemm/MatMul weights become its weight-only kernel MatMulNBits (com.microsoft: onnxq's
           4-bit codes packed two to a byte or 8-bit ones, one scale and zero point per block of
           K; the input stays float and the kernel quantizes it to int8 per block as it runs:
