@@ -27,10 +27,6 @@ import targets as tg  # noqa: E402
 FRESH = 100            # evaluation seeds offset from generalise.py's, so the photos differ
 
 
-def sqnr(ref: np.ndarray, out: np.ndarray) -> float:
-    return float(10 * np.log10((ref ** 2).sum() / max(((ref - out) ** 2).sum(), 1e-30)))
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("models", nargs="+", help="converted YOLOv8n files")
@@ -48,7 +44,7 @@ def main() -> None:
             s = ort.InferenceSession(name, providers=["CPUExecutionProvider"])
             out = np.stack([s.run(None, f)[0] for f in feeds])
             f1 = g.score("yolo", [[o] for o in out], [[r] for r in ref])
-            print(f"| {ds} | {Path(name).name} | {sqnr(ref[:, :, :4], out[:, :, :4]):.1f} | "
+            print(f"| {ds} | {Path(name).name} | {tg.metrics.sqnr_db(ref[:, :, :4], out[:, :, :4]):.1f} | "
                   f"{tg.yolo_scores_sqnr(list(ref), list(out)):.1f} | {f1:.3f} |", flush=True)
 
 
