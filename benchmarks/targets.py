@@ -331,21 +331,18 @@ def fidelity(kind: str, outs: list[list[np.ndarray]], ref: list[list[np.ndarray]
         r["f1_fp32"] = 2 * tp / (n_ref + n_cand) if n_ref + n_cand else 1.0
         r["precision"] = tp / n_cand if n_cand else None     # no detections at all: undefined
         r["recall"] = tp / n_ref if n_ref else None
-        a = np.concatenate([np.asarray(o)[0, 4:].T for o in rfirst])
-        b = np.concatenate([np.asarray(o)[0, 4:].T for o in first])
+        a, b = yolo_scores(rfirst), yolo_scores(first)
         conf = a.max(1) > YOLO_CONF
         r["anchor_agree"] = float(np.mean(a[conf].argmax(1) == b[conf].argmax(1))) if conf.any() else 1.0
         r["anchors_confident"] = int(conf.sum())
-        r["scores_sqnr_db"] = yolo_scores_sqnr(rfirst, first)
+        # the class scores' SQNR alone: the whole output's is mostly its box rows' (pixel distances)
+        r["scores_sqnr_db"] = float(metrics.sqnr_db(a, b))
     return r
 
 
-def yolo_scores_sqnr(ref: list, out: list) -> float:
-    """SQNR of a YOLOv8 head's class-score rows alone ([1, 4+C, A] outputs): the whole output's
-    SQNR is mostly its box rows' (pixel distances), which say little of the scores."""
-    a = np.concatenate([np.asarray(o)[0, 4:].ravel() for o in ref])
-    b = np.concatenate([np.asarray(o)[0, 4:].ravel() for o in out])
-    return float(metrics.sqnr_db(a, b))
+def yolo_scores(outs: list) -> np.ndarray:
+    """The class scores of YOLOv8 head outputs ([1, 4+C, A] each) as [anchors, C]."""
+    return np.concatenate([np.asarray(o)[0, 4:].T for o in outs])
 
 
 # ----------------------------------------------------------------------------- latency

@@ -45,7 +45,7 @@ def main() -> None:
             out = np.stack([s.run(None, f)[0] for f in feeds])
             f1 = g.score("yolo", [[o] for o in out], [[r] for r in ref])
             print(f"| {ds} | {Path(name).name} | {tg.metrics.sqnr_db(ref[:, :, :4], out[:, :, :4]):.1f} | "
-                  f"{tg.yolo_scores_sqnr(list(ref), list(out)):.1f} | {f1:.3f} |", flush=True)
+                  f"{tg.metrics.sqnr_db(tg.yolo_scores(ref), tg.yolo_scores(out)):.1f} | {f1:.3f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from typing import Any
 
 from .algos.ranges import RANGE_METHODS, parse_method
@@ -184,9 +185,10 @@ class ConvertConfig:
             return self.avg_bits * (params + branch) - self.branch_bits * branch
         return float(self.max_size) * 8
 
-    @property
+    @cached_property
     def rules(self):
-        """The target's emission rules, with the 8-bit weight container as settled (u8_weights)."""
+        """The target's emission rules, with the 8-bit weight container as settled (u8_weights);
+        worked out once per config (the fields are frozen)."""
         return target_rules(self.target, self.u8_weights)
 
     @property

@@ -153,9 +153,7 @@ def plan_table(t: Target, w: np.ndarray, cfg: ConvertConfig) -> LayerPlan:
     wm = w.astype(np.float64)
     floor = TABLE_CLIP_FLOOR_8BIT if bits >= 8 else 0.0
     wq = blocked("mse", wm, bits, None, block, floor=floor) if block else mse(wm, bits, None, floor)
-    codes, scales = wq.codes, wq.scales
-    if half_scales(t, block, bits):      # rounded to what the file stores (2^-11 relative)
-        scales = scales.astype(np.float16).astype(np.float64)
+    codes, scales = wq.codes, stored_scales(wq.scales, t, block, bits)
     plan = LayerPlan(target=t, bits=bits, method=wq.method + block_suffix(block),
                      codes=codes.astype(np.int8), scales=scales, axis=1 if block else 0, bias=None,
                      note=note, block=block)
@@ -245,9 +243,14 @@ def _code(t: Target, wm: np.ndarray, bits: int, h: np.ndarray | None, cfg: Conve
     taps = kernel_taps(t) if block and t.op == "Conv" else 0
     affine = block_zero_points(block, bits, cfg)
     wq = _quantize(method, wm, bits, h, t.row_groups, cfg.damp, block, taps, affine)
-    if half_scales(t, block, bits):      # rounded to what the file stores (2^-11 relative)
-        wq = dataclasses.replace(wq, scales=wq.scales.astype(np.float16).astype(np.float64))
+    wq = dataclasses.replace(wq, scales=stored_scales(wq.scales, t, block, bits))
     return wq, block, taps, affine
+
+
+def stored_scales(scales: np.ndarray, t: Target, block: int, bits: int) -> np.ndarray:
+    """`scales` rounded to what the file stores: float16 where types.half_scales says so (2^-11
+    relative), else as they are."""
+    return scales.astype(np.float16).astype(np.float64) if half_scales(t, block, bits) else scales
 
 
 def _coded_fields(t: Target, wq, block: int, taps: int) -> dict:
