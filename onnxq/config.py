@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import asdict, dataclass, field
-from functools import cached_property
 from typing import Any
 
 from .algos.ranges import RANGE_METHODS, parse_method
@@ -185,10 +184,9 @@ class ConvertConfig:
             return self.avg_bits * (params + branch) - self.branch_bits * branch
         return float(self.max_size) * 8
 
-    @cached_property
+    @property
     def rules(self):
-        """The target's emission rules, with the 8-bit weight container as settled (u8_weights);
-        worked out once per config (the fields are frozen)."""
+        """The target's emission rules, with the 8-bit weight container as settled (u8_weights)."""
         return target_rules(self.target, self.u8_weights)
 
     @property
