@@ -154,17 +154,18 @@ class ConvertConfig:
     def weight_method_name(self) -> str:
         """The method of the model's --bits layers, as the report names it."""
         if self.weight_method_for(self.bits) != self.weight_method_for(self.bits, "Conv"):   # default, 8 bits
-            return "gptq for ungrouped convs, mse for the rest"
+            return "gptq for convs, mse for the rest"
         return self.weight_method_for(self.bits)
 
     def weight_method_for(self, bits: int, op: str = "", groups: int = 1) -> str:
         """The weight method of a layer (`op`, `groups`) with `bits` bits: the chosen one, else
-        gptq at <= 4 bits; in an 8-bit conversion gptq for an ungrouped Conv, else mse. (Second-order
-        rounding of 8-bit grouped convs and Gemm/MatMul, and of the 8-bit layers of a 4-bit
-        conversion, measured mixed: docs/experiments/weights.md.)"""
+        gptq at <= 4 bits; in an 8-bit conversion gptq for every Conv (depthwise ones too, their
+        groups floored at the layer's scale: algos.weights.layer_floor), else mse. (Second-order
+        rounding of 8-bit Gemm/MatMul, and of the 8-bit layers of a 4-bit conversion, measured
+        mixed: docs/experiments/weights.md.)"""
         if self.weight_method and self.weight_method != "auto":
             return self.weight_method
-        return "gptq" if bits <= 4 or (self.bits == 8 and op == "Conv" and groups == 1) else "mse"
+        return "gptq" if bits <= 4 or (self.bits == 8 and op == "Conv") else "mse"
 
     @property
     def act_method_name(self) -> str:

@@ -5,7 +5,8 @@ import pytest
 
 from onnxq.algos.qmath import channel_scales, weight_qmax
 from onnxq.algos.rounding import gptq_round
-from onnxq.algos.weights import (CLIP_GRID, hessian_scales, mse, quantize_weight, row_errors, rtn,
+from onnxq.algos.rounding import DEFAULT_DAMP
+from onnxq.algos.weights import (CLIP_GRID, hessian_scales, layer_floor, mse, quantize_weight, row_errors, rtn,
                                  weighted_error)
 
 
@@ -96,8 +97,40 @@ def test_grouped_quantization_uses_each_groups_statistics():
     hs = np.stack([correlated_inputs(rng, 64, 9) for _ in range(4)])
     q = quantize_weight("gptq", w, 4, hs, groups=4)
     assert q.codes.shape == (8, 9) and q.scales.shape == (8,)
-    alone = quantize_weight("gptq", w[2:4], 4, hs[1:2], groups=1)
+    alone = quantize_weight("gptq", w[2:4], 4, layer_floor(hs, DEFAULT_DAMP)[1:2], groups=1)
     assert np.array_equal(q.codes[2:4], alone.codes)
+
+
+def _patches(rng, n, k, corr=0.9):
+    """n patches of k taps of a smooth image: neighbouring taps correlated by `corr`."""
+    cov = corr ** np.abs(np.subtract.outer(np.arange(k), np.arange(k)))
+    return rng.standard_normal((n, k)) @ np.linalg.cholesky(cov).T
+
+
+def test_grouped_rounding_of_a_channel_quiet_on_calibration_holds_when_it_comes_alive():
+    """A depthwise channel whose input is constant on every calibration sample (a saturated
+    ReLU6, say) has a covariance of nothing but the zero padding at the borders. Its codes must
+    not be fitted to that: once the channel varies on other data its output error stays near
+    plain rounding's, while the live channels keep second-order rounding's gain."""
+    rng = np.random.default_rng(0)
+    g, k, n = 24, 9, 4000
+    x = np.stack([_patches(rng, n, k) for _ in range(g)])          # [G, N, K]
+    x[0] = 3.0
+    border = rng.random(n) < 0.05
+    x[0, border, :3] = 0.0                                          # top row of taps in the padding
+    xc = x - x.mean(1, keepdims=True)
+    h = np.einsum("gnk,gnl->gkl", xc, xc) / n                       # the centred fit, as plan_layer's
+    w = rng.standard_normal((g, k)) * np.linspace(0.5, 2.0, k)
+    for bits in (8, 4):
+        q = quantize_weight("gptq", w, bits, h, groups=g)
+        near = quantize_weight("rtn", w, bits, None, groups=g)
+        w_q, w_near = q.codes * q.scales[:, None], near.codes * near.scales[:, None]
+        live = np.stack([_patches(rng, n, k) for _ in range(g)])
+        h_live = np.einsum("gnk,gnl->gkl", live, live) / n
+        err = np.einsum("gk,gkl,gl->g", w - w_q, h_live, w - w_q)
+        err_near = np.einsum("gk,gkl,gl->g", w - w_near, h_live, w - w_near)
+        assert err[0] < 1.5 * err_near[0]
+        assert err[1:].sum() < 0.8 * err_near[1:].sum()
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
@@ -179,8 +212,9 @@ def test_grouped_second_order_rounding_equals_the_per_group_loop(groups, rows, k
     x[:, :, 0] *= (rng.random(groups) > 0.2)[:, None]
     h = np.einsum("gnk,gnl->gkl", x, x)
     w = (rng.standard_normal((groups * rows, k)) * 0.2).astype(np.float32)
+    floored = W.layer_floor(h, W.DEFAULT_DAMP)          # the grouped path's ridge at the layer's scale
     for bits in (4, 2):
-        per = [W.gptq(w[g * rows:(g + 1) * rows], bits, h[g]) for g in range(groups)]
+        per = [W.gptq(w[g * rows:(g + 1) * rows], bits, floored[g]) for g in range(groups)]
         q = W.quantize_weight("gptq", w, bits, h, groups=groups)
         codes, scales = q.codes, q.scales
         np.testing.assert_array_equal(codes, np.concatenate([p.codes for p in per]))

@@ -78,16 +78,17 @@ def test_config_is_frozen():
 @pytest.mark.parametrize("bits, method", [(2, "gptq"), (3, "gptq"), (4, "gptq"), (8, "mse")])
 def test_weight_method_defaults_to_gptq_at_4_bits_or_fewer(bits, method):
     cfg = ConvertConfig(bits=bits)
-    assert cfg.weight_method_name == (method if bits < 8 else "gptq for ungrouped convs, mse for the rest")
+    assert cfg.weight_method_name == (method if bits < 8 else "gptq for convs, mse for the rest")
     assert ConvertConfig(bits=4).weight_method_for(bits) == method        # per layer, not per model
     assert ConvertConfig(bits=4).weight_method_for(bits, "MatMul") == method
     assert ConvertConfig(bits=4).weight_method_for(bits, "Conv", groups=32) == method
     assert ConvertConfig(bits=4).weight_method_for(bits, "Conv") == method
-    # an 8-bit conversion rounds its ungrouped convs second-order too; depthwise convs and
-    # Gemm/MatMul not
+    # an 8-bit conversion rounds its convs second-order too, depthwise ones included;
+    # Gemm/MatMul not, nor the 8-bit depthwise convs of a 4-bit conversion
     eight = ConvertConfig(bits=8)
     assert eight.weight_method_for(bits, "Conv") == "gptq"
-    assert eight.weight_method_for(bits, "Conv", groups=16) == method
+    assert eight.weight_method_for(bits, "Conv", groups=16) == ("gptq" if bits == 8 else method)
+    assert ConvertConfig(bits=4).weight_method_for(8, "Conv", groups=16) == "mse"
     assert eight.weight_method_for(bits, "MatMul") == eight.weight_method_for(bits, "Gemm") == method
     assert ConvertConfig(bits=bits, weight_method="rtn").weight_method_for(bits) == "rtn"
     assert ConvertConfig(bits=bits, weight_method="rtn").weight_method_name == "rtn"
@@ -143,7 +144,7 @@ def test_to_dict_holds_every_field_with_resolved_methods():
     again = json.loads(json.dumps(d))                                          # JSON as is
     assert again["damp"] == cfg.damp and again["bit_choices"] == list(cfg.bit_choices)
     assert ConvertConfig(bits=8, weight_method="rtn", act_method="mse").to_dict()["weight_method"] == "rtn"
-    assert ConvertConfig(bits=8).to_dict()["weight_method"] == "gptq for ungrouped convs, mse for the rest"
+    assert ConvertConfig(bits=8).to_dict()["weight_method"] == "gptq for convs, mse for the rest"
 
 
 def test_size_budget_bits():

@@ -66,7 +66,8 @@ def test_one_layer_report_per_target(digits, targets):
             assert layer.float_input_reason.startswith("weight-only under the generic target")
             continue
         read = next((s.smoothed for s in rep.smoothing if layer.node in s.readers and s.smoothed), t.act)
-        assert (layer.activation, layer.activation_bits, layer.float_input_reason) == (read, 8, "")
+        wide = read in (rep.wide.widened if rep.wide else ())          # kept at 16 bits by --protect-acts
+        assert (layer.activation, layer.activation_bits, layer.float_input_reason) == (read, 16 if wide else 8, "")
     assert rep.params == sum(t.params for t in targets)
     assert rep.skipped == []
 
@@ -75,18 +76,27 @@ def test_activation_reports_are_numbers(digits):
     _, rep = digits
     read = {l.activation for l in rep.quantized if l.activation}      # no weight-only layer's float input
     assert {a.tensor for a in rep.activations} == read and None not in read
+    widened = set(rep.wide.widened if rep.wide else ())
+    assert {a.tensor for a in rep.activations if a.bits == 16} == widened
     for a in rep.activations:
         assert isinstance(a, ActReport)
-        # 'best' at 8 bits: one of its clipping methods for every tensor (which one depends on the
-        # tensors the model rounds: with the Gemms weight-only, mse)
-        assert (a.method, a.bits, a.signed) == (rep.ranges.chosen, 8, False) and a.method in BEST_OF
+        if a.tensor in widened:         # --protect-acts: int16 over all calibration saw
+            assert (a.method, a.bits, a.signed) == ("minmax", 16, True)
+        else:
+            # 'best' at 8 bits: one of its clipping methods for every tensor (which one depends on the
+            # tensors the model rounds: with the Gemms weight-only, mse)
+            assert (a.method, a.bits, a.signed) == (rep.ranges.chosen, 8, False) and a.method in BEST_OF
         assert len(a.range) == len(a.observed) == 2 and all(number(v) for v in a.range + a.observed)
         assert a.range[0] <= a.range[1] and a.observed[0] <= a.observed[1]
         assert a.range[1] <= a.observed[1] + 1e-4                       # a clipping method never widens
         assert number(a.clipped_fraction) and 0 <= a.clipped_fraction < 0.01
-        assert number(a.scale) and a.scale > 0 and isinstance(a.zero_point, int) and 0 <= a.zero_point <= 255
-        # the scale covers the range with 255 steps (widened to contain 0)
-        assert a.scale == pytest.approx((max(a.range[1], 0) - min(a.range[0], 0)) / 255, rel=1e-3)
+        assert number(a.scale) and a.scale > 0 and isinstance(a.zero_point, int)
+        if a.signed:                    # symmetric: zero point 0, the larger end on the last code
+            assert a.zero_point == 0
+            assert a.scale == pytest.approx(max(abs(v) for v in a.range) / (2 ** (a.bits - 1) - 1), rel=1e-3)
+        else:                           # the range with 255 steps (widened to contain 0)
+            assert 0 <= a.zero_point <= 255
+            assert a.scale == pytest.approx((max(a.range[1], 0) - min(a.range[0], 0)) / 255, rel=1e-3)
 
 
 def test_sizes_opsets_samples_fidelity_and_timings(digits):

@@ -235,6 +235,8 @@ def quantize_weight(method: str, w: np.ndarray, bits: int, hessians: np.ndarray 
     if method != "gptq" or hessians is None:      # rtn and mse treat every row alike, without H
         return WEIGHT_METHODS[method](w, bits, None)
     fn = partial(gptq, damp=damp)
+    if groups > 1:
+        hessians = layer_floor(hessians, damp)
     if groups > 1 and w.shape[1] <= MAX_K:      # all groups at once (algos/grouped.py)
         wg, h = w.reshape(groups, -1, w.shape[1]).astype(np.float64), hessians.astype(np.float64)
         base = _grid_search(wg, bits, lambda e: group_objective(e, h))
@@ -244,6 +246,25 @@ def quantize_weight(method: str, w: np.ndarray, bits: int, hessians: np.ndarray 
     parts = [fn(w[g * rows:(g + 1) * rows], bits, hessians[g]) for g in range(groups)]
     return WeightQuant(np.concatenate([p.codes for p in parts]),
                        np.concatenate([p.scales for p in parts]), parts[0].method)
+
+
+def layer_floor(h: np.ndarray, damp: float) -> np.ndarray:
+    """Each group's H [G, K, K] plus damp x the layer's mean diagonal on its diagonal.
+
+    A group's own damping is relative to its own H. A depthwise channel whose input is constant
+    (or zero) on every calibration sample has an H of almost nothing but zero padding at the
+    borders: its clipping and codes were then fitted to noise, and on held-out data where the
+    channel comes alive its output error reached a quarter of its signal. Against the layer's
+    scale such a group's H is nothing, so it is rounded as without data (nearest codes, the
+    weight-error clipping); live groups see the same small ridge as an ungrouped layer's inputs."""
+    diag = np.einsum("gkk->gk", h)
+    floor = damp * float(np.mean(diag)) if np.all(np.isfinite(diag)) else 0.0
+    if floor <= 0:
+        return h
+    out = np.array(h, dtype=np.float64, copy=True)
+    idx = np.arange(h.shape[-1])
+    out[:, idx, idx] += floor
+    return out
 
 
 def regularized_hessian(h: np.ndarray, rows: int) -> np.ndarray:
