@@ -64,7 +64,8 @@ HOLDOUT_FRACTION = 8   # ... and at most one in this many
 HOLDOUT_STREAM = 7     # random stream of the held-out pick (independent of the other seeded draws)
 BRANCH_CHECK_STREAM = 8   # random stream of the branches' check samples
 ROUNDING_CANDIDATES = ("gptq", "mse")   # weight methods the low-bit layers are planned with and judged by
-WIDE_SAMPLES = 16      # samples the harm of 8-bit activations is measured on (the next as many check it)
+WIDE_SAMPLES = 16      # samples the harm of 8-bit activations is measured on ...
+WIDE_CHECK = 48        # ... and at most this many of the rest check the choice
 CHOICE_SAMPLES = 8     # samples the per-tensor range choice fits (the next as many check it)
 POOR_AGREEMENT = 0.9   # below this top-1 agreement (or POOR_SQNR_DB) the summary warns loudly
 POOR_SQNR_DB = 10.0
@@ -435,7 +436,7 @@ def widen(c: Conversion, progress: Progress | None) -> None:
         return
     n = min(WIDE_SAMPLES, len(c.calib) // 2)
     fit = [load() for load in c.calib[:n]]
-    check = [load() for load in c.calib[n:2 * n]]
+    check = [load() for load in c.calib[n:n + WIDE_CHECK]]
     try:
         acts, c.wide = widen_acts(c.prepared, c.plan, c.stats.acts, fit, check, c.cfg, progress, c.placement.units)
     except Exception as e:    # an optional refinement: the 8-bit model stands without it
