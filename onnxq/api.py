@@ -318,7 +318,7 @@ def needs_hessians(cfg: ConvertConfig, targets) -> bool | set[str]:
     8-bit conversion only those that gptq rounds. Plain 8-bit layers need only their means (bias
     correction), and gathering K x K moments is most of a layer's calibration time."""
     gptq = {t.node for t in targets
-            if cfg.weight_method_for(cfg.bits_for(t.node, t.depthwise)[0], t.op, t.row_groups) == "gptq"}
+            if cfg.weight_method_for(cfg.bits_for(t.node, t.depthwise)[0], t.op) == "gptq"}
     if cfg.mixed or cfg.rank_budget > 0 or cfg.sequential_on or (cfg.bits < 8 and gptq):
         return True
     return gptq

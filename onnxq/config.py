@@ -157,8 +157,8 @@ class ConvertConfig:
             return "gptq for convs, mse for the rest"
         return self.weight_method_for(self.bits)
 
-    def weight_method_for(self, bits: int, op: str = "", groups: int = 1) -> str:
-        """The weight method of a layer (`op`, `groups`) with `bits` bits: the chosen one, else
+    def weight_method_for(self, bits: int, op: str = "") -> str:
+        """The weight method of a layer (`op`) with `bits` bits: the chosen one, else
         gptq at <= 4 bits; in an 8-bit conversion gptq for every Conv (depthwise ones too, their
         groups floored at the layer's scale: algos.weights.layer_floor), else mse. (Second-order
         rounding of 8-bit Gemm/MatMul, and of the 8-bit layers of a 4-bit conversion, measured

@@ -81,14 +81,12 @@ def test_weight_method_defaults_to_gptq_at_4_bits_or_fewer(bits, method):
     assert cfg.weight_method_name == (method if bits < 8 else "gptq for convs, mse for the rest")
     assert ConvertConfig(bits=4).weight_method_for(bits) == method        # per layer, not per model
     assert ConvertConfig(bits=4).weight_method_for(bits, "MatMul") == method
-    assert ConvertConfig(bits=4).weight_method_for(bits, "Conv", groups=32) == method
     assert ConvertConfig(bits=4).weight_method_for(bits, "Conv") == method
     # an 8-bit conversion rounds its convs second-order too, depthwise ones included;
-    # Gemm/MatMul not, nor the 8-bit depthwise convs of a 4-bit conversion
+    # Gemm/MatMul not, nor the 8-bit convs of a 4-bit conversion (the rule reads no group count)
     eight = ConvertConfig(bits=8)
     assert eight.weight_method_for(bits, "Conv") == "gptq"
-    assert eight.weight_method_for(bits, "Conv", groups=16) == ("gptq" if bits == 8 else method)
-    assert ConvertConfig(bits=4).weight_method_for(8, "Conv", groups=16) == "mse"
+    assert ConvertConfig(bits=4).weight_method_for(8, "Conv") == "mse"
     assert eight.weight_method_for(bits, "MatMul") == eight.weight_method_for(bits, "Gemm") == method
     assert ConvertConfig(bits=bits, weight_method="rtn").weight_method_for(bits) == "rtn"
     assert ConvertConfig(bits=bits, weight_method="rtn").weight_method_name == "rtn"

@@ -238,7 +238,7 @@ def quantize_weight(method: str, w: np.ndarray, bits: int, hessians: np.ndarray 
     if groups > 1:
         hessians = layer_floor(hessians, damp)
     if groups > 1 and w.shape[1] <= MAX_K:      # all groups at once (algos/grouped.py)
-        wg, h = w.reshape(groups, -1, w.shape[1]).astype(np.float64), hessians.astype(np.float64)
+        wg, h = w.reshape(groups, -1, w.shape[1]).astype(np.float64), np.asarray(hessians, np.float64)
         base = _grid_search(wg, bits, lambda e: group_objective(e, h))
         codes, scales = gptq_groups(wg, bits, h, base, GPTQ_SCALE_STARTS, damp)
         return WeightQuant(codes.reshape(w.shape), scales.reshape(-1), "gptq")

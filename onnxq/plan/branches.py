@@ -165,7 +165,7 @@ def refine(lp: LayerPlan, wm: np.ndarray, h: np.ndarray, cfg: ConvertConfig, ite
     a, b = br.a, br.b
     best = (_objective(wm - w_hat - b @ a, h), None)
     for _ in range(iters):
-        q = quantize_weight(cfg.weight_method_for(lp.bits, t.op, t.row_groups), wm - b @ a, lp.bits, h[None],
+        q = quantize_weight(cfg.weight_method_for(lp.bits, t.op), wm - b @ a, lp.bits, h[None],
                             damp=cfg.damp)
         w_new = q.codes * q.scales[:, None]
         a, b = factors(spectrum(wm - w_new, h, rank, cfg.branch_init), rank)

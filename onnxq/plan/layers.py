@@ -183,7 +183,7 @@ def plan_layer(t: Target, w: np.ndarray, bias: np.ndarray | None, ls: LayerStats
     if ls is not None and t.op == "ConvTranspose":
         ls = tap_moments(t, ls)
     bits, note = cfg.bits_for(t.node, t.depthwise)
-    method = cfg.weight_method_for(bits, t.op, t.row_groups)
+    method = cfg.weight_method_for(bits, t.op)
     wm = to_matrix(w, t.weight_layout).astype(np.float64)               # [O, K]
     groups = t.row_groups
     h = None
@@ -267,7 +267,7 @@ def recoded(lp: LayerPlan, w: np.ndarray, h: np.ndarray, cfg: ConvertConfig) -> 
     """`lp` with its weight W [O, K] coded again on H [G, K, K] at its bits and on its grid (a
     shared weight on its readers' summed objective)."""
     t = lp.target
-    wq, block, taps, _ = _code(t, w, lp.bits, h, cfg, cfg.weight_method_for(lp.bits, t.op, t.row_groups))
+    wq, block, taps, _ = _code(t, w, lp.bits, h, cfg, cfg.weight_method_for(lp.bits, t.op))
     return dataclasses.replace(lp, **_coded_fields(t, wq, block, taps))
 
 
@@ -286,7 +286,7 @@ def plan_compensated(t: Target, w: np.ndarray, bias: np.ndarray | None, ps: Pair
     hq, cross = _paired_moments(ps, centred)
     share = _held_out_share(wm, ps, centred, t.row_groups)
     v = wm + share * (_compensated_weight(wm, hq, cross, t.row_groups) - wm)
-    wq, block, taps, affine = _code(t, v, bits, hq, cfg, cfg.weight_method_for(bits, t.op, t.row_groups))
+    wq, block, taps, affine = _code(t, v, bits, hq, cfg, cfg.weight_method_for(bits, t.op))
     w_hat = dequantize_rows(wq.codes, wq.scales)
     plan = LayerPlan(target=t, bits=bits, bias=None, note=note, source_bias=bias,
                      **_coded_fields(t, wq, block, taps))
