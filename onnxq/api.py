@@ -29,7 +29,7 @@ from .graph.placement import plan_placement
 from .graph.forward import fold_affine_into_readers
 from .graph.prepare import drop_identities, fold_affine, fuse_hardswish, prepare, upgrade_opset
 from .graph.rewrite import apply_plan
-from .graph.smooth import apply_smoothing, channel_axis, pointwise, smoothable
+from .graph.smooth import apply_smoothing, channel_axis, folds, pointwise, smoothable
 from .graph.large import model_bytes, weights_folder
 from .graph.targets import WeightMap, find_targets, initializer_array
 from .graph.tidy import tidy
@@ -198,12 +198,14 @@ def smooth(c: Conversion, stats: Stats | None) -> None:
     if not (c.cfg.smooth and c.cfg.quantize_acts) or weights_folder(c.prepared) is not None:
         return
     bits = {t.node: c.cfg.bits_for(t.node, t.depthwise)[0] for t in c.targets}
-    # depthwise convs in 8-bit conversions under the generic target only: at W4A8 and under
-    # ort-cpu it gained on some models and lost on PP-OCR cls; under openvino it cost 3-8% of the
-    # latency the target is for (docs/results.md, round 8). Pointwise convs likewise (round 24).
+    # depthwise and pointwise convs in 8-bit conversions under generic, and under ort-cpu where the
+    # division folds into the ops that make the input (PP-OCR rec strings +0.04 over four draws, det
+    # and cls level: docs/results.md, round 32); at W4A8 it lost on PP-OCR cls, under openvino it cost
+    # 3-8% of the latency the target is for (round 8). Pointwise convs likewise (round 24).
     convs = c.cfg.bits >= 8 and c.cfg.rules.smooth_convs
     groups = {a: ts for a, ts in smoothable(c.prepared, c.targets, convs).items()
-              if not any(float_input(c.cfg.rules, t, bits[t.node]) for t in ts)}
+              if not any(float_input(c.cfg.rules, t, bits[t.node]) for t in ts)
+              and not (c.cfg.rules.smooth_folds and not folds(c.prepared, a, ts))}
     if not groups:
         return
     if stats is not None:

@@ -422,7 +422,8 @@ def _preprocess_options(f):
                    "input with outlier channels (transformers; a conv after a BatchNorm, affine or squeeze-excite "
                    "block) is divided per channel by s and the weights it meets multiplied by s (exact in float), "
                    "where that halves the layers' quantized output error on samples not fitted on (a pointwise "
-                   "conv's: cuts it 5 times). Convs only in 8-bit conversions for the generic target.")
+                   "conv's: cuts it 5 times). Convs only in 8-bit conversions, under --target generic, and under "
+                   "ort-cpu where the division folds into the ops that make the input (no new node).")
 @click.option("--avg-bits", type=click.FloatRange(2, 8),
               help="Mixed precision: choose each layer's bits so the parameter-weighted average is at most this.")
 @click.option("--max-size", help="Mixed precision: quantized weights at most this big, e.g. 2.5MB or 800KB.")

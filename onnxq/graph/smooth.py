@@ -94,6 +94,12 @@ def apply_smoothing(model: onnx.ModelProto, act: str, readers: list[Target], sca
     return new
 
 
+def folds(model: onnx.ModelProto, act: str, readers: list[Target]) -> bool:
+    """Whether apply_smoothing would fold `act`'s division into the ops that make it (no Mul)."""
+    t = readers[0]                  # only conv inputs (channels on axis 1) fold
+    return channel_axis(t) == 1 and _fold_plan(model.graph, act, readers, np.ones(t.shape[1] * t.groups)) is not None
+
+
 def _broadcast(t: Target) -> tuple[int, ...]:
     """The shape per-channel scales take to broadcast over a reader's input: a conv's is
     [N, C, spatial...], a Gemm/MatMul's channels are its last axis."""

@@ -138,6 +138,8 @@ class Rules:
     fused_ops: frozenset = FUSED_OPS     # other ops quantized on both sides when their inputs are (output_units)
     float_decisions: bool = False        # no output-side Q ahead of an output's Sigmoid/Softmax (output_units)
     smooth_convs: bool = False           # pointwise- and depthwise-conv inputs may be smoothed (8-bit conversions)
+    smooth_folds: bool = False           # ... any input only where the division folds into the ops that make it
+                                         # (a Mul would part a layer from its fused integer unit)
     wide_acts: bool = False              # the most harmful 8-bit activations may be int16 (--protect-acts)
     wide_macs: float | None = None       # ... as long as the layers that then lose their integer kernels
                                          # (reading or making an int16 tensor) hold at most this share
@@ -164,7 +166,8 @@ RULES: dict[str, Rules] = {
                      simplify=True, int4_weight_only=True, int8_weight_only=True, ms_kernels=True,
                      blocked_weights=True,
                      zero_points=True, float_decisions=True, wide_acts=True, wide_macs=ORT_WIDE_MACS,
-                     input_convs=ORT_INPUT_CONVS, int_hard_swish=True, fold_into_readers=True, int_pad=True,
+                     smooth_convs=True, smooth_folds=True, input_convs=ORT_INPUT_CONVS, int_hard_swish=True,
+                     fold_into_readers=True, int_pad=True,
                      u8_weights_auto=True,
                      summary="full node units for onnxruntime's CPU integer kernels; u8 activations, 8-bit weights s8 "
                              "(u8 with zero point 128 where the CPU's int8 kernels add pairs in int16), int32 bias; "
