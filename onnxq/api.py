@@ -205,7 +205,7 @@ def smooth(c: Conversion, stats: Stats | None) -> None:
     convs = c.cfg.bits >= 8 and c.cfg.rules.smooth_convs
     groups = {a: ts for a, ts in smoothable(c.prepared, c.targets, convs).items()
               if not any(float_input(c.cfg.rules, t, bits[t.node]) for t in ts)
-              and not (c.cfg.rules.smooth_folds and not folds(c.prepared, a, ts))}
+              and not (c.cfg.rules.smooth_folds and channel_axis(ts[0]) == 1 and not folds(c.prepared, a, ts))}
     if not groups:
         return
     if stats is not None:

@@ -138,8 +138,8 @@ class Rules:
     fused_ops: frozenset = FUSED_OPS     # other ops quantized on both sides when their inputs are (output_units)
     float_decisions: bool = False        # no output-side Q ahead of an output's Sigmoid/Softmax (output_units)
     smooth_convs: bool = False           # pointwise- and depthwise-conv inputs may be smoothed (8-bit conversions)
-    smooth_folds: bool = False           # ... any input only where the division folds into the ops that make it
-                                         # (a Mul would part a layer from its fused integer unit)
+    smooth_folds: bool = False           # ... conv inputs only where the division folds into the ops that make
+                                         # them (a Mul would part a conv from its fused integer unit)
     wide_acts: bool = False              # the most harmful 8-bit activations may be int16 (--protect-acts)
     wide_macs: float | None = None       # ... as long as the layers that then lose their integer kernels
                                          # (reading or making an int16 tensor) hold at most this share
