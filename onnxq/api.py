@@ -204,8 +204,9 @@ def smooth(c: Conversion, stats: Stats | None) -> None:
     # 3-8% of the latency the target is for (round 8). Pointwise convs likewise (round 24).
     convs = c.cfg.bits >= 8 and c.cfg.rules.smooth_convs
     groups = {a: ts for a, ts in smoothable(c.prepared, c.targets, convs).items()
-              if not any(float_input(c.cfg.rules, t, bits[t.node]) for t in ts)
-              and not (c.cfg.rules.smooth_folds and channel_axis(ts[0]) == 1 and not folds(c.prepared, a, ts))}
+              if not any(float_input(c.cfg.rules, t, bits[t.node]) for t in ts)}
+    if c.cfg.rules.smooth_folds:        # a conv input only where no Mul would part the conv from its unit
+        groups = {a: ts for a, ts in groups.items() if channel_axis(ts[0]) != 1 or folds(c.prepared, a, ts)}
     if not groups:
         return
     if stats is not None:

@@ -4,8 +4,7 @@ import numpy as np
 import pytest
 
 from onnxq.algos.qmath import channel_scales, weight_qmax
-from onnxq.algos.rounding import gptq_round
-from onnxq.algos.rounding import DEFAULT_DAMP
+from onnxq.algos.rounding import DEFAULT_DAMP, gptq_round
 from onnxq.algos.weights import (CLIP_GRID, hessian_scales, layer_floor, mse, quantize_weight, row_errors, rtn,
                                  weighted_error)
 

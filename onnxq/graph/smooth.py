@@ -96,8 +96,8 @@ def apply_smoothing(model: onnx.ModelProto, act: str, readers: list[Target], sca
 
 def folds(model: onnx.ModelProto, act: str, readers: list[Target]) -> bool:
     """Whether apply_smoothing would fold `act`'s division into the ops that make it (no Mul)."""
-    t = readers[0]                  # only conv inputs (channels on axis 1) fold
-    return channel_axis(t) == 1 and _fold_plan(model.graph, act, readers, np.ones(t.shape[1] * t.groups)) is not None
+    t = readers[0]                  # the plan reads the scales' shape only
+    return _fold_plan(model.graph, act, readers, np.ones(t.shape[1] * t.groups)) is not None
 
 
 def _broadcast(t: Target) -> tuple[int, ...]:
