@@ -453,6 +453,8 @@ def widen(c: Conversion, progress: Progress | None) -> None:
         c.warn("activations stay at 8 bits: the model cannot be raised to opset 21, which int16 Q/DQ need")
         c.wide.widened = []
         return
+    if c.cfg.act_method_name in SEARCHED_METHODS:      # a score branch kept at 16 bits keeps its room (search)
+        acts = keep_tails(acts, c.stats.acts, c.placement.tails, c.cfg)
     c.plan.acts = tie(acts, c.placement.tied)
     log.info(f"activations kept at 16 bits: {len(c.wide.widened)} of {c.wide.tensors}")
 

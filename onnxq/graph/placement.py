@@ -198,7 +198,8 @@ def score_branch(g: onnx.GraphProto, layers: set[str], depth: int = BRANCH_LAYER
     detector's class scores, a segmentation mask), up to `depth` layers ahead of the score, where
     nothing outside the branch reads them. A thresholded score is decided by values calibration
     seldom sees (a YOLOv8n's confident detections), so these tensors keep min-max ranges instead
-    of the searched ones that clip the tail (docs/results.md, round 16). Classifiers' Softmax
+    of the searched ones that clip the tail (docs/results.md, round 16), with room beyond them
+    (plan/acts.keep_tails; round 33). Classifiers' Softmax
     (an argmax of logits) is left alone."""
     tail = _tail(g, layers)
     readers = readers_of(g)

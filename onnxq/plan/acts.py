@@ -36,12 +36,25 @@ def method_acts(stats: Mapping[str, ActStats], names, base: Mapping[str, ActQuan
     return out
 
 
+# a score branch's grid spans this many times what calibration saw: its top is a sample maximum,
+# and photos holding what the detector looks for reach about twice what photos without it do
+# (YOLOv8n's stride-8 class branch: 12.0 calibrated on photos without people, 24.9 on photos with;
+# docs/results.md, round 33)
+TAIL_HEADROOM = 2.0
+
+
 def keep_tails(acts: Mapping[str, ActQuant], stats: Mapping[str, ActStats], names, cfg: ConvertConfig
                ) -> dict[str, ActQuant]:
     """`acts` with the tensors of `names` (graph/placement.score_branch: just ahead of a
-    thresholded score) on min-max ranges, keeping the tail calibration saw where it decides."""
-    names = [a for a in names if a in acts and a in stats]
-    return method_acts(stats, names, acts, cfg, "minmax", "minmax (score branch)") if names else dict(acts)
+    thresholded score) on min-max ranges times TAIL_HEADROOM, keeping the tail calibration saw,
+    and room beyond it, where it decides."""
+    out = dict(acts)
+    for a in (a for a in names if a in acts and a in stats):
+        q = acts[a]                 # at its width: 8 bits, or 16 where search/wide.py kept it so
+        lo, hi = method_range(stats[a], "minmax", q.bits, q.signed)
+        out[a] = act_quant(lo * TAIL_HEADROOM, hi * TAIL_HEADROOM, q.bits, q.signed,
+                           f"minmax x{TAIL_HEADROOM:g} (score branch)")
+    return out
 
 
 def act_signed(cfg: ConvertConfig) -> bool:
