@@ -426,7 +426,7 @@ def search(c: Conversion, progress: Progress | None) -> None:
     else:
         acts, c.search = lapq_search(c.prepared, c.plan, c.stats.acts, feeds, reference, c.cfg,
                                      progress, check, check_ref)
-    c.plan.acts = tie(keep_tails(acts, c.stats.acts, c.placement.tails, c.cfg), c.placement.tied)
+    c.plan.acts = tie(keep_tails(acts, c.stats.acts, c.placement.tails), c.placement.tied)
     give_back_memory()
     if c.ranges is not None:
         log.info(f"activation ranges: {c.ranges.chosen}")
@@ -454,7 +454,7 @@ def widen(c: Conversion, progress: Progress | None) -> None:
         c.wide.widened = []
         return
     if c.cfg.act_method_name in SEARCHED_METHODS:      # a score branch kept at 16 bits keeps its room (search)
-        acts = keep_tails(acts, c.stats.acts, c.placement.tails, c.cfg)
+        acts = keep_tails(acts, c.stats.acts, c.placement.tails)
     c.plan.acts = tie(acts, c.placement.tied)
     log.info(f"activations kept at 16 bits: {len(c.wide.widened)} of {c.wide.tensors}")
 

@@ -43,8 +43,7 @@ def method_acts(stats: Mapping[str, ActStats], names, base: Mapping[str, ActQuan
 TAIL_HEADROOM = 2.0
 
 
-def keep_tails(acts: Mapping[str, ActQuant], stats: Mapping[str, ActStats], names, cfg: ConvertConfig
-               ) -> dict[str, ActQuant]:
+def keep_tails(acts: Mapping[str, ActQuant], stats: Mapping[str, ActStats], names) -> dict[str, ActQuant]:
     """`acts` with the tensors of `names` (graph/placement.score_branch: just ahead of a
     thresholded score) on min-max ranges times TAIL_HEADROOM, keeping the tail calibration saw,
     and room beyond it, where it decides."""
