@@ -290,14 +290,15 @@ class LayerPlan:
 
 def half_scales(target: Target, block: int, bits: int) -> bool:
     """A blocked conv's scales are stored in float16 (DequantizeLinear, then Cast to float): at
-    blocks of 32 they would otherwise add a bit to every 4-bit weight. So are an 8-bit blocked
-    embedding table's (its gathered scales cast: graph/tables.py, kernels.py; all-MiniLM-L6-v2
-    W8A8 -0.74 MB, same fidelity). A 4-bit table keeps float32 ones: --protect's budget is a share
-    of the uniform file, which they shrank, and the encoder's W4A8 read 0.2 dB less on both text
-    sets. A blocked Gemm/MatMul keeps float32 scales, which the fused MatMulNBits kernels read."""
+    blocks of 32 they would otherwise add a bit to every 4-bit weight. So are a blocked embedding
+    table's (its gathered scales cast: graph/tables.py, kernels.py): all-MiniLM-L6-v2 W8A8 -0.74 MB
+    at the same fidelity; at 4 bits, with a zero point a block, -0.7 to -0.9 MB and the same SQNR
+    on a 3-layer cut of it (docs/results.md, round 34; on symmetric 4-bit grids they had cost the
+    6-layer encoder 0.2 dB through --protect's budget, a share of the uniform file they shrink).
+    A blocked Gemm/MatMul keeps float32 scales, which the fused MatMulNBits kernels read."""
     if not block:
         return False
-    return target.weight_layout == "conv" or (target.op == "Gather" and bits >= 8)
+    return target.weight_layout == "conv" or target.op == "Gather"
 
 
 @dataclass

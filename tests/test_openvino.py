@@ -105,3 +105,25 @@ def test_openvino_runs_blocked_8bit_tables_and_matmuls_like_onnxruntime(tmp_path
     compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     got = compiled({"ids": ids})[compiled.output(0)]
     assert sqnr_db(want, got) > 30.0 and sqnr_db(ref, got) > 30.0
+
+
+@pytest.mark.parametrize("target", ["generic", "openvino"])
+def test_openvino_runs_4bit_tables_on_affine_blocks_like_onnxruntime(tmp_path, target):
+    """At 4 bits the table's blocks sit on affine grids (a zero point a block): generic gathers
+    codes and zero points (graph/tables.py), openvino keeps the blocked DequantizeLinear."""
+    rng = np.random.default_rng(8)
+    m = _encoder(rng)
+    calib = [{"ids": rng.integers(0, 300, (2, 9))} for _ in range(12)]
+    q, rep = onnxq.convert(m, onnxq.ConvertConfig(bits=4, protect=0, target=target), calib=calib)
+    table = next(l for l in rep.quantized if l.op == "Gather")
+    assert table.bits == 4 and "zero points" in table.method
+    path = tmp_path / "q.onnx"
+    onnxq.save(q, path)
+    ids = rng.integers(0, 300, (3, 11))
+    so = ort.SessionOptions()
+    for k, v in rep.session_options.items():
+        so.add_session_config_entry(k, v)
+    want = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"]).run(None, {"ids": ids})[0]
+    compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    got = compiled({"ids": ids})[compiled.output(0)]
+    assert sqnr_db(want, got) > 30.0, sqnr_db(want, got)

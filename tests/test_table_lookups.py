@@ -31,7 +31,7 @@ def _session(model: onnx.ModelProto, entry: bool = False, path: str | None = Non
 
 def _table(nodes: list, inits: dict, name: str, kind: str, rng) -> None:
     """A DQ of a [V, D] table: 4-bit blocked along rows, 4-bit per row, uint8 with zero point 128
-    per row, int8 with one scale, or 4-bit blocked with zero points that differ (left alone)."""
+    per row, int8 with one scale, or 4-bit blocked with a zero point per block."""
     four = kind.startswith("int4")
     codes = rng.integers(-8, 8, (V, D)) if four else rng.integers(-127, 128, (V, D))
     attrs, s_shape = {"axis": 0}, (V,)
@@ -52,21 +52,21 @@ def _table(nodes: list, inits: dict, name: str, kind: str, rng) -> None:
                                   [f"{name}/weight_dq"], name=f"{name}/weight_dequantize", **attrs))
 
 
-KINDS = ("int4_blocked", "int4_rows", "uint8_rows", "int8_one")
+KINDS = ("int4_blocked", "int4_rows", "uint8_rows", "int8_one", "int4_zeros")
 
 
 def _lookups(opset: int = 21) -> onnx.ModelProto:
     """One Gather per table kind on ids [N, T], a second Gather of the blocked table on scalar ids;
-    left alone: a table with differing zero points, a table a MatMul reads too (tied output
-    embedding), and a table that is also a graph output."""
+    left alone: a table a MatMul reads too (tied output embedding), and a table that is also a
+    graph output."""
     rng = np.random.default_rng(0)
     nodes, inits = [], {}
-    for kind in KINDS + ("int4_zeros",):
+    for kind in KINDS:
         _table(nodes, inits, kind, kind, rng)
     for extra in ("tied", "shown"):
         _table(nodes, inits, extra, "int4_blocked", rng)
-    outs = [vi(f"y_{k}", ["N", "T", D]) for k in KINDS + ("int4_zeros", "tied", "shown")]
-    for kind in KINDS + ("int4_zeros", "tied", "shown"):
+    outs = [vi(f"y_{k}", ["N", "T", D]) for k in KINDS + ("tied", "shown")]
+    for kind in KINDS + ("tied", "shown"):
         nodes.append(helper.make_node("Gather", [f"{kind}/weight_dq", "ids"], [f"y_{kind}"], name=f"{kind}_embed"))
     nodes += [helper.make_node("Gather", ["int4_blocked/weight_dq", "one"], ["y_one"], name="scalar_embed"),
               helper.make_node("MatMul", ["h", "tied/weight_dq"], ["logits"], name="tied_head"),
@@ -85,7 +85,7 @@ def test_lookups_read_the_codes_and_give_the_dequantized_rows_bit_for_bit():
     m = _lookups()
     q = onnx.ModelProto()
     q.CopyFrom(m)
-    assert lookups_on_codes(q) == 4
+    assert lookups_on_codes(q) == 5
     onnx.checker.check_model(q, full_check=True)
     feeds = _feeds(np.random.default_rng(1))
     for entry in (False, True):
@@ -93,7 +93,7 @@ def test_lookups_read_the_codes_and_give_the_dequantized_rows_bit_for_bit():
         for r, g in zip(ref, got):
             assert r.shape == g.shape and np.array_equal(r, g)
     dq_reads = {n.input[0] for n in q.graph.node if n.op_type == "DequantizeLinear"}
-    assert dq_reads == {"int4_zeros/weight_q", "tied/weight_q", "shown/weight_q"}     # the three left alone
+    assert dq_reads == {"tied/weight_q", "shown/weight_q"}     # the two left alone
     inits = {t.name: t for t in q.graph.initializer}
     for kind in KINDS:                  # each lookup reads stored codes; 4-bit ones two to a byte
         gather = next(n for n in q.graph.node if n.name == f"{kind}_embed")
@@ -102,7 +102,31 @@ def test_lookups_read_the_codes_and_give_the_dequantized_rows_bit_for_bit():
         assert codes.data_type in (TensorProto.UINT8, TensorProto.INT8)
         assert list(codes.dims) == ([V, D // 2] if kind.startswith("int4") else [V, D])
     old = sum(t.ByteSize() for t in m.graph.initializer)
-    assert sum(t.ByteSize() for t in q.graph.initializer) <= old + 200      # the same bytes, a few constants more
+    assert sum(t.ByteSize() for t in q.graph.initializer) <= old + 80 * len(KINDS)   # the same bytes, a few constants a table
+    zeros = inits["int4_zeros/weight_zero_q4"]              # the zero points two to a byte as well
+    assert zeros.data_type == TensorProto.UINT8 and list(zeros.dims) == [V, D // BLOCK // 2]
+
+
+def test_zero_points_of_an_odd_count_of_blocks_are_gathered_a_byte_each():
+    rng = np.random.default_rng(6)
+    d = 3 * BLOCK
+    codes, zero = rng.integers(0, 16, (V, d)), rng.integers(0, 16, (V, 3))
+    scales = (0.01 + 0.05 * rng.random((V, 3))).astype(np.float32)
+    inits = {"t/weight_q": codes.astype(ml_dtypes.uint4), "t/weight_scale": scales, "t/weight_zero": zero.astype(ml_dtypes.uint4)}
+    nodes = [helper.make_node("DequantizeLinear", ["t/weight_q", "t/weight_scale", "t/weight_zero"], ["t/weight_dq"],
+                              axis=1, block_size=BLOCK),
+             helper.make_node("Gather", ["t/weight_dq", "ids"], ["y"], name="embed")]
+    m = make_model(nodes, [vi("ids", ["N"], TensorProto.INT64)], [vi("y", ["N", d])], inits, opset=21)
+    q = onnx.ModelProto()
+    q.CopyFrom(m)
+    assert lookups_on_codes(q) == 1
+    onnx.checker.check_model(q, full_check=True)
+    stored = {t.name: t for t in q.graph.initializer}["t/weight_zero_q"]
+    assert stored.data_type == TensorProto.UINT8 and list(stored.dims) == [V, 3]
+    ids = rng.integers(0, V, 9)
+    want = ((codes - np.repeat(zero, BLOCK, axis=1)) * np.repeat(scales, BLOCK, axis=1)).astype(np.float32)[ids]
+    assert np.array_equal(_session(q).run(None, {"ids": ids})[0], want)
+    assert np.array_equal(_session(m).run(None, {"ids": ids})[0], want)
 
 
 def _half_table(shown: bool) -> tuple[onnx.ModelProto, np.ndarray, np.ndarray]:

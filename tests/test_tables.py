@@ -40,8 +40,10 @@ def test_tables_are_quantized_per_row_and_look_up_the_same_rows(bits, block_8bit
     assert list(codes.dims) == [50, 64 if bits == 8 else 32]
     # one scale a row at 8 bits unless blocked; at 4 bits one per 32 values of a row
     assert list(inits["embed/weight_scale"].dims) == ([50, 1] if block_8bit is False else [50, 2, 1])
-    # an 8-bit blocked table's scales in float16 (the gathered ones are cast), others in float32
-    half = bits == 8 and block_8bit is None
+    # at 4 bits each block on its own affine grid: a zero point a block, two to a byte
+    assert ("embed/weight_zero_q4" in inits) is (bits == 4) and ("zero points" in table.method) is (bits == 4)
+    # a blocked table's scales in float16 (the gathered ones are cast), one a row in float32
+    half = block_8bit is None
     assert inits["embed/weight_scale"].data_type == (TensorProto.FLOAT16 if half else TensorProto.FLOAT)
     assert any(n.op_type == "Cast" and n.input[0].endswith("/scales") for n in q.graph.node) is half
     assert bool(rep.config["block_8bit"]) is (bits == 8 and block_8bit is None)       # a W8 conversion's choice
@@ -60,13 +62,15 @@ def _codes(q: onnx.ModelProto, name: str) -> np.ndarray:
     return onnx.numpy_helper.to_array(next(t for t in q.graph.initializer if t.name == name)).astype(np.int32)
 
 
+def _unpacked(packed: np.ndarray) -> np.ndarray:
+    """4-bit values stored two to a byte, columns j and j + n/2 in one byte."""
+    return np.concatenate([packed & 15, packed >> 4], axis=1)
+
+
 def _generic_table(q: onnx.ModelProto, bits: int) -> np.ndarray:
-    """The generic target's table codes: INT8, or 4-bit ones + 8 two to a byte (columns j and
-    j + D/2 in one byte)."""
-    if bits == 8:
-        return _codes(q, "embed/weight_q")
-    packed = _codes(q, "embed/weight_q4")
-    return np.concatenate([packed & 15, packed >> 4], axis=1) - 8
+    """The generic target's table codes: INT8, or 4-bit ones plus their block's zero point two to
+    a byte."""
+    return _codes(q, "embed/weight_q") if bits == 8 else _unpacked(_codes(q, "embed/weight_q4"))
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -82,18 +86,19 @@ def test_ort_cpu_tables_and_matmuls_use_onnxruntimes_kernels_with_the_same_codes
     assert ops["proj"][0] == "MatMulNBits"                    # 4 or 8 bits: the weight-only kernel
     assert any(o.domain == "com.microsoft" for o in q.opset_import)
     # the table's codes are the generic target's, stored for the kernel (uint8 with zero point
-    # 128 at 8 bits, INT4 at 4)
+    # 128 at 8 bits; at 4, UINT4 beside the same zero points, one per block of 32)
     table = _codes(q, "embed/weight_q") - (128 if bits == 8 else 0)
     assert np.array_equal(table, _generic_table(generic, bits))
-    # the generic table's scales: float16 at 8 bits, so the kernel's float16 rows are cast to
-    # float for `proj`; float32 at 4 bits
+    if bits == 4:
+        assert np.array_equal(_codes(q, "embed/weight_zero"), _unpacked(_codes(generic, "embed/weight_zero_q4")))
+    # the generic table's scales, float16 (blocked), so the kernel's float16 rows are cast to
+    # float for `proj`
     mine, theirs = (onnx.numpy_helper.to_array(next(t for t in g.graph.initializer if t.name == "embed/weight_scale"))
                     for g in (q, generic))
-    assert mine.dtype == theirs.dtype == (np.float16 if bits == 8 else np.float32)
+    assert mine.dtype == theirs.dtype == np.float16
     assert np.array_equal(mine.reshape(-1), theirs.reshape(-1))
     cast = [n for n in q.graph.node if n.op_type == "Cast" and n.output[0] == "e"]
-    assert [n.input[0] for n in cast] == ([next(n for n in q.graph.node if n.name == "embed").output[0]]
-                                          if bits == 8 else [])
+    assert [n.input[0] for n in cast] == [next(n for n in q.graph.node if n.name == "embed").output[0]]
     if bits == 4:        # 4-bit codes + their block's zero point, two to a byte, low nibble first, per output column
         packed = _codes(q, "proj/weight_q4")                      # [N, blocks, block / 2]
         zeros = _codes(q, "proj/weight_zero")                     # [N, blocks / 2]: 2 blocks of 32
@@ -143,3 +148,19 @@ def test_protection_weighs_tables_like_layers_and_keeps_a_harmful_small_one_at_8
     assert p.check_after < p.check_before
     _, plain = onnxq.convert(m, onnxq.ConvertConfig(bits=4, protect=0), calib=feeds)
     assert rep.fidelity.sqnr_db > plain.fidelity.sqnr_db + 3
+
+
+def test_a_4_bit_table_on_affine_blocks_keeps_more_of_rows_that_lean_one_way():
+    """Rows whose blocks are not centred on zero (a trained table's often are not) waste half of a
+    symmetric grid; an affine grid per block spans each block's own range."""
+    rng = np.random.default_rng(5)
+    m = embedder(rng)
+    table = next(t for t in m.graph.initializer if t.name == "table")
+    w = onnx.numpy_helper.to_array(table)
+    table.CopyFrom(onnx.numpy_helper.from_array(w + np.abs(w).mean(axis=1, keepdims=True), "table"))
+    feeds = [{"ids": rng.integers(0, 50, (1, 7))} for _ in range(12)]
+    sqnr = {}
+    for zero_points in (True, False):
+        _, rep = onnxq.convert(m, onnxq.ConvertConfig(bits=4, act_bits=32, protect=0, zero_points=zero_points), calib=feeds)
+        sqnr[zero_points] = next(l for l in rep.quantized if l.op == "Gather").sqnr_db
+    assert sqnr[True] > sqnr[False] + 1.0, sqnr

@@ -9,7 +9,8 @@ stored codes and only the gathered rows are dequantized:
     Gather(codes, ids) -> Cast(float) -> Sub(zero point) -> Mul(Gather(scales, ids))
 
 (a blocked table's scales are float16, its DQ's output cast to float: the gathered scales are
-cast instead, and the product is taken in float, the plan's values exactly)
+cast instead, and the product is taken in float, the plan's values exactly; a table with a zero
+point per block gathers them as it gathers the scales)
 
 with plain float ops, which give the DQ's values exactly ((q - z) * s of small integers) and
 run with dynamic shapes everywhere (a blocked DequantizeLinear on a tensor of dynamic shape
@@ -51,9 +52,9 @@ def _lookups(dq: onnx.NodeProto, readers: dict, kept: set[str]) -> tuple[list[on
 def _table(dq: onnx.NodeProto, inits: dict, readers: dict, kept: set[str], opset: int, half: bool
            ) -> tuple[np.ndarray, np.ndarray, float] | None:
     """(codes [V, D] offset to non-negative, scales [V, blocks, 1] or [V, 1] or [], the zero
-    point on that offset) of a DQ of a constant 2-D table with one scale per row, per block of a
-    row or per tensor and one zero point throughout; None when the DQ is not one, or when its
-    constants or output are read elsewhere (`kept`: what subgraphs or outputs read)."""
+    point on that offset: one throughout, or one per block [V, blocks, 1]) of a DQ of a constant
+    2-D table with one scale per row, per block of a row or per tensor; None when the DQ is not
+    one, or when its constants or output are read elsewhere (`kept`: what subgraphs or outputs read)."""
     if not own_constant_dq(dq, inits, readers, kept):
         return None
     q, s = inits[dq.input[0]], inits[dq.input[1]]
@@ -64,8 +65,6 @@ def _table(dq: onnx.NodeProto, inits: dict, readers: dict, kept: set[str], opset
     codes, scales = tensor_array(q).astype(np.int16), tensor_array(s)
     has_zero = len(dq.input) > 2 and bool(dq.input[2])
     zero = tensor_array(inits[dq.input[2]]).astype(np.int16) if has_zero else np.zeros(1, np.int16)
-    if zero.size and np.any(zero != zero.flat[0]):
-        return None
     v, d = codes.shape
     block, axis = int(attr(dq, "block_size", 0)), int(attr(dq, "axis", 1)) % 2
     if scales.ndim == 0 or scales.size == 1:
@@ -77,6 +76,8 @@ def _table(dq: onnx.NodeProto, inits: dict, readers: dict, kept: set[str], opset
     else:
         return None
     off = OFFSET[q.data_type]
+    if zero.size and np.any(zero != zero.flat[0]):            # a zero point per block of a row
+        return (codes + off, shaped, zero.reshape(shaped.shape) + off) if shaped.ndim == 3 else None
     return codes + off, shaped, float(zero.flat[0] + off)
 
 
@@ -86,22 +87,27 @@ def _packed(codes: np.ndarray) -> np.ndarray:
     return (codes[:, :half] | (codes[:, half:] << 4)).astype(np.uint8)
 
 
+def _as_float(src: str, dst: str, four: bool, names: dict[str, str]) -> list[onnx.NodeProto]:
+    """Nodes that turn gathered codes `src` into float `dst`; 4-bit ones (two to a byte) are
+    unpacked: the high nibble masked, then / 16 in float (exact)."""
+    mk = helper.make_node
+    if not four:
+        return [mk("Cast", [src], [dst], name=f"{src}_cast", to=TensorProto.FLOAT)]
+    return [mk("BitwiseAnd", [src, names["low_mask"]], [f"{src}_low"], name=f"{src}_low"),
+            mk("BitwiseAnd", [src, names["high_mask"]], [f"{src}_high"], name=f"{src}_high"),
+            mk("Cast", [f"{src}_low"], [f"{src}_low_f"], name=f"{src}_low_cast", to=TensorProto.FLOAT),
+            mk("Cast", [f"{src}_high"], [f"{src}_high_f"], name=f"{src}_high_cast", to=TensorProto.FLOAT),
+            mk("Mul", [f"{src}_high_f", names["sixteenth"]], [f"{src}_high_s"], name=f"{src}_high_shift"),
+            mk("Concat", [f"{src}_low_f", f"{src}_high_s"], [dst], name=f"{src}_unpack", axis=-1)]
+
+
 def _lookup_nodes(n: onnx.NodeProto, names: dict[str, str], four: bool, blocked: bool, shifted: bool
                   ) -> list[onnx.NodeProto]:
     """The nodes that replace one Gather `n` of the table whose constants `names` holds."""
     p, ids = n.name or n.output[0], n.input[1]
     mk = helper.make_node
     out = [mk("Gather", [names["codes"], ids], [f"{p}/codes"], name=n.name, axis=0)]
-    codes = f"{p}/codes"
-    if four:                      # the high nibble masked, then / 16 in float (exact)
-        out += [mk("BitwiseAnd", [codes, names["low_mask"]], [f"{p}/low"], name=f"{p}/low"),
-                mk("BitwiseAnd", [codes, names["high_mask"]], [f"{p}/high"], name=f"{p}/high"),
-                mk("Cast", [f"{p}/low"], [f"{p}/low_f"], name=f"{p}/low_cast", to=TensorProto.FLOAT),
-                mk("Cast", [f"{p}/high"], [f"{p}/high_f"], name=f"{p}/high_cast", to=TensorProto.FLOAT),
-                mk("Mul", [f"{p}/high_f", names["sixteenth"]], [f"{p}/high_s"], name=f"{p}/high_shift"),
-                mk("Concat", [f"{p}/low_f", f"{p}/high_s"], [f"{p}/codes_f"], name=f"{p}/unpack", axis=-1)]
-    else:
-        out.append(mk("Cast", [codes], [f"{p}/codes_f"], name=f"{p}/cast", to=TensorProto.FLOAT))
+    out += _as_float(f"{p}/codes", f"{p}/codes_f", four, names)
     x = f"{p}/codes_f"
     if blocked:
         out += [mk("Shape", [ids], [f"{p}/ids_shape"], name=f"{p}/ids_shape"),
@@ -110,8 +116,14 @@ def _lookup_nodes(n: onnx.NodeProto, names: dict[str, str], four: bool, blocked:
                 mk("Concat", [f"{p}/ids_shape", names["row_dims"]], [f"{p}/row_shape"], name=f"{p}/row_shape", axis=0),
                 mk("Reshape", [x, f"{p}/block_shape"], [f"{p}/blocks"], name=f"{p}/blocks")]
         x = f"{p}/blocks"
+    zero = names.get("zero")
+    if "row_zero" in names:       # a zero point per block: gathered like the codes, [..., blocks, 1]
+        out += [mk("Gather", [names["row_zero"], ids], [f"{p}/zeros"], name=f"{p}/zeros_gather", axis=0),
+                *_as_float(f"{p}/zeros", f"{p}/zeros_f", "zero_packed" in names, names),
+                mk("Unsqueeze", [f"{p}/zeros_f", names["last_axis"]], [f"{p}/zeros_b"], name=f"{p}/zeros_blocks")]
+        zero = f"{p}/zeros_b"
     if shifted:
-        out.append(mk("Sub", [x, names["zero"]], [f"{p}/centred"], name=f"{p}/centre"))
+        out.append(mk("Sub", [x, zero], [f"{p}/centred"], name=f"{p}/centre"))
         x = f"{p}/centred"
     scale = names["scale"]
     if "row_scales" in names:
@@ -153,13 +165,21 @@ def _store(g: onnx.GraphProto, dq: onnx.NodeProto, inits: dict, table) -> tuple[
         new["row_dims"] = (f"{pre}/row_dims", np.array([codes.shape[1]], np.int64))
     if scales.ndim:
         names["row_scales"] = dq.input[1]
-    if zero:
+    if isinstance(zero, np.ndarray):              # one per block: 4-bit ones two to a byte where they pair up
+        rows = zero.reshape(zero.shape[:2])
+        if four and rows.shape[1] % 2 == 0:
+            names["zero_packed"] = "1"
+            new["row_zero"] = (f"{pre}/weight_zero_q4", _packed(rows))
+        else:
+            new["row_zero"] = (f"{pre}/weight_zero_q", rows.astype(np.uint8))
+        new["last_axis"] = (f"{pre}/last_axis", np.array([-1], np.int64))
+    elif zero:
         new["zero"] = (f"{pre}/weight_zero_f", np.array(zero, np.float32))
     keep = [t for t in g.initializer if t.name not in drop]
     del g.initializer[:]
     g.initializer.extend(keep + [numpy_helper.from_array(v, name) for name, v in new.values()])
     names.update({k: name for k, (name, _) in new.items()})
-    return names, four, blocked, bool(zero)
+    return names, four, blocked, isinstance(zero, np.ndarray) or bool(zero)
 
 
 def lookups_on_codes(model: onnx.ModelProto) -> int:
