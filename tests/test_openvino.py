@@ -87,6 +87,19 @@ def _encoder(rng):
     return make_model(nodes, [vi("ids", ["N", "T"], TensorProto.INT64)], [vi("y", ["N", "T", 16])], inits)
 
 
+def _both_runtimes(tmp_path, q, rep, ids) -> tuple[np.ndarray, np.ndarray]:
+    """(onnxruntime's output with the session options the conversion asks for, OpenVINO's in f32)
+    of the converted encoder `q` on `ids`."""
+    path = tmp_path / "q.onnx"
+    onnxq.save(q, path)
+    so = ort.SessionOptions()
+    for k, v in rep.session_options.items():
+        so.add_session_config_entry(k, v)
+    want = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"]).run(None, {"ids": ids})[0]
+    compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    return want, compiled({"ids": ids})[compiled.output(0)]
+
+
 @pytest.mark.parametrize("target", ["generic", "openvino"])
 def test_openvino_runs_blocked_8bit_tables_and_matmuls_like_onnxruntime(tmp_path, target):
     rng = np.random.default_rng(7)
@@ -94,16 +107,9 @@ def test_openvino_runs_blocked_8bit_tables_and_matmuls_like_onnxruntime(tmp_path
     calib = [{"ids": rng.integers(0, 300, (2, 9))} for _ in range(12)]
     q, rep = onnxq.convert(m, onnxq.ConvertConfig(bits=8, target=target), calib=calib)
     assert rep.config["block_8bit"] is True and all("blocks of 32" in l.method for l in rep.quantized)
-    path = tmp_path / "q.onnx"
-    onnxq.save(q, path)
     ids = rng.integers(0, 300, (3, 11))
-    so = ort.SessionOptions()
-    for k, v in rep.session_options.items():
-        so.add_session_config_entry(k, v)
-    want = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"]).run(None, {"ids": ids})[0]
+    want, got = _both_runtimes(tmp_path, q, rep, ids)
     ref = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"ids": ids})[0]
-    compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
-    got = compiled({"ids": ids})[compiled.output(0)]
     assert sqnr_db(want, got) > 30.0 and sqnr_db(ref, got) > 30.0
 
 
@@ -117,13 +123,5 @@ def test_openvino_runs_4bit_tables_on_affine_blocks_like_onnxruntime(tmp_path, t
     q, rep = onnxq.convert(m, onnxq.ConvertConfig(bits=4, protect=0, target=target), calib=calib)
     table = next(l for l in rep.quantized if l.op == "Gather")
     assert table.bits == 4 and "zero points" in table.method
-    path = tmp_path / "q.onnx"
-    onnxq.save(q, path)
-    ids = rng.integers(0, 300, (3, 11))
-    so = ort.SessionOptions()
-    for k, v in rep.session_options.items():
-        so.add_session_config_entry(k, v)
-    want = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"]).run(None, {"ids": ids})[0]
-    compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
-    got = compiled({"ids": ids})[compiled.output(0)]
+    want, got = _both_runtimes(tmp_path, q, rep, rng.integers(0, 300, (3, 11)))
     assert sqnr_db(want, got) > 30.0, sqnr_db(want, got)
