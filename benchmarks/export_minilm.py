@@ -8,6 +8,11 @@ sentence-transformers configuration prescribes. torch is needed only to run this
 `bench` extra); onnxq never imports it.
 
     python benchmarks/export_minilm.py --out /tmp/onnxq-models/minilm_l6.onnx
+    python benchmarks/export_minilm.py --layers 3 --out /tmp/onnxq-models/minilm_l3cut.onnx
+
+`--layers 3` keeps the first three layers only (same tables, same head): a 3-layer encoder whose
+word table holds two thirds of the weights, for size and fidelity checks of that shape (it is not
+a trained 3-layer model; generalise.py's "M3").
 
 ONNX graph: opset 17, inputs input_ids / attention_mask / token_type_ids int64 [N, T] (both
 dynamic), output "embedding" float32 [N, 384]. The export is checked against the torch module on
@@ -73,12 +78,12 @@ class Layer(nn.Module):
 
 
 class MiniLM(nn.Module):
-    def __init__(self, vocab: int, positions: int, types: int):
+    def __init__(self, vocab: int, positions: int, types: int, layers: int = LAYERS):
         super().__init__()
         self.words, self.positions, self.types = nn.Embedding(vocab, HIDDEN), nn.Embedding(positions, HIDDEN), \
             nn.Embedding(types, HIDDEN)
         self.norm = nn.LayerNorm(HIDDEN, eps=EPS)
-        self.layers = nn.ModuleList(Layer() for _ in range(LAYERS))
+        self.layers = nn.ModuleList(Layer() for _ in range(layers))
 
     def forward(self, input_ids, attention_mask, token_type_ids):
         pos = torch.arange(input_ids.shape[1]).unsqueeze(0)
@@ -91,8 +96,8 @@ class MiniLM(nn.Module):
         return F.normalize(pooled, dim=-1)
 
 
-def load_model(sd: dict[str, torch.Tensor]) -> MiniLM:
-    m = MiniLM(*(sd[f"embeddings.{k}_embeddings.weight"].shape[0] for k in ("word", "position", "token_type")))
+def load_model(sd: dict[str, torch.Tensor], layers: int = LAYERS) -> MiniLM:
+    m = MiniLM(*(sd[f"embeddings.{k}_embeddings.weight"].shape[0] for k in ("word", "position", "token_type")), layers)
     mine = {"words.weight": "embeddings.word_embeddings.weight",
             "positions.weight": "embeddings.position_embeddings.weight",
             "types.weight": "embeddings.token_type_embeddings.weight",
@@ -100,7 +105,7 @@ def load_model(sd: dict[str, torch.Tensor]) -> MiniLM:
     parts = {"query": "attention.self.query", "key": "attention.self.key", "value": "attention.self.value",
              "attn_out": "attention.output.dense", "attn_norm": "attention.output.LayerNorm",
              "ffn_in": "intermediate.dense", "ffn_out": "output.dense", "ffn_norm": "output.LayerNorm"}
-    for i in range(LAYERS):
+    for i in range(layers):
         for ours, theirs in parts.items():
             for p in ("weight", "bias"):
                 mine[f"layers.{i}.{ours}.{p}"] = f"encoder.layer.{i}.{theirs}.{p}"
@@ -134,8 +139,11 @@ def check(m: MiniLM, out: Path) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("/tmp/onnxq-models/minilm_l6.onnx"))
+    ap.add_argument("--layers", type=int, default=LAYERS, help="keep the first N layers (default: all 6)")
     a = ap.parse_args()
-    m = load_model(read_safetensors(model_dir() / "model.safetensors"))
+    if not 1 <= a.layers <= LAYERS:
+        raise SystemExit(f"--layers must lie in 1..{LAYERS}")
+    m = load_model(read_safetensors(model_dir() / "model.safetensors"), a.layers)
     export(m, a.out)
     diff = check(m, a.out)
     print(f"wrote {a.out} ({a.out.stat().st_size / 1e6:.1f} MB); max abs difference to torch {diff:.2e}")
