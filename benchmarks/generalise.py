@@ -59,8 +59,7 @@ MODELS = {
     "rec": dict(title="PP-OCRv4 text recogniser (rapidocr-onnxruntime 1.4.4)", pkg="rapidocr_onnxruntime",
                 file="models/ch_PP-OCRv4_rec_infer.onnx", kind="rec", counts=(64, 120)),
     "M": dict(tg.MODELS["M"], counts=(64, 400)),
-    "M3": dict(tg.MODELS["M"], counts=(64, 400), path="/tmp/onnxq-models/minilm_l3cut.onnx",
-               title="all-MiniLM-L6-v2 cut to its first 3 layers (benchmarks/export_minilm.py --layers 3)"),
+    "M3": dict(tg.MODELS["M3"], counts=(64, 400)),
     "crnn": dict(title="CRNN + BiLSTM captcha reader (captcha-whisperer 0.1.0)", pkg="captcha_whisperer",
                  file="models/captcha_crnn.onnx", kind="captcha", counts=(64, 120)),
 }

