@@ -164,3 +164,13 @@ def test_a_4_bit_table_on_affine_blocks_keeps_more_of_rows_that_lean_one_way():
         _, rep = onnxq.convert(m, onnxq.ConvertConfig(bits=4, act_bits=32, protect=0, zero_points=zero_points), calib=feeds)
         sqnr[zero_points] = next(l for l in rep.quantized if l.op == "Gather").sqnr_db
     assert sqnr[True] > sqnr[False] + 1.0, sqnr
+
+
+def test_targets_without_zero_points_keep_a_symmetric_4_bit_table():
+    """qnn's rules take no weight zero points: its 4-bit table stays on symmetric blocks."""
+    rng = np.random.default_rng(6)
+    m = embedder(rng)
+    feeds = [{"ids": rng.integers(0, 50, (1, 7))} for _ in range(12)]
+    _, rep = onnxq.convert(m, onnxq.ConvertConfig(bits=4, act_bits=32, protect=0, target="qnn"), calib=feeds)
+    table = next(l for l in rep.quantized if l.op == "Gather")
+    assert table.bits == 4 and "blocks of 32" in table.method and "zero points" not in table.method
