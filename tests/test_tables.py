@@ -174,3 +174,28 @@ def test_targets_without_zero_points_keep_a_symmetric_4_bit_table():
     _, rep = onnxq.convert(m, onnxq.ConvertConfig(bits=4, act_bits=32, protect=0, target="qnn"), calib=feeds)
     table = next(l for l in rep.quantized if l.op == "Gather")
     assert table.bits == 4 and "blocks of 32" in table.method and "zero points" not in table.method
+
+
+@pytest.mark.parametrize("d", [64, 96])          # 2 and 3 blocks of 32 a row (zero points packed / one a byte)
+def test_4_bit_affine_table_rows_agree_across_targets(d):
+    """ort-cpu's GatherBlockQuantized and openvino's blocked DequantizeLinear compute a table row
+    in float16 (float16 scales); the rows are generic's float lookups rounded to float16, exactly."""
+    rng = np.random.default_rng(9)
+    table = (rng.standard_normal((51, d)) + 0.5).astype(np.float32)
+    nodes = [helper.make_node("Gather", ["table", "ids"], ["e"], name="embed"),
+             helper.make_node("MatMul", ["e", "w"], ["y"], name="proj")]
+    m = make_model(nodes, [vi("ids", ["N", 7], TensorProto.INT64)], [vi("y", ["N", 7, 8])],
+                   {"table": table, "w": (rng.standard_normal((d, 8)) * 0.3).astype(np.float32)})
+    feeds = [{"ids": rng.integers(0, 51, (1, 7))} for _ in range(12)]
+    rows = {}
+    for target in ("generic", "ort-cpu", "openvino"):
+        q, rep = onnxq.convert(m, onnxq.ConvertConfig(bits=4, protect=0, target=target), calib=feeds)
+        assert "zero points" in next(l for l in rep.quantized if l.op == "Gather").method
+        q.graph.output.append(helper.make_tensor_value_info("e", TensorProto.FLOAT, None))
+        so = ort.SessionOptions()
+        for k, v in rep.session_options.items():
+            so.add_session_config_entry(k, v)
+        rows[target] = ort.InferenceSession(q.SerializeToString(), so).run(["e"], {"ids": np.arange(49).reshape(7, 7)})[0]
+    want = rows["generic"].astype(np.float16).astype(np.float32)
+    assert np.array_equal(rows["ort-cpu"], want) and np.array_equal(rows["openvino"], want)
+    assert 10 * np.log10(np.sum(table[:49] ** 2) / np.sum((table[:49] - rows["generic"].reshape(49, d)) ** 2)) > 15.0
