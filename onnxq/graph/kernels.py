@@ -138,16 +138,16 @@ def gather_blocks(g: onnx.GraphProto, node: onnx.NodeProto, lp: LayerPlan) -> bo
     half = lp.half_scales           # float16 scales (as stored by the plan): the rows come out float16
     scales = add_initializer(g, f"{pre}/weight_scale",
                              _block_scales(lp.scales, v, blocks).astype(np.float16 if half else np.float32))
-    if lp.bits <= 4 and lp.zero_points is not None:     # affine blocks: UINT4 codes beside their zero points
-        zeros = lp.zero_points.reshape(v, blocks).astype(np.int16)
-        data = add_initializer(g, f"{pre}/weight_q", (lp.codes + np.repeat(zeros, block, axis=1)).astype(ml_dtypes.uint4))
-        zero = add_initializer(g, f"{pre}/weight_zero", zeros.astype(ml_dtypes.uint4))
-        _become(node, "GatherBlockQuantized", [data, node.input[1], scales, zero],
-                gather_axis=0, quantize_axis=1, block_size=block, bits=4)
-    elif lp.bits <= 4:
-        data = add_initializer(g, f"{pre}/weight_q", lp.codes.astype(ml_dtypes.int4))
-        _become(node, "GatherBlockQuantized", [data, node.input[1], scales],
-                gather_axis=0, quantize_axis=1, block_size=block, bits=4)
+    if lp.bits <= 4:
+        ins = [node.input[1], scales]
+        if lp.zero_points is None:
+            data = add_initializer(g, f"{pre}/weight_q", lp.codes.astype(ml_dtypes.int4))
+        else:                       # affine blocks: UINT4 codes beside their zero points
+            zeros = lp.zero_points.reshape(v, blocks).astype(np.int16)
+            data = add_initializer(g, f"{pre}/weight_q",
+                                   (lp.codes + np.repeat(zeros, block, axis=1)).astype(ml_dtypes.uint4))
+            ins.append(add_initializer(g, f"{pre}/weight_zero", zeros.astype(ml_dtypes.uint4)))
+        _become(node, "GatherBlockQuantized", [data, *ins], gather_axis=0, quantize_axis=1, block_size=block, bits=4)
     else:
         data = add_initializer(g, f"{pre}/weight_q", (lp.codes.astype(np.int16) + 128).astype(np.uint8))
         zero = add_initializer(g, f"{pre}/weight_zero", np.full((v, blocks), 128, np.uint8))

@@ -101,8 +101,7 @@ def _as_float(src: str, dst: str, four: bool, names: dict[str, str]) -> list[onn
             mk("Concat", [f"{src}_low_f", f"{src}_high_s"], [dst], name=f"{src}_unpack", axis=-1)]
 
 
-def _lookup_nodes(n: onnx.NodeProto, names: dict[str, str], four: bool, blocked: bool, shifted: bool
-                  ) -> list[onnx.NodeProto]:
+def _lookup_nodes(n: onnx.NodeProto, names: dict[str, str], four: bool, blocked: bool) -> list[onnx.NodeProto]:
     """The nodes that replace one Gather `n` of the table whose constants `names` holds."""
     p, ids = n.name or n.output[0], n.input[1]
     mk = helper.make_node
@@ -116,13 +115,13 @@ def _lookup_nodes(n: onnx.NodeProto, names: dict[str, str], four: bool, blocked:
                 mk("Concat", [f"{p}/ids_shape", names["row_dims"]], [f"{p}/row_shape"], name=f"{p}/row_shape", axis=0),
                 mk("Reshape", [x, f"{p}/block_shape"], [f"{p}/blocks"], name=f"{p}/blocks")]
         x = f"{p}/blocks"
-    zero = names.get("zero")
+    zero = names.get("zero")      # one zero point throughout (absent when it is 0)
     if "row_zero" in names:       # a zero point per block: gathered like the codes, [..., blocks, 1]
         out += [mk("Gather", [names["row_zero"], ids], [f"{p}/zeros"], name=f"{p}/zeros_gather", axis=0),
                 *_as_float(f"{p}/zeros", f"{p}/zeros_f", "zero_packed" in names, names),
                 mk("Unsqueeze", [f"{p}/zeros_f", names["last_axis"]], [f"{p}/zeros_b"], name=f"{p}/zeros_blocks")]
         zero = f"{p}/zeros_b"
-    if shifted:
+    if zero:
         out.append(mk("Sub", [x, zero], [f"{p}/centred"], name=f"{p}/centre"))
         x = f"{p}/centred"
     scale = names["scale"]
@@ -139,8 +138,9 @@ def _lookup_nodes(n: onnx.NodeProto, names: dict[str, str], four: bool, blocked:
     return out
 
 
-def _store(g: onnx.GraphProto, dq: onnx.NodeProto, inits: dict, table) -> tuple[dict[str, str], bool, bool, bool]:
-    """Replaces the DQ's constants by the lookup's: (their names, 4-bit, blocked, zero point not 0)."""
+def _store(g: onnx.GraphProto, dq: onnx.NodeProto, inits: dict, table) -> tuple[dict[str, str], bool, bool]:
+    """Replaces the DQ's constants by the lookup's: (their names, 4-bit, blocked); a zero point
+    that is not 0 is among the names ('zero', or 'row_zero' for one per block)."""
     codes, scales, zero = table
     four = inits[dq.input[0]].data_type in (TensorProto.INT4, TensorProto.UINT4)
     pre = dq.input[0].rsplit("/weight_q", 1)[0] if "/weight_q" in dq.input[0] else dq.name or dq.output[0]
@@ -179,7 +179,7 @@ def _store(g: onnx.GraphProto, dq: onnx.NodeProto, inits: dict, table) -> tuple[
     del g.initializer[:]
     g.initializer.extend(keep + [numpy_helper.from_array(v, name) for name, v in new.values()])
     names.update({k: name for k, (name, _) in new.items()})
-    return names, four, blocked, isinstance(zero, np.ndarray) or bool(zero)
+    return names, four, blocked
 
 
 def lookups_on_codes(model: onnx.ModelProto) -> int:
@@ -194,13 +194,13 @@ def lookups_on_codes(model: onnx.ModelProto) -> int:
             table = _table(dq, inits, readers, kept, opset, cast is not None) if lookups else None
             if table is None:
                 continue
-            names, four, blocked, shifted = _store(g, dq, inits, table)
+            names, four, blocked = _store(g, dq, inits, table)
             inits = {t.name: t for t in g.initializer}
             swap[id(dq)] = []
             if cast is not None:
                 swap[id(cast)] = []
             for n in lookups:
-                swap[id(n)] = _lookup_nodes(n, names, four, blocked, shifted)
+                swap[id(n)] = _lookup_nodes(n, names, four, blocked)
             changed += 1
         if swap:
             order = [m for n in g.node for m in swap.get(id(n), [n])]
