@@ -153,19 +153,23 @@ class ConvertConfig:
     @property
     def weight_method_name(self) -> str:
         """The method of the model's --bits layers, as the report names it."""
-        if self.weight_method_for(self.bits) != self.weight_method_for(self.bits, "Conv"):   # default, 8 bits
-            return "gptq for convs, mse for the rest"
-        return self.weight_method_for(self.bits)
+        conv, matmul, rest = (self.weight_method_for(self.bits, op) for op in ("Conv", "MatMul", ""))
+        if conv == rest and matmul == rest:
+            return rest
+        return f"gptq for convs{' and Gemm/MatMul' if matmul == 'gptq' else ''}, {rest} for the rest"
 
     def weight_method_for(self, bits: int, op: str = "") -> str:
-        """The weight method of a layer (`op`) with `bits` bits: the chosen one, else
-        gptq at <= 4 bits; in an 8-bit conversion gptq for every Conv (depthwise ones too, their
-        groups floored at the layer's scale: algos.weights.layer_floor), else mse. (Second-order
-        rounding of 8-bit Gemm/MatMul, and of the 8-bit layers of a 4-bit conversion, measured
-        mixed: docs/experiments/weights.md.)"""
+        """The weight method of a layer (`op`) with `bits` bits: the chosen one, else gptq at
+        <= 4 bits; in an 8-bit conversion gptq for every Conv (depthwise ones too, their groups
+        floored at the layer's scale: algos.weights.layer_floor) and, where block_8bit holds (a
+        MatMul-heavy model whose weight-only Gemm/MatMul take blocked 8-bit grids), for Gemm/MatMul;
+        else mse (tables; per-column 8-bit Gemm/MatMul and the 8-bit layers of a 4-bit conversion,
+        where second-order rounding measured mixed: docs/experiments/weights.md)."""
         if self.weight_method and self.weight_method != "auto":
             return self.weight_method
-        return "gptq" if bits <= 4 or (self.bits == 8 and op == "Conv") else "mse"
+        if bits <= 4 or (self.bits == 8 and (op == "Conv" or (self.block_8bit and op in ("Gemm", "MatMul")))):
+            return "gptq"
+        return "mse"
 
     @property
     def act_method_name(self) -> str:

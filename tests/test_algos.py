@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from onnxq.algos.qmath import channel_scales, weight_qmax
+from onnxq.algos import weights as weights_mod
 from onnxq.algos.rounding import DEFAULT_DAMP, gptq_round
 from onnxq.algos.weights import (CLIP_GRID, hessian_scales, layer_floor, mse, quantize_weight, row_errors, rtn,
                                  weighted_error)
@@ -247,3 +248,30 @@ def test_compensation_share_is_what_holds_on_the_other_half(case):
         halves.append(_paired_half(x, xq))
     share = _held_out_share(w, PairedStats.merged(*halves), False, 1)
     assert share > 0.95 if case == "systematic" else share < 0.3
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_blocked_clipping_search_skips_only_ratios_that_cannot_win(bits):
+    """The H-weighted clipping search of blocked second-order rounding skips a ratio only where
+    H's smallest eigenvalue times the clipped weight's own error already exceeds every block's
+    loss at ratio 1: the scales and codes equal those of trying every ratio, and at 8 bits most
+    ratios go."""
+    rng = np.random.default_rng(4)
+    w = rng.standard_t(3, (40, 128)) * 0.02
+    w[3, 5] = 0.5                                     # a lone outlier: its block must still be searched
+    h = correlated_inputs(rng, 2048, 128) + 0.05 * np.eye(128)
+    hb = np.stack([h[i:i + 32, i:i + 32] for i in range(0, 128, 32)])
+    calls = []
+
+    def loss(e):
+        calls.append(1)
+        return np.einsum("obk,bkl,obl->ob", e, hb, e)
+    wb = w.reshape(40, 4, 32)
+    full = weights_mod._grid_search(wb, bits, loss)
+    n_full = len(calls)
+    calls.clear()
+    least = np.linalg.eigvalsh(hb)[:, 0] * (1 - 1e-6)
+    pruned = weights_mod._grid_search(wb, bits, loss, bound=np.broadcast_to(least, (40, 4)))
+    np.testing.assert_array_equal(pruned, full)
+    assert n_full == len(CLIP_GRID)
+    assert len(calls) < (n_full / 2 if bits == 8 else n_full + 1), (len(calls), n_full)

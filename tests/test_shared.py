@@ -85,3 +85,21 @@ def test_the_steps_of_an_unrolled_loop_are_coded_once(monkeypatch, bits):
     apart, _ = onnxq.convert(unrolled(copies=True), cfg, calib=CAL)        # six copies, each fitted alone
     want = answer(unrolled())
     assert sqnr_db(want, answer(q)) > sqnr_db(want, answer(apart)) - 1.0
+
+
+def test_readers_of_one_weight_pool_their_statistics_wherever_all_of_them_gather_h():
+    """An unrolled loop's steps gather one H between them (a batched product, not a rank-one
+    update per step and sample) whether every layer gathers H (low bits) or only the named ones
+    do (an 8-bit conversion's second-order layers); a step that gathers no H pools nothing."""
+    from onnxq.calib.collect import _moments
+    from onnxq.graph.targets import find_targets
+    targets = find_targets(unrolled())[0]
+    nodes = {t.node for t in targets}
+    for hessians in (True, nodes):
+        moments, pools = _moments(targets, hessians)
+        assert set(pools) == nodes and len({id(p) for p in pools.values()}) == 1
+        assert all(m.h is None for m in moments.values())          # the steps keep their own means only
+    moments, pools = _moments(targets, nodes - {"step3"})
+    assert not pools and moments["step3"].h is None and moments["step0"].h is not None
+    q, rep = onnxq.convert(unrolled(), onnxq.ConvertConfig(bits=8, act_bits=8), calib=CAL)
+    assert rep.shared_weights == 1 and {l.method for l in rep.quantized} == {"gptq (blocks of 32)"}

@@ -23,11 +23,13 @@ DAMP_RETRIES = 6   # a factorisation that fails is retried with 10x the damping,
 def damped(h: np.ndarray, damp: float, factor, what: str):
     """factor(H + d * mean(diag H) * I) for d = damp, 10 damp, 100 damp, ...: the first that
     succeeds (a Cholesky factorisation fails on matrices that are not positive definite)."""
-    k = h.shape[0]
     mean_diag = float(np.mean(np.diag(h))) or 1.0
+    diag = np.diag_indices_from(h)
     for attempt in range(DAMP_RETRIES):
+        hd = np.array(h, dtype=np.float64, copy=True)
+        hd[diag] += (damp * 10**attempt) * mean_diag       # H + d I, without a K x K identity
         try:
-            return factor(h + (damp * 10**attempt) * mean_diag * np.eye(k))
+            return factor(hd)
         except np.linalg.LinAlgError:
             continue
     raise np.linalg.LinAlgError(f"input statistics are too ill-conditioned for {what}")

@@ -57,23 +57,25 @@ def _grid_error(w: np.ndarray, s: np.ndarray, qm: int) -> np.ndarray:
 
 
 def _grid_search(w: np.ndarray, bits: int, loss: Callable[[np.ndarray], np.ndarray],
-                 floor: float = 0.0, squared: bool = False) -> np.ndarray:
+                 floor: float = 0.0, bound: "np.ndarray | float | None" = None) -> np.ndarray:
     """Per-row best clip ratio from CLIP_GRID (its ratios >= floor) under `loss(err [..., O, K]) -> [..., O]`.
     -> scales [..., O] (leading dims: groups done at once).
 
-    `squared`: the loss is each row's sum of squared errors. Ratio r clips a row's largest weight
-    by (1 - r) max|w|, so its loss is at least that squared; ratios where this exceeds every row's
-    loss at r = 1 cannot be chosen and are skipped (the result is the same; at 8 bits most of
-    the grid goes)."""
+    `bound`: a factor b (per row, or one for all) with loss(e) >= b * sum(e^2) for every error
+    (1 for a plain sum of squares; the smallest eigenvalue of a row's H for e H e^T). Ratio r
+    clips a row's largest weight by (1 - r) max|w|, so its loss is at least b (1 - r)^2 max|w|^2;
+    ratios where this exceeds every row's loss at r = 1 cannot be chosen and are skipped (the
+    result is the same; at 8 bits most of the grid goes)."""
     amax = np.abs(w).max(axis=-1)
     best_loss = np.full(amax.shape, np.inf)
     best = scales_of_amax(amax, bits)
     qm = weight_qmax(bits)
     ratios = CLIP_GRID[CLIP_GRID >= floor - 1e-9]
     at_one = None                                        # the loss at r = 1, when computed first
-    if squared and ratios[-1] == 1.0:
+    if bound is not None and ratios[-1] == 1.0:
         at_one = loss(_grid_error(w, scales_of_amax(amax, bits, 1.0), qm))
-        lower = ((1.0 - ratios)[:, None] * amax.reshape(1, -1)) ** 2      # [ratios, rows]
+        factor = np.broadcast_to(np.asarray(bound, dtype=np.float64), amax.shape).reshape(1, -1)
+        lower = factor * ((1.0 - ratios)[:, None] * amax.reshape(1, -1)) ** 2      # [ratios, rows]
         beaten = (lower > at_one.reshape(1, -1) * (1 + 1e-6)) | (amax.reshape(1, -1) == 0)
         ratios = ratios[~np.all(beaten, axis=1)]          # an all-zero row takes scale 1 at every ratio
     for r in ratios:
@@ -115,7 +117,7 @@ MSE_ROWS = 1 << 18
 def mse(w: np.ndarray, bits: int, hessian: np.ndarray | None = None, floor: float = 0.0) -> WeightQuant:
     step = max(1, MSE_ROWS // max(1, w.shape[1]))
     sse = lambda e: np.einsum("ok,ok->o", e, e)   # noqa: E731
-    s = np.concatenate([_grid_search(np.ascontiguousarray(w[i:i + step]), bits, sse, floor, squared=True)
+    s = np.concatenate([_grid_search(np.ascontiguousarray(w[i:i + step]), bits, sse, floor, bound=1.0)
                         for i in range(0, w.shape[0], step)])
     return WeightQuant(_codes(w, s, bits), s, "mse")
 
@@ -174,7 +176,11 @@ def blocked(method: str, w: np.ndarray, bits: int, hessian: np.ndarray | None, b
     hb = np.stack([h[i:i + block, i:i + block] for i in range(0, k, block)])            # [nb, block, block]
     loss = lambda e: np.einsum("obk,bkl,obl->ob", e, hb, e)    # noqa: E731
     wb = w.reshape(o, nb, block)
-    base, zeros = _affine_search(wb, bits, loss) if affine else (_grid_search(wb, bits, loss), None)
+    if affine:
+        base, zeros = _affine_search(wb, bits, loss)
+    else:       # e H_b e^T >= (H_b's smallest eigenvalue) |e|^2 lets the search skip hopeless ratios
+        least = np.maximum(np.linalg.eigvalsh(hb)[:, 0], 0.0) * (1 - 1e-6)
+        base, zeros = _grid_search(wb, bits, loss, bound=np.broadcast_to(least, (o, nb))), None
     bounds = None
     if zeros is not None:                      # each code between its block's -z and 2^b - 1 - z
         bounds = (-np.repeat(zeros, block, axis=1), np.repeat(2**bits - 1 - zeros, block, axis=1))

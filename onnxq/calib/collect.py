@@ -239,7 +239,7 @@ def _moments(targets: Sequence[Target], hessians: "bool | set[str]"
         groups.setdefault(t.weight_terms, []).append(t)
     pools: dict[str, SecondMoment] = {}
     for group in groups.values():
-        if hessians is True and len(group) > 1:
+        if len(group) > 1 and all(second(t) for t in group):
             p = SecondMoment(group[0].row_groups, _k(group[0]), True, batch=POOL_BATCH)
             pools.update({t.node: p for t in group})
     moments = {t.node: SecondMoment(t.row_groups, _k(t), second(t) and t.node not in pools) for t in wanting}
