@@ -162,9 +162,10 @@ class ConvertConfig:
         """The weight method of a layer (`op`) with `bits` bits: the chosen one, else gptq at
         <= 4 bits; in an 8-bit conversion gptq for every Conv (depthwise ones too, their groups
         floored at the layer's scale: algos.weights.layer_floor) and, where block_8bit holds (a
-        MatMul-heavy model whose weight-only Gemm/MatMul take blocked 8-bit grids), for Gemm/MatMul;
-        else mse (tables; per-column 8-bit Gemm/MatMul and the 8-bit layers of a 4-bit conversion,
-        where second-order rounding measured mixed: docs/experiments/weights.md)."""
+        MatMul-heavy model whose weight-only Gemm/MatMul take blocked 8-bit grids), for every
+        Gemm/MatMul; else mse (tables; the Gemm/MatMul of other 8-bit conversions and the 8-bit
+        layers of a 4-bit conversion, where second-order rounding measured mixed:
+        docs/experiments/weights.md)."""
         if self.weight_method and self.weight_method != "auto":
             return self.weight_method
         if bits <= 4 or (self.bits == 8 and (op == "Conv" or (self.block_8bit and op in ("Gemm", "MatMul")))):
