@@ -121,7 +121,9 @@ def block_8bit(c: Conversion) -> None:
     take a scale per block of K (of a row) where asked, or by default where they hold more than
     half of the weights. Per-column 8-bit grids are what bound a transformer's W8 fidelity, and
     the kernels that read them round their input per block anyway; a blocked DequantizeLinear
-    needs opset 21, which costs a conv model's W8 output its older runtimes for one classifier."""
+    needs opset 21, which costs a conv model's W8 output its older runtimes for one classifier.
+    With the blocks, cfg.gptq_8bit_matmul: such a model's Gemm/MatMul are rounded second-order
+    unless their weights stay on disk (docs/results.md, round 35)."""
     cfg = c.cfg
     if cfg.block_8bit is False or cfg.bits != 8 or cfg.mixed or not cfg.block or not cfg.rules.blocked_weights:
         return
@@ -136,7 +138,9 @@ def block_8bit(c: Conversion) -> None:
                    "which blocked DequantizeLinear needs")
             return
         c.targets, c.skipped = targets_of(c)
-    c.cfg = dataclasses.replace(cfg, block_8bit=True)     # the report's config says so
+    # their second-order rounding gathers a K x K moment a layer: not for weights left on disk
+    gptq = cfg.gptq_8bit_matmul if cfg.gptq_8bit_matmul is not None else weights_folder(c.prepared) is None
+    c.cfg = dataclasses.replace(cfg, block_8bit=True, gptq_8bit_matmul=gptq)     # the report's config says so
 
 
 def load(c: Conversion, model) -> None:

@@ -81,6 +81,8 @@ class ConvertConfig:
                                            # int8 pairs in int16)
     block_8bit: bool | None = None         # W8: weight-only Gemm/MatMul and tables blocked too (opset 21);
                                            # None: where they hold most of the weights (api.block_8bit)
+    gptq_8bit_matmul: bool | None = None   # W8: Gemm/MatMul rounded second-order; None: where block_8bit holds
+                                           # and the weights are in memory (api.block_8bit)
 
     def __post_init__(self) -> None:
         self._check_target()
@@ -161,14 +163,14 @@ class ConvertConfig:
     def weight_method_for(self, bits: int, op: str = "") -> str:
         """The weight method of a layer (`op`) with `bits` bits: the chosen one, else gptq at
         <= 4 bits; in an 8-bit conversion gptq for every Conv (depthwise ones too, their groups
-        floored at the layer's scale: algos.weights.layer_floor) and, where block_8bit holds (a
-        MatMul-heavy model whose weight-only Gemm/MatMul take blocked 8-bit grids), for every
-        Gemm/MatMul; else mse (tables; the Gemm/MatMul of other 8-bit conversions and the 8-bit
-        layers of a 4-bit conversion, where second-order rounding measured mixed:
-        docs/experiments/weights.md)."""
+        floored at the layer's scale: algos.weights.layer_floor) and, where gptq_8bit_matmul holds
+        (settled by api.block_8bit: a MatMul-heavy model whose weight-only Gemm/MatMul take blocked
+        8-bit grids, its weights in memory), for every Gemm/MatMul; else mse (tables; the
+        Gemm/MatMul of other 8-bit conversions and the 8-bit layers of a 4-bit conversion, where
+        second-order rounding measured mixed: docs/experiments/weights.md)."""
         if self.weight_method and self.weight_method != "auto":
             return self.weight_method
-        if bits <= 4 or (self.bits == 8 and (op == "Conv" or (self.block_8bit and op in ("Gemm", "MatMul")))):
+        if bits <= 4 or (self.bits == 8 and (op == "Conv" or (self.gptq_8bit_matmul and op in ("Gemm", "MatMul")))):
             return "gptq"
         return "mse"
 

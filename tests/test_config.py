@@ -93,16 +93,18 @@ def test_weight_method_defaults_to_gptq_at_4_bits_or_fewer(bits, method):
 
 
 def test_blocked_8bit_gemm_matmul_are_rounded_second_order():
-    """Where an 8-bit conversion's Gemm/MatMul take blocked grids (block_8bit, a MatMul-heavy
-    model) they are rounded second-order like its convs; tables stay mse, and so do the 8-bit
-    layers of a 4-bit conversion and per-column 8-bit Gemm/MatMul."""
-    blocked8 = ConvertConfig(bits=8, block_8bit=True)
-    assert blocked8.weight_method_for(8, "MatMul") == blocked8.weight_method_for(8, "Gemm") == "gptq"
-    assert blocked8.weight_method_for(8, "Gather") == blocked8.weight_method_for(8) == "mse"
-    assert blocked8.weight_method_name == "gptq for convs and Gemm/MatMul, mse for the rest"
-    assert ConvertConfig(bits=8, block_8bit=False).weight_method_for(8, "MatMul") == "mse"
-    assert ConvertConfig(bits=4, block_8bit=True).weight_method_for(8, "MatMul") == "mse"
-    assert ConvertConfig(bits=8, block_8bit=True, weight_method="mse").weight_method_for(8, "MatMul") == "mse"
+    """Where an 8-bit conversion's Gemm/MatMul are settled for second-order rounding (api.block_8bit:
+    a MatMul-heavy model whose weights take blocked grids and stay in memory) they are rounded like
+    its convs; tables stay mse, and so do the 8-bit layers of a 4-bit conversion and the
+    Gemm/MatMul of other 8-bit conversions."""
+    matmuls = ConvertConfig(bits=8, block_8bit=True, gptq_8bit_matmul=True)
+    assert matmuls.weight_method_for(8, "MatMul") == matmuls.weight_method_for(8, "Gemm") == "gptq"
+    assert matmuls.weight_method_for(8, "Gather") == matmuls.weight_method_for(8) == "mse"
+    assert matmuls.weight_method_name == "gptq for convs and Gemm/MatMul, mse for the rest"
+    assert ConvertConfig(bits=8, block_8bit=True).weight_method_for(8, "MatMul") == "mse"      # not settled yet
+    assert ConvertConfig(bits=8, gptq_8bit_matmul=False).weight_method_for(8, "MatMul") == "mse"
+    assert ConvertConfig(bits=4, gptq_8bit_matmul=True).weight_method_for(8, "MatMul") == "mse"
+    assert ConvertConfig(bits=8, gptq_8bit_matmul=True, weight_method="mse").weight_method_for(8, "MatMul") == "mse"
 
 
 @pytest.mark.parametrize("act_bits, method", [(4, "interval"), (6, "interval"), (8, "best"),

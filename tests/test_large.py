@@ -2,6 +2,7 @@
 digits CNN with the size threshold lowered: sessions, the checker and the output all go through
 external data, the model in memory keeps its weights, and no temporary file or folder is left."""
 
+import dataclasses
 import tempfile
 from pathlib import Path
 
@@ -48,6 +49,25 @@ def test_a_large_model_converts_through_external_data_and_leaves_nothing_behind(
     want = ort.InferenceSession(small.SerializeToString()).run(None, feed)[0]
     np.testing.assert_array_equal(got, want)           # the same model as the in-memory path gives
     assert all(t.HasField("raw_data") or t.int32_data or t.float_data for t in q.graph.initializer)  # kept in memory
+
+
+def test_8bit_matmuls_left_on_disk_keep_the_blocks_clipping(tmp_path, monkeypatch):
+    """An 8-bit conversion of a MatMul stack rounds its blocked weights second-order when they are
+    in memory, and by the blocks' clipping alone when they stay on disk (a K x K moment a layer
+    and its factorisation, for a 1 dB refinement, is not spent on a model over the threshold)."""
+    from builders import matmul_stack
+    src, _ = matmul_stack(tmp_path, 3, 64)
+    rng = np.random.default_rng(2)
+    calib = [{"x": rng.standard_normal((1, 8, 64)).astype(np.float32)} for _ in range(8)]
+    cfg = onnxq.ConvertConfig(bits=8, act_bits=32)
+    _, rep = onnxq.convert(str(src), cfg, calib=calib)
+    assert rep.config["gptq_8bit_matmul"] is True and {l.method for l in rep.quantized} == {"gptq (blocks of 32)"}
+    monkeypatch.setattr(large, "EXTERNAL_THRESHOLD", 1000)
+    _, rep = onnxq.convert(str(src), cfg, calib=calib)
+    assert rep.config["block_8bit"] is True and rep.config["gptq_8bit_matmul"] is False
+    assert {l.method for l in rep.quantized} == {"mse (blocks of 32)"}
+    _, rep = onnxq.convert(str(src), dataclasses.replace(cfg, gptq_8bit_matmul=True), calib=calib)
+    assert {l.method for l in rep.quantized} == {"gptq (blocks of 32)"}        # asked for: done on disk too
 
 
 @pytest.mark.parametrize("method", [None, "rtn"])
