@@ -328,8 +328,8 @@ def _preprocess_options(f):
 @click.option("--weight-method", metavar="NAME",
               help=f"{' | '.join(WEIGHT_METHODS)} | auto (gptq and mse both tried at low bits, the one the "
                    "network prefers on unseen calibration samples kept) (default: gptq at <=4 bits; at 8 bits "
-                   "gptq for convs, and for Gemm/MatMul where their weights are blocked (--block-8bit), "
-                   "mse for the rest).")
+                   "gptq for convs, and for Gemm/MatMul where their weights are blocked (--block-8bit) and held "
+                   "in memory, mse for the rest).")
 @click.option("--damp", type=click.FloatRange(0, 1, min_open=True), default=DEFAULT_DAMP, show_default=True,
               help="gptq: damping added to H, a fraction of its mean diagonal. Smaller follows the "
                    "calibration data more closely, larger is safer with little or unrepresentative "

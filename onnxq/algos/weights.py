@@ -61,8 +61,9 @@ def _grid_search(w: np.ndarray, bits: int, loss: Callable[[np.ndarray], np.ndarr
     """Per-row best clip ratio from CLIP_GRID (its ratios >= floor) under `loss(err [..., O, K]) -> [..., O]`.
     -> scales [..., O] (leading dims: groups done at once).
 
-    `bound`: a factor b (per row, or one for all) with loss(e) >= b * sum(e^2) for every error
-    (1 for a plain sum of squares; the smallest eigenvalue of a row's H for e H e^T). Ratio r
+    `bound`: a factor b (one for all rows, or per row in any shape that broadcasts to theirs)
+    with loss(e) >= b * sum(e^2) for every error (1 for a plain sum of squares; the smallest
+    eigenvalue of a row's H for e H e^T). Ratio r
     clips a row's largest weight by (1 - r) max|w|, so its loss is at least b (1 - r)^2 max|w|^2;
     ratios where this exceeds every row's loss at r = 1 cannot be chosen and are skipped (the
     result is the same; at 8 bits most of the grid goes)."""
@@ -179,8 +180,8 @@ def blocked(method: str, w: np.ndarray, bits: int, hessian: np.ndarray | None, b
     if affine:
         base, zeros = _affine_search(wb, bits, loss)
     else:       # e H_b e^T >= (H_b's smallest eigenvalue) |e|^2 lets the search skip hopeless ratios
-        least = np.maximum(np.linalg.eigvalsh(hb)[:, 0], 0.0) * (1 - 1e-6)
-        base, zeros = _grid_search(wb, bits, loss, bound=np.broadcast_to(least, (o, nb))), None
+        least = np.maximum(np.linalg.eigvalsh(hb)[:, 0], 0.0) * (1 - 1e-6)    # [nb], the same for every row
+        base, zeros = _grid_search(wb, bits, loss, bound=least), None
     bounds = None
     if zeros is not None:                      # each code between its block's -z and 2^b - 1 - z
         bounds = (-np.repeat(zeros, block, axis=1), np.repeat(2**bits - 1 - zeros, block, axis=1))
