@@ -205,12 +205,15 @@ def smooth(c: Conversion, stats: Stats | None) -> None:
     # depthwise and pointwise convs in 8-bit conversions under generic, and under ort-cpu where the
     # division folds into the ops that make the input (PP-OCR rec strings +0.04 over four draws, det
     # and cls level: docs/results.md, round 32); at W4A8 it lost on PP-OCR cls, under openvino it cost
-    # 3-8% of the latency the target is for (round 8). Pointwise convs likewise (round 24).
+    # 3-8% of the latency the target is for (round 8). Pointwise convs likewise (round 24). Under
+    # ort-cpu an input a HardSwish makes from a conv's output folds into that conv (round 37:
+    # PP-PicoDet F1 0.61 -> 0.90, its depthwise inputs spanning channels 100-fold and more).
     convs = c.cfg.bits >= 8 and c.cfg.rules.smooth_convs
     groups = {a: ts for a, ts in smoothable(c.prepared, c.targets, convs).items()
               if not any(float_input(c.cfg.rules, t, bits[t.node]) for t in ts)}
     if c.cfg.rules.smooth_folds:        # a conv input only where no Mul would part the conv from its unit
-        groups = {a: ts for a, ts in groups.items() if channel_axis(ts[0]) != 1 or folds(c.prepared, a, ts)}
+        groups = {a: ts for a, ts in groups.items()
+                  if channel_axis(ts[0]) != 1 or folds(c.prepared, a, ts, through_hardswish=True)}
     if not groups:
         return
     if stats is not None:
@@ -226,7 +229,8 @@ def smooth(c: Conversion, stats: Stats | None) -> None:
     c.smoothed = {a: ch for a, ch in chosen.items() if ch.alpha is not None}
     for act, ch in chosen.items():
         readers = groups[act]
-        new = apply_smoothing(c.prepared, act, readers, ch.scales) if ch.alpha is not None else ""
+        new = (apply_smoothing(c.prepared, act, readers, ch.scales, c.cfg.rules.smooth_folds)
+               if ch.alpha is not None else "")
         c.smoothing.append(SmoothReport(act, [t.node for t in readers], ch.alpha, ch.error_before, ch.error_after,
                                         new))
     if any(s.alpha is not None for s in c.smoothing):

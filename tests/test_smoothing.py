@@ -3,6 +3,7 @@ where the quantized layer outputs come closer to float, and an input with an out
 transformers' LayerNorm outputs have) converts W8A8 closer to FP32 with it than without."""
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 from builders import make_model, vi
@@ -196,8 +197,11 @@ def image_feeds(rng, n):
 
 @pytest.mark.parametrize("multiplier, producer, folds", [(1, "bn", True), (2, "bn", True), (1, "affine", True),
                                                       (1, "relu", True), (2, "hardswish", False)])
-def test_a_depthwise_conv_input_rewrites_exactly(multiplier, producer, folds):
-    """Folded into the ops that make the input where exact (no new node), else a Mul."""
+@pytest.mark.parametrize("through_hardswish", [False, True])
+def test_a_depthwise_conv_input_rewrites_exactly(multiplier, producer, folds, through_hardswish):
+    """Folded into the ops that make the input where exact (no new node), else a Mul; with
+    `through_hardswish` a HardSwish-made input also divides the conv before it and the HardSwish
+    reads that output times s (one more Mul)."""
     rng = np.random.default_rng(8)
     m, _ = prepare(depthwise_block(rng, multiplier, producer=producer))
     targets, _ = find_targets(m, lambda name: False, True)
@@ -207,11 +211,24 @@ def test_a_depthwise_conv_input_rewrites_exactly(multiplier, producer, folds):
     s = np.exp(rng.standard_normal(C))
     before = ort.InferenceSession(m.SerializeToString())
     nodes = len(m.graph.node)
-    new = apply_smoothing(m, "n", groups["n"], s)
+    conv_out = m.graph.node[0].output[0]
+    new = apply_smoothing(m, "n", groups["n"], s, through_hardswish)
     after = ort.InferenceSession(m.SerializeToString())
     for f in image_feeds(rng, 2):
         np.testing.assert_allclose(after.run(None, f)[0], before.run(None, f)[0], rtol=1e-4, atol=1e-4)
-    assert (new == "n" and len(m.graph.node) == nodes) if folds else (new != "n" and len(m.graph.node) == nodes + 1)
+    through = through_hardswish and producer == "hardswish"
+    assert (new == "n" and len(m.graph.node) == nodes) if folds else \
+        (new != "n" and len(m.graph.node) == nodes + 1 + through)
+    if through:     # the conv's output is x / s: what its output rounding sees
+        y = onnx.helper.make_empty_tensor_value_info(conv_out)
+        probe, ref = onnx.ModelProto(), depthwise_block(np.random.default_rng(8), multiplier, producer=producer)
+        probe.CopyFrom(m)
+        probe.graph.output.append(y)
+        ref.graph.output.append(y)
+        f = image_feeds(rng, 1)[0]
+        got = ort.InferenceSession(probe.SerializeToString()).run([conv_out], f)[0]
+        want = ort.InferenceSession(ref.SerializeToString()).run([conv_out], f)[0]
+        np.testing.assert_allclose(got * s.reshape(1, -1, 1, 1), want, rtol=1e-4, atol=1e-4)
 
 
 def test_a_depthwise_input_with_an_outlier_channel_converts_closer_to_fp32_smoothed():
@@ -236,8 +253,8 @@ def test_a_depthwise_input_with_an_outlier_channel_converts_closer_to_fp32_smoot
 def test_ort_cpu_smooths_a_conv_input_only_where_it_folds():
     """Under ort-cpu a Mul before a conv would part it from its integer unit, so an input is
     smoothed only where the division folds into the ops that make it: the BatchNorm-made input
-    is (no new node, closer to FP32, run as onnxruntime runs the file), the HardSwish-made one
-    is not and gets no Mul."""
+    is (no new node, closer to FP32, run as onnxruntime runs the file); a HardSwish-made one goes
+    through the conv before it (test below)."""
     rng = np.random.default_rng(9)
     m = depthwise_block(rng)
     cal, held = image_feeds(rng, 24), image_feeds(rng, 8)
@@ -248,10 +265,6 @@ def test_ort_cpu_smooths_a_conv_input_only_where_it_folds():
     assert chosen["n"].alpha is not None and chosen["n"].smoothed == "n"
     assert len(q_on.graph.node) == len(q_off.graph.node)
     assert sqnr(m, q_on, held) > sqnr(m, q_off, held) + 3.0
-    hs = depthwise_block(rng, producer="hardswish")
-    q, rep = onnxq.convert(hs, onnxq.ConvertConfig(**cfg), calib=image_feeds(rng, 24))
-    assert not any(s.tensor == "n" for s in rep.smoothing)
-    assert not any(n.op_type == "Mul" and n.input[0] == "n" for n in q.graph.node)
 
 
 def test_a_depthwise_input_that_cannot_fold_reads_a_mul():
@@ -333,3 +346,25 @@ def test_a_pointwise_input_with_an_outlier_channel_converts_closer_to_fp32_smoot
     for other in (dict(bits=8, target="ort-cpu"), dict(bits=8, target="openvino"), dict(bits=4)):
         _, rep = onnxq.convert(m, onnxq.ConvertConfig(act_bits=8, **other), calib=cal)
         assert not any(s.tensor == "n" for s in rep.smoothing), other
+
+
+def test_ort_cpu_smooths_a_hardswish_made_input_through_the_conv_before_it(tmp_path):
+    """The conv's output is x / s, the HardSwish between becomes a 1x1 depthwise gate conv and a
+    Mul on u8 codes (graph/hardswish_channels.py): onnxruntime's optimized graph runs the block as
+    integer kernels only, and it converts closer to FP32 than unsmoothed."""
+    rng = np.random.default_rng(9)
+    m = depthwise_block(rng, producer="hardswish")
+    cal, held = image_feeds(rng, 24), image_feeds(rng, 8)
+    cfg = dict(bits=8, act_bits=8, target="ort-cpu")
+    q_on, rep_on = onnxq.convert(m, onnxq.ConvertConfig(**cfg), calib=cal)
+    q_off, _ = onnxq.convert(m, onnxq.ConvertConfig(smooth=False, **cfg), calib=cal)
+    chosen = {s.tensor: s for s in rep_on.smoothing}
+    assert chosen["n"].alpha is not None and chosen["n"].readers == ["dw"]
+    assert not any(n.op_type == "HardSwish" for n in q_on.graph.node)
+    assert sqnr(m, q_on, held) > sqnr(m, q_off, held) + 3.0
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "fused.onnx")
+    ort.InferenceSession(q_on.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node]
+    assert ops.count("QLinearConv") == 3 and ops.count("QLinearMul") == 1      # gate, dw, pw; y = x' g
+    assert not {"Mul", "HardSwish", "HardSigmoid", "Add"} & set(ops)

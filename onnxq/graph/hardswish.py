@@ -32,16 +32,20 @@ def _scalar_u8(inits: dict[str, onnx.TensorProto], node: onnx.NodeProto) -> bool
     return not s.dims and not z.dims and z.data_type == TensorProto.UINT8
 
 
+def hard_swishes(g: onnx.GraphProto) -> tuple[dict, dict, dict, list[onnx.NodeProto]]:
+    """(initializers, producer of each tensor, readers of each tensor, the main graph's standard
+    HardSwish nodes whose output is not a graph output)."""
+    outputs = {o.name for o in g.output}
+    nodes = [n for n in g.node if n.op_type == "HardSwish" and n.domain in ("", "ai.onnx")
+             and n.output[0] not in outputs]
+    return ({t.name: t for t in g.initializer}, {y: n for n in g.node for y in n.output}, readers_of(g), nodes)
+
+
 def _units(g: onnx.GraphProto) -> list[tuple[onnx.NodeProto, onnx.NodeProto, list[onnx.NodeProto]]]:
     """(HardSwish, its input's DQ, its Qs) for each HardSwish that reads a u8 DQ and is read only by u8 Qs."""
-    inits = {t.name: t for t in g.initializer}
-    made = {y: n for n in g.node for y in n.output}
-    readers = readers_of(g)
-    outputs = {o.name for o in g.output}
+    inits, made, readers, nodes = hard_swishes(g)
     found = []
-    for n in g.node:
-        if n.op_type != "HardSwish" or n.domain not in ("", "ai.onnx") or n.output[0] in outputs:
-            continue
+    for n in nodes:
         dq = made.get(n.input[0])
         rs = readers.get(n.output[0], [])
         if (dq is None or dq.op_type != "DequantizeLinear" or not _scalar_u8(inits, dq) or not rs

@@ -20,6 +20,7 @@ from ..plan.rules import ABSORBED_OPS, RULES, SAME_SCALE_OPS, U8_WEIGHT_OPS, Rul
 from ..plan.biases import weight_only
 from ..types import ActQuant, CodedBiases, LayerPlan, Plan
 from .hardswish import integer_hard_swish
+from .hardswish_channels import integer_channel_hard_swish
 from .pads import pads_on_codes
 from .matmuls import gemms_as_matmuls
 from .tables import lookups_on_codes
@@ -186,6 +187,7 @@ def apply_plan(model: onnx.ModelProto, plan: Plan, masks: bool = False) -> onnx.
     place(graphs, before, after)
     if rules.int_hard_swish:
         integer_hard_swish(m, keep_float=masks)
+        integer_channel_hard_swish(m, rules.u8_weights, keep_float=masks)
     if rules.int_pad and not masks:
         pads_on_codes(m)
     declare_domain(m, graphs)

@@ -65,21 +65,25 @@ def _unique(g: onnx.GraphProto, base: str) -> str:
     return name
 
 
-def apply_smoothing(model: onnx.ModelProto, act: str, readers: list[Target], scales: np.ndarray) -> str:
+def apply_smoothing(model: onnx.ModelProto, act: str, readers: list[Target], scales: np.ndarray,
+                    through_hardswish: bool = False) -> str:
     """Divide `act` by `scales` [K] for its `readers`, whose weights' input columns (a pointwise
     conv: its input channels; a depthwise conv: its filters of channel c) are multiplied by them;
     exact in float. Folded into the ops that make `act` where that is exact and only the readers
     read it (_fold_plan), else a Mul(act, 1/scales) before the first reader, which the readers
-    read instead. -> the tensor the readers read."""
+    read instead. With `through_hardswish`, where `act` is a HardSwish of a conv's own output
+    (_hardswish_source), that conv's output is divided too and the HardSwish reads it times
+    `scales`: x' = x / s is then what the conv's output rounding sees, y / s what the readers'
+    input rounding sees. -> the tensor the readers read."""
     g = model.graph
     edits = _fold_plan(g, act, readers, scales)
     if edits is not None:
-        for node, index, value in edits:
-            name = _unique(g, f"{node.input[index]}_smoothed")
-            g.initializer.append(numpy_helper.from_array(value.astype(np.float32), name))
-            node.input[index] = name
+        _apply_edits(g, edits)
         _scale_readers(g, readers, scales, act)
         return act
+    source = _hardswish_source(g, act, readers) if through_hardswish else None
+    if source is not None:
+        _divide_conv_output(g, *source, scales.reshape(_broadcast(readers[0])))
     new = _unique(g, f"{act}_smooth")
     inv = _unique(g, f"{act}_smooth_inverse")
     g.initializer.append(numpy_helper.from_array((1.0 / scales).reshape(_broadcast(readers[0])).astype(np.float32),
@@ -94,10 +98,53 @@ def apply_smoothing(model: onnx.ModelProto, act: str, readers: list[Target], sca
     return new
 
 
-def folds(model: onnx.ModelProto, act: str, readers: list[Target]) -> bool:
-    """Whether apply_smoothing would fold `act`'s division into the ops that make it (no Mul)."""
+def folds(model: onnx.ModelProto, act: str, readers: list[Target], through_hardswish: bool = False) -> bool:
+    """Whether apply_smoothing would fold `act`'s division into the ops that make it (no Mul), or
+    with `through_hardswish` into the conv before its HardSwish."""
     t = readers[0]                  # the plan reads the scales' shape only
-    return _fold_plan(model.graph, act, readers, np.ones(t.shape[1] * t.groups)) is not None
+    if _fold_plan(model.graph, act, readers, np.ones(t.shape[1] * t.groups)) is not None:
+        return True
+    return through_hardswish and _hardswish_source(model.graph, act, readers) is not None
+
+
+def _apply_edits(g: onnx.GraphProto, edits: list["Edit"]) -> None:
+    """Each edit's constant as a new initializer its node reads instead."""
+    for node, index, value in edits:
+        name = _unique(g, f"{node.input[index]}_smoothed")
+        g.initializer.append(numpy_helper.from_array(value.astype(np.float32), name))
+        node.input[index] = name
+
+
+def _hardswish_source(g: onnx.GraphProto, act: str, readers: list[Target]) -> tuple | None:
+    """(HardSwish, Conv) when `act` is a HardSwish, read only by `readers`, of a conv output only it
+    reads, the conv's weight (and bias) constants only it reads, one filter a channel of `act`."""
+    if channel_axis(readers[0]) != 1:
+        return None
+    producer = {o: n for n in g.node for o in n.output}
+    reads = _read_counts(g)
+    outputs = {o.name for o in g.output}
+    hs = producer.get(act)
+    if (hs is None or hs.op_type != "HardSwish" or hs.domain not in ("", "ai.onnx") or act in outputs
+            or reads[act] != len(readers)):
+        return None
+    x = hs.input[0]
+    conv = producer.get(x)
+    if conv is None or conv.op_type != "Conv" or x in outputs or reads[x] != 1:
+        return None
+    consts = _Constants(g, np.ones((1, readers[0].shape[1] * readers[0].groups, 1, 1)))
+    return (hs, conv) if _fold_step(conv, consts, reads) is not None else None
+
+
+def _divide_conv_output(g: onnx.GraphProto, hs: onnx.NodeProto, conv: onnx.NodeProto, per: np.ndarray) -> None:
+    """The conv's filters and bias divided by `per` (so its output is x / s), and a Mul by `per`
+    ahead of the HardSwish, which so reads x again: exact in float."""
+    _apply_edits(g, _fold_step(conv, _Constants(g, per), _read_counts(g))[0])
+    name = _unique(g, f"{hs.input[0]}_unsmoothed")
+    times = _unique(g, f"{hs.input[0]}_smooth_times")
+    g.initializer.append(numpy_helper.from_array(per.astype(np.float32), times))
+    at = next(i for i, n in enumerate(g.node) if n is hs)
+    g.node.insert(at, onnx.helper.make_node("Mul", [hs.input[0], times], [name], name=_unique(g, f"{name}/mul")))
+    hs.input[0] = name
 
 
 def _broadcast(t: Target) -> tuple[int, ...]:

@@ -28,7 +28,11 @@ ort-cpu   full node units DQ -> op -> Q so onnxruntime's CPU provider fuses inte
           Scores that flow through no quantized layer into a Sigmoid/Softmax ahead of an output
           (a detector's class logits) get no output Q: the layers making them run in float.
           A HardSwish between two u8 tensors (it has no integer kernel) is written as x/6 + 1/2
-          rounded to a u8 gate, times x: QLinearAdd and QLinearMul. A constant scale and shift
+          rounded to a u8 gate, times x: QLinearAdd and QLinearMul. At 8 bits a depthwise or
+          pointwise conv input is smoothed per channel where the division folds into the ops that
+          make it; one a HardSwish makes from a conv's output folds into that conv (x / s), the
+          HardSwish then a 1x1 depthwise gate conv on x / s times x / s: QLinearConv and
+          QLinearMul (graph/hardswish_channels.py). A constant scale and shift
           read only by convs (a learnt affine block after an activation) folds into those convs
           (a padding conv reads an explicit Pad), and a Pad between two tensors of one 8-bit
           grid runs on the codes (graph/forward.py, graph/pads.py).
