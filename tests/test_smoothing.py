@@ -183,9 +183,13 @@ def depthwise_block(rng, multiplier: int = 1, outlier: float = 40.0, producer: s
             inits.update(k=np.array(1.5, np.float32), k2=r(1, C, 1, 1))
             head += [helper.make_node("HardSwish", ["h"], ["hs"]), helper.make_node("Mul", ["hs", "k"], ["hm"]),
                      helper.make_node("Add", ["hm", "k2"], ["n"])]
+        elif producer == "hardswish_pad":       # the padding written out, as an affine fold leaves it
+            inits.update(pads=np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64))
+            head += [helper.make_node("HardSwish", ["h"], ["hp"]), helper.make_node("Pad", ["hp", "pads"], ["n"])]
         else:
             head += [helper.make_node("Relu" if producer == "relu" else "HardSwish", ["h"], ["n"])]
-    nodes = head + [helper.make_node("Conv", ["n", "wd"], ["d"], name="dw", group=C, pads=[1] * 4),
+    pads = [0 if producer == "hardswish_pad" else 1] * 4
+    nodes = head + [helper.make_node("Conv", ["n", "wd"], ["d"], name="dw", group=C, pads=pads),
                     helper.make_node("Relu", ["d"], ["r"], name="act"),
                     helper.make_node("Conv", ["r", "wp"], ["y"], name="pw")]
     return make_model(nodes, [vi("x", ["N", C, 10, 10])], [vi("y", ["N", 4, 10, 10])], inits, opset=14)
@@ -196,7 +200,8 @@ def image_feeds(rng, n):
 
 
 @pytest.mark.parametrize("multiplier, producer, folds", [(1, "bn", True), (2, "bn", True), (1, "affine", True),
-                                                      (1, "relu", True), (2, "hardswish", False)])
+                                                      (1, "relu", True), (2, "hardswish", False),
+                                                      (1, "hardswish_pad", False)])
 @pytest.mark.parametrize("through_hardswish", [False, True])
 def test_a_depthwise_conv_input_rewrites_exactly(multiplier, producer, folds, through_hardswish):
     """Folded into the ops that make the input where exact (no new node), else a Mul; with
@@ -216,8 +221,9 @@ def test_a_depthwise_conv_input_rewrites_exactly(multiplier, producer, folds, th
     after = ort.InferenceSession(m.SerializeToString())
     for f in image_feeds(rng, 2):
         np.testing.assert_allclose(after.run(None, f)[0], before.run(None, f)[0], rtol=1e-4, atol=1e-4)
-    through = through_hardswish and producer == "hardswish"
-    assert (new == "n" and len(m.graph.node) == nodes) if folds else \
+    through = through_hardswish and producer.startswith("hardswish")
+    padded = through and producer == "hardswish_pad"        # the Mul goes ahead of the Pad, "n" stays
+    assert (new == "n" and len(m.graph.node) == nodes + 2 * padded) if folds or padded else \
         (new != "n" and len(m.graph.node) == nodes + 1 + through)
     if through:     # the conv's output is x / s: what its output rounding sees
         y = onnx.helper.make_empty_tensor_value_info(conv_out)
@@ -348,12 +354,13 @@ def test_a_pointwise_input_with_an_outlier_channel_converts_closer_to_fp32_smoot
         assert not any(s.tensor == "n" for s in rep.smoothing), other
 
 
-def test_ort_cpu_smooths_a_hardswish_made_input_through_the_conv_before_it(tmp_path):
+@pytest.mark.parametrize("producer", ["hardswish", "hardswish_pad"])
+def test_ort_cpu_smooths_a_hardswish_made_input_through_the_conv_before_it(tmp_path, producer):
     """The conv's output is x / s, the HardSwish between becomes a 1x1 depthwise gate conv and a
     Mul on u8 codes (graph/hardswish_channels.py): onnxruntime's optimized graph runs the block as
     integer kernels only, and it converts closer to FP32 than unsmoothed."""
     rng = np.random.default_rng(9)
-    m = depthwise_block(rng, producer="hardswish")
+    m = depthwise_block(rng, producer=producer)
     cal, held = image_feeds(rng, 24), image_feeds(rng, 8)
     cfg = dict(bits=8, act_bits=8, target="ort-cpu")
     q_on, rep_on = onnxq.convert(m, onnxq.ConvertConfig(**cfg), calib=cal)

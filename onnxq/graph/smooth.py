@@ -83,7 +83,12 @@ def apply_smoothing(model: onnx.ModelProto, act: str, readers: list[Target], sca
         return act
     source = _hardswish_source(g, act, readers) if through_hardswish else None
     if source is not None:
-        _divide_conv_output(g, *source, scales.reshape(_broadcast(readers[0])))
+        hs, conv, pad = source
+        _divide_conv_output(g, hs, conv, scales.reshape(_broadcast(readers[0])))
+        if pad is not None:         # the division goes ahead of the zero Pad, which keeps its output
+            _scale_readers(g, readers, scales, act)
+            _divide_before(g, pad, hs.output[0], (1.0 / scales).reshape(_broadcast(readers[0])))
+            return act
     new = _unique(g, f"{act}_smooth")
     inv = _unique(g, f"{act}_smooth_inverse")
     g.initializer.append(numpy_helper.from_array((1.0 / scales).reshape(_broadcast(readers[0])).astype(np.float32),
@@ -116,23 +121,56 @@ def _apply_edits(g: onnx.GraphProto, edits: list["Edit"]) -> None:
 
 
 def _hardswish_source(g: onnx.GraphProto, act: str, readers: list[Target]) -> tuple | None:
-    """(HardSwish, Conv) when `act` is a HardSwish, read only by `readers`, of a conv output only it
-    reads, the conv's weight (and bias) constants only it reads, one filter a channel of `act`."""
+    """(HardSwish, Conv, zero Pad or None) when `act` is a HardSwish (or a zero Pad of one), read
+    only by `readers`, of a conv output only it reads, the conv's weight (and bias) constants only
+    it reads, one filter a channel of `act`."""
     if channel_axis(readers[0]) != 1:
         return None
     producer = {o: n for n in g.node for o in n.output}
     reads = _read_counts(g)
     outputs = {o.name for o in g.output}
     hs = producer.get(act)
-    if (hs is None or hs.op_type != "HardSwish" or hs.domain not in ("", "ai.onnx") or act in outputs
-            or reads[act] != len(readers)):
+    if act in outputs or reads[act] != len(readers) or hs is None:
+        return None
+    pad = hs if _zero_pad(g, hs) else None
+    if pad is not None:
+        hs = producer.get(pad.input[0])
+        if hs is None or reads[pad.input[0]] != 1 or pad.input[0] in outputs:
+            return None
+    if hs.op_type != "HardSwish" or hs.domain not in ("", "ai.onnx"):
         return None
     x = hs.input[0]
     conv = producer.get(x)
     if conv is None or conv.op_type != "Conv" or x in outputs or reads[x] != 1:
         return None
     consts = _Constants(g, np.ones((1, readers[0].shape[1] * readers[0].groups, 1, 1)))
-    return (hs, conv) if _fold_step(conv, consts, reads) is not None else None
+    return (hs, conv, pad) if _fold_step(conv, consts, reads) is not None else None
+
+
+def _zero_pad(g: onnx.GraphProto, node: onnx.NodeProto) -> bool:
+    """A Pad (opset 11+) that pads with zeros (constant mode, no value or 0) along spatial axes
+    only: it commutes with a per-channel scale."""
+    if node.op_type != "Pad" or node.domain not in ("", "ai.onnx") or len(node.input) < 2:
+        return False
+    mode = next((a.s for a in node.attribute if a.name == "mode"), b"constant")
+    inits = {i.name: i for i in g.initializer}
+    if mode != b"constant" or node.input[1] not in inits or len(node.input) > 3:
+        return False
+    value = node.input[2] if len(node.input) > 2 else ""
+    if value and (value not in inits or np.any(tensor_array(inits[value]) != 0)):
+        return False
+    pads = tensor_array(inits[node.input[1]]).ravel()
+    return pads.size >= 4 and pads.size % 2 == 0 and pads[1] == 0 and pads[pads.size // 2 + 1] == 0
+
+
+def _divide_before(g: onnx.GraphProto, pad: onnx.NodeProto, source: str, inverse: np.ndarray) -> None:
+    """A Mul(source, inverse) that `pad` reads instead of `source`."""
+    new = _unique(g, f"{source}_smooth")
+    inv = _unique(g, f"{source}_smooth_inverse")
+    g.initializer.append(numpy_helper.from_array(inverse.astype(np.float32), inv))
+    at = next(i for i, n in enumerate(g.node) if n is pad)
+    g.node.insert(at, onnx.helper.make_node("Mul", [source, inv], [new], name=_unique(g, f"{source}/smooth")))
+    pad.input[0] = new
 
 
 def _divide_conv_output(g: onnx.GraphProto, hs: onnx.NodeProto, conv: onnx.NodeProto, per: np.ndarray) -> None:
