@@ -14,11 +14,11 @@ from onnxq.graph.hardswish_channels import integer_channel_hard_swish
 S = np.array([0.05, 1.0, 4.0, 30.0], np.float32)       # channels 600 times apart, as PP-PicoDet's
 
 
-def chain(scale: float, zero: int, out_scale: float, out_zero: int) -> onnx.ModelProto:
+def chain(scale: float, zero: int, out_scale: float, out_zero: int, s: np.ndarray = S) -> onnx.ModelProto:
     """u8 codes [1, C, 1, 256] -> DQ -> Mul(s) -> HardSwish -> Mul(1/s) -> Q -> u8 codes."""
     inits = {"sc": np.array(scale, np.float32), "z": np.array(zero, np.uint8),
              "so": np.array(out_scale, np.float32), "zo": np.array(out_zero, np.uint8),
-             "times": S.reshape(1, -1, 1, 1), "inv": (1 / S).reshape(1, -1, 1, 1)}
+             "times": s.reshape(1, -1, 1, 1), "inv": (1 / s).reshape(1, -1, 1, 1)}
     nodes = [helper.make_node("DequantizeLinear", ["q", "sc", "z"], ["x"], name="dq"),
              helper.make_node("Mul", ["x", "times"], ["xs"], name="times"),
              helper.make_node("HardSwish", ["xs"], ["h"], name="hs"),
@@ -72,3 +72,18 @@ def test_a_chain_with_a_float_reader_or_a_scalar_scale_is_left_alone():
     t = next(t for t in m.graph.initializer if t.name == "times")
     t.CopyFrom(onnx.numpy_helper.from_array(np.array(2.0, np.float32), "times"))
     assert integer_channel_hard_swish(m) == 0
+
+
+def test_channels_whose_bias_would_overflow_int32_take_fewer_weight_steps():
+    """A channel smoothing shrank a millionfold (its slope below 2^-23 over the range: gate 1/2) and
+    one a thousandfold (the bias 1/2 needs more than 2^31 steps at code 127) stay within one step."""
+    s = np.array([1e-7, 2e-4, 1.0, 30.0], np.float32)
+    m = chain(0.004, 100, 0.0025, 60, s)
+    rewritten = onnx.ModelProto()
+    rewritten.CopyFrom(m)
+    assert integer_channel_hard_swish(rewritten) == 1
+    bias = next(t for t in rewritten.graph.initializer if t.name.endswith("/bias_q"))
+    assert np.all(onnx.numpy_helper.to_array(bias) > 0)
+    a = ort.InferenceSession(m.SerializeToString()).run(None, codes())[0].astype(int)
+    b = ort.InferenceSession(rewritten.SerializeToString()).run(None, codes())[0].astype(int)
+    assert np.abs(a - b).max() <= 1, np.abs(a - b).max(axis=-1)

@@ -12,7 +12,7 @@ g = clip(x' s / 6 + 1/2, 0, 1), and y' = x' g, the unit becomes
     y' = Q(DQ(x') * DQ(g))
 
 a 1x1 depthwise conv (QLinearConv: each channel's single weight is code 127 of a scale s/762,
-exact) and a QLinearMul, both integer kernels. The gate is rounded by 1/510 at most, so y' moves
+exact; _gate_weight) and a QLinearMul, both integer kernels. The gate is rounded by 1/510 at most, so y' moves
 by at most |x'| / 510, below half a step of y' wherever |x'| stays within y''s range."""
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from .hardswish import _scalar_u8, hard_swishes
 from .kernels import add_initializer
 
 PREFIX = "hardswish_channels"
+BIAS_ROOM = 2.0 ** 30          # the largest bias code used: half of int32's range
 
 
 def _per_channel(inits: dict[str, onnx.TensorProto], name: str) -> np.ndarray | None:
@@ -57,14 +58,22 @@ def _units(g: onnx.GraphProto) -> list[tuple]:
     return found
 
 
+def _gate_weight(x_scale: float, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each channel's weight s/6 as (code, scale): code 127 of s/762, or fewer steps where the bias
+    1/2 would not fit int32 in steps of x_scale * scale (a channel s shrinks a millionfold); code 0
+    where even one step would not, its gate then 1/2 (the slope over x''s whole range is below 2^-23)."""
+    k = np.clip(np.floor(BIAS_ROOM * x_scale * s / 3), 0, 127)
+    return k, np.where(k > 0, s / 6 / np.maximum(k, 1), 0.5 / BIAS_ROOM / x_scale).astype(np.float32)
+
+
 def _gate_nodes(g: onnx.GraphProto, base: str, dq: onnx.NodeProto, s: np.ndarray, u8_weights: bool) -> list:
     """The gate's nodes, reading DQ(x') and ending in `{base}/gate_dq`."""
     inits = {t.name: t for t in g.initializer}
     x_scale = float(numpy_helper.to_array(inits[dq.input[1]]))
     x_top = x_scale * (255 - int(numpy_helper.to_array(inits[dq.input[2]])))
-    w_scale = (s / 6 / 127).astype(np.float32)
-    code, zero = (np.full(s.size, 255, np.uint8), np.full(s.size, 128, np.uint8)) if u8_weights \
-        else (np.full(s.size, 127, np.int8), np.zeros(s.size, np.int8))
+    k, w_scale = _gate_weight(x_scale, s)
+    code, zero = ((k + 128).astype(np.uint8), np.full(s.size, 128, np.uint8)) if u8_weights \
+        else (k.astype(np.int8), np.zeros(s.size, np.int8))
     b_scale = (np.float32(x_scale) * w_scale).astype(np.float32)
     b_code = np.round(0.5 / b_scale.astype(np.float64)).astype(np.int32)
     top = min(1.0, max(x_top, 0.0) * float(s.max()) / 6 + 0.5)
