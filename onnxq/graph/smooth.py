@@ -87,7 +87,8 @@ def apply_smoothing(model: onnx.ModelProto, act: str, readers: list[Target], sca
         _divide_conv_output(g, hs, conv, scales.reshape(_broadcast(readers[0])))
         if pad is not None:         # the division goes ahead of the zero Pad, which keeps its output
             _scale_readers(g, readers, scales, act)
-            _divide_before(g, pad, hs.output[0], (1.0 / scales).reshape(_broadcast(readers[0])))
+            y = hs.output[0]
+            _mul_ahead(g, pad, y, (1.0 / scales).reshape(_broadcast(readers[0])), f"{y}_smooth", f"{y}_smooth_inverse")
             return act
     new = _unique(g, f"{act}_smooth")
     inv = _unique(g, f"{act}_smooth_inverse")
@@ -163,26 +164,24 @@ def _zero_pad(g: onnx.GraphProto, node: onnx.NodeProto) -> bool:
     return pads.size >= 4 and pads.size % 2 == 0 and pads[1] == 0 and pads[pads.size // 2 + 1] == 0
 
 
-def _divide_before(g: onnx.GraphProto, pad: onnx.NodeProto, source: str, inverse: np.ndarray) -> None:
-    """A Mul(source, inverse) that `pad` reads instead of `source`."""
-    new = _unique(g, f"{source}_smooth")
-    inv = _unique(g, f"{source}_smooth_inverse")
-    g.initializer.append(numpy_helper.from_array(inverse.astype(np.float32), inv))
-    at = next(i for i, n in enumerate(g.node) if n is pad)
-    g.node.insert(at, onnx.helper.make_node("Mul", [source, inv], [new], name=_unique(g, f"{source}/smooth")))
-    pad.input[0] = new
+def _mul_ahead(g: onnx.GraphProto, reader: onnx.NodeProto, source: str, value: np.ndarray, out: str,
+               const: str) -> None:
+    """A Mul(source, value) inserted ahead of `reader`, which reads its output `out` (made unique)
+    instead of `source`; the constant is named `const`."""
+    new, name = _unique(g, out), _unique(g, const)
+    g.initializer.append(numpy_helper.from_array(value.astype(np.float32), name))
+    at = next(i for i, n in enumerate(g.node) if n is reader)
+    node = _unique(g, f"{source}/smooth" if out == f"{source}_smooth" else f"{new}/mul")
+    g.node.insert(at, onnx.helper.make_node("Mul", [source, name], [new], name=node))
+    reader.input[list(reader.input).index(source)] = new
 
 
 def _divide_conv_output(g: onnx.GraphProto, hs: onnx.NodeProto, conv: onnx.NodeProto, per: np.ndarray) -> None:
     """The conv's filters and bias divided by `per` (so its output is x / s), and a Mul by `per`
     ahead of the HardSwish, which so reads x again: exact in float."""
     _apply_edits(g, _fold_step(conv, _Constants(g, per), _read_counts(g))[0])
-    name = _unique(g, f"{hs.input[0]}_unsmoothed")
-    times = _unique(g, f"{hs.input[0]}_smooth_times")
-    g.initializer.append(numpy_helper.from_array(per.astype(np.float32), times))
-    at = next(i for i, n in enumerate(g.node) if n is hs)
-    g.node.insert(at, onnx.helper.make_node("Mul", [hs.input[0], times], [name], name=_unique(g, f"{name}/mul")))
-    hs.input[0] = name
+    x = hs.input[0]
+    _mul_ahead(g, hs, x, per, f"{x}_unsmoothed", f"{x}_smooth_times")
 
 
 def _broadcast(t: Target) -> tuple[int, ...]:
