@@ -7,6 +7,7 @@ Run it on a quiet machine (it prints the other processes' CPU use during each co
 
     python benchmarks/convert_speed.py --models cls det effl1 M
     python benchmarks/convert_speed.py --json benchmarks/results/convert_speed.json
+    python benchmarks/convert_speed.py --models P A --samples 32 --target ort-cpu --variants "onnxq W8A8"
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ def timed(fn) -> dict:
     return {"s": time.perf_counter() - t0, "background_cores": bg.stop(), **(out or {})}
 
 
-def run_model(key: str, n: int) -> dict:
+def run_model(key: str, n: int, target: str = "generic", variants=tuple(VARIANTS)) -> dict:
     path, cal = calibration(key, n)
     rows: dict[str, dict] = {}
     logging.getLogger().setLevel(logging.ERROR)
@@ -63,15 +64,16 @@ def run_model(key: str, n: int) -> dict:
         def ort_w8a8() -> None:
             ort_quantize(path, Path(tmp) / "ort.onnx", cal, 8, 8, "minmax")
         rows["ort W8A8"] = timed(ort_w8a8)
-    for name, kw in VARIANTS.items():
-        def one(kw=kw):
-            _, rep = onnxq.convert(str(path), onnxq.ConvertConfig(act_bits=8, **kw), calib=cal)
+    for name in variants:
+        def one(kw=VARIANTS[name]):
+            _, rep = onnxq.convert(str(path), onnxq.ConvertConfig(act_bits=8, target=target, **kw), calib=cal)
             return {"stages": {k: round(v, 2) for k, v in rep.seconds.items()}}
         rows[name] = timed(one)
-        print(f"   {key} {name}: {rows[name]['s']:.1f} s", flush=True)
+        print(f"   {key} {name} ({target}): {rows[name]['s']:.1f} s", flush=True)
     for name, (ref, bar) in BARS.items():
-        rows[name]["ratio"] = rows[name]["s"] / rows[ref]["s"]
-        rows[name]["bar"] = bar
+        if name in rows and ref in rows:
+            rows[name]["ratio"] = rows[name]["s"] / rows[ref]["s"]
+            rows[name]["bar"] = bar
     return {"samples": len(cal), "rows": rows}
 
 
@@ -81,9 +83,11 @@ def table(results: dict) -> str:
     for key, r in results.items():
         w = r["rows"]
         busy = max(v["background_cores"] or 0.0 for v in w.values())
-        lines.append(f"| {key} | {r['samples']} | {w['ort W8A8']['s']:.1f} | {w['onnxq W8A8']['s']:.1f} "
-                     f"({w['onnxq W8A8']['ratio']:.2f}x) | {w['onnxq W4A8']['s']:.1f} | "
-                     f"{w['onnxq --avg-bits 4']['s']:.1f} ({w['onnxq --avg-bits 4']['ratio']:.2f}x) | {busy:.2f} |")
+        def cell(name):
+            v = w.get(name)
+            return "-" if v is None else f"{v['s']:.1f}" + (f" ({v['ratio']:.2f}x)" if "ratio" in v else "")
+        lines.append(f"| {key} | {r['samples']} | {cell('ort W8A8')} | {cell('onnxq W8A8')} | {cell('onnxq W4A8')} | "
+                     f"{cell('onnxq --avg-bits 4')} | {busy:.2f} |")
     return "\n".join(lines)
 
 
@@ -92,13 +96,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["cls", "det", "effl1", "M"])
     ap.add_argument("--samples", type=int, default=64, help="calibration samples per model")
+    ap.add_argument("--target", default="generic", help="onnxq's --target for its conversions")
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--json", type=Path)
     a = ap.parse_args()
     results = {}
     for key in a.models:
-        results[key] = run_model(key, a.samples)
+        results[key] = run_model(key, a.samples, a.target, a.variants)
         if a.json:
-            a.json.write_text(json.dumps({"onnxruntime": ort.__version__, "results": results}, indent=1))
+            a.json.write_text(json.dumps({"onnxruntime": ort.__version__, "target": a.target, "results": results},
+                                         indent=1))
     print(table(results))
 
 

@@ -243,11 +243,16 @@ def _print_wide(w) -> None:
         out.print(f"  activations kept at 16 bits: {len(w.widened)} of {w.tensors} (at most {w.budget}); "
                   f"network loss on unseen samples {w.check_before:.4g} -> {w.check_after:.4g}"
                   + (f"; the layers they touch, {w.unfused:.1%} of the multiply-adds, run without integer kernels"
-                     if w.unfused is not None else ""))
+                     if w.unfused is not None else "") + _over_budget(w))
     else:
         out.print("  activations kept at 16 bits: none (" + ("did not help on samples it was not chosen on)"
                                                           if w.check_before is not None else
-                                                          "no tensor's rounding cost the network enough)"))
+                                                          "no tensor's rounding cost the network enough)") + _over_budget(w))
+
+
+def _over_budget(w) -> str:
+    return (f"; {w.over_budget} not weighed (each alone would take more than the target's share of the "
+            "multiply-adds off integer kernels)" if w.over_budget else "")
 
 
 def _print_mixed(mx) -> None:

@@ -420,6 +420,8 @@ class WideSummary:
     check_after: float | None = None    # the same with the widened tensors at 16 bits
     unfused: float | None = None        # share of the layers' multiply-adds that run without an integer
                                         # kernel because of them (targets with a budget for it)
+    over_budget: int = 0                # tensors not weighed: the kernels they alone would take off integer
+                                        # kernels already hold more than the target's budget
 
 
 @dataclass

@@ -27,7 +27,7 @@ from builders import conv_zoo
 from realdata import ocr_path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.ocr_data import rec_samples  # noqa: E402
+from benchmarks.ocr_data import cls_samples, rec_samples  # noqa: E402
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 DIGITS, CALIB = str(MODELS / "digits_cnn.onnx"), str(MODELS / "digits_calib")
@@ -91,7 +91,8 @@ def _spy_plan(monkeypatch) -> dict:
     seen = {}
 
     def keep(prepared, plan, stats, *args, **kwargs):
-        seen.update(prepared=prepared, plan=copy.deepcopy(plan), stats=stats)
+        seen.update(prepared=prepared, plan=copy.deepcopy(plan), stats=stats,
+                    units=kwargs.get("units", args[4] if len(args) > 4 else None))
         return widen_acts(prepared, plan, stats, *args, **kwargs)
 
     monkeypatch.setattr(api, "widen_acts", keep)
@@ -149,9 +150,41 @@ def test_under_ort_cpu_only_tensors_the_model_rounds_are_weighed(feeds):
     scales = {t.name[:-len("/act_scale")] for t in q.graph.initializer if t.name.endswith("/act_scale")}
     assert any(n.op_type == "MatMulNBits" for n in q.graph.node)
     assert rep.wide is not None and rep.wide.harm and set(rep.wide.harm) <= scales
-    assert rep.wide.tensors == len(rep.wide.harm)
+    assert rep.wide.tensors == len(rep.wide.harm) + rep.wide.over_budget
     # and the report lists the activations the model rounds, not the float input of a MatMulNBits
     assert {a.tensor for a in rep.activations} == scales
+
+
+def _take_largest(ms, sets, check, summary):
+    """The check always keeps the largest set the budget lets (whether a set pays depends on the
+    machine's 8-bit kernels); what is tested is which tensors are weighed and ranked."""
+    summary.check_before = summary.check_after = ms.loss(*check)
+    return list(sets[0])
+
+
+def test_under_ort_cpu_a_tensor_over_the_budget_alone_is_not_weighed_and_nothing_else_changes(monkeypatch):
+    """PP-OCR cls: 34 of its 86 tensors would each take more than the budget off integer kernels."""
+    from onnxq.search import wide
+
+    monkeypatch.setattr(wide, "checked", _take_largest)
+    seen = _spy_plan(monkeypatch)
+    cal, model = [f for f, _ in cls_samples(16, seed=0)], str(ocr_path("cls"))
+    cfg = onnxq.ConvertConfig(bits=8, target="ort-cpu")
+    q, rep = onnxq.convert(model, cfg, calib=cal)
+    w = rep.wide
+    assert w.widened and w.over_budget > 0 and w.tensors == len(w.harm) + w.over_budget
+    # each tensor left out takes more than the budget off integer kernels on its own
+    _, taken = wide.affordable([], seen["plan"], layer_macs(seen["plan"], seen["stats"]), seen["units"] or {},
+                               ORT_WIDE_MACS)
+    left = set(candidates(seen["plan"], cfg)) & set(act_zero_types(q)) - set(w.harm)     # those the model rounds
+    assert len(left) == w.over_budget and all(taken([a]) > ORT_WIDE_MACS for a in left)
+    assert all(taken([a]) <= ORT_WIDE_MACS for a in w.harm)
+    # weighing every tensor, as before, ranks and widens the same ones: the same bytes
+    monkeypatch.setattr(wide, "affordable_alone", lambda names, taken, share: list(names))
+    q_all, rep_all = onnxq.convert(model, cfg, calib=cal)
+    assert set(rep_all.wide.harm) == set(w.harm) | left and rep_all.wide.over_budget == 0
+    assert {a: rep_all.wide.harm[a] for a in w.harm} == w.harm
+    assert rep_all.wide.widened == w.widened and q_all.SerializeToString() == q.SerializeToString()
 
 
 @pytest.mark.parametrize("cfg", [dict(bits=8, protect_acts=0), dict(bits=8, target="openvino"),

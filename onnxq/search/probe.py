@@ -26,7 +26,8 @@ if TYPE_CHECKING:
     import onnx
 
 TAILS = 8                  # tail sessions a single-layer probe keeps (cuts spread over its layers)
-TAIL_CACHE = 256 << 20     # most bytes of cut tensors a probe caches over all its samples
+TAIL_CACHE = 1 << 30       # most bytes of cut tensors a probe caches over all its samples (256 MiB kept 2 of
+                           # 7 cuts of an 800 x 608 detector's 16 samples, 1 GiB 5: 306 -> 249 s, peak unchanged)
 
 
 @dataclasses.dataclass
