@@ -47,6 +47,8 @@ def test_tails_answer_single_layer_trials_as_the_whole_network_does(detector):
     cut = Probe(m, targets, weights, loaders, tails=8)
     assert len(cut.tails) >= 4 and not whole.tails
     assert all(t.start > 0 and t.cached for t in cut.tails)
+    # the cached tensors own their memory, not the (dropped) session's that computed them
+    assert all(v.flags.owndata for t in cut.tails for d in t.cached for v in d.values())
     trials = _trials(weights)
     late = [n for n in trials if cut._tail_for([n]) is not None]
     assert len(late) > len(trials) // 2              # most layers run from a cut

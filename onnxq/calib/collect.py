@@ -106,7 +106,9 @@ class Frontier:
             ins = [i.name for i in sub.graph.input]
             for i, v in enumerate(self.values):
                 try:
-                    v.update(zip(outs, sess.run(outs, {k: v[k] for k in ins})))
+                    # copies: an array onnxruntime returns may hold its session's memory, which
+                    # a value kept over stages would keep alive with every later stage's session
+                    v.update(zip(outs, (np.array(x) for x in sess.run(outs, {k: v[k] for k in ins}))))
                 except Exception as e:
                     raise _sample_failed(i, e) from None
         out = [{w: v[w] for w in wanted} for v in self.values]

@@ -54,7 +54,8 @@ def keep_tails(model: "onnx.ModelProto", positions, count: int, feeds: Sequence[
     if not wanted:
         return []
     aug = session(augmented(model, wanted))
-    values = [dict(zip(wanted, aug.run(wanted, f))) for f in feeds]
+    # copies: an array onnxruntime returns may hold the memory of the session that made it
+    values = [dict(zip(wanted, (np.array(x) for x in aug.run(wanted, f)))) for f in feeds]
     del aug
     used, out = 0, []
     for s in starts:
