@@ -2,7 +2,9 @@
 calibration feeds: onnxruntime W8A8 (QDQ, per-channel, min-max), onnxq W8A8, W4A8 and
 `--avg-bits 4` (mixed precision at the size of uniform W4), with the ratios the tool promises:
 onnxq W8A8 within 2x of quantize_static, --avg-bits within 3x of uniform W4A8. Each conversion
-runs in this process after a garbage collection; the per-stage seconds come from onnxq's report.
+runs in this process after a garbage collection; the per-stage seconds come from onnxq's report,
+and the peak is the process's largest resident memory while it ran (what earlier conversions left
+allocated counts too, so the first conversion of a model is the cleanest figure).
 Run it on a quiet machine (it prints the other processes' CPU use during each conversion).
 
     python benchmarks/convert_speed.py --models cls det effl1 M
@@ -18,6 +20,7 @@ import json
 import logging
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -48,12 +51,36 @@ def calibration(key: str, n: int) -> tuple[Path, list[dict]]:
     return path, gen.feeds(key, spec, path, "a", 1, n, "calib", Path(tempfile.gettempdir()) / "onnxq-gen-cache")
 
 
+def _rss_gb() -> float | None:
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) / 1e6 for line in f if line.startswith("VmRSS"))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
 def timed(fn) -> dict:
+    """Seconds of fn(), the other processes' CPU meanwhile, and this process's largest resident
+    memory while fn ran (sampled every 0.2 s; Linux only, else None)."""
     gc.collect()
+    peak = [_rss_gb()]
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.wait(0.2):
+            r = _rss_gb()
+            peak[0] = max(peak[0], r) if r is not None and peak[0] is not None else None
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
     bg = tg.Background().start()
     t0 = time.perf_counter()
-    out = fn()
-    return {"s": time.perf_counter() - t0, "background_cores": bg.stop(), **(out or {})}
+    try:
+        out = fn()
+    finally:
+        done.set()
+        watcher.join()
+    return {"s": time.perf_counter() - t0, "background_cores": bg.stop(), "peak_rss_gb": peak[0], **(out or {})}
 
 
 def run_model(key: str, n: int, target: str = "generic", variants=tuple(VARIANTS)) -> dict:
@@ -78,14 +105,17 @@ def run_model(key: str, n: int, target: str = "generic", variants=tuple(VARIANTS
 
 
 def table(results: dict) -> str:
-    lines = ["| model | samples | ort W8A8 s | onnxq W8A8 s (x ort) | onnxq W4A8 s | --avg-bits 4 s (x W4A8) | "
-             "other processes (cores) |", "|---|---|---|---|---|---|---|"]
+    lines = ["| model | samples | ort W8A8 s, peak | onnxq W8A8 s (x ort), peak | onnxq W4A8 s, peak | "
+             "--avg-bits 4 s (x W4A8), peak | other processes (cores) |", "|---|---|---|---|---|---|---|"]
     for key, r in results.items():
         w = r["rows"]
         busy = max(v["background_cores"] or 0.0 for v in w.values())
         def cell(name):
             v = w.get(name)
-            return "-" if v is None else f"{v['s']:.1f}" + (f" ({v['ratio']:.2f}x)" if "ratio" in v else "")
+            if v is None:
+                return "-"
+            gb = f", {v['peak_rss_gb']:.1f} GB" if v.get("peak_rss_gb") is not None else ""
+            return f"{v['s']:.1f}" + (f" ({v['ratio']:.2f}x)" if "ratio" in v else "") + gb
         lines.append(f"| {key} | {r['samples']} | {cell('ort W8A8')} | {cell('onnxq W8A8')} | {cell('onnxq W4A8')} | "
                      f"{cell('onnxq --avg-bits 4')} | {busy:.2f} |")
     return "\n".join(lines)
