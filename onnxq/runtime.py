@@ -81,6 +81,13 @@ def session(model: "onnx.ModelProto | bytes | str", threads: int = THREADS,
         raise RuntimeModelError(f"onnxruntime cannot load the model: {_first_line(e)}") from None
 
 
+def owned(values) -> list[np.ndarray]:
+    """Copies of a session's outputs that own their memory. An array onnxruntime's `run` returns
+    holds memory of the session that made it; one kept while later sessions come and go kept every
+    such session's memory alive (sequential mode on an 800 x 608 detector: 13.9 GB, not 3.5)."""
+    return [np.array(v) for v in values]
+
+
 def give_back_memory() -> None:
     """Hand freed heap pages back to the system. glibc keeps what a dropped session or a large
     intermediate freed, so a large model's next stage would start from the last one's peak."""

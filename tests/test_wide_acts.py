@@ -174,8 +174,7 @@ def test_under_ort_cpu_a_tensor_over_the_budget_alone_is_not_weighed_and_nothing
     w = rep.wide
     assert w.widened and w.over_budget > 0 and w.tensors == len(w.harm) + w.over_budget
     # each tensor left out takes more than the budget off integer kernels on its own
-    _, taken = wide.affordable([], seen["plan"], layer_macs(seen["plan"], seen["stats"]), seen["units"] or {},
-                               ORT_WIDE_MACS)
+    taken = wide.unfused_share(seen["plan"], layer_macs(seen["plan"], seen["stats"]), seen["units"] or {})
     left = set(candidates(seen["plan"], cfg)) & set(act_zero_types(q)) - set(w.harm)     # those the model rounds
     assert len(left) == w.over_budget and all(taken([a]) > ORT_WIDE_MACS for a in left)
     assert all(taken([a]) <= ORT_WIDE_MACS for a in w.harm)

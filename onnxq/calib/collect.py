@@ -13,7 +13,7 @@ from ..errors import CalibrationError
 from ..graph.inline import inline_ifs, main_graph_names, open_ifs
 from ..graph.variants import changed_tensors, cut, pruned, signature
 from ..graph.walk import node_reads
-from ..runtime import give_back_memory, session
+from ..runtime import give_back_memory, owned, session
 from ..types import ActQuant, ActStats, Feed, LayerStats, PairedStats, Progress, Stats, Target
 from .collectors import CrossMoment, RangeHistogram, SecondMoment, im2col_rows, im2col_sums
 from .data import MAX_ABS
@@ -106,9 +106,7 @@ class Frontier:
             ins = [i.name for i in sub.graph.input]
             for i, v in enumerate(self.values):
                 try:
-                    # copies: an array onnxruntime returns may hold its session's memory, which
-                    # a value kept over stages would keep alive with every later stage's session
-                    v.update(zip(outs, (np.array(x) for x in sess.run(outs, {k: v[k] for k in ins}))))
+                    v.update(zip(outs, owned(sess.run(outs, {k: v[k] for k in ins}))))
                 except Exception as e:
                     raise _sample_failed(i, e) from None
         out = [{w: v[w] for w in wanted} for v in self.values]

@@ -88,7 +88,8 @@ def apply_smoothing(model: onnx.ModelProto, act: str, readers: list[Target], sca
         if pad is not None:         # the division goes ahead of the zero Pad, which keeps its output
             _scale_readers(g, readers, scales, act)
             y = hs.output[0]
-            _mul_ahead(g, pad, y, (1.0 / scales).reshape(_broadcast(readers[0])), f"{y}_smooth", f"{y}_smooth_inverse")
+            _mul_ahead(g, pad, y, (1.0 / scales).reshape(_broadcast(readers[0])), f"{y}_smooth", f"{y}_smooth_inverse",
+                       f"{y}/smooth")
             return act
     new = _unique(g, f"{act}_smooth")
     inv = _unique(g, f"{act}_smooth_inverse")
@@ -165,13 +166,13 @@ def _zero_pad(g: onnx.GraphProto, node: onnx.NodeProto) -> bool:
 
 
 def _mul_ahead(g: onnx.GraphProto, reader: onnx.NodeProto, source: str, value: np.ndarray, out: str,
-               const: str) -> None:
+               const: str, node: str | None = None) -> None:
     """A Mul(source, value) inserted ahead of `reader`, which reads its output `out` (made unique)
-    instead of `source`; the constant is named `const`."""
+    instead of `source`; the constant is named `const`, the node `node` (default: `{out}/mul`)."""
     new, name = _unique(g, out), _unique(g, const)
     g.initializer.append(numpy_helper.from_array(value.astype(np.float32), name))
     at = next(i for i, n in enumerate(g.node) if n is reader)
-    node = _unique(g, f"{source}/smooth" if out == f"{source}_smooth" else f"{new}/mul")
+    node = _unique(g, node or f"{new}/mul")
     g.node.insert(at, onnx.helper.make_node("Mul", [source, name], [new], name=node))
     reader.input[list(reader.input).index(source)] = new
 

@@ -19,7 +19,7 @@ from ..algos.metrics import divergence
 from ..graph.large import is_large
 from ..graph.variants import augmented, cut_names, tail, weights_as_inputs, with_act_qdq, with_zero_biases
 from ..graph.walk import node_reads
-from ..runtime import session
+from ..runtime import owned, session
 from ..types import ActQuant, Feed, Target
 
 if TYPE_CHECKING:
@@ -54,8 +54,7 @@ def keep_tails(model: "onnx.ModelProto", positions, count: int, feeds: Sequence[
     if not wanted:
         return []
     aug = session(augmented(model, wanted))
-    # copies: an array onnxruntime returns may hold the memory of the session that made it
-    values = [dict(zip(wanted, (np.array(x) for x in aug.run(wanted, f)))) for f in feeds]
+    values = [dict(zip(wanted, owned(aug.run(wanted, f)))) for f in feeds]
     del aug
     used, out = 0, []
     for s in starts:

@@ -123,11 +123,9 @@ def _per_input(t) -> float:
     return 0.0
 
 
-def affordable(ranked: Sequence[str], plan: Plan, macs: Mapping[str, float], units: Mapping[str, str],
-               share: float) -> tuple[list[str], Callable[[Sequence[str]], float]]:
-    """The tensors of `ranked`, in order, that fit together while the layers losing their
-    integer kernels to them (the ones reading them or a tensor tied to them, the unit making one) hold at most `share`
-    of the multiply-adds; and the share a set of them takes."""
+def unfused_share(plan: Plan, macs: Mapping[str, float], units: Mapping[str, str]) -> Callable[[Sequence[str]], float]:
+    """The share of the multiply-adds a set of tensors takes off integer kernels at 16 bits: the
+    layers reading them or a tensor tied to them, and the unit making one."""
     readers: dict[str, set[str]] = {}          # a tensor tied to another counts as that one (it gets its bits)
     for lp in plan.layers:
         if lp.target.act and not lp.target.graph:
@@ -137,12 +135,17 @@ def affordable(ranked: Sequence[str], plan: Plan, macs: Mapping[str, float], uni
     def taken(chosen: Sequence[str]) -> float:
         nodes = set().union(*(readers.get(a, set()) | ({units[a]} if a in units else set()) for a in chosen))
         return sum(macs.get(n, 0.0) for n in nodes) / total
+    return taken
 
+
+def affordable(ranked: Sequence[str], taken: Callable[[Sequence[str]], float], share: float) -> list[str]:
+    """The tensors of `ranked`, in order, that fit together while what they take (`taken`,
+    unfused_share's) stays at most `share`."""
     out: list[str] = []
     for a in ranked:
         if taken(out + [a]) <= share:
             out.append(a)
-    return out, taken
+    return out
 
 
 def affordable_alone(names: Sequence[str], taken: Callable[[Sequence[str]], float], share: float) -> list[str]:
@@ -203,20 +206,19 @@ def widen_acts(prepared: "onnx.ModelProto", plan: Plan, stats: Mapping[str, ActS
     summary.loss = base = ms.loss(fit_b, fit_r)
     unrounded = frozenset(names)
     floor = ms.loss(fit_b, fit_r, unrounded)       # the weights' share of the loss
-    share = None
+    taken = None
     probed = names
     if cfg.rules.wide_macs is not None:
-        macs = layer_macs(plan, stats)
-        _, share = affordable([], plan, macs, units or {}, cfg.rules.wide_macs)
-        probed = affordable_alone(names, share, cfg.rules.wide_macs)
+        taken = unfused_share(plan, layer_macs(plan, stats), units or {})
+        probed = affordable_alone(names, taken, cfg.rules.wide_macs)
         summary.over_budget = len(names) - len(probed)
     for i, a in enumerate(probed):
         summary.harm[a] = ms.loss(fit_b, fit_r, unrounded - {a}) - floor
         if progress:
             progress("protect activations", i + 1, len(probed))
     ranked = [a for a in sorted(probed, key=lambda a: (-summary.harm[a], a)) if summary.harm[a] > MIN_SHARE * base]
-    if share is not None:
-        ranked, _ = affordable(ranked, plan, macs, units or {}, cfg.rules.wide_macs)
+    if taken is not None:
+        ranked = affordable(ranked, taken, cfg.rules.wide_macs)
     sets = prefixes(ranked, budget)
     if not sets:
         return dict(plan.acts), summary
@@ -224,7 +226,7 @@ def widen_acts(prepared: "onnx.ModelProto", plan: Plan, stats: Mapping[str, ActS
     if chosen is None:
         return dict(plan.acts), summary
     summary.widened = chosen
-    summary.unfused = share(chosen) if share else None
+    summary.unfused = taken(chosen) if taken else None
     out = dict(plan.acts)
     for a in chosen:
         lo, hi = method_range(stats[a], "minmax", WIDE_BITS, True)
