@@ -178,7 +178,9 @@ class ConvertConfig:
     def act_method_name(self) -> str:
         if self.act_method:
             return self.act_method
-        return "interval" if self.act_bits <= 6 else DEFAULT_RANGE
+        if self.act_bits <= 6:
+            return "interval"
+        return RULES[self.target].act_method if self.act_bits == 8 else DEFAULT_RANGE
 
     @property
     def mixed(self) -> bool:

@@ -115,6 +115,17 @@ def test_act_method_defaults_follow_the_activation_bits(act_bits, method):
     assert ConvertConfig(act_bits=act_bits).quantize_acts == (act_bits < 32)
 
 
+@pytest.mark.parametrize("target", ["generic", "ort-cpu", "openvino", "qnn", "tensorrt"])
+def test_ort_cpu_chooses_8_bit_ranges_per_tensor(target):
+    # full node units round many more tensors than input-side placement: ort-cpu's 8-bit ranges are
+    # chosen one tensor at a time (docs/results.md, round 39); other widths and targets keep theirs
+    auto = target == "ort-cpu"
+    assert ConvertConfig(act_bits=8, target=target).act_method_name == ("auto" if auto else "best")
+    assert ConvertConfig(act_bits=16, target=target).act_method_name == "best"
+    assert ConvertConfig(act_bits=4, target=target).act_method_name == "interval"
+    assert ConvertConfig(act_bits=8, target=target, act_method="mse").act_method_name == "mse"
+
+
 def test_bits_for_overrides_depthwise_and_default():
     cfg = ConvertConfig(bits=4, bits_overrides=(("head/*", 8), ("*/fc", 2), ("head/fc", 3)))
     assert cfg.bits_for("head/fc", depthwise=False) == (8, "override head/*")     # the first match wins

@@ -34,6 +34,10 @@ def test_orinet_runs_as_integer_kernels_with_the_same_answers(tmp_path, bits=8):
     for target in ("generic", "ort-cpu"):
         q, rep = onnxq.convert(str(orinet_path()), onnxq.ConvertConfig(bits=bits, target=target), calib=calib)
         answers[target] = _answers(q, held, onnxq.plan.rules.RULES[target].session_options)
+        # 8-bit ranges: one method for the model under generic, one per tensor under ort-cpu
+        assert rep.ranges is not None and rep.ranges.evaluations >= (2 if target == "ort-cpu" else 1)
+        assert (rep.ranges.chosen == "") == (target == "ort-cpu") and rep.config["act_method"] == (
+            "auto" if target == "ort-cpu" else "best")
         if target == "ort-cpu":
             so = ort.SessionOptions()
             so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED

@@ -107,6 +107,11 @@ ORT_WIDE_MACS = 0.02
 # quantization docs name U8U8 as the remedy). On an AVX2 machine the int8 containers cost EfficientNet-
 # Lite1 W8A8 19.4 -> 5.4 dB and PP-OCR rec 19.4 -> 11.2 dB (docs/results.md, round 21)
 U8_WEIGHT_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
+# ort-cpu: 8-bit activation ranges chosen per tensor by their effect on the outputs (--act-method auto)
+# rather than one method for the model: full node units round every conv's output, every SiLU's gate and
+# every element-wise result (YOLOv8n: 210 roundings against generic's 59), and no single method suits all
+# of them (docs/results.md, round 39)
+ORT_ACT_METHOD = "auto"
 # ort-cpu: ungrouped convs on a model input of at most this many channels (an image's first conv)
 # stay float: onnxruntime's 8-bit conv runs their short Cin x kh x kw rows slower than its float
 # conv (PP-LCNet's 3-channel stem: 441 us as QLinearConv, 178 us in float; docs/results.md, round 17)
@@ -154,6 +159,8 @@ class Rules:
     u8_weights: bool = False             # 8-bit Conv/Gemm/MatMul weights as UINT8 codes with zero point 128 (U8U8)
     u8_weights_auto: bool = False        # ... decided by the converting CPU instead (int16_pair_sums)
     int_pad: bool = False                # a Pad that feeds a layer runs on its input's 8-bit codes (graph/pads.py)
+    act_method: str = "best"             # 8-bit activation ranges when --act-method is not given: one method
+                                         # for the whole model (best) or one per tensor (auto; search/choose.py)
     session_options: dict[str, str] = field(default_factory=dict)   # for onnxruntime's CPU provider
     summary: str = ""
 
@@ -172,7 +179,7 @@ RULES: dict[str, Rules] = {
                      zero_points=True, float_decisions=True, wide_acts=True, wide_macs=ORT_WIDE_MACS,
                      smooth_convs=True, smooth_folds=True, input_convs=ORT_INPUT_CONVS, int_hard_swish=True,
                      fold_into_readers=True, int_pad=True,
-                     u8_weights_auto=True,
+                     u8_weights_auto=True, act_method=ORT_ACT_METHOD,
                      summary="full node units for onnxruntime's CPU integer kernels; u8 activations, 8-bit weights s8 "
                              "(u8 with zero point 128 where the CPU's int8 kernels add pairs in int16), int32 bias; "
                              "Gemm/MatMul as MatMulNBits (4 or 8 bits), tables as GatherBlockQuantized"),
