@@ -342,7 +342,7 @@ def _preprocess_options(f):
 @click.option("--act-method", metavar="NAME",
               help=f"{' | '.join(RANGE_METHODS)} | best (the one of percentile:99.99, percentile:99.999, mse the network prefers) | auto (one method "
                    "per tensor, by its measured effect on the outputs) | lapq (joint loss-aware search); percentile:P, lp:P, interval:EPS take a parameter "
-                   f"(default: {DEFAULT_RANGE}; auto for 8-bit activations under --target ort-cpu, whose full node units "
+                   f"(default: {DEFAULT_RANGE}; auto at W8A8 under --target ort-cpu, whose full node units "
                    f"round many more tensors; interval at 4 and 6 activation bits). Under best, auto and lapq the last two layers "
                    "ahead of a Sigmoid that reaches an output (a detector's class branch) take twice their min-max range.")
 @click.option("--search-evals", type=click.IntRange(min=0), default=120, show_default=True,

@@ -116,14 +116,16 @@ def test_act_method_defaults_follow_the_activation_bits(act_bits, method):
 
 
 @pytest.mark.parametrize("target", ["generic", "ort-cpu", "openvino", "qnn", "tensorrt"])
-def test_ort_cpu_chooses_8_bit_ranges_per_tensor(target):
+def test_ort_cpu_chooses_w8a8_ranges_per_tensor(target):
     # full node units round many more tensors than input-side placement: ort-cpu's 8-bit ranges are
     # chosen one tensor at a time (docs/results.md, round 39); other widths and targets keep theirs
     auto = target == "ort-cpu"
-    assert ConvertConfig(act_bits=8, target=target).act_method_name == ("auto" if auto else "best")
-    assert ConvertConfig(act_bits=16, target=target).act_method_name == "best"
-    assert ConvertConfig(act_bits=4, target=target).act_method_name == "interval"
-    assert ConvertConfig(act_bits=8, target=target, act_method="mse").act_method_name == "mse"
+    assert ConvertConfig(act_bits=8, target=target).act_method_name == "best"      # W4A8: measured mixed
+    assert ConvertConfig(bits=8, act_bits=8, target=target).act_method_name == ("auto" if auto else "best")
+    assert ConvertConfig(bits=8, act_bits=8, target=target, avg_bits=6.0).act_method_name == "best"
+    assert ConvertConfig(bits=8, act_bits=16, target=target).act_method_name == "best"
+    assert ConvertConfig(bits=8, act_bits=4, target=target).act_method_name == "interval"
+    assert ConvertConfig(bits=8, act_bits=8, target=target, act_method="mse").act_method_name == "mse"
 
 
 def test_bits_for_overrides_depthwise_and_default():

@@ -19,7 +19,8 @@ ort-cpu   full node units DQ -> op -> Q so onnxruntime's CPU provider fuses inte
           Q/DQ also on the outputs of quantized layers (after a Relu/Clip they feed, which the
           kernel absorbs), through the element-wise and pooling ops it fuses, with the input's
           scale carried through data-movement ops; every reader of a quantized tensor reads the
-          same DQ. u8 activations, per-channel symmetric 8-bit weights: INT8 where the converting
+          same DQ. u8 activations (ranged one tensor at a time at W8A8: --act-method auto),
+          per-channel symmetric 8-bit weights: INT8 where the converting
           CPU adds int8 products in int32 (VNNI, AMX, Arm), whose symmetric conv path runs 1.2-2.3x
           faster; else u8 codes with zero point 128 (the same values; U8_WEIGHT_OPS, below), since
           x86 CPUs without VNNI add u8 x s8 pairs in int16 and saturate. int32 biases. Its Conv kernels take
@@ -107,7 +108,7 @@ ORT_WIDE_MACS = 0.02
 # quantization docs name U8U8 as the remedy). On an AVX2 machine the int8 containers cost EfficientNet-
 # Lite1 W8A8 19.4 -> 5.4 dB and PP-OCR rec 19.4 -> 11.2 dB (docs/results.md, round 21)
 U8_WEIGHT_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
-# ort-cpu: 8-bit activation ranges chosen per tensor by their effect on the outputs (--act-method auto)
+# ort-cpu: W8A8 activation ranges chosen per tensor by their effect on the outputs (--act-method auto)
 # rather than one method for the model: full node units round every conv's output, every SiLU's gate and
 # every element-wise result (YOLOv8n: 210 roundings against generic's 59), and no single method suits all
 # of them (docs/results.md, round 39)
@@ -159,7 +160,7 @@ class Rules:
     u8_weights: bool = False             # 8-bit Conv/Gemm/MatMul weights as UINT8 codes with zero point 128 (U8U8)
     u8_weights_auto: bool = False        # ... decided by the converting CPU instead (int16_pair_sums)
     int_pad: bool = False                # a Pad that feeds a layer runs on its input's 8-bit codes (graph/pads.py)
-    act_method: str = "best"             # 8-bit activation ranges when --act-method is not given: one method
+    act_method: str = "best"             # W8A8 activation ranges when --act-method is not given: one method
                                          # for the whole model (best) or one per tensor (auto; search/choose.py)
     session_options: dict[str, str] = field(default_factory=dict)   # for onnxruntime's CPU provider
     summary: str = ""
