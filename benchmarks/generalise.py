@@ -159,6 +159,8 @@ def run_variant(name: str, path: Path, cal, ev, ref, kind: str, charset, tmp: Pa
         if rep.ranges is not None:
             r["ranges_changed"], r["ranges_evals"] = len(rep.ranges.changed), rep.ranges.evaluations
             r["ranges_kept"], r["ranges_tried"] = rep.ranges.kept, rep.ranges.tried
+            # best: the one method; auto: each changed tensor's method (used only if kept)
+            r["ranges_chosen"], r["ranges_changes"] = rep.ranges.chosen, rep.ranges.changed
     return r
 
 
