@@ -117,7 +117,7 @@ def test_act_method_defaults_follow_the_activation_bits(act_bits, method):
 
 @pytest.mark.parametrize("target", ["generic", "ort-cpu", "openvino", "qnn", "tensorrt"])
 def test_ort_cpu_chooses_w8a8_ranges_per_tensor(target):
-    # full node units round many more tensors than input-side placement: ort-cpu's 8-bit ranges are
+    # full node units round many more tensors than input-side placement: ort-cpu's W8A8 ranges are
     # chosen one tensor at a time (docs/results.md, round 39); other widths and targets keep theirs
     auto = target == "ort-cpu"
     assert ConvertConfig(act_bits=8, target=target).act_method_name == "best"      # W4A8: measured mixed
