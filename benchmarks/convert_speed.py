@@ -20,7 +20,6 @@ import json
 import logging
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -51,36 +50,34 @@ def calibration(key: str, n: int) -> tuple[Path, list[dict]]:
     return path, gen.feeds(key, spec, path, "a", 1, n, "calib", Path(tempfile.gettempdir()) / "onnxq-gen-cache")
 
 
-def _rss_gb() -> float | None:
+def _peak_reset() -> bool:
+    """Start this process's peak resident memory (VmHWM) afresh (Linux: /proc/self/clear_refs)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_gb() -> float | None:
     try:
         with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) / 1e6 for line in f if line.startswith("VmRSS"))
+            return next(int(line.split()[1]) / 1e6 for line in f if line.startswith("VmHWM"))
     except (OSError, StopIteration, ValueError):
         return None
 
 
 def timed(fn) -> dict:
     """Seconds of fn(), the other processes' CPU meanwhile, and this process's largest resident
-    memory while fn ran (sampled every 0.2 s; Linux only, else None)."""
+    memory while fn ran (its peak reset first; Linux only, else None)."""
     gc.collect()
-    peak = [_rss_gb()]
-    done = threading.Event()
-
-    def watch() -> None:
-        while not done.wait(0.2):
-            r = _rss_gb()
-            peak[0] = max(peak[0], r) if r is not None and peak[0] is not None else None
-
-    watcher = threading.Thread(target=watch, daemon=True)
-    watcher.start()
+    fresh = _peak_reset()
     bg = tg.Background().start()
     t0 = time.perf_counter()
-    try:
-        out = fn()
-    finally:
-        done.set()
-        watcher.join()
-    return {"s": time.perf_counter() - t0, "background_cores": bg.stop(), "peak_rss_gb": peak[0], **(out or {})}
+    out = fn()
+    return {"s": time.perf_counter() - t0, "background_cores": bg.stop(), "peak_rss_gb": _peak_gb() if fresh else None,
+            **(out or {})}
 
 
 def run_model(key: str, n: int, target: str = "generic", variants=tuple(VARIANTS)) -> dict:

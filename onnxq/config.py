@@ -183,7 +183,7 @@ class ConvertConfig:
         # the target's own choice holds for W8A8: under ort-cpu at 4 bits, where the weights' error
         # dominates, per-tensor ranges read mixed (docs/results.md, round 39)
         w8a8 = self.act_bits == 8 and self.bits == 8 and not self.mixed
-        return RULES[self.target].act_method if w8a8 else DEFAULT_RANGE
+        return self.rules.act_method if w8a8 else DEFAULT_RANGE
 
     @property
     def mixed(self) -> bool:
