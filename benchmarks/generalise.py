@@ -12,6 +12,8 @@ converted in this process with the same calibration feeds as onnxruntime's quant
 (W8A8, per-channel, min-max), and judged against FP32 on the held-out feeds by the model's own
 answer: top-1 agreement (classifiers), F1 of confident detections (YOLOv8n), text-mask IoU
 (PP-OCR det), strings equal to FP32 (PP-OCR rec, the CRNN captcha reader: captcha_data.py).
+Beside the SQNR of all outputs, a detector's box rows and class-score rows get one each: the
+boxes' pixel values dominate the whole output's SQNR, while the answers turn on the scores.
 Prints mean and spread (min..max) over the seeds per data set, and writes JSON.
 
     python benchmarks/generalise.py --models A D --configs w8a8 w4a8 --quick
@@ -127,9 +129,32 @@ def score(kind: str, outs, ref, charset=None) -> float:
     return float(tg.fidelity(fkind, outs, ref, None, ref_dets)[FIDELITY_KEY[kind]])
 
 
-def judge(sess, feeds, ref, kind: str, charset=None) -> tuple[float, float]:
-    """(the model's own answer against FP32's, SQNR of all outputs in dB) of a session on feeds."""
+def head_parts(kind: str, outs) -> dict[str, list] | None:
+    """A detector's outputs split into its box rows and its class-score rows, each a list of
+    per-sample arrays (YOLOv8 heads and the layout detector read as one); None for other models."""
+    if kind == "layout":
+        outs, kind = [[layout_data.as_yolo(o)] for o in outs], "yolo"
+    if kind != "yolo":
+        return None
+    return {"boxes": [np.asarray(o[0])[:, :4] for o in outs], "scores": [np.asarray(o[0])[:, 4:] for o in outs]}
+
+
+def part_sqnr(kind: str, outs, ref) -> dict[str, float]:
+    """SQNR in dB of each part of a detector's head against FP32's (boxes dominate the SQNR of the
+    whole output; the answers turn on the class scores); empty for other models."""
+    got, want = head_parts(kind, outs), head_parts(kind, ref)
+    if got is None:
+        return {}
+    return {part: float(tg.metrics.sqnr_db(tg.flat([[a] for a in want[part]]), tg.flat([[a] for a in got[part]])))
+            for part in want}
+
+
+def judge(sess, feeds, ref, kind: str, charset=None, parts: dict | None = None) -> tuple[float, float]:
+    """(the model's own answer against FP32's, SQNR of all outputs in dB) of a session on feeds;
+    a detector's per-part SQNR goes into `parts` when given."""
     outs = [sess.run(None, f) for f in feeds]
+    if parts is not None:
+        parts.update(part_sqnr(kind, outs, ref))
     return score(kind, outs, ref, charset), float(tg.metrics.sqnr_db(tg.flat(ref), tg.flat(outs)))
 
 
@@ -151,8 +176,11 @@ def run_variant(name: str, path: Path, cal, ev, ref, kind: str, charset, tmp: Pa
         q, rep = onnxq.convert(str(path), onnxq.ConvertConfig(**CONFIGS[name]), calib=cal)
         onnxq.save(q, dst)
     conv_s = time.perf_counter() - t0
-    fidelity, db = judge(runtime.session(str(dst)), ev, ref, kind, charset)
+    parts: dict = {}
+    fidelity, db = judge(runtime.session(str(dst)), ev, ref, kind, charset, parts)
     r = {"fidelity": fidelity, "sqnr_db": db, "conv_s": conv_s, "size_mb": dst.stat().st_size / 1e6}
+    if parts:
+        r["sqnr_parts_db"] = parts
     if rep is not None:
         r["bits"] = {str(b): sum(1 for l in rep.quantized if int(l.bits) == b) for b in (2, 3, 4, 8)}
         r["act_method"] = rep.config.get("act_method")
@@ -182,7 +210,8 @@ def run_model(key: str, configs: list[str], datasets: list[str], seeds: list[int
                     r = run_variant(name, path, cal, ev, ref, spec["kind"], charset, Path(t))
                     r.update(dataset=ds, seed=seed, config=name)
                     out["runs"].append(r)
-                    print(f"  {key} {ds} seed {seed} {name:>16}: {r['fidelity']:.3f}  {r['sqnr_db']:5.1f} dB  "
+                    part = "".join(f" {k} {v:.1f}" for k, v in r.get("sqnr_parts_db", {}).items())
+                    print(f"  {key} {ds} seed {seed} {name:>16}: {r['fidelity']:.3f}  {r['sqnr_db']:5.1f} dB{part}  "
                           f"{r['size_mb']:.2f} MB  {r['conv_s']:.1f} s", flush=True)
     return out
 
