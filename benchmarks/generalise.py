@@ -251,6 +251,7 @@ def parse_config(text: str) -> str:
     kw = {}
     for part in filter(None, _top_level_parts(body)):
         k, _, v = part.partition(":")
+        v = {"True": "true", "False": "false", "None": "null"}.get(v, v)      # Python spellings too
         kw[k] = json.loads(v) if v[:1] in "-0123456789[tfn" else v
     CONFIGS[name] = kw
     return name

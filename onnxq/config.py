@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from .algos.ranges import RANGE_METHODS, parse_method
@@ -85,6 +85,7 @@ class ConvertConfig:
                                            # and the weights are in memory (api.block_8bit)
 
     def __post_init__(self) -> None:
+        self._check_switches()
         self._check_target()
         if self.u8_weights is None and RULES[self.target].u8_weights_auto:   # as the converting CPU wants
             object.__setattr__(self, "u8_weights", int16_pair_sums())
@@ -139,6 +140,14 @@ class ConvertConfig:
         for _, b in self.bits_overrides:
             if b not in WEIGHT_BITS:
                 raise ConfigError(f"bit override must be one of {WEIGHT_BITS}, got {b}")
+
+    def _check_switches(self) -> None:
+        """On/off options hold True or False (None where the default is decided later): a string such
+        as 'False' from a hand-written config would otherwise read as on."""
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.type in ("bool", "bool | None") and not (isinstance(v, bool) or (v is None and f.type != "bool")):
+                raise ConfigError(f"{f.name} must be True or False, got {v!r}")
 
     def _check_target(self) -> None:
         """The target exists and the options that depend on it fit it."""

@@ -37,6 +37,9 @@ BAD = [
     ({"bit_choices": ()}, "--bit-choices must come from"),
     ({"bit_choices": (8, 5)}, "--bit-choices must come from"),
     ({"bits_overrides": (("conv*", 4), ("fc", 7))}, "bit override must be one of"),
+    ({"sequential": "False"}, "sequential must be True or False, got 'False'"),
+    ({"smooth": 0}, "smooth must be True or False, got 0"),
+    ({"verify": None}, "verify must be True or False, got None"),
 ]
 
 
@@ -57,6 +60,7 @@ GOOD = [{"bits": b} for b in WEIGHT_BITS] + [{"act_bits": b} for b in ACT_BITS] 
     {"branch_bits": 32}, {"max_rank": 1}, {"branch_refine": 0}, {"branch_refine": 10},
     {"branch_weighting": "layer"}, {"avg_bits": 2.0}, {"avg_bits": 8.0}, {"max_size": 1},
     {"bit_choices": (4,)}, {"bits_overrides": (("fc*", 2),)}, {"depthwise_bits": 4},
+    {"sequential": False}, {"sequential": None}, {"u8_weights": True},
 ]
 
 
