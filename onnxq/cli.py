@@ -361,7 +361,8 @@ def _preprocess_options(f):
                    "upstream layers leave (as much of it as "
                    "holds on samples the fit did not see). Costs about one more calibration pass over the model "
                    "plus the layers' statistics. Default: on for W4A8 and other uniform low-bit weights with "
-                   "8-bit activations (docs/results.md, rounds 13-14), off otherwise.")
+                   "8-bit activations or float ones (--act-bits 32) (docs/results.md, rounds 13-14 and 40), "
+                   "off otherwise.")
 @click.option("--stages", type=click.IntRange(min=1), default=None,
               help="Sequential mode in at most this many stages: only each stage's first layers are coded again. "
                    "Stages are whole levels of layers that never read each other's output, of about equal "

@@ -65,7 +65,9 @@ def test_blocked_weights_are_emitted_as_blocked_dequantize_and_answer_closer():
     rng = np.random.default_rng(1)
     m = mlp(rng)
     cal, held = feeds(rng, 16), feeds(rng, 6)
-    cfg = dict(bits=4, act_bits=32, protect=0.0)
+    # one pass: the codes of each grid alone (sequential mode, on by default weight-only, would
+    # code 'head' again on what 'up' leaves)
+    cfg = dict(bits=4, act_bits=32, protect=0.0, sequential=False)
     q_pc, _ = onnxq.convert(m, onnxq.ConvertConfig(block=0, **cfg), calib=cal)
     q_b, rep = onnxq.convert(m, onnxq.ConvertConfig(**cfg), calib=cal)       # blocks of 32: the default
     assert {l.node: l.method for l in rep.quantized} == {"up": "gptq (blocks of 32, zero points)", "head": "gptq (blocks of 32, zero points)"}
@@ -87,8 +89,9 @@ def test_ort_cpu_runs_the_same_blocks_in_matmulnbits():
     rng = np.random.default_rng(2)
     m = mlp(rng)
     cal, held = feeds(rng, 16), feeds(rng, 6)
-    generic, _ = onnxq.convert(m, onnxq.ConvertConfig(bits=4, act_bits=32, protect=0.0, block=32), calib=cal)
-    # sequential mode off as in the weight-only generic conversion (its default is on at A8 only)
+    # one pass in both (sequential mode, on by default in either, fits each to its own partial model)
+    generic, _ = onnxq.convert(m, onnxq.ConvertConfig(bits=4, act_bits=32, protect=0.0, block=32, sequential=False),
+                               calib=cal)
     q, _ = onnxq.convert(m, onnxq.ConvertConfig(bits=4, act_bits=8, protect=0.0, block=32, target="ort-cpu",
                                                 sequential=False), calib=cal)
     nbits = [n for n in q.graph.node if n.op_type == "MatMulNBits"]

@@ -119,6 +119,18 @@ def test_act_method_defaults_follow_the_activation_bits(act_bits, method):
     assert ConvertConfig(act_bits=act_bits).quantize_acts == (act_bits < 32)
 
 
+@pytest.mark.parametrize("bits, act_bits, on", [(4, 8, True), (4, 32, True), (3, 32, True), (2, 8, True),
+                                               (4, 16, False), (4, 4, False), (4, 6, False), (8, 8, False),
+                                               (8, 32, False)])
+def test_sequential_mode_defaults_to_low_bit_weights_with_8_bit_or_float_activations(bits, act_bits, on):
+    # measured to pay at W4A8 (rounds 13-14) and weight-only W4 (round 40); 16- and 4-bit activations unmeasured
+    assert ConvertConfig(bits=bits, act_bits=act_bits).sequential_on is on
+    assert ConvertConfig(bits=bits, act_bits=act_bits, sequential=False).sequential_on is False
+    assert ConvertConfig(bits=bits, act_bits=act_bits, sequential=True).sequential_on is True
+    assert ConvertConfig(bits=bits, act_bits=act_bits, stages=1).sequential_on is False
+    assert ConvertConfig(act_bits=act_bits, avg_bits=4.0).sequential_on is False            # mixed precision
+
+
 @pytest.mark.parametrize("target", ["generic", "ort-cpu", "openvino", "qnn", "tensorrt"])
 def test_ort_cpu_chooses_w8a8_ranges_per_tensor(target):
     # full node units round many more tensors than input-side placement: ort-cpu's W8A8 ranges are
