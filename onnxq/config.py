@@ -24,8 +24,8 @@ START_RANGE = "percentile:99.999"
 DEFAULT_RANGE = "best"
 BLOCKS = (0, 32, 64, 128)      # --block choices (0: one scale per output channel)
 # activation bits at which low-bit conversions run sequential mode by default: 8 (rounds 13-14) and
-# 32, weight-only (round 40: 4-bit weight-only on six models, eight draws, held-out SQNR +0.1 to
-# +3.1 dB, answers up or level on every draw; docs/results.md)
+# 32, weight-only (round 40: 4-bit weight-only on eight models, eleven draws, held-out SQNR +0.1 to
+# +3.3 dB, answers up or level on every draw; docs/results.md)
 SEQUENTIAL_ACT_BITS = (8, 32)
 
 
