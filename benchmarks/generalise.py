@@ -122,18 +122,23 @@ def score(kind: str, outs, ref, charset=None) -> float:
         return float(np.mean([x == y for x, y in zip(a, b)]))
     if kind == "captcha":
         return float(np.mean([captcha_data.decode(o[0]) == captcha_data.decode(r[0]) for o, r in zip(outs, ref)]))
-    if kind == "layout":        # its eight outputs read as one YOLOv8-style head
-        outs, ref, kind = [[layout_data.as_yolo(o)] for o in outs], [[layout_data.as_yolo(o)] for o in ref], "yolo"
+    (outs, kind), (ref, _) = as_head(kind, outs), as_head(kind, ref)
     ref_dets = [tg.yolo_detections(o[0]) for o in ref] if kind == "yolo" else None
     fkind = "cls" if kind == "imagenet" else kind
     return float(tg.fidelity(fkind, outs, ref, None, ref_dets)[FIDELITY_KEY[kind]])
 
 
-def head_parts(kind: str, outs) -> dict[str, list] | None:
-    """A detector's outputs split into its box rows and its class-score rows, each a list of
-    per-sample arrays (YOLOv8 heads and the layout detector read as one); None for other models."""
+def as_head(kind: str, outs) -> tuple[list, str]:
+    """(outputs, kind) with the layout detector's eight outputs read as one YOLOv8-style head
+    ('yolo'); other models' as they are."""
     if kind == "layout":
-        outs, kind = [[layout_data.as_yolo(o)] for o in outs], "yolo"
+        return [[layout_data.as_yolo(o)] for o in outs], "yolo"
+    return outs, kind
+
+
+def head_parts(kind: str, outs) -> dict[str, list] | None:
+    """A YOLOv8-style head split into its box rows and its class-score rows, each a list of
+    per-sample arrays; None for other models."""
     if kind != "yolo":
         return None
     return {"boxes": [np.asarray(o[0])[:, :4] for o in outs], "scores": [np.asarray(o[0])[:, 4:] for o in outs]}
@@ -153,9 +158,11 @@ def judge(sess, feeds, ref, kind: str, charset=None, parts: dict | None = None) 
     """(the model's own answer against FP32's, SQNR of all outputs in dB) of a session on feeds;
     a detector's per-part SQNR goes into `parts` when given."""
     outs = [sess.run(None, f) for f in feeds]
+    db = float(tg.metrics.sqnr_db(tg.flat(ref), tg.flat(outs)))
+    (outs, kind), (ref, _) = as_head(kind, outs), as_head(kind, ref)     # decoded once for both
     if parts is not None:
         parts.update(part_sqnr(kind, outs, ref))
-    return score(kind, outs, ref, charset), float(tg.metrics.sqnr_db(tg.flat(ref), tg.flat(outs)))
+    return score(kind, outs, ref, charset), db
 
 
 def model_path(spec: dict) -> Path:

@@ -150,7 +150,8 @@ class ConvertConfig:
         as 'False' from a hand-written config would otherwise read as on."""
         for f in fields(self):
             v = getattr(self, f.name)
-            if f.type in ("bool", "bool | None") and not (isinstance(v, bool) or (v is None and f.type != "bool")):
+            ok = isinstance(v, bool) or (v is None and f.type == "bool | None")
+            if f.type in ("bool", "bool | None") and not ok:
                 raise ConfigError(f"{f.name} must be True or False, got {v!r}")
 
     def _check_target(self) -> None:
