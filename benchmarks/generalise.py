@@ -199,8 +199,18 @@ def run_variant(name: str, path: Path, cal, ev, ref, kind: str, charset, tmp: Pa
     return r
 
 
+def in_order(cal: list, order: str) -> list:
+    """The calibration feeds as drawn (`drawn`: sources mixed), or `sorted` by content (the first
+    input's size, then its mean): a folder whose files come grouped (by class, by capture time, by
+    length) rather than shuffled, as users' folders often do."""
+    if order == "drawn":
+        return cal
+    first = lambda f: np.asarray(next(iter(f.values())))                    # noqa: E731
+    return sorted(cal, key=lambda f: (first(f).size, float(first(f).astype(np.float64).mean())))
+
+
 def run_model(key: str, configs: list[str], datasets: list[str], seeds: list[int], quick: bool,
-              cache: Path) -> dict:
+              cache: Path, order: str = "drawn") -> dict:
     spec = MODELS[key]
     path = model_path(spec)
     n_cal, n_ev = (16, 24) if quick else spec["counts"]
@@ -211,7 +221,7 @@ def run_model(key: str, configs: list[str], datasets: list[str], seeds: list[int
         ev = feeds(key, spec, path, ds, EVAL_SEED[ds], n_ev, "eval", cache)
         ref = [fp32.run(None, f) for f in ev]
         for seed in seeds:
-            cal = feeds(key, spec, path, ds, seed, n_cal, "calib", cache)
+            cal = in_order(feeds(key, spec, path, ds, seed, n_cal, "calib", cache), order)
             with tempfile.TemporaryDirectory(prefix="gen.") as t:
                 for name in configs:
                     r = run_variant(name, path, cal, ev, ref, spec["kind"], charset, Path(t))
@@ -273,15 +283,17 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--cache", default="/tmp/onnxq-bench-cache")
     ap.add_argument("--json")
+    ap.add_argument("--calib-order", choices=["drawn", "sorted"], default="drawn",
+                    help="calibration feeds as drawn (sources mixed) or sorted by content, as a grouped folder")
     a = ap.parse_args()
     configs = [parse_config(c) for c in a.configs]
     t0 = time.perf_counter()
-    results = {k: run_model(k, configs, a.sets, a.seeds, a.quick, Path(a.cache)) for k in a.models}
+    results = {k: run_model(k, configs, a.sets, a.seeds, a.quick, Path(a.cache), a.calib_order) for k in a.models}
     print(table(results, configs, a.sets))
     if a.json:
         Path(a.json).write_text(json.dumps({"configs": {c: CONFIGS.get(c, "onnxruntime quantize_static")
                                                         for c in configs},
-                                            "sets": a.sets, "seeds": a.seeds, "quick": a.quick,
+                                            "sets": a.sets, "seeds": a.seeds, "quick": a.quick, "calib_order": a.calib_order,
                                             "commit": tg._git_state(),
                                             "models": results, "total_s": time.perf_counter() - t0}, indent=1))
 
