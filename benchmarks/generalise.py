@@ -199,14 +199,17 @@ def run_variant(name: str, path: Path, cal, ev, ref, kind: str, charset, tmp: Pa
     return r
 
 
-def in_order(cal: list, order: str) -> list:
-    """The calibration feeds as drawn (`drawn`: sources mixed), or `sorted` by content (the first
-    input's size, then its mean): a folder whose files come grouped (by class, by capture time, by
-    length) rather than shuffled, as users' folders often do."""
+def in_order(cal: list, order: str, fp32=None) -> list:
+    """The calibration feeds as drawn (`drawn`: sources mixed), `sorted` by content (the first
+    input's size, then its mean), or `grouped` by FP32's answer (the index of the first output's
+    largest value: a classifier's class), as users' folders often come: grouped by class, by
+    capture time or by length rather than shuffled."""
     if order == "drawn":
         return cal
     first = lambda f: np.asarray(next(iter(f.values())))                    # noqa: E731
-    return sorted(cal, key=lambda f: (first(f).size, float(first(f).astype(np.float64).mean())))
+    if order == "sorted":
+        return sorted(cal, key=lambda f: (first(f).size, float(first(f).astype(np.float64).mean())))
+    return sorted(cal, key=lambda f: int(np.argmax(fp32.run(None, f)[0])))
 
 
 def run_model(key: str, configs: list[str], datasets: list[str], seeds: list[int], quick: bool,
@@ -221,7 +224,7 @@ def run_model(key: str, configs: list[str], datasets: list[str], seeds: list[int
         ev = feeds(key, spec, path, ds, EVAL_SEED[ds], n_ev, "eval", cache)
         ref = [fp32.run(None, f) for f in ev]
         for seed in seeds:
-            cal = in_order(feeds(key, spec, path, ds, seed, n_cal, "calib", cache), order)
+            cal = in_order(feeds(key, spec, path, ds, seed, n_cal, "calib", cache), order, fp32)
             with tempfile.TemporaryDirectory(prefix="gen.") as t:
                 for name in configs:
                     r = run_variant(name, path, cal, ev, ref, spec["kind"], charset, Path(t))
@@ -283,8 +286,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--cache", default="/tmp/onnxq-bench-cache")
     ap.add_argument("--json")
-    ap.add_argument("--calib-order", choices=["drawn", "sorted"], default="drawn",
-                    help="calibration feeds as drawn (sources mixed) or sorted by content, as a grouped folder")
+    ap.add_argument("--calib-order", choices=["drawn", "sorted", "grouped"], default="drawn",
+                    help="calibration feeds as drawn (sources mixed), sorted by content, or grouped by FP32's answer")
     a = ap.parse_args()
     configs = [parse_config(c) for c in a.configs]
     t0 = time.perf_counter()
