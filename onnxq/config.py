@@ -23,6 +23,8 @@ SEARCHED_METHODS = ("auto", "best", "lapq")   # activation methods that measure 
 START_RANGE = "percentile:99.999"
 DEFAULT_RANGE = "best"
 BLOCKS = (0, 32, 64, 128)      # --block choices (0: one scale per output channel)
+BLOCKS_8BIT = (16, 32, 64, 128)   # blocks of blocked 8-bit Gemm/MatMul weights (ConvertConfig.block8)
+FINE_8BIT_BLOCK = 16           # ... where every quantized layer is weight-only (api.block_8bit)
 # activation bits at which low-bit conversions run sequential mode by default: 8 (rounds 13-14) and
 # 32, weight-only (round 40: 4-bit weight-only on eight models, eleven draws, held-out SQNR +0.1 to
 # +3.3 dB, answers up or level on every draw; docs/results.md)
@@ -87,6 +89,8 @@ class ConvertConfig:
                                            # None: where they hold most of the weights (api.block_8bit)
     gptq_8bit_matmul: bool | None = None   # W8: Gemm/MatMul rounded second-order; None: where block_8bit holds
                                            # and the weights are in memory (api.block_8bit)
+    block8: int | None = None              # W8 blocked Gemm/MatMul (block_8bit): K values a scale; None: 16 where
+                                           # every quantized layer is weight-only, else --block (api.block_8bit)
 
     def __post_init__(self) -> None:
         self._check_switches()
@@ -109,6 +113,8 @@ class ConvertConfig:
                                   "PCT in (50, 100], lp:P with P in [1, 10], interval:EPS with EPS in (0, 1])") from None
         if self.block not in BLOCKS:
             raise ConfigError(f"--block must be one of {', '.join(map(str, BLOCKS))}, got {self.block}")
+        if self.block8 not in (None, *BLOCKS_8BIT):
+            raise ConfigError(f"block8 must be one of {', '.join(map(str, BLOCKS_8BIT))}, got {self.block8}")
         if self.stages is not None and self.stages < 1:
             raise ConfigError(f"stages must be at least 1, got {self.stages}")
         if self.search_samples < 1 or self.search_evals < 0:

@@ -110,14 +110,38 @@ def test_blocks_leave_short_rows_per_channel_and_8_bit_layers_where_asked():
     # (api.block_8bit), a symmetric grid each block (8-bit codes and zero points would not fit int8)
     _, rep8 = onnxq.convert(m, onnxq.ConvertConfig(bits=8, act_bits=32, block=32, block_8bit=False), calib=feeds(rng, 8))
     assert not any("blocks" in l.method for l in rep8.quantized)
+    # every layer weight-only: the weights are the whole error, so blocks of 16 (api.fine_8bit_block)
     q8, rep8 = onnxq.convert(m, onnxq.ConvertConfig(bits=8, act_bits=32, block=32), calib=feeds(rng, 8))
-    assert all(l.method.endswith(" (blocks of 32)") for l in rep8.quantized) and len(rep8.quantized) == 2
+    assert all(l.method.endswith(" (blocks of 16)") for l in rep8.quantized) and len(rep8.quantized) == 2
+    assert rep8.config["block8"] == 16
     assert next(o.version for o in q8.opset_import if o.domain in ("", "ai.onnx")) == 21
+    _, rep8 = onnxq.convert(m, onnxq.ConvertConfig(bits=8, act_bits=32, block8=32), calib=feeds(rng, 8))
+    assert all(l.method.endswith(" (blocks of 32)") for l in rep8.quantized)
+
+
+def test_8bit_blocks_stay_at_block_where_activations_are_rounded_too():
+    """A conv (8-bit input rounding) ahead of a MatMul that holds most of the weights: the MatMul is
+    blocked at --block, not at the finer 16 an all-weight-only model gets."""
+    rng = np.random.default_rng(9)
+    nodes = [helper.make_node("Conv", ["x", "cw", "cb"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("Reshape", ["r", "shape"], ["f"]),
+             helper.make_node("MatMul", ["f", "w"], ["y"], name="fc")]
+    inits = {"cw": (rng.standard_normal((8, 3, 3, 3)) * 0.3).astype(np.float32),
+             "cb": np.zeros(8, np.float32), "shape": np.array([-1, 8 * 8 * 8], np.int64),
+             "w": (rng.standard_normal((512, 64)) * 0.05).astype(np.float32)}
+    m = make_model(nodes, [vi("x", ["N", 3, 8, 8])], [vi("y", ["N", 64])], inits)
+    cal = [{"x": rng.standard_normal((2, 3, 8, 8)).astype(np.float32)} for _ in range(8)]
+    _, rep = onnxq.convert(m, onnxq.ConvertConfig(bits=8, act_bits=8), calib=cal)
+    fc = next(l for l in rep.quantized if l.node == "fc")
+    assert rep.config["block_8bit"] is True and rep.config["block8"] == 32 and fc.method.endswith(" (blocks of 32)")
 
 
 def test_a_block_size_that_is_not_offered_is_refused():
     with pytest.raises(ConfigError, match="--block"):
         onnxq.ConvertConfig(block=48)
+    with pytest.raises(ConfigError, match="block8"):
+        onnxq.ConvertConfig(block8=8)
 
 
 def test_openvino_runs_blocked_weights_like_onnxruntime(tmp_path):
@@ -270,7 +294,7 @@ def test_8bit_blocked_matmuls_are_rounded_second_order_and_answer_closer():
     q, rep = onnxq.convert(m, onnxq.ConvertConfig(bits=8, act_bits=8), calib=cal)
     q0, rep0 = onnxq.convert(m, onnxq.ConvertConfig(bits=8, act_bits=8, weight_method="mse"), calib=cal)
     assert rep.config["weight_method"] == "gptq for convs and Gemm/MatMul, mse for the rest"
-    assert [l.method for l in rep.quantized] == ["gptq (blocks of 32)"] * 2
+    assert [l.method for l in rep.quantized] == ["gptq (blocks of 16)"] * 2
     assert all(l.method.startswith("mse") for l in rep0.quantized)
     for layer in rep.quantized:
         assert layer.sqnr_db > layer.sqnr_rtn_db + 1.0, (layer.node, layer.sqnr_db, layer.sqnr_rtn_db)

@@ -232,7 +232,10 @@ def test_the_summary_says_when_8bit_weights_are_blocked(tmp_path):
     onnx.save(m, src)
     code, stdout, err = onnxq("convert", src, "-o", tmp_path / "b.onnx", "--bits", 8)
     assert code == 0, err
-    assert "8-bit blocks: 2 layers with a scale per 32 values along K" in stdout and "opset 21" in stdout
+    assert "8-bit blocks: 2 layers with a scale per 16 values along K" in stdout and "opset 21" in stdout
+    code, stdout, err = onnxq("convert", src, "-o", tmp_path / "b32.onnx", "--bits", 8, "--block-8bit-size", 32)
+    assert code == 0, err
+    assert "8-bit blocks: 2 layers with a scale per 32 values along K" in stdout
     code, stdout, err = onnxq("convert", src, "-o", tmp_path / "c.onnx", "--bits", 8, "--no-block-8bit")
     assert code == 0, err
     assert "8-bit blocks" not in stdout and "quantized: 2 layers at 8 bits" in stdout

@@ -61,13 +61,13 @@ def test_8bit_matmuls_left_on_disk_keep_the_blocks_clipping(tmp_path, monkeypatc
     calib = [{"x": rng.standard_normal((1, 8, 64)).astype(np.float32)} for _ in range(8)]
     cfg = onnxq.ConvertConfig(bits=8, act_bits=32)
     _, rep = onnxq.convert(str(src), cfg, calib=calib)
-    assert rep.config["gptq_8bit_matmul"] is True and {l.method for l in rep.quantized} == {"gptq (blocks of 32)"}
+    assert rep.config["gptq_8bit_matmul"] is True and {l.method for l in rep.quantized} == {"gptq (blocks of 16)"}
     monkeypatch.setattr(large, "EXTERNAL_THRESHOLD", 1000)
     _, rep = onnxq.convert(str(src), cfg, calib=calib)
     assert rep.config["block_8bit"] is True and rep.config["gptq_8bit_matmul"] is False
-    assert {l.method for l in rep.quantized} == {"mse (blocks of 32)"}
+    assert {l.method for l in rep.quantized} == {"mse (blocks of 16)"}
     _, rep = onnxq.convert(str(src), dataclasses.replace(cfg, gptq_8bit_matmul=True), calib=calib)
-    assert {l.method for l in rep.quantized} == {"gptq (blocks of 32)"}        # asked for: done on disk too
+    assert {l.method for l in rep.quantized} == {"gptq (blocks of 16)"}        # asked for: done on disk too
 
 
 @pytest.mark.parametrize("method", [None, "rtn"])

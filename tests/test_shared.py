@@ -102,4 +102,4 @@ def test_readers_of_one_weight_pool_their_statistics_wherever_all_of_them_gather
     moments, pools = _moments(targets, nodes - {"step3"})
     assert not pools and moments["step3"].h is None and moments["step0"].h is not None
     q, rep = onnxq.convert(unrolled(), onnxq.ConvertConfig(bits=8, act_bits=8), calib=CAL)
-    assert rep.shared_weights == 1 and {l.method for l in rep.quantized} == {"gptq (blocks of 32)"}
+    assert rep.shared_weights == 1 and {l.method for l in rep.quantized} == {"gptq (blocks of 16)"}

@@ -92,18 +92,20 @@ def weight_block(t: Target, bits: int, cfg: ConvertConfig) -> int:
     rules allow blocked weights and a row holds more than one block; else 0 (per channel).
     Gemm/MatMul: blocks of K. An ungrouped Conv (rules.blocked_convs): blocks of its input
     channels at each kernel tap. 8-bit layers only under cfg.block_8bit, and only those that read
-    a float input (weight-only kernels: a blocked grid there changes no integer kernel)."""
+    a float input (weight-only kernels: a blocked grid there changes no integer kernel), in blocks
+    of cfg.block8 where it is settled."""
     if not cfg.block or (bits > 4 and not (cfg.block_8bit and float_input(cfg.rules, t, bits))):
         return 0
+    size = cfg.block8 if bits > 4 and cfg.block8 else cfg.block
     if t.op == "Conv":
         c = t.shape[1]
         ok = cfg.rules.blocked_convs and t.groups == 1 and c % cfg.block == 0 and c * kernel_taps(t) > cfg.block
         return cfg.block if ok else 0
     k = t.shape[0] if t.weight_layout == "cols" else t.shape[-1]
     if (t.op not in ("Gemm", "MatMul") or t.weight_layout not in BLOCK_AXIS or not cfg.rules.blocked_weights
-            or k % cfg.block or k <= cfg.block):
+            or k % size or k <= size):
         return 0
-    return cfg.block
+    return size
 
 
 def block_zero_points(block: int, bits: int, cfg: ConvertConfig) -> bool:
