@@ -259,28 +259,18 @@ def _proxy_weight(model, t) -> np.ndarray:
 
 
 def split(loaders: list, cfg: ConvertConfig, holdout_source) -> tuple[list, list, list[str]]:
-    """Calibration loaders (at most calib_size, see `kept`) and held-out loaders."""
+    """Calibration loaders and held-out loaders."""
     if holdout_source is not None:
-        return kept(loaders, cfg.calib_size), holdout_source, []
+        return loaders[:cfg.calib_size], holdout_source, []
     n = len(loaders)
     h = cfg.holdout if cfg.holdout is not None else (min(HOLDOUT_MAX, max(1, n // HOLDOUT_FRACTION))
                                                      if n > 1 else 0)
     h = min(h, n - 1)
     if h <= 0:
-        return (kept(loaders, cfg.calib_size), loaders[:1],
+        return (loaders[:cfg.calib_size], loaders[:1],
                 ["only one calibration sample: fidelity is measured on that same sample"])
     rest, held = pick(loaders, h, [cfg.seed, HOLDOUT_STREAM])
-    return kept(rest, cfg.calib_size), held, []
-
-
-def kept(loaders: list, k: int) -> list:
-    """At most k loaders, evenly spaced over all of them and in their order: a folder of more files
-    than k, grouped by class or by capture time, keeps every group (its first k files would be its
-    first groups). With k or fewer, all of them as they are."""
-    if len(loaders) <= k:
-        return list(loaders)
-    idx = np.unique(np.linspace(0, len(loaders) - 1, k).round().astype(int))
-    return [loaders[int(i)] for i in idx]
+    return rest[:cfg.calib_size], held, []
 
 
 def pick(loaders: list, k: int, seed: list[int]) -> tuple[list, list]:

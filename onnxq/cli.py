@@ -330,9 +330,7 @@ def _preprocess_options(f):
 @click.option("--calib", type=click.Path(path_type=Path),
               help="Calibration data: folder of per-sample .npz, one .npz with a leading sample "
                    "axis, or an image folder (with --preprocess). Without it: random data.")
-@click.option("--calib-size", type=click.IntRange(min=1), default=256, show_default=True,
-              help="Most samples used; from more files, evenly spaced over all of them (a folder grouped "
-                   "by class keeps every class).")
+@click.option("--calib-size", type=click.IntRange(min=1), default=256, show_default=True, help="Most samples used.")
 @click.option("--holdout-data", type=click.Path(path_type=Path),
               help="Separate samples for the fidelity check (default: the last few calibration samples).")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,

@@ -22,18 +22,6 @@ def test_held_out_samples_are_drawn_across_the_data():
     assert other != held                               # the seed decides the pick
 
 
-def test_calib_size_keeps_files_from_across_a_grouped_folder():
-    """More files than --calib-size, grouped by class in name order: the kept ones span every group,
-    keep their order, and none is a held-out sample; with fewer files all of them are kept."""
-    loaders = [f"class{i // 100}_{i % 100:03d}" for i in range(400)]       # four classes, in order
-    cal, held, _ = api.split(loaders, onnxq.ConvertConfig(seed=0, calib_size=64), None)
-    assert len(cal) == 64 and cal == sorted(cal) and not set(cal) & set(held)
-    assert {n.split("_")[0] for n in cal} == {"class0", "class1", "class2", "class3"}
-    assert min(sum(n.startswith(f"class{c}_") for n in cal) for c in range(4)) >= 14
-    small, held, _ = api.split(loaders[:40], onnxq.ConvertConfig(seed=0, calib_size=64), None)
-    assert set(small) | set(held) == set(loaders[:40])
-
-
 def test_a_constant_reference_output_is_flagged():
     rng = np.random.default_rng(0)
     nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
