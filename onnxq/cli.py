@@ -414,7 +414,8 @@ def _preprocess_options(f):
               help="2- to 4-bit weights: one scale per this many values along K of a Gemm/MatMul (a 32-bit "
                    "scale: +25% on its bytes at 32), and under --target generic per this many input channels "
                    "at each kernel tap of a conv (a 16-bit scale: +12.5%); 0: one per output channel. Counted "
-                   "in --protect's budget. 8-bit weight-only layers too where --block-8bit applies. "
+                   "in --protect's budget. 8-bit weight-only layers too where --block-8bit applies, in blocks "
+                   "of --block-8bit-size. "
                    "Measured: docs/results.md.")
 @click.option("--block-8bit/--no-block-8bit", default=None,
               help="8-bit conversions: weight-only Gemm/MatMul weights and embedding tables take a scale per "
