@@ -206,9 +206,10 @@ def in_order(cal: list, order: str, fp32=None) -> list:
     capture time or by length rather than shuffled."""
     if order == "drawn":
         return cal
-    first = lambda f: np.asarray(next(iter(f.values())))                    # noqa: E731
     if order == "sorted":
-        return sorted(cal, key=lambda f: (first(f).size, float(first(f).astype(np.float64).mean())))
+        firsts = [np.asarray(next(iter(f.values())), np.float64) for f in cal]
+        keys = [(a.size, float(a.mean())) for a in firsts]
+        return [cal[i] for i in sorted(range(len(cal)), key=keys.__getitem__)]
     return sorted(cal, key=lambda f: int(np.argmax(fp32.run(None, f)[0])))
 
 

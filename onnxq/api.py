@@ -127,7 +127,7 @@ def block_8bit(c: Conversion) -> None:
     cfg = c.cfg
     if cfg.block_8bit is False or cfg.bits != 8 or cfg.mixed or not cfg.block or not cfg.rules.blocked_weights:
         return
-    light = sum(t.params for t in c.targets if t.op == "Gather" or float_input(cfg.rules, t, 8))
+    light = sum(t.params for t in c.targets if _weight_only_8bit(cfg.rules, t))
     if not light or (cfg.block_8bit is None and light <= 0.5 * sum(t.params for t in c.targets)):
         return
     if not cfg.rules.ms_kernels:             # MatMulNBits / GatherBlockQuantized need no opset 21
@@ -150,8 +150,13 @@ def fine_8bit_block(c: Conversion) -> int:
     --block. Held out on two sentence encoders, blocks of 16 read +1.7 to +2.1 dB on eight draws
     for 4-7% more bytes; on a model whose activations are rounded too (a CRNN reader) they bought
     nothing for 9% (docs/results.md, round 41)."""
-    weight_only = all(t.op == "Gather" or float_input(c.cfg.rules, t, 8) for t in c.targets)
+    weight_only = all(_weight_only_8bit(c.cfg.rules, t) for t in c.targets)
     return FINE_8BIT_BLOCK if weight_only else c.cfg.block
+
+
+def _weight_only_8bit(rules, t) -> bool:
+    """An 8-bit layer whose input stays float: a table, or a Gemm/MatMul on a weight-only kernel."""
+    return t.op == "Gather" or float_input(rules, t, 8)
 
 
 def load(c: Conversion, model) -> None:

@@ -21,6 +21,7 @@ from .algos.ranges import RANGE_METHODS
 from .algos.weights import DEFAULT_DAMP, WEIGHT_METHODS
 from .calib.data import PRESETS, Preprocess
 from .config import DEFAULT_RANGE, ConvertConfig
+from .plan.layers import TABLE_BLOCK
 from .plan.rules import DEFAULT_TARGET
 from .plan.rules import RULES as TARGETS
 from .errors import ConfigError, InputModelError, OnnxqError, VerificationError
@@ -120,7 +121,7 @@ def _kb(n: int) -> str:
 def _blocks_8bit(r) -> str:
     wide = sum(1 for q in r.quantized if q.bits == 8 and "blocks of" in q.method)
     return (f"  8-bit blocks: {_layers(wide)} with a scale per {r.config.get('block8') or r.config['block']} "
-            f"values along K (a table: per 32 along a row; --no-block-8bit: one per column), so the model "
+            f"values along K (a table: per {TABLE_BLOCK} along a row; --no-block-8bit: one per column), so the model "
             f"is opset {r.opset_after}")
 
 
