@@ -7,6 +7,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 from builders import make_model, vi
+import onnx
 from onnx import helper, numpy_helper
 
 import onnxq
@@ -277,6 +278,26 @@ def test_8bit_blocks_bring_a_matmul_model_closer_to_float():
     assert _opset(q) == 21 and _opset(q0) < 21
     db, db0 = (sqnr_db(ref, outputs(x, held, r.session_options)) for x, r in ((q, rep), (q0, rep0)))
     assert db > db0 + 3.0, (db, db0)
+
+
+def test_8bit_blocks_are_signed_codes_without_zero_points():
+    """Blocked 8-bit weights are symmetric: INT8 codes and a DequantizeLinear without its optional
+    zero-point input (a UINT8 container would store 128 a block); the model answers exactly as
+    with zero points of 0 written out, in the session its report records."""
+    rng = np.random.default_rng(6)
+    m = mlp(rng)
+    q, rep = onnxq.convert(m, onnxq.ConvertConfig(bits=8, act_bits=8), calib=feeds(rng, 8))
+    dqs = [n for n in q.graph.node if n.op_type == "DequantizeLinear" and n.name.endswith("/weight_dequantize")]
+    inits = {t.name: numpy_helper.to_array(t) for t in q.graph.initializer}
+    assert len(dqs) == 2 and all(len(dq.input) == 2 and inits[dq.input[0]].dtype == np.int8 for dq in dqs)
+    written = onnx.ModelProto()
+    written.CopyFrom(q)
+    for dq in (n for n in written.graph.node if n.name.endswith("/weight_dequantize")):
+        zero = numpy_helper.from_array(np.zeros(inits[dq.input[1]].shape, np.int8), dq.name + "/zero")
+        written.graph.initializer.append(zero)
+        dq.input.append(zero.name)
+    held = feeds(rng, 3)
+    np.testing.assert_array_equal(outputs(q, held, rep.session_options), outputs(written, held, rep.session_options))
 
 
 def test_8bit_blocked_matmuls_are_rounded_second_order_and_answer_closer():

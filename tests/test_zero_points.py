@@ -129,7 +129,8 @@ def test_zero_points_are_counted_in_the_bytes():
 
 
 def test_the_cli_flag_turns_them_off(cli_run, tmp_path):
-    """--no-zero-points gives the symmetric blocks (signed codes, zero points all 0)."""
+    """--no-zero-points gives the symmetric blocks: signed codes, and no zero-point input (all
+    would be 0, one a block)."""
     rng = np.random.default_rng(15)
     m = conv_pair(rng)
     src, calib = tmp_path / "m.onnx", tmp_path / "calib"
@@ -142,4 +143,9 @@ def test_the_cli_flag_turns_them_off(cli_run, tmp_path):
         code, _, err = cli_run("convert", src, "--bits", "4", "--no-protect", "--calib", calib, "-o", out, flag)
         assert code == 0, err
         inits = {t.name: t for t in onnx.load(str(out)).graph.initializer}
-        assert inits["c3/weight_q"].data_type == inits["c3/weight_zero"].data_type == dtype
+        assert inits["c3/weight_q"].data_type == dtype
+        dq = next(n for n in onnx.load(str(out)).graph.node if n.name == "c3/weight_dequantize")
+        if flag == "--zero-points":
+            assert inits["c3/weight_zero"].data_type == dtype and dq.input[2] == "c3/weight_zero"
+        else:
+            assert "c3/weight_zero" not in inits and len(dq.input) == 2

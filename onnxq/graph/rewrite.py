@@ -45,7 +45,10 @@ def u8_weights(rules: Rules, op: str, bits: int, w_index: int) -> bool:
     """8-bit codes of a weight onnxruntime may run in an integer kernel, stored in UINT8 with zero
     point 128 (Rules.u8_weights). Only as the op's second input (a conv's always is): a MatMul
     weight as the first would be the kernel's activation side, whose zero point must be one value.
-    The layers' weights and the low-rank branches' first factors both follow it."""
+    The layers' weights and the low-rank branches' first factors both follow it. Blocked 8-bit
+    weights do not (_weight_nodes): they are weight-only, where onnxruntime runs DequantizeLinear
+    -> MatMul as MatMulNBits either way, and UINT8 would need a zero point of 128 a block
+    (a 3-layer MiniLM cut W8A8 19.74 -> 19.41 MB, the same output: docs/results.md round 42)."""
     return rules.u8_weights and bits == 8 and op in U8_WEIGHT_OPS and w_index == 1
 
 
@@ -107,17 +110,22 @@ def _weight_nodes(g: onnx.GraphProto, lp: LayerPlan, coded: CodedBiases, rules: 
     zeros = lp.zero_points if affine else np.zeros(scales.shape, dtype=np.int8)
     if lp.block and t.weight_layout == "cols":     # scales [O, K / block] stored along the weight's [K, O]
         scales, zeros = scales.T, zeros.T
+    zero_input = True
     if affine:                                     # codes are relative to their block's zero point
         codes = codes.astype(np.int16) + np.repeat(zeros, lp.block, axis=lp.axis)
+    elif lp.block:                                 # symmetric blocks: zero points (one a block) all 0,
+        zero_input = False                         # an input DequantizeLinear may go without
     elif u8_weights(rules, t.op, lp.bits, w_index):  # the same values, u8 x u8 kernels
         dt, codes, zeros = np.uint8, codes.astype(np.int16) + U8_ZERO, np.full(zeros.shape, U8_ZERO, np.int16)
     q = add_initializer(g, f"{pre}/weight_q", codes.astype(dt))
     half = lp.half_scales                          # float16 scales: the DQ's output is cast to float
     s = add_initializer(g, f"{pre}/weight_scale", scales.astype(np.float16 if half else np.float32))
-    z = add_initializer(g, f"{pre}/weight_zero", zeros.astype(dt))
+    ins = [q, s]
+    if zero_input:
+        ins.append(add_initializer(g, f"{pre}/weight_zero", zeros.astype(dt)))
     blocked = {"block_size": lp.block} if lp.block else {}
     dq_out = f"{pre}/weight_dq16" if half else f"{pre}/weight_dq"
-    nodes.append(helper.make_node("DequantizeLinear", [q, s, z], [dq_out],
+    nodes.append(helper.make_node("DequantizeLinear", ins, [dq_out],
                                   name=f"{pre}/weight_dequantize", axis=lp.axis, **blocked))
     if half:
         nodes.append(helper.make_node("Cast", [dq_out], [f"{pre}/weight_dq"], name=f"{pre}/weight_cast",
