@@ -519,20 +519,23 @@ def rewrite(c: Conversion) -> None:
         give_back_memory()
     if c.cfg.target != DEFAULT_TARGET:
         set_metadata(c.qmodel, TARGET_KEY, c.cfg.target)
-    c.session_options = session_options(c.qmodel, c.cfg.rules.session_options)
+    c.session_options = session_options(c.qmodel, c.cfg.rules.session_options, c.cfg.exact_matmuls)
     if c.session_options != c.cfg.rules.session_options:
         set_metadata(c.qmodel, SESSION_KEY, json.dumps(c.session_options, sort_keys=True))
 
 
-def session_options(qmodel: "onnx.ModelProto", target_options: dict[str, str]) -> dict[str, str]:
+def session_options(qmodel: "onnx.ModelProto", target_options: dict[str, str], exact: bool = False) -> dict[str, str]:
     """The session config entries the model runs best with on onnxruntime's CPU provider: its
     target's, less QDQ_OFF when a default session keeps no DequantizeLinear of a weight (each is
     fused into an integer or 4-bit kernel, which the entry would replace by a float op on
     weights dequantized at load: all-MiniLM-L6-v2 W4A8 0.86x FP32 in a default session, 1.08x
     with the entry). Where a default session would dequantize weights on every call (convs,
-    weights several nodes share) the entry stays."""
+    weights several nodes share) the entry stays; so it does where asked to (`exact`,
+    --exact-matmuls): the fused MatMulNBits rounds its input to int8 per block of K as it runs,
+    which is most of an 8-bit encoder's error (all-MiniLM-L6-v2 W8A8 34.6 -> 39.7 dB without it,
+    at FP32 speed instead of 0.75-0.94x: docs/results.md round 42)."""
     opts = dict(target_options)
-    if opts.get(QDQ_OFF) == "1":
+    if opts.get(QDQ_OFF) == "1" and not exact:
         runs = default_session_graph(qmodel)
         if runs is not None and constant_dequantizes(runs) == 0:
             del opts[QDQ_OFF]

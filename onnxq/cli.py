@@ -428,12 +428,20 @@ def _preprocess_options(f):
               help="Values along K per scale of the blocked 8-bit Gemm/MatMul weights (--block-8bit). Default: 16 "
                    "where every quantized layer is weight-only, else --block; 16 costs 4-6% latency against 32 "
                    "on a 3-layer encoder (docs/results.md, round 41).")
+@click.option("--exact-matmuls", is_flag=True,
+              help="Record that onnxruntime should run weight-only Gemm/MatMul on float inputs "
+                   "(session.disable_quant_qdq: the weights dequantized once at load) instead of fusing them "
+                   "into MatMulNBits, which rounds each input to int8 per block as it runs. The weights are "
+                   "the same; `onnxq eval` and the report's check run it so, and the summary prints the entry. "
+                   "all-MiniLM-L6-v2 W8A8: 0.980-0.990 -> 0.988-0.998 retrieval agreement held out, at FP32 "
+                   "speed instead of 0.75-0.94x (docs/results.md, round 42). Not under --target ort-cpu.")
 @click.option("--u8-weights/--int8-weights", default=None,
               help="8-bit conv/Gemm/MatMul weights as UINT8 with zero point 128 (onnxruntime's u8 x u8 kernels: "
                    "exact on every x86 CPU) or as INT8 (its u8 x s8 kernels and symmetric conv path: under "
                    "--target ort-cpu 1.2-2.3x faster on a VNNI CPU, but x86 CPUs without VNNI add pairs of "
                    "products in int16 and may saturate). Default: UINT8 under generic; under ort-cpu as the "
-                   "CPU the conversion runs on wants (INT8 where it has VNNI or is not x86).")
+                   "CPU the conversion runs on wants (INT8 where it has VNNI or is not x86). Blocked 8-bit "
+                   "weights (--block-8bit) are INT8 without zero points either way.")
 @click.option("--zero-points/--no-zero-points", default=True, show_default=True,
               help="Blocked weights (--block) on affine grids: each block's codes span its own [min, max], "
                    "with a zero point (4 bits a block) beside its scale. Under --target generic and openvino, "
@@ -523,7 +531,7 @@ def _config(o: dict) -> ConvertConfig:
         avg_bits=o["avg_bits"], max_size=_size(o["max_size"]), target=o["target"],
         quantize_attention=o["quantize_attention"], smooth=not o["no_smooth"], block=int(o["block"]),
         zero_points=o["zero_points"], block_8bit=o["block_8bit"], u8_weights=o["u8_weights"],
-        block8=int(o["block_8bit_size"]) if o["block_8bit_size"] else None,
+        block8=int(o["block_8bit_size"]) if o["block_8bit_size"] else None, exact_matmuls=o["exact_matmuls"],
         bit_choices=tuple(int(b) for b in _floats(o["bit_choices"], "--bit-choices")))
 
 

@@ -91,6 +91,8 @@ class ConvertConfig:
                                            # and the weights are in memory (api.block_8bit)
     block8: int | None = None              # W8 blocked Gemm/MatMul (block_8bit): K values a scale; None: 16 where
                                            # every quantized layer is weight-only, else --block (api.block_8bit)
+    exact_matmuls: bool = False            # onnxruntime runs weight-only Gemm/MatMul on float inputs, weights
+                                           # dequantized at load, not as MatMulNBits (api.session_options)
 
     def __post_init__(self) -> None:
         self._check_switches()
@@ -168,6 +170,9 @@ class ConvertConfig:
         if self.quantize_attention and r.all_readers:
             raise ConfigError(f"--quantize-attention is for the input-side targets (generic, openvino, tensorrt); "
                               f"'{self.target}' places Q/DQ around every op it runs quantized by its own rules")
+        if self.exact_matmuls and r.ms_kernels:
+            raise ConfigError(f"--exact-matmuls is for the targets that leave onnxruntime a DequantizeLinear to "
+                              f"fold at load; '{self.target}' writes its own MatMulNBits kernels")
         if self.u8_weights is not None and not (r.u8_weights or r.u8_weights_auto):
             raise ConfigError(f"--u8-weights/--int8-weights are for the generic and ort-cpu targets; "
                               f"'{self.target}' keeps symmetric INT8 weights, as its runtime wants")

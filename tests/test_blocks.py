@@ -337,3 +337,30 @@ def test_8bit_weights_stay_per_column_where_opset_21_is_out_of_reach(monkeypatch
     q, rep = onnxq.convert(mlp(rng), onnxq.ConvertConfig(bits=8, act_bits=8), calib=feeds(rng, 8))
     assert not any("blocks" in l.method for l in rep.quantized) and _opset(q) < 21
     assert any("8-bit weights stay per column" in w for w in rep.warnings)
+
+
+def test_exact_matmuls_keep_the_inputs_float_in_onnxruntime():
+    """--exact-matmuls: the same weights, recorded to run with the weights dequantized at load
+    (session.disable_quant_qdq) rather than in the fused MatMulNBits that rounds its input to int8
+    per block; held out, closer to float. The target that writes its own kernels refuses it.
+    (onnxruntime 1.32 fuses a DequantizeLinear -> MatMul read by Tanh, not one read by Relu.)"""
+    rng = np.random.default_rng(7)
+    w1 = rng.standard_normal((K, H)) * np.exp(rng.standard_normal((K, 1)))
+    w2 = rng.standard_normal((H, O)) * np.exp(rng.standard_normal((H, 1)))
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="up"),
+             helper.make_node("Tanh", ["h"], ["t"], name="act"),
+             helper.make_node("MatMul", ["t", "w2"], ["y"], name="down")]
+    m = make_model(nodes, [vi("x", ["N", K])], [vi("y", ["N", O])],
+                   {"w1": (w1 * 0.05).astype(np.float32), "w2": (w2 * 0.1).astype(np.float32)})
+    cal, held = feeds(rng, 16), feeds(rng, 6)
+    ref = outputs(m, held)
+    fused, rep = onnxq.convert(m, onnxq.ConvertConfig(bits=8, act_bits=8), calib=cal)
+    exact, rep_x = onnxq.convert(m, onnxq.ConvertConfig(bits=8, act_bits=8, exact_matmuls=True), calib=cal)
+    assert rep.session_options == {} and rep_x.session_options == {"session.disable_quant_qdq": "1"}
+    assert rep_x.config["exact_matmuls"] is True
+    w = lambda q: sorted((t.name, t.raw_data) for t in q.graph.initializer)   # noqa: E731
+    assert w(fused) == w(exact)
+    db, db_x = (sqnr_db(ref, outputs(q, held, r.session_options)) for q, r in ((fused, rep), (exact, rep_x)))
+    assert db_x > db + 1.0, (db, db_x)
+    with pytest.raises(ConfigError, match="exact-matmuls"):
+        onnxq.ConvertConfig(bits=8, exact_matmuls=True, target="ort-cpu")

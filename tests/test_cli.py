@@ -218,18 +218,40 @@ def test_python_dash_m_onnxq_is_the_same_command_line(work):
     assert r.returncode == code == 0 and r.stdout == out and "Conv" in out
 
 
-def test_the_summary_says_when_8bit_weights_are_blocked(tmp_path):
-    """An all-MatMul model at --bits 8: its weights take a scale per 32 values of K and the summary
-    says so (and what it costs: opset 21); --no-block-8bit keeps one scale per column, no line."""
-    rng = np.random.default_rng(0)
+def _two_matmuls(tmp_path, act: str, seed: int):
+    """x [N, 64] -> MatMul -> `act` -> MatMul -> y [N, 8], saved; its path."""
+    rng = np.random.default_rng(seed)
     nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="up"),
-             helper.make_node("Relu", ["h"], ["r"], name="act"),
+             helper.make_node(act, ["h"], ["r"], name="act"),
              helper.make_node("MatMul", ["r", "w2"], ["y"], name="down")]
     m = make_model(nodes, [vi("x", ["N", 64])], [vi("y", ["N", 8])],
                    {"w1": (rng.standard_normal((64, 96)) * 0.2).astype(np.float32),
                     "w2": (rng.standard_normal((96, 8)) * 0.2).astype(np.float32)})
     src = tmp_path / "mlp.onnx"
     onnx.save(m, src)
+    return src
+
+
+def test_exact_matmuls_name_the_session_entry_they_need(tmp_path):
+    """An all-MatMul model at --bits 8 runs on fused kernels in a default session; with
+    --exact-matmuls the summary names the entry that keeps their inputs float. ort-cpu, which
+    writes its own kernels, refuses the flag in one line."""
+    src = _two_matmuls(tmp_path, "Tanh", 1)
+    code, stdout, err = onnxq("convert", src, "-o", tmp_path / "a.onnx", "--bits", 8)
+    assert code == 0, err
+    assert "onnxruntime session: default options" in stdout
+    code, stdout, err = onnxq("convert", src, "-o", tmp_path / "x.onnx", "--bits", 8, "--exact-matmuls")
+    assert code == 0, err
+    assert "onnxruntime session: session.disable_quant_qdq=1" in stdout
+    code, stdout, err = onnxq("convert", src, "-o", tmp_path / "y.onnx", "--bits", 8, "--exact-matmuls",
+                              "--target", "ort-cpu")
+    assert code != 0 and "--exact-matmuls" in err and "Traceback" not in err and not (tmp_path / "y.onnx").exists()
+
+
+def test_the_summary_says_when_8bit_weights_are_blocked(tmp_path):
+    """An all-MatMul model at --bits 8: its weights take a scale per 32 values of K and the summary
+    says so (and what it costs: opset 21); --no-block-8bit keeps one scale per column, no line."""
+    src = _two_matmuls(tmp_path, "Relu", 0)
     code, stdout, err = onnxq("convert", src, "-o", tmp_path / "b.onnx", "--bits", 8)
     assert code == 0, err
     assert "8-bit blocks: 2 layers with a scale per 16 values along K" in stdout and "opset 21" in stdout
