@@ -533,7 +533,7 @@ def session_options(qmodel: "onnx.ModelProto", target_options: dict[str, str], e
     weights several nodes share) the entry stays; so it does where asked to (`exact`,
     --exact-matmuls): the fused MatMulNBits rounds its input to int8 per block of K as it runs,
     which is most of an 8-bit encoder's error (all-MiniLM-L6-v2 W8A8 34.6 -> 39.7 dB without it,
-    at FP32 speed instead of 0.75-0.94x: docs/results.md round 42)."""
+    1.05x FP32's latency instead of 0.58-0.95x: docs/results.md round 42)."""
     opts = dict(target_options)
     if opts.get(QDQ_OFF) == "1" and not exact:
         runs = default_session_graph(qmodel)

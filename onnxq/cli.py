@@ -433,8 +433,8 @@ def _preprocess_options(f):
                    "(session.disable_quant_qdq: the weights dequantized once at load) instead of fusing them "
                    "into MatMulNBits, which rounds each input to int8 per block as it runs. The weights are "
                    "the same; `onnxq eval` and the report's check run it so, and the summary prints the entry. "
-                   "all-MiniLM-L6-v2 W8A8: 0.980-0.990 -> 0.988-0.998 retrieval agreement held out, at FP32 "
-                   "speed instead of 0.75-0.94x (docs/results.md, round 42). Not under --target ort-cpu.")
+                   "all-MiniLM-L6-v2 W8A8: 0.980-0.990 -> 0.988-0.998 retrieval agreement held out, 1.05x "
+                   "FP32's latency instead of 0.58x (8 tokens) to 0.95x (32) (docs/results.md, round 42). Not under --target ort-cpu.")
 @click.option("--u8-weights/--int8-weights", default=None,
               help="8-bit conv/Gemm/MatMul weights as UINT8 with zero point 128 (onnxruntime's u8 x u8 kernels: "
                    "exact on every x86 CPU) or as INT8 (its u8 x s8 kernels and symmetric conv path: under "
