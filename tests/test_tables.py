@@ -106,9 +106,9 @@ def test_ort_cpu_tables_and_matmuls_use_onnxruntimes_kernels_with_the_same_codes
         zero = np.stack([zeros & 15, zeros >> 4], -1).reshape(8, 2, 1)
         assert np.array_equal((unpacked - zero).reshape(8, 64).T,         # the generic DQ's codes [K, N] less its zero points
                               _codes(generic, "proj/weight_q") - np.repeat(_codes(generic, "proj/weight_zero"), 32, axis=0))
-    else:                # 8-bit codes + 128, one a byte, one block of the whole K = 64
+    else:                # 8-bit codes + 128, one a byte, one block of the whole K = 64 (generic: INT8, no zero point)
         got = _codes(q, "proj/weight_q").reshape(8, 64).T - 128
-        assert np.array_equal(got, _codes(generic, "proj/weight_q") - 128)
+        assert np.array_equal(got, _codes(generic, "proj/weight_q"))
     assert not any(n.op_type == "QuantizeLinear" for n in q.graph.node)       # the kernel reads float
     f = {"ids": np.arange(49).reshape(7, 7)}
     ref = ort.InferenceSession(m.SerializeToString()).run(None, f)[0]
