@@ -18,6 +18,8 @@ Prints mean and spread (min..max) over the seeds per data set, and writes JSON.
 
     python benchmarks/generalise.py --models A D --configs w8a8 w4a8 --quick
     python benchmarks/generalise.py --json benchmarks/results/generalise.json
+    python benchmarks/generalise.py --models M --configs w8a8 'exact=bits:8,act_bits:8,exact_matmuls:true' \
+        --session recorded      # each file in the session entries it records, as onnxq eval runs it
 
 Configurations are ConvertConfig keyword sets (CONFIGS below; add `name=k:v,k:v` on the
 command line for a one-off).
@@ -38,6 +40,7 @@ import onnxruntime as ort
 
 import onnxq
 from onnxq import runtime
+from onnxq.api import run_options
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -169,7 +172,7 @@ def model_path(spec: dict) -> Path:
     return Path(spec["path"]) if "path" in spec else tg.package_file(spec["pkg"], spec["file"])
 
 
-def run_variant(name: str, path: Path, cal, ev, ref, kind: str, charset, tmp: Path) -> dict:
+def run_variant(name: str, path: Path, cal, ev, ref, kind: str, charset, tmp: Path, recorded: bool = False) -> dict:
     t0 = time.perf_counter()
     dst = tmp / f"{name}.onnx"
     if name == "ort-w8a8":
@@ -184,7 +187,7 @@ def run_variant(name: str, path: Path, cal, ev, ref, kind: str, charset, tmp: Pa
         onnxq.save(q, dst)
     conv_s = time.perf_counter() - t0
     parts: dict = {}
-    fidelity, db = judge(runtime.session(str(dst)), ev, ref, kind, charset, parts)
+    fidelity, db = judge(judged_session(dst, recorded), ev, ref, kind, charset, parts)
     r = {"fidelity": fidelity, "sqnr_db": db, "conv_s": conv_s, "size_mb": dst.stat().st_size / 1e6}
     if parts:
         r["sqnr_parts_db"] = parts
@@ -213,8 +216,17 @@ def in_order(cal: list, order: str, fp32=None) -> list:
     return sorted(cal, key=lambda f: int(np.argmax(fp32.run(None, f)[0])))
 
 
+def judged_session(dst: Path, recorded: bool):
+    """A CPU session for the file: a default one, or with the session entries the file records
+    (onnxq.api.run_options: its own, else its target's; none for onnxruntime's own file)."""
+    if not recorded:
+        return runtime.session(str(dst))
+    _, options = run_options(onnx.load(str(dst), load_external_data=False))
+    return runtime.session(str(dst), options=options)
+
+
 def run_model(key: str, configs: list[str], datasets: list[str], seeds: list[int], quick: bool,
-              cache: Path, order: str = "drawn") -> dict:
+              cache: Path, order: str = "drawn", recorded: bool = False) -> dict:
     spec = MODELS[key]
     path = model_path(spec)
     n_cal, n_ev = (16, 24) if quick else spec["counts"]
@@ -228,7 +240,7 @@ def run_model(key: str, configs: list[str], datasets: list[str], seeds: list[int
             cal = in_order(feeds(key, spec, path, ds, seed, n_cal, "calib", cache), order, fp32)
             with tempfile.TemporaryDirectory(prefix="gen.") as t:
                 for name in configs:
-                    r = run_variant(name, path, cal, ev, ref, spec["kind"], charset, Path(t))
+                    r = run_variant(name, path, cal, ev, ref, spec["kind"], charset, Path(t), recorded)
                     r.update(dataset=ds, seed=seed, config=name)
                     out["runs"].append(r)
                     part = "".join(f" {k} {v:.1f}" for k, v in r.get("sqnr_parts_db", {}).items())
@@ -289,15 +301,20 @@ def main() -> None:
     ap.add_argument("--json")
     ap.add_argument("--calib-order", choices=["drawn", "sorted", "grouped"], default="drawn",
                     help="calibration feeds as drawn (sources mixed), sorted by content, or grouped by FP32's answer")
+    ap.add_argument("--session", choices=["default", "recorded"], default="default",
+                    help="judge each file in a default onnxruntime session (as earlier rounds did) or with the "
+                         "session entries it records, as `onnxq eval` runs it (e.g. --exact-matmuls)")
     a = ap.parse_args()
     configs = [parse_config(c) for c in a.configs]
     t0 = time.perf_counter()
-    results = {k: run_model(k, configs, a.sets, a.seeds, a.quick, Path(a.cache), a.calib_order) for k in a.models}
+    results = {k: run_model(k, configs, a.sets, a.seeds, a.quick, Path(a.cache), a.calib_order, a.session == "recorded")
+               for k in a.models}
     print(table(results, configs, a.sets))
     if a.json:
         Path(a.json).write_text(json.dumps({"configs": {c: CONFIGS.get(c, "onnxruntime quantize_static")
                                                         for c in configs},
                                             "sets": a.sets, "seeds": a.seeds, "quick": a.quick, "calib_order": a.calib_order,
+                                            "session": a.session,
                                             "commit": tg._git_state(),
                                             "models": results, "total_s": time.perf_counter() - t0}, indent=1))
 
