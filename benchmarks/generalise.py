@@ -40,7 +40,6 @@ import onnxruntime as ort
 
 import onnxq
 from onnxq import runtime
-from onnxq.api import run_options
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -187,7 +186,8 @@ def run_variant(name: str, path: Path, cal, ev, ref, kind: str, charset, tmp: Pa
         onnxq.save(q, dst)
     conv_s = time.perf_counter() - t0
     parts: dict = {}
-    fidelity, db = judge(judged_session(dst, recorded), ev, ref, kind, charset, parts)
+    options = rep.session_options if recorded and rep is not None else None   # as onnxq eval runs the file
+    fidelity, db = judge(runtime.session(str(dst), options=options), ev, ref, kind, charset, parts)
     r = {"fidelity": fidelity, "sqnr_db": db, "conv_s": conv_s, "size_mb": dst.stat().st_size / 1e6}
     if parts:
         r["sqnr_parts_db"] = parts
@@ -214,15 +214,6 @@ def in_order(cal: list, order: str, fp32=None) -> list:
         keys = [(a.size, float(a.mean())) for a in firsts]
         return [cal[i] for i in sorted(range(len(cal)), key=keys.__getitem__)]
     return sorted(cal, key=lambda f: int(np.argmax(fp32.run(None, f)[0])))
-
-
-def judged_session(dst: Path, recorded: bool):
-    """A CPU session for the file: a default one, or with the session entries the file records
-    (onnxq.api.run_options: its own, else its target's; none for onnxruntime's own file)."""
-    if not recorded:
-        return runtime.session(str(dst))
-    _, options = run_options(onnx.load(str(dst), load_external_data=False))
-    return runtime.session(str(dst), options=options)
 
 
 def run_model(key: str, configs: list[str], datasets: list[str], seeds: list[int], quick: bool,

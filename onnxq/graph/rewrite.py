@@ -110,18 +110,15 @@ def _weight_nodes(g: onnx.GraphProto, lp: LayerPlan, coded: CodedBiases, rules: 
     zeros = lp.zero_points if affine else np.zeros(scales.shape, dtype=np.int8)
     if lp.block and t.weight_layout == "cols":     # scales [O, K / block] stored along the weight's [K, O]
         scales, zeros = scales.T, zeros.T
-    zero_input = True
     if affine:                                     # codes are relative to their block's zero point
         codes = codes.astype(np.int16) + np.repeat(zeros, lp.block, axis=lp.axis)
-    elif lp.block:                                 # symmetric blocks: zero points (one a block) all 0,
-        zero_input = False                         # an input DequantizeLinear may go without
-    elif u8_weights(rules, t.op, lp.bits, w_index):  # the same values, u8 x u8 kernels
+    elif not lp.block and u8_weights(rules, t.op, lp.bits, w_index):  # the same values, u8 x u8 kernels
         dt, codes, zeros = np.uint8, codes.astype(np.int16) + U8_ZERO, np.full(zeros.shape, U8_ZERO, np.int16)
     q = add_initializer(g, f"{pre}/weight_q", codes.astype(dt))
     half = lp.half_scales                          # float16 scales: the DQ's output is cast to float
     s = add_initializer(g, f"{pre}/weight_scale", scales.astype(np.float16 if half else np.float32))
     ins = [q, s]
-    if zero_input:
+    if affine or not lp.block:     # symmetric blocks' zero points (one a block) would all be 0: left out
         ins.append(add_initializer(g, f"{pre}/weight_zero", zeros.astype(dt)))
     blocked = {"block_size": lp.block} if lp.block else {}
     dq_out = f"{pre}/weight_dq16" if half else f"{pre}/weight_dq"
