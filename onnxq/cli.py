@@ -20,7 +20,7 @@ from . import __version__
 from .algos.ranges import RANGE_METHODS
 from .algos.weights import DEFAULT_DAMP, WEIGHT_METHODS
 from .calib.data import PRESETS, Preprocess
-from .config import DEFAULT_RANGE, ConvertConfig
+from .config import DEFAULT_RANGE, ROTATE_BLOCK, ConvertConfig
 from .plan.layers import TABLE_BLOCK
 from .plan.rules import DEFAULT_TARGET
 from .plan.rules import RULES as TARGETS
@@ -122,7 +122,9 @@ def _blocks_8bit(r) -> str:
     wide = sum(1 for q in r.quantized if q.bits == 8 and "blocks of" in q.method)
     return (f"  8-bit blocks: {_layers(wide)} with a scale per {r.config.get('block8') or r.config['block']} "
             f"values along K (a table: per {TABLE_BLOCK} along a row; --no-block-8bit: one per column), so the model "
-            f"is opset {r.opset_after}")
+            f"is opset {r.opset_after}") + (
+        f"\n  rotated: {len(r.rotated)} Gemm/MatMul inputs, a Hadamard matrix per {ROTATE_BLOCK} channels "
+        f"(onnxruntime rounds them to int8 per block; --no-rotate to leave them)" if r.rotated else "")
 
 
 def print_summary(report) -> None:
@@ -435,6 +437,13 @@ def _preprocess_options(f):
                    "the same; `onnxq eval` and the report's check run it so, and the summary prints the entry. "
                    "all-MiniLM-L6-v2 W8A8: 0.980-0.990 -> 0.988-0.998 retrieval agreement held out, 1.05x "
                    "FP32's latency instead of 0.58x (8 tokens) to 0.95x (32) (docs/results.md, round 42). Not under --target ort-cpu.")
+@click.option("--rotate/--no-rotate", default=True, show_default=True,
+              help="8-bit conversions whose every layer is weight-only and blocked (a sentence encoder at W8A8), "
+                   "under generic and ort-cpu: rotate each Gemm/MatMul input by a Hadamard matrix per 16 "
+                   "channels (the weights by its transpose: the same function in float), so onnxruntime's "
+                   "MatMulNBits, which rounds the input to int8 per block, is not held to the step of its "
+                   "largest channel. all-MiniLM-L6-v2 held out: 34.7 -> 39.0 dB; the rotations cost 1-9% "
+                   "latency (docs/results.md, round 43). Not with --exact-matmuls, whose inputs stay float.")
 @click.option("--u8-weights/--int8-weights", default=None,
               help="8-bit conv/Gemm/MatMul weights as UINT8 with zero point 128 (onnxruntime's u8 x u8 kernels: "
                    "exact on every x86 CPU) or as INT8 (its u8 x s8 kernels and symmetric conv path: under "
@@ -532,6 +541,7 @@ def _config(o: dict) -> ConvertConfig:
         quantize_attention=o["quantize_attention"], smooth=not o["no_smooth"], block=int(o["block"]),
         zero_points=o["zero_points"], block_8bit=o["block_8bit"], u8_weights=o["u8_weights"],
         block8=int(o["block_8bit_size"]) if o["block_8bit_size"] else None, exact_matmuls=o["exact_matmuls"],
+        rotate=o["rotate"],
         bit_choices=tuple(int(b) for b in _floats(o["bit_choices"], "--bit-choices")))
 
 

@@ -25,6 +25,7 @@ DEFAULT_RANGE = "best"
 BLOCKS = (0, 32, 64, 128)      # --block choices (0: one scale per output channel)
 BLOCKS_8BIT = (16, 32, 64, 128)   # blocks of blocked 8-bit Gemm/MatMul weights (ConvertConfig.block8)
 FINE_8BIT_BLOCK = 16           # ... where every quantized layer is weight-only (api.block_8bit)
+ROTATE_BLOCK = 16              # channels a Hadamard rotation of such a layer's input mixes (graph/rotate.py)
 # activation bits at which low-bit conversions run sequential mode by default: 8 (rounds 13-14) and
 # 32, weight-only (round 40: 4-bit weight-only on eight models, eleven draws, held-out SQNR +0.1 to
 # +3.3 dB, answers up or level on every draw; docs/results.md)
@@ -93,6 +94,8 @@ class ConvertConfig:
                                            # every quantized layer is weight-only, else --block (api.block_8bit)
     exact_matmuls: bool = False            # onnxruntime runs weight-only Gemm/MatMul on float inputs, weights
                                            # dequantized at load, not as MatMulNBits (api.session_options)
+    rotate: bool = True                    # W8, every layer weight-only and blocked: the Gemm/MatMul inputs,
+                                           # which MatMulNBits rounds to int8 per block, rotated (api.rotate)
 
     def __post_init__(self) -> None:
         self._check_switches()

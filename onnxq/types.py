@@ -566,6 +566,7 @@ class Report:
     wide: WideSummary | None = None
     rounding: RoundingChoice | None = None
     smoothing: list[SmoothReport] = field(default_factory=list)
+    rotated: list[str] = field(default_factory=list)  # Gemm/MatMul inputs rotated per block (graph/rotate.py)
     shared_weights: int = 0                           # weights several layers read, stored once (plan/shared.py)
     float_ops: list[SkippedReport] = field(default_factory=list)   # nodes without weights left in float, and why
     # onnxruntime (CPU) session config entries the model runs best with, which the fidelity figures used
@@ -619,6 +620,7 @@ class Conversion:
     rounding: RoundingChoice | None = None
     smoothing: list[SmoothReport] = field(default_factory=list)
     smoothed: dict = field(default_factory=dict)      # input tensor -> its algos.smoothing.Smoothing (applied)
+    rotated: list[str] = field(default_factory=list)  # Gemm/MatMul inputs rotated per block (graph/rotate.py)
     shared_weights: int = 0                           # weights several layers read, stored once (plan/shared.py)
     qmodel: "onnx.ModelProto | None" = None
     session_options: dict[str, str] = field(default_factory=dict)   # what qmodel runs with (api.session_options)

@@ -240,9 +240,12 @@ def test_exact_matmuls_name_the_session_entry_they_need(tmp_path):
     code, stdout, err = onnxq("convert", src, "-o", tmp_path / "a.onnx", "--bits", 8)
     assert code == 0, err
     assert "onnxruntime session: default options" in stdout
+    assert "rotated: 2 Gemm/MatMul inputs" in stdout           # the fused kernels round them per block
     code, stdout, err = onnxq("convert", src, "-o", tmp_path / "x.onnx", "--bits", 8, "--exact-matmuls")
     assert code == 0, err
-    assert "onnxruntime session: session.disable_quant_qdq=1" in stdout
+    assert "onnxruntime session: session.disable_quant_qdq=1" in stdout and "rotated" not in stdout
+    code, stdout, err = onnxq("convert", src, "-o", tmp_path / "n.onnx", "--bits", 8, "--no-rotate")
+    assert code == 0 and "rotated" not in stdout, err
     code, stdout, err = onnxq("convert", src, "-o", tmp_path / "y.onnx", "--bits", 8, "--exact-matmuls",
                               "--target", "ort-cpu")
     assert code != 0 and "--exact-matmuls" in err and "Traceback" not in err and not (tmp_path / "y.onnx").exists()

@@ -8,6 +8,7 @@ import onnx
 from ..plan.rules import SAME_SCALE_OPS, Rules
 from .norms import REASON as NORM_REASON
 from .norms import constant_names, normalisation_nodes
+from .rotate import ROTATE_PREFIX, ROTATE_REASON
 from .walk import graphs
 
 SHAPE_OPS = frozenset({"Shape", "Size", "Range", "ConstantOfShape", "NonZero"})
@@ -48,6 +49,9 @@ def float_nodes(model: onnx.ModelProto, done: set[str], quantized: set[str], rul
             ins = [i for i in n.input if i and i not in consts]
             if n.op_type == "Constant":
                 continue                                         # a value, not a computation
+            if n.name.startswith(ROTATE_PREFIX):
+                out.append((n.name, n.op_type, ROTATE_REASON))
+                continue
             if n.op_type in SHAPE_OPS or (ins and all(i in shapes for i in ins)):
                 shapes.update(n.output)
                 out.append((n.name, n.op_type, "shape or index arithmetic"))

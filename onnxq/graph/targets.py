@@ -9,6 +9,7 @@ import onnx
 
 from ..types import ConvGeometry, Skipped, Target
 from .large import tensor_array
+from .rotate import ROTATE_PREFIX
 from .walk import attr, graphs, loop_scopes, tensor_types
 
 WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -123,7 +124,8 @@ def find_targets(model: onnx.ModelProto, excluded: Callable[[str], bool] = lambd
         for node in g.node:
             if node.op_type in RECURRENT_OPS:
                 skipped.append(Skipped(node.name, node.op_type, "recurrent layers are not quantized"))
-            if node.op_type not in ops or (node.op_type in TABLE_OPS and node.input[0] not in inits):
+            if (node.op_type not in ops or (node.op_type in TABLE_OPS and node.input[0] not in inits)
+                    or node.name.startswith(ROTATE_PREFIX)):        # the conversion's own float rotation
                 continue
             if excluded(node.name):
                 skipped.append(Skipped(node.name, node.op_type, "excluded by --exclude"))

@@ -97,13 +97,23 @@ def initializer_bytes(model: onnx.ModelProto, marker: str) -> int:
     return sum(t.ByteSize() for _, g in graphs(model) for t in g.initializer if marker in t.name)
 
 
-def tensor_types(model: onnx.ModelProto) -> dict[str, int]:
-    """elem_type of every main-graph tensor that shape inference can type (best effort: a model it
-    fails on, e.g. one over the protobuf limit, gives the inputs' and outputs' types only)."""
+def _inferred_values(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    """Main-graph value infos after shape inference (best effort: a model it fails on, e.g. one
+    over the protobuf limit, gives the inputs' and outputs' only)."""
     try:
         inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
     except Exception:
         inferred = model
     g = inferred.graph
-    return {v.name: v.type.tensor_type.elem_type
-            for v in list(g.value_info) + list(g.input) + list(g.output)}
+    return list(g.value_info) + list(g.input) + list(g.output)
+
+
+def tensor_types(model: onnx.ModelProto) -> dict[str, int]:
+    """elem_type of every main-graph tensor that shape inference can type."""
+    return {v.name: v.type.tensor_type.elem_type for v in _inferred_values(model)}
+
+
+def tensor_ranks(model: onnx.ModelProto) -> dict[str, int]:
+    """Rank of every main-graph tensor whose rank shape inference knows."""
+    return {v.name: len(v.type.tensor_type.shape.dim) for v in _inferred_values(model)
+            if v.type.tensor_type.HasField("shape")}

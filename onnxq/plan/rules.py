@@ -140,6 +140,8 @@ class Rules:
     table_codes: bool = False     # tables' Gathers read the codes, only gathered rows are dequantized
                                   # (graph/tables.py)
     ms_kernels: bool = False      # onnxruntime's MatMulNBits / GatherBlockQuantized (com.microsoft)
+    rotate_inputs: bool = False   # the runtime rounds a blocked 8-bit weight-only Gemm/MatMul's input to
+                                  # int8 per block (MatMulNBits, accuracy level 4): inputs rotated (graph/rotate.py)
     blocked_weights: bool = False  # 2-4-bit Gemm/MatMul weights may take one scale per block of K (--block)
     blocked_convs: bool = False    # 2-4-bit ungrouped conv weights may take one scale per block of input
                                    # channels at each kernel tap (--block)
@@ -169,14 +171,14 @@ class Rules:
 RULES: dict[str, Rules] = {
     "generic": Rules("generic", output_units=False, all_readers=False, int4_conv=True, int4_matmul=True,
                      int4_weight_only=True, int8_weight_only=True, matmul_gemms=True, table_codes=True,
-                     blocked_weights=True,
+                     blocked_weights=True, rotate_inputs=True,
                      blocked_convs=True, zero_points=True, smooth_convs=True, wide_acts=True, u8_weights=True,
                      session_options={"session.disable_quant_qdq": "1"},
                      summary="Q/DQ on quantized layers' inputs; INT4 containers; Gemm/MatMul weight-only "
                              "(float input), Gemm as MatMul on [K, N] codes; tables gathered as codes"),
     "ort-cpu": Rules("ort-cpu", output_units=True, all_readers=True, int4_conv=False, int4_matmul=False,
                      simplify=True, int4_weight_only=True, int8_weight_only=True, ms_kernels=True,
-                     blocked_weights=True,
+                     blocked_weights=True, rotate_inputs=True,
                      zero_points=True, float_decisions=True, wide_acts=True, wide_macs=ORT_WIDE_MACS,
                      smooth_convs=True, smooth_folds=True, input_convs=ORT_INPUT_CONVS, int_hard_swish=True,
                      fold_into_readers=True, int_pad=True,

@@ -1,0 +1,107 @@
+"""Block rotations of the inputs of weight-only 8-bit Gemm/MatMul layers (graph/rotate.py): the
+same function in float, and in onnxruntime's fused MatMulNBits, which rounds its input to int8 per
+block, closer to float where a few input channels are far larger than the rest."""
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from builders import make_model, vi
+from onnx import helper
+
+import onnxq
+from onnxq.algos.metrics import sqnr_db
+from onnxq.graph.rotate import ROTATE_PREFIX, ROTATE_REASON, hadamard, rotate_inputs
+from onnxq.graph.smooth import smoothable
+from onnxq.graph.targets import find_targets
+
+K, H, O = 64, 96, 48
+
+
+def encoder_block(rng):
+    """x [B, T, K] read by two MatMuls (a shared input, like Q and K), a Tanh, then a Gemm (transB)
+    on a 2-D view: the readers a LayerNorm output and an MLP give a transformer's weights."""
+    w = {"wq": rng.standard_normal((K, H)) * 0.1, "wk": rng.standard_normal((K, H)) * 0.1,
+         "wo": rng.standard_normal((O, H)) * 0.1, "flat": np.array([-1, H], np.int64)}
+    nodes = [helper.make_node("MatMul", ["x", "wq"], ["q"], name="query"),
+             helper.make_node("MatMul", ["x", "wk"], ["k"], name="key"),
+             helper.make_node("Add", ["q", "k"], ["s"], name="sum"),
+             helper.make_node("Tanh", ["s"], ["t"], name="act"),
+             helper.make_node("Reshape", ["t", "flat"], ["t2"], name="flatten"),
+             helper.make_node("Gemm", ["t2", "wo"], ["y"], name="out", transB=1)]
+    inits = {k: (v.astype(np.float32) if v.dtype == np.float64 else v) for k, v in w.items()}
+    return make_model(nodes, [vi("x", ["B", "T", K])], [vi("y", ["N", O])], inits)
+
+
+def feeds(rng, n, loud=()):
+    """Inputs with a few channels 30 times the rest, as LayerNorm outputs carry."""
+    gain = np.ones(K, np.float32)
+    gain[list(loud)] = 30.0
+    return [{"x": rng.standard_normal((1, 16, K)).astype(np.float32) * gain} for _ in range(n)]
+
+
+def run(model, fs, options=None):
+    so = ort.SessionOptions()
+    for k, v in (options or {}).items():
+        so.add_session_config_entry(k, v)
+    s = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return [s.run(None, f) for f in fs]
+
+
+def test_hadamard_is_orthonormal():
+    for n in (1, 2, 16, 32):
+        h = hadamard(n)
+        np.testing.assert_allclose(h @ h.T, np.eye(n), atol=1e-12)
+
+
+def test_rotation_is_the_same_function_in_float():
+    rng = np.random.default_rng(0)
+    m = encoder_block(rng)
+    fs = feeds(rng, 3, loud=(3, 40))
+    ref = run(m, fs)
+    targets, _ = find_targets(m)
+    groups = smoothable(m, targets, convs=False)
+    assert sorted(groups) == ["t2", "x"] and sorted(t.node for t in groups["x"]) == ["key", "query"]
+    done = rotate_inputs(m, groups, 16, seed=0)
+    assert sorted(done) == ["t2", "x"]
+    onnx.checker.check_model(m)
+    got = run(m, fs)
+    for a, b in zip(ref, got):
+        np.testing.assert_allclose(a[0], b[0], rtol=1e-4, atol=1e-5)
+    again, _ = find_targets(m)       # the rotations themselves are not layers to quantize
+    assert sorted(t.node for t in again) == ["key", "out", "query"]
+    assert sum(n.name.startswith(ROTATE_PREFIX) for n in m.graph.node) == 6
+
+
+def test_w8a8_rotated_inputs_are_closer_to_float_in_a_default_session():
+    """W8A8 of the block (every layer weight-only, blocked): the readers run as MatMulNBits in a
+    default session either way; held out, the rotated conversion is closer to float. The report
+    names the rotated inputs and the rotations' nodes as float ops with their reason; the same seed
+    gives the same bytes."""
+    rng = np.random.default_rng(1)
+    m = encoder_block(rng)
+    cal, held = feeds(rng, 16, loud=(3, 40)), feeds(rng, 8, loud=(3, 40))
+    ref = run(m, held)
+    q, rep = onnxq.convert(m, onnxq.ConvertConfig(bits=8, act_bits=8), calib=cal)
+    q0, rep0 = onnxq.convert(m, onnxq.ConvertConfig(bits=8, act_bits=8, rotate=False), calib=cal)
+    assert sorted(rep.rotated) == ["t2", "x"] and rep0.rotated == []
+    assert rep.session_options == {} == rep0.session_options     # meant for a default session
+    assert {f.reason for f in rep.float_ops if f.node.startswith(ROTATE_PREFIX)} == {ROTATE_REASON}
+    for model in (q, q0):
+        fused = onnx.load_from_string(onnxq.runtime.default_session_graph(model))
+        assert sum(n.op_type == "MatMulNBits" for n in fused.graph.node) == 3
+    db, db0 = (sqnr_db(ref, run(x, held)) for x in (q, q0))
+    assert db > db0 + 3.0, (db, db0)
+    q2, _ = onnxq.convert(m, onnxq.ConvertConfig(bits=8, act_bits=8), calib=cal)
+    assert q2.SerializeToString() == q.SerializeToString()
+
+
+def test_no_rotation_where_the_inputs_stay_float_or_are_quantized():
+    """--exact-matmuls keeps the inputs float (nothing to rotate for); a 4-bit conversion's error is
+    its weights'; openvino runs its weight-only layers on float inputs."""
+    rng = np.random.default_rng(2)
+    m = encoder_block(rng)
+    cal = feeds(rng, 8, loud=(3,))
+    for cfg in (onnxq.ConvertConfig(bits=8, act_bits=8, exact_matmuls=True), onnxq.ConvertConfig(bits=4),
+                onnxq.ConvertConfig(bits=8, target="openvino")):
+        _, rep = onnxq.convert(m, cfg, calib=cal)
+        assert rep.rotated == [], cfg
