@@ -443,8 +443,8 @@ def _preprocess_options(f):
                    "under generic and ort-cpu: rotate each Gemm/MatMul input by a Hadamard matrix per 16 "
                    "channels (the weights by its transpose: the same function in float), so onnxruntime's "
                    "MatMulNBits, which rounds the input to int8 per block, is not held to the step of its "
-                   "largest channel. all-MiniLM-L6-v2 held out: 34.7 -> 39.0 dB; the rotations cost 1-9% "
-                   "latency (docs/results.md, round 43). Not with --exact-matmuls, whose inputs stay float.")
+                   "largest channel. all-MiniLM-L6-v2 held out: 34.5-34.7 -> 38.3-39.0 dB; the rotations cost 3-6% "
+                   "of the latency at 8 tokens, ~10% at 32 (docs/results.md, round 43). Not with --exact-matmuls, whose inputs stay float.")
 @click.option("--u8-weights/--int8-weights", default=None,
               help="8-bit conv/Gemm/MatMul weights as UINT8 with zero point 128 (onnxruntime's u8 x u8 kernels: "
                    "exact on every x86 CPU) or as INT8 (its u8 x s8 kernels and symmetric conv path: under "
