@@ -89,13 +89,13 @@ def convert(model: "str | os.PathLike | onnx.ModelProto", config: ConvertConfig 
         prepare_model(c)
         c.targets, c.skipped = targets_of(c)
         block_8bit(c)
-        rotate(c)
+        if isinstance(stats, str):
+            stats = load_stats(stats)
+        rotate(c, stats)
         log.info(f"{len(c.targets)} layers to quantize, {len(c.skipped)} left in float")
         c.placement = plan_placement(c.prepared, c.targets, c.cfg.rules, c.cfg.quantize_acts,
                                      c.cfg.quantize_attention)
         data(c, calib, holdout, preprocess)
-    if isinstance(stats, str):
-        stats = load_stats(stats)
     with c.timed("smooth"):
         smooth(c, stats)
     with c.timed("calibrate"):
@@ -156,21 +156,27 @@ def fine_8bit_block(c: Conversion) -> int:
     return FINE_8BIT_BLOCK if weight_only else c.cfg.block
 
 
-def rotate(c: Conversion) -> None:
+def rotate(c: Conversion, stats: Stats | None = None) -> None:
     """Where every quantized layer is weight-only at 8 bits and blocked (an encoder at W8A8) under a
     target whose runtime rounds those layers' inputs to int8 per block (onnxruntime's MatMulNBits),
     each Gemm/MatMul input is rotated by a Hadamard matrix per ROTATE_BLOCK channels and the weights
     by its transpose (graph/rotate.py), unless --exact-matmuls keeps the inputs float. Held out on
     all-MiniLM-L6-v2 in a default session: 34.7 -> 39.0 dB, within 0.7 dB of float inputs
-    (docs/results.md, round 43)."""
+    (docs/results.md, round 43). Statistics loaded from a file bring the rotations they were
+    collected under (their second moments are in that basis), and none if they had none."""
     cfg = c.cfg
-    if not (cfg.rotate and cfg.block_8bit and cfg.rules.rotate_inputs and not cfg.exact_matmuls
-            and weights_folder(c.prepared) is None
-            and all(_weight_only_8bit(cfg.rules, t) for t in c.targets)):
+    wanted = (cfg.rotate and cfg.block_8bit and cfg.rules.rotate_inputs and not cfg.exact_matmuls
+              and weights_folder(c.prepared) is None
+              and all(_weight_only_8bit(cfg.rules, t) for t in c.targets))
+    if stats is not None and bool(stats.rotation) != bool(wanted):
+        c.warn("inputs rotated as the loaded statistics were collected (their second moments are in that basis)"
+               if stats.rotation else
+               "inputs not rotated: the loaded statistics were collected without rotations (as --no-rotate)")
+    if not (stats.rotation if stats is not None else wanted):
         return
     groups = {a: ts for a, ts in smoothable(c.prepared, c.targets, convs=False).items()
               if all(t.op in ("Gemm", "MatMul") for t in ts)}
-    c.rotated = rotate_inputs(c.prepared, groups, ROTATE_BLOCK, cfg.seed)
+    c.rotated = rotate_inputs(c.prepared, groups, ROTATE_BLOCK, cfg.seed, None if stats is None else stats.rotation)
     if c.rotated:
         c.targets, c.skipped = targets_of(c)
         log.info(f"rotated {len(c.rotated)} Gemm/MatMul inputs per {ROTATE_BLOCK} channels")
@@ -321,6 +327,7 @@ def calibrate(c: Conversion, stats: Stats | None, save_stats: str | None,
                             seed=c.cfg.seed, progress=progress, extra=c.placement.observe)
     stats.acts = saturate(stats.acts, c.placement.bounds)
     stats.smoothing = {a: (ch.alpha, ch.scales, ch.error_before, ch.error_after) for a, ch in c.smoothed.items()}
+    stats.rotation = dict(c.rotated)
     if save_stats:
         try:
             stats.save(save_stats)

@@ -473,7 +473,8 @@ def _preprocess_options(f):
               help="Write the full report: PATH.json as JSON plus a self-contained page PATH.html beside it "
                    "(charts of every layer and activation); a PATH ending in .html writes the page alone.")
 @click.option("--save-stats", type=click.Path(path_type=Path), help="Save calibration statistics (.npz).")
-@click.option("--load-stats", type=click.Path(path_type=Path), help="Reuse saved statistics instead of calibrating.")
+@click.option("--load-stats", type=click.Path(path_type=Path), help="Reuse saved statistics instead of calibrating; they bring the smoothing and "
+                   "input rotations they were collected under.")
 @click.option("--min-agreement", type=click.FloatRange(0, 1), help="Fail (exit 3, nothing written) below this top-1 agreement.")
 @click.option("--min-cosine", type=click.FloatRange(-1, 1), help="Fail (exit 3, nothing written) below this output cosine.")
 @click.option("--layers", "show_layers", is_flag=True, help="Print a per-layer table.")

@@ -131,7 +131,7 @@ def build_report(c: Conversion) -> Report:
     r.mixed, r.search, r.ranges, r.protect, r.rounding = c.mixed, c.search, c.ranges, c.protect, c.rounding
     r.wide = c.wide
     r.smoothing = c.smoothing
-    r.rotated = list(c.rotated)
+    r.rotated = sorted(c.rotated)
     r.shared_weights = c.shared_weights
     if c.prepared is not None:
         done = {t.node for t in c.targets} | {s.node for s in c.skipped}

@@ -166,9 +166,13 @@ class Stats:
     # the smoothing the statistics were collected under: input tensor -> (alpha, scales [K],
     # error before, error after); reused as it is, so the tensors keep the names the stats know
     smoothing: dict[str, tuple[float, np.ndarray, float, float]] = field(default_factory=dict)
+    # the input rotations they were collected under (graph/rotate.py): input tensor -> matrix [B, B]
+    rotation: dict[str, np.ndarray] = field(default_factory=dict)
 
     def save(self, path: str) -> None:
         arrays: dict[str, np.ndarray] = {"__samples": np.array(self.samples)}
+        for i, (k, r) in enumerate(sorted(self.rotation.items())):
+            arrays[f"r{i}/name"], arrays[f"r{i}/matrix"] = np.array(k), r
         for i, (k, (alpha, scales, before, after)) in enumerate(sorted(self.smoothing.items())):
             arrays[f"s{i}/name"], arrays[f"s{i}/scales"] = np.array(k), scales
             arrays[f"s{i}/numbers"] = np.array([alpha, before, after])
@@ -201,6 +205,10 @@ class Stats:
         while f"s{i}/name" in keys:
             alpha, before, after = (float(v) for v in z[f"s{i}/numbers"])
             st.smoothing[str(z[f"s{i}/name"])] = (alpha, z[f"s{i}/scales"], before, after)
+            i += 1
+        i = 0
+        while f"r{i}/name" in keys:
+            st.rotation[str(z[f"r{i}/name"])] = z[f"r{i}/matrix"]
             i += 1
         return st
 
@@ -620,7 +628,7 @@ class Conversion:
     rounding: RoundingChoice | None = None
     smoothing: list[SmoothReport] = field(default_factory=list)
     smoothed: dict = field(default_factory=dict)      # input tensor -> its algos.smoothing.Smoothing (applied)
-    rotated: list[str] = field(default_factory=list)  # Gemm/MatMul inputs rotated per block (graph/rotate.py)
+    rotated: dict = field(default_factory=dict)       # Gemm/MatMul input -> its rotation [B, B] (graph/rotate.py)
     shared_weights: int = 0                           # weights several layers read, stored once (plan/shared.py)
     qmodel: "onnx.ModelProto | None" = None
     session_options: dict[str, str] = field(default_factory=dict)   # what qmodel runs with (api.session_options)

@@ -105,3 +105,21 @@ def test_no_rotation_where_the_inputs_stay_float_or_are_quantized():
                 onnxq.ConvertConfig(bits=8, target="openvino")):
         _, rep = onnxq.convert(m, cfg, calib=cal)
         assert rep.rotated == [], cfg
+
+
+def test_loaded_statistics_bring_the_rotations_they_were_collected_under(tmp_path):
+    """Second moments are in the basis they were collected in: statistics saved by a rotated
+    conversion rotate a conversion that loads them the same way (same bytes), and statistics saved
+    without rotations leave the inputs as they are, with a warning, as --no-rotate would."""
+    rng = np.random.default_rng(3)
+    m = encoder_block(rng)
+    cal = feeds(rng, 12, loud=(3, 40))
+    cfg, plain = onnxq.ConvertConfig(bits=8, act_bits=8), onnxq.ConvertConfig(bits=8, act_bits=8, rotate=False)
+    q, rep = onnxq.convert(m, cfg, calib=cal, save_stats=str(tmp_path / "rotated.npz"))
+    q0, _ = onnxq.convert(m, plain, calib=cal, save_stats=str(tmp_path / "plain.npz"))
+    again, rep1 = onnxq.convert(m, cfg, calib=cal, stats=str(tmp_path / "rotated.npz"))
+    assert rep1.rotated == rep.rotated == ["t2", "x"] and not rep1.warnings
+    assert again.SerializeToString() == q.SerializeToString()
+    kept, rep2 = onnxq.convert(m, cfg, calib=cal, stats=str(tmp_path / "plain.npz"))
+    assert rep2.rotated == [] and any("not rotated" in w for w in rep2.warnings)
+    assert kept.SerializeToString() == q0.SerializeToString()

@@ -45,23 +45,28 @@ def _init(g: onnx.GraphProto, name: str) -> onnx.TensorProto:
     return next(i for i in g.initializer if i.name == name)
 
 
-def rotate_inputs(model: onnx.ModelProto, groups: dict[str, list[Target]], block: int, seed: int) -> list[str]:
+def rotate_inputs(model: onnx.ModelProto, groups: dict[str, list[Target]], block: int, seed: int,
+                  given: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
     """Rotate each input tensor of `groups` ({input: its Gemm/MatMul readers}, every reader's weight
-    read by it alone) per block of `block` channels, in place; -> the tensors rotated (those whose
-    K is a multiple of `block` and whose rank shape inference knows)."""
+    read by it alone) per block of `block` channels, in place; -> {tensor: its matrix [B, B]} of
+    those rotated (whose K is a multiple of B and whose rank shape inference knows). `given`: the
+    rotations to make instead (statistics collected under them), each input its own matrix."""
     ranks = tensor_ranks(model)
     rng = np.random.default_rng([seed, block])
-    done = []
+    done = {}
     for act in sorted(groups):
         readers = groups[act]
+        r = (rng.choice([-1.0, 1.0], size=block)[:, None] * hadamard(block) if given is None   # x_b -> x_b @ r
+             else given.get(act))
+        if r is None:
+            continue
         k = in_features(model, readers[0])
         rank = 2 if all(t.op == "Gemm" for t in readers) else ranks.get(act, 0)
-        if k % block or rank < 2 or any(in_features(model, t) != k for t in readers):
+        if k % r.shape[0] or rank < 2 or any(in_features(model, t) != k for t in readers):
             continue
-        r = rng.choice([-1.0, 1.0], size=block)[:, None] * hadamard(block)     # x_b -> x_b @ r
         _rotate_readers(model.graph, readers, r)
         _insert(model.graph, act, readers, r, k, rank)
-        done.append(act)
+        done[act] = r
     return done
 
 
