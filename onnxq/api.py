@@ -152,8 +152,7 @@ def fine_8bit_block(c: Conversion) -> int:
     --block. Held out on two sentence encoders, blocks of 16 read +1.7 to +2.1 dB on eight draws
     for 4-7% more bytes; on a model whose activations are rounded too (a CRNN reader) they bought
     nothing for 9% (docs/results.md, round 41)."""
-    weight_only = all(_weight_only_8bit(c.cfg.rules, t) for t in c.targets)
-    return FINE_8BIT_BLOCK if weight_only else c.cfg.block
+    return FINE_8BIT_BLOCK if _all_weight_only(c) else c.cfg.block
 
 
 def rotate(c: Conversion, stats: Stats | None = None) -> None:
@@ -166,20 +165,23 @@ def rotate(c: Conversion, stats: Stats | None = None) -> None:
     collected under (their second moments are in that basis), and none if they had none."""
     cfg = c.cfg
     wanted = (cfg.rotate and cfg.block_8bit and cfg.rules.rotate_inputs and not cfg.exact_matmuls
-              and weights_folder(c.prepared) is None
-              and all(_weight_only_8bit(cfg.rules, t) for t in c.targets))
+              and weights_folder(c.prepared) is None and _all_weight_only(c))
     if stats is not None and bool(stats.rotation) != bool(wanted):
         c.warn("inputs rotated as the loaded statistics were collected (their second moments are in that basis)"
                if stats.rotation else
                "inputs not rotated: the loaded statistics were collected without rotations (as --no-rotate)")
     if not (stats.rotation if stats is not None else wanted):
         return
-    groups = {a: ts for a, ts in smoothable(c.prepared, c.targets, convs=False).items()
-              if all(t.op in ("Gemm", "MatMul") for t in ts)}
+    groups = smoothable(c.prepared, c.targets, convs=False)        # Gemm/MatMul inputs only
     c.rotated = rotate_inputs(c.prepared, groups, ROTATE_BLOCK, cfg.seed, None if stats is None else stats.rotation)
     if c.rotated:
         c.targets, c.skipped = targets_of(c)
         log.info(f"rotated {len(c.rotated)} Gemm/MatMul inputs per {ROTATE_BLOCK} channels")
+
+
+def _all_weight_only(c: Conversion) -> bool:
+    """Every quantized layer of the conversion reads a float input at 8 bits (an encoder at W8A8)."""
+    return all(_weight_only_8bit(c.cfg.rules, t) for t in c.targets)
 
 
 def _weight_only_8bit(rules, t) -> bool:

@@ -36,15 +36,6 @@ def hadamard(n: int) -> np.ndarray:
     return h / np.sqrt(n)
 
 
-def in_features(model: onnx.ModelProto, t: Target) -> int:
-    """K: the input channels a Gemm/MatMul reader's weight multiplies."""
-    return to_matrix(tensor_array(_init(model.graph, t.weight)), t.weight_layout).shape[1]
-
-
-def _init(g: onnx.GraphProto, name: str) -> onnx.TensorProto:
-    return next(i for i in g.initializer if i.name == name)
-
-
 def rotate_inputs(model: onnx.ModelProto, groups: dict[str, list[Target]], block: int, seed: int,
                   given: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
     """Rotate each input tensor of `groups` ({input: its Gemm/MatMul readers}, every reader's weight
@@ -60,9 +51,9 @@ def rotate_inputs(model: onnx.ModelProto, groups: dict[str, list[Target]], block
              else given.get(act))
         if r is None:
             continue
-        k = in_features(model, readers[0])
+        k = readers[0].params // readers[0].out_channels       # K of a 2-D weight
         rank = 2 if all(t.op == "Gemm" for t in readers) else ranks.get(act, 0)
-        if k % r.shape[0] or rank < 2 or any(in_features(model, t) != k for t in readers):
+        if k % r.shape[0] or rank < 2 or any(t.params // t.out_channels != k for t in readers):
             continue
         _rotate_readers(model.graph, readers, r)
         _insert(model.graph, act, readers, r, k, rank)
@@ -74,8 +65,9 @@ def _rotate_readers(g: onnx.GraphProto, readers: list[Target], r: np.ndarray) ->
     """Each reader's weight [O, K] as a matrix times the block-diagonal R: W' = W R, so that
     (x R) W'^T = x W^T."""
     b = r.shape[0]
+    inits = {i.name: i for i in g.initializer}
     for t in readers:
-        m = to_matrix(tensor_array(_init(g, t.weight)).astype(np.float64), t.weight_layout)
+        m = to_matrix(tensor_array(inits[t.weight]).astype(np.float64), t.weight_layout)
         rotated = (m.reshape(m.shape[0], -1, b) @ r).reshape(m.shape)
         _replace_init(g, t.weight, from_matrix(rotated, t.weight_layout, t.shape).astype(np.float32))
 
