@@ -156,16 +156,17 @@ def fine_8bit_block(c: Conversion) -> int:
 
 
 def rotate(c: Conversion, stats: Stats | None = None) -> None:
-    """Where every quantized layer is weight-only at 8 bits and blocked (an encoder at W8A8) under a
-    target whose runtime rounds those layers' inputs to int8 per block (onnxruntime's MatMulNBits),
-    each Gemm/MatMul input is rotated by a Hadamard matrix per ROTATE_BLOCK channels and the weights
-    by its transpose (graph/rotate.py), unless --exact-matmuls keeps the inputs float. Held out on
-    all-MiniLM-L6-v2 in a default session: 34.7 -> 39.0 dB, within 0.7 dB of float inputs
-    (docs/results.md, round 43). Statistics loaded from a file bring the rotations they were
+    """Where every quantized layer reads a float input (an encoder at W8A8 with blocked weights, or
+    at W4A8) under a target whose runtime rounds those layers' inputs to int8 per block
+    (onnxruntime's MatMulNBits), each Gemm/MatMul input is rotated by a Hadamard matrix per
+    ROTATE_BLOCK channels and the weights by its transpose (graph/rotate.py), unless --exact-matmuls
+    keeps the inputs float. Held out on all-MiniLM-L6-v2 in a default session: W8A8 34.7 -> 39.0 dB,
+    within 0.7 dB of float inputs (docs/results.md, round 43); W4A8 retrieval agreement
+    0.885 -> 0.927 (round 44). Statistics loaded from a file bring the rotations they were
     collected under (their second moments are in that basis), and none if they had none."""
     cfg = c.cfg
-    wanted = (cfg.rotate and cfg.block_8bit and cfg.rules.rotate_inputs and not cfg.exact_matmuls
-              and weights_folder(c.prepared) is None and _all_weight_only(c))
+    wanted = (cfg.rotate and cfg.rules.rotate_inputs and not cfg.exact_matmuls
+              and weights_folder(c.prepared) is None and _rotatable(c))
     if stats is not None and bool(stats.rotation) != bool(wanted):
         c.warn("inputs rotated as the loaded statistics were collected (their second moments are in that basis)"
                if stats.rotation else
@@ -177,6 +178,15 @@ def rotate(c: Conversion, stats: Stats | None = None) -> None:
     if c.rotated:
         c.targets, c.skipped = targets_of(c)
         log.info(f"rotated {len(c.rotated)} Gemm/MatMul inputs per {ROTATE_BLOCK} channels")
+
+
+def _rotatable(c: Conversion) -> bool:
+    """Every layer reads a float input whatever bits it gets: W8 with blocked weights, or 2-4 bits
+    (a layer protected at 8 bits too)."""
+    if c.cfg.bits > 4:
+        return bool(c.cfg.block_8bit) and _all_weight_only(c)
+    return all(t.op == "Gather" or (float_input(c.cfg.rules, t, 4) and float_input(c.cfg.rules, t, 8))
+               for t in c.targets)
 
 
 def _all_weight_only(c: Conversion) -> bool:

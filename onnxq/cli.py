@@ -122,9 +122,15 @@ def _blocks_8bit(r) -> str:
     wide = sum(1 for q in r.quantized if q.bits == 8 and "blocks of" in q.method)
     return (f"  8-bit blocks: {_layers(wide)} with a scale per {r.config.get('block8') or r.config['block']} "
             f"values along K (a table: per {TABLE_BLOCK} along a row; --no-block-8bit: one per column), so the model "
-            f"is opset {r.opset_after}") + (
-        f"\n  rotated: {len(r.rotated)} Gemm/MatMul inputs, a Hadamard matrix per {ROTATE_BLOCK} channels "
-        f"(onnxruntime rounds them to int8 per block; --no-rotate to leave them)" if r.rotated else "")
+            f"is opset {r.opset_after}")
+
+
+def _print_blocks(r) -> None:
+    if r.config.get("block_8bit"):
+        out.print(_blocks_8bit(r))
+    if r.rotated:
+        out.print(f"  rotated: {len(r.rotated)} Gemm/MatMul inputs, a Hadamard matrix per {ROTATE_BLOCK} channels "
+                  f"(onnxruntime rounds them to int8 per block; --no-rotate to leave them)")
 
 
 def print_summary(report) -> None:
@@ -170,8 +176,7 @@ def print_summary(report) -> None:
         out.print("  8-bit weights: " + ("UINT8 with zero point 128 (u8 x u8 kernels, exact on x86 CPUs without VNNI)"
                                          if r.config["u8_weights"] else
                                          "INT8 (u8 x s8 kernels; --u8-weights for an x86 CPU without VNNI)"))
-    if r.config.get("block_8bit"):
-        out.print(_blocks_8bit(r))
+    _print_blocks(r)
     out.print(f"  size: {_mb(r.size_before)} -> {_mb(r.size_after)} "
               f"({r.size_before / max(r.size_after, 1):.1f}x smaller)")
     stages = ", ".join(f"{k} {v:.1f} s" for k, v in r.seconds.items() if k != "total")
@@ -439,12 +444,13 @@ def _preprocess_options(f):
                    "inputs (--rotate) and 34.5-34.7 without; 1.05x FP32's latency instead of 0.58x (8 tokens) to "
                    "0.95x (32) (docs/results.md, rounds 42-43). Not under --target ort-cpu.")
 @click.option("--rotate/--no-rotate", default=True, show_default=True,
-              help="8-bit conversions whose every layer is weight-only and blocked (a sentence encoder at W8A8), "
-                   "under generic and ort-cpu: rotate each Gemm/MatMul input by a Hadamard matrix per 16 "
+              help="Conversions whose every layer is weight-only (a sentence encoder at W4A8, or at W8A8 with "
+                   "blocked weights), under generic and ort-cpu: rotate each Gemm/MatMul input by a Hadamard matrix per 16 "
                    "channels (the weights by its transpose: the same function in float), so onnxruntime's "
                    "MatMulNBits, which rounds the input to int8 per block, is not held to the step of its "
                    "largest channel. all-MiniLM-L6-v2 held out: 34.5-34.7 -> 38.3-39.0 dB; the rotations cost 3-6% "
-                   "of the latency at 8 tokens, ~10% at 32 (docs/results.md, round 43). Not with --exact-matmuls, whose inputs stay float.")
+                   "of the latency at 8 tokens, ~10% at 32 (docs/results.md, round 43); at W4A8 retrieval agreement "
+                   "0.885 -> 0.927 (round 44). Not with --exact-matmuls, whose inputs stay float.")
 @click.option("--u8-weights/--int8-weights", default=None,
               help="8-bit conv/Gemm/MatMul weights as UINT8 with zero point 128 (onnxruntime's u8 x u8 kernels: "
                    "exact on every x86 CPU) or as INT8 (its u8 x s8 kernels and symmetric conv path: under "

@@ -94,8 +94,8 @@ class ConvertConfig:
                                            # every quantized layer is weight-only, else --block (api.block_8bit)
     exact_matmuls: bool = False            # onnxruntime runs weight-only Gemm/MatMul on float inputs, weights
                                            # dequantized at load, not as MatMulNBits (api.session_options)
-    rotate: bool = True                    # W8, every layer weight-only and blocked: the Gemm/MatMul inputs,
-                                           # which MatMulNBits rounds to int8 per block, rotated (api.rotate)
+    rotate: bool = True                    # every layer weight-only (W8 blocked, or W2-4): the Gemm/MatMul
+                                           # inputs, which MatMulNBits rounds to int8 per block, rotated (api.rotate)
 
     def __post_init__(self) -> None:
         self._check_switches()

@@ -1,4 +1,4 @@
-"""Block rotations of the inputs of weight-only 8-bit Gemm/MatMul layers (graph/rotate.py): the
+"""Block rotations of the inputs of weight-only Gemm/MatMul layers, 8- and 4-bit (graph/rotate.py): the
 same function in float, and in onnxruntime's fused MatMulNBits, which rounds its input to int8 per
 block, closer to float where a few input channels are far larger than the rest."""
 
@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 from builders import make_model, vi
-from onnx import helper
+from onnx import helper, numpy_helper
 
 import onnxq
 from onnxq.algos.metrics import sqnr_db
@@ -30,6 +30,17 @@ def encoder_block(rng):
              helper.make_node("Gemm", ["t2", "wo"], ["y"], name="out", transB=1)]
     inits = {k: (v.astype(np.float32) if v.dtype == np.float64 else v) for k, v in w.items()}
     return make_model(nodes, [vi("x", ["B", "T", K])], [vi("y", ["N", O])], inits)
+
+
+def conv_then_block(rng):
+    """The block behind a 1-D conv (x0 [B, K, T] -> Conv k=1 -> Transpose -> x), whose input a W4A8
+    conversion quantizes."""
+    m = encoder_block(rng)
+    w = numpy_helper.from_array((rng.standard_normal((K, K, 1)) * 0.2).astype(np.float32), "wc")
+    nodes = [helper.make_node("Conv", ["x0", "wc"], ["c"], name="conv"),
+             helper.make_node("Transpose", ["c"], ["x"], perm=[0, 2, 1], name="to_tokens")]
+    return make_model(nodes + list(m.graph.node), [vi("x0", ["B", K, "T"])], list(m.graph.output),
+                      {i.name: numpy_helper.to_array(i) for i in [w, *m.graph.initializer]})
 
 
 def feeds(rng, n, loud=()):
@@ -95,16 +106,40 @@ def test_w8a8_rotated_inputs_are_closer_to_float_in_a_default_session():
     assert q2.SerializeToString() == q.SerializeToString()
 
 
+def test_w4a8_rotated_inputs_are_closer_to_float_in_a_default_session():
+    """W4A8 of the block: every layer weight-only at 4 bits, fused into 4-bit MatMulNBits in a
+    default session, which rounds the inputs to int8 per block too; held out, the rotated
+    conversion is closer to float."""
+    rng = np.random.default_rng(4)
+    m = encoder_block(rng)
+    cal, held = feeds(rng, 16, loud=(3, 40)), feeds(rng, 8, loud=(3, 40))
+    ref = run(m, held)
+    q, rep = onnxq.convert(m, onnxq.ConvertConfig(bits=4), calib=cal)
+    q0, rep0 = onnxq.convert(m, onnxq.ConvertConfig(bits=4, rotate=False), calib=cal)
+    assert sorted(rep.rotated) == ["t2", "x"] and rep0.rotated == []
+    assert {x.bits for x in rep.quantized} == {4} and all(x.activation_bits >= 32 for x in rep.quantized)
+    for model in (q, q0):
+        fused = onnx.load_from_string(onnxq.runtime.default_session_graph(model))
+        assert sum(n.op_type == "MatMulNBits" for n in fused.graph.node) == 3
+    db, db0 = (sqnr_db(ref, run(x, held)) for x in (q, q0))
+    assert db > db0 + 1.0, (db, db0)
+
+
 def test_no_rotation_where_the_inputs_stay_float_or_are_quantized():
-    """--exact-matmuls keeps the inputs float (nothing to rotate for); a 4-bit conversion's error is
-    its weights'; openvino runs its weight-only layers on float inputs."""
+    """--exact-matmuls keeps the inputs float (nothing to rotate for); openvino runs its
+    weight-only layers on float inputs; a conv's input is quantized at W4A8."""
     rng = np.random.default_rng(2)
     m = encoder_block(rng)
     cal = feeds(rng, 8, loud=(3,))
-    for cfg in (onnxq.ConvertConfig(bits=8, act_bits=8, exact_matmuls=True), onnxq.ConvertConfig(bits=4),
-                onnxq.ConvertConfig(bits=8, target="openvino")):
+    for cfg in (onnxq.ConvertConfig(bits=8, act_bits=8, exact_matmuls=True),
+                onnxq.ConvertConfig(bits=4, exact_matmuls=True),
+                onnxq.ConvertConfig(bits=8, target="openvino"), onnxq.ConvertConfig(bits=4, target="openvino")):
         _, rep = onnxq.convert(m, cfg, calib=cal)
         assert rep.rotated == [], cfg
+    _, rep = onnxq.convert(conv_then_block(rng), onnxq.ConvertConfig(bits=4),
+                           calib=[{"x0": f["x"].transpose(0, 2, 1).copy()} for f in cal])
+    assert rep.rotated == [] and any(q.node == "conv" and q.activation_bits == 8 for q in rep.quantized)
+    assert sum(q.activation_bits >= 32 for q in rep.quantized) == 3      # the block's readers: candidates
 
 
 def test_loaded_statistics_bring_the_rotations_they_were_collected_under(tmp_path):

@@ -1,5 +1,5 @@
-"""Block rotations of the inputs of weight-only 8-bit Gemm/MatMul layers whose runtime rounds
-that input to int8 per block of K as it runs (onnxruntime's MatMulNBits at accuracy level 4:
+"""Block rotations of the inputs of weight-only Gemm/MatMul layers whose runtime rounds that
+input to int8 per block of K as it runs (onnxruntime's MatMulNBits at accuracy level 4:
 what a default session fuses a blocked DequantizeLinear -> MatMul into, and what ort-cpu writes).
 
 For an orthogonal R, x W = (x R)(R^T W) exactly. R here is block diagonal: one Hadamard matrix
@@ -8,7 +8,8 @@ a channel of large values (LayerNorm outputs carry a few) is spread over its blo
 setting the int8 step that every other channel of the block is rounded to. The readers' weights
 take R^T; the input takes R through Reshape -> MatMul [B, B] -> Reshape ahead of the readers.
 The rotation is made in the prepared float graph before calibration, so the statistics, the
-weight rounding and every check see the rotated basis; the rotation itself stays float.
+weight rounding and every check see the rotated basis; the rotation itself stays float. At 4 bits
+the weights are rounded in the rotated basis as well.
 """
 
 from __future__ import annotations

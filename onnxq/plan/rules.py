@@ -140,8 +140,8 @@ class Rules:
     table_codes: bool = False     # tables' Gathers read the codes, only gathered rows are dequantized
                                   # (graph/tables.py)
     ms_kernels: bool = False      # onnxruntime's MatMulNBits / GatherBlockQuantized (com.microsoft)
-    rotate_inputs: bool = False   # the runtime rounds a blocked 8-bit weight-only Gemm/MatMul's input to
-                                  # int8 per block (MatMulNBits, accuracy level 4): inputs rotated (graph/rotate.py)
+    rotate_inputs: bool = False   # the runtime rounds a weight-only Gemm/MatMul's input to int8 per block
+                                  # (MatMulNBits, accuracy level 4): inputs rotated (graph/rotate.py)
     blocked_weights: bool = False  # 2-4-bit Gemm/MatMul weights may take one scale per block of K (--block)
     blocked_convs: bool = False    # 2-4-bit ungrouped conv weights may take one scale per block of input
                                    # channels at each kernel tap (--block)
