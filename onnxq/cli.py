@@ -381,11 +381,13 @@ def _preprocess_options(f):
                    "Stages are whole levels of layers that never read each other's output, of about equal "
                    "weight count. Default: as many as layers (light consecutive levels share a stage; each "
                    "stage runs only the part of the model past the last one).")
-@click.option("--protect", type=click.FloatRange(0, 1), default=0.18, show_default=True,
+@click.option("--protect", type=click.FloatRange(0, 1), default=None,
               help="At 4 bits and below: how much larger (fraction) the weights may be than uniform low bits "
                    "(one scale per output channel). The blocked scales and zero points of --block (convs, "
                    "Gemm/MatMul) come first; what is left keeps the layers (and embedding tables) that harm the "
-                   "network most at 8 bits, only if that helps on samples it was not chosen on.")
+                   "network most at 8 bits, only if that helps on samples it was not chosen on. Default: 0.18, "
+                   "or 0.30 where every layer reads a float input (a sentence encoder: its file stays within "
+                   "0.18x FP32; docs/results.md, round 44).")
 @click.option("--no-protect", is_flag=True, help="Uniform low-bit weights (same as --protect 0).")
 @click.option("--protect-acts", type=click.FloatRange(0, 1), default=0.25, show_default=True,
               help="8-bit activations (generic and ort-cpu targets): the share of them that may be kept at 16 "

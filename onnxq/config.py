@@ -26,6 +26,8 @@ BLOCKS = (0, 32, 64, 128)      # --block choices (0: one scale per output channe
 BLOCKS_8BIT = (16, 32, 64, 128)   # blocks of blocked 8-bit Gemm/MatMul weights (ConvertConfig.block8)
 FINE_8BIT_BLOCK = 16           # ... where every quantized layer is weight-only (api.block_8bit)
 ROTATE_BLOCK = 16              # channels a Hadamard rotation of such a layer's input mixes (graph/rotate.py)
+PROTECT = 0.18                 # --protect's default (docs/results.md, round 12) ...
+ENCODER_PROTECT = 0.30         # ... where every layer reads a float input (an encoder at W4A8; round 44)
 # activation bits at which low-bit conversions run sequential mode by default: 8 (rounds 13-14) and
 # 32, weight-only (round 40: 4-bit weight-only on eight models, eleven draws, held-out SQNR +0.1 to
 # +3.3 dB, answers up or level on every draw; docs/results.md)
@@ -74,9 +76,10 @@ class ConvertConfig:
     bit_choices: tuple[int, ...] = (8, 4, 3, 2)
     search_evals: int = 120                # lapq: network-loss evaluations at most (det W4A4: ~1 s each)
     search_samples: int = 64               # lapq: samples the search fits (the next as many check it)
-    protect: float = 0.18                  # <= 4 bits: weight bytes (fraction) over uniform low bits for
+    protect: float | None = None           # <= 4 bits: weight bytes (fraction) over uniform low bits for
                                            # --block's blocked scales and zero points, then layers kept at
-                                           # 8 bits (search/protect.py; 0.18: docs/results.md, round 12)
+                                           # 8 bits (search/protect.py); None: PROTECT, or ENCODER_PROTECT
+                                           # where every layer reads a float input (api.protect_budget)
     target: str = DEFAULT_TARGET           # emission rules of the runtime the model is for (plan/rules.py)
     quantize_attention: bool = False       # 8-bit Q/DQ on both inputs of MatMuls of two activations
     smooth: bool = True                    # per-channel smoothing of Gemm/MatMul/depthwise inputs where it pays
@@ -126,7 +129,7 @@ class ConvertConfig:
             raise ConfigError("--search-samples must be at least 1 and --search-evals at least 0")
         if not 0.0 <= self.protect_acts <= 1.0:
             raise ConfigError(f"--protect-acts is a fraction of the 8-bit activations (0..1), got {self.protect_acts}")
-        if not 0.0 <= self.protect <= 1.0:
+        if self.protect is not None and not 0.0 <= self.protect <= 1.0:
             raise ConfigError(f"--protect is a fraction of the low-bit weight bytes (0..1), got {self.protect}")
         if not 0 < self.damp <= 1:
             raise ConfigError(f"--damp must lie in (0, 1], got {self.damp}")
@@ -245,7 +248,7 @@ class ConvertConfig:
     def protect_on(self) -> bool:
         """Protection applies to uniform low-bit conversions (mixed precision chooses bits its own
         way)."""
-        return self.protect > 0 and self.bits < 8 and not self.mixed
+        return (self.protect is None or self.protect > 0) and self.bits < 8 and not self.mixed
 
     @property
     def protect_acts_on(self) -> bool:

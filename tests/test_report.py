@@ -11,6 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import onnxq
 from onnxq.calib.collectors import RangeHistogram
+from onnxq.config import PROTECT
 from onnxq.graph.io import load_model
 from onnxq.search.choose import BEST_OF
 from onnxq.graph.prepare import prepare
@@ -114,7 +115,8 @@ def test_sizes_opsets_samples_fidelity_and_timings(digits):
     assert number(f.sqnr_db) and f.sqnr_db > 15 and 0 <= f.top1_agreement <= 1 and f.kl >= 0
     assert {"load", "calibrate", "quantize", "verify", "total"} <= set(rep.seconds)
     assert all(number(v) and v >= 0 for v in rep.seconds.values())
-    assert rep.config == onnxq.ConvertConfig(bits=4).to_dict()
+    # the config as run: --protect unset is settled to the convnet's budget (api.protect_budget)
+    assert rep.config == {**onnxq.ConvertConfig(bits=4).to_dict(), "protect": PROTECT}
     assert rep.branches is None and rep.mixed is None and rep.search is None and rep.warnings == []
 
 
