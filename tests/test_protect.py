@@ -128,3 +128,16 @@ def test_the_default_budget_is_wider_where_every_layer_reads_a_float_input():
     assert rep.config["protect"] == 0.18
     _, rep = convert(bits=4)
     assert rep.config["protect"] == PROTECT
+
+
+def test_a_weight_several_layers_read_is_not_raised_for_one_of_them():
+    """Six Gemm steps read one weight: raising one reader to 8 bits would store the weight once per
+    reader, past what the budget counts, so protection leaves them (harm still measured for each)
+    and the weight stays stored once."""
+    import numpy as np
+    from test_matmul_gemms import _chain
+    feeds = [{"x": np.random.default_rng(s).standard_normal((4, 64)).astype(np.float32)} for s in range(12)]
+    q, rep = onnxq.convert(_chain(True), onnxq.ConvertConfig(bits=4, protect=1.0), calib=feeds[:8])
+    assert rep.protect is not None and len(rep.protect.harm) == 6 and rep.protect.protected == []
+    assert rep.shared_weights == 1 and {x.bits for x in rep.quantized} == {4}
+    assert sum("weight_q" in i.name for i in q.graph.initializer) == 1

@@ -76,7 +76,8 @@ def test_the_steps_of_an_unrolled_loop_are_coded_once(monkeypatch, bits):
     coded = []
     real = layers.plan_layer
     monkeypatch.setattr(layers, "plan_layer", lambda t, *a, **k: coded.append(t.node) or real(t, *a, **k))
-    cfg = onnxq.ConvertConfig(bits=bits, act_bits=32)       # weight-only: the codes' own error
+    # weight-only, uniform bits: the codes' own error (--protect would raise some of the copies)
+    cfg = onnxq.ConvertConfig(bits=bits, act_bits=32, protect=0.0)
     q, rep = onnxq.convert(unrolled(), cfg, calib=CAL)
     assert rep.shared_weights == 1 and len(rep.quantized) == 6
     assert coded and set(coded) == {"step0"}                  # the weight is coded for one step, not six

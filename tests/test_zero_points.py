@@ -87,7 +87,9 @@ def test_generic_emits_unsigned_codes_with_zero_points_that_runtimes_run(tmp_pat
     answers."""
     rng = np.random.default_rng(13)
     # one pass: the two grids' own codes (sequential mode, on by default weight-only, recodes later layers)
-    cfg = dict(bits=4, act_bits=32, protect=0.0, protect_acts=0.0, bias_correction=False, sequential=False)
+    # the MLP is all weight-only: unrotated, so that its stored weights are the graph's own (graph/rotate.py)
+    cfg = dict(bits=4, act_bits=32, protect=0.0, protect_acts=0.0, bias_correction=False, sequential=False,
+               rotate=False)
     for m, cal, held in ((conv_pair(rng), conv_feeds(rng, 12), conv_feeds(rng, 4)), (mlp(rng), feeds(rng, 8), feeds(rng, 4))):
         q_sym, _ = onnxq.convert(m, onnxq.ConvertConfig(zero_points=False, **cfg), calib=cal)
         q, rep = onnxq.convert(m, onnxq.ConvertConfig(**cfg), calib=cal)

@@ -21,6 +21,7 @@ import numpy as np
 
 from ..config import ConvertConfig
 from ..plan.layers import dequantized, per_channel_bytes, plan_layer, weight_bytes
+from ..plan.shared import shared_keys, weight_key
 from ..types import ActQuant, Feed, LayerPlan, LayerStats, ProtectSummary, Progress, RoundingChoice
 from .probe import TAILS, Probe
 
@@ -89,11 +90,15 @@ def protect_layers(prepared: "onnx.ModelProto", layers: list[LayerPlan], weights
             progress("layer harm", i + 1, len(low))
     extra = {lp.target.node: per_channel_bytes(lp, PROTECT_BITS) - weight_bytes(lp) for lp in low}
     budget = budget_bytes(layers, cfg)
+    # a reader of a weight other layers read too is not raised alone: the weight would be stored
+    # once per reader (plan/shared.py), past what the budget counts
+    shared = shared_keys(layers)
+    alone = {lp.target.node for lp in low if weight_key(lp) not in shared}
     chosen, used = [], 0.0
     for node in sorted(harm, key=lambda n: (-harm[n] / max(extra[n], 1.0), n)):
         if harm[node] <= 0:
             break
-        if used + extra[node] <= budget:
+        if node in alone and used + extra[node] <= budget:
             chosen.append(node)
             used += extra[node]
     summary = ProtectSummary(budget_bytes=budget, used_bytes=used, harm=harm, protected=[])
