@@ -78,6 +78,13 @@ FIDELITY_KEY = {"orient": "top1_fp32", "cls": "top1_fp32", "imagenet": "top1_fp3
                 "rec": "strings_fp32", "text": "retrieval_agree", "captcha": "strings_fp32", "layout": "f1_fp32"}
 
 
+def text_calib_picks(key: str, pool: int, seed: int, n: int) -> list[int]:
+    """Indices of a text set's calibration sentences in its pool of `pool`: a seeded draw from all
+    but the evaluation tail (the model's evaluation count, at least 100)."""
+    rest = pool - max(MODELS[key]["counts"][1], 100)
+    return sorted(np.random.default_rng(seed).choice(rest, size=n, replace=False).tolist())
+
+
 def feeds(key: str, spec: dict, path: Path, dataset: str, seed: int, n: int, split: str, cache: Path):
     """n feeds of data set `dataset` from pool `split` ('calib' or 'eval') with `seed`."""
     kind, name = spec["kind"], tg.input_name(path)
@@ -107,9 +114,7 @@ def feeds(key: str, spec: dict, path: Path, dataset: str, seed: int, n: int, spl
         names = tuple(i.name for i in onnx.load(str(path), load_external_data=False).graph.input)
         if split == "eval":
             return tg.text_data.feeds(texts[-n:], names)
-        rest = texts[:-max(MODELS[key]["counts"][1], 100)]
-        pick = np.random.default_rng(seed).choice(len(rest), size=n, replace=False)
-        return tg.text_data.feeds([rest[i] for i in sorted(pick)], names)
+        return tg.text_data.feeds([texts[i] for i in text_calib_picks(key, len(texts), seed, n)], names)
     if kind == "captcha":
         return [f for f, _ in captcha_data.samples(n, seed + (0 if split == "calib" else 1000), dataset, name)]
     if kind == "rec":

@@ -13,7 +13,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import onnx
 import onnxruntime as ort
 
@@ -41,9 +40,8 @@ def main() -> None:
     path = g.model_path(spec)
     texts = text_data.sentences(SOURCES[a.set])
     inputs = tuple(i.name for i in onnx.load(str(path), load_external_data=False).graph.input)
-    rest = texts[:-max(spec["counts"][1], 100)]
-    pick = set(np.random.default_rng(a.seed).choice(len(rest), size=64, replace=False).tolist())
-    cal = text_data.feeds([rest[i] for i in sorted(pick)], inputs)
+    pick = set(g.text_calib_picks(a.model, len(texts), a.seed, 64))      # generalise.py's calibration draw
+    cal = text_data.feeds([texts[i] for i in sorted(pick)], inputs)
     ev = text_data.feeds([t for i, t in enumerate(texts) if i not in pick], inputs)
     fp32 = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     ref = [fp32.run(None, f) for f in ev]

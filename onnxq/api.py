@@ -130,7 +130,7 @@ def block_8bit(c: Conversion) -> None:
     cfg = c.cfg
     if cfg.block_8bit is False or cfg.bits != 8 or cfg.mixed or not cfg.block or not cfg.rules.blocked_weights:
         return
-    light = sum(t.params for t in c.targets if _weight_only_8bit(cfg.rules, t))
+    light = sum(t.params for t in c.targets if _weight_only(cfg.rules, t))
     if not light or (cfg.block_8bit is None and light <= 0.5 * sum(t.params for t in c.targets)):
         return
     if not cfg.rules.ms_kernels:             # MatMulNBits / GatherBlockQuantized need no opset 21
@@ -186,13 +186,7 @@ def _rotatable(c: Conversion) -> bool:
     (a layer protected at 8 bits too)."""
     if c.cfg.bits > 4:
         return bool(c.cfg.block_8bit) and _all_weight_only(c)
-    return _float_inputs(c)
-
-
-def _float_inputs(c: Conversion) -> bool:
-    """Every layer reads a float input at 4 bits and at 8 (tables, weight-only Gemm/MatMul)."""
-    return all(t.op == "Gather" or (float_input(c.cfg.rules, t, 4) and float_input(c.cfg.rules, t, 8))
-               for t in c.targets)
+    return _all_weight_only(c, (4, 8))
 
 
 def protect_budget(c: Conversion) -> None:
@@ -202,18 +196,20 @@ def protect_budget(c: Conversion) -> None:
     answers on four draws of four and kept the file within 0.18x FP32; on convnets 0.30 was not
     better at its size (docs/results.md, rounds 42 and 44)."""
     if c.cfg.protect is None:
-        wide = c.cfg.bits <= 4 and bool(c.targets) and _float_inputs(c)
+        wide = c.cfg.bits <= 4 and bool(c.targets) and _all_weight_only(c, (4, 8))
         c.cfg = dataclasses.replace(c.cfg, protect=ENCODER_PROTECT if wide else PROTECT)
 
 
-def _all_weight_only(c: Conversion) -> bool:
-    """Every quantized layer of the conversion reads a float input at 8 bits (an encoder at W8A8)."""
-    return all(_weight_only_8bit(c.cfg.rules, t) for t in c.targets)
+def _all_weight_only(c: Conversion, bits: tuple[int, ...] = (8,)) -> bool:
+    """Every quantized layer of the conversion reads a float input at each of `bits` (an encoder
+    at W8A8; with (4, 8), at W4A8 whichever layers protection keeps at 8 bits)."""
+    return all(_weight_only(c.cfg.rules, t, bits) for t in c.targets)
 
 
-def _weight_only_8bit(rules, t) -> bool:
-    """An 8-bit layer whose input stays float: a table, or a Gemm/MatMul on a weight-only kernel."""
-    return t.op == "Gather" or float_input(rules, t, 8)
+def _weight_only(rules, t, bits: tuple[int, ...] = (8,)) -> bool:
+    """A layer whose input stays float at each of `bits`: a table, or a Gemm/MatMul on a weight-only
+    kernel."""
+    return t.op == "Gather" or all(float_input(rules, t, b) for b in bits)
 
 
 def load(c: Conversion, model) -> None:

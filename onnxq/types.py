@@ -191,26 +191,25 @@ class Stats:
         z = np.load(path, allow_pickle=False)
         st = cls(samples=int(z["__samples"]))
         keys = set(z.files)
-        i = 0
-        while f"a{i}/name" in keys:
-            st.acts[str(z[f"a{i}/name"])] = ActStats(z[f"a{i}/counts"], z[f"a{i}/edges"],
-                                                    tuple(float(v) for v in z[f"a{i}/observed"]))
-            i += 1
-        i = 0
-        while f"l{i}/name" in keys:
-            st.layers[str(z[f"l{i}/name"])] = LayerStats(z[f"l{i}/hessian"], z[f"l{i}/mean"],
-                                                        int(z[f"l{i}/rows"]))
-            i += 1
-        i = 0
-        while f"s{i}/name" in keys:
-            alpha, before, after = (float(v) for v in z[f"s{i}/numbers"])
-            st.smoothing[str(z[f"s{i}/name"])] = (alpha, z[f"s{i}/scales"], before, after)
-            i += 1
-        i = 0
-        while f"r{i}/name" in keys:
-            st.rotation[str(z[f"r{i}/name"])] = z[f"r{i}/matrix"]
-            i += 1
+        for p in _entries(keys, "a"):
+            st.acts[str(z[p + "name"])] = ActStats(z[p + "counts"], z[p + "edges"],
+                                                   tuple(float(v) for v in z[p + "observed"]))
+        for p in _entries(keys, "l"):
+            st.layers[str(z[p + "name"])] = LayerStats(z[p + "hessian"], z[p + "mean"], int(z[p + "rows"]))
+        for p in _entries(keys, "s"):
+            alpha, before, after = (float(v) for v in z[p + "numbers"])
+            st.smoothing[str(z[p + "name"])] = (alpha, z[p + "scales"], before, after)
+        for p in _entries(keys, "r"):
+            st.rotation[str(z[p + "name"])] = z[p + "matrix"]
         return st
+
+
+def _entries(keys: set[str], prefix: str):
+    """The saved entries of one kind, in order: "{prefix}0/", "{prefix}1/", ... while a name is stored."""
+    i = 0
+    while f"{prefix}{i}/name" in keys:
+        yield f"{prefix}{i}/"
+        i += 1
 
 
 @dataclass(frozen=True)
