@@ -141,3 +141,16 @@ def test_a_weight_several_layers_read_is_not_raised_for_one_of_them():
     assert rep.protect is not None and len(rep.protect.harm) == 6 and rep.protect.protected == []
     assert rep.shared_weights == 1 and {x.bits for x in rep.quantized} == {4}
     assert sum("weight_q" in i.name for i in q.graph.initializer) == 1
+
+
+def test_a_weight_several_layers_read_counts_once_in_the_budget():
+    """The budget is a share of the bytes the weights are stored in: six steps reading one weight
+    store it once, so their budget is a sixth of six steps with a weight each. (Counted once per
+    reader, a model's blocked readers of one weight had their blocks' bytes counted as often, and
+    the CRNN reader's unrolled LSTM left it no budget at all: docs/results.md, round 45.)"""
+    import numpy as np
+    from test_matmul_gemms import _chain
+    feeds = [{"x": np.random.default_rng(s).standard_normal((4, 64)).astype(np.float32)} for s in range(12)]
+    budget = {shared: onnxq.convert(_chain(shared), onnxq.ConvertConfig(bits=4, protect=1.0),
+                                    calib=feeds[:8])[1].protect.budget_bytes for shared in (True, False)}
+    assert budget[False] > 0 and budget[True] == pytest.approx(budget[False] / 6)

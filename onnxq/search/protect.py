@@ -37,8 +37,13 @@ def budget_bytes(layers: Sequence[LayerPlan], cfg: ConvertConfig) -> float:
     """What --protect may spend: cfg.protect of the bytes the quantized weights take in the
     uniform format (one scale per output channel; tables in their own blocks, which --block does
     not set), less what --block's blocked scales (Gemm/MatMul, convs) add over that: the weights
-    stay within cfg.protect of a uniform conversion's."""
-    coded = [lp for lp in layers if lp.codes is not None]
+    stay within cfg.protect of a uniform conversion's. A weight several layers read is stored, and
+    counted, once."""
+    once: dict[tuple, LayerPlan] = {}
+    for lp in layers:
+        if lp.codes is not None:
+            once.setdefault(weight_key(lp), lp)
+    coded = list(once.values())
     blocks = sum(weight_bytes(lp) - per_channel_bytes(lp) for lp in coded if lp.block and lp.target.op != "Gather")
     uniform = sum(weight_bytes(lp) for lp in coded) - blocks
     return max(cfg.protect * uniform - blocks, 0.0)
