@@ -130,14 +130,20 @@ def test_the_default_budget_is_wider_where_every_layer_reads_a_float_input():
     assert rep.config["protect"] == PROTECT
 
 
+def _convert_chain(shared: bool):
+    """W4A8 of six Gemm steps (test_matmul_gemms._chain), reading one weight or one each, with the
+    whole weight bytes as --protect's budget."""
+    import numpy as np
+    from test_matmul_gemms import _chain
+    feeds = [{"x": np.random.default_rng(s).standard_normal((4, 64)).astype(np.float32)} for s in range(8)]
+    return onnxq.convert(_chain(shared), onnxq.ConvertConfig(bits=4, protect=1.0), calib=feeds)
+
+
 def test_a_weight_several_layers_read_is_not_raised_for_one_of_them():
     """Six Gemm steps read one weight: raising one reader to 8 bits would store the weight once per
     reader, past what the budget counts, so protection leaves them (harm still measured for each)
     and the weight stays stored once."""
-    import numpy as np
-    from test_matmul_gemms import _chain
-    feeds = [{"x": np.random.default_rng(s).standard_normal((4, 64)).astype(np.float32)} for s in range(12)]
-    q, rep = onnxq.convert(_chain(True), onnxq.ConvertConfig(bits=4, protect=1.0), calib=feeds[:8])
+    q, rep = _convert_chain(True)
     assert rep.protect is not None and len(rep.protect.harm) == 6 and rep.protect.protected == []
     assert rep.shared_weights == 1 and {x.bits for x in rep.quantized} == {4}
     assert sum("weight_q" in i.name for i in q.graph.initializer) == 1
@@ -148,9 +154,5 @@ def test_a_weight_several_layers_read_counts_once_in_the_budget():
     store it once, so their budget is a sixth of six steps with a weight each. (Counted once per
     reader, a model's blocked readers of one weight had their blocks' bytes counted as often, and
     the CRNN reader's unrolled LSTM left it no budget at all: docs/results.md, round 45.)"""
-    import numpy as np
-    from test_matmul_gemms import _chain
-    feeds = [{"x": np.random.default_rng(s).standard_normal((4, 64)).astype(np.float32)} for s in range(12)]
-    budget = {shared: onnxq.convert(_chain(shared), onnxq.ConvertConfig(bits=4, protect=1.0),
-                                    calib=feeds[:8])[1].protect.budget_bytes for shared in (True, False)}
+    budget = {shared: _convert_chain(shared)[1].protect.budget_bytes for shared in (True, False)}
     assert budget[False] > 0 and budget[True] == pytest.approx(budget[False] / 6)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import Counter
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -35,6 +35,14 @@ def weight_key(lp: LayerPlan) -> tuple:
 def shared_keys(layers: list[LayerPlan]) -> set[tuple]:
     """The weight_keys that several of `layers` read (their weight is coded once for all)."""
     return {k for k, n in Counter(weight_key(lp) for lp in layers).items() if n > 1}
+
+
+def one_per_weight(layers: "Sequence[LayerPlan]") -> list[LayerPlan]:
+    """The first of `layers` to read each stored weight (the bytes a weight takes, counted once)."""
+    first: dict[tuple, LayerPlan] = {}
+    for lp in layers:
+        first.setdefault(weight_key(lp), lp)
+    return list(first.values())
 
 
 def pool_stats(targets: list[Target], layers: dict[str, LayerStats]) -> int:

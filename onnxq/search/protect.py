@@ -21,7 +21,7 @@ import numpy as np
 
 from ..config import ConvertConfig
 from ..plan.layers import dequantized, per_channel_bytes, plan_layer, weight_bytes
-from ..plan.shared import shared_keys, weight_key
+from ..plan.shared import one_per_weight, shared_keys, weight_key
 from ..types import ActQuant, Feed, LayerPlan, LayerStats, ProtectSummary, Progress, RoundingChoice
 from .probe import TAILS, Probe
 
@@ -39,11 +39,7 @@ def budget_bytes(layers: Sequence[LayerPlan], cfg: ConvertConfig) -> float:
     not set), less what --block's blocked scales (Gemm/MatMul, convs) add over that: the weights
     stay within cfg.protect of a uniform conversion's. A weight several layers read is stored, and
     counted, once."""
-    once: dict[tuple, LayerPlan] = {}
-    for lp in layers:
-        if lp.codes is not None:
-            once.setdefault(weight_key(lp), lp)
-    coded = list(once.values())
+    coded = one_per_weight([lp for lp in layers if lp.codes is not None])
     blocks = sum(weight_bytes(lp) - per_channel_bytes(lp) for lp in coded if lp.block and lp.target.op != "Gather")
     uniform = sum(weight_bytes(lp) for lp in coded) - blocks
     return max(cfg.protect * uniform - blocks, 0.0)
