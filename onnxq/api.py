@@ -466,9 +466,11 @@ def low_bits(c: Conversion, act_plan, progress: Progress | None) -> list:
         log.info(f"rounding: {c.rounding.chosen} (network loss {c.rounding.losses})")
     if c.cfg.protect_on:
         layers, c.protect = protect_layers(c.prepared, layers, c.weights, c.biases, c.stats.layers, c.calib,
-                                           c.cfg, act_plan, progress, judge)
+                                           c.cfg, act_plan, progress, judge,
+                                           c.rounding.chosen if c.rounding else None)
         if c.protect is not None:
-            log.info(f"protect: {len(c.protect.protected)} layers kept at 8 bits "
+            log.info(f"protect: {len(c.protect.protected)} layers kept at 8 bits, "
+                     f"{len(c.protect.per_channel)} per channel "
                      f"({c.protect.used_bytes:.0f} of {c.protect.budget_bytes:.0f} bytes)")
     return layers
 

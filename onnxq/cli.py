@@ -228,10 +228,11 @@ def _print_smoothing(items) -> None:
 def _print_protect(p) -> None:
     if p is None:
         return
-    if p.protected:
-        out.print(f"  protected: {_layers(len(p.protected))} kept at 8 bits (+{_kb(p.used_bytes)} of "
-                  f"{_kb(p.budget_bytes)} allowed); network loss on unseen samples {p.check_before:.4g} -> "
-                  f"{p.check_after:.4g}")
+    if p.protected or p.per_channel:
+        flat = f", {_layers(len(p.per_channel))} per channel instead of blocked" if p.per_channel else ""
+        out.print(f"  protected: {_layers(len(p.protected))} kept at 8 bits{flat} (+{_kb(p.used_bytes)} of "
+                  f"{_kb(p.budget_bytes)} allowed, blocks included; rule: {p.rule}); network loss on unseen samples "
+                  f"{p.check_before:.4g} -> {p.check_after:.4g}")
     else:
         out.print("  protected: none (" + ("did not help on samples it was not chosen on)" if p.check_before
                                              is not None else "no layer's harm paid for its bytes)"))
@@ -383,11 +384,12 @@ def _preprocess_options(f):
                    "stage runs only the part of the model past the last one).")
 @click.option("--protect", type=click.FloatRange(0, 1), default=None,
               help="At 4 bits and below: how much larger (fraction) the weights may be than uniform low bits "
-                   "(one scale per output channel). The blocked scales and zero points of --block (convs, "
-                   "Gemm/MatMul) come first; what is left keeps the layers (and embedding tables) that harm the "
-                   "network most at 8 bits, only if that helps on samples it was not chosen on. Default: 0.18, "
-                   "or 0.30 where every layer reads a float input (a sentence encoder: its file stays within "
-                   "0.18x FP32; docs/results.md, round 44).")
+                   "(one scale per output channel). The budget buys, layer by layer, the blocked scales and zero "
+                   "points of --block (convs, Gemm/MatMul) or 8 bits (embedding tables too), the most measured "
+                   "harm removed per byte first; a second choice pays every layer's blocks first and protects "
+                   "with the rest. The one closer to FP32 on samples neither was chosen on is kept, if it beats "
+                   "the conversion as planned there. Default: 0.18, or 0.30 where every layer reads a float "
+                   "input (a sentence encoder: its file stays within 0.18x FP32; docs/results.md, round 44).")
 @click.option("--no-protect", is_flag=True, help="Uniform low-bit weights (same as --protect 0).")
 @click.option("--protect-acts", type=click.FloatRange(0, 1), default=0.25, show_default=True,
               help="8-bit activations (generic and ort-cpu targets): the share of them that may be kept at 16 "

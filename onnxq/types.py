@@ -404,14 +404,19 @@ class RoundingChoice:
 
 @dataclass
 class ProtectSummary:
-    """Layers kept at 8 bits under --protect (search/protect.py)."""
+    """Layers kept at 8 bits, and blocked layers kept per channel, under --protect (search/protect.py)."""
 
     budget_bytes: float
-    used_bytes: float
-    harm: dict[str, float]          # node -> network loss added by the layer at low bits
+    used_bytes: float               # of the budget: 8-bit layers' extra bytes and the blocks kept
+    harm: dict[str, float]          # node -> network loss added by the layer at low bits (a weight
+                                    # several layers read: its first reader, all of them at low bits)
     protected: list[str]            # empty when nothing paid or the check rejected the choice
     check_before: float | None = None   # whole network at uniform low bits, on samples not fitted
     check_after: float | None = None    # the same with the protected layers at 8 bits
+    per_channel: list[str] = field(default_factory=list)   # blocked layers the budget bought no blocks for
+    flat_harm: dict[str, float] = field(default_factory=dict)  # node -> harm of a blocked one per channel
+    rules: dict[str, float] = field(default_factory=dict)      # each rule's choice -> loss on unseen samples
+    rule: str | None = None         # the rule whose choice was kept
 
 
 @dataclass

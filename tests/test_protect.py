@@ -130,22 +130,25 @@ def test_the_default_budget_is_wider_where_every_layer_reads_a_float_input():
     assert rep.config["protect"] == PROTECT
 
 
-def _convert_chain(shared: bool):
+def _convert_chain(shared: bool, block: int = 32, protect: float = 1.0):
     """W4A8 of six Gemm steps (test_matmul_gemms._chain), reading one weight or one each, with the
-    whole weight bytes as --protect's budget."""
+    whole weight bytes as --protect's budget by default."""
     import numpy as np
     from test_matmul_gemms import _chain
     feeds = [{"x": np.random.default_rng(s).standard_normal((4, 64)).astype(np.float32)} for s in range(8)]
-    return onnxq.convert(_chain(shared), onnxq.ConvertConfig(bits=4, protect=1.0), calib=feeds)
+    return onnxq.convert(_chain(shared), onnxq.ConvertConfig(bits=4, protect=protect, block=block), calib=feeds)
 
 
-def test_a_weight_several_layers_read_is_not_raised_for_one_of_them():
-    """Six Gemm steps read one weight: raising one reader to 8 bits would store the weight once per
-    reader, past what the budget counts, so protection leaves them (harm still measured for each)
-    and the weight stays stored once."""
+def test_a_weight_several_layers_read_is_raised_for_all_of_them_at_once():
+    """Six Gemm steps read one weight: raising one reader alone would store the weight once per
+    reader, past what the budget counts, so the six are weighed as one (one harm, the weight's
+    bytes counted once) and, the budget covering the weight at 8 bits, raised together; the weight
+    stays stored once."""
     q, rep = _convert_chain(True)
-    assert rep.protect is not None and len(rep.protect.harm) == 6 and rep.protect.protected == []
-    assert rep.shared_weights == 1 and {x.bits for x in rep.quantized} == {4}
+    p = rep.protect
+    assert p is not None and list(p.harm) == ["step0"] and p.harm["step0"] > 0
+    assert p.protected == [f"step{i}" for i in range(6)] and p.check_after < p.check_before
+    assert rep.shared_weights == 1 and {x.bits for x in rep.quantized} == {8}
     assert sum("weight_q" in i.name for i in q.graph.initializer) == 1
 
 
@@ -153,6 +156,55 @@ def test_a_weight_several_layers_read_counts_once_in_the_budget():
     """The budget is a share of the bytes the weights are stored in: six steps reading one weight
     store it once, so their budget is a sixth of six steps with a weight each. (Counted once per
     reader, a model's blocked readers of one weight had their blocks' bytes counted as often, and
-    the CRNN reader's unrolled LSTM left it no budget at all: docs/results.md, round 45.)"""
-    budget = {shared: _convert_chain(shared)[1].protect.budget_bytes for shared in (True, False)}
+    the CRNN reader's unrolled LSTM left it no budget at all: docs/results.md, round 45.) Per-channel
+    scales: blocks the budget does not buy (a shared weight's) would be taken off one side only."""
+    budget = {shared: _convert_chain(shared, 0)[1].protect.budget_bytes for shared in (True, False)}
     assert budget[False] > 0 and budget[True] == pytest.approx(budget[False] / 6)
+
+
+def test_a_layer_kept_per_channel_stays_per_channel_when_sequential_mode_codes_it_again():
+    """Sequential mode codes a layer again on its quantized input on the grid its plan settled
+    (search/sequential.py passes the plan's block): a layer of a blocked conversion that --protect
+    kept per channel is not given its blocks back, and a blocked one keeps them."""
+    import numpy as np
+
+    from onnxq.plan.layers import plan_compensated
+    from onnxq.types import LayerStats, PairedStats, Target
+    rng = np.random.default_rng(0)
+    o, k, n = 16, 64, 2000
+    x = rng.standard_normal((n, k))
+    xq = x + rng.uniform(-0.1, 0.1, x.shape)
+    w = rng.standard_normal((o, k)) * 0.2
+    t = Target("n", "Gemm", "", "w", "x", None, "rows", (o, k))
+    ps = PairedStats(LayerStats((xq.T @ xq / n)[None], xq.mean(0)[None], n), (x.T @ xq / n)[None], x.mean(0)[None])
+    cfg = onnxq.ConvertConfig(bits=4)
+    assert cfg.block == 32
+    blocked, flat = (plan_compensated(t, w, np.zeros(o), ps, cfg, block=b) for b in (None, 0))
+    assert blocked.block == 32 and blocked.scales.size == o * k // 32 and "blocks of 32" in blocked.method
+    assert flat.block == 0 and flat.scales.size == o and "blocks" not in flat.method
+
+
+def test_a_layer_options_worth_buying_lie_on_its_lower_hull():
+    """An option that costs more and removes no harm, or removes it at a better rate only by way
+    of a dearer one, is never bought on its own: the hull keeps the cheapest, then the options
+    whose harm per byte falls the least steeply last."""
+    from onnxq.search.protect import lower_hull
+    opts = [(0.0, 10.0, "flat"), (5.0, 9.0, "blocks"), (6.0, 2.0, "other"), (7.0, 2.5, "worse"), (20.0, 0.0, "8 bits")]
+    assert [o[2] for o in lower_hull(opts)] == ["flat", "other", "8 bits"]
+    # a blocked layer whose blocks remove much per byte keeps them as a step before its 8 bits
+    assert [o[2] for o in lower_hull([(0.0, 4.0, "flat"), (1.0, 1.0, "blocks"), (10.0, 0.0, "8 bits")])] == \
+        ["flat", "blocks", "8 bits"]
+
+
+def test_the_budget_buys_the_most_harm_per_byte_first_and_only_what_fits():
+    """Two layers: a's blocks remove 3 per byte, b's 8 bits 1 per byte, a's 8 bits after its blocks
+    1/9 per byte; a budget of 5 bytes buys a's blocks (1) and not b's 8 bits (5 more), but a's 8
+    bits past its blocks do not fit either; 7 bytes buy both of the first; a step that removes no
+    harm is never bought."""
+    from onnxq.search.protect import buy
+    opts = {"a": [(0.0, 4.0, "flat"), (1.0, 1.0, "blocks"), (10.0, 0.0, "8 bits")],
+            "b": [(0.0, 5.0, "low"), (5.0, 0.0, "8 bits")],
+            "c": [(0.0, -1.0, "low"), (2.0, 0.0, "8 bits")]}
+    assert buy(opts, 5.0) == ({"a": "blocks", "b": "low", "c": "low"}, 1.0)
+    assert buy(opts, 7.0) == ({"a": "blocks", "b": "8 bits", "c": "low"}, 6.0)
+    assert buy(opts, 100.0) == ({"a": "8 bits", "b": "8 bits", "c": "low"}, 15.0)

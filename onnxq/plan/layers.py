@@ -241,10 +241,12 @@ def _rtn_sqnr(wm: np.ndarray, bits: int, h: np.ndarray, groups: int, block: int,
     return weighted_sqnr(wm, dequantize_rows(r.codes, r.scales), h, groups)
 
 
-def _code(t: Target, wm: np.ndarray, bits: int, h: np.ndarray | None, cfg: ConvertConfig, method: str):
+def _code(t: Target, wm: np.ndarray, bits: int, h: np.ndarray | None, cfg: ConvertConfig, method: str,
+          block: int | None = None):
     """A layer's codes and scales on its grid (blocks, taps, zero points as cfg and its target
-    allow), scales rounded to what the file stores. -> (WeightQuant, block, taps, affine)."""
-    block = weight_block(t, bits, cfg)
+    allow; `block`, the blocks a plan already settled, e.g. none where --protect's budget bought
+    more elsewhere), scales rounded to what the file stores. -> (WeightQuant, block, taps, affine)."""
+    block = weight_block(t, bits, cfg) if block is None else block
     taps = kernel_taps(t) if block and t.op == "Conv" else 0
     affine = block_zero_points(block, bits, cfg)
     wq = _quantize(method, wm, bits, h, t.row_groups, cfg.damp, block, taps, affine)
@@ -272,16 +274,17 @@ def recoded(lp: LayerPlan, w: np.ndarray, h: np.ndarray, cfg: ConvertConfig) -> 
     """`lp` with its weight W [O, K] coded again on H [G, K, K] at its bits and on its grid (a
     shared weight on its readers' summed objective)."""
     t = lp.target
-    wq, block, taps, _ = _code(t, w, lp.bits, h, cfg, cfg.weight_method_for(lp.bits, t.op))
+    wq, block, taps, _ = _code(t, w, lp.bits, h, cfg, cfg.weight_method_for(lp.bits, t.op), lp.block)
     return dataclasses.replace(lp, **_coded_fields(t, wq, block, taps))
 
 
 def plan_compensated(t: Target, w: np.ndarray, bias: np.ndarray | None, ps: PairedStats,
-                     cfg: ConvertConfig, bits: int | None = None, note: str | None = None) -> LayerPlan:
+                     cfg: ConvertConfig, bits: int | None = None, note: str | None = None,
+                     block: int | None = None) -> LayerPlan:
     """Quantize a layer so that its output on the input it really receives, x^, matches the FP32
     layer on the FP32 input x: V = W C Hq^-1 (least squares, C = E[x x^'], Hq = E[x^ x^']) is
     the best float weight for x^, then V is coded on Hq on the layer's grid (blocks, zero points
-    as plan_layer would) at `bits` (default: cfg's for the layer); the bias takes the mean
+    as plan_layer would, or `block`) at `bits` (default: cfg's for the layer); the bias takes the mean
     difference. When the bias is corrected, C and Hq are taken about the means (covariances), as
     in plan_layer: the bias cancels what the means would add."""
     own_bits, own_note = cfg.bits_for(t.node, t.depthwise)
@@ -291,7 +294,7 @@ def plan_compensated(t: Target, w: np.ndarray, bias: np.ndarray | None, ps: Pair
     hq, cross = _paired_moments(ps, centred)
     share = _held_out_share(wm, ps, centred, t.row_groups)
     v = wm + share * (_compensated_weight(wm, hq, cross, t.row_groups) - wm)
-    wq, block, taps, affine = _code(t, v, bits, hq, cfg, cfg.weight_method_for(bits, t.op))
+    wq, block, taps, affine = _code(t, v, bits, hq, cfg, cfg.weight_method_for(bits, t.op), block)
     w_hat = dequantize_rows(wq.codes, wq.scales)
     plan = LayerPlan(target=t, bits=bits, bias=None, note=note, source_bias=bias,
                      **_coded_fields(t, wq, block, taps))

@@ -3,7 +3,8 @@ input it really receives. Before each stage, the model with the earlier stages q
 every activation QDQ before them) and the FP32 model run side by side on calibration samples,
 and the stage's first layers (those with no target of the same stage upstream) are solved to map
 their quantized input, own activation QDQ included, back onto the FP32 output
-(plan.layers.plan_compensated), at the bits and on the grid the one-pass plan gave them.
+(plan.layers.plan_compensated), at the bits and on the grid (blocks or not) the one-pass plan
+gave them.
 
 A stage is made of whole levels (layers that never read each other's output) and closes once it
 holds its share of the weights: by default as many stages as layers, so a heavy level stands
@@ -111,4 +112,4 @@ def _fit_stage(prepared: "onnx.ModelProto", plan: Plan, done: list[LayerPlan], f
         if t.node in paired and paired[t.node].quant.rows >= FIT_ROWS * paired[t.node].cross.shape[-1]:
             lp = out[t.node]
             out[t.node] = plan_compensated(t, weights[t.node], biases.get(t.node), paired[t.node], cfg,
-                                           bits=lp.bits, note=lp.note)
+                                           bits=lp.bits, note=lp.note, block=lp.block)
