@@ -225,24 +225,25 @@ def test_generic_convs_take_float16_blocked_scales_that_onnxruntime_and_openvino
     assert openvino_sqnr(q_b, held[0]["x"], tmp_path) > 30.0
 
 
-def test_protect_budget_pays_for_the_blocks_first():
-    """--protect bounds the weights' growth over one scale per channel: blocked scales and their
-    zero points use part of it (a 16-bit scale and a 4-bit zero point per 32 weights: +15.6% at 4
-    bits), layers at 8 bits the rest."""
+def test_protect_budget_pays_for_the_blocks_it_keeps():
+    """--protect bounds the weights' growth over one scale per channel: the budget is that share of
+    the per-channel bytes, and what it buys (blocked scales and their zero points, a 16-bit scale
+    and a 4-bit zero point per 32 weights: +15.6% at 4 bits; layers at 8 bits) stays within it."""
     rng = np.random.default_rng(8)
     m, cal = conv_pair(rng), conv_feeds(rng, 16)
     for protect in (0.15, 0.5):
         q, rep = onnxq.convert(m, onnxq.ConvertConfig(bits=4, act_bits=8, protect=protect, protect_acts=0.0), calib=cal)
         per_channel = (64 * 64 * 9 + 32 * 64) / 2 + (64 + 32) * 4
         blocks = (64 * 2 * 9 + 32 * 2) * (2 + 0.5) - (64 + 32) * 4
-        assert rep.protect.budget_bytes == pytest.approx(protect * per_channel - blocks)
-        assert rep.protect.used_bytes <= rep.protect.budget_bytes
-    # Gemm/MatMul blocks are paid from the same budget: 32-bit scales and 4-bit zero points, 4 a
+        assert rep.protect.budget_bytes == pytest.approx(protect * per_channel)
+        assert blocks < rep.protect.budget_bytes and rep.protect.used_bytes <= rep.protect.budget_bytes
+    # Gemm/MatMul blocks are bought from the same budget: 32-bit scales and 4-bit zero points, 4 a
     # column of W1 [128, 96] and 3 a row of W2 [64, 96], against one scale a channel
     _, rep = onnxq.convert(mlp(rng), onnxq.ConvertConfig(bits=4, act_bits=32, protect=0.5), calib=feeds(rng, 8))
     per_channel = (K * H + O * H) / 2 + (H + O) * 4
     blocks = (4 * H + 3 * O) * (4 + 0.5) - (H + O) * 4
-    assert rep.protect.budget_bytes == pytest.approx(0.5 * per_channel - blocks)
+    assert rep.protect.budget_bytes == pytest.approx(0.5 * per_channel)
+    assert blocks < rep.protect.budget_bytes and rep.protect.used_bytes <= rep.protect.budget_bytes
 
 
 def test_conv_blocks_only_where_the_target_runs_them():

@@ -80,6 +80,17 @@ def constant_dequantizes(data: bytes) -> int:
     return count
 
 
+def int8_weight_dequantizes(model: onnx.ModelProto) -> int:
+    """DequantizeLinear nodes of `model` (every graph) that read INT8 constant codes: fused into
+    onnxruntime's u8 x s8 integer kernels, which add pairs of products in int16 on x86 CPUs without
+    VNNI and may saturate there (plan.rules.int16_pair_sums)."""
+    count = 0
+    for _, g in graphs(model):
+        consts = {t.name for t in g.initializer if t.data_type == onnx.TensorProto.INT8}
+        count += sum(n.op_type == "DequantizeLinear" and n.input[0] in consts for n in g.node)
+    return count
+
+
 def _external_locations(model: onnx.ModelProto) -> set[str]:
     out = set()
     for _, g in graphs(model):
