@@ -81,13 +81,17 @@ def constant_dequantizes(data: bytes) -> int:
 
 
 def int8_weight_dequantizes(model: onnx.ModelProto) -> int:
-    """DequantizeLinear nodes of `model` (every graph) that read INT8 constant codes: fused into
-    onnxruntime's u8 x s8 integer kernels, which add pairs of products in int16 on x86 CPUs without
-    VNNI and may saturate there (plan.rules.int16_pair_sums)."""
+    """DequantizeLinear nodes of `model` (every graph) that read INT8 constant codes for a layer
+    whose input is dequantized too: fused into onnxruntime's u8 x s8 integer kernels, which add
+    pairs of products in int16 on x86 CPUs without VNNI and may saturate there
+    (plan.rules.int16_pair_sums). A weight-only layer (float input, MatMulNBits) is not counted."""
     count = 0
     for _, g in graphs(model):
         consts = {t.name for t in g.initializer if t.data_type == onnx.TensorProto.INT8}
-        count += sum(n.op_type == "DequantizeLinear" and n.input[0] in consts for n in g.node)
+        made_by = {o: n.op_type for n in g.node for o in n.output}
+        weights = {n.output[0] for n in g.node if n.op_type == "DequantizeLinear" and n.input[0] in consts}
+        count += sum(len(n.input) > 1 and n.input[1] in weights and made_by.get(n.input[0]) == "DequantizeLinear"
+                     for n in g.node if n.op_type in ("Conv", "MatMul", "Gemm", "ConvTranspose"))
     return count
 
 
