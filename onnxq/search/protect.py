@@ -48,11 +48,9 @@ def budget_bytes(layers: Sequence[LayerPlan], cfg: ConvertConfig, bought: Collec
     cfg.protect of a uniform conversion's. A weight several layers read is stored, and counted,
     once."""
     coded = one_per_weight([lp for lp in layers if lp.codes is not None])
-    blocks = [weight_bytes(lp) - per_channel_bytes(lp) for lp in coded if lp.block and lp.target.op != "Gather"
-              and lp.target.node not in bought]
-    bought_blocks = [_block_bytes(lp) for lp in coded if lp.target.node in bought]
-    uniform = sum(weight_bytes(lp) for lp in coded) - sum(blocks) - sum(bought_blocks)
-    return max(cfg.protect * uniform - sum(blocks), 0.0)
+    blocks = {lp.target.node: _block_bytes(lp) for lp in coded if lp.block and lp.target.op != "Gather"}
+    uniform = sum(weight_bytes(lp) for lp in coded) - sum(blocks.values())
+    return max(cfg.protect * uniform - sum(b for n, b in blocks.items() if n not in bought), 0.0)
 
 
 def _block_bytes(lp: LayerPlan) -> float:
@@ -154,8 +152,11 @@ def protect_layers(prepared: "onnx.ModelProto", layers: list[LayerPlan], weights
         FIRST: buy({n: _options(g[0], harm[n]) for n, g in units.items()}, max(budget - blocks, 0.0)),
         PER_BYTE: buy({n: _options(g[0], harm[n], flat.get(n), flat_harm.get(n)) for n, g in units.items()}, budget)}
     summary = ProtectSummary(budget_bytes=budget, used_bytes=blocks, harm=harm, protected=[], flat_harm=flat_harm)
-    eight = dataclasses.replace(cfg, bits=PROTECT_BITS, weight_method=cfg.weight_method_for(PROTECT_BITS))
-    changes = {rule: _changed(picked, flat, plan, eight, cfg) for rule, (picked, _) in choices.items()}
+    # the low-bit conversion's method at 8 bits (mse by default: second-order rounding of the raised
+    # layers measured mixed), not an 8-bit conversion's; each unit planned once for both rules
+    eight = plan(sorted({n for picked, _ in choices.values() for n, o in picked.items() if o == EIGHT}),
+                 dataclasses.replace(cfg, bits=PROTECT_BITS, weight_method=cfg.weight_method_for(PROTECT_BITS)))
+    changes = {rule: _changed(picked, flat, eight, cfg) for rule, (picked, _) in choices.items()}
     changes = {rule: c for rule, c in changes.items() if c}
     if not changes:
         return layers, summary
@@ -180,19 +181,17 @@ EIGHT, FLAT, AS_PLANNED = "8 bits", "per channel", "as planned"
 FIRST, PER_BYTE = "blocks first", "by harm per byte"
 
 
-def _changed(picked: Mapping[str, str], flat: Mapping[str, list[LayerPlan]], plan, eight: ConvertConfig,
+def _changed(picked: Mapping[str, str], flat: Mapping[str, list[LayerPlan]], eight: Mapping[str, list[LayerPlan]],
              cfg: ConvertConfig) -> dict[str, list[LayerPlan]]:
-    """The units a choice changes, planned as it picked them: at 8 bits (the low-bit conversion's
-    method at 8 bits, mse by default: second-order rounding of the raised layers measured mixed,
-    not an 8-bit conversion's), or per channel."""
-    raised = [n for n, o in picked.items() if o == EIGHT]
-    out = {**plan(raised, eight), **{n: [dataclasses.replace(lp) for lp in flat[n]]
-                                     for n, o in picked.items() if o == FLAT}}
+    """The units a choice changes, as it picked them (copies of their 8-bit or per-channel plans,
+    with the note that says why)."""
+    out = {n: [dataclasses.replace(lp) for lp in (eight[n] if o == EIGHT else flat[n])]
+           for n, o in picked.items() if o in (EIGHT, FLAT)}
     for n, g in out.items():
         for lp in g:
             lp.note = (f"protected: kept at {PROTECT_BITS} bits (the most harm to the network at {cfg.bits} bits)"
-                       if n in raised else "per channel: --protect's budget took more harm off elsewhere than "
-                       "its blocks would")
+                       if picked[n] == EIGHT else "per channel: --protect's budget took more harm off elsewhere "
+                       "than its blocks would")
     return out
 
 
