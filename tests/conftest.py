@@ -36,3 +36,26 @@ def cli_run(capsys, monkeypatch):
         captured = capsys.readouterr()
         return code, captured.out, captured.err
     return run
+
+
+@pytest.fixture(scope="session")
+def converted():
+    """converted(key, path, calib, **config) -> (model, report): a real model's conversion, made
+    once per test session for each key and shared by the test files that check it (a PP-OCR rec
+    conversion takes about a minute). Each caller gets its own copy of the model; the key must
+    name the path, calibration and configuration, which are checked against the first call's."""
+    import copy
+
+    import onnxq
+
+    made: dict = {}
+
+    def convert(key: str, path: str, calib: list, **config):
+        cfg = onnxq.ConvertConfig(**config)
+        if key not in made:
+            made[key] = (path, calib, cfg, *onnxq.convert(path, cfg, calib=calib))
+        p, c, cfg0, q, rep = made[key]
+        assert (p, cfg0) == (path, cfg) and len(c) == len(calib) and all(
+            a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a) for a, b in zip(c, calib)), key
+        return copy.deepcopy(q), rep
+    return convert

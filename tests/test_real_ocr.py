@@ -38,9 +38,9 @@ def rec():
 
 
 @pytest.mark.parametrize("bits,floor", [(8, 0.70), (4, 0.50)])   # measured ≈ 0.83 / 0.65 on 100 lines
-def test_rec_strings_stay_equal_to_fp32(rec, bits, floor):
+def test_rec_strings_stay_equal_to_fp32(rec, converted, bits, floor):
     path, cal, held, cs, ref = rec
-    q, rep = onnxq.convert(path, onnxq.ConvertConfig(bits=bits), calib=cal)
+    q, rep = converted(f"rec w{bits} 32", path, cal, bits=bits)
     onnx.checker.check_model(q)
     assert rep.skipped and all("both inputs" in s.reason for s in rep.skipped)   # attention MatMuls
     assert rep.prepare["constants_moved"] > 300

@@ -9,6 +9,7 @@ diag(H) ("act order"), in blocks so most work is matrix-matrix.
 from __future__ import annotations
 
 import numpy as np
+from scipy.linalg import lapack
 
 from .qmath import weight_qmax
 
@@ -36,10 +37,15 @@ def damped(h: np.ndarray, damp: float, factor, what: str):
 
 
 def _inverse_upper(hd: np.ndarray) -> np.ndarray:
-    lower = np.linalg.cholesky(hd)
-    inv_lower = np.linalg.solve(lower, np.eye(hd.shape[0]))      # L^-1
-    hinv = inv_lower.T @ inv_lower                               # (L L^T)^-1
-    return np.linalg.cholesky(hinv).T
+    """U upper with U^T U = hd^-1, from one Cholesky factorisation and one triangular inverse.
+    With J the reversal of the index order, J hd J = L L^T gives hd = V V^T for the upper
+    V = J L J, so hd^-1 = (V^-1)^T V^-1 and U = V^-1 = J L^-1 J (a Cholesky factor is unique).
+    About a fifth of the work of inverting hd and factorising the inverse again."""
+    lower = np.linalg.cholesky(hd[::-1, ::-1])
+    inv_lower, info = lapack.dtrtri(lower, lower=1)
+    if info != 0:
+        raise np.linalg.LinAlgError("singular triangular factor")
+    return np.ascontiguousarray(inv_lower[::-1, ::-1])
 
 
 def _inverse_cholesky(h: np.ndarray, damp: float) -> np.ndarray:

@@ -82,19 +82,43 @@ def without_basepath(model: onnx.ModelProto) -> onnx.ModelProto:
     return m
 
 
+def payload_bytes(model: onnx.ModelProto) -> int:
+    """The bytes of every initializer's values (on disk or in memory), from shapes and types alone:
+    nothing is serialized or copied. A lower bound of the model's serialized size (Constant nodes
+    and strings not counted)."""
+    total = 0
+    for _, g in graphs(model):
+        for t in g.initializer:
+            if t.data_type == onnx.TensorProto.STRING:
+                continue
+            total += int(np.prod(t.dims, dtype=np.int64)) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+    return total
+
+
+PROTOBUF_LIMIT = 2**31
+
+
 def model_bytes(model: onnx.ModelProto) -> int:
     """The model's serialized size with its weights (those left on disk counted too); past the
-    protobuf limit (where ByteSize raises) the sum of its tensors' bytes."""
+    protobuf limit (where serializing raises, after it has done the work) the initializers'
+    payload."""
     outside = sum(external_bytes(t) for t in disk_tensors(model))
+    payload = payload_bytes(model)
+    if payload - outside >= PROTOBUF_LIMIT:
+        return payload
     try:
         return model.ByteSize() + outside
     except Exception:
-        return sum(t.ByteSize() for _, g in graphs(model) for t in g.initializer) + outside
+        return payload
 
 
 def is_large(model: onnx.ModelProto) -> bool:
-    """Written and run through external data: too big for one protobuf, or weights left on disk."""
-    return model_bytes(model) >= EXTERNAL_THRESHOLD or bool(disk_tensors(model))
+    """Written and run through external data: too big for one protobuf, or weights left on disk.
+    Weights past the threshold decide without serializing the model (which, for a model of
+    several GB, costs as much as writing it)."""
+    if disk_tensors(model) or payload_bytes(model) >= EXTERNAL_THRESHOLD:
+        return True
+    return model_bytes(model) >= EXTERNAL_THRESHOLD
 
 
 def write_external(model: onnx.ModelProto, folder: str | os.PathLike, name: str) -> Path:
