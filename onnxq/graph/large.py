@@ -39,11 +39,16 @@ def disk_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
     return [t for _, g in graphs(model) for t in g.initializer if on_disk(t)]
 
 
+def values_bytes(t: onnx.TensorProto) -> int:
+    """The bytes of a tensor's values from its shape and type alone (nothing read or copied)."""
+    return int(np.prod(t.dims, dtype=np.int64)) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+
+
 def external_bytes(t: onnx.TensorProto) -> int:
     e = entries(t)
     if "length" in e:
         return int(e["length"])
-    return int(np.prod(t.dims, dtype=np.int64)) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+    return values_bytes(t)
 
 
 def raw_bytes(t: onnx.TensorProto) -> bytes:
@@ -86,13 +91,8 @@ def payload_bytes(model: onnx.ModelProto) -> int:
     """The bytes of every initializer's values (on disk or in memory), from shapes and types alone:
     nothing is serialized or copied. A lower bound of the model's serialized size (Constant nodes
     and strings not counted)."""
-    total = 0
-    for _, g in graphs(model):
-        for t in g.initializer:
-            if t.data_type == onnx.TensorProto.STRING:
-                continue
-            total += int(np.prod(t.dims, dtype=np.int64)) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
-    return total
+    return sum(values_bytes(t) for _, g in graphs(model) for t in g.initializer
+               if t.data_type != onnx.TensorProto.STRING)
 
 
 PROTOBUF_LIMIT = 2**31
