@@ -6,7 +6,7 @@ import pytest
 from onnx import helper
 
 from onnxq.algos.ranges import RANGE_METHODS, percentile
-from onnxq.calib.collectors import RangeHistogram, SecondMoment, im2col_rows, im2col_sums
+from onnxq.calib.collectors import RangeHistogram, SecondMoment, im2col_cols, im2col_sums
 from onnxq.types import ConvGeometry
 from builders import make_model, vi
 
@@ -58,14 +58,15 @@ def test_second_moment_from_im2col_reproduces_conv_output():
                                      dilations=[1, 2], pads=[1, 0, 1, 2])],
                    [vi("x", [2, 4, 9, 11])], [vi("y", [None, None, None, None])], {"w": w})
     y = ort.InferenceSession(m.SerializeToString()).run(None, {"x": x})[0]
-    rows = im2col_rows(x, geo, rows=10**6, rng=rng)          # every position
+    cols = im2col_cols(x, geo, rows=10**6, rng=rng)          # every position
+    rows = cols.transpose(2, 0, 1)                           # [S, G, K]
     assert rows.shape[0] == y.shape[0] * y.shape[2] * y.shape[3]
     wm = w.reshape(6, -1)
     out = np.concatenate([rows[:, g] @ wm[3 * g:3 * g + 3].T for g in range(2)], axis=1)
     ref = y.transpose(0, 2, 3, 1).reshape(-1, 6)
     assert np.allclose(out, ref, atol=1e-4)
     mom = SecondMoment(2, 18)
-    mom.update(rows)
+    mom.update(cols)
     assert np.allclose(mom.hessian[1], rows[:, 1].T.astype(np.float64) @ rows[:, 1] / rows.shape[0])
 
 
@@ -77,8 +78,8 @@ def test_same_upper_padding_resolves_like_onnxruntime():
     m = make_model([helper.make_node("Conv", ["x", "w"], ["y"], strides=[2, 2], auto_pad="SAME_UPPER")],
                    [vi("x", [1, 1, 7, 8])], [vi("y", [None, None, None, None])], {"w": w})
     y = ort.InferenceSession(m.SerializeToString()).run(None, {"x": x})[0]
-    rows = im2col_rows(x, geo, rows=10**6, rng=rng)
-    assert np.allclose(rows[:, 0] @ w.reshape(-1), y.reshape(-1), atol=1e-5)
+    cols = im2col_cols(x, geo, rows=10**6, rng=rng)
+    assert np.allclose(w.reshape(-1) @ cols[0], y.reshape(-1), atol=1e-5)
 
 
 @pytest.mark.parametrize("shape, geo", [
@@ -89,13 +90,15 @@ def test_same_upper_padding_resolves_like_onnxruntime():
 ])
 @pytest.mark.parametrize("rows", [40, 10**6])
 def test_mean_only_sums_equal_the_sampled_patches_summed(shape, geo, rows):
-    """The mean-only calibration path sums the patches im2col_rows would sample, with the same
-    random draws and the same order of addition: equal to the last bit."""
+    """The mean-only calibration path sums the patches im2col_cols would sample, with the same
+    random draws and the same order of addition as the second-moment path: equal to the last bit."""
     x = np.random.default_rng(2).standard_normal(shape).astype(np.float32)
-    patches = im2col_rows(x, geo, rows, np.random.default_rng(9))
+    cols = im2col_cols(x, geo, rows, np.random.default_rng(9))
     sums, n = im2col_sums(x, geo, rows, np.random.default_rng(9))
-    assert n == patches.shape[0] and sums.shape == patches.shape[1:]
-    assert np.array_equal(sums, patches.sum(axis=0, dtype=np.float64))
+    assert n == cols.shape[2] == min(rows, cols.shape[2]) and sums.shape == cols.shape[:2]
+    mom = SecondMoment(*cols.shape[:2])
+    mom.update(cols)
+    assert np.array_equal(sums, mom.s)
 
 
 def test_statistics_round_trip_and_reuse_gives_the_same_model(tmp_path):
@@ -123,7 +126,7 @@ def test_statistics_round_trip_and_reuse_gives_the_same_model(tmp_path):
 def test_convtranspose_tap_moments_give_its_exact_output_error():
     """For a 2x2 stride-2 ConvTranspose the output error of a weight error E is exactly
     tr(E H E^T) summed over input pixels, with H the per-pixel moments spread over the taps."""
-    from onnxq.calib.collect import layer_rows
+    from onnxq.calib.collect import layer_cols
     from onnxq.graph.targets import find_targets
     from onnxq.config import ConvertConfig
     from onnxq.algos.matrix import to_matrix
@@ -136,7 +139,7 @@ def test_convtranspose_tap_moments_give_its_exact_output_error():
                    [vi("x", [1, c, 6, 7])], [vi("y", [1, o, 12, 14])], {"e": e})
     x = (rng.standard_normal((1, c, 6, 7)) + 1.0).astype(np.float32)
     t = find_targets(m)[0][0]
-    rows = layer_rows(x, t, 10**6, rng)[:, 0]                     # every pixel, [42, C]
+    rows = layer_cols(x, t, 10**6, rng)[0].T                      # every pixel, [42, C]
     ls = tap_moments(t, LayerStats((rows.T @ rows / len(rows))[None], rows.mean(0)[None], len(rows)))
     em = to_matrix(e.astype(np.float64), t.weight_layout)
     y = ort.InferenceSession(m.SerializeToString()).run(None, {"x": x})[0]
@@ -185,3 +188,17 @@ def test_frontier_runs_only_what_changed_and_gives_the_whole_models_values(budge
     for f, e, l in zip(feeds, early, late):
         r0, r1, y = full.run(["r0", "r1", "y"], f)
         assert np.array_equal(e["r0"], r0) and np.array_equal(l["r1"], r1) and np.array_equal(l["y"], y)
+
+
+def test_one_dimensional_patches_reproduce_conv_output():
+    """A dilated, strided, padded 1-D conv: patch columns times the weight equal onnxruntime's output."""
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((3, 4, 20)).astype(np.float32)
+    w = rng.standard_normal((5, 4, 5)).astype(np.float32)
+    geo = ConvGeometry((5,), (2,), (2,), (2, 3), "NOTSET", 1)
+    m = make_model([helper.make_node("Conv", ["x", "w"], ["y"], strides=[2], dilations=[2], pads=[2, 3])],
+                   [vi("x", [3, 4, 20])], [vi("y", [None, None, None])], {"w": w})
+    y = ort.InferenceSession(m.SerializeToString()).run(None, {"x": x})[0]
+    cols = im2col_cols(x, geo, rows=10**6, rng=rng)
+    assert cols.shape == (1, 20, y.shape[0] * y.shape[2])
+    assert np.allclose(w.reshape(5, -1) @ cols[0], y.transpose(1, 0, 2).reshape(5, -1), atol=1e-4)

@@ -175,7 +175,8 @@ def blocked(method: str, w: np.ndarray, bits: int, hessian: np.ndarray | None, b
                            q.method + ("" if method != "gptq" else " (no input statistics)"))
     h = hessian.astype(np.float64)
     hb = np.stack([h[i:i + block, i:i + block] for i in range(0, k, block)])            # [nb, block, block]
-    loss = lambda e: np.einsum("obk,bkl,obl->ob", e, hb, e)    # noqa: E731
+    # each block's e_b H_b e_b^T: the products with H_b as one batched matmul, not inside einsum
+    loss = lambda e: np.einsum("bol,obl->ob", np.matmul(e.transpose(1, 0, 2), hb), e)    # noqa: E731
     wb = w.reshape(o, nb, block)
     if affine:
         base, zeros = _affine_search(wb, bits, loss)

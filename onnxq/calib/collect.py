@@ -15,7 +15,7 @@ from ..graph.variants import changed_tensors, cut, pruned, signature
 from ..graph.walk import node_reads
 from ..runtime import give_back_memory, owned, session
 from ..types import ActQuant, ActStats, Feed, LayerStats, PairedStats, Progress, Stats, Target
-from .collectors import CrossMoment, RangeHistogram, SecondMoment, im2col_rows, im2col_sums
+from .collectors import CrossMoment, RangeHistogram, SecondMoment, im2col_cols, im2col_sums
 from .data import MAX_ABS
 
 if TYPE_CHECKING:
@@ -139,10 +139,10 @@ class Frontier:
                 v.pop(k, None)
 
 
-def layer_rows(x: np.ndarray, t: Target, rows: int, rng: np.random.Generator) -> np.ndarray:
-    """Sampled input rows of layer t from its activation x. -> [S, G, K]."""
+def layer_cols(x: np.ndarray, t: Target, rows: int, rng: np.random.Generator) -> np.ndarray:
+    """Up to `rows` sampled input rows of layer t from its activation x, as columns. -> [G, K, S]."""
     if t.op == "Conv":
-        return im2col_rows(x, t.geo, rows, rng)
+        return im2col_cols(x, t.geo, rows, rng)
     if t.op == "ConvTranspose":         # one row per input pixel; the planner spreads it over the taps
         x = np.moveaxis(x, 1, -1)
     elif t.op == "MatMul" and t.weight_layout == "rows":                # Y = W @ X reads X's columns
@@ -150,16 +150,16 @@ def layer_rows(x: np.ndarray, t: Target, rows: int, rng: np.random.Generator) ->
     flat = x.reshape(-1, _k(t))
     if flat.shape[0] > rows:
         flat = flat[np.sort(rng.choice(flat.shape[0], size=rows, replace=False))]
-    return flat[:, None, :]
+    return np.ascontiguousarray(flat.T)[None]
 
 
 def layer_sums(x: np.ndarray, t: Target, rows: int, rng: np.random.Generator) -> tuple[np.ndarray, int]:
-    """The float64 sum of the rows layer_rows would sample (the same draws, the same values),
-    and how many: all that a mean needs, without the rows of a conv."""
+    """The float64 sum of the rows layer_cols would sample (the same draws, the same values),
+    and how many: all that a mean needs."""
     if t.op == "Conv":
         return im2col_sums(x, t.geo, rows, rng)
-    r = layer_rows(x, t, rows, rng)
-    return r.sum(axis=0, dtype=np.float64), r.shape[0]
+    c = layer_cols(x, t, rows, rng)
+    return c.sum(axis=2, dtype=np.float64), c.shape[2]
 
 
 def wants_hessian(t: Target) -> bool:
@@ -198,11 +198,11 @@ def collect(model: "onnx.ModelProto", targets: Sequence[Target], loaders: Sequen
             hist[name].update(v, (lo, hi))
             for t in by_act.get(name, ()):
                 if t.node in pools:
-                    rows = layer_rows(v, t, rows_per_sample, rng)
-                    pools[t.node].update(rows)
-                    moments[t.node].update(rows)
+                    cols = layer_cols(v, t, rows_per_sample, rng)
+                    pools[t.node].update(cols)
+                    moments[t.node].update(cols)
                 elif moments[t.node].h is not None:
-                    moments[t.node].update(layer_rows(v, t, rows_per_sample, rng))
+                    moments[t.node].update(layer_cols(v, t, rows_per_sample, rng))
                 else:
                     moments[t.node].add_sums(*layer_sums(v, t, rows_per_sample, rng))
         if progress:
@@ -298,8 +298,8 @@ def collect_paired(reference: "onnx.ModelProto", partial: "onnx.ModelProto", tar
                 lo, hi = act_qrange(q.bits, q.signed)
                 b = fake_quant(b, q.scale, q.zero_point, lo, hi).astype(np.float32)
             pick = int(rng.integers(2**31))           # the same positions in both
-            moments[t.node][i % 2].update(layer_rows(a, t, rows_per_sample, np.random.default_rng(pick)),
-                                          layer_rows(b, t, rows_per_sample, np.random.default_rng(pick)))
+            moments[t.node][i % 2].update(layer_cols(a, t, rows_per_sample, np.random.default_rng(pick)),
+                                          layer_cols(b, t, rows_per_sample, np.random.default_rng(pick)))
     out = {}
     for node, (ma, mb) in moments.items():
         if ma.n and mb.n:

@@ -70,43 +70,39 @@ def _positions(x: np.ndarray, geo: ConvGeometry, rows: int, rng: np.random.Gener
     return pads, np.unravel_index(flat, (x.shape[0],) + out_shape), take
 
 
-def im2col_rows(x: np.ndarray, geo: ConvGeometry, rows: int, rng: np.random.Generator) -> np.ndarray:
-    """Sample up to `rows` im2col patches of x [N, C, *spatial] for a conv. -> [S, G, C/G*prod(k)].
+def im2col_cols(x: np.ndarray, geo: ConvGeometry, rows: int, rng: np.random.Generator) -> np.ndarray:
+    """Up to `rows` sampled im2col patches of x [N, C, *spatial] for a conv, as columns.
+    -> [G, C/G*prod(k), S] (the weight's [Cout, Cin/G, *k] order along the middle axis).
 
-    Works for 1-D and 2-D convs; padding is explicit (auto_pad resolved from x's shape).
+    Works for 1-D and 2-D convs; padding is explicit (auto_pad resolved from x's shape). One
+    gather of whole channel rows: the input laid out [C, N*pixels] (padded), each patch element
+    a flat index into it.
     """
     pads, idx, take = _positions(x, geo, rows, rng)
     nd = len(geo.kernel)
-    xp = np.pad(x, [(0, 0), (0, 0)] + [(pads[i], pads[i + nd]) for i in range(nd)])
-    win = np.lib.stride_tricks.sliding_window_view(xp, _span(geo), axis=tuple(range(2, 2 + nd)))
-    win = win[(slice(None), slice(None)) + tuple(slice(None, None, s) for s in geo.strides)
-              + tuple(slice(None, None, d) for d in geo.dilations)]              # [N, C, *out, *k]
-    if nd == 1:
-        patches = win[idx[0], :, idx[1]]
-    else:
-        patches = win[idx[0], :, idx[1], idx[2]]   # [S, C, *k]
-    return patches.reshape(take, geo.group, -1)
+    padded = tuple(x.shape[2 + i] + pads[i] + pads[i + nd] for i in range(nd))
+    xc = np.zeros((x.shape[1], x.shape[0]) + padded, dtype=np.float32)
+    xc[(slice(None), slice(None)) + tuple(slice(pads[i], pads[i] + x.shape[2 + i]) for i in range(nd))] = \
+        np.swapaxes(x, 0, 1)
+    offsets = np.array(list(np.ndindex(*geo.kernel)), dtype=np.intp)          # [prod(k), nd]
+    flat = np.repeat((idx[0] * int(np.prod(padded)))[None, :], len(offsets), axis=0)
+    for a in range(nd):
+        step = int(np.prod(padded[a + 1:]))
+        flat += (idx[1 + a][None, :] * geo.strides[a] + offsets[:, a:a + 1] * geo.dilations[a]) * step
+    cols = np.take(xc.reshape(x.shape[1], -1), flat, axis=1)                  # [C, prod(k), S]
+    return cols.reshape(geo.group, -1, take)
 
 
 def im2col_sums(x: np.ndarray, geo: ConvGeometry, rows: int, rng: np.random.Generator) -> tuple[np.ndarray, int]:
-    """The float64 sum over the same sampled patches as im2col_rows (same draws of `rng`, same
-    order of addition, so the same values), without building the patches: per kernel offset one
-    gather of whole channel rows at the positions inside x (the zero padding adds nothing). -> ([G, C/G*prod(k)], S)."""
-    pads, idx, take = _positions(x, geo, rows, rng)
-    spatial = x.shape[2:]
-    last = np.ascontiguousarray(np.moveaxis(x, 1, -1)).reshape(x.shape[0], -1, x.shape[1])   # [N, pixels, C]
-    per_offset = []
-    for offset in np.ndindex(*geo.kernel):
-        at = [o * s + k * d - p for o, s, k, d, p in zip(idx[1:], geo.strides, offset, geo.dilations, pads)]
-        inside = np.logical_and.reduce([(a >= 0) & (a < n) for a, n in zip(at, spatial)])
-        pixel = np.ravel_multi_index(tuple(a[inside] for a in at), spatial)
-        per_offset.append(last[idx[0][inside], pixel].sum(axis=0, dtype=np.float64))     # [S', C] -> [C]
-    sums = np.stack(per_offset, axis=1)                            # [C, prod(k)]
-    return sums.reshape(geo.group, -1), take
+    """The float64 sum over the same sampled patches as im2col_cols (same draws of `rng`, the
+    same order of addition, so the same values). -> ([G, C/G*prod(k)], S)."""
+    cols = im2col_cols(x, geo, rows, rng)
+    return cols.sum(axis=2, dtype=np.float64), cols.shape[2]
 
 
 class SecondMoment:
-    """Accumulates H = sum x x^T [G, K, K] and sum x [G, K] (float64) over sampled input rows."""
+    """Accumulates H = sum x x^T [G, K, K] and sum x [G, K] (float64) over sampled input rows
+    (given as columns [G, K, S])."""
 
     def __init__(self, groups: int, k: int, second: bool = True, batch: int = 0) -> None:
         """Without `second`, only the mean is kept (all that bias correction needs). With `batch`,
@@ -118,30 +114,29 @@ class SecondMoment:
         self.batch = batch
         self._waiting: list[np.ndarray] = []
 
-    def update(self, rows: np.ndarray) -> None:
-        """rows [S, G, K]."""
-        r = np.ascontiguousarray(rows.transpose(1, 0, 2), dtype=np.float32)   # [G, S, K]
+    def update(self, cols: np.ndarray) -> None:
+        """cols [G, K, S]: S sampled input rows, as columns."""
         if self.batch and self.h is not None:
-            self._waiting.append(r)
-            if sum(w.shape[1] for w in self._waiting) >= self.batch:
+            self._waiting.append(cols)
+            if sum(w.shape[2] for w in self._waiting) >= self.batch:
                 self._flush()
             return
-        self._add(r)
+        self._add(cols)
 
-    def _add(self, r: np.ndarray, product=np.float32) -> None:
+    def _add(self, cols: np.ndarray, product=np.float32) -> None:
         # one sample's rows are few: a float32 product is exact enough, the running sum is float64
         # (a batch of many samples' rows multiplies in float64)
         if self.h is not None:
-            x = r.astype(product, copy=False)
-            self.h += np.matmul(x.transpose(0, 2, 1), x)
-        self.s += r.sum(axis=1, dtype=np.float64)
-        self.n += r.shape[1]
+            x = cols.astype(product, copy=False)
+            self.h += np.matmul(x, x.transpose(0, 2, 1))
+        self.s += cols.sum(axis=2, dtype=np.float64)
+        self.n += cols.shape[2]
 
     def _flush(self) -> None:
         if self._waiting:
-            r = np.concatenate(self._waiting, axis=1)
+            cols = np.concatenate(self._waiting, axis=2)
             self._waiting = []
-            self._add(r, np.float64)
+            self._add(cols, np.float64)
 
     def add_sums(self, sums: np.ndarray, n: int) -> None:
         """Rows already summed ([G, K] float64 over n rows): the mean-only update."""
@@ -178,13 +173,12 @@ class CrossMoment:
         self.hq = SecondMoment(groups, k)
         self.s_fp = np.zeros((groups, k), dtype=np.float64)
 
-    def update(self, rows_fp: np.ndarray, rows_q: np.ndarray) -> None:
-        """rows_fp, rows_q: [S, G, K] taken at the same positions."""
-        f = np.ascontiguousarray(rows_fp.transpose(1, 0, 2), dtype=np.float32)
-        q = np.ascontiguousarray(rows_q.transpose(1, 0, 2), dtype=np.float32)
-        self.c += np.matmul(f.transpose(0, 2, 1), q)
-        self.s_fp += f.sum(axis=1, dtype=np.float64)
-        self.hq.update(rows_q)
+    def update(self, cols_fp: np.ndarray, cols_q: np.ndarray) -> None:
+        """cols_fp, cols_q: [G, K, S] taken at the same positions."""
+        f = cols_fp.astype(np.float32, copy=False)
+        self.c += np.matmul(f, cols_q.astype(np.float32, copy=False).transpose(0, 2, 1))
+        self.s_fp += f.sum(axis=2, dtype=np.float64)
+        self.hq.update(cols_q)
 
     @property
     def n(self) -> int:
