@@ -10,6 +10,8 @@ the weights are never all in memory at once."""
 
 from __future__ import annotations
 
+import functools
+import math
 import os
 from pathlib import Path
 
@@ -41,7 +43,12 @@ def disk_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
 
 def values_bytes(t: onnx.TensorProto) -> int:
     """The bytes of a tensor's values from its shape and type alone (nothing read or copied)."""
-    return int(np.prod(t.dims, dtype=np.int64)) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+    return math.prod(t.dims) * _itemsize(t.data_type)
+
+
+@functools.lru_cache(maxsize=None)
+def _itemsize(data_type: int) -> int:
+    return onnx.helper.tensor_dtype_to_np_dtype(data_type).itemsize
 
 
 def external_bytes(t: onnx.TensorProto) -> int:
