@@ -126,3 +126,26 @@ def test_a_size_budget_that_cannot_be_met_is_said_in_the_report():
     _, rep = onnxq.convert(str(root / "digits_cnn.onnx"), cfg, calib=str(root / "digits_calib"))
     assert set(rep.mixed.layers.values()) == {4}
     assert any("size budget cannot be met" in w for w in rep.warnings)
+
+
+def test_readers_of_one_weight_take_one_width_and_their_weight_counts_once():
+    """Six Gemm steps reading one weight (an unrolled loop's) store it once when they take one
+    width: the allocation gives them one together and counts its bytes once. Counted once per
+    reader, 3000 bytes could not hold the six (the run warned and stored 4 bits), and an average
+    of 6 bits mixed 8 and 4 across the steps, storing the weight again for each width."""
+    from test_matmul_gemms import _chain
+    feeds = [{"x": np.random.default_rng(s).standard_normal((4, 64)).astype(np.float32)} for s in range(8)]
+    width = {onnx.TensorProto.INT4: 4, onnx.TensorProto.UINT4: 4, onnx.TensorProto.INT8: 8, onnx.TensorProto.UINT8: 8,
+             onnx.TensorProto.FLOAT: 32}
+    q, rep = onnxq.convert(_chain(True), onnxq.ConvertConfig(bit_choices=(8, 4), max_size=3000, act_bits=32), calib=feeds)
+    held = sum(width[t.data_type] * int(np.prod(t.dims)) for t in q.graph.initializer
+               if t.name.endswith(("/weight_q", "/weight_scale", "/weight_zero")))
+    assert rep.shared_weights == 1 and set(rep.mixed.layers.values()) == {4}
+    assert rep.mixed.used_bits == held <= rep.mixed.budget_bits == 3000 * 8
+    assert not any("budget cannot be met" in w for w in rep.warnings)
+    q, rep = onnxq.convert(_chain(True), onnxq.ConvertConfig(bit_choices=(8, 4), avg_bits=6.0, act_bits=32), calib=feeds)
+    assert rep.shared_weights == 1 and len(set(rep.mixed.layers.values())) == 1 and rep.mixed.avg_bits <= 6.0
+    assert sum(t.name.endswith("/weight_q") for t in q.graph.initializer) == 1
+    # a weight each: the six are sized and given widths one by one
+    _, rep = onnxq.convert(_chain(False), onnxq.ConvertConfig(bit_choices=(8, 4), avg_bits=6.0, act_bits=32), calib=feeds)
+    assert set(rep.mixed.layers.values()) == {8, 4} and rep.mixed.avg_bits == pytest.approx(6.0)

@@ -12,6 +12,7 @@ import numpy as np
 from ..algos.allocation import allocate_bits, predicted_cost
 from ..config import ConvertConfig
 from ..plan.layers import dequantized, plan_layer, weight_bytes
+from ..plan.shared import SHAREABLE_OPS
 from ..types import Feed, LayerPlan, LayerStats, MixedSummary, Progress, Target
 from .probe import TAILS, Probe
 
@@ -41,6 +42,17 @@ def _at_bits(cfg: ConvertConfig, b: int) -> ConvertConfig:
                                weight_method=cfg.weight_method_for(b))
 
 
+def stored_weights(targets: Sequence[Target]) -> list[list[Target]]:
+    """The readers of each stored weight, in order of first reader: layers that read one weight
+    alike (an unrolled loop's steps) store it once when they take one width (plan/shared.py), so
+    they are given one together and its bytes count once; any other layer is a group of its own."""
+    groups: dict[tuple, list[Target]] = {}
+    for t in targets:
+        key = (t.graph, t.weight, t.op, t.weight_layout, t.shape) if t.op in SHAREABLE_OPS else (t.node,)
+        groups.setdefault(key, []).append(t)
+    return list(groups.values())
+
+
 def choose_bits(prepared: "onnx.ModelProto", targets: Sequence[Target], weights: Mapping[str, np.ndarray],
                 biases: Mapping[str, np.ndarray], layer_stats: Mapping[str, LayerStats],
                 loaders: Sequence[Callable[[], Feed]], cfg: ConvertConfig,
@@ -48,54 +60,55 @@ def choose_bits(prepared: "onnx.ModelProto", targets: Sequence[Target], weights:
                 ) -> tuple[tuple[tuple[str, int], ...], MixedSummary, dict[str, LayerPlan]]:
     """Per-layer bits as exact-name overrides, what the allocation predicted, and the layers
     already planned at their chosen bits (the final plan reuses them; none when branches will be
-    planned, as those need each layer's fitting statistics)."""
+    planned, as those need each layer's fitting statistics). Bits are chosen per stored weight:
+    the readers of one weight take one width."""
     choices = sorted(cfg.bit_choices, reverse=True)
     probe = Probe(prepared, targets, weights, loaders[:TRIAL_SAMPLES], biases, tails=TAILS)
-    main = probe.targets
+    groups = stored_weights(probe.targets)
     skip_widest = len(choices) > 1 and choices[0] >= NEAR_LOSSLESS
-    costs = np.zeros((len(main), len(choices)))
-    sizes = np.zeros((len(main), len(choices)))
+    costs = np.zeros((len(groups), len(choices)))
+    sizes = np.zeros((len(groups), len(choices)))
     deq: dict[tuple[str, int], np.ndarray] = {}
     planned: dict[tuple[str, int], LayerPlan] = {}
-    for li, t in enumerate(main):
+    for gi, group in enumerate(groups):
         for ci, b in enumerate(choices):
-            lp = plan_layer(t, weights[t.node], biases.get(t.node), layer_stats.get(t.node), _at_bits(cfg, b))
-            deq[(t.node, b)] = dequantized(lp)
-            if cfg.rank_budget == 0:
-                planned[(t.node, b)] = dataclasses.replace(lp, fit_hessian=None, fit_target=None, input_mean=None)
+            for t in group:
+                lp = plan_layer(t, weights[t.node], biases.get(t.node), layer_stats.get(t.node), _at_bits(cfg, b))
+                deq[(t.node, b)] = dequantized(lp)
+                if cfg.rank_budget == 0:
+                    planned[(t.node, b)] = dataclasses.replace(lp, fit_hessian=None, fit_target=None, input_mean=None)
             # --avg-bits counts weight bits; --max-size counts the bytes the file will hold:
-            # codes in their INT4/INT8 containers plus their scales
-            sizes[li, ci] = t.params * b if cfg.avg_bits is not None else 8 * weight_bytes(lp)
+            # codes in their INT4/INT8 containers plus their scales (the readers' weight once)
+            sizes[gi, ci] = group[0].params * b if cfg.avg_bits is not None else 8 * weight_bytes(lp)
             if ci > 0 or not skip_widest:
-                costs[li, ci] = probe({t.node: deq[(t.node, b)]})
+                costs[gi, ci] = probe({t.node: deq[(t.node, b)] for t in group})
         if progress:
-            progress("bit costs", li + 1, len(main))
+            progress("bit costs", gi + 1, len(groups))
     if skip_widest:
         costs[:, 0] = widest_costs(costs[:, 1], choices[0], choices[1])
     costs = np.maximum(costs - costs[:, :1], 0.0)          # the cost of a choice beyond the widest
-    budget = cfg.size_budget_bits(sum(t.params for t in main))
-    # the allocators work on summed single-layer costs; interactions can make the sum lie, so
+    total_params = sum(g[0].params for g in groups)
+    budget = cfg.size_budget_bits(total_params)
+    # the allocators work on summed single-weight costs; interactions can make the sum lie, so
     # every candidate (annealed attention, greedy, the widest uniform width that fits) is
     # measured end to end and the best measured one is kept
     cands = {"anneal": allocate_bits(costs, sizes, budget, "anneal", np.random.default_rng(cfg.seed))[0],
              "greedy": allocate_bits(costs, sizes, budget, "greedy")[0]}
     for ci, b in enumerate(choices):
-        uniform = np.full(len(main), ci)
         if float(sizes[:, ci].sum()) <= budget + 1e-9:
-            cands[f"uniform {b}"] = uniform
+            cands[f"uniform {b}"] = np.full(len(groups), ci)
             break
-    trials = {k: probe({t.node: deq[(t.node, choices[c])] for t, c in zip(main, v)}) for k, v in cands.items()}
+    each = lambda v: {t.node: choices[c] for g, c in zip(groups, v) for t in g}    # noqa: E731
+    trials = {k: probe({n: deq[(n, b)] for n, b in each(v).items()}) for k, v in cands.items()}
     how = min(trials, key=lambda k: (trials[k], k))
     choice, measured = cands[how], trials[how]
-    chosen = [(t, choices[c]) for t, c in zip(main, choice)]
-    total_params = sum(t.params for t in main)
     info = MixedSummary(
         allocator=how, budget_bits=budget, used_bits=float(sum(sizes[i, c] for i, c in enumerate(choice))),
-        avg_bits=float(sum(t.params * b for t, b in chosen) / max(total_params, 1)),
+        avg_bits=float(sum(g[0].params * choices[c] for g, c in zip(groups, choice)) / max(total_params, 1)),
         predicted_divergence=predicted_cost(costs, choice), measured_divergence=float(measured),
         measured_by_allocator=trials,
         predicted_by_allocator={k: predicted_cost(costs, v) for k, v in cands.items()},
-        layers={t.node: b for t, b in chosen},
-        costs={t.node: dict(zip(map(str, choices), map(float, costs[i]))) for i, t in enumerate(main)})
-    kept = {t.node: planned[(t.node, b)] for t, b in chosen if (t.node, b) in planned}
-    return tuple((_escape(t.node), b) for t, b in chosen), info, kept
+        layers=each(choice),
+        costs={t.node: dict(zip(map(str, choices), map(float, costs[i]))) for i, g in enumerate(groups) for t in g})
+    kept = {n: planned[(n, b)] for n, b in info.layers.items() if (n, b) in planned}
+    return tuple((_escape(n), b) for n, b in info.layers.items()), info, kept
