@@ -11,7 +11,7 @@ import numpy as np
 
 from ..algos.allocation import allocate_bits, predicted_cost
 from ..config import ConvertConfig
-from ..plan.layers import dequantized, plan_layer, weight_bytes
+from ..plan.layers import dequantized, plan_once, weight_bytes
 from ..plan.shared import SHAREABLE_OPS
 from ..types import Feed, LayerPlan, LayerStats, MixedSummary, Progress, Target
 from .probe import TAILS, Probe
@@ -70,10 +70,11 @@ def choose_bits(prepared: "onnx.ModelProto", targets: Sequence[Target], weights:
     sizes = np.zeros((len(groups), len(choices)))
     deq: dict[tuple[str, int], np.ndarray] = {}
     planned: dict[tuple[str, int], LayerPlan] = {}
+    memo: dict = {}
     for gi, group in enumerate(groups):
         for ci, b in enumerate(choices):
-            for t in group:
-                lp = plan_layer(t, weights[t.node], biases.get(t.node), layer_stats.get(t.node), _at_bits(cfg, b))
+            for t in group:        # readers pooling their statistics: the weight coded once a width
+                lp = plan_once(memo, t, weights[t.node], biases.get(t.node), layer_stats.get(t.node), _at_bits(cfg, b))
                 deq[(t.node, b)] = dequantized(lp)
                 if cfg.rank_budget == 0:
                     planned[(t.node, b)] = dataclasses.replace(lp, fit_hessian=None, fit_target=None, input_mean=None)
