@@ -13,6 +13,10 @@ from builders import make_model, vi
 BITS = np.array([8, 4, 3, 2])
 
 
+# bits a value of each initializer type takes in the file
+WIDTH = {onnx.TensorProto.INT4: 4, onnx.TensorProto.UINT4: 4, onnx.TensorProto.INT8: 8, onnx.TensorProto.UINT8: 8,
+         onnx.TensorProto.FLOAT: 32}
+
 def problem(seed, layers=20):
     rng = np.random.default_rng(seed)
     params = rng.integers(100, 5000, layers)
@@ -113,8 +117,7 @@ def test_max_size_counts_the_bytes_the_file_holds():
     cfg = onnxq.ConvertConfig(bit_choices=(8, 3), max_size=int(params * 0.85), act_bits=32)
     q, rep = onnxq.convert(m, cfg, calib=str(root / "digits_calib"))
     assert set(rep.mixed.layers.values()) == {8, 3}
-    width = {onnx.TensorProto.INT4: 4, onnx.TensorProto.INT8: 8, onnx.TensorProto.UINT8: 8, onnx.TensorProto.FLOAT: 32}
-    held = sum(width[t.data_type] * int(np.prod(t.dims)) for t in q.graph.initializer
+    held = sum(WIDTH[t.data_type] * int(np.prod(t.dims)) for t in q.graph.initializer
                if t.name.endswith(("/weight_q", "/weight_scale")))
     assert rep.mixed.used_bits == held <= rep.mixed.budget_bits
 
@@ -135,10 +138,8 @@ def test_readers_of_one_weight_take_one_width_and_their_weight_counts_once():
     of 6 bits mixed 8 and 4 across the steps, storing the weight again for each width."""
     from test_matmul_gemms import _chain
     feeds = [{"x": np.random.default_rng(s).standard_normal((4, 64)).astype(np.float32)} for s in range(8)]
-    width = {onnx.TensorProto.INT4: 4, onnx.TensorProto.UINT4: 4, onnx.TensorProto.INT8: 8, onnx.TensorProto.UINT8: 8,
-             onnx.TensorProto.FLOAT: 32}
     q, rep = onnxq.convert(_chain(True), onnxq.ConvertConfig(bit_choices=(8, 4), max_size=3000, act_bits=32), calib=feeds)
-    held = sum(width[t.data_type] * int(np.prod(t.dims)) for t in q.graph.initializer
+    held = sum(WIDTH[t.data_type] * int(np.prod(t.dims)) for t in q.graph.initializer
                if t.name.endswith(("/weight_q", "/weight_scale", "/weight_zero")))
     assert rep.shared_weights == 1 and set(rep.mixed.layers.values()) == {4}
     assert rep.mixed.used_bits == held <= rep.mixed.budget_bits == 3000 * 8

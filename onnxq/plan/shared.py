@@ -32,6 +32,18 @@ def weight_key(lp: LayerPlan) -> tuple:
     return (t.graph, t.weight)
 
 
+def stored_weights(targets: Sequence[Target]) -> list[list[Target]]:
+    """The readers of each stored weight, in order of first reader: layers that read one weight
+    alike (the same op, layout and shape, as _why_not asks) store it once when they take one width,
+    so a size budget gives them one together and counts its bytes once (search/mixed.py); any
+    other layer is a group of its own."""
+    groups: dict[tuple, list[Target]] = {}
+    for t in targets:
+        key = (t.graph, t.weight, t.op, t.weight_layout, t.shape) if t.op in SHAREABLE_OPS else (t.node,)
+        groups.setdefault(key, []).append(t)
+    return list(groups.values())
+
+
 def shared_keys(layers: list[LayerPlan]) -> set[tuple]:
     """The weight_keys that several of `layers` read (their weight is coded once for all)."""
     return {k for k, n in Counter(weight_key(lp) for lp in layers).items() if n > 1}

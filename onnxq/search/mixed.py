@@ -12,7 +12,7 @@ import numpy as np
 from ..algos.allocation import allocate_bits, predicted_cost
 from ..config import ConvertConfig
 from ..plan.layers import dequantized, plan_once, weight_bytes
-from ..plan.shared import SHAREABLE_OPS
+from ..plan.shared import stored_weights
 from ..types import Feed, LayerPlan, LayerStats, MixedSummary, Progress, Target
 from .probe import TAILS, Probe
 
@@ -40,17 +40,6 @@ def _at_bits(cfg: ConvertConfig, b: int) -> ConvertConfig:
     """A layer's configuration at candidate width b: the conversion's weight method at b bits."""
     return dataclasses.replace(cfg, bits=b, depthwise_bits=min(cfg.bit_choices), bits_overrides=(),
                                weight_method=cfg.weight_method_for(b))
-
-
-def stored_weights(targets: Sequence[Target]) -> list[list[Target]]:
-    """The readers of each stored weight, in order of first reader: layers that read one weight
-    alike (an unrolled loop's steps) store it once when they take one width (plan/shared.py), so
-    they are given one together and its bytes count once; any other layer is a group of its own."""
-    groups: dict[tuple, list[Target]] = {}
-    for t in targets:
-        key = (t.graph, t.weight, t.op, t.weight_layout, t.shape) if t.op in SHAREABLE_OPS else (t.node,)
-        groups.setdefault(key, []).append(t)
-    return list(groups.values())
 
 
 def choose_bits(prepared: "onnx.ModelProto", targets: Sequence[Target], weights: Mapping[str, np.ndarray],
