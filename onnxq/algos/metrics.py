@@ -3,18 +3,27 @@ network divergence the searches minimise. Pure numpy."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 
 KL_EPS = 1e-12     # added to probabilities before the logarithm
+SQNR_CHUNK = 1 << 18      # values sqnr_db converts to float64 at a time
 
 
 def sqnr_db(ref: np.ndarray, approx: np.ndarray) -> float:
-    """Signal-to-quantization-noise ratio, 10 log10(|ref|^2 / |ref - approx|^2)."""
-    ref = np.asarray(ref, dtype=np.float64)
-    noise = float(np.sum((ref - np.asarray(approx, dtype=np.float64)) ** 2))
-    signal = float(np.sum(ref**2))
+    """Signal-to-quantization-noise ratio, 10 log10(|ref|^2 / |ref - approx|^2), in float64,
+    a chunk of rows at a time (no float64 copy of a large weight is made whole)."""
+    ref, approx = np.asarray(ref), np.asarray(approx)
+    rows = ref.reshape(ref.shape[0], -1) if ref.ndim > 1 and ref.size else ref.reshape(1, -1)
+    other = np.broadcast_to(approx, ref.shape).reshape(rows.shape)
+    step = max(1, SQNR_CHUNK // max(1, rows.shape[1]))
+    noise = signal = 0.0
+    for i in range(0, rows.shape[0], step):
+        r = rows[i:i + step].astype(np.float64).ravel()
+        d = r - other[i:i + step].astype(np.float64).ravel()
+        noise, signal = noise + float(d @ d), signal + float(r @ r)
     if noise == 0.0:
         return float("inf")
     if signal == 0.0:
@@ -77,16 +86,38 @@ def relative_mse(ref: np.ndarray, out: np.ndarray) -> float:
     return float(np.mean(err / np.maximum(energy, floor)))
 
 
-def divergence(ref: Sequence[np.ndarray], out: Sequence[np.ndarray]) -> float:
-    """The loss the searches minimise, summed over outputs: KL for class scores, relative MSE
-    otherwise."""
-    total = 0.0
-    for r, o in zip(ref, out):
-        r, o = r.astype(np.float64), o.astype(np.float64)
+@dataclass(frozen=True)
+class Expected:
+    """A reference output made ready for `divergence` once, for searches that compare many
+    trials with it: class scores as float64 probabilities with their logarithms, any other
+    output as float64 (logs None)."""
+    values: np.ndarray
+    logs: np.ndarray | None
+
+
+def expected(outputs: Sequence[np.ndarray]) -> list[Expected]:
+    """One sample's (or batch's) reference outputs, ready for `divergence`."""
+    out = []
+    for r in outputs:
+        r = r.astype(np.float64)
         if classifier_like(r):
-            total += float(np.mean(kl_rows(probabilities(r), probabilities(o))))
+            p = probabilities(r)
+            out.append(Expected(p, np.log(p + KL_EPS)))
         else:
-            total += relative_mse(r, o)
+            out.append(Expected(r, None))
+    return out
+
+
+def divergence(ref: Sequence[np.ndarray | Expected], out: Sequence[np.ndarray]) -> float:
+    """The loss the searches minimise, summed over outputs: KL for class scores, relative MSE
+    otherwise. `ref`: the reference outputs, raw or `expected` (the same value, faster)."""
+    total = 0.0
+    for r, o in zip(ref if all(isinstance(r, Expected) for r in ref) else expected(ref), out):
+        o = o.astype(np.float64)
+        if r.logs is not None:     # kl_rows, the reference's logarithms taken once
+            total += float(np.mean(np.sum(r.values * (r.logs - np.log(probabilities(o) + KL_EPS)), axis=-1)))
+        else:
+            total += relative_mse(r.values, o)
     return total
 
 

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Mapping, Sequence
 import numpy as np
 from scipy.optimize import minimize
 
-from ..algos.metrics import divergence
+from ..algos.metrics import divergence, expected
 from ..config import ConvertConfig
 from ..graph.rewrite import act_param_names, act_param_values, apply_plan, bias_param_values
 from ..graph.variants import weights_as_inputs
@@ -74,12 +74,14 @@ class SearchSession:
         self.source = {a: s for a, s in self.source.items() if s in self.names}
         self.outputs = [o.name for o in self.sess.get_outputs()]
         self.feeds, self.reference = batched(self.sess, feeds, reference)
+        self.expected = [expected(r) for r in self.reference]
         self.evals = 0
 
     def on(self, feeds: Sequence[Feed], reference: Sequence[Sequence[np.ndarray]]) -> "SearchSession":
         """The same session measuring the loss on other samples."""
         other = copy.copy(self)
         other.feeds, other.reference = batched(self.sess, feeds, reference)
+        other.expected = [expected(r) for r in other.reference]
         other.evals = 0
         return other
 
@@ -95,7 +97,7 @@ class SearchSession:
     def loss(self, acts: Mapping[str, ActQuant]) -> float:
         self.evals += 1
         return float(np.mean([divergence(r, self.outputs_for(acts, f))
-                              for f, r in zip(self.feeds, self.reference)]))
+                              for f, r in zip(self.feeds, self.expected)]))
 
 
 def batched(sess, feeds: Sequence[Feed], reference: Sequence[Sequence[np.ndarray]]):

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 import numpy as np
 
-from ..algos.metrics import divergence
+from ..algos.metrics import divergence, expected
 from ..graph.large import is_large
 from ..graph.variants import augmented, cut_names, tail, weights_as_inputs, with_act_qdq, with_zero_biases
 from ..graph.walk import node_reads
@@ -116,6 +116,7 @@ class Probe:
             self.ref = [ref.run(self.names, f) for f in self.feeds]
         else:
             self.ref = [self.sess.run(self.names, {**f, **self.base}) for f in self.feeds]
+        self.expected = [expected(r) for r in self.ref]
         self.first: dict[str, int] = {}
         self.tails: list[Tail] = []
         self.base_out = self.ref
@@ -158,4 +159,4 @@ class Probe:
             trial[self.weight_of[node]] = np.asarray(w, np.float32)
         t = self._tail_for(list(layer_weights))
         return float(np.mean([divergence(r, self._run(i, f, trial, t))
-                              for i, (f, r) in enumerate(zip(self.feeds, self.ref))]))
+                              for i, (f, r) in enumerate(zip(self.feeds, self.expected))]))
