@@ -45,10 +45,10 @@ from .runtime import QDQ_OFF, default_session_graph, give_back_memory, run_as, s
 from .search.choose import best_method, choose_ranges
 from .search.lapq import lapq_search
 from .search.mixed import choose_bits
-from .search.probe import TAILS, Probe
+from .search.probe import Probe, tails_for
 from .search.protect import check_probe, choose_rounding, protect_layers
 from .search.sequential import sequential_layers
-from .search.wide import widen_acts
+from .search.wide import target_macs, widen_acts
 from .types import (Conversion, Feed, Inspection, LayerInfo, LayerStats, Progress, Report, SkippedReport,
                     SmoothReport, Stats, log)
 from .verify import fidelity
@@ -360,6 +360,7 @@ def calibrate(c: Conversion, stats: Stats | None, save_stats: str | None,
             raise OutputError(f"could not save the statistics to {save_stats}: {e.strerror or e}") from None
     pool_stats(c.targets, stats.layers)
     c.stats = stats
+    c.tails = tails_for(sum(target_macs(c.targets, stats.acts).values()) / max(stats.samples, 1))
 
 
 def one_pass_plan(cfg: ConvertConfig) -> bool:
@@ -467,7 +468,7 @@ def low_bits(c: Conversion, act_plan, progress: Progress | None) -> list:
     if c.cfg.protect_on:
         layers, c.protect = protect_layers(c.prepared, layers, c.weights, c.biases, c.stats.layers, c.calib,
                                            c.cfg, act_plan, progress, judge,
-                                           c.rounding.chosen if c.rounding else None)
+                                           c.rounding.chosen if c.rounding else None, c.tails)
         if c.protect is not None:
             log.info(f"protect: {len(c.protect.protected)} layers kept at 8 bits, "
                      f"{len(c.protect.per_channel)} per channel "
@@ -477,7 +478,7 @@ def low_bits(c: Conversion, act_plan, progress: Progress | None) -> list:
 
 def choose_mixed(c: Conversion, progress: Progress | None) -> None:
     overrides, c.mixed, c.planned = choose_bits(c.prepared, c.targets, c.weights, c.biases, c.stats.layers,
-                                                c.calib, c.cfg, progress)
+                                                c.calib, c.cfg, progress, c.tails)
     if c.mixed.used_bits > c.mixed.budget_bits:
         c.warn(f"the size budget cannot be met: even the smallest bit choice takes "
                f"{c.mixed.used_bits / 8:.0f} bytes of weights against "
@@ -521,7 +522,8 @@ def widen(c: Conversion, progress: Progress | None) -> None:
     fit = [load() for load in c.calib[:n]]
     check = [load() for load in c.calib[n:n + WIDE_CHECK]]
     try:
-        acts, c.wide = widen_acts(c.prepared, c.plan, c.stats.acts, fit, check, c.cfg, progress, c.placement.units)
+        acts, c.wide = widen_acts(c.prepared, c.plan, c.stats.acts, fit, check, c.cfg, progress, c.placement.units,
+                                   c.tails)
     except Exception as e:    # an optional refinement: the 8-bit model stands without it
         c.warn(f"activations stay at 8 bits: measuring their harm failed ({str(e).splitlines()[0][:160]})")
         return
@@ -558,7 +560,7 @@ def branches(c: Conversion) -> None:
     # judged on samples the branches were not fitted on where there are enough (fitted ones overfit:
     # PP-OCR cls W4A8 + 2%, calibration divergence 0.0046 -> 0.0008, held-out 0.0042 -> 0.0060)
     check = c.branch_check or c.calib[:PROBE_SAMPLES]
-    probe = Probe(c.prepared, c.targets, c.weights, check, c.biases, c.plan.acts, tails=TAILS)
+    probe = Probe(c.prepared, c.targets, c.weights, check, c.biases, c.plan.acts, tails=c.tails)
     add_branches(c.plan, c.targets, c.weights, c.cfg, probe)
     c.plan.branch_summary.check_samples, c.plan.branch_summary.check_fitted = len(check), not c.branch_check
     del probe

@@ -496,13 +496,14 @@ def _preprocess_options(f):
 def convert(model, output, calib, holdout_data, report_path, save_stats, load_stats, min_agreement,
             min_cosine, show_layers, quiet, verbose, log_file, **opts):
     """Quantize MODEL and write a QDQ ONNX model."""
-    from . import api
-    from .graph.io import check_output_path
-
     if not Path(model).exists():
         raise InputModelError(f"input model not found: {model}")
     pre = _preprocess(*(opts.pop(k) for k in ("preset", "size", "mean", "std", "layout", "channel_order", "resize")))
     cfg = _config(opts)
+    # the conversion's modules (onnx, onnxruntime: about a second) load once the options are known good
+    from . import api
+    from .graph.io import check_output_path
+
     output = output or model.with_suffix(".q.onnx")
     check_output_path(output, model)
     for extra in (report_path, report_path and report_path.with_suffix(".html"), save_stats):

@@ -634,6 +634,7 @@ class Conversion:
     smoothed: dict = field(default_factory=dict)      # input tensor -> its algos.smoothing.Smoothing (applied)
     rotated: dict = field(default_factory=dict)       # Gemm/MatMul input -> its rotation [B, B] (graph/rotate.py)
     shared_weights: int = 0                           # weights several layers read, stored once (plan/shared.py)
+    tails: int = 0                                    # tail sessions the single-layer probes keep (search/probe.tails_for)
     qmodel: "onnx.ModelProto | None" = None
     session_options: dict[str, str] = field(default_factory=dict)   # what qmodel runs with (api.session_options)
     fidelity: Fidelity = field(default_factory=Fidelity)

@@ -112,3 +112,32 @@ def test_a_layer_without_a_bias_is_probed_with_the_bias_its_plan_gives_it():
     got = probe({conv.node: (inits["wc"], bc), gemm.node: (inits["wg"], bg)})
     assert want > 0 and got == pytest.approx(want, rel=1e-5)
     assert probe({conv.node: (inits["wc"], None)}) == 0.0      # no bias given: the zero one stays
+
+
+def test_a_model_under_the_multiply_add_floor_keeps_no_tails_and_gives_the_same_file(monkeypatch):
+    """Tails only pay where whole runs are costly: the digits CNN (0.09 M multiply-adds a sample)
+    keeps none, and with them forced on its file is the same (they change speed, not answers)."""
+    from pathlib import Path
+
+    import onnxq
+    import onnxq.search.probe as probe
+    import onnxq.search.wide as wide
+
+    models = Path(__file__).resolve().parents[1] / "models"
+    kept = []
+
+    def counted(real):
+        def keep(*args, **kwargs):
+            out = real(*args, **kwargs)
+            kept.append(len(out))
+            return out
+        return keep
+
+    monkeypatch.setattr(probe, "keep_tails", counted(probe.keep_tails))
+    monkeypatch.setattr(wide, "keep_tails", counted(wide.keep_tails))
+    convert = lambda: onnxq.convert(str(models / "digits_cnn.onnx"), onnxq.ConvertConfig(bits=4),   # noqa: E731
+                                    calib=str(models / "digits_calib"))[0].SerializeToString()
+    plain = convert()
+    assert kept == [] and probe.tails_for(probe.TAIL_MIN_MACS * 0.99) == 0
+    monkeypatch.setattr(probe, "TAIL_MIN_MACS", 0.0)
+    assert convert() == plain and sum(kept) > 0 and probe.tails_for(0.0) == probe.TAILS

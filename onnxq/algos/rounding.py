@@ -9,7 +9,6 @@ diag(H) ("act order"), in blocks so most work is matrix-matrix.
 from __future__ import annotations
 
 import numpy as np
-from scipy.linalg import lapack
 
 from .qmath import weight_qmax
 
@@ -41,6 +40,8 @@ def _inverse_upper(hd: np.ndarray) -> np.ndarray:
     With J the reversal of the index order, J hd J = L L^T gives hd = V V^T for the upper
     V = J L J, so hd^-1 = (V^-1)^T V^-1 and U = V^-1 = J L^-1 J (a Cholesky factor is unique).
     About a fifth of the work of inverting hd and factorising the inverse again."""
+    from scipy.linalg import lapack    # imported on first use: the command line starts faster
+
     lower = np.linalg.cholesky(hd[::-1, ::-1])
     inv_lower, info = lapack.dtrtri(lower, lower=1)
     if info != 0:

@@ -136,7 +136,7 @@ def _unify(idx: list[int], group: list[LayerPlan], layers: list[LayerPlan], weig
         wm = None
     else:
         layout = first.target.weight_layout
-        wm = to_matrix(weights[first.target.node], layout).astype(np.float64)
+        wm = to_matrix(weights[first.target.node], layout).astype(np.float64, order="C")
         weighted = all(lp.fit_hessian is not None for lp in group)
 
         def total(cand: LayerPlan) -> float:

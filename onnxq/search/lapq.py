@@ -19,7 +19,6 @@ import copy
 from typing import TYPE_CHECKING, Mapping, Sequence
 
 import numpy as np
-from scipy.optimize import minimize
 
 from ..algos.metrics import divergence, expected
 from ..config import ConvertConfig
@@ -188,6 +187,8 @@ class _Search:
 
     def powell(self, start: Mapping[str, ActQuant], x: np.ndarray) -> None:
         """Powell's method on what is left of the evaluation budget."""
+        from scipy.optimize import minimize     # imported on first use: the command line starts faster
+
         n = len(self.names)
         if n and self.budget > self.search.evals + 2 * n:
             minimize(lambda v: self.consider(_scaled(start, self.names, self.cfg, v), "powell"), x,

@@ -45,14 +45,14 @@ def _at_bits(cfg: ConvertConfig, b: int) -> ConvertConfig:
 def choose_bits(prepared: "onnx.ModelProto", targets: Sequence[Target], weights: Mapping[str, np.ndarray],
                 biases: Mapping[str, np.ndarray], layer_stats: Mapping[str, LayerStats],
                 loaders: Sequence[Callable[[], Feed]], cfg: ConvertConfig,
-                progress: Progress | None = None
+                progress: Progress | None = None, tails: int = TAILS
                 ) -> tuple[tuple[tuple[str, int], ...], MixedSummary, dict[str, LayerPlan]]:
     """Per-layer bits as exact-name overrides, what the allocation predicted, and the layers
     already planned at their chosen bits (the final plan reuses them; none when branches will be
     planned, as those need each layer's fitting statistics). Bits are chosen per stored weight:
     the readers of one weight take one width."""
     choices = sorted(cfg.bit_choices, reverse=True)
-    probe = Probe(prepared, targets, weights, loaders[:TRIAL_SAMPLES], biases, tails=TAILS)
+    probe = Probe(prepared, targets, weights, loaders[:TRIAL_SAMPLES], biases, tails=tails)
     groups = stored_weights(probe.targets)
     skip_widest = len(choices) > 1 and choices[0] >= NEAR_LOSSLESS
     costs = np.zeros((len(groups), len(choices)))

@@ -26,6 +26,11 @@ if TYPE_CHECKING:
     import onnx
 
 TAILS = 8                  # tail sessions a single-layer probe keeps (cuts spread over its layers)
+# multiply-adds a sample under which a model keeps no tails: its whole runs cost less than the
+# tails' sessions and cached cuts (digits CNN, 0.09 M: conversion 1.0 -> 0.55 s without; PP-OCR cls,
+# 14 M: 13.3 / 14.8 s with, 13.2 / 11.5 s without, the same files; the 800 x 608 layout detector's gain
+# is in docs/results.md, round 38; PP-OCR rec has 632 M)
+TAIL_MIN_MACS = 1e8
 TAIL_CACHE = 1 << 30       # most bytes of cut tensors a probe caches over all its samples (256 MiB kept 2 of
                            # 7 cuts of an 800 x 608 detector's 16 samples, 1 GiB 5: 306 -> 249 s, peak unchanged)
 
@@ -68,6 +73,11 @@ def keep_tails(model: "onnx.ModelProto", positions, count: int, feeds: Sequence[
         out.append(Tail(s, session(tm), [{n: v[n] for n in cuts[s]} for v in values],
                         {i.name for i in tm.graph.input}, [o.name for o in tm.graph.output]))
     return out
+
+
+def tails_for(macs_per_sample: float) -> int:
+    """How many tails a single-layer probe of a model with this many multiply-adds a sample keeps."""
+    return TAILS if macs_per_sample >= TAIL_MIN_MACS else 0
 
 
 def latest_tail(tails: Sequence[Tail], positions) -> Tail | None:

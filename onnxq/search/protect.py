@@ -129,7 +129,8 @@ def protect_layers(prepared: "onnx.ModelProto", layers: list[LayerPlan], weights
                    biases: Mapping[str, np.ndarray], layer_stats: Mapping[str, LayerStats],
                    loaders: Sequence[Callable[[], Feed]], cfg: ConvertConfig,
                    acts: Mapping[str, ActQuant] | None, progress: Progress | None = None,
-                   judge: Probe | None = None, method: str | None = None) -> tuple[list[LayerPlan], ProtectSummary | None]:
+                   judge: Probe | None = None, method: str | None = None, tails: int = TAILS
+                   ) -> tuple[list[LayerPlan], ProtectSummary | None]:
     """`layers` with the protected ones re-planned at 8 bits (and blocked ones the budget bought
     no blocks for, per channel), and what the choice measured; `judge`, the check_probe when the
     caller already has one; `method`, the low-bit layers' weight method where a choice settled it."""
@@ -141,7 +142,7 @@ def protect_layers(prepared: "onnx.ModelProto", layers: list[LayerPlan], weights
     flat = plan([n for n, g in units.items() if blocks_bought(g[0], cfg)],
                 dataclasses.replace(cfg, block=0, weight_method=method or cfg.weight_method))
     fit = Probe(prepared, [lp.target for lp in layers if not lp.target.graph], weights, loaders[:HARM_SAMPLES],
-                biases, acts, tails=TAILS)
+                biases, acts, tails=tails)
     harm = _harms(fit, units, progress)
     # per channel, a layer harms the network as blocked, scaled by how much more its output error
     # grows on its own inputs (the layer objective: exact where four samples' network loss is not)

@@ -33,7 +33,7 @@ from ..graph.variants import mask_name, with_act_masks
 from ..plan.acts import act_quant, method_range
 from ..plan.biases import code_biases
 from ..runtime import session
-from ..types import ActQuant, ActStats, Feed, Plan, Progress, WideSummary
+from ..types import ActQuant, ActStats, Feed, Plan, Progress, Target, WideSummary
 from .lapq import batched, searched
 from .probe import TAILS, Tail, keep_tails, latest_tail
 
@@ -103,9 +103,13 @@ def candidates(plan: Plan, cfg: ConvertConfig) -> list[str]:
 def layer_macs(plan: Plan, stats: Mapping[str, ActStats]) -> dict[str, float]:
     """Each main-graph layer's multiply-adds over the calibration samples, from the number of
     values its input held (padding and borders aside)."""
+    return target_macs([lp.target for lp in plan.layers], stats)
+
+
+def target_macs(targets: Sequence[Target], stats: Mapping[str, ActStats]) -> dict[str, float]:
+    """layer_macs of targets."""
     out = {}
-    for lp in plan.layers:
-        t = lp.target
+    for t in targets:
         st = stats.get(t.act) if t.act and not t.graph else None
         if st is not None:
             out[t.node] = float(st.counts.sum()) * _per_input(t)
@@ -182,7 +186,7 @@ def checked(ms: MaskSession, sets: Sequence[Sequence[str]], check, summary: Wide
 
 def widen_acts(prepared: "onnx.ModelProto", plan: Plan, stats: Mapping[str, ActStats],
                fit: Sequence[Feed], check: Sequence[Feed], cfg: ConvertConfig,
-               progress: Progress | None = None, units: Mapping[str, str] | None = None
+               progress: Progress | None = None, units: Mapping[str, str] | None = None, tails: int = TAILS
                ) -> tuple[dict[str, ActQuant], WideSummary]:
     """`plan.acts` with the most harmful activations at 16 bits, and what was measured; under a
     target whose integer kernels take 8 bits only, as many as the multiply-add budget lets
@@ -197,7 +201,7 @@ def widen_acts(prepared: "onnx.ModelProto", plan: Plan, stats: Mapping[str, ActS
     (fit_b, fit_r), (check_b, check_r) = batched(ref, fit, fit_ref), batched(ref, check, check_ref)
     fit_r, check_r = [expected(r) for r in fit_r], [expected(r) for r in check_r]
     del ref
-    ms = MaskSession(prepared, plan, names, cache=fit_b, tails=TAILS)
+    ms = MaskSession(prepared, plan, names, cache=fit_b, tails=tails)
     fit_b = ms.cached
     if any(a not in ms.first for a in names):    # not rounded in the emitted model (ort-cpu's
         names = [a for a in names if a in ms.first]          # MatMulNBits inputs): no candidates
