@@ -304,3 +304,18 @@ def test_under_ort_cpu_unrounding_every_candidate_unrounds_its_tied_tensors_and_
         rounding = np.abs(want - plain).max()
         assert np.allclose(ms.sess.run(None, {**f, **ms._masks(set())})[0], want, rtol=0, atol=1e-5 * np.abs(want).max())
         assert np.abs(ms.sess.run(None, {**f, **ms._masks(set(names))})[0] - plain).max() < rounding / 20
+
+
+def test_a_candidate_the_emitted_model_does_not_round_sets_no_bound_on_the_tail():
+    """Under ort-cpu a MatMulNBits input is a candidate with no switch in the emitted model (it is
+    never rounded): a trial rounding it and a late tensor still runs from the cut before the late
+    one, not from the graph's inputs (before, no such trial ever took a tail)."""
+    from onnxq.search.probe import Tail
+
+    ms = MaskSession.__new__(MaskSession)
+    ms.cached = [{"x": np.zeros(1, np.float32)}]
+    ms.tails = [Tail(start, None, ms.cached, {"x"}, ["y"]) for start in (4, 9)]
+    ms.first = {"early": 2, "late": 11}                    # "matmulnbits input": no mask node
+    assert ms._tail_for(ms.cached, ["late", "matmulnbits input"]).start == 9
+    assert ms._tail_for(ms.cached, ["early", "late", "matmulnbits input"]) is None
+    assert ms._tail_for(list(ms.cached), ["late"]) is None          # other samples: the whole graph
