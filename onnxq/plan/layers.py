@@ -189,7 +189,7 @@ def plan_layer(t: Target, w: np.ndarray, bias: np.ndarray | None, ls: LayerStats
         ls = tap_moments(t, ls)
     bits, note = cfg.bits_for(t.node, t.depthwise)
     method = cfg.weight_method_for(bits, t.op)
-    wm = to_matrix(w, t.weight_layout).astype(np.float64, order="C")             # [O, K]
+    wm = to_matrix(w, t.weight_layout).astype(np.float64, order="C")     # [O, K]
     groups = t.row_groups
     h = None
     if ls is not None and ls.hessian is not None:
@@ -289,7 +289,7 @@ def plan_compensated(t: Target, w: np.ndarray, bias: np.ndarray | None, ps: Pair
     in plan_layer: the bias cancels what the means would add."""
     own_bits, own_note = cfg.bits_for(t.node, t.depthwise)
     bits, note = bits or own_bits, own_note if note is None else note
-    wm = to_matrix(w, t.weight_layout).astype(np.float64, order="C")             # [O, K]
+    wm = to_matrix(w, t.weight_layout).astype(np.float64, order="C")     # [O, K]
     centred = _bias_corrects(t, wm, bias, cfg)
     hq, cross = _paired_moments(ps, centred)
     share = _held_out_share(wm, ps, centred, t.row_groups)
