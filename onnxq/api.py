@@ -41,7 +41,7 @@ from .plan.layers import make_plan, plan_layer, plan_once
 from .plan.rules import DEFAULT_TARGET, RULES, float_input, int16_pair_sums
 from .plan.shared import pool_stats, share_weights
 from .report import build_report, clipped_share
-from .runtime import QDQ_OFF, default_session_graph, give_back_memory, run_as, session
+from .runtime import PRECISE, QDQ_OFF, default_session_graph, give_back_memory, run_as, session
 from .search.choose import best_method, choose_ranges
 from .search.lapq import lapq_search
 from .search.mixed import choose_bits
@@ -70,6 +70,10 @@ WIDE_CHECK = 48        # ... and at most this many of the rest check the choice
 CHOICE_SAMPLES = 8     # samples the per-tensor range choice fits (the next as many check it)
 POOR_AGREEMENT = 0.9   # below this top-1 agreement (or POOR_SQNR_DB) the summary warns loudly
 POOR_SQNR_DB = 10.0
+SATURATES = ("this CPU (x86 without VNNI) adds pairs of u8 x s8 products in int16, and the model's INT8 weights "
+             "can pass that range: the held-out figures ran with session.x64quantprecision=1 (its u8 x u8 kernels); "
+             "a session on such a CPU without that entry may saturate (under ort-cpu, --u8-weights stores the conv "
+             "weights as UINT8, which no session saturates)")
 SMOOTH_SAMPLES = 32    # calibration samples of the smoothing choice (half fit the maxima, half judge)
 SMOOTH_ROWS = 1024     # input rows the choice is judged on
 HESSIAN_SHARE = 0.25   # weights on disk: second moments held at once, a share of the weights' bytes
@@ -101,7 +105,7 @@ def convert(model: "str | os.PathLike | onnx.ModelProto", config: ConvertConfig 
         smooth(c, stats)
     with c.timed("calibrate"):
         calibrate(c, stats, save_stats, progress)
-    with c.timed("quantize"), run_as(c.cfg.rules.session_options):
+    with c.timed("quantize"), run_as(search_options(c.cfg)):
         plan(c, progress)
         search(c, progress)
         widen(c, progress)
@@ -604,12 +608,36 @@ def session_options(qmodel: "onnx.ModelProto", target_options: dict[str, str], e
 
 def run_options(model: "onnx.ModelProto") -> tuple[str | None, dict[str, str]]:
     """(the target an onnxq model was written for, the onnxruntime session config entries it runs
-    with: its own where recorded, else its target's); (None, {}) for a model onnxq did not write."""
+    with: its own where recorded, else its target's, and on this CPU exact_here's); (None, {}) for
+    a model onnxq did not write."""
     target = get_metadata(model, TARGET_KEY) or (DEFAULT_TARGET if model.producer_name == "onnxq" else None)
+    if target is None:
+        return None, {}
     recorded = get_metadata(model, SESSION_KEY)
-    if recorded:
-        return target, json.loads(recorded)
-    return target, dict(RULES[target].session_options) if target in RULES else {}
+    options = json.loads(recorded) if recorded else dict(RULES[target].session_options) if target in RULES else {}
+    return target, exact_here(model, options)
+
+
+def exact_here(model: "onnx.ModelProto", options: dict[str, str]) -> dict[str, str]:
+    """`options`, and PRECISE where this CPU's u8 x s8 kernels add pairs of products in int16 (x86
+    without VNNI) and `model` fuses INT8 weight codes beyond +-64 into them (an `ort-cpu` file
+    written with --int8-weights, or on a CPU with VNNI): onnxruntime then runs those layers on its
+    u8 x u8 kernels, which compute what the graph says. EfficientNet-Lite1 `ort-cpu` W8A8 with INT8
+    weights on an AVX2 EPYC: 7.3 dB fused, 24.8 dB with the entry, as its UINT8 file reads, at the
+    UINT8 file's speed (docs/results.md, round 50). Decided on the CPU that runs the model, never
+    written into it: a CPU with VNNI would only lose its faster symmetric int8 path."""
+    if options.get(QDQ_OFF) != "1" and int16_pair_sums() and int8_weight_dequantizes(model, beyond=64):
+        return {**options, PRECISE: "1"}
+    return dict(options)
+
+
+def search_options(cfg: ConvertConfig) -> dict[str, str]:
+    """The session entries of the searches' sessions: the target's, and PRECISE where the
+    conversion writes INT8 8-bit weights into fused kernels that saturate on this CPU (exact_here)."""
+    options = dict(cfg.rules.session_options)
+    if options.get(QDQ_OFF) != "1" and not cfg.rules.u8_weights and int16_pair_sums():
+        options[PRECISE] = "1"
+    return options
 
 
 def verify(c: Conversion) -> None:
@@ -620,7 +648,9 @@ def verify(c: Conversion) -> None:
     except Exception as e:
         raise VerificationError(f"the quantized model fails onnx.checker: "
                                 f"{str(e).splitlines()[0][:200]}") from None
-    c.fidelity = fidelity(c.source, c.qmodel, c.held, options=c.session_options)
+    c.fidelity = fidelity(c.source, c.qmodel, c.held, options=exact_here(c.qmodel, c.session_options))
+    if PRECISE in exact_here(c.qmodel, {}) and PRECISE not in c.session_options:
+        c.warnings.append(SATURATES)
     warn_fidelity(c)
 
 

@@ -24,6 +24,9 @@ LOG_FATAL_ONLY = 4     # onnxruntime's own log lines never reach the user's term
                        # come back as exceptions, which onnxq turns into one line
 ort.set_default_logger_severity(LOG_FATAL_ONLY)
 QDQ_OFF = "session.disable_quant_qdq"   # no QDQ fusions: weight DequantizeLinear nodes fold at load
+# INT8 weights of fused integer kernels rewritten as UINT8 at load, so u8 x u8 kernels run them; the
+# rewrite happens only on x86 CPUs (where onnxruntime's u8 x s8 and u8 x u8 kernels differ)
+PRECISE = "session.x64quantprecision"
 # session config entries every session made in the current scope takes (run_as)
 _RUN_AS: contextvars.ContextVar[dict[str, str]] = contextvars.ContextVar("run_as", default={})
 

@@ -111,3 +111,38 @@ def test_branch_factors_read_by_fused_kernels_are_uint8_too():
     assert a_zero and all(z.dtype == np.uint8 and np.all(z == 128) for z in a_zero)
     held = feeds(4, 100)
     assert sqnr_db(_run(q, held, exact=True), _run(q, held, exact=False)) > 80.0
+
+
+def _session_run(model: onnx.ModelProto, feeds, options: dict) -> np.ndarray:
+    so = ort.SessionOptions()
+    for k, v in options.items():
+        so.add_session_config_entry(k, v)
+    s = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return np.concatenate([s.run(None, f)[0] for f in feeds])
+
+
+def test_int8_weights_run_on_exact_kernels_wherever_this_cpu_saturates(monkeypatch):
+    """An ort-cpu file with INT8 8-bit weights (--int8-weights, or written on a CPU with VNNI) runs
+    with session.x64quantprecision=1 where this CPU adds u8 x s8 pairs in int16: in `onnxq eval`
+    (api.run_options) and in the conversion's own check, which warns. The entry is decided where the
+    model runs and never written into it; a UINT8 file, or INT8 codes within +-64 (4-bit), takes none."""
+    from onnxq import api
+    from onnxq.graph.io import SESSION_KEY, get_metadata
+    from onnxq.plan.rules import int16_pair_sums
+    calib = _feeds(16, 0)
+    q8, rep8 = onnxq.convert(_saturating_net(), onnxq.ConvertConfig(bits=8, target="ort-cpu", u8_weights=False), calib=calib)
+    qu8, _ = onnxq.convert(_saturating_net(), onnxq.ConvertConfig(bits=8, target="ort-cpu", u8_weights=True), calib=calib)
+    q4, _ = onnxq.convert(_saturating_net(), onnxq.ConvertConfig(bits=4, target="ort-cpu", u8_weights=False), calib=calib)
+    assert get_metadata(q8, SESSION_KEY) is None and rep8.session_options == {}
+    for saturates in (True, False):
+        monkeypatch.setattr(api, "int16_pair_sums", lambda: saturates)
+        assert api.run_options(q8) == ("ort-cpu", {"session.x64quantprecision": "1"} if saturates else {})
+        assert api.run_options(qu8) == api.run_options(q4) == ("ort-cpu", {})
+    monkeypatch.undo()
+    if not int16_pair_sums():
+        pytest.skip("this CPU adds int8 products in int32: nothing saturates to check against")
+    held = _feeds(4, 1)
+    exact = _run(q8, held, exact=True)
+    assert sqnr_db(exact, _session_run(q8, held, {})) < 20.0          # a default session saturates here
+    assert sqnr_db(exact, _session_run(q8, held, api.run_options(q8)[1])) > 35.0
+    assert rep8.fidelity.sqnr_db > 35.0 and any("x64quantprecision" in w for w in rep8.warnings)
