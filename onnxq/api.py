@@ -648,8 +648,9 @@ def verify(c: Conversion) -> None:
     except Exception as e:
         raise VerificationError(f"the quantized model fails onnx.checker: "
                                 f"{str(e).splitlines()[0][:200]}") from None
-    c.fidelity = fidelity(c.source, c.qmodel, c.held, options=exact_here(c.qmodel, c.session_options))
-    if PRECISE in exact_here(c.qmodel, {}) and PRECISE not in c.session_options:
+    options = exact_here(c.qmodel, c.session_options)
+    c.fidelity = fidelity(c.source, c.qmodel, c.held, options=options)
+    if PRECISE in options:
         c.warnings.append(SATURATES)
     warn_fidelity(c)
 
