@@ -306,16 +306,24 @@ def test_under_ort_cpu_unrounding_every_candidate_unrounds_its_tied_tensors_and_
         assert np.abs(ms.sess.run(None, {**f, **ms._masks(set(names))})[0] - plain).max() < rounding / 20
 
 
-def test_a_candidate_the_emitted_model_does_not_round_sets_no_bound_on_the_tail():
-    """Under ort-cpu a MatMulNBits input is a candidate with no switch in the emitted model (it is
-    never rounded): a trial rounding it and a late tensor still runs from the cut before the late
-    one, not from the graph's inputs (before, no such trial ever took a tail)."""
-    from onnxq.search.probe import Tail
-
-    ms = MaskSession.__new__(MaskSession)
-    ms.cached = [{"x": np.zeros(1, np.float32)}]
-    ms.tails = [Tail(start, None, ms.cached, {"x"}, ["y"]) for start in (4, 9)]
-    ms.first = {"early": 2, "late": 11}                    # "matmulnbits input": no mask node
-    assert ms._tail_for(ms.cached, ["late", "matmulnbits input"]).start == 9
-    assert ms._tail_for(ms.cached, ["early", "late", "matmulnbits input"]) is None
-    assert ms._tail_for(list(ms.cached), ["late"]) is None          # other samples: the whole graph
+def test_a_candidate_the_emitted_model_does_not_round_is_no_candidate_of_the_mask_session(feeds, monkeypatch):
+    """Under ort-cpu the zoo's MatMulNBits inputs are candidates with no switch in the emitted model
+    (they are never rounded): the mask session drops them when it is built, so a trial bounds its
+    tail by the tensors it rounds (in round 48 such a name kept every trial off the tails)."""
+    seen = _spy_plan(monkeypatch)
+    cal = feeds(16)
+    cfg = onnxq.ConvertConfig(bits=8, target="ort-cpu")
+    onnxq.convert(conv_zoo(np.random.default_rng(0)), cfg, calib=cal)
+    prepared, plan = seen["prepared"], seen["plan"]
+    names = candidates(plan, cfg)
+    ms = MaskSession(prepared, plan, names, cache=cal[:4], tails=4)
+    dropped = set(names) - set(ms.names)
+    nbits = {n.input[0] for n in apply_plan(prepared, code_biases(plan)).graph.node if n.op_type == "MatMulNBits"}
+    assert dropped and dropped <= nbits and ms.names == [a for a in names if a in ms.first]
+    last = max(ms.names, key=ms.first.get)
+    assert ms.tails and ms._tail_for(ms.cached, [last]) is not None
+    ref = [session(prepared).run(None, f) for f in ms.cached]
+    every = frozenset(ms.names)
+    # the trial rounding only `last` runs from its tail, and reads what the whole graph reads
+    whole = MaskSession(prepared, plan, names)
+    assert np.isclose(ms.loss(ms.cached, ref, every - {last}), whole.loss(ms.cached, ref, every - {last}), rtol=1e-5)

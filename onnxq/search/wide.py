@@ -66,6 +66,9 @@ class MaskSession:
         self.cached = list(cache)
         where = {n.name: i for i, n in enumerate(model.graph.node)}
         self.first = {a: where[f"{a}/mask_sub"] for a in self.names if f"{a}/mask_sub" in where}
+        # a candidate the emitted model does not round (no switch: ort-cpu's MatMulNBits inputs) is no candidate
+        self.names = [a for a in self.names if a in self.first]
+        self.followers = {t: s for t, s in self.followers.items() if s in self.first}
         if tails > 1 and self.cached and not is_large(model):
             unrounded = self._masks(self.names)
             self.tails = keep_tails(model, self.first.values(), tails, [{**f, **unrounded} for f in self.cached],
@@ -77,11 +80,10 @@ class MaskSession:
         return {k: v for k, v in out.items() if k in self.inputs}
 
     def _tail_for(self, feeds, rounded) -> Tail | None:
-        """The latest kept tail before every rounded tensor, when `feeds` are the cached samples. A
-        name the emitted model does not round (no mask: ort-cpu's MatMulNBits inputs) sets no bound."""
+        """The latest kept tail before every rounded tensor, when `feeds` are the cached samples."""
         if not self.tails or feeds is not self.cached:
             return None
-        return latest_tail(self.tails, [self.first[a] for a in rounded if a in self.first])
+        return latest_tail(self.tails, [self.first[a] for a in rounded])
 
     def loss(self, feeds, reference, unrounded=frozenset()) -> float:
         masks = self._masks(unrounded)
@@ -203,8 +205,8 @@ def widen_acts(prepared: "onnx.ModelProto", plan: Plan, stats: Mapping[str, ActS
     del ref
     ms = MaskSession(prepared, plan, names, cache=fit_b, tails=tails)
     fit_b = ms.cached
-    if any(a not in ms.first for a in names):    # not rounded in the emitted model (ort-cpu's
-        names = [a for a in names if a in ms.first]          # MatMulNBits inputs): no candidates
+    if len(ms.names) < len(names):            # some are not rounded in the emitted model
+        names = ms.names
         budget = int(np.floor(cfg.protect_acts * len(names)))
         summary.tensors, summary.budget = len(names), budget
         if not names or budget < 1:
