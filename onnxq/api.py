@@ -631,6 +631,16 @@ def exact_here(model: "onnx.ModelProto", options: dict[str, str]) -> dict[str, s
     return dict(options)
 
 
+def saturation_note(model: "onnx.ModelProto") -> str:
+    """For a model run as it is (one onnxq did not write: onnxruntime's own W8A8, say), a warning
+    that its INT8 weights may saturate on this CPU's u8 x s8 kernels (exact_here), else ''."""
+    if int16_pair_sums() and int8_weight_dequantizes(model, beyond=64):
+        return ("the candidate fuses INT8 weights into onnxruntime's u8 x s8 kernels, which add pairs of products "
+                "in int16 on this CPU (x86 without VNNI) and may saturate; it was run as a default session runs it "
+                "(session.x64quantprecision=1 runs those layers exactly, at u8 x u8 speed)")
+    return ""
+
+
 def search_options(cfg: ConvertConfig) -> dict[str, str]:
     """The session entries of the searches' sessions: the target's, and PRECISE where the
     conversion writes INT8 8-bit weights into fused kernels that saturate on this CPU (exact_here)."""

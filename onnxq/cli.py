@@ -715,6 +715,10 @@ def eval_cmd(reference, candidate, data, json_path, labels, runs, no_qdq_fusion,
     loaders = open_source(data, input_specs(ref), _preprocess(preset, size, mean, std, layout, channel_order, resize))
     truth = _load_labels(labels, len(loaders)) if labels else None
     target, options = _run_options(cand, no_qdq_fusion)
+    if target is None and options.get("session.disable_quant_qdq") != "1":
+        from .api import saturation_note
+        if note := saturation_note(cand):
+            err.print(f"[yellow]warning:[/] {escape(note)}")
     fid = fidelity(ref, cand, loaders, labels=truth, options=options)
     res = {"reference": str(reference), "candidate": str(candidate), "fidelity": dataclasses.asdict(fid),
            "size_reference": reference.stat().st_size, "size_candidate": candidate.stat().st_size,

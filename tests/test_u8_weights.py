@@ -146,3 +146,39 @@ def test_int8_weights_run_on_exact_kernels_wherever_this_cpu_saturates(monkeypat
     assert sqnr_db(exact, _session_run(q8, held, {})) < 20.0          # a default session saturates here
     assert sqnr_db(exact, _session_run(q8, held, api.run_options(q8)[1])) > 35.0
     assert rep8.fidelity.sqnr_db > 35.0 and any("x64quantprecision" in w for w in rep8.warnings)
+
+
+def test_eval_warns_when_a_model_onnxq_did_not_write_may_saturate_here(tmp_path, monkeypatch):
+    """`onnxq eval` runs a model onnxq did not write (onnxruntime's own W8A8, say) as a default
+    session runs it, and on a CPU whose u8 x s8 kernels add pairs in int16 says when its INT8
+    weights may saturate there; UINT8 weights, or INT8 codes within +-64, draw no warning."""
+    import subprocess
+    import sys
+
+    from onnxq import api
+    from onnxq.plan.rules import int16_pair_sums
+
+    def foreign(cfg: dict) -> onnx.ModelProto:
+        q, _ = onnxq.convert(_saturating_net(), onnxq.ConvertConfig(target="ort-cpu", **cfg), calib=_feeds(16, 0))
+        q.producer_name = "another tool"
+        del q.metadata_props[:]
+        return q
+
+    s8, u8, s4 = foreign(dict(bits=8, u8_weights=False)), foreign(dict(bits=8, u8_weights=True)), \
+        foreign(dict(bits=4, u8_weights=False))
+    assert api.run_options(s8) == (None, {})
+    monkeypatch.setattr(api, "int16_pair_sums", lambda: True)
+    assert "may saturate" in api.saturation_note(s8) and not api.saturation_note(u8) and not api.saturation_note(s4)
+    monkeypatch.setattr(api, "int16_pair_sums", lambda: False)
+    assert not api.saturation_note(s8)
+    monkeypatch.undo()
+    if not int16_pair_sums():
+        pytest.skip("this CPU adds int8 products in int32: the command has nothing to warn of")
+    onnx.save(_saturating_net(), tmp_path / "ref.onnx")
+    onnx.save(s8, tmp_path / "cand.onnx")
+    (tmp_path / "data").mkdir()
+    for i, f in enumerate(_feeds(3, 2)):
+        np.savez(tmp_path / "data" / f"{i}.npz", **f)
+    r = subprocess.run([sys.executable, "-m", "onnxq.cli", "eval", str(tmp_path / "ref.onnx"), str(tmp_path / "cand.onnx"),
+                        "--data", str(tmp_path / "data"), "--runs", "2"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "may saturate" in r.stderr and "Traceback" not in r.stderr
