@@ -23,7 +23,7 @@ from .calib.data import Preprocess, constant_inputs, open_source, random_feeds
 from .config import ENCODER_PROTECT, FINE_8BIT_BLOCK, PROTECT, ROTATE_BLOCK, SEARCHED_METHODS, VERSION, ConvertConfig
 from .errors import CalibrationError, InputModelError, OutputError, VerificationError
 from .graph.io import (SESSION_KEY, TARGET_KEY, check_model, check_output_path, constant_dequantizes,
-                       float_op_counts, int8_weight_dequantizes, get_metadata, input_specs, load_model, opset_of, save_model, set_metadata,
+                       float_op_counts, int8_weight_dequantizes, PAIR_SAFE_CODE, get_metadata, input_specs, load_model, opset_of, save_model, set_metadata,
                        tensor_infos, validate)
 from .graph.placement import plan_placement
 from .graph.forward import fold_affine_into_readers
@@ -626,15 +626,15 @@ def exact_here(model: "onnx.ModelProto", options: dict[str, str]) -> dict[str, s
     weights on an AVX2 EPYC: 7.3 dB fused, 24.8 dB with the entry, as its UINT8 file reads, at the
     UINT8 file's speed (docs/results.md, round 50). Decided on the CPU that runs the model, never
     written into it: a CPU with VNNI would only lose its faster symmetric int8 path."""
-    if options.get(QDQ_OFF) != "1" and int16_pair_sums() and int8_weight_dequantizes(model, beyond=64):
+    if options.get(QDQ_OFF) != "1" and int16_pair_sums() and int8_weight_dequantizes(model, beyond=PAIR_SAFE_CODE):
         return {**options, PRECISE: "1"}
     return dict(options)
 
 
-def saturation_note(model: "onnx.ModelProto") -> str:
-    """For a model run as it is (one onnxq did not write: onnxruntime's own W8A8, say), a warning
-    that its INT8 weights may saturate on this CPU's u8 x s8 kernels (exact_here), else ''."""
-    if int16_pair_sums() and int8_weight_dequantizes(model, beyond=64):
+def saturation_note(model: "onnx.ModelProto", options: dict[str, str] | None = None) -> str:
+    """For a model run as it is, with `options` (one onnxq did not write: onnxruntime's own W8A8,
+    say), a warning where exact_here would add PRECISE, else ''."""
+    if PRECISE in exact_here(model, options or {}):
         return ("the candidate fuses INT8 weights into onnxruntime's u8 x s8 kernels, which add pairs of products "
                 "in int16 on this CPU (x86 without VNNI) and may saturate; it was run as a default session runs it "
                 "(session.x64quantprecision=1 runs those layers exactly, at u8 x u8 speed)")

@@ -715,9 +715,9 @@ def eval_cmd(reference, candidate, data, json_path, labels, runs, no_qdq_fusion,
     loaders = open_source(data, input_specs(ref), _preprocess(preset, size, mean, std, layout, channel_order, resize))
     truth = _load_labels(labels, len(loaders)) if labels else None
     target, options = _run_options(cand, no_qdq_fusion)
-    if target is None and options.get("session.disable_quant_qdq") != "1":
+    if target is None:
         from .api import saturation_note
-        if note := saturation_note(cand):
+        if note := saturation_note(cand, options):
             err.print(f"[yellow]warning:[/] {escape(note)}")
     fid = fidelity(ref, cand, loaders, labels=truth, options=options)
     res = {"reference": str(reference), "candidate": str(candidate), "fidelity": dataclasses.asdict(fid),

@@ -80,13 +80,16 @@ def constant_dequantizes(data: bytes) -> int:
     return count
 
 
+PAIR_SAFE_CODE = 64      # INT8 codes within +-64: no pair of u8 x s8 products passes 32767 (2 x 255 x 64 = 32640)
+
+
 def int8_weight_dequantizes(model: onnx.ModelProto, beyond: int = 0) -> int:
     """DequantizeLinear nodes of `model` (every graph) that read INT8 constant codes for a layer
     whose input is dequantized too: fused into onnxruntime's u8 x s8 integer kernels, which add
     pairs of products in int16 on x86 CPUs without VNNI and may saturate there
     (plan.rules.int16_pair_sums). A weight-only layer (float input, MatMulNBits) is not counted,
-    nor, with `beyond`, one whose codes all lie within +-beyond (at 64 no pair of u8 x s8
-    products can pass 32767: 2 x 255 x 64 = 32640; 2-4-bit codes in INT8 containers)."""
+    nor, with `beyond`, one whose codes all lie within +-beyond (PAIR_SAFE_CODE: 2-4-bit codes in
+    INT8 containers)."""
     count = 0
     for _, g in graphs(model):
         consts = {t.name: t for t in g.initializer if t.data_type == onnx.TensorProto.INT8}
@@ -95,8 +98,11 @@ def int8_weight_dequantizes(model: onnx.ModelProto, beyond: int = 0) -> int:
         for n in g.node:
             if (n.op_type in ("Conv", "MatMul", "Gemm", "ConvTranspose") and len(n.input) > 1 and n.input[1] in weights
                     and made_by.get(n.input[0]) == "DequantizeLinear"):
-                codes = large.tensor_array(consts[weights[n.input[1]]]) if beyond else None
-                count += codes is None or int(np.abs(codes.astype(np.int16)).max(initial=0)) > beyond
+                if beyond:
+                    codes = large.tensor_array(consts[weights[n.input[1]]]).astype(np.int16)
+                    if int(np.abs(codes).max(initial=0)) <= beyond:
+                        continue
+                count += 1
     return count
 
 
