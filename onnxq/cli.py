@@ -131,6 +131,10 @@ def _print_blocks(r) -> None:
     if r.rotated:
         out.print(f"  rotated: {len(r.rotated)} Gemm/MatMul inputs, a Hadamard matrix per {ROTATE_BLOCK} channels "
                   f"(onnxruntime rounds them to int8 per block; --no-rotate to leave them)")
+    for q in r.quantized:
+        if q.hot_rows:
+            out.print(f"  hot rows: {q.hot_rows} rows of {escape(q.node)} read in calibration, corrected by a "
+                      f"residual table from --protect's budget (--no-hot-rows to leave them)")
 
 
 def print_summary(report) -> None:
@@ -455,6 +459,12 @@ def _preprocess_options(f):
                    "largest channel. all-MiniLM-L6-v2 held out: 34.5-34.7 -> 38.3-39.0 dB; the rotations cost 3-6% "
                    "of the latency at 8 tokens, ~10% at 32 (docs/results.md, round 43); at W4A8 retrieval agreement "
                    "0.885 -> 0.927 (round 44). Not with --exact-matmuls, whose inputs stay float.")
+@click.option("--hot-rows/--no-hot-rows", default=True, show_default=True,
+              help="Embedding tables at 4 bits and below: the rows calibration read (a text's common words) are "
+                   "looked up once more in a small residual table, so they come out about as close as 8-bit "
+                   "rows; paid from --protect's budget (none under --no-protect). Only where calibration read at "
+                   "most a quarter of the table's rows. 3-layer MiniLM / all-MiniLM-L6-v2 W4A8 held out: see "
+                   "docs/results.md, round 51.")
 @click.option("--u8-weights/--int8-weights", default=None,
               help="8-bit conv/Gemm/MatMul weights as UINT8 with zero point 128 (onnxruntime's u8 x u8 kernels: "
                    "exact on every x86 CPU) or as INT8 (its u8 x s8 kernels and symmetric conv path: under "
@@ -554,7 +564,7 @@ def _config(o: dict) -> ConvertConfig:
         quantize_attention=o["quantize_attention"], smooth=not o["no_smooth"], block=int(o["block"]),
         zero_points=o["zero_points"], block_8bit=o["block_8bit"], u8_weights=o["u8_weights"],
         block8=int(o["block_8bit_size"]) if o["block_8bit_size"] else None, exact_matmuls=o["exact_matmuls"],
-        rotate=o["rotate"],
+        rotate=o["rotate"], hot_rows=o["hot_rows"],
         bit_choices=tuple(int(b) for b in _floats(o["bit_choices"], "--bit-choices")))
 
 

@@ -99,6 +99,8 @@ class ConvertConfig:
                                            # dequantized at load, not as MatMulNBits (api.session_options)
     rotate: bool = True                    # every layer weight-only (W8 blocked, or W2-4): the Gemm/MatMul
                                            # inputs, which MatMulNBits rounds to int8 per block, rotated (api.rotate)
+    hot_rows: bool = True                  # <= 4-bit tables: the rows calibration read corrected by a residual
+                                           # table, paid from --protect's budget (plan/hot.py)
 
     def __post_init__(self) -> None:
         self._check_switches()

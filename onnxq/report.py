@@ -50,7 +50,7 @@ def _layer(c: Conversion, lp) -> LayerReport:
         activation_bits=bits, float_input_reason=why, note=_note(c, lp),
         branch_rank=lp.branch.rank if lp.branch else 0,
         branch_params=(lp.branch.a.size + lp.branch.b.size) if lp.branch else 0,
-        sqnr_with_branch_db=_num(lp.sqnr_branch_db))
+        sqnr_with_branch_db=_num(lp.sqnr_branch_db), hot_rows=0 if lp.hot is None else len(lp.hot.rows))
 
 
 def _note(c: Conversion, lp) -> str:

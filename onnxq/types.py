@@ -134,6 +134,7 @@ class LayerStats:
     mean: np.ndarray
     rows: int
     pooled: "LayerStats | None" = None
+    reads: np.ndarray | None = None    # an embedding table's: how often calibration read each row [V]
 
 
 @dataclass
@@ -181,9 +182,10 @@ class Stats:
             arrays[f"a{i}/counts"], arrays[f"a{i}/edges"] = a.counts, a.edges
             arrays[f"a{i}/observed"] = np.array(a.observed)
         for i, (k, s) in enumerate(sorted(self.layers.items())):
-            arrays[f"l{i}/name"] = np.array(k)
-            arrays[f"l{i}/hessian"], arrays[f"l{i}/mean"] = s.hessian, s.mean
-            arrays[f"l{i}/rows"] = np.array(s.rows)
+            arrays[f"l{i}/name"], arrays[f"l{i}/mean"], arrays[f"l{i}/rows"] = np.array(k), s.mean, np.array(s.rows)
+            for field_name in ("hessian", "reads"):
+                if getattr(s, field_name) is not None:
+                    arrays[f"l{i}/{field_name}"] = getattr(s, field_name)
         np.savez_compressed(path, **arrays)
 
     @classmethod
@@ -195,7 +197,9 @@ class Stats:
             st.acts[str(z[p + "name"])] = ActStats(z[p + "counts"], z[p + "edges"],
                                                    tuple(float(v) for v in z[p + "observed"]))
         for p in _entries(keys, "l"):
-            st.layers[str(z[p + "name"])] = LayerStats(z[p + "hessian"], z[p + "mean"], int(z[p + "rows"]))
+            got = {f: z[p + f] if p + f in keys else None for f in ("hessian", "reads")}
+            st.layers[str(z[p + "name"])] = LayerStats(got["hessian"], z[p + "mean"], int(z[p + "rows"]),
+                                                       reads=got["reads"])
         for p in _entries(keys, "s"):
             alpha, before, after = (float(v) for v in z[p + "numbers"])
             st.smoothing[str(z[p + "name"])] = (alpha, z[p + "scales"], before, after)
@@ -289,10 +293,21 @@ class LayerPlan:
     fit_target: np.ndarray | None = None
     fit_hessian: np.ndarray | None = None
     input_mean: np.ndarray | None = None
+    hot: "HotRows | None" = None   # an embedding table's rows calibration read, corrected (plan/hot.py)
 
     @property
     def half_scales(self) -> bool:
         return half_scales(self.target, self.block, self.bits)
+
+
+@dataclass
+class HotRows:
+    """The rows of a low-bit embedding table that calibration read, made closer to FP32 by a second
+    small table looked up beside it (plan/hot.py): `rows` [n] of the table, `plan` the residual
+    table [n + 1, D] they index (its row 0, all zeros, is what every other row adds)."""
+
+    rows: np.ndarray
+    plan: LayerPlan
 
 
 def half_scales(target: Target, block: int, bits: int) -> bool:
@@ -478,6 +493,7 @@ class LayerReport:
     branch_rank: int
     branch_params: int
     sqnr_with_branch_db: float | None
+    hot_rows: int = 0             # a table's rows read in calibration, corrected (plan/hot.py)
 
 
 @dataclass

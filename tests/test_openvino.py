@@ -127,3 +127,19 @@ def test_openvino_runs_4bit_tables_on_affine_blocks_like_onnxruntime(tmp_path, t
     assert table.bits == 4 and "zero points" in table.method
     want, got = _both_runtimes(tmp_path, q, rep, rng.integers(0, 300, (3, 11)))
     assert sqnr_db(want, got) > 30.0, sqnr_db(want, got)
+
+
+@pytest.mark.parametrize("target", ["generic", "openvino"])
+def test_openvino_looks_up_hot_rows_like_onnxruntime(tmp_path, target):
+    """A 4-bit table's rows read in calibration come with a residual table looked up through a
+    uint16 map (plan/hot.py): OpenVINO gathers them as onnxruntime does."""
+    rng = np.random.default_rng(9)
+    m = _encoder(rng)
+    p = 1.0 / np.arange(1, 41)
+    calib = [{"ids": rng.choice(40, size=(2, 9), p=p / p.sum()).astype(np.int64)} for _ in range(12)]
+    q, rep = onnxq.convert(m, onnxq.ConvertConfig(bits=4, target=target), calib=calib)
+    table = next(l for l in rep.quantized if l.op == "Gather")
+    assert "rows read in calibration corrected" in table.method
+    ids = np.concatenate([rng.integers(0, 40, (3, 6)), rng.integers(40, 300, (3, 5))], axis=1)
+    want, got = _both_runtimes(tmp_path, q, rep, ids)
+    assert sqnr_db(want, got) > 30.0, sqnr_db(want, got)

@@ -4,6 +4,7 @@ reducers (histograms, input second moments); nothing is kept per sample."""
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
@@ -173,9 +174,11 @@ def collect(model: "onnx.ModelProto", targets: Sequence[Target], loaders: Sequen
     """Range statistics of every target's activation (and of the `extra` tensors), E[x] per
     layer and, with `hessians` (True, or the set of layers that want it), H = E[x x^T] per layer.
     The means are the same whichever layers gather H (the same rows are drawn)."""
-    acts = sorted({t.act for t in targets if t.act} | set(extra))
+    tables = table_ids(model, targets)
+    acts = sorted({t.act for t in targets if t.act} | set(extra) | set(tables))
     if not acts:
         return Stats(samples=len(loaders))
+    reads = {node: np.zeros(rows, np.int64) for readers in tables.values() for node, rows in readers}
     router = Router(model, acts)
     hist = {a: RangeHistogram() for a in acts}
     moments, pools = _moments(targets, hessians)
@@ -188,6 +191,8 @@ def collect(model: "onnx.ModelProto", targets: Sequence[Target], loaders: Sequen
     for i, load in enumerate(loaders):
         values = router.run_sample(load(), i)
         for name, v in values.items():
+            for node, rows in tables.get(name, ()):
+                count_reads(reads[node], v)
             if v.dtype.kind != "f":
                 continue
             v = np.asarray(v, dtype=np.float32)
@@ -213,18 +218,51 @@ def collect(model: "onnx.ModelProto", targets: Sequence[Target], loaders: Sequen
     for a, h in hist.items():
         if h.counts.sum():
             st.acts[a] = ActStats(h.counts, h.edges, h.observed)
+    for node, r in reads.items():
+        st.layers[node] = LayerStats(None, np.zeros((1, 0)), int(r.sum()), reads=r)
+    st.layers.update(_layer_stats(moments, pools))
+    return st
+
+
+def _layer_stats(moments: dict[str, SecondMoment], pools: dict[str, SecondMoment]) -> dict[str, LayerStats]:
+    """Each layer's statistics from its accumulators (readers of one weight: their pooled H)."""
+    out: dict[str, LayerStats] = {}
     made: dict[int, LayerStats] = {}
     for node, m in moments.items():
         if not m.n:
             continue
         p = pools.get(node)
         if p is None:
-            st.layers[node] = LayerStats(m.hand_over(), m.mean, m.n)
+            out[node] = LayerStats(m.hand_over(), m.mean, m.n)
             continue
         if id(p) not in made:
             made[id(p)] = LayerStats(p.hand_over(), p.mean, p.n)
-        st.layers[node] = LayerStats(made[id(p)].hessian, m.mean, m.n, pooled=made[id(p)])
-    return st
+        out[node] = LayerStats(made[id(p)].hessian, m.mean, m.n, pooled=made[id(p)])
+    return out
+
+
+def table_ids(model: "onnx.ModelProto", targets: Sequence[Target]) -> dict[str, list[tuple[str, int]]]:
+    """The index tensors of the main graph's embedding lookups whose table no other layer reads:
+    ids tensor -> [(the lookup's node, the table's rows)]."""
+    weights = Counter((t.graph, t.weight) for t in targets)
+    lookups = {t.node: t for t in targets if t.op == "Gather" and not t.graph and weights[("", t.weight)] == 1}
+    out: dict[str, list[tuple[str, int]]] = {}
+    for n in model.graph.node:
+        if n.name in lookups:
+            out.setdefault(n.input[1], []).append((n.name, lookups[n.name].shape[0]))
+    return out
+
+
+def count_reads(counts: np.ndarray, ids: np.ndarray) -> None:
+    """Adds one sample's lookups to a table's read counts (negative ids count from the end, as
+    Gather reads them; ids outside the table are not counted)."""
+    v = np.asarray(ids).reshape(-1)
+    if v.dtype.kind not in "iu":
+        return
+    v = v.astype(np.int64)
+    v = np.where(v < 0, v + len(counts), v)
+    v = v[(v >= 0) & (v < len(counts))]
+    counts += np.bincount(v, minlength=len(counts))
 
 
 def _moments(targets: Sequence[Target], hessians: "bool | set[str]"

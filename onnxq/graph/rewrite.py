@@ -18,6 +18,7 @@ from ..algos.matrix import from_matrix
 from ..algos.qmath import container_bits
 from ..plan.rules import ABSORBED_OPS, RULES, SAME_SCALE_OPS, U8_WEIGHT_OPS, Rules, float_input, target_rules
 from ..plan.biases import weight_only
+from ..plan.hot import map_dtype
 from ..types import ActQuant, CodedBiases, LayerPlan, Plan
 from .hardswish import integer_hard_swish
 from .hardswish_channels import integer_channel_hard_swish
@@ -174,10 +175,11 @@ def apply_plan(model: onnx.ModelProto, plan: Plan, masks: bool = False) -> onnx.
     graphs = graph_by_path(m)
     rules = target_rules(plan.target, plan.u8_weights)
     before: dict[str, dict[str, list[onnx.NodeProto]]] = {}   # graph -> node -> nodes to put first
-    for lp in plan.layers:
+    hot = [_hot_lookup(graphs[lp.target.graph], lp) for lp in plan.layers if lp.hot is not None]
+    for lp in plan.layers + hot:
         t = lp.target
         g = graphs[t.graph]
-        new = _weight_nodes(g, lp, plan.biases[t.node], rules)
+        new = _weight_nodes(g, lp, plan.biases.get(t.node, NO_BIASES), rules)
         before.setdefault(t.graph, {}).setdefault(t.node, []).extend(new)
     targets = [lp.target for lp in plan.layers if not weight_only(plan, lp)]
     if rules.all_readers:
@@ -203,6 +205,32 @@ def apply_plan(model: onnx.ModelProto, plan: Plan, masks: bool = False) -> onnx.
         lookups_on_codes(m)
     prune_initializers(m)
     return m
+
+
+NO_BIASES = CodedBiases(None, None)
+
+
+def _hot_lookup(g: onnx.GraphProto, lp: LayerPlan) -> LayerPlan:
+    """A table's hot rows (plan/hot.py): its lookup's output becomes Gather(table, ids) +
+    Gather(residual, Gather(map, ids)), the nodes put right after the lookup. -> the residual
+    table's plan, whose Gather is then emitted as any table's."""
+    t, hot = lp.target, lp.hot
+    node = next(n for n in g.node if n.name == t.node)
+    pre, y, ids = f"{t.node}/hot", node.output[0], node.input[1]
+    node.output[0] = f"{pre}/cold"
+    index = np.zeros(t.shape[0], map_dtype(len(hot.rows)))
+    index[hot.rows] = np.arange(1, len(hot.rows) + 1)
+    mp = add_initializer(g, f"{pre}/map", index)
+    mk = helper.make_node
+    nodes = [mk("Gather", [mp, ids], [f"{pre}/index_stored"], name=f"{pre}/map_lookup", axis=0),
+             mk("Cast", [f"{pre}/index_stored"], [f"{pre}/index"], name=f"{pre}/index_cast", to=onnx.TensorProto.INT64),
+             mk("Gather", [hot.plan.target.weight, f"{pre}/index"], [f"{pre}/residual"], name=hot.plan.target.node,
+                axis=0),
+             mk("Add", [f"{pre}/cold", f"{pre}/residual"], [y], name=f"{pre}/add")]
+    at = list(g.node).index(node) + 1
+    for i, n in enumerate(nodes):
+        g.node.insert(at + i, n)
+    return hot.plan
 
 
 def act_pairs(graphs, targets, acts: dict[str, ActQuant], before, extra: dict[str, list[str]] | None = None) -> None:

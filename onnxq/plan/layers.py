@@ -17,6 +17,7 @@ from ..config import ConvertConfig
 from ..types import ActQuant, ActStats, LayerPlan, LayerStats, PairedStats, Plan, Progress, Target, half_scales
 from .rules import float_input
 from .acts import plan_acts
+from .hot import add_hot, hot_rows, with_hot
 
 # ridge added to Hq when solving for the compensated weight, a fraction of mean(diag Hq): an
 # input that is dead on the calibration data gets a zero column instead of an ill-posed one
@@ -127,7 +128,8 @@ def per_channel_bytes(lp: LayerPlan, bits: int | None = None) -> float:
 
 
 def weight_bytes(lp: LayerPlan) -> float:
-    """What the layer's codes, scales and zero points take in the file."""
+    """What the layer's codes, scales and zero points take in the file (a table's hot rows aside:
+    plan/hot.hot_bytes)."""
     return stored_bits(lp.target.params, lp.bits, lp.scales.size, 16 if lp.half_scales else 32,
                        lp.zero_points is not None) / 8
 
@@ -144,13 +146,16 @@ TABLE_BLOCK = 32   # embedding tables at <= 4 bits: one scale per 32 values of a
 TABLE_CLIP_FLOOR_8BIT = 0.8
 
 
-def plan_table(t: Target, w: np.ndarray, cfg: ConvertConfig) -> LayerPlan:
+def plan_table(t: Target, w: np.ndarray, cfg: ConvertConfig, bits: int | None = None,
+               reads: np.ndarray | None = None) -> LayerPlan:
     """An embedding table, weight-only: one scale per row at 8 bits (per block under
     cfg.block_8bit); at 4 bits and below one per block of TABLE_BLOCK values of a row, as a whole
     row is too coarse a grid there (a 3-layer MiniLM's retrieval agreement: 0.777 with 4-bit
     per-row tables, the rest at 8 bits), each block on its own affine grid where the target takes
-    zero points (all-MiniLM-L6-v2's word table: 20.8 -> 22.2 dB, docs/results.md round 34)."""
-    bits, note = cfg.bits_for(t.node, False)
+    zero points (all-MiniLM-L6-v2's word table: 20.8 -> 22.2 dB, docs/results.md round 34).
+    `bits`: given (a hot-row residual's), else the table's by cfg; `reads`: how often calibration
+    read each row, for the hot rows (plan/hot.py)."""
+    bits, note = (bits, "") if bits is not None else cfg.bits_for(t.node, False)
     v, d = w.shape
     block = TABLE_BLOCK if (bits <= 4 or cfg.block_8bit) and d % TABLE_BLOCK == 0 and d > TABLE_BLOCK else 0
     wm = w.astype(np.float64)
@@ -163,12 +168,13 @@ def plan_table(t: Target, w: np.ndarray, cfg: ConvertConfig) -> LayerPlan:
                      codes=codes.astype(np.int8), scales=scales, axis=1 if block else 0, bias=None,
                      note=note, block=block, zero_points=zeros)
     plan.sqnr_db = sqnr_db(w, dequantize_rows(codes, scales))
-    return plan
+    return with_hot(plan, hot_rows(plan, w, reads, cfg, plan_table))
 
 
 def coded_matrix(lp: LayerPlan) -> np.ndarray:
-    """The matrix [O, K] the layer's codes and scales stand for (per channel or blocked)."""
-    return dequantize_rows(to_matrix(lp.codes, lp.target.weight_layout), lp.scales)
+    """The matrix [O, K] the layer's codes and scales stand for (per channel or blocked; a table's
+    hot rows with their residuals)."""
+    return add_hot(lp, dequantize_rows(to_matrix(lp.codes, lp.target.weight_layout), lp.scales))
 
 
 def dequantized(lp: LayerPlan) -> tuple[np.ndarray, np.ndarray | None]:
@@ -184,7 +190,7 @@ def plan_layer(t: Target, w: np.ndarray, bias: np.ndarray | None, ls: LayerStats
     """Quantize one layer. `ls` holds the statistics of the input the layer will receive;
     `float_mean` is E[x] in the FP32 model when that differs (sequential mode)."""
     if t.op == "Gather":
-        return plan_table(t, w, cfg)
+        return plan_table(t, w, cfg, reads=None if ls is None else ls.reads)
     if ls is not None and t.op == "ConvTranspose":
         ls = tap_moments(t, ls)
     bits, note = cfg.bits_for(t.node, t.depthwise)

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Callable, Collection, Mapping, Sequence
 import numpy as np
 
 from ..config import ConvertConfig
+from ..plan.hot import hot_bytes
 from ..plan.layers import dequantized, per_channel_bytes, plan_once, weight_bytes
 from ..plan.shared import one_per_weight, weight_key
 from ..types import ActQuant, Feed, LayerPlan, LayerStats, ProtectSummary, Progress, RoundingChoice
@@ -44,13 +45,16 @@ def budget_bytes(layers: Sequence[LayerPlan], cfg: ConvertConfig, bought: Collec
     """What --protect may spend: cfg.protect of the bytes the quantized weights take in the
     uniform format (one scale per output channel; tables in their own blocks, which --block does
     not set), less what --block's blocked scales (Gemm/MatMul, convs) add over that, except the
-    blocks of the layers in `bought`, which the budget buys or not: the weights stay within
+    blocks of the layers in `bought`, which the budget buys or not, and less the tables' hot rows
+    (plan/hot.py: of all the options the most fidelity per byte on the encoders measured, so never
+    weighed against the others): the weights stay within
     cfg.protect of a uniform conversion's. A weight several layers read is stored, and counted,
     once."""
     coded = one_per_weight([lp for lp in layers if lp.codes is not None])
     blocks = {lp.target.node: _block_bytes(lp) for lp in coded if lp.block and lp.target.op != "Gather"}
+    hot = sum(hot_bytes(lp, weight_bytes) for lp in coded)      # tables' hot rows: paid first (plan/hot.py)
     uniform = sum(weight_bytes(lp) for lp in coded) - sum(blocks.values())
-    return max(cfg.protect * uniform - sum(b for n, b in blocks.items() if n not in bought), 0.0)
+    return max(cfg.protect * uniform - sum(b for n, b in blocks.items() if n not in bought) - hot, 0.0)
 
 
 def _block_bytes(lp: LayerPlan) -> float:

@@ -1,0 +1,80 @@
+"""Hot rows: the rows of a low-bit embedding table that calibration read, looked up once more in a
+small residual table.
+
+A 4-bit table row is about 22 dB from its float value. The rows a model reads most are the ones
+every text repeats (a sentence encoder's common words and punctuation): a few hundred rows read in
+64 calibration sentences are 72-82% of the tokens of sentences the calibration never saw. Each such
+row's rounding error, W[r] - Ŵ[r], is coded again on the table's own grid (blocks of 32 with zero
+points at 4 bits) into a residual table R [n + 1, D] whose row 0 is zero, and the lookup becomes
+
+    y = Gather(Ŵ, ids) + Gather(R, Gather(map, ids))
+
+where map [V] sends each hot row to its row of R and every other row to 0. A hot row then comes
+out about as close as an 8-bit row, for 4.6 bits a value of R and 2 bytes a table row for the map.
+Only where calibration read a small share of the table (a vocabulary, not a position table whose
+every row the samples read), and only while --protect has a budget: R and the map are paid from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from ..algos.matrix import dequantize_rows
+from ..config import ConvertConfig
+from ..types import HotRows, LayerPlan, Target
+
+HOT_SHARE = 0.25     # a table gets hot rows where calibration read at most this share of its rows
+MAP_BYTES = 2        # the map's bytes a table row (uint16; int32 past 65535 hot rows)
+
+
+def hot_rows(lp: LayerPlan, w: np.ndarray, reads: np.ndarray | None, cfg: ConvertConfig, plan_table) -> HotRows | None:
+    """The hot rows of table plan `lp` (float table `w` [V, D], `reads` [V] how often calibration
+    read each row), their residual planned by `plan_table(target, residual, cfg, bits)`; None where
+    the table gets none."""
+    t = lp.target
+    if not (cfg.hot_rows and cfg.protect_on and lp.bits <= 4 and reads is not None and not t.graph):
+        return None
+    rows = np.flatnonzero(reads)
+    if not len(rows) or len(rows) > HOT_SHARE * len(reads):
+        return None
+    residual = np.zeros((len(rows) + 1, w.shape[1]), np.float64)
+    residual[1:] = w[rows] - dequantize_rows(lp.codes[rows].astype(np.float64), _row_scales(lp, rows))
+    rt = Target(node=f"{t.node}/hot", op="Gather", graph=t.graph, weight=f"{t.node}/hot_rows", act=None,
+                bias=None, weight_layout="rows", shape=residual.shape)
+    return HotRows(rows=rows.astype(np.int64), plan=plan_table(rt, residual, cfg, lp.bits))
+
+
+def _row_scales(lp: LayerPlan, rows: np.ndarray) -> np.ndarray:
+    return lp.scales[rows] if lp.scales.ndim else lp.scales
+
+
+def with_hot(lp: LayerPlan, hot: HotRows | None) -> LayerPlan:
+    if hot is None:
+        return lp
+    return dataclasses.replace(lp, hot=hot, method=f"{lp.method}, {len(hot.rows)} rows read in calibration "
+                                                   "corrected by a residual table")
+
+
+def add_hot(lp: LayerPlan, m: np.ndarray) -> np.ndarray:
+    """The table [V, D] the lookup computes: `m` (the table's own codes, dequantized) with the hot
+    rows' residuals added."""
+    if lp.hot is None:
+        return m
+    h = lp.hot.plan
+    out = np.array(m, dtype=np.float64, copy=True)
+    out[lp.hot.rows] += dequantize_rows(h.codes.astype(np.float64), h.scales)[1:]
+    return out
+
+
+def map_dtype(n: int):
+    """The map's integer type for n hot rows (row 0 of R is the cold rows')."""
+    return np.uint16 if n < np.iinfo(np.uint16).max else np.int32
+
+
+def hot_bytes(lp: LayerPlan, weight_bytes) -> float:
+    """What the hot rows add to the file: the residual table and the map."""
+    if lp.hot is None:
+        return 0.0
+    return weight_bytes(lp.hot.plan) + lp.target.shape[0] * np.dtype(map_dtype(len(lp.hot.rows))).itemsize
