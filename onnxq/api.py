@@ -197,7 +197,10 @@ def protect_budget(c: Conversion) -> None:
     """Settles cfg.protect where not given: ENCODER_PROTECT where every layer of a 2-4-bit
     conversion reads a float input (an encoder at W4A8, whose 8-bit layers then cost no activation
     rounding), else PROTECT. Held out with rotated inputs, 0.18 -> 0.30 raised the 3-layer cut's
-    answers on four draws of four and kept the file within 0.18x FP32; on convnets 0.30 was not
+    answers on four draws of four (round 44); 0.28 since the tables' hot rows are paid from it (round 51):
+    the budget spent whole, a 3-layer MiniLM's file is then at most 0.18x FP32 (its uniform 4-bit
+    weights 9.59 MB x 1.28 plus 0.15 MB of the rest, of 69.0 MB), where 0.30 held it there only by
+    what the purchase left unspent. On convnets 0.30 was not
     better at its size (docs/results.md, rounds 42 and 44)."""
     if c.cfg.protect is None:
         wide = c.cfg.bits <= 4 and bool(c.targets) and _all_weight_only(c, (4, 8))

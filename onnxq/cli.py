@@ -392,8 +392,9 @@ def _preprocess_options(f):
                    "points of --block (convs, Gemm/MatMul) or 8 bits (embedding tables too), the most measured "
                    "harm removed per byte first; a second choice pays every layer's blocks first and protects "
                    "with the rest. The one closer to FP32 on samples neither was chosen on is kept, if it beats "
-                   "the conversion as planned there. Default: 0.18, or 0.30 where every layer reads a float "
-                   "input (a sentence encoder: its file stays within 0.18x FP32; docs/results.md, round 44).")
+                   "the conversion as planned there. Default: 0.18, or 0.28 where every layer reads a float "
+                   "input (a sentence encoder: its file stays within 0.18x FP32; docs/results.md, rounds 44 "
+                   "and 51). A table's hot rows (--hot-rows) are paid from it first.")
 @click.option("--no-protect", is_flag=True, help="Uniform low-bit weights (same as --protect 0).")
 @click.option("--protect-acts", type=click.FloatRange(0, 1), default=0.25, show_default=True,
               help="8-bit activations (generic and ort-cpu targets): the share of them that may be kept at 16 "

@@ -27,7 +27,7 @@ BLOCKS_8BIT = (16, 32, 64, 128)   # blocks of blocked 8-bit Gemm/MatMul weights 
 FINE_8BIT_BLOCK = 16           # ... where every quantized layer is weight-only (api.block_8bit)
 ROTATE_BLOCK = 16              # channels a Hadamard rotation of such a layer's input mixes (graph/rotate.py)
 PROTECT = 0.18                 # --protect's default (docs/results.md, round 12) ...
-ENCODER_PROTECT = 0.30         # ... where every layer reads a float input (an encoder at W4A8; round 44)
+ENCODER_PROTECT = 0.28         # ... where every layer reads a float input (an encoder at W4A8; rounds 44, 51)
 # activation bits at which low-bit conversions run sequential mode by default: 8 (rounds 13-14) and
 # 32, weight-only (round 40: 4-bit weight-only on eight models, eleven draws, held-out SQNR +0.1 to
 # +3.3 dB, answers up or level on every draw; docs/results.md)

@@ -4,13 +4,14 @@ small residual table.
 A 4-bit table row is about 22 dB from its float value. The rows a model reads most are the ones
 every text repeats (a sentence encoder's common words and punctuation): a few hundred rows read in
 64 calibration sentences are 72-82% of the tokens of sentences the calibration never saw. Each such
-row's rounding error, W[r] - Ŵ[r], is coded again on the table's own grid (blocks of 32 with zero
-points at 4 bits) into a residual table R [n + 1, D] whose row 0 is zero, and the lookup becomes
+row's rounding error, W[r] - Ŵ[r], is coded again (on the table's own grid, or at 8 bits a row where
+the lookup is made of plain ops: residual_bits) into a residual table R [n + 1, D] whose row 0 is
+zero, and the lookup becomes
 
     y = Gather(Ŵ, ids) + Gather(R, Gather(map, ids))
 
 where map [V] sends each hot row to its row of R and every other row to 0. A hot row then comes
-out about as close as an 8-bit row, for 4.6 bits a value of R and 2 bytes a table row for the map.
+out about as close as an 8-bit row, for 4.6 or 8.1 bits a value of R and 2 bytes a table row for the map.
 Only where calibration read a small share of the table (a vocabulary, not a position table whose
 every row the samples read), and only while --protect has a budget: R and the map are paid from it.
 """
@@ -43,7 +44,15 @@ def hot_rows(lp: LayerPlan, w: np.ndarray, reads: np.ndarray | None, cfg: Conver
     residual[1:] = w[rows] - dequantize_rows(lp.codes[rows].astype(np.float64), _row_scales(lp, rows))
     rt = Target(node=f"{t.node}/hot", op="Gather", graph=t.graph, weight=f"{t.node}/hot_rows", act=None,
                 bias=None, weight_layout="rows", shape=residual.shape)
-    return HotRows(rows=rows.astype(np.int64), plan=plan_table(rt, residual, cfg, lp.bits))
+    return HotRows(rows=rows.astype(np.int64), plan=plan_table(rt, residual, cfg, residual_bits(lp, cfg)))
+
+
+def residual_bits(lp: LayerPlan, cfg: ConvertConfig) -> int:
+    """8 bits (one scale a row) where the lookup reads codes in plain ops (generic: a 4-bit blocked
+    table's takes some 20 of them to unpack its nibbles and zero points, an 8-bit one's 4; a
+    3-layer MiniLM at 8 tokens ran 7.5% slower with 4-bit residuals), else the table's own grid
+    (onnxruntime's GatherBlockQuantized, or a DequantizeLinear folded at load)."""
+    return 8 if cfg.rules.table_codes else lp.bits
 
 
 def _row_scales(lp: LayerPlan, rows: np.ndarray) -> np.ndarray:
