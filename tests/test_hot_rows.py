@@ -86,6 +86,9 @@ def test_the_hot_rows_are_paid_from_the_protect_budget():
     assert stored["embed/hot/map"].data_type == TensorProto.UINT16 and list(stored["embed/hot/map"].dims) == [V]
     assert list(stored["embed/hot/weight_q"].dims) == [n + 1, D]
     assert stored["embed/hot/weight_q"].data_type == TensorProto.INT8
+    # the table's harm, by which the budget weighs raising it, is measured without its hot rows: the
+    # harm samples are calibration samples, whose rows are all hot
+    assert rep.protect.harm["embed"] == pytest.approx(plain.protect.harm["embed"]) and rep.protect.harm["embed"] > 0
 
 
 @pytest.mark.parametrize("why", ["no protect", "switched off", "most rows read", "8 bits"])

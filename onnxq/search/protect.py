@@ -222,11 +222,14 @@ def _planned(units: Mapping[str, list[LayerPlan]], names: Sequence[str], weights
 
 
 def _harms(fit: Probe, units: Mapping[str, list[LayerPlan]], progress: Progress | None) -> dict[str, float]:
-    """The network loss each unit's plans add on the fit samples, those layers alone quantized."""
+    """The network loss each unit's plans add on the fit samples, those layers alone quantized. A
+    table's hot rows are left out: they are the rows these calibration samples read, so with them
+    a table would look nearly harmless here and not on text they miss (a position table's rows past
+    the calibration's longest sample)."""
     base = fit({})
     out = {}
     for i, (name, group) in enumerate(units.items()):
-        out[name] = fit({lp.target.node: dequantized(lp) for lp in group}) - base
+        out[name] = fit({lp.target.node: dequantized(dataclasses.replace(lp, hot=None)) for lp in group}) - base
         if progress:
             progress("layer harm", i + 1, len(units))
     return out
