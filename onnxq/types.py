@@ -308,6 +308,7 @@ class HotRows:
 
     rows: np.ndarray
     plan: LayerPlan
+    reads: np.ndarray            # how often calibration read each of `rows`
 
 
 def half_scales(target: Target, block: int, bits: int) -> bool:

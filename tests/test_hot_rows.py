@@ -11,16 +11,16 @@ from onnx import TensorProto, helper
 import onnxq
 from onnxq.types import Stats
 
-V, D = 600, 64
+V, D = 3000, 256
 
 
-def encoder(rng):
-    """ids -> a 600-row table -> MatMul; the looked-up rows are an output too."""
+def encoder(rng, v: int = V, d: int = D):
+    """ids -> a v-row table -> MatMul; the looked-up rows are an output too."""
     nodes = [helper.make_node("Gather", ["words", "ids"], ["e"], name="embed"),
              helper.make_node("MatMul", ["e", "w"], ["y"], name="proj")]
-    inits = {"words": (rng.standard_normal((V, D)) * np.exp(0.5 * rng.standard_normal((1, D)))).astype(np.float32),
-             "w": (rng.standard_normal((D, 32)) * 0.2).astype(np.float32)}
-    return make_model(nodes, [vi("ids", ["N", "T"], TensorProto.INT64)], [vi("e", ["N", "T", D]), vi("y", ["N", "T", 32])],
+    inits = {"words": (rng.standard_normal((v, d)) * np.exp(0.5 * rng.standard_normal((1, d)))).astype(np.float32),
+             "w": (rng.standard_normal((d, 32)) * 0.2).astype(np.float32)}
+    return make_model(nodes, [vi("ids", ["N", "T"], TensorProto.INT64)], [vi("e", ["N", "T", d]), vi("y", ["N", "T", 32])],
                       inits)
 
 
@@ -94,9 +94,9 @@ def test_the_hot_rows_are_paid_from_the_protect_budget():
 @pytest.mark.parametrize("why", ["no protect", "switched off", "most rows read", "8 bits"])
 def test_no_hot_rows_without_a_budget_or_where_calibration_reads_most_of_the_table(why):
     rng = np.random.default_rng(2)
-    m = encoder(rng)
-    calib = ([{"ids": rng.integers(0, V, (1, 12))} for _ in range(24)] if why == "most rows read"
-             else text_like(rng, 24))
+    most = why == "most rows read"          # 24 x 12 ids drawn from 600 rows: about 40% of them
+    m = encoder(rng, 600, 64) if most else encoder(rng)
+    calib = [{"ids": rng.integers(0, 600, (1, 12))} for _ in range(24)] if most else text_like(rng, 24)
     cfg = {"no protect": dict(bits=4, protect=0.0), "switched off": dict(bits=4, hot_rows=False),
            "most rows read": dict(bits=4), "8 bits": dict(bits=8)}[why]
     q, rep = convert(m, calib, rng, **cfg)
@@ -115,3 +115,20 @@ def test_saved_statistics_keep_each_tables_reads(tmp_path):
     np.testing.assert_array_equal(st.layers["embed"].reads, expected)
     again, _ = onnxq.convert(m, onnxq.ConvertConfig(bits=4), calib=calib, holdout=held, stats=path)
     assert again.SerializeToString() == q.SerializeToString()
+
+
+def test_hot_rows_take_at_most_a_quarter_of_the_budget_the_most_read_rows_first():
+    """A small model: the map alone is a sizeable share of its budget, so only the most read rows
+    are kept (search/protect.cap_hot_rows)."""
+    rng = np.random.default_rng(4)
+    m, calib = encoder(rng, 600, 64), text_like(rng, 24)
+    q, rep = convert(m, calib, rng, bits=4)
+    _, plain = convert(m, calib, rng, bits=4, hot_rows=False)
+    counts = np.bincount(np.concatenate([f["ids"].ravel() for f in calib]), minlength=600)
+    kept = next(l for l in rep.quantized if l.op == "Gather").hot_rows
+    assert 0 < kept < np.count_nonzero(counts)
+    mapped = onnx.numpy_helper.to_array(next(t for t in q.graph.initializer if t.name == "embed/hot/map"))
+    rows = np.flatnonzero(mapped)
+    assert len(rows) == kept and counts[rows].min() >= np.sort(counts)[::-1][kept - 1]   # the most read
+    # what they take (the budget without them less the one with them) is within a quarter of the budget
+    assert 0 < plain.protect.budget_bytes - rep.protect.budget_bytes <= 0.25 * plain.protect.budget_bytes

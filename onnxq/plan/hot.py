@@ -30,21 +30,25 @@ HOT_SHARE = 0.25     # a table gets hot rows where calibration read at most this
 MAP_BYTES = 2        # the map's bytes a table row (uint16; int32 past 65535 hot rows)
 
 
-def hot_rows(lp: LayerPlan, w: np.ndarray, reads: np.ndarray | None, cfg: ConvertConfig, plan_table) -> HotRows | None:
+def hot_rows(lp: LayerPlan, w: np.ndarray, reads: np.ndarray | None, cfg: ConvertConfig, plan_table,
+             keep: int | None = None) -> HotRows | None:
     """The hot rows of table plan `lp` (float table `w` [V, D], `reads` [V] how often calibration
-    read each row), their residual planned by `plan_table(target, residual, cfg, bits)`; None where
-    the table gets none."""
+    read each row; `keep`: only that many, the most read), their residual planned by
+    `plan_table(target, residual, cfg, bits)`; None where the table gets none."""
     t = lp.target
     if not (cfg.hot_rows and cfg.protect_on and lp.bits <= 4 and reads is not None and not t.graph):
         return None
     rows = np.flatnonzero(reads)
     if not len(rows) or len(rows) > HOT_SHARE * len(reads):
         return None
+    if keep is not None:
+        rows = np.sort(rows[np.argsort(-reads[rows], kind="stable")[:keep]])
     residual = np.zeros((len(rows) + 1, w.shape[1]), np.float64)
     residual[1:] = w[rows] - dequantize_rows(lp.codes[rows].astype(np.float64), _row_scales(lp, rows))
     rt = Target(node=f"{t.node}/hot", op="Gather", graph=t.graph, weight=f"{t.node}/hot_rows", act=None,
                 bias=None, weight_layout="rows", shape=residual.shape)
-    return HotRows(rows=rows.astype(np.int64), plan=plan_table(rt, residual, cfg, residual_bits(lp, cfg)))
+    return HotRows(rows=rows.astype(np.int64), plan=plan_table(rt, residual, cfg, residual_bits(lp, cfg)),
+                   reads=reads[rows])
 
 
 def residual_bits(lp: LayerPlan, cfg: ConvertConfig) -> int:
@@ -59,11 +63,28 @@ def _row_scales(lp: LayerPlan, rows: np.ndarray) -> np.ndarray:
     return lp.scales[rows] if lp.scales.ndim else lp.scales
 
 
+HOT_NOTE = ", the rows read in calibration corrected by a residual table"
+
+
 def with_hot(lp: LayerPlan, hot: HotRows | None) -> LayerPlan:
-    if hot is None:
+    """`lp` with hot rows `hot` (or none), its method saying so."""
+    base = lp.method.removesuffix(HOT_NOTE)
+    return dataclasses.replace(lp, hot=hot, method=base + (HOT_NOTE if hot is not None else ""))
+
+
+def within(lp: LayerPlan, w: np.ndarray, cfg: ConvertConfig, cap: float, plan_table, weight_bytes) -> LayerPlan:
+    """`lp` with at most `cap` bytes of hot rows: the most read rows that fit, or none where the
+    map and one row do not (a small model's budget is not all spent on them)."""
+    if lp.hot is None or hot_bytes(lp, weight_bytes) <= cap:
         return lp
-    return dataclasses.replace(lp, hot=hot, method=f"{lp.method}, {len(hot.rows)} rows read in calibration "
-                                                   "corrected by a residual table")
+    n = len(lp.hot.rows)
+    per_row = weight_bytes(lp.hot.plan) / (n + 1)
+    keep = int((cap - lp.target.shape[0] * np.dtype(map_dtype(n)).itemsize) // per_row) - 1
+    if keep < 1:
+        return with_hot(lp, None)
+    reads = np.zeros(lp.target.shape[0], np.int64)
+    reads[lp.hot.rows] = lp.hot.reads
+    return with_hot(lp, hot_rows(lp, w, reads, cfg, plan_table, keep))
 
 
 def add_hot(lp: LayerPlan, m: np.ndarray) -> np.ndarray:

@@ -27,8 +27,8 @@ from typing import TYPE_CHECKING, Callable, Collection, Mapping, Sequence
 import numpy as np
 
 from ..config import ConvertConfig
-from ..plan.hot import hot_bytes
-from ..plan.layers import dequantized, per_channel_bytes, plan_once, weight_bytes
+from ..plan.hot import hot_bytes, within
+from ..plan.layers import dequantized, per_channel_bytes, plan_once, plan_table, weight_bytes
 from ..plan.shared import one_per_weight, weight_key
 from ..types import ActQuant, Feed, LayerPlan, LayerStats, ProtectSummary, Progress, RoundingChoice
 from .probe import TAILS, Probe
@@ -36,6 +36,7 @@ from .probe import TAILS, Probe
 if TYPE_CHECKING:
     import onnx
 
+HOT_BUDGET_SHARE = 0.25   # of --protect's budget, what tables' hot rows may take at most (plan/hot.py)
 HARM_SAMPLES = 4       # samples each layer's harm is measured on (one run a layer and sample)
 CHECK_SAMPLES = 8      # the next samples, on which the protected set must beat uniform low bits
 PROTECT_BITS = 8
@@ -50,11 +51,25 @@ def budget_bytes(layers: Sequence[LayerPlan], cfg: ConvertConfig, bought: Collec
     weighed against the others): the weights stay within
     cfg.protect of a uniform conversion's. A weight several layers read is stored, and counted,
     once."""
+    coded, blocks, uniform = _uniform(layers)
+    hot = sum(hot_bytes(lp, weight_bytes) for lp in coded)      # tables' hot rows: paid first (plan/hot.py)
+    return max(cfg.protect * uniform - sum(b for n, b in blocks.items() if n not in bought) - hot, 0.0)
+
+
+def _uniform(layers: Sequence[LayerPlan]) -> tuple[list[LayerPlan], dict[str, float], float]:
+    """(the coded layers, one per stored weight; the blocked ones' extra bytes by node; the bytes
+    of the uniform format)."""
     coded = one_per_weight([lp for lp in layers if lp.codes is not None])
     blocks = {lp.target.node: _block_bytes(lp) for lp in coded if lp.block and lp.target.op != "Gather"}
-    hot = sum(hot_bytes(lp, weight_bytes) for lp in coded)      # tables' hot rows: paid first (plan/hot.py)
-    uniform = sum(weight_bytes(lp) for lp in coded) - sum(blocks.values())
-    return max(cfg.protect * uniform - sum(b for n, b in blocks.items() if n not in bought) - hot, 0.0)
+    return coded, blocks, sum(weight_bytes(lp) for lp in coded) - sum(blocks.values())
+
+
+def cap_hot_rows(layers: list[LayerPlan], weights: Mapping[str, np.ndarray], cfg: ConvertConfig) -> list[LayerPlan]:
+    """The tables' hot rows within HOT_BUDGET_SHARE of the budget (the most read rows that fit):
+    in a small model they would otherwise take all of it (a 2000-row table read in 24 random
+    samples left nothing for the position table that costs the network most)."""
+    cap = HOT_BUDGET_SHARE * cfg.protect * _uniform(layers)[2]
+    return [within(lp, weights[lp.target.node], cfg, cap, plan_table, weight_bytes) for lp in layers]
 
 
 def _block_bytes(lp: LayerPlan) -> float:
@@ -138,6 +153,7 @@ def protect_layers(prepared: "onnx.ModelProto", layers: list[LayerPlan], weights
     """`layers` with the protected ones re-planned at 8 bits (and blocked ones the budget bought
     no blocks for, per channel), and what the choice measured; `judge`, the check_probe when the
     caller already has one; `method`, the low-bit layers' weight method where a choice settled it."""
+    layers = cap_hot_rows(layers, weights, cfg)
     low = [lp for lp in layers if _low_bit(lp, cfg)]
     if not low:
         return layers, None
