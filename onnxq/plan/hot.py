@@ -13,7 +13,8 @@ zero, and the lookup becomes
 where map [V] sends each hot row to its row of R and every other row to 0. A hot row then comes
 out about as close as an 8-bit row, for 4.6 or 8.1 bits a value of R and 2 bytes a table row for the map.
 Only where calibration read a small share of the table (a vocabulary, not a position table whose
-every row the samples read), and only while --protect has a budget: R and the map are paid from it.
+every row the samples read), and only while --protect has a budget: R and the map are paid from it,
+a quarter of it at most (search/protect.cap_hot_rows keeps the most read rows that fit).
 """
 
 from __future__ import annotations
