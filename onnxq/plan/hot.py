@@ -28,7 +28,6 @@ from ..config import ConvertConfig
 from ..types import HotRows, LayerPlan, Target
 
 HOT_SHARE = 0.25     # a table gets hot rows where calibration read at most this share of its rows
-MAP_BYTES = 2        # the map's bytes a table row (uint16; int32 past 65535 hot rows)
 
 
 def hot_rows(lp: LayerPlan, w: np.ndarray, reads: np.ndarray | None, cfg: ConvertConfig, plan_table,
@@ -45,7 +44,7 @@ def hot_rows(lp: LayerPlan, w: np.ndarray, reads: np.ndarray | None, cfg: Conver
     if keep is not None:
         rows = np.sort(rows[np.argsort(-reads[rows], kind="stable")[:keep]])
     residual = np.zeros((len(rows) + 1, w.shape[1]), np.float64)
-    residual[1:] = w[rows] - dequantize_rows(lp.codes[rows].astype(np.float64), _row_scales(lp, rows))
+    residual[1:] = w[rows] - dequantize_rows(lp.codes[rows].astype(np.float64), lp.scales[rows])
     rt = Target(node=f"{t.node}/hot", op="Gather", graph=t.graph, weight=f"{t.node}/hot_rows", act=None,
                 bias=None, weight_layout="rows", shape=residual.shape)
     return HotRows(rows=rows.astype(np.int64), plan=plan_table(rt, residual, cfg, residual_bits(lp, cfg)),
@@ -58,10 +57,6 @@ def residual_bits(lp: LayerPlan, cfg: ConvertConfig) -> int:
     3-layer MiniLM at 8 tokens ran 7.5% slower with 4-bit residuals), else the table's own grid
     (onnxruntime's GatherBlockQuantized, or a DequantizeLinear folded at load)."""
     return 8 if cfg.rules.table_codes else lp.bits
-
-
-def _row_scales(lp: LayerPlan, rows: np.ndarray) -> np.ndarray:
-    return lp.scales[rows] if lp.scales.ndim else lp.scales
 
 
 HOT_NOTE = ", the rows read in calibration corrected by a residual table"
@@ -80,7 +75,7 @@ def within(lp: LayerPlan, w: np.ndarray, cfg: ConvertConfig, cap: float, plan_ta
         return lp
     n = len(lp.hot.rows)
     per_row = weight_bytes(lp.hot.plan) / (n + 1)
-    keep = int((cap - lp.target.shape[0] * np.dtype(map_dtype(n)).itemsize) // per_row) - 1
+    keep = int((cap - _map_bytes(lp)) // per_row) - 1
     if keep < 1:
         return with_hot(lp, None)
     reads = np.zeros(lp.target.shape[0], np.int64)
@@ -108,4 +103,9 @@ def hot_bytes(lp: LayerPlan, weight_bytes) -> float:
     """What the hot rows add to the file: the residual table and the map."""
     if lp.hot is None:
         return 0.0
-    return weight_bytes(lp.hot.plan) + lp.target.shape[0] * np.dtype(map_dtype(len(lp.hot.rows))).itemsize
+    return weight_bytes(lp.hot.plan) + _map_bytes(lp)
+
+
+def _map_bytes(lp: LayerPlan) -> int:
+    """The map's bytes: one index a table row."""
+    return lp.target.shape[0] * np.dtype(map_dtype(len(lp.hot.rows))).itemsize

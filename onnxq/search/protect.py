@@ -47,8 +47,7 @@ def budget_bytes(layers: Sequence[LayerPlan], cfg: ConvertConfig, bought: Collec
     uniform format (one scale per output channel; tables in their own blocks, which --block does
     not set), less what --block's blocked scales (Gemm/MatMul, convs) add over that, except the
     blocks of the layers in `bought`, which the budget buys or not, and less the tables' hot rows
-    (plan/hot.py: of all the options the most fidelity per byte on the encoders measured, so never
-    weighed against the others): the weights stay within
+    (plan/hot.py; paid first, within HOT_BUDGET_SHARE of the budget: cap_hot_rows): the weights stay within
     cfg.protect of a uniform conversion's. A weight several layers read is stored, and counted,
     once."""
     coded, blocks, uniform = _uniform(layers)
